@@ -1,0 +1,626 @@
+//! Agent configuration: the TOML file of SPEC section 9, parsed once and checked once.
+//!
+//! Parsing uses `deny_unknown_fields` everywhere, so a typo is an error. Every error is
+//! located: `file:line:col: reason`. Values that need more than a type check (durations,
+//! sizes, cron expressions, targets) are checked during deserialization, so the TOML
+//! parser attaches the span of the offending value. After `Config::load` returns, the
+//! configuration is immutable.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// Default byte cap of the result buffer.
+pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Labels beyond this count are refused (the collector enforces the same bound).
+pub const MAX_LABELS: usize = 32;
+/// Maximum length of a label key, label value, test name or agent id.
+pub const MAX_NAME_LEN: usize = 128;
+/// Maximum length of a target.
+pub const MAX_TARGET_LEN: usize = 2048;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSection,
+    pub collector: CollectorSection,
+    #[serde(default, rename = "test")]
+    pub tests: Vec<TestConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Defaults to the host name.
+    #[serde(default, deserialize_with = "de_opt_name")]
+    pub id: Option<String>,
+    #[serde(default, deserialize_with = "de_labels")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_buffer_max", deserialize_with = "de_size")]
+    pub buffer_max_bytes: u64,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        AgentSection {
+            id: None,
+            labels: BTreeMap::new(),
+            state_dir: default_state_dir(),
+            buffer_max_bytes: DEFAULT_BUFFER_MAX_BYTES,
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/edgeprobe")
+}
+
+fn default_buffer_max() -> u64 {
+    DEFAULT_BUFFER_MAX_BYTES
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorSection {
+    #[serde(deserialize_with = "de_endpoints")]
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Plaintext gRPC without certificates. Local demos only.
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// The kinds of test an agent can run (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Speed,
+    Icmp,
+    Tcp,
+    Http,
+    Dns,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Speed => "speed",
+            Kind::Icmp => "icmp",
+            Kind::Tcp => "tcp",
+            Kind::Http => "http",
+            Kind::Dns => "dns",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "speed" => Ok(Kind::Speed),
+            "icmp" => Ok(Kind::Icmp),
+            "tcp" => Ok(Kind::Tcp),
+            "http" => Ok(Kind::Http),
+            "dns" => Ok(Kind::Dns),
+            other => Err(format!(
+                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestConfig {
+    pub name: Spanned<String>,
+    pub kind: Kind,
+    pub target: Spanned<String>,
+    /// Cron with seconds: `sec min hour day-of-month month day-of-week`.
+    #[serde(default, deserialize_with = "de_opt_cron")]
+    pub schedule: Option<String>,
+    /// Fixed interval, e.g. "30s" or "30m".
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub every: Option<Duration>,
+    /// Each run starts after a random delay in [0, spread).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub spread: Option<Duration>,
+    #[serde(default, deserialize_with = "de_labels")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_options")]
+    pub options: Spanned<TestOptions>,
+}
+
+fn default_options() -> Spanned<TestOptions> {
+    Spanned::new(0..0, TestOptions::default())
+}
+
+/// Options of a test. One struct for all kinds so unknown keys are located by the parser;
+/// `Config::check` then refuses options that do not apply to the test's kind.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestOptions {
+    /// Whole-run limit (all kinds).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
+    // speed
+    /// Measurement time per direction.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub duration: Option<Duration>,
+    /// Parallel streams for both directions (overridden by the per-direction keys).
+    pub streams: Option<u32>,
+    pub download_streams: Option<u32>,
+    pub upload_streams: Option<u32>,
+    /// Start of each direction excluded from the rate (TCP slow start).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub warmup: Option<Duration>,
+    /// Idle latency round trips.
+    pub pings: Option<u32>,
+    // icmp
+    pub count: Option<u32>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub interval: Option<Duration>,
+    // tcp
+    /// Also time a TLS handshake after connecting.
+    pub tls: Option<bool>,
+    // http
+    pub method: Option<String>,
+    pub expect_status: Option<u16>,
+    pub body_match: Option<String>,
+    // tcp, http
+    /// Accept any server certificate (still measured and reported).
+    pub insecure_tls: Option<bool>,
+    // dns
+    pub record_type: Option<String>,
+    pub server: Option<String>,
+}
+
+impl TestOptions {
+    /// The option keys that are set, for the per-kind applicability check.
+    fn set_keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        macro_rules! key {
+            ($($f:ident),*) => { $( if self.$f.is_some() { keys.push(stringify!($f)); } )* };
+        }
+        key!(
+            timeout,
+            duration,
+            streams,
+            download_streams,
+            upload_streams,
+            warmup,
+            pings,
+            count,
+            interval,
+            tls,
+            method,
+            expect_status,
+            body_match,
+            insecure_tls,
+            record_type,
+            server
+        );
+        keys
+    }
+
+    fn allowed(kind: Kind) -> &'static [&'static str] {
+        match kind {
+            Kind::Speed => &[
+                "timeout",
+                "duration",
+                "streams",
+                "download_streams",
+                "upload_streams",
+                "warmup",
+                "pings",
+            ],
+            Kind::Icmp => &["timeout", "count", "interval"],
+            Kind::Tcp => &["timeout", "tls", "insecure_tls"],
+            Kind::Http => &[
+                "timeout",
+                "method",
+                "expect_status",
+                "body_match",
+                "insecure_tls",
+            ],
+            Kind::Dns => &["timeout", "record_type", "server"],
+        }
+    }
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {reason}")]
+    Invalid {
+        path: String,
+        line: usize,
+        col: usize,
+        reason: String,
+    },
+    #[error("{path}: {reason}")]
+    Unlocated { path: String, reason: String },
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let locate = |span: Option<Range<usize>>, reason: String| match span {
+            Some(span) => {
+                let (line, col) = line_col(text, span.start);
+                ConfigError::Invalid {
+                    path: origin.to_string(),
+                    line,
+                    col,
+                    reason,
+                }
+            }
+            None => ConfigError::Unlocated {
+                path: origin.to_string(),
+                reason,
+            },
+        };
+        let config: Config = toml::from_str(text).map_err(|e| {
+            locate(
+                e.span(),
+                e.message().trim().replace('\n', " ").to_string(),
+            )
+        })?;
+        config
+            .check()
+            .map_err(|(span, reason)| locate(span, reason))?;
+        Ok(config)
+    }
+
+    /// Checks that need more than one field; returns the span to blame.
+    fn check(&self) -> Result<(), (Option<Range<usize>>, String)> {
+        if !self.collector.insecure {
+            for (name, value) in [
+                ("ca", &self.collector.ca),
+                ("cert", &self.collector.cert),
+                ("key", &self.collector.key),
+            ] {
+                if value.is_none() {
+                    return Err((
+                        None,
+                        format!(
+                            "[collector] needs `{name}` (mTLS is the default); set `insecure = true` only for local demos"
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for test in &self.tests {
+            let name = test.name.get_ref();
+            if name.is_empty() || name.len() > MAX_NAME_LEN {
+                return Err((
+                    Some(test.name.span()),
+                    format!("test name must be 1..={MAX_NAME_LEN} characters"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err((
+                    Some(test.name.span()),
+                    format!("duplicate test name `{name}`"),
+                ));
+            }
+            match (&test.schedule, &test.every) {
+                (Some(_), Some(_)) => {
+                    return Err((
+                        Some(test.name.span()),
+                        format!("test `{name}` sets both `schedule` and `every`; choose one"),
+                    ))
+                }
+                (None, None) => {
+                    return Err((
+                        Some(test.name.span()),
+                        format!("test `{name}` needs `schedule` (cron with seconds) or `every`"),
+                    ))
+                }
+                _ => {}
+            }
+            if let Some(every) = test.every {
+                if every < Duration::from_millis(10) {
+                    return Err((
+                        Some(test.name.span()),
+                        format!("test `{name}`: `every` must be at least 10ms"),
+                    ));
+                }
+            }
+            check_target(test.kind, test.target.get_ref())
+                .map_err(|reason| (Some(test.target.span()), reason))?;
+            let allowed = TestOptions::allowed(test.kind);
+            for key in test.options.get_ref().set_keys() {
+                if !allowed.contains(&key) {
+                    return Err((
+                        Some(test.options.span()),
+                        format!(
+                            "option `{key}` does not apply to kind {}; it takes: {}",
+                            test.kind,
+                            allowed.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent id: configured, or the host name.
+    pub fn agent_id(&self) -> String {
+        self.agent.id.clone().unwrap_or_else(hostname)
+    }
+}
+
+/// Checks a target's syntax for its kind (reachability is the probe's business).
+pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
+    if target.is_empty() || target.len() > MAX_TARGET_LEN {
+        return Err(format!("target must be 1..={MAX_TARGET_LEN} characters"));
+    }
+    match kind {
+        Kind::Speed | Kind::Http => {
+            let uri: hyper::Uri = target
+                .parse()
+                .map_err(|e| format!("target `{target}` is not a URL: {e}"))?;
+            match uri.scheme_str() {
+                Some("http") | Some("https") => {}
+                _ => return Err(format!("target `{target}` must start with http:// or https://")),
+            }
+            if uri.host().is_none() {
+                return Err(format!("target `{target}` has no host"));
+            }
+        }
+        Kind::Tcp => {
+            let (host, port) = target
+                .rsplit_once(':')
+                .ok_or_else(|| format!("target `{target}` must be host:port"))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("target `{target}` must be host:port"));
+            }
+        }
+        Kind::Icmp | Kind::Dns => {
+            if target.contains(char::is_whitespace) || target.contains('/') {
+                return Err(format!("target `{target}` must be a host name or address"));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = text[line_start..offset].chars().count() + 1;
+    (line, col)
+}
+
+/// Parses "250ms", "30s", "5m", "1h", "1d", or combinations like "1m30s".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration `{s}` ({e}); use e.g. \"500ms\", \"30s\", \"5m\", \"1h\""))
+}
+
+/// Parses "1048576", "512KiB", "256MiB", "1GiB", "10MB", "1kB".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size `{s}`; use e.g. \"256MiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size unit `{other}` in `{s}`; use B, KiB, MiB, GiB, kB, MB or GB"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Int(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_opt_cron<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    validate_cron(&s).map_err(serde::de::Error::custom)?;
+    Ok(Some(s))
+}
+
+/// Validates a cron expression with the parser the scheduler uses (seconds required).
+pub fn validate_cron(s: &str) -> Result<(), String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .build()
+        .parse(s)
+        .map(|_| ())
+        .map_err(|e| {
+            format!("invalid cron `{s}` ({e}); expected 6 fields: sec min hour day-of-month month day-of-week")
+        })
+}
+
+fn de_opt_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    check_name(&s).map_err(serde::de::Error::custom)?;
+    Ok(Some(s))
+}
+
+fn check_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN {
+        return Err(format!("`{s}` must be 1..={MAX_NAME_LEN} characters"));
+    }
+    if s.chars().any(|c| c.is_control()) {
+        return Err(format!("`{s}` contains control characters"));
+    }
+    Ok(())
+}
+
+fn de_labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let labels = BTreeMap::<String, String>::deserialize(d)?;
+    if labels.len() > MAX_LABELS {
+        return Err(serde::de::Error::custom(format!(
+            "at most {MAX_LABELS} labels"
+        )));
+    }
+    for (k, v) in &labels {
+        check_name(k).map_err(serde::de::Error::custom)?;
+        if v.len() > MAX_NAME_LEN {
+            return Err(serde::de::Error::custom(format!(
+                "label `{k}`: value longer than {MAX_NAME_LEN} characters"
+            )));
+        }
+    }
+    Ok(labels)
+}
+
+fn de_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let endpoints = Vec::<String>::deserialize(d)?;
+    if endpoints.is_empty() {
+        return Err(serde::de::Error::custom("at least one collector endpoint"));
+    }
+    for e in &endpoints {
+        let uri: hyper::Uri = e
+            .parse()
+            .map_err(|err| serde::de::Error::custom(format!("endpoint `{e}`: {err}")))?;
+        if !matches!(uri.scheme_str(), Some("http") | Some("https")) || uri.host().is_none() {
+            return Err(serde::de::Error::custom(format!(
+                "endpoint `{e}` must look like https://host:port"
+            )));
+        }
+    }
+    Ok(endpoints)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+id = "branch-042"
+labels = { site = "berlin", isp = "acme" }
+state_dir = "/tmp/x"
+buffer_max_bytes = "256MiB"
+
+[collector]
+endpoints = ["http://127.0.0.1:7443"]
+insecure = true
+
+[[test]]
+name = "internet-speed"
+kind = "speed"
+target = "http://speed.example.net:8080"
+schedule = "0 */30 * * * *"
+options = { duration = "10s", streams = 4 }
+
+[[test]]
+name = "web"
+kind = "http"
+target = "https://example.net/"
+every = "30s"
+"#;
+
+    #[test]
+    fn parses_the_spec_example() {
+        let c = Config::parse(GOOD, "agent.toml").unwrap();
+        assert_eq!(c.agent_id(), "branch-042");
+        assert_eq!(c.agent.buffer_max_bytes, 256 << 20);
+        assert_eq!(c.tests.len(), 2);
+        assert_eq!(
+            c.tests[0].options.get_ref().duration,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(c.tests[1].every, Some(Duration::from_secs(30)));
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "agent.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn located_errors() {
+        let e = err(&GOOD.replace("state_dir", "state_dri"));
+        assert!(e.starts_with("agent.toml:5:1: unknown field `state_dri`"), "{e}");
+        let e = err(&GOOD.replace("\"30s\"", "\"30 parsecs\""));
+        assert!(e.starts_with("agent.toml:23:9: invalid duration"), "{e}");
+        let e = err(&GOOD.replace("0 */30 * * * *", "0 */30 * *"));
+        assert!(e.starts_with("agent.toml:16:12: invalid cron"), "{e}");
+        let e = err(&GOOD.replace("streams = 4", "count = 4"));
+        assert!(e.contains("option `count` does not apply to kind speed"), "{e}");
+        let e = err(&GOOD.replace("kind = \"http\"", "kind = \"htp\""));
+        assert!(e.starts_with("agent.toml:21:8:"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256MiB").unwrap(), 256 << 20);
+        assert_eq!(parse_size("10MB").unwrap(), 10_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("4 parsecs").is_err());
+        assert!(parse_size("99999999999999GiB").is_err());
+    }
+}

@@ -1,0 +1,268 @@
+//! Probes: one run of one test, turned into an `Outcome`.
+//!
+//! Invariant: `run` always returns an `Outcome`; a failed probe is a value with an
+//! `ErrorClass` and a message, never an `Err` or a panic. Probes know nothing about the
+//! buffer, seq numbers or gRPC; `record.rs` turns an outcome into a stored result.
+//! Every probe is bounded by its `timeout`.
+
+pub mod dns;
+pub mod http;
+pub mod tls;
+pub mod icmp;
+pub mod speed;
+pub mod tcp;
+
+use std::fmt;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::{Kind, TestOptions};
+
+/// What to probe: the part of a test that a probe needs.
+#[derive(Debug, Clone)]
+pub struct ProbeSpec {
+    pub kind: Kind,
+    pub target: String,
+    pub options: TestOptions,
+}
+
+/// Why a probe failed: a small closed set, stored as text in the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The run exceeded its time limit.
+    Timeout,
+    /// The peer refused or reset the connection.
+    Refused,
+    /// The name did not resolve.
+    Dns,
+    /// TLS handshake or certificate failure.
+    Tls,
+    /// HTTP status other than the expected one.
+    HttpStatus,
+    /// Response body did not match.
+    Mismatch,
+    /// The network is unreachable or no route.
+    Unreachable,
+    /// The target answered "busy" (a speed target at its cap).
+    Busy,
+    /// ICMP echo answers lost (all of them).
+    Loss,
+    /// Protocol violation by the peer.
+    Protocol,
+    /// Local problem: permissions, sockets, configuration.
+    Local,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Refused => "refused",
+            ErrorClass::Dns => "dns",
+            ErrorClass::Tls => "tls",
+            ErrorClass::HttpStatus => "http_status",
+            ErrorClass::Mismatch => "mismatch",
+            ErrorClass::Unreachable => "unreachable",
+            ErrorClass::Busy => "busy",
+            ErrorClass::Loss => "loss",
+            ErrorClass::Protocol => "protocol",
+            ErrorClass::Local => "local",
+            ErrorClass::Other => "other",
+        }
+    }
+
+    /// Classifies an I/O error from a socket operation.
+    pub fn of_io(e: &std::io::Error) -> ErrorClass {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted => {
+                ErrorClass::Refused
+            }
+            K::TimedOut => ErrorClass::Timeout,
+            K::HostUnreachable | K::NetworkUnreachable | K::AddrNotAvailable => {
+                ErrorClass::Unreachable
+            }
+            K::PermissionDenied => ErrorClass::Local,
+            _ => ErrorClass::Other,
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProbeError {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl ProbeError {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        ProbeError {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+/// The typed measurements of one run. Fields that could not be measured are `None`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Fields {
+    Speed(SpeedFields),
+    Icmp(IcmpFields),
+    Tcp(TcpFields),
+    Http(HttpFields),
+    Dns(DnsFields),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SpeedFields {
+    pub download_bits_per_second: Option<f64>,
+    pub upload_bits_per_second: Option<f64>,
+    pub idle_latency_seconds: Option<f64>,
+    pub jitter_seconds: Option<f64>,
+    pub download_loaded_latency_seconds: Option<f64>,
+    pub upload_loaded_latency_seconds: Option<f64>,
+    pub bytes_downloaded: u64,
+    pub bytes_uploaded: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IcmpFields {
+    pub sent: u32,
+    pub received: u32,
+    pub loss_ratio: Option<f64>,
+    pub rtt_min_seconds: Option<f64>,
+    pub rtt_avg_seconds: Option<f64>,
+    pub rtt_max_seconds: Option<f64>,
+    pub rtt_mdev_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TcpFields {
+    pub connect_seconds: Option<f64>,
+    pub tls_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct HttpFields {
+    pub status_code: Option<u16>,
+    pub dns_seconds: Option<f64>,
+    pub connect_seconds: Option<f64>,
+    pub tls_seconds: Option<f64>,
+    pub ttfb_seconds: Option<f64>,
+    pub transfer_seconds: Option<f64>,
+    pub body_bytes: u64,
+    pub tls_cert_expiry_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DnsFields {
+    pub resolve_seconds: Option<f64>,
+    pub answers: u32,
+    pub rcode: String,
+}
+
+/// The result of one probe run, before it gets an agent id and a seq.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    /// `None` on success.
+    pub error: Option<ProbeError>,
+    pub fields: Fields,
+}
+
+impl Outcome {
+    pub fn success(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// What a probe implementation returns: its fields (possibly partial) and maybe an error.
+pub type Measured = (Fields, Option<ProbeError>);
+
+/// The default whole-run limit of a kind.
+pub fn default_timeout(spec: &ProbeSpec) -> Duration {
+    match spec.kind {
+        Kind::Speed => {
+            let per_direction = spec.options.duration.unwrap_or(speed::DEFAULT_DURATION);
+            per_direction * 2 + Duration::from_secs(30)
+        }
+        Kind::Icmp => {
+            let count = spec.options.count.unwrap_or(icmp::DEFAULT_COUNT);
+            let interval = spec.options.interval.unwrap_or(icmp::DEFAULT_INTERVAL);
+            interval * count + Duration::from_secs(5)
+        }
+        Kind::Tcp | Kind::Http | Kind::Dns => Duration::from_secs(10),
+    }
+}
+
+/// Runs one probe. Never fails and never panics outward: every failure is in the outcome.
+pub async fn run(spec: &ProbeSpec) -> Outcome {
+    let started_at = SystemTime::now();
+    let start = Instant::now();
+    let limit = spec.options.timeout.unwrap_or_else(|| default_timeout(spec));
+    let spec_owned = spec.clone();
+    // Spawned so that a panic inside a probe (a bug) becomes a failed result, not a crash.
+    let task = tokio::spawn(async move {
+        match spec_owned.kind {
+            Kind::Speed => speed::run(&spec_owned).await,
+            Kind::Icmp => icmp::run(&spec_owned).await,
+            Kind::Tcp => tcp::run(&spec_owned).await,
+            Kind::Http => http::run(&spec_owned).await,
+            Kind::Dns => dns::run(&spec_owned).await,
+        }
+    });
+    let abort = task.abort_handle();
+    let (fields, error) = match tokio::time::timeout(limit, task).await {
+        Ok(Ok(measured)) => measured,
+        Ok(Err(join)) => (
+            empty_fields(spec.kind),
+            Some(ProbeError::new(
+                ErrorClass::Other,
+                format!("probe failed internally: {join}"),
+            )),
+        ),
+        Err(_) => {
+            abort.abort();
+            (
+                empty_fields(spec.kind),
+                Some(ProbeError::new(
+                    ErrorClass::Timeout,
+                    format!("no result within {}", humantime::format_duration(limit)),
+                )),
+            )
+        }
+    };
+    Outcome {
+        started_at,
+        duration: start.elapsed(),
+        error,
+        fields,
+    }
+}
+
+pub fn empty_fields(kind: Kind) -> Fields {
+    match kind {
+        Kind::Speed => Fields::Speed(SpeedFields::default()),
+        Kind::Icmp => Fields::Icmp(IcmpFields::default()),
+        Kind::Tcp => Fields::Tcp(TcpFields::default()),
+        Kind::Http => Fields::Http(HttpFields::default()),
+        Kind::Dns => Fields::Dns(DnsFields::default()),
+    }
+}
+
+/// Seconds of a duration as f64, the unit of every result.
+pub fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}

@@ -1,0 +1,68 @@
+//! Renders one probe outcome for people (`probe`) or machines (`probe --json`), with the
+//! field names of SPEC section 9.
+
+
+use serde_json::{json, Map, Value};
+
+use crate::probe::{Outcome, ProbeSpec};
+
+/// One JSON object: kind, target, success, error, started_at, duration_seconds and the
+/// kind's fields.
+pub fn json(spec: &ProbeSpec, outcome: &Outcome) -> Value {
+    let mut object = Map::new();
+    object.insert("kind".into(), json!(spec.kind.name()));
+    object.insert("target".into(), json!(spec.target));
+    object.insert("success".into(), json!(outcome.success()));
+    object.insert(
+        "error".into(),
+        match &outcome.error {
+            Some(e) => json!({ "class": e.class.name(), "message": e.message }),
+            None => Value::Null,
+        },
+    );
+    object.insert("started_at".into(), json!(rfc3339(outcome.started_at)));
+    object.insert(
+        "duration_seconds".into(),
+        json!(outcome.duration.as_secs_f64()),
+    );
+    if let Ok(Value::Object(fields)) = serde_json::to_value(&outcome.fields) {
+        object.extend(fields);
+    }
+    Value::Object(object)
+}
+
+/// Aligned `name: value` lines.
+pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
+    let value = json(spec, outcome);
+    let mut out = String::new();
+    let Value::Object(map) = value else {
+        return out;
+    };
+    let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
+    for (key, value) in map {
+        let shown = match value {
+            Value::Null => "-".to_string(),
+            Value::String(s) => s,
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or(v.to_string())))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Value::Number(n) if key.ends_with("bits_per_second") => {
+                format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6)
+            }
+            Value::Number(n) if key.ends_with("_seconds") && key != "tls_cert_expiry_seconds" => {
+                format!("{:.3} ms", n.as_f64().unwrap_or(0.0) * 1e3)
+            }
+            other => other.to_string(),
+        };
+        out.push_str(&format!("{key:width$}  {shown}\n"));
+    }
+    out
+}
+
+/// RFC 3339 UTC timestamp with microseconds.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+

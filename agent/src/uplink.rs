@@ -1,0 +1,265 @@
+//! The uplink: ships buffered results to a collector over one long-lived gRPC stream.
+//!
+//! Session: Hello -> Welcome(committed seq) -> delete what already landed -> send batches
+//! from the buffer, several in flight, while acks delete them. Heartbeats carry backlog
+//! and drop counts. On any error the session ends and the uplink reconnects to the next
+//! endpoint with exponential backoff and full jitter.
+//!
+//! Invariants: results are deleted from the buffer only on an ack (or a welcome) naming
+//! their seq; a batch is never sent ahead of `MAX_IN_FLIGHT` unacknowledged ones.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use edgeprobe_proto::v1 as pb;
+use edgeprobe_proto::v1::ingest_client::IngestClient;
+use prost::Message;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::buffer::Buffer;
+use crate::config::CollectorSection;
+
+/// Results per batch at most.
+const BATCH_MAX_RESULTS: usize = 2_000;
+/// Encoded bytes per batch at most (well under the collector's message limit).
+const BATCH_MAX_BYTES: usize = 1 << 20;
+/// Unacknowledged batches at most.
+const MAX_IN_FLIGHT: usize = 8;
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+pub struct Uplink {
+    pub agent_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub collector: CollectorSection,
+    pub buffer: Buffer,
+}
+
+impl Uplink {
+    /// Runs sessions until `shutdown`; never returns early on network errors.
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.collector.insecure {
+            tracing::warn!(
+                "collector.insecure = true: results travel in PLAINTEXT without authentication; local demos only"
+            );
+        }
+        let mut attempt: u32 = 0;
+        let mut index = 0usize;
+        while !shutdown.is_cancelled() {
+            let endpoint = &self.collector.endpoints[index % self.collector.endpoints.len()];
+            match self.session(endpoint, &shutdown).await {
+                Ok(()) => return,
+                Err(SessionError { welcomed, error }) => {
+                    if welcomed {
+                        attempt = 0;
+                    }
+                    let delay = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    index += 1;
+                    tracing::warn!(
+                        endpoint = %endpoint,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "collector session ended: {error:#}"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn connect(&self, endpoint: &str) -> anyhow::Result<Channel> {
+        let mut ep = Endpoint::from_shared(endpoint.to_string())
+            .with_context(|| format!("bad endpoint {endpoint}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        if !self.collector.insecure {
+            ep = ep.tls_config(tls_config(&self.collector)?)?;
+        }
+        ep.connect()
+            .await
+            .with_context(|| format!("cannot connect to {endpoint}"))
+    }
+
+    /// One session. `Ok` only on shutdown.
+    async fn session(
+        &self,
+        endpoint: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let mut welcomed = false;
+        let result = self.session_inner(endpoint, shutdown, &mut welcomed).await;
+        result.map_err(|error| SessionError { welcomed, error })
+    }
+
+    async fn session_inner(
+        &self,
+        endpoint: &str,
+        shutdown: &CancellationToken,
+        welcomed: &mut bool,
+    ) -> anyhow::Result<()> {
+        let channel = self.connect(endpoint).await?;
+        let mut client = IngestClient::new(channel)
+            .max_decoding_message_size(1 << 20)
+            .max_encoding_message_size(4 << 20);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
+        let hello = pb::Hello {
+            agent_id: self.agent_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: self.labels.clone().into_iter().collect(),
+        };
+        tx.send(message(pb::agent_message::Msg::Hello(hello)))
+            .await
+            .map_err(|_| anyhow!("stream closed before hello"))?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .context("collector refused the stream")?
+            .into_inner();
+
+        let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| anyhow!("no welcome within {WELCOME_TIMEOUT:?}"))??;
+        let committed = match welcome.and_then(|m| m.msg) {
+            Some(pb::collector_message::Msg::Welcome(w)) => w.committed_seq,
+            other => bail!("expected welcome, got {other:?}"),
+        };
+        *welcomed = true;
+        self.buffer
+            .reconcile(committed)
+            .await
+            .context("applying the welcome to the buffer")?;
+        tracing::info!(endpoint, committed_seq = committed, "connected to collector");
+
+        let mut appended = self.buffer.subscribe();
+        let mut last_sent = committed;
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        loop {
+            // Fill the window.
+            while in_flight.len() < MAX_IN_FLIGHT && *appended.borrow_and_update() > last_sent {
+                let entries = self
+                    .buffer
+                    .read_after(last_sent, BATCH_MAX_RESULTS, BATCH_MAX_BYTES)
+                    .await?;
+                let Some(last) = entries.last().map(|e| e.seq) else {
+                    break;
+                };
+                let results = entries
+                    .into_iter()
+                    .filter_map(|e| match pb::Result::decode(e.payload.as_slice()) {
+                        Ok(mut r) => {
+                            r.agent_id = self.agent_id.clone();
+                            r.seq = e.seq;
+                            Some(r)
+                        }
+                        Err(err) => {
+                            tracing::error!(seq = e.seq, "skipping undecodable buffered result: {err}");
+                            None
+                        }
+                    })
+                    .collect();
+                tx.send(message(pb::agent_message::Msg::Batch(pb::ResultBatch {
+                    results,
+                })))
+                .await
+                .map_err(|_| anyhow!("stream closed"))?;
+                last_sent = last;
+                in_flight.push_back(last);
+            }
+
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = appended.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let stats = self.buffer.stats();
+                    tx.send(message(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
+                        backlog: stats.backlog,
+                        dropped: stats.dropped,
+                        oldest_unix_seconds: stats.oldest_unix_seconds,
+                    })))
+                    .await
+                    .map_err(|_| anyhow!("stream closed"))?;
+                }
+                msg = inbound.message() => {
+                    match msg?.and_then(|m| m.msg) {
+                        Some(pb::collector_message::Msg::Ack(ack)) => {
+                            if ack.seq > last_sent {
+                                bail!("collector acked seq {} beyond the last sent {last_sent}", ack.seq);
+                            }
+                            while in_flight.front().is_some_and(|&s| s <= ack.seq) {
+                                in_flight.pop_front();
+                            }
+                            self.buffer.ack(ack.seq).await?;
+                        }
+                        Some(other) => bail!("unexpected message from collector: {other:?}"),
+                        None => bail!("collector closed the stream"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct SessionError {
+    welcomed: bool,
+    error: anyhow::Error,
+}
+
+fn message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(msg) }
+}
+
+fn tls_config(c: &CollectorSection) -> anyhow::Result<ClientTlsConfig> {
+    let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
+        let p = p
+            .as_ref()
+            .ok_or_else(|| anyhow!("[collector] {what} is not set"))?;
+        std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
+    };
+    let ca = read(&c.ca, "ca")?;
+    let cert = read(&c.cert, "cert")?;
+    let key = read(&c.key, "key")?;
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key)))
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt)].
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    let ms = rand::rng().random_range(0..=ceiling.as_millis() as u64);
+    Duration::from_millis(ms.max(50))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d <= BACKOFF_CAP, "{d:?}");
+        }
+        let samples: std::collections::HashSet<_> = (0..50).map(|_| backoff(10)).collect();
+        assert!(samples.len() > 10, "full jitter spreads retries");
+    }
+}

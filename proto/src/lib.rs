@@ -1,0 +1,27 @@
+//! The edgeprobe.v1 wire protocol, generated from `proto/edgeprobe/v1/edgeprobe.proto`
+//! by `build.rs` (protoc from the `protobuf-compiler` package).
+//!
+//! This crate holds only the wire types shared by agent and collector. Domain types and
+//! validation live in each binary, at its boundary.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("edgeprobe.v1");
+
+    impl Kind {
+        /// The lowercase name used in configs, JSON output, the database and metrics.
+        pub fn name(self) -> &'static str {
+            match self {
+                Kind::Unspecified => "unspecified",
+                Kind::Speed => "speed",
+                Kind::Icmp => "icmp",
+                Kind::Tcp => "tcp",
+                Kind::Http => "http",
+                Kind::Dns => "dns",
+            }
+        }
+    }
+}
+
+/// Version of the agent/collector protocol carried in `Hello.version` alongside the build version.
+pub const PROTOCOL: &str = "edgeprobe.v1";
