@@ -47,6 +47,11 @@ pub enum BufferError {
          results in it that were not yet delivered are then lost"
     )]
     Open { path: String, source: sled::Error },
+    #[error(
+        "the result buffer at {path} is in use by another process (a running edgeprobe-agent?); \
+         stop it first"
+    )]
+    Locked { path: String },
     #[error("cannot create the state directory {path}: {source}")]
     CreateDir { path: String, source: std::io::Error },
     #[error("result buffer at {path}: {source}")]
@@ -151,9 +156,16 @@ impl Buffer {
             .cache_capacity(8 * 1024 * 1024)
             .mode(sled::Mode::LowSpace)
             .open()
-            .map_err(|source| BufferError::Open {
-                path: path.display().to_string(),
-                source,
+            .map_err(|source| match &source {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    BufferError::Locked {
+                        path: path.display().to_string(),
+                    }
+                }
+                _ => BufferError::Open {
+                    path: path.display().to_string(),
+                    source,
+                },
             })?;
         // Fail early, with the path, on a directory sled opened but cannot read.
         read_u64(&db, NEXT_SEQ).map_err(|source| BufferError::Open {

@@ -1,1 +1,121 @@
-fn main() {}
+//! edgeprobe-collector: parse the command line, set up logging, dispatch. Exit codes: 0 ok,
+//! 1 runtime failure, 2 bad configuration or usage.
+#![forbid(unsafe_code)]
+
+mod config;
+mod domain;
+mod http;
+mod identity;
+mod ingest;
+mod metrics;
+mod run;
+mod schema;
+mod store;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+/// Receives results from edgeprobe agents over gRPC, writes them to PostgreSQL and
+/// exposes fleet metrics to Prometheus.
+#[derive(Parser)]
+#[command(name = "edgeprobe-collector", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the collector.
+    Run {
+        /// Collector configuration (TOML). Without it, defaults plus the flags below.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// PostgreSQL URL (overrides the file; else EDGEPROBE_DATABASE_URL or DATABASE_URL).
+        #[arg(long)]
+        database_url: Option<String>,
+        /// gRPC listen address (default 0.0.0.0:7443).
+        #[arg(long)]
+        grpc_listen: Option<SocketAddr>,
+        /// HTTP listen address for /metrics, /healthz, /readyz (default 127.0.0.1:9464).
+        #[arg(long)]
+        http_listen: Option<SocketAddr>,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        /// PostgreSQL URL (else EDGEPROBE_DATABASE_URL or DATABASE_URL).
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime");
+
+    match cli.command {
+        Command::Run {
+            config,
+            database_url,
+            grpc_listen,
+            http_listen,
+        } => {
+            let config = match Config::load(config.as_deref())
+                .and_then(|c| c.finish(database_url, grpc_listen, http_listen))
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(run::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate { database_url } => {
+            let url = database_url
+                .or_else(|| std::env::var("EDGEPROBE_DATABASE_URL").ok())
+                .or_else(|| std::env::var("DATABASE_URL").ok());
+            let Some(url) = url else {
+                eprintln!("no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL");
+                return ExitCode::from(2);
+            };
+            match runtime.block_on(run::migrate_once(&url)) {
+                Ok(applied) => {
+                    println!(
+                        "schema at version {} (applied now: {:?})",
+                        schema::latest_version(),
+                        applied
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("migrate: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Collector configuration: the TOML file of SPEC section 9, with command-line and
+//! environment overrides, parsed once and checked once.
+//!
+//! Unknown keys are errors, every error is located (`file:line:col: reason`), and the
+//! database URL is never printed (it may carry a password).
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub database: DatabaseSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_grpc_listen")]
+    pub grpc_listen: SocketAddr,
+    #[serde(default = "default_http_listen")]
+    pub http_listen: SocketAddr,
+    /// Plaintext gRPC without client certificates. Local demos only.
+    #[serde(default)]
+    pub insecure: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            grpc_listen: default_grpc_listen(),
+            http_listen: default_http_listen(),
+            insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+        }
+    }
+}
+
+fn default_grpc_listen() -> SocketAddr {
+    "0.0.0.0:7443".parse().expect("valid literal")
+}
+
+fn default_http_listen() -> SocketAddr {
+    "127.0.0.1:9464".parse().expect("valid literal")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    pub url: Option<String>,
+    /// Results older than this are dropped with their daily partition.
+    #[serde(default = "default_retention", deserialize_with = "de_duration")]
+    pub retention: Duration,
+    /// Concurrent Postgres writer connections.
+    #[serde(default = "default_writers")]
+    pub writers: usize,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        DatabaseSection {
+            url: None,
+            retention: default_retention(),
+            writers: default_writers(),
+        }
+    }
+}
+
+fn default_retention() -> Duration {
+    Duration::from_secs(90 * 86_400)
+}
+
+fn default_writers() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// The agent label that result aggregates are grouped by.
+    #[serde(default = "default_site_label")]
+    pub site_label: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            site_label: default_site_label(),
+        }
+    }
+}
+
+fn default_site_label() -> String {
+    "site".to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {reason}")]
+    Invalid {
+        path: String,
+        line: usize,
+        col: usize,
+        reason: String,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Config {
+    /// Reads and checks a config file; `None` gives the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config {
+                server: ServerSection::default(),
+                database: DatabaseSection::default(),
+                metrics: MetricsSection::default(),
+            });
+        };
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: origin.clone(),
+            source,
+        })?;
+        Config::parse(&text, &origin)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, col) = line_col(text, e.span().unwrap_or(0..0));
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                line,
+                col,
+                reason: e.message().trim().replace('\n', " "),
+            }
+        })
+    }
+
+    /// Applies overrides and fills the database URL from the environment, then checks the
+    /// combination.
+    pub fn finish(
+        mut self,
+        database_url: Option<String>,
+        grpc_listen: Option<SocketAddr>,
+        http_listen: Option<SocketAddr>,
+    ) -> Result<Config, ConfigError> {
+        if let Some(url) = database_url {
+            self.database.url = Some(url);
+        }
+        if self.database.url.is_none() {
+            self.database.url = std::env::var("EDGEPROBE_DATABASE_URL")
+                .or_else(|_| std::env::var("DATABASE_URL"))
+                .ok();
+        }
+        if let Some(a) = grpc_listen {
+            self.server.grpc_listen = a;
+        }
+        if let Some(a) = http_listen {
+            self.server.http_listen = a;
+        }
+        if self.database.url.is_none() {
+            return Err(ConfigError::Other(
+                "no database URL: set [database] url, --database-url, EDGEPROBE_DATABASE_URL or DATABASE_URL"
+                    .into(),
+            ));
+        }
+        if self.database.writers == 0 || self.database.writers > 64 {
+            return Err(ConfigError::Other("[database] writers must be 1..=64".into()));
+        }
+        if !self.server.insecure {
+            for (name, value) in [
+                ("tls_cert", &self.server.tls_cert),
+                ("tls_key", &self.server.tls_key),
+                ("client_ca", &self.server.client_ca),
+            ] {
+                if value.is_none() {
+                    return Err(ConfigError::Other(format!(
+                        "[server] needs `{name}` (mTLS is the default); set `insecure = true` only for local demos"
+                    )));
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn database_url(&self) -> &str {
+        self.database.url.as_deref().unwrap_or_default()
+    }
+}
+
+fn line_col(text: &str, span: Range<usize>) -> (usize, usize) {
+    let offset = span.start.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration `{s}` ({e}); use e.g. \"90d\", \"12h\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_spec_example_and_locates_errors() {
+        let text = r#"
+[server]
+grpc_listen = "0.0.0.0:7443"
+http_listen = "127.0.0.1:9464"
+tls_cert = "/etc/edgeprobe/tls/collector.pem"
+tls_key = "/etc/edgeprobe/tls/collector.key"
+client_ca = "/etc/edgeprobe/tls/ca.pem"
+
+[database]
+url = "postgres://edgeprobe@localhost/edgeprobe"
+retention = "90d"
+
+[metrics]
+site_label = "site"
+"#;
+        let c = Config::parse(text, "c.toml").unwrap().finish(None, None, None).unwrap();
+        assert_eq!(c.database.retention, Duration::from_secs(90 * 86_400));
+        let e = Config::parse(&text.replace("retention = \"90d\"", "retention = \"90 moons\""), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml:11:13: invalid duration"), "{e}");
+        let e = Config::parse(&text.replace("site_label", "site_lable"), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml:14:1: unknown field `site_lable`"), "{e}");
+    }
+}

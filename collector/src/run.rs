@@ -1,0 +1,186 @@
+//! `edgeprobe-collector run`: starts the HTTP endpoints, migrates (retrying while
+//! Postgres is away, so /healthz answers meanwhile), starts the store and the gRPC server,
+//! keeps partitions, and shuts down in order on SIGTERM or SIGINT.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgeprobe_proto::v1::ingest_server::IngestServer;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::http::{self, Readiness};
+use crate::ingest::IngestService;
+use crate::metrics::Metrics;
+use crate::schema;
+use crate::store::{self, Store};
+
+/// Largest gRPC message accepted (a batch).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+const PARTITION_EVERY: Duration = Duration::from_secs(3600);
+const GRACE: Duration = Duration::from_secs(10);
+
+pub async fn migrate_once(url: &str) -> anyhow::Result<Vec<i32>> {
+    let mut client = store::connect(url)
+        .await
+        .context("cannot connect to postgres")?;
+    let applied = schema::migrate(&mut client).await.context("migration failed")?;
+    schema::maintain_partitions(&client, Duration::from_secs(90 * 86_400))
+        .await
+        .context("creating partitions")?;
+    Ok(applied)
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    metrics
+        .info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), &config.server.insecure.to_string()])
+        .set(1);
+    let url = config.database_url().to_string();
+
+    let store = Store::start(
+        &url,
+        config.database.writers,
+        config.metrics.site_label.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let readiness = Arc::new(Readiness {
+        migrated: false.into(),
+        postgres: Box::new({
+            let store = store.clone();
+            move || store.ready()
+        }),
+    });
+    let http_listener = http::bind(config.server.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (http)", config.server.http_listen))?;
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        metrics.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(addr = %config.server.http_listen, "serving /metrics, /healthz, /readyz");
+
+    // Migrate before accepting agents; wait for Postgres if it is not up yet.
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match tokio::select! {
+            _ = crate::run::shutdown_signal() => return Ok(()),
+            r = migrate_and_partition(&url, config.database.retention) => r,
+        } {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(retry_in_ms = delay.as_millis() as u64, "database not ready: {e:#}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    readiness.migrated.store(true, Ordering::Relaxed);
+    tokio::spawn(keep_partitions(url.clone(), config.database.retention, shutdown.clone()));
+
+    let service = IngestServer::new(IngestService {
+        store,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(1 << 20);
+
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if config.server.insecure {
+        tracing::warn!(
+            "server.insecure = true: gRPC is PLAINTEXT and agents are NOT authenticated; local demos only"
+        );
+    } else {
+        builder = builder
+            .tls_config(server_tls(&config)?)
+            .context("TLS configuration")?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.server.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (grpc)", config.server.grpc_listen))?;
+    tracing::info!(
+        addr = %config.server.grpc_listen,
+        tls = !config.server.insecure,
+        version = env!("CARGO_PKG_VERSION"),
+        "edgeprobe-collector accepting agents"
+    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let grpc = builder
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                shutdown.cancel();
+            }
+        });
+    grpc.await.context("grpc server")?;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(GRACE, http_task).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result<()> {
+    let mut client = store::connect(url).await.context("cannot connect to postgres")?;
+    schema::migrate(&mut client).await.context("migration failed")?;
+    schema::maintain_partitions(&client, retention)
+        .await
+        .context("maintaining partitions")?;
+    Ok(())
+}
+
+async fn keep_partitions(url: String, retention: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(PARTITION_EVERY);
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let result = async {
+            let client = store::connect(&url).await?;
+            schema::maintain_partitions(&client, retention).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!("partition maintenance failed: {e}");
+        }
+    }
+}
+
+fn server_tls(config: &Config) -> anyhow::Result<ServerTlsConfig> {
+    let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
+        let p = p.as_ref().with_context(|| format!("[server] {what} is not set"))?;
+        std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
+    };
+    let cert = read(&config.server.tls_cert, "tls_cert")?;
+    let key = read(&config.server.tls_key, "tls_key")?;
+    let ca = read(&config.server.client_ca, "client_ca")?;
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .client_ca_root(Certificate::from_pem(ca)))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,546 @@
+//! The PostgreSQL store: a small pool of writer tasks, each owning one connection, fed by
+//! one bounded job queue shared by all agent streams.
+//!
+//! Invariants:
+//! - Exactly-once: a writer transaction locks the rows of the agents it writes
+//!   (`SELECT … FOR UPDATE`, in agent-id order so writers never deadlock), keeps only
+//!   results with seq above the agent's `committed_seq`, COPYs them, raises
+//!   `committed_seq` and commits. A result delivered twice, to this or another collector,
+//!   lands once. Each stream has at most one batch in the store at a time, so a batch is
+//!   never committed before the batch that precedes it.
+//! - A job's reply is sent only after its transaction committed; the ack follows it.
+//! - Backpressure: the queue is bounded; when Postgres is slow or down, writers stop
+//!   taking jobs, streams stop reading, agents keep buffering on disk.
+//! - Writers group jobs from many streams into one transaction (up to `MAX_ROWS` rows).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::pin_mut;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{AgentHello, BufferState, ResultRow};
+use crate::metrics::Metrics;
+
+/// Rows per writer transaction at most.
+const MAX_ROWS: usize = 50_000;
+/// Jobs waiting for a writer at most (the backpressure bound).
+const QUEUE: usize = 256;
+const RECONNECT_CAP: Duration = Duration::from_secs(10);
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("postgres: {0}")]
+    Postgres(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// What a committed write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The agent's committed seq after the transaction.
+    pub committed_seq: i64,
+    pub inserted: u64,
+    pub duplicates: u64,
+}
+
+enum Job {
+    Hello(AgentHello, oneshot::Sender<Result<i64, StoreError>>),
+    Write(Arc<Vec<ResultRow>>, oneshot::Sender<Result<Written, StoreError>>),
+    Heartbeat(String, BufferState),
+}
+
+/// Handle used by the ingest streams; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Store {
+    /// Starts `writers` writer tasks and a health checker against `url`.
+    pub fn start(
+        url: &str,
+        writers: usize,
+        site_label: String,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Store {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let ready = Arc::new(AtomicBool::new(false));
+        for id in 0..writers {
+            let writer = Writer {
+                id,
+                url: url.to_string(),
+                jobs: rx.clone(),
+                metrics: metrics.clone(),
+                ready: ready.clone(),
+                site_label: site_label.clone(),
+            };
+            tokio::spawn(writer.run(shutdown.clone()));
+        }
+        tokio::spawn(health(url.to_string(), ready.clone(), metrics, shutdown));
+        Store { jobs: tx, ready }
+    }
+
+    /// True while Postgres answers.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Registers (or updates) an agent; returns its committed seq.
+    pub async fn hello(&self, hello: AgentHello) -> Result<i64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Hello(hello, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes one agent's batch; returns after commit.
+    pub async fn write(&self, rows: Arc<Vec<ResultRow>>) -> Result<Written, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Write(rows, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records buffer state; dropped when the queue is full (the next heartbeat repeats it).
+    pub fn heartbeat(&self, agent_id: String, state: BufferState) {
+        let _ = self.jobs.try_send(Job::Heartbeat(agent_id, state));
+    }
+}
+
+/// Connects with the URL; the connection task runs until the client is dropped.
+pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("postgres connection ended: {e}");
+        }
+    });
+    Ok(client)
+}
+
+async fn health(url: String, ready: Arc<AtomicBool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let mut client: Option<Client> = None;
+    let mut ticks = tokio::time::interval(HEALTH_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = tokio::time::timeout(HEALTH_EVERY, connect(&url)).await.ok().and_then(|r| r.ok());
+        }
+        let ok = match &client {
+            Some(c) => matches!(
+                tokio::time::timeout(HEALTH_EVERY, c.simple_query("SELECT 1")).await,
+                Ok(Ok(_))
+            ),
+            None => false,
+        };
+        if !ok {
+            client = None;
+        }
+        if ready.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("postgres is reachable; ready");
+            } else {
+                tracing::warn!("postgres is unreachable; not ready, holding acks");
+            }
+        }
+        metrics.postgres_up.set(ok as i64);
+    }
+}
+
+struct Writer {
+    id: usize,
+    url: String,
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    site_label: String,
+}
+
+impl Writer {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut attempt = 0u32;
+        loop {
+            let client = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = connect(&self.url) => c,
+            };
+            let mut client = match client {
+                Ok(c) => {
+                    attempt = 0;
+                    c
+                }
+                Err(e) => {
+                    self.ready.store(false, Ordering::Relaxed);
+                    let delay = Duration::from_millis(200 * (1 << attempt.min(6))).min(RECONNECT_CAP);
+                    attempt += 1;
+                    tracing::warn!(writer = self.id, retry_in_ms = delay.as_millis() as u64, "cannot connect to postgres: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            };
+            loop {
+                let Some(group) = (tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    g = self.next_group() => g,
+                }) else {
+                    return;
+                };
+                if let Err(e) = self.process(&mut client, group).await {
+                    self.metrics.ingest_errors.with_label_values(&["store"]).inc();
+                    tracing::warn!(writer = self.id, "write failed: {e}");
+                    if client.is_closed() {
+                        self.ready.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for one job, then takes whatever else is queued up to `MAX_ROWS` rows.
+    async fn next_group(&self) -> Option<Vec<Job>> {
+        let mut rx = self.jobs.lock().await;
+        let first = rx.recv().await?;
+        let mut rows = job_rows(&first);
+        let mut group = vec![first];
+        while rows < MAX_ROWS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    rows += job_rows(&job);
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        Some(group)
+    }
+
+    /// Runs one group; every job gets its reply. Returns the first error for logging.
+    async fn process(&self, client: &mut Client, group: Vec<Job>) -> Result<(), StoreError> {
+        let mut writes = Vec::new();
+        let mut first_error = None;
+        for job in group {
+            match job {
+                Job::Hello(hello, reply) => {
+                    let r = hello_agent(client, &hello).await;
+                    if let Err(e) = &r {
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                    let _ = reply.send(r.map_err(StoreError::from));
+                }
+                Job::Heartbeat(agent, state) => {
+                    if let Err(e) = heartbeat(client, &agent, state).await {
+                        first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+                Job::Write(rows, reply) => writes.push((rows, reply)),
+            }
+        }
+        if !writes.is_empty() {
+            let start = Instant::now();
+            let batches: Vec<&[ResultRow]> = writes.iter().map(|(r, _)| r.as_slice()).collect();
+            match write_group(client, &batches).await {
+                Ok(outcomes) => {
+                    self.metrics.commit_seconds.observe(start.elapsed().as_secs_f64());
+                    self.metrics.ingest_transactions.inc();
+                    let mut rows = 0;
+                    for ((batch, reply), written) in writes.into_iter().zip(outcomes) {
+                        rows += written.inserted;
+                        self.count(&batch, &written);
+                        let _ = reply.send(Ok(written));
+                    }
+                    self.metrics.rows_per_transaction.observe(rows as f64);
+                }
+                Err(e) => {
+                    let e = StoreError::from(e);
+                    for (_, reply) in writes {
+                        let _ = reply.send(Err(StoreError::Postgres(e.to_string())));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => {
+                tracing::warn!(writer = self.id, "agent bookkeeping failed: {e}");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn count(&self, batch: &[ResultRow], written: &Written) {
+        let m = &self.metrics;
+        m.ingest_results.with_label_values(&["committed"]).inc_by(written.inserted);
+        m.ingest_results.with_label_values(&["duplicate"]).inc_by(written.duplicates);
+        m.ingest_batches.inc();
+        // Aggregates over what was new in this batch (the tail above the old watermark).
+        let new = &batch[batch.len() - written.inserted as usize..];
+        let mut counts: HashMap<(&str, &str, &str, &str), u64> = HashMap::new();
+        for r in new {
+            let site = r.labels.get(&self.site_label).map_or("", String::as_str);
+            let outcome = if r.success { "success" } else { "failure" };
+            *counts.entry((&r.test, r.kind.name(), site, outcome)).or_default() += 1;
+        }
+        for ((test, kind, site, outcome), n) in counts {
+            m.results.with_label_values(&[test, kind, site, outcome]).inc_by(n);
+        }
+    }
+}
+
+fn job_rows(job: &Job) -> usize {
+    match job {
+        Job::Write(rows, _) => rows.len(),
+        _ => 1,
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Postgres(e.to_string())
+    }
+}
+
+async fn hello_agent(client: &Client, hello: &AgentHello) -> Result<i64, tokio_postgres::Error> {
+    let labels = labels_json(&hello.labels);
+    let row = client
+        .query_one(
+            "INSERT INTO agents (agent_id, labels, version) VALUES ($1, $2, $3)
+             ON CONFLICT (agent_id) DO UPDATE
+                SET labels = EXCLUDED.labels, version = EXCLUDED.version, last_seen = now()
+             RETURNING committed_seq",
+            &[&hello.agent_id, &labels, &hello.version],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+async fn heartbeat(client: &Client, agent: &str, s: BufferState) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE agents SET backlog = $2, dropped = $3, oldest_buffered_at = $4, last_seen = now()
+              WHERE agent_id = $1",
+            &[&agent, &s.backlog, &s.dropped, &s.oldest],
+        )
+        .await?;
+    Ok(())
+}
+
+fn labels_json(labels: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, started_at, duration_seconds, \
+    success, error_class, error_message, labels, \
+    download_bits_per_second, upload_bits_per_second, idle_latency_seconds, jitter_seconds, \
+    download_loaded_latency_seconds, upload_loaded_latency_seconds, bytes_downloaded, bytes_uploaded, \
+    sent, received, loss_ratio, rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, \
+    connect_seconds, tls_seconds, status_code, dns_seconds, ttfb_seconds, transfer_seconds, body_bytes, \
+    tls_cert_expiry_seconds, resolve_seconds, answers, rcode) FROM STDIN (FORMAT binary)";
+
+const COPY_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::FLOAT8,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    // speed
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::INT8,
+    // icmp
+    Type::INT4,
+    Type::INT4,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    // tcp, http
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT4,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::FLOAT8,
+    // dns
+    Type::FLOAT8,
+    Type::INT4,
+    Type::TEXT,
+];
+
+/// One transaction for several batches (of one or more agents). Returns one `Written`
+/// per batch, in order.
+async fn write_group(
+    client: &mut Client,
+    batches: &[&[ResultRow]],
+) -> Result<Vec<Written>, tokio_postgres::Error> {
+    let mut ids: Vec<&str> = batches
+        .iter()
+        .flat_map(|b| b.first().map(|r| r.agent_id.as_str()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+
+    let tx = client.transaction().await?;
+    let mut committed: HashMap<String, i64> = lock_agents(&tx, &ids).await?;
+    if committed.len() < ids.len() {
+        // Agent rows removed by an operator since hello: recreate them.
+        tx.execute(
+            "INSERT INTO agents (agent_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            &[&ids],
+        )
+        .await?;
+        committed = lock_agents(&tx, &ids).await?;
+    }
+
+    let mut outcomes = Vec::with_capacity(batches.len());
+    let mut fresh: Vec<&ResultRow> = Vec::new();
+    for batch in batches {
+        let mut inserted = 0u64;
+        let mut mark = 0i64;
+        if let Some(first) = batch.first() {
+            let watermark = committed.get_mut(&first.agent_id).expect("locked above");
+            for row in batch.iter() {
+                if row.seq > *watermark {
+                    *watermark = row.seq;
+                    fresh.push(row);
+                    inserted += 1;
+                }
+            }
+            mark = *watermark;
+        }
+        outcomes.push(Written {
+            committed_seq: mark,
+            inserted,
+            duplicates: batch.len() as u64 - inserted,
+        });
+    }
+
+    if !fresh.is_empty() {
+        let sink = tx.copy_in(COPY_SQL).await?;
+        let writer = BinaryCopyInWriter::new(sink, COPY_TYPES);
+        pin_mut!(writer);
+        let mut labels_cache: Option<(&BTreeMap<String, String>, serde_json::Value)> = None;
+        for r in &fresh {
+            let labels = match &labels_cache {
+                Some((l, v)) if *l == &r.labels => v.clone(),
+                _ => {
+                    let v = labels_json(&r.labels);
+                    labels_cache = Some((&r.labels, v.clone()));
+                    v
+                }
+            };
+            let m = &r.measures;
+            let kind = r.kind.name();
+            let row: [&(dyn ToSql + Sync); 37] = [
+                &r.agent_id,
+                &r.seq,
+                &r.test,
+                &kind,
+                &r.target,
+                &r.started_at,
+                &r.duration_seconds,
+                &r.success,
+                &r.error_class,
+                &r.error_message,
+                &labels,
+                &m.download_bits_per_second,
+                &m.upload_bits_per_second,
+                &m.idle_latency_seconds,
+                &m.jitter_seconds,
+                &m.download_loaded_latency_seconds,
+                &m.upload_loaded_latency_seconds,
+                &m.bytes_downloaded,
+                &m.bytes_uploaded,
+                &m.sent,
+                &m.received,
+                &m.loss_ratio,
+                &m.rtt_min_seconds,
+                &m.rtt_avg_seconds,
+                &m.rtt_max_seconds,
+                &m.rtt_mdev_seconds,
+                &m.connect_seconds,
+                &m.tls_seconds,
+                &m.status_code,
+                &m.dns_seconds,
+                &m.ttfb_seconds,
+                &m.transfer_seconds,
+                &m.body_bytes,
+                &m.tls_cert_expiry_seconds,
+                &m.resolve_seconds,
+                &m.answers,
+                &m.rcode,
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        writer.finish().await?;
+
+        let (agent_ids, seqs): (Vec<&str>, Vec<i64>) =
+            committed.iter().map(|(a, s)| (a.as_str(), *s)).unzip();
+        tx.execute(
+            "UPDATE agents SET committed_seq = v.seq, last_seen = now()
+               FROM unnest($1::text[], $2::int8[]) AS v(agent_id, seq)
+              WHERE agents.agent_id = v.agent_id AND agents.committed_seq < v.seq",
+            &[&agent_ids, &seqs],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+async fn lock_agents(
+    tx: &tokio_postgres::Transaction<'_>,
+    ids: &[&str],
+) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+    Ok(tx
+        .query(
+            "SELECT agent_id, committed_seq FROM agents WHERE agent_id = ANY($1)
+              ORDER BY agent_id FOR UPDATE",
+            &[&ids],
+        )
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
