@@ -185,7 +185,9 @@ impl Config {
             ));
         }
         if self.database.writers == 0 || self.database.writers > 64 {
-            return Err(ConfigError::Other("[database] writers must be 1..=64".into()));
+            return Err(ConfigError::Other(
+                "[database] writers must be 1..=64".into(),
+            ));
         }
         if !self.server.insecure {
             for (name, value) in [
@@ -246,15 +248,24 @@ retention = "90d"
 [metrics]
 site_label = "site"
 "#;
-        let c = Config::parse(text, "c.toml").unwrap().finish(None, None, None).unwrap();
+        let c = Config::parse(text, "c.toml")
+            .unwrap()
+            .finish(None, None, None)
+            .unwrap();
         assert_eq!(c.database.retention, Duration::from_secs(90 * 86_400));
-        let e = Config::parse(&text.replace("retention = \"90d\"", "retention = \"90 moons\""), "c.toml")
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            &text.replace("retention = \"90d\"", "retention = \"90 moons\""),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("c.toml:11:13: invalid duration"), "{e}");
         let e = Config::parse(&text.replace("site_label", "site_lable"), "c.toml")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("c.toml:14:1: unknown field `site_lable`"), "{e}");
+        assert!(
+            e.starts_with("c.toml:14:1: unknown field `site_lable`"),
+            "{e}"
+        );
     }
 }

@@ -143,14 +143,21 @@ pub fn labels(
         return invalid(format!("{} labels, at most {MAX_LABELS}", map.len()));
     }
     map.iter()
-        .map(|(k, v)| Ok((name("label key", k, MAX_LABEL_LEN)?, text("label value", v, MAX_LABEL_LEN)?)))
+        .map(|(k, v)| {
+            Ok((
+                name("label key", k, MAX_LABEL_LEN)?,
+                text("label value", v, MAX_LABEL_LEN)?,
+            ))
+        })
         .collect()
 }
 
 /// A finite, non-negative measurement (seconds, bits/s, ratios).
 fn measure(field: &str, v: Option<f64>) -> Result<Option<f64>, Invalid> {
     match v {
-        Some(x) if !x.is_finite() || x < 0.0 => invalid(format!("{field} = {x} is not a finite non-negative number")),
+        Some(x) if !x.is_finite() || x < 0.0 => {
+            invalid(format!("{field} = {x} is not a finite non-negative number"))
+        }
         other => Ok(other),
     }
 }
@@ -237,14 +244,20 @@ impl TryFrom<pb::Result> for ResultRow {
         let mut m = Measures::default();
         match (kind, r.fields) {
             (Kind::Speed, Some(F::Speed(s))) => {
-                m.download_bits_per_second = measure("download_bits_per_second", s.download_bits_per_second)?;
-                m.upload_bits_per_second = measure("upload_bits_per_second", s.upload_bits_per_second)?;
+                m.download_bits_per_second =
+                    measure("download_bits_per_second", s.download_bits_per_second)?;
+                m.upload_bits_per_second =
+                    measure("upload_bits_per_second", s.upload_bits_per_second)?;
                 m.idle_latency_seconds = measure("idle_latency_seconds", s.idle_latency_seconds)?;
                 m.jitter_seconds = measure("jitter_seconds", s.jitter_seconds)?;
-                m.download_loaded_latency_seconds =
-                    measure("download_loaded_latency_seconds", s.download_loaded_latency_seconds)?;
-                m.upload_loaded_latency_seconds =
-                    measure("upload_loaded_latency_seconds", s.upload_loaded_latency_seconds)?;
+                m.download_loaded_latency_seconds = measure(
+                    "download_loaded_latency_seconds",
+                    s.download_loaded_latency_seconds,
+                )?;
+                m.upload_loaded_latency_seconds = measure(
+                    "upload_loaded_latency_seconds",
+                    s.upload_loaded_latency_seconds,
+                )?;
                 m.bytes_downloaded = Some(count("bytes_downloaded", s.bytes_downloaded)?);
                 m.bytes_uploaded = Some(count("bytes_uploaded", s.bytes_uploaded)?);
             }
@@ -279,7 +292,8 @@ impl TryFrom<pb::Result> for ResultRow {
                 m.ttfb_seconds = measure("ttfb_seconds", h.ttfb_seconds)?;
                 m.transfer_seconds = measure("transfer_seconds", h.transfer_seconds)?;
                 m.body_bytes = Some(count("body_bytes", h.body_bytes)?);
-                m.tls_cert_expiry_seconds = signed("tls_cert_expiry_seconds", h.tls_cert_expiry_seconds)?;
+                m.tls_cert_expiry_seconds =
+                    signed("tls_cert_expiry_seconds", h.tls_cert_expiry_seconds)?;
             }
             (Kind::Dns, Some(F::Dns(d))) => {
                 m.resolve_seconds = measure("resolve_seconds", d.resolve_seconds)?;
@@ -321,7 +335,7 @@ mod tests {
             test: "web".into(),
             kind: pb::Kind::Http as i32,
             target: "http://x/".into(),
-            started_at_unix_nanos: 1_800_000_000_000_000_000,
+            started_at_unix_nanos: 1_790_000_000_000_000_000,
             duration_seconds: 0.1,
             success: true,
             fields: Some(pb::result::Fields::Http(pb::HttpFields {
@@ -335,18 +349,18 @@ mod tests {
     #[test]
     fn accepts_good_and_refuses_bad() {
         assert!(ResultRow::try_from(good()).is_ok());
-        let cases: Vec<Box<dyn Fn(&mut pb::Result)>> = vec![
-            Box::new(|r| r.kind = 99),
-            Box::new(|r| r.seq = 0),
-            Box::new(|r| r.test = "x".repeat(1000)),
-            Box::new(|r| r.duration_seconds = f64::NAN),
-            Box::new(|r| r.started_at_unix_nanos = 5),
-            Box::new(|r| r.success = false),
-            Box::new(|r| {
+        let cases: &[fn(&mut pb::Result)] = &[
+            |r| r.kind = 99,
+            |r| r.seq = 0,
+            |r| r.test = "x".repeat(1000),
+            |r| r.duration_seconds = f64::NAN,
+            |r| r.started_at_unix_nanos = 5,
+            |r| r.success = false,
+            |r| {
                 r.labels = (0..40).map(|i| (i.to_string(), "v".into())).collect();
-            }),
-            Box::new(|r| r.fields = Some(pb::result::Fields::Dns(Default::default()))),
-            Box::new(|r| r.agent_id = "a\0b".into()),
+            },
+            |r| r.fields = Some(pb::result::Fields::Dns(Default::default())),
+            |r| r.agent_id = "a\0b".into(),
         ];
         for (i, case) in cases.iter().enumerate() {
             let mut r = good();

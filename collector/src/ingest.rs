@@ -68,17 +68,26 @@ impl pb::ingest_server::Ingest for IngestService {
             .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
         let hello = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Hello(h)) => AgentHello::try_from(h).map_err(|e| {
-                self.metrics.ingest_errors.with_label_values(&["validate"]).inc();
+                self.metrics
+                    .ingest_errors
+                    .with_label_values(&["validate"])
+                    .inc();
                 Status::invalid_argument(format!("hello: {e}"))
             })?,
             _ => {
-                self.metrics.ingest_errors.with_label_values(&["protocol"]).inc();
+                self.metrics
+                    .ingest_errors
+                    .with_label_values(&["protocol"])
+                    .inc();
                 return Err(Status::invalid_argument("the first message must be hello"));
             }
         };
         if let Some(id) = &identity {
             if *id != hello.agent_id {
-                self.metrics.ingest_errors.with_label_values(&["permission"]).inc();
+                self.metrics
+                    .ingest_errors
+                    .with_label_values(&["permission"])
+                    .inc();
                 tracing::warn!(%peer, certificate = %id, claimed = %hello.agent_id, "hello claims another agent's id");
                 return Err(Status::permission_denied(format!(
                     "certificate is for `{id}`, hello claims `{}`",
@@ -97,9 +106,11 @@ impl pb::ingest_server::Ingest for IngestService {
 
         let (out_tx, out_rx) = mpsc::channel(STREAM_QUEUE + 2);
         let _ = out_tx
-            .send(Ok(message(pb::collector_message::Msg::Welcome(pb::Welcome {
-                committed_seq: committed as u64,
-            }))))
+            .send(Ok(message(pb::collector_message::Msg::Welcome(
+                pb::Welcome {
+                    committed_seq: committed as u64,
+                },
+            ))))
             .await;
         let session = Session {
             agent_id,
@@ -168,7 +179,10 @@ impl Session {
                     Err(e) => break Some(Status::invalid_argument(format!("heartbeat: {e}"))),
                 },
                 Some(pb::agent_message::Msg::Hello(_)) | None => {
-                    this.metrics.ingest_errors.with_label_values(&["protocol"]).inc();
+                    this.metrics
+                        .ingest_errors
+                        .with_label_values(&["protocol"])
+                        .inc();
                     break Some(Status::invalid_argument("unexpected message after hello"));
                 }
             }
@@ -192,7 +206,10 @@ impl Session {
     /// Every result valid and this agent's, or the whole batch is refused.
     fn validate(&self, batch: pb::ResultBatch) -> Result<Vec<ResultRow>, Status> {
         if batch.results.len() > MAX_BATCH_RESULTS {
-            self.metrics.ingest_errors.with_label_values(&["validate"]).inc();
+            self.metrics
+                .ingest_errors
+                .with_label_values(&["validate"])
+                .inc();
             return Err(Status::invalid_argument(format!(
                 "batch of {} results, at most {MAX_BATCH_RESULTS}",
                 batch.results.len()
@@ -203,8 +220,14 @@ impl Session {
         let mut last = 0;
         for r in batch.results {
             if r.agent_id != self.agent_id {
-                self.metrics.ingest_errors.with_label_values(&["permission"]).inc();
-                self.metrics.ingest_results.with_label_values(&["invalid"]).inc_by(n);
+                self.metrics
+                    .ingest_errors
+                    .with_label_values(&["permission"])
+                    .inc();
+                self.metrics
+                    .ingest_results
+                    .with_label_values(&["invalid"])
+                    .inc_by(n);
                 return Err(Status::permission_denied(format!(
                     "batch holds a result of agent `{}` on the stream of `{}`",
                     r.agent_id.chars().take(128).collect::<String>(),
@@ -213,12 +236,21 @@ impl Session {
             }
             let seq = r.seq;
             let row = ResultRow::try_from(r).map_err(|e| {
-                self.metrics.ingest_errors.with_label_values(&["validate"]).inc();
-                self.metrics.ingest_results.with_label_values(&["invalid"]).inc_by(n);
+                self.metrics
+                    .ingest_errors
+                    .with_label_values(&["validate"])
+                    .inc();
+                self.metrics
+                    .ingest_results
+                    .with_label_values(&["invalid"])
+                    .inc_by(n);
                 Status::invalid_argument(format!("result seq {seq}: {e}"))
             })?;
             if row.seq <= last {
-                self.metrics.ingest_errors.with_label_values(&["validate"]).inc();
+                self.metrics
+                    .ingest_errors
+                    .with_label_values(&["validate"])
+                    .inc();
                 return Err(Status::invalid_argument("seqs in a batch must increase"));
             }
             last = row.seq;
@@ -227,14 +259,20 @@ impl Session {
         Ok(rows)
     }
 
-    async fn commit_loop(self: Arc<Self>, mut batches: mpsc::Receiver<Arc<Vec<ResultRow>>>, out: Out) {
+    async fn commit_loop(
+        self: Arc<Self>,
+        mut batches: mpsc::Receiver<Arc<Vec<ResultRow>>>,
+        out: Out,
+    ) {
         while let Some(rows) = batches.recv().await {
             let last = rows.last().map_or(0, |r| r.seq);
             let mut delay = Duration::from_millis(100);
             loop {
                 match self.store.write(rows.clone()).await {
                     Ok(_) => {
-                        let ack = message(pb::collector_message::Msg::Ack(pb::Ack { seq: last as u64 }));
+                        let ack = message(pb::collector_message::Msg::Ack(pb::Ack {
+                            seq: last as u64,
+                        }));
                         self.metrics.in_flight_batches.dec();
                         if out.send(Ok(ack)).await.is_err() {
                             // The agent left; what committed stays committed, the welcome

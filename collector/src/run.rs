@@ -27,7 +27,9 @@ pub async fn migrate_once(url: &str) -> anyhow::Result<Vec<i32>> {
     let mut client = store::connect(url)
         .await
         .context("cannot connect to postgres")?;
-    let applied = schema::migrate(&mut client).await.context("migration failed")?;
+    let applied = schema::migrate(&mut client)
+        .await
+        .context("migration failed")?;
     schema::maintain_partitions(&client, Duration::from_secs(90 * 86_400))
         .await
         .context("creating partitions")?;
@@ -39,7 +41,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .info
-        .with_label_values(&[env!("CARGO_PKG_VERSION"), &config.server.insecure.to_string()])
+        .with_label_values(&[
+            env!("CARGO_PKG_VERSION"),
+            &config.server.insecure.to_string(),
+        ])
         .set(1);
     let url = config.database_url().to_string();
 
@@ -77,14 +82,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         } {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(retry_in_ms = delay.as_millis() as u64, "database not ready: {e:#}");
+                tracing::warn!(
+                    retry_in_ms = delay.as_millis() as u64,
+                    "database not ready: {e:#}"
+                );
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
     readiness.migrated.store(true, Ordering::Relaxed);
-    tokio::spawn(keep_partitions(url.clone(), config.database.retention, shutdown.clone()));
+    tokio::spawn(keep_partitions(
+        url.clone(),
+        config.database.retention,
+        shutdown.clone(),
+    ));
 
     let service = IngestServer::new(IngestService {
         store,
@@ -135,8 +147,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result<()> {
-    let mut client = store::connect(url).await.context("cannot connect to postgres")?;
-    schema::migrate(&mut client).await.context("migration failed")?;
+    let mut client = store::connect(url)
+        .await
+        .context("cannot connect to postgres")?;
+    schema::migrate(&mut client)
+        .await
+        .context("migration failed")?;
     schema::maintain_partitions(&client, retention)
         .await
         .context("maintaining partitions")?;
@@ -164,7 +180,9 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
 
 fn server_tls(config: &Config) -> anyhow::Result<ServerTlsConfig> {
     let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
-        let p = p.as_ref().with_context(|| format!("[server] {what} is not set"))?;
+        let p = p
+            .as_ref()
+            .with_context(|| format!("[server] {what} is not set"))?;
         std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
     };
     let cert = read(&config.server.tls_cert, "tls_cert")?;

@@ -54,7 +54,10 @@ pub struct Written {
 
 enum Job {
     Hello(AgentHello, oneshot::Sender<Result<i64, StoreError>>),
-    Write(Arc<Vec<ResultRow>>, oneshot::Sender<Result<Written, StoreError>>),
+    Write(
+        Arc<Vec<ResultRow>>,
+        oneshot::Sender<Result<Written, StoreError>>,
+    ),
     Heartbeat(String, BufferState),
 }
 
@@ -134,7 +137,12 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-async fn health(url: String, ready: Arc<AtomicBool>, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+async fn health(
+    url: String,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut client: Option<Client> = None;
     let mut ticks = tokio::time::interval(HEALTH_EVERY);
     loop {
@@ -143,7 +151,10 @@ async fn health(url: String, ready: Arc<AtomicBool>, metrics: Arc<Metrics>, shut
             _ = ticks.tick() => {}
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = tokio::time::timeout(HEALTH_EVERY, connect(&url)).await.ok().and_then(|r| r.ok());
+            client = tokio::time::timeout(HEALTH_EVERY, connect(&url))
+                .await
+                .ok()
+                .and_then(|r| r.ok());
         }
         let ok = match &client {
             Some(c) => matches!(
@@ -190,9 +201,14 @@ impl Writer {
                 }
                 Err(e) => {
                     self.ready.store(false, Ordering::Relaxed);
-                    let delay = Duration::from_millis(200 * (1 << attempt.min(6))).min(RECONNECT_CAP);
+                    let delay =
+                        Duration::from_millis(200 * (1 << attempt.min(6))).min(RECONNECT_CAP);
                     attempt += 1;
-                    tracing::warn!(writer = self.id, retry_in_ms = delay.as_millis() as u64, "cannot connect to postgres: {e}");
+                    tracing::warn!(
+                        writer = self.id,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "cannot connect to postgres: {e}"
+                    );
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => continue,
@@ -207,7 +223,10 @@ impl Writer {
                     return;
                 };
                 if let Err(e) = self.process(&mut client, group).await {
-                    self.metrics.ingest_errors.with_label_values(&["store"]).inc();
+                    self.metrics
+                        .ingest_errors
+                        .with_label_values(&["store"])
+                        .inc();
                     tracing::warn!(writer = self.id, "write failed: {e}");
                     if client.is_closed() {
                         self.ready.store(false, Ordering::Relaxed);
@@ -262,7 +281,9 @@ impl Writer {
             let batches: Vec<&[ResultRow]> = writes.iter().map(|(r, _)| r.as_slice()).collect();
             match write_group(client, &batches).await {
                 Ok(outcomes) => {
-                    self.metrics.commit_seconds.observe(start.elapsed().as_secs_f64());
+                    self.metrics
+                        .commit_seconds
+                        .observe(start.elapsed().as_secs_f64());
                     self.metrics.ingest_transactions.inc();
                     let mut rows = 0;
                     for ((batch, reply), written) in writes.into_iter().zip(outcomes) {
@@ -292,8 +313,12 @@ impl Writer {
 
     fn count(&self, batch: &[ResultRow], written: &Written) {
         let m = &self.metrics;
-        m.ingest_results.with_label_values(&["committed"]).inc_by(written.inserted);
-        m.ingest_results.with_label_values(&["duplicate"]).inc_by(written.duplicates);
+        m.ingest_results
+            .with_label_values(&["committed"])
+            .inc_by(written.inserted);
+        m.ingest_results
+            .with_label_values(&["duplicate"])
+            .inc_by(written.duplicates);
         m.ingest_batches.inc();
         // Aggregates over what was new in this batch (the tail above the old watermark).
         let new = &batch[batch.len() - written.inserted as usize..];
@@ -301,10 +326,14 @@ impl Writer {
         for r in new {
             let site = r.labels.get(&self.site_label).map_or("", String::as_str);
             let outcome = if r.success { "success" } else { "failure" };
-            *counts.entry((&r.test, r.kind.name(), site, outcome)).or_default() += 1;
+            *counts
+                .entry((&r.test, r.kind.name(), site, outcome))
+                .or_default() += 1;
         }
         for ((test, kind, site, outcome), n) in counts {
-            m.results.with_label_values(&[test, kind, site, outcome]).inc_by(n);
+            m.results
+                .with_label_values(&[test, kind, site, outcome])
+                .inc_by(n);
         }
     }
 }
@@ -336,7 +365,11 @@ async fn hello_agent(client: &Client, hello: &AgentHello) -> Result<i64, tokio_p
     Ok(row.get(0))
 }
 
-async fn heartbeat(client: &Client, agent: &str, s: BufferState) -> Result<(), tokio_postgres::Error> {
+async fn heartbeat(
+    client: &Client,
+    agent: &str,
+    s: BufferState,
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "UPDATE agents SET backlog = $2, dropped = $3, oldest_buffered_at = $4, last_seen = now()

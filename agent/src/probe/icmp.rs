@@ -10,6 +10,9 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(spec: &ProbeSpec) -> Measured {
     (
         empty_fields(spec.kind),
-        Some(ProbeError::new(ErrorClass::Local, "icmp probe not built yet")),
+        Some(ProbeError::new(
+            ErrorClass::Local,
+            "icmp probe not built yet",
+        )),
     )
 }

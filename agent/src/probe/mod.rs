@@ -7,10 +7,10 @@
 
 pub mod dns;
 pub mod http;
-pub mod tls;
 pub mod icmp;
 pub mod speed;
 pub mod tcp;
+pub mod tls;
 
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
@@ -46,8 +46,10 @@ pub enum ErrorClass {
     /// The network is unreachable or no route.
     Unreachable,
     /// The target answered "busy" (a speed target at its cap).
+    #[allow(dead_code)] // produced by the speed probe
     Busy,
     /// ICMP echo answers lost (all of them).
+    #[allow(dead_code)] // produced by the icmp probe
     Loss,
     /// Protocol violation by the peer.
     Protocol,
@@ -79,9 +81,7 @@ impl ErrorClass {
     pub fn of_io(e: &std::io::Error) -> ErrorClass {
         use std::io::ErrorKind as K;
         match e.kind() {
-            K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted => {
-                ErrorClass::Refused
-            }
+            K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted => ErrorClass::Refused,
             K::TimedOut => ErrorClass::Timeout,
             K::HostUnreachable | K::NetworkUnreachable | K::AddrNotAvailable => {
                 ErrorClass::Unreachable
@@ -211,7 +211,10 @@ pub fn default_timeout(spec: &ProbeSpec) -> Duration {
 pub async fn run(spec: &ProbeSpec) -> Outcome {
     let started_at = SystemTime::now();
     let start = Instant::now();
-    let limit = spec.options.timeout.unwrap_or_else(|| default_timeout(spec));
+    let limit = spec
+        .options
+        .timeout
+        .unwrap_or_else(|| default_timeout(spec));
     let spec_owned = spec.clone();
     // Spawned so that a panic inside a probe (a bug) becomes a failed result, not a crash.
     let task = tokio::spawn(async move {

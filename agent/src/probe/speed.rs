@@ -9,6 +9,9 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub async fn run(spec: &ProbeSpec) -> Measured {
     (
         empty_fields(spec.kind),
-        Some(ProbeError::new(ErrorClass::Local, "speed probe not built yet")),
+        Some(ProbeError::new(
+            ErrorClass::Local,
+            "speed probe not built yet",
+        )),
     )
 }

@@ -1,0 +1,6 @@
+//! Integration tests of edgeprobe: real collector and agent processes, a real PostgreSQL,
+//! real sockets. One test binary for the crate (see STYLE.md).
+
+mod config_errors;
+mod spine;
+mod support;

@@ -1,0 +1,497 @@
+//! Test support: a real PostgreSQL database per test, real collector and agent processes,
+//! a real HTTP target. Nothing here is a mock.
+//!
+//! Database: `DATABASE_URL` when set (a server we may create databases on), else the local
+//! server at 127.0.0.1:5432, else a throwaway cluster started with initdb/pg_ctl as the
+//! `postgres` user in a temp dir (once per test process).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn collector_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_edgeprobe-collector"))
+}
+
+/// The agent binary sits next to the collector's in the same target dir.
+pub fn agent_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = collector_bin().with_file_name("edgeprobe-agent");
+            if !path.exists() {
+                let target_dir = path.parent().and_then(Path::parent).expect("target dir");
+                let status = Command::new(env!("CARGO"))
+                    .args(["build", "-p", "edgeprobe-agent", "--target-dir"])
+                    .arg(target_dir)
+                    .status()
+                    .expect("run cargo build");
+                assert!(status.success(), "building edgeprobe-agent failed");
+            }
+            path
+        })
+        .clone()
+}
+
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Polls `f` every 100 ms until it returns Some, or panics after `limit` with `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+fn server_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            return url;
+        }
+        let local = "postgres://postgres@127.0.0.1:5432/postgres".to_string();
+        if postgres::Client::connect(&local, postgres::NoTls).is_ok() {
+            return local;
+        }
+        throwaway_cluster()
+    })
+    .clone()
+}
+
+/// Starts a private cluster; it lives until the machine reboots or the dir is removed.
+fn throwaway_cluster() -> String {
+    let dir = std::env::temp_dir().join(format!("edgeprobe-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = Command::new("chown").arg("postgres").arg(&dir).status();
+    let port = free_addr().port();
+    let as_pg = |args: &[&str]| {
+        let status = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .args(args)
+            .status()
+            .expect("runuser (are PostgreSQL server binaries installed?)");
+        assert!(status.success(), "{args:?} failed");
+    };
+    let data = dir.join("data");
+    let data = data.to_str().unwrap();
+    as_pg(&["initdb", "-D", data, "-A", "trust", "-U", "postgres"]);
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1",
+        dir.display()
+    );
+    let log = dir.join("log");
+    as_pg(&[
+        "pg_ctl",
+        "-D",
+        data,
+        "-o",
+        &opts,
+        "-l",
+        log.to_str().unwrap(),
+        "-w",
+        "start",
+    ]);
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
+}
+
+/// A fresh database, dropped at the end of the test.
+pub struct TestDb {
+    pub url: String,
+    name: String,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "edgeprobe_it_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let server = server_url();
+        let mut admin = postgres::Client::connect(&server, postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {server}: {e}"));
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let url = match server.rfind('/') {
+            Some(i) => format!("{}/{name}", &server[..i]),
+            None => panic!("DATABASE_URL must end in /dbname"),
+        };
+        TestDb { url, name }
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls).unwrap()
+    }
+
+    /// One i64 from a query.
+    pub fn scalar(&self, sql: &str) -> i64 {
+        self.client().query_one(sql, &[]).unwrap().get(0)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&server_url(), postgres::NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+/// A child process killed when dropped; its stderr goes to a log file kept for failures.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        cmd.stdout(Stdio::null()).stderr(file);
+        let child = cmd.spawn().expect("spawn");
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "process did not stop within 20s of SIGTERM; log: {}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A collector process with its config, ports and database.
+pub struct Collector {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    config: PathBuf,
+}
+
+impl Collector {
+    /// Starts an insecure (plaintext) collector and waits until it is ready.
+    pub fn start(dir: &Path, db: &TestDb) -> Collector {
+        Collector::start_at(dir, db, free_addr(), free_addr())
+    }
+
+    pub fn start_at(dir: &Path, db: &TestDb, grpc: SocketAddr, http: SocketAddr) -> Collector {
+        let config = dir.join("collector.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ninsecure = true\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[database]\nurl = \"{}\"\n",
+                db.url
+            ),
+        )
+        .unwrap();
+        let mut c = Collector {
+            proc: Collector::spawn(&config, dir),
+            grpc,
+            http,
+            config,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn spawn(config: &Path, dir: &Path) -> Proc {
+        let mut cmd = Command::new(collector_bin());
+        cmd.arg("run").arg("--config").arg(config);
+        Proc::spawn(cmd, dir.join("collector.log"))
+    }
+
+    pub fn wait_ready(&mut self) {
+        let http = self.http;
+        let log = self.proc.log.clone();
+        wait_for(Duration::from_secs(30), "collector /readyz", || {
+            assert!(
+                self.proc.is_running(),
+                "collector exited: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            http_get(http, "/readyz").filter(|(s, _)| *s == 200)
+        });
+    }
+
+    /// Starts it again on the same ports after a stop or kill.
+    pub fn restart(&mut self, dir: &Path) {
+        self.proc = Collector::spawn(&self.config, dir);
+        self.wait_ready();
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+}
+
+/// An agent: a config file and a state dir; started and stopped as a process.
+pub struct Agent {
+    pub config: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Writes a config for agent `id` sending to `endpoint`, with `tests` (TOML `[[test]]`
+    /// blocks) appended.
+    pub fn new(dir: &Path, id: &str, endpoint: &str, tests: &str) -> Agent {
+        let state = dir.join(format!("{id}-state"));
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nid = \"{id}\"\nlabels = {{ site = \"lab\" }}\nstate_dir = \"{}\"\n\n[collector]\nendpoints = [\"{endpoint}\"]\ninsecure = true\n\n{tests}",
+                state.display()
+            ),
+        )
+        .unwrap();
+        Agent { config, proc: None }
+    }
+
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run").arg("--config").arg(&self.config);
+        let log = self.config.with_extension("log");
+        self.proc = Some(Proc::spawn(cmd, log));
+    }
+
+    pub fn stop(&mut self) -> Option<i32> {
+        self.proc.take().and_then(|mut p| p.stop())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// `edgeprobe-agent buffer` parsed into name -> value (agent must be stopped).
+    pub fn buffer_stats(&self) -> std::collections::HashMap<String, String> {
+        let out = Command::new(agent_bin())
+            .arg("buffer")
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "buffer command failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut parts = l.splitn(2, "  ");
+                Some((
+                    parts.next()?.trim().to_string(),
+                    parts.next()?.trim().to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The first number of a `buffer` stat, e.g. "backlog" -> 12.
+    pub fn stat(&self, name: &str) -> u64 {
+        let stats = self.buffer_stats();
+        stats
+            .get(name)
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no numeric `{name}` in {stats:?}"))
+    }
+
+    /// The highest seq this agent has assigned (agent must be stopped).
+    pub fn last_seq(&self) -> u64 {
+        self.stat("next seq") - 1
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `agent` without tests until the collector has committed everything it recorded,
+/// then stops it. Returns the last seq. The agent must be stopped on entry.
+pub fn drain(agent: &mut Agent, db: &TestDb, id: &str) -> u64 {
+    let last = agent.last_seq();
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let without_tests = text.split("[[test]]").next().unwrap().to_string();
+    let drain_config = agent.config.with_extension("drain.toml");
+    std::fs::write(&drain_config, without_tests).unwrap();
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("run").arg("--config").arg(&drain_config);
+    let mut p = Proc::spawn(cmd, agent.config.with_extension("drain.log"));
+    wait_for(Duration::from_secs(60), "the drain to finish", || {
+        let committed: i64 = db
+            .client()
+            .query_opt(
+                "SELECT committed_seq FROM agents WHERE agent_id = $1",
+                &[&id],
+            )
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.get(0));
+        (committed as u64 >= last).then_some(())
+    });
+    // Give the final ack a moment to reach the agent before stopping it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        p.stop(),
+        Some(0),
+        "drain agent exit code; log: {}",
+        p.log_text()
+    );
+    last
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP
+
+/// Minimal HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A real HTTP server on 127.0.0.1 answering every request with 200 and `body`.
+pub struct HttpTarget {
+    pub addr: SocketAddr,
+}
+
+impl HttpTarget {
+    pub fn start(body: &'static str) -> HttpTarget {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(&stream);
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        line.clear();
+                    }
+                    let mut s = &stream;
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        HttpTarget { addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+}
+
+/// Row-count invariants of one agent: (rows, max seq, distinct seqs).
+pub fn seq_summary(db: &TestDb, agent: &str) -> (i64, i64, i64) {
+    let row = db
+        .client()
+        .query_one(
+            "SELECT count(*), coalesce(max(seq), 0), count(DISTINCT seq) FROM results WHERE agent_id = $1",
+            &[&agent],
+        )
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
