@@ -68,49 +68,128 @@ fn server_url() -> String {
             return url;
         }
         let local = "postgres://postgres@127.0.0.1:5432/postgres".to_string();
-        if postgres::Client::connect(&local, postgres::NoTls).is_ok() {
+        if std::env::var_os("EDGEPROBE_TEST_THROWAWAY_PG").is_none()
+            && postgres::Client::connect(&local, postgres::NoTls).is_ok()
+        {
             return local;
         }
-        throwaway_cluster()
+        // Kept for the whole test process; the OS reclaims it at the end of the run.
+        let cluster = Box::leak(Box::new(PgCluster::start()));
+        cluster.url("postgres")
     })
     .clone()
 }
 
-/// Starts a private cluster; it lives until the machine reboots or the dir is removed.
-fn throwaway_cluster() -> String {
-    let dir = std::env::temp_dir().join(format!("edgeprobe-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let _ = Command::new("chown").arg("postgres").arg(&dir).status();
-    let port = free_addr().port();
-    let as_pg = |args: &[&str]| {
-        let status = Command::new("runuser")
+/// A private PostgreSQL cluster (initdb + pg_ctl as the `postgres` user, in a temp dir),
+/// which a test can stop and start. Stopped and removed on drop.
+pub struct PgCluster {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl PgCluster {
+    pub fn start() -> PgCluster {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "edgeprobe-pg-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = Command::new("chown").arg("postgres").arg(&dir).status();
+        let cluster = PgCluster {
+            dir,
+            port: free_addr().port(),
+        };
+        let data = cluster.data();
+        cluster.as_pg(&["initdb", "-D", &data, "-A", "trust", "-U", "postgres"]);
+        cluster.resume();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn as_pg(&self, args: &[&str]) {
+        let out = Command::new("runuser")
             .args(["-u", "postgres", "--"])
-            .args(args)
-            .status()
-            .expect("runuser (are PostgreSQL server binaries installed?)");
-        assert!(status.success(), "{args:?} failed");
-    };
-    let data = dir.join("data");
-    let data = data.to_str().unwrap();
-    as_pg(&["initdb", "-D", data, "-A", "trust", "-U", "postgres"]);
-    let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1",
-        dir.display()
-    );
-    let log = dir.join("log");
-    as_pg(&[
-        "pg_ctl",
-        "-D",
-        data,
-        "-o",
-        &opts,
-        "-l",
-        log.to_str().unwrap(),
-        "-w",
-        "start",
-    ]);
-    format!("postgres://postgres@127.0.0.1:{port}/postgres")
+            .arg(pg_bin(args[0]))
+            .args(&args[1..])
+            .output()
+            .expect("runuser (are the PostgreSQL server binaries installed?)");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts (again) on the same port.
+    pub fn resume(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log").display().to_string();
+        self.as_pg(&[
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-o",
+            &opts,
+            "-l",
+            &log,
+            "-w",
+            "start",
+        ]);
+    }
+
+    /// Fast shutdown: connections are cut, as when the server goes away.
+    pub fn pause(&self) {
+        self.as_pg(&["pg_ctl", "-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_bin("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A PostgreSQL server program: on PATH, or in Debian's versioned directory.
+fn pg_bin(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.exists());
+    if let Some(p) = on_path {
+        return p;
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found: install postgresql (scripts/setup does)"))
 }
 
 /// A fresh database, dropped at the end of the test.
