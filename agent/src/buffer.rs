@@ -19,6 +19,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -142,6 +143,8 @@ struct Inner {
     /// Highest seq appended; uplinks watch it to wake up.
     appended: watch::Sender<u64>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Results dropped because a write failed (disk full), not yet in `m:dropped`.
+    unpersisted_drops: AtomicU64,
 }
 
 /// The sled directory inside the state directory.
@@ -157,6 +160,7 @@ impl Buffer {
             source,
         })?;
         let path = buffer_dir(state_dir);
+        let existed = std::fs::metadata(path.join("db")).is_ok_and(|m| m.len() > 0);
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(8 * 1024 * 1024)
@@ -173,11 +177,29 @@ impl Buffer {
                     source,
                 },
             })?;
-        // Fail early, with the path, on a directory sled opened but cannot read.
-        read_u64(&db, NEXT_SEQ).map_err(|source| BufferError::Open {
+        // Fail early, with the path, on a directory sled opened but cannot read, and
+        // refuse one it opened as empty although it held a buffer: sled recovers some
+        // corruptions by starting over, which would silently lose the backlog.
+        let open_error = |reason: String| BufferError::Open {
+            path: path.display().to_string(),
+            source: sled::Error::Unsupported(reason),
+        };
+        let io_error = |source| BufferError::Open {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        match db.get(NEXT_SEQ).map_err(io_error)? {
+            Some(_) => {}
+            None if existed => {
+                return Err(open_error(
+                    "it holds no edgeprobe data although it existed (reset or corrupted)".into(),
+                ))
+            }
+            None => {
+                db.insert(NEXT_SEQ, &1u64.to_be_bytes()).map_err(io_error)?;
+                db.flush().map_err(io_error)?;
+            }
+        }
         let data_file = File::open(path.join("db")).map_err(|source| BufferError::Sync {
             path: path.display().to_string(),
             source,
@@ -194,11 +216,13 @@ impl Buffer {
             commands: Mutex::new(Some(tx)),
             appended,
             thread: Mutex::new(None),
+            unpersisted_drops: AtomicU64::new(0),
         });
         let writer = Writer {
             inner: inner.clone(),
             data_file,
             max_bytes: max_bytes.max(1),
+            burst: 0,
         };
         let handle = std::thread::Builder::new()
             .name("buffer-writer".into())
@@ -267,7 +291,8 @@ impl Buffer {
         Stats {
             backlog: read_u64(t, COUNT).unwrap_or(0),
             bytes: read_u64(t, BYTES).unwrap_or(0),
-            dropped: read_u64(t, DROPPED).unwrap_or(0),
+            dropped: read_u64(t, DROPPED).unwrap_or(0)
+                + self.inner.unpersisted_drops.load(Ordering::Relaxed),
             acked: read_u64(t, ACKED).unwrap_or(0),
             next_seq: read_u64(t, NEXT_SEQ).unwrap_or(0).max(1),
             oldest_unix_seconds,
@@ -318,10 +343,12 @@ struct Writer {
     inner: Arc<Inner>,
     data_file: File,
     max_bytes: u64,
+    /// Results dropped in the current run of full-buffer appends (logged once per burst).
+    burst: u64,
 }
 
 impl Writer {
-    fn run(self, rx: std_mpsc::Receiver<Command>) {
+    fn run(mut self, rx: std_mpsc::Receiver<Command>) {
         while let Ok(first) = rx.recv() {
             let mut appends = Vec::new();
             let mut acks = Vec::new();
@@ -348,7 +375,16 @@ impl Writer {
                         self.inner.appended.send_replace(last);
                     }
                     Err(e) => {
+                        // Disk full or I/O trouble: these results are lost. Count them as
+                        // dropped (persisted with the next successful append) and try to
+                        // free room by dropping the oldest; the agent keeps running.
+                        let lost = appends.len() as u64;
+                        self.inner
+                            .unpersisted_drops
+                            .fetch_add(lost, Ordering::Relaxed);
                         let message = e.to_string();
+                        tracing::error!(dropped = lost, "cannot record results: {message}");
+                        self.free_room();
                         for (_, tx) in appends {
                             let _ = tx.send(Err(BufferError::Sync {
                                 path: self.inner.path.display().to_string(),
@@ -384,8 +420,9 @@ impl Writer {
     }
 
     /// Stores payloads in one atomic batch, flushes and fsyncs. Returns the first seq.
-    fn append_group(&self, payloads: &[&[u8]]) -> Result<u64, BufferError> {
+    fn append_group(&mut self, payloads: &[&[u8]]) -> Result<u64, BufferError> {
         let t = &self.inner.tree;
+        let unpersisted = self.inner.unpersisted_drops.load(Ordering::Relaxed);
         let next = read_u64(t, NEXT_SEQ).map_err(|e| self.io(e))?.max(1);
         let mut bytes = read_u64(t, BYTES).map_err(|e| self.io(e))?;
         let mut count = read_u64(t, COUNT).map_err(|e| self.io(e))?;
@@ -426,7 +463,7 @@ impl Writer {
             count += 1;
             seq += 1;
         }
-        dropped += dropped_now + skipped;
+        dropped += dropped_now + skipped + unpersisted;
         batch.insert(NEXT_SEQ, &seq.to_be_bytes());
         batch.insert(BYTES, &bytes.to_be_bytes());
         batch.insert(COUNT, &count.to_be_bytes());
@@ -439,15 +476,61 @@ impl Writer {
                 path: self.inner.path.display().to_string(),
                 source,
             })?;
-        if dropped_now + skipped > 0 {
-            tracing::warn!(
-                dropped = dropped_now + skipped,
+        self.inner
+            .unpersisted_drops
+            .fetch_sub(unpersisted, Ordering::Relaxed);
+        let dropped_here = dropped_now + skipped;
+        if dropped_here > 0 {
+            if self.burst == 0 {
+                tracing::warn!(
+                    cap_bytes = self.max_bytes,
+                    dropped_total = dropped,
+                    "buffer full: dropping the oldest results until the collector catches up"
+                );
+            }
+            self.burst += dropped_here;
+        } else if self.burst > 0 {
+            tracing::info!(
+                dropped = self.burst,
                 dropped_total = dropped,
-                cap_bytes = self.max_bytes,
-                "buffer full: dropped the oldest results"
+                "buffer no longer full; results dropped in this burst"
             );
+            self.burst = 0;
         }
         Ok(next)
+    }
+
+    /// After a failed write: removes the oldest tenth of the stored results, counted as
+    /// dropped, so that later appends have room. Best effort; errors are logged.
+    fn free_room(&self) {
+        let t = &self.inner.tree;
+        let count = read_u64(t, COUNT).unwrap_or(0);
+        let n = (count / 10).clamp(1, DELETE_CHUNK as u64) as usize;
+        let result = (|| -> Result<u64, sled::Error> {
+            let mut batch = sled::Batch::default();
+            let mut bytes = read_u64(t, BYTES)?;
+            let mut removed = 0u64;
+            for item in t.range(RESULTS_START..RESULTS_END).take(n) {
+                let (k, v) = item?;
+                bytes = bytes.saturating_sub(stored_size(&v));
+                batch.remove(k);
+                removed += 1;
+            }
+            batch.insert(BYTES, &bytes.to_be_bytes());
+            batch.insert(COUNT, &count.saturating_sub(removed).to_be_bytes());
+            t.apply_batch(batch)?;
+            t.flush()?;
+            Ok(removed)
+        })();
+        match result {
+            Ok(removed) => {
+                self.inner
+                    .unpersisted_drops
+                    .fetch_add(removed, Ordering::Relaxed);
+                tracing::warn!(dropped = removed, "dropped the oldest results to free room");
+            }
+            Err(e) => tracing::error!("cannot free room in the buffer: {e}"),
+        }
     }
 
     fn reconcile(&self, committed: u64) -> Result<(), BufferError> {

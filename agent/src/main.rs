@@ -167,6 +167,26 @@ fn main() -> ExitCode {
                     print!("{}", buffer.stats().render(&config.agent.state_dir));
                     ExitCode::SUCCESS
                 }
+                Err(buffer::BufferError::Locked { .. }) => {
+                    // A running agent holds sled's lock; show what it last published.
+                    let path = run::status_path(&config.agent.state_dir);
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => {
+                            let age = std::fs::metadata(&path)
+                                .and_then(|m| m.modified())
+                                .ok()
+                                .and_then(|t| t.elapsed().ok())
+                                .map_or(0, |d| d.as_secs());
+                            print!("{text}");
+                            println!("(published by the running agent {age}s ago)");
+                            ExitCode::SUCCESS
+                        }
+                        Err(_) => {
+                            eprintln!("the buffer is in use by a running agent, which has not published its status yet; try again in a few seconds");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::FAILURE

@@ -2,6 +2,7 @@
 //! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
 //! stop the uplink, close the buffer.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -39,6 +40,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let scheduler = Scheduler::start(&config, buffer.clone(), shutdown.child_token())
         .await
         .context("starting the scheduler")?;
+    tokio::spawn(publish_status(
+        buffer.clone(),
+        config.agent.state_dir.clone(),
+        shutdown.child_token(),
+    ));
 
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -50,6 +56,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("closing the buffer")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the running agent publishes its buffer stats for `edgeprobe-agent buffer`.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// The file `edgeprobe-agent buffer` reads while sled is locked by this process.
+pub fn status_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("buffer.status")
+}
+
+/// Writes the buffer stats to `status_path` every few seconds (atomically, by rename).
+async fn publish_status(buffer: Buffer, state_dir: PathBuf, shutdown: CancellationToken) {
+    let path = status_path(&state_dir);
+    let tmp = path.with_extension("status.tmp");
+    let mut ticks = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = ticks.tick() => {}
+        }
+        let text = buffer.stats().render(&state_dir);
+        let written = async {
+            tokio::fs::write(&tmp, text).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), "cannot write buffer status: {e}");
+        }
+    }
+    // Stale once the agent stops: the buffer itself can be opened then.
+    let _ = tokio::fs::remove_file(&path).await;
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use edgeprobe_proto::v1 as pb;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -28,12 +28,16 @@ use crate::store::Store;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches accepted from one stream and not yet committed, at most.
 const STREAM_QUEUE: usize = 2;
+/// Batches accepted from all streams and not yet committed, at most (bounds memory:
+/// at most this many messages of `MAX_MESSAGE_BYTES`).
+pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
 pub struct IngestService {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
+    pub in_flight: Arc<Semaphore>,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -112,11 +116,13 @@ impl pb::ingest_server::Ingest for IngestService {
                 },
             ))))
             .await;
+        self.metrics.seen(&agent_id);
         let session = Session {
             agent_id,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
+            in_flight: self.in_flight.clone(),
         };
         tokio::spawn(session.run(inbound, out_tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -128,6 +134,13 @@ struct Session {
     store: Store,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    in_flight: Arc<Semaphore>,
+}
+
+/// A batch on its way to the store, holding its share of the global in-flight bound.
+struct Pending {
+    rows: Arc<Vec<ResultRow>>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Decrements the connected gauge however the session ends.
@@ -146,10 +159,19 @@ impl Session {
         self.metrics.agents_connected.inc();
         let _connected = Connected(self.metrics.clone());
         let this = Arc::new(self);
-        let (batch_tx, batch_rx) = mpsc::channel::<Arc<Vec<ResultRow>>>(STREAM_QUEUE);
+        let (batch_tx, batch_rx) = mpsc::channel::<Pending>(STREAM_QUEUE);
         let committer = tokio::spawn(this.clone().commit_loop(batch_rx, out.clone()));
 
         let end = loop {
+            // Take a share of the global bound before reading: when the store is behind,
+            // streams stop reading here and flow control pushes back to the agents.
+            let permit = tokio::select! {
+                _ = this.shutdown.cancelled() => break None,
+                p = this.in_flight.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break None,
+                },
+            };
             let msg = tokio::select! {
                 _ = this.shutdown.cancelled() => break None,
                 m = inbound.message() => m,
@@ -167,7 +189,11 @@ impl Session {
                     Ok(rows) if rows.is_empty() => {}
                     Ok(rows) => {
                         this.metrics.in_flight_batches.inc();
-                        if batch_tx.send(Arc::new(rows)).await.is_err() {
+                        let pending = Pending {
+                            rows: Arc::new(rows),
+                            _permit: permit,
+                        };
+                        if batch_tx.send(pending).await.is_err() {
                             this.metrics.in_flight_batches.dec();
                             break None;
                         }
@@ -175,7 +201,17 @@ impl Session {
                     Err(status) => break Some(status),
                 },
                 Some(pb::agent_message::Msg::Heartbeat(h)) => match BufferState::try_from(h) {
-                    Ok(state) => this.store.heartbeat(this.agent_id.clone(), state),
+                    Ok(state) => {
+                        let m = &this.metrics;
+                        m.agent_backlog
+                            .with_label_values(&[&this.agent_id])
+                            .set(state.backlog);
+                        m.agent_dropped
+                            .with_label_values(&[&this.agent_id])
+                            .set(state.dropped);
+                        m.seen(&this.agent_id);
+                        this.store.heartbeat(this.agent_id.clone(), state)
+                    }
                     Err(e) => break Some(Status::invalid_argument(format!("heartbeat: {e}"))),
                 },
                 Some(pb::agent_message::Msg::Hello(_)) | None => {
@@ -259,17 +295,14 @@ impl Session {
         Ok(rows)
     }
 
-    async fn commit_loop(
-        self: Arc<Self>,
-        mut batches: mpsc::Receiver<Arc<Vec<ResultRow>>>,
-        out: Out,
-    ) {
-        while let Some(rows) = batches.recv().await {
+    async fn commit_loop(self: Arc<Self>, mut batches: mpsc::Receiver<Pending>, out: Out) {
+        while let Some(Pending { rows, _permit }) = batches.recv().await {
             let last = rows.last().map_or(0, |r| r.seq);
             let mut delay = Duration::from_millis(100);
             loop {
                 match self.store.write(rows.clone()).await {
                     Ok(_) => {
+                        self.metrics.seen(&self.agent_id);
                         let ack = message(pb::collector_message::Msg::Ack(pb::Ack {
                             seq: last as u64,
                         }));

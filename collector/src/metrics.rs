@@ -6,8 +6,8 @@
 //! by agent id or target), so series grow with tests x sites, not with agents.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -26,6 +26,10 @@ pub struct Metrics {
     /// Results committed, by test, kind, site and outcome (success/failure).
     pub results: IntCounterVec,
     pub info: IntGaugeVec,
+    /// Fleet state, one series per agent (bounded by the fleet size).
+    pub agent_backlog: IntGaugeVec,
+    pub agent_dropped: IntGaugeVec,
+    pub agent_last_seen: GaugeVec,
 }
 
 impl Metrics {
@@ -146,8 +150,49 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            agent_backlog: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "edgeprobe_agent_backlog_results",
+                        "Results buffered on the agent and not yet acknowledged (last heartbeat).",
+                    ),
+                    &["agent"],
+                )
+                .unwrap(),
+            ),
+            agent_dropped: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "edgeprobe_agent_dropped_results",
+                        "Results the agent dropped because its buffer was full, since its buffer was created (last heartbeat).",
+                    ),
+                    &["agent"],
+                )
+                .unwrap(),
+            ),
+            agent_last_seen: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "edgeprobe_agent_last_seen_timestamp_seconds",
+                        "Unix time of the agent's last heartbeat or committed batch.",
+                    ),
+                    &["agent"],
+                )
+                .unwrap(),
+            ),
             registry,
         }
+    }
+
+    /// Marks an agent as seen now.
+    pub fn seen(&self, agent: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.agent_last_seen.with_label_values(&[agent]).set(now);
     }
 
     /// The text exposition format.

@@ -102,6 +102,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store,
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            crate::ingest::MAX_IN_FLIGHT_BATCHES,
+        )),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(1 << 20);

@@ -196,18 +196,23 @@ fn pg_bin(name: &str) -> PathBuf {
 pub struct TestDb {
     pub url: String,
     name: String,
+    server: String,
 }
 
 impl TestDb {
     pub fn new() -> TestDb {
+        TestDb::on_server(&server_url())
+    }
+
+    /// A fresh database on the server of `server` (a URL ending in a database name).
+    pub fn on_server(server: &str) -> TestDb {
         static N: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "edgeprobe_it_{}_{}",
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         );
-        let server = server_url();
-        let mut admin = postgres::Client::connect(&server, postgres::NoTls)
+        let mut admin = postgres::Client::connect(server, postgres::NoTls)
             .unwrap_or_else(|e| panic!("cannot connect to {server}: {e}"));
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
@@ -219,7 +224,11 @@ impl TestDb {
             Some(i) => format!("{}/{name}", &server[..i]),
             None => panic!("DATABASE_URL must end in /dbname"),
         };
-        TestDb { url, name }
+        TestDb {
+            url,
+            name,
+            server: server.to_string(),
+        }
     }
 
     pub fn client(&self) -> postgres::Client {
@@ -234,7 +243,7 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Ok(mut admin) = postgres::Client::connect(&server_url(), postgres::NoTls) {
+        if let Ok(mut admin) = postgres::Client::connect(&self.server, postgres::NoTls) {
             let _ = admin.batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
@@ -265,6 +274,10 @@ impl Proc {
             child: Some(child),
             log,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     /// SIGKILL, no chance to clean up.
