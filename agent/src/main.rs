@@ -2,15 +2,6 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 #![forbid(unsafe_code)]
 
-mod buffer;
-mod config;
-mod probe;
-mod record;
-mod report;
-mod run;
-mod schedule;
-mod target;
-mod uplink;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -20,8 +11,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, Kind, TestOptions};
-use crate::probe::ProbeSpec;
+use edgeprobe_agent::config::{self, Config, Kind, TestOptions};
+use edgeprobe_agent::probe::{self, ProbeSpec};
+use edgeprobe_agent::{buffer, report, run, target};
 
 /// Runs scheduled network tests, keeps every result in a durable local buffer and streams
 /// the results to an edgeprobe collector.

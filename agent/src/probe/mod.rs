@@ -46,10 +46,8 @@ pub enum ErrorClass {
     /// The network is unreachable or no route.
     Unreachable,
     /// The target answered "busy" (a speed target at its cap).
-    #[allow(dead_code)] // produced by the speed probe
     Busy,
     /// ICMP echo answers lost (all of them).
-    #[allow(dead_code)] // produced by the icmp probe
     Loss,
     /// Protocol violation by the peer.
     Protocol,
