@@ -194,7 +194,10 @@ async fn main() {
         .unwrap();
     let ready = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
-        assert!(ready.elapsed() < Duration::from_secs(30), "collector not up");
+        assert!(
+            ready.elapsed() < Duration::from_secs(30),
+            "collector not up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let shutdown = CancellationToken::new();
@@ -240,7 +243,10 @@ async fn main() {
         .await;
 
     let per = disk as f64 / backlog as f64;
-    println!("buffer benchmark ({backlog} results of {} bytes)", payload(0).len());
+    println!(
+        "buffer benchmark ({backlog} results of {} bytes)",
+        payload(0).len()
+    );
     println!("| measure | edgeprobe | reference (same run) | ratio | target |");
     println!("|---|---|---|---|---|");
     println!(

@@ -2,7 +2,6 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 #![forbid(unsafe_code)]
 
-
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -5,10 +5,14 @@
 //! Cardinality: result metrics are labelled by test, kind, site and outcome only (never
 //! by agent id or target), so series grow with tests x sites, not with agents.
 
+use std::collections::HashMap;
+
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::domain::{Kind, Measures, ResultRow};
 
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +30,19 @@ pub struct Metrics {
     /// Results committed, by test, kind, site and outcome (success/failure).
     pub results: IntCounterVec,
     pub info: IntGaugeVec,
+    /// Latency of each result's main round trip, by test, kind and site: speed idle
+    /// latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve.
+    pub latency: HistogramVec,
+    /// Speed test goodput by test, site and direction (download, upload).
+    pub speed: HistogramVec,
+    /// Speed test latency under load by test, site and direction.
+    pub loaded_latency: HistogramVec,
+    pub icmp_sent: IntCounterVec,
+    pub icmp_received: IntCounterVec,
+    /// HTTP responses by test, site and status class (2xx, 3xx, 4xx, 5xx).
+    pub http_responses: IntCounterVec,
+    /// Seconds until the certificate of the latest HTTPS result expires, by test and site.
+    pub tls_expiry: GaugeVec,
     /// Fleet state, one series per agent (bounded by the fleet size).
     pub agent_backlog: IntGaugeVec,
     pub agent_dropped: IntGaugeVec,
@@ -150,6 +167,93 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            latency: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_latency_seconds",
+                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                        2.5, 5.0, 10.0,
+                    ]),
+                    &["test", "kind", "site"],
+                )
+                .unwrap(),
+            ),
+            speed: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_speed_bits_per_second",
+                        "Speed test goodput by direction (download, upload).",
+                    )
+                    .buckets(vec![
+                        1e6, 2e6, 5e6, 1e7, 2e7, 5e7, 1e8, 2e8, 5e8, 1e9, 2e9, 5e9, 1e10,
+                    ]),
+                    &["test", "site", "direction"],
+                )
+                .unwrap(),
+            ),
+            loaded_latency: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_speed_loaded_latency_seconds",
+                        "Speed test latency under load (bufferbloat) by direction.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                    &["test", "site", "direction"],
+                )
+                .unwrap(),
+            ),
+            icmp_sent: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_icmp_sent_packets_total",
+                        "ICMP echo requests sent by icmp tests.",
+                    ),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
+            icmp_received: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_icmp_received_packets_total",
+                        "ICMP echo replies received by icmp tests.",
+                    ),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
+            http_responses: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_http_responses_total",
+                        "HTTP responses seen by http tests, by status class.",
+                    ),
+                    &["test", "site", "code"],
+                )
+                .unwrap(),
+            ),
+            tls_expiry: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "edgeprobe_tls_cert_expiry_seconds",
+                        "Seconds until the server certificate seen by the latest HTTPS result of a test expires.",
+                    ),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
             agent_backlog: reg(
                 &registry,
                 IntGaugeVec::new(
@@ -184,6 +288,118 @@ impl Metrics {
                 .unwrap(),
             ),
             registry,
+        }
+    }
+
+    /// Updates the result aggregates with newly committed rows. Rows are grouped by
+    /// (test, kind, site) first so each label lookup happens once per group.
+    pub fn observe_results(&self, rows: &[ResultRow], site_label: &str) {
+        let mut groups: HashMap<(&str, Kind, &str), Vec<&ResultRow>> = HashMap::new();
+        for r in rows {
+            let site = r.labels.get(site_label).map_or("", String::as_str);
+            groups.entry((&r.test, r.kind, site)).or_default().push(r);
+        }
+        for ((test, kind, site), rows) in groups {
+            let ok = rows.iter().filter(|r| r.success).count() as u64;
+            let failed = rows.len() as u64 - ok;
+            let labels = |outcome| [test, kind.name(), site, outcome];
+            if ok > 0 {
+                self.results
+                    .with_label_values(&labels("success"))
+                    .inc_by(ok);
+            }
+            if failed > 0 {
+                self.results
+                    .with_label_values(&labels("failure"))
+                    .inc_by(failed);
+            }
+            let latency = self.latency.with_label_values(&[test, kind.name(), site]);
+            for r in rows.iter().filter(|r| r.success) {
+                let m = &r.measures;
+                let main = match kind {
+                    Kind::Speed => m.idle_latency_seconds,
+                    Kind::Icmp => m.rtt_avg_seconds,
+                    Kind::Tcp => m.connect_seconds,
+                    Kind::Http => m.ttfb_seconds,
+                    Kind::Dns => m.resolve_seconds,
+                };
+                if let Some(v) = main {
+                    latency.observe(v);
+                }
+            }
+            match kind {
+                Kind::Speed => {
+                    type Pick = fn(&Measures) -> Option<f64>;
+                    let directions: [(&str, Pick, Pick); 2] = [
+                        (
+                            "download",
+                            |m| m.download_bits_per_second,
+                            |m| m.download_loaded_latency_seconds,
+                        ),
+                        (
+                            "upload",
+                            |m| m.upload_bits_per_second,
+                            |m| m.upload_loaded_latency_seconds,
+                        ),
+                    ];
+                    for (direction, rate, loaded) in directions {
+                        let speed = self.speed.with_label_values(&[test, site, direction]);
+                        let bloat = self
+                            .loaded_latency
+                            .with_label_values(&[test, site, direction]);
+                        for r in &rows {
+                            if let Some(v) = rate(&r.measures) {
+                                speed.observe(v);
+                            }
+                            if let Some(v) = loaded(&r.measures) {
+                                bloat.observe(v);
+                            }
+                        }
+                    }
+                }
+                Kind::Icmp => {
+                    let sent: i64 = rows
+                        .iter()
+                        .filter_map(|r| r.measures.sent)
+                        .map(i64::from)
+                        .sum();
+                    let received: i64 = rows
+                        .iter()
+                        .filter_map(|r| r.measures.received)
+                        .map(i64::from)
+                        .sum();
+                    self.icmp_sent
+                        .with_label_values(&[test, site])
+                        .inc_by(sent as u64);
+                    self.icmp_received
+                        .with_label_values(&[test, site])
+                        .inc_by(received as u64);
+                }
+                Kind::Http => {
+                    for r in &rows {
+                        if let Some(code) = r.measures.status_code {
+                            let class = match code / 100 {
+                                1 => "1xx",
+                                2 => "2xx",
+                                3 => "3xx",
+                                4 => "4xx",
+                                _ => "5xx",
+                            };
+                            self.http_responses
+                                .with_label_values(&[test, site, class])
+                                .inc();
+                        }
+                    }
+                    if let Some(v) = rows
+                        .iter()
+                        .rev()
+                        .find_map(|r| r.measures.tls_cert_expiry_seconds)
+                    {
+                        self.tls_expiry.with_label_values(&[test, site]).set(v);
+                    }
+                }
+                Kind::Tcp | Kind::Dns => {}
+            }
         }
     }
 

@@ -322,19 +322,7 @@ impl Writer {
         m.ingest_batches.inc();
         // Aggregates over what was new in this batch (the tail above the old watermark).
         let new = &batch[batch.len() - written.inserted as usize..];
-        let mut counts: HashMap<(&str, &str, &str, &str), u64> = HashMap::new();
-        for r in new {
-            let site = r.labels.get(&self.site_label).map_or("", String::as_str);
-            let outcome = if r.success { "success" } else { "failure" };
-            *counts
-                .entry((&r.test, r.kind.name(), site, outcome))
-                .or_default() += 1;
-        }
-        for ((test, kind, site, outcome), n) in counts {
-            m.results
-                .with_label_values(&[test, kind, site, outcome])
-                .inc_by(n);
-        }
+        m.observe_results(new, &self.site_label);
     }
 }
 
