@@ -3,5 +3,6 @@
 
 mod config_errors;
 mod durability;
+mod fleet;
 mod spine;
 mod support;

@@ -1,0 +1,190 @@
+//! Fleet-scale storage behaviour: several collectors on one PostgreSQL, daily partitions
+//! and retention, metrics that pass promtool.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[test]
+fn an_agent_failing_over_between_two_collectors_lands_every_seq_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let db = TestDb::new();
+    let mut a = Collector::start(&dir_a, &db);
+    let mut b = Collector::start(&dir_b, &db);
+    let target = HttpTarget::start("ok");
+    let tests = format!(
+        "[[test]]\nname = \"web\"\nkind = \"http\"\ntarget = \"{}\"\nevery = \"20ms\"\n",
+        target.url()
+    );
+    let mut agent = Agent::new(dir.path(), "roamer", &a.endpoint(), &tests);
+    // Both collectors in the endpoint list: the agent moves on when one fails.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace(
+            &format!("[\"{}\"]", a.endpoint()),
+            &format!("[\"{}\", \"{}\"]", a.endpoint(), b.endpoint()),
+        ),
+    )
+    .unwrap();
+    agent.start();
+    let rows = |db: &TestDb| db.scalar("SELECT count(*) FROM results");
+    for round in 0..4 {
+        let before = rows(&db);
+        wait_for(Duration::from_secs(60), "progress", || {
+            (rows(&db) > before + 30).then_some(())
+        });
+        let (victim, victim_dir) = if round % 2 == 0 {
+            (&mut a, &dir_a)
+        } else {
+            (&mut b, &dir_b)
+        };
+        victim.proc.kill9();
+        let before = rows(&db);
+        wait_for(
+            Duration::from_secs(60),
+            "progress on the other collector",
+            || (rows(&db) > before + 30).then_some(()),
+        );
+        victim.restart(victim_dir);
+    }
+    assert_eq!(agent.stop(), Some(0));
+    let last = drain(&mut agent, &db, "roamer");
+    assert_eq!(
+        seq_summary(&db, "roamer"),
+        (last as i64, last as i64, last as i64)
+    );
+}
+
+#[test]
+fn partitions_are_created_ahead_and_dropped_past_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    // Migrate first, then plant a partition from ten days ago, as if the collector had run
+    // back then.
+    let out = std::process::Command::new(collector_bin())
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old_day: String = db
+        .client()
+        .query_one(
+            "SELECT to_char(now() - interval '10 days', 'YYYYMMDD')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    db.client()
+        .batch_execute(&format!(
+            "CREATE TABLE results_p{old_day} PARTITION OF results FOR VALUES FROM \
+             (date_trunc('day', now() - interval '10 days')) TO (date_trunc('day', now() - interval '9 days'))"
+        ))
+        .unwrap();
+    let partitions = |db: &TestDb| {
+        db.scalar(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'results' AND c.relname LIKE 'results_p%'",
+        )
+    };
+    assert_eq!(
+        partitions(&db),
+        5 + 1,
+        "yesterday..today+3, and the planted one"
+    );
+
+    let config = dir.path().join("collector.toml");
+    let (grpc, http) = (free_addr(), free_addr());
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ninsecure = true\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[database]\nurl = \"{}\"\nretention = \"7d\"\n",
+            db.url
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(collector_bin());
+    cmd.arg("run").arg("--config").arg(&config);
+    let _collector = Proc::spawn(cmd, dir.path().join("collector.log"));
+    wait_for(
+        Duration::from_secs(30),
+        "the old partition to be dropped",
+        || (partitions(&db) == 5).then_some(()),
+    );
+    let today_exists = db.scalar(&format!(
+        "SELECT count(*) FROM pg_class WHERE relname = 'results_p' || to_char(now() + interval '3 days', 'YYYYMMDD')"
+    ));
+    assert_eq!(today_exists, 1, "partitions are kept three days ahead");
+}
+
+#[test]
+fn metrics_pass_promtool_with_results_of_every_kind_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let tests = format!(
+        "[[test]]\nname = \"web\"\nkind = \"http\"\ntarget = \"{}\"\nevery = \"100ms\"\n\n\
+         [[test]]\nname = \"port\"\nkind = \"tcp\"\ntarget = \"{}\"\nevery = \"100ms\"\n",
+        target.url(),
+        target.addr
+    );
+    let mut agent = Agent::new(dir.path(), "metrics", &collector.endpoint(), &tests);
+    agent.start();
+    wait_for(Duration::from_secs(30), "results", || {
+        (db.scalar("SELECT count(*) FROM results") > 20).then_some(())
+    });
+    let text = collector.metrics();
+    agent.stop();
+    for series in [
+        "edgeprobe_results_total{kind=\"http\",outcome=\"success\",site=\"lab\",test=\"web\"}",
+        "edgeprobe_latency_seconds_count{kind=\"tcp\",site=\"lab\",test=\"port\"}",
+        "edgeprobe_http_responses_total{code=\"2xx\",site=\"lab\",test=\"web\"}",
+        "edgeprobe_agent_last_seen_timestamp_seconds{agent=\"metrics\"}",
+        "edgeprobe_agents_connected",
+        "edgeprobe_postgres_up",
+    ] {
+        assert!(
+            crate::spine::metric(&text, series) > 0.0,
+            "{series} missing in:\n{text}"
+        );
+    }
+    // No raw agent id or target on result metrics.
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("edgeprobe_results_total"))
+    {
+        assert!(
+            !line.contains("agent=") && !line.contains("target="),
+            "{line}"
+        );
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/setup installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
