@@ -39,6 +39,9 @@ const OVERHEAD: u64 = 9 + 8;
 const DELETE_CHUNK: usize = 5_000;
 /// Appends folded into one group commit at most.
 const GROUP_MAX: usize = 10_000;
+/// Free space kept on the buffer's filesystem. Below it the buffer stops growing and drops
+/// its oldest results instead: sled cannot recover from a write that hits a full disk.
+const DISK_RESERVE: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
@@ -223,6 +226,7 @@ impl Buffer {
             data_file,
             max_bytes: max_bytes.max(1),
             burst: 0,
+            failed_burst: 0,
         };
         let handle = std::thread::Builder::new()
             .name("buffer-writer".into())
@@ -345,6 +349,8 @@ struct Writer {
     max_bytes: u64,
     /// Results dropped in the current run of full-buffer appends (logged once per burst).
     burst: u64,
+    /// Results lost in the current run of failed writes (logged once per burst).
+    failed_burst: u64,
 }
 
 impl Writer {
@@ -368,6 +374,13 @@ impl Writer {
                 let payloads: Vec<&[u8]> = appends.iter().map(|(p, _)| p.as_slice()).collect();
                 match self.append_group(&payloads) {
                     Ok(first_seq) => {
+                        if self.failed_burst > 0 {
+                            tracing::info!(
+                                lost = self.failed_burst,
+                                "recording results again after failed writes"
+                            );
+                            self.failed_burst = 0;
+                        }
                         let last = first_seq + appends.len() as u64 - 1;
                         for (i, (_, tx)) in appends.into_iter().enumerate() {
                             let _ = tx.send(Ok(first_seq + i as u64));
@@ -383,8 +396,13 @@ impl Writer {
                             .unpersisted_drops
                             .fetch_add(lost, Ordering::Relaxed);
                         let message = e.to_string();
-                        tracing::error!(dropped = lost, "cannot record results: {message}");
-                        self.free_room();
+                        if self.failed_burst == 0 {
+                            tracing::error!(
+                                "cannot record results, counting them as dropped until writes succeed again: {message}"
+                            );
+                            self.free_room();
+                        }
+                        self.failed_burst += lost;
                         for (_, tx) in appends {
                             let _ = tx.send(Err(BufferError::Sync {
                                 path: self.inner.path.display().to_string(),
@@ -428,13 +446,14 @@ impl Writer {
         let mut count = read_u64(t, COUNT).map_err(|e| self.io(e))?;
         let mut dropped = read_u64(t, DROPPED).map_err(|e| self.io(e))?;
         let incoming: u64 = payloads.iter().map(|p| p.len() as u64 + OVERHEAD).sum();
+        let cap = self.effective_cap(bytes);
 
         let mut batch = sled::Batch::default();
         // Make room: drop the oldest stored results until the group fits.
         let mut dropped_now = 0u64;
-        if bytes + incoming > self.max_bytes {
+        if bytes + incoming > cap {
             for item in t.range(RESULTS_START..RESULTS_END) {
-                if bytes + incoming <= self.max_bytes {
+                if bytes + incoming <= cap {
                     break;
                 }
                 let (k, v) = item.map_err(|e| self.io(e))?;
@@ -449,7 +468,7 @@ impl Writer {
         let mut skipped = 0u64;
         for p in payloads {
             let size = p.len() as u64 + OVERHEAD;
-            if bytes + size > self.max_bytes {
+            if bytes + size > cap {
                 // Larger than the whole cap even with everything else dropped.
                 skipped += 1;
                 seq += 1;
@@ -485,7 +504,7 @@ impl Writer {
                 tracing::warn!(
                     cap_bytes = self.max_bytes,
                     dropped_total = dropped,
-                    "buffer full: dropping the oldest results until the collector catches up"
+                    "buffer full (byte cap or disk reserve reached): dropping the oldest results until the collector catches up"
                 );
             }
             self.burst += dropped_here;
@@ -498,6 +517,16 @@ impl Writer {
             self.burst = 0;
         }
         Ok(next)
+    }
+
+    /// The byte cap for this append: `max_bytes`, lowered to what is stored now when the
+    /// filesystem is down to its reserve, so a filling disk drops the oldest results like a
+    /// full buffer does instead of failing writes.
+    fn effective_cap(&self, stored: u64) -> u64 {
+        match fs2::available_space(&self.inner.path) {
+            Ok(free) if free < DISK_RESERVE => stored.min(self.max_bytes),
+            _ => self.max_bytes,
+        }
     }
 
     /// After a failed write: removes the oldest tenth of the stored results, counted as

@@ -263,3 +263,87 @@ fn a_corrupted_buffer_gives_a_located_error_and_no_silent_wipe() {
         "a third start still refuses the buffer"
     );
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir` for the life of the value (needs root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, mib: u32) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_drops_and_counts_like_a_full_buffer_and_the_agent_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let Some(_disk) = Tmpfs::mount(&dir.path().join("disk"), 40) else {
+        panic!("mounting a tmpfs failed: this test needs root (CI runs as root)");
+    };
+    let (grpc, http) = (free_addr(), free_addr());
+    let target = HttpTarget::start("ok");
+    let mut agent = Agent::new(
+        dir.path(),
+        "disk-full",
+        &format!("http://{grpc}"),
+        &tests_every(&target.url(), "10ms"),
+    );
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let state = dir.path().join("disk").join("state");
+    std::fs::write(
+        &agent.config,
+        text.replace(
+            &dir.path().join("disk-full-state").display().to_string(),
+            &state.display().to_string(),
+        ),
+    )
+    .unwrap();
+    // Leave less free space than the buffer's reserve.
+    let filler = dir.path().join("disk").join("filler");
+    std::fs::write(&filler, vec![0u8; 30 << 20]).unwrap();
+
+    agent.start();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        agent.proc.as_mut().unwrap().is_running(),
+        "the agent died of a full disk"
+    );
+    assert_eq!(agent.stop(), Some(0));
+    let dropped = agent.stat("dropped");
+    assert!(
+        dropped > 20,
+        "results on a full disk are counted as dropped: {dropped}"
+    );
+    assert_eq!(agent.stat("backlog"), 0);
+
+    // Room again: results are recorded again, and everything recorded lands.
+    std::fs::remove_file(&filler).unwrap();
+    agent.start();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.stop(), Some(0));
+    let kept = agent.stat("backlog");
+    assert!(kept > 20, "recording resumed: {kept}");
+    let _collector = Collector::start_at(dir.path(), &db, grpc, http);
+    let last = drain(&mut agent, &db, "disk-full");
+    let (rows, max, distinct) = seq_summary(&db, "disk-full");
+    assert_eq!(
+        (rows, max, distinct),
+        (kept as i64, last as i64, kept as i64)
+    );
+    assert_eq!(
+        db.scalar("SELECT dropped FROM agents WHERE agent_id = 'disk-full'") as u64,
+        dropped
+    );
+}
