@@ -2,5 +2,6 @@
 //! real sockets. One test binary for the crate (see STYLE.md).
 
 mod config_errors;
+mod security;
 mod spine;
 mod support;
