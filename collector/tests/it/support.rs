@@ -417,6 +417,18 @@ pub fn drain(agent: &mut Agent, db: &TestDb, id: &str) -> u64 {
             .map_or(0, |r| r.get(0));
         (committed as u64 >= last).then_some(())
     });
+    // When everything had landed already, the check above passes before the drain agent is
+    // even up; a SIGTERM before its handler exists kills it with no exit code. Wait for its
+    // session (the welcome reconciles the buffer) first.
+    wait_for(
+        Duration::from_secs(30),
+        "the drain agent to connect",
+        || {
+            p.log_text()
+                .contains("connected to collector")
+                .then_some(())
+        },
+    );
     // Give the final ack a moment to reach the agent before stopping it.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
