@@ -427,7 +427,11 @@ pub fn hostname() -> String {
 
 /// 1-based line and column (in characters) of a byte offset.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
+    let mut offset = offset.min(text.len());
+    // A span inside a multi-byte char would panic the slice below.
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
@@ -631,5 +635,99 @@ every = "30s"
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("4 parsecs").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Fragments of real agent config, so random files get past the TOML parser often
+    /// and reach the checks after it.
+    fn fragment() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            "\"[^\"\\\\\n]{0,24}\"",
+            prop::sample::select(vec![
+                "\"30s\"",
+                "\"0s\"",
+                "\"256MiB\"",
+                "\"99999999999GiB\"",
+                "\"* * * * * *\"",
+                "\"0 */30 * *\"",
+                "\"http://127.0.0.1:1\"",
+                "\"https://h:7443\"",
+                "\"speed\"",
+                "\"http\"",
+                "\"icmp\"",
+                "\"tcp\"",
+                "\"dns\"",
+                "[\"https://h:1\"]",
+                "[]",
+                "{ site = \"x\" }",
+                "{ duration = \"1s\", streams = 0 }",
+                "true",
+                "-1",
+                "1e400",
+            ])
+            .prop_map(String::from),
+            any::<i64>().prop_map(|n| n.to_string()),
+        ];
+        prop_oneof![
+            prop::sample::select(vec!["[agent]\n", "[collector]\n", "[[test]]\n", "[test]\n"])
+                .prop_map(String::from),
+            (
+                prop::sample::select(vec![
+                    "id",
+                    "labels",
+                    "state_dir",
+                    "buffer_max_bytes",
+                    "endpoints",
+                    "ca",
+                    "cert",
+                    "key",
+                    "insecure",
+                    "name",
+                    "kind",
+                    "target",
+                    "schedule",
+                    "every",
+                    "options",
+                    "timeout",
+                    "bogus",
+                ]),
+                value
+            )
+                .prop_map(|(k, v)| format!("{k} = {v}\n")),
+            "(?s).{0,12}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_parsed_or_refused(text in "(?s).{0,300}") {
+            let _ = Config::parse(&text, "agent.toml");
+        }
+
+        #[test]
+        fn config_shaped_text_never_panics(parts in prop::collection::vec(fragment(), 0..20)) {
+            let text = parts.concat();
+            if let Err(ConfigError::Invalid { line, col, .. }) = Config::parse(&text, "agent.toml") {
+                prop_assert!(line >= 1 && col >= 1);
+            }
+        }
+
+        #[test]
+        fn line_col_takes_any_offset(text in "(?s).{0,64}", offset in 0usize..80) {
+            let (line, col) = line_col(&text, offset);
+            prop_assert!(line >= 1 && col >= 1);
+        }
+
+        #[test]
+        fn sizes_and_durations_never_panic(s in "(?s).{0,24}", n in any::<u64>(), unit in "[A-Za-z]{0,4}") {
+            let _ = parse_size(&s);
+            let _ = parse_size(&format!("{n}{unit}"));
+            let _ = parse_duration(&s);
+        }
     }
 }

@@ -211,7 +211,11 @@ impl Config {
 }
 
 fn line_col(text: &str, span: Range<usize>) -> (usize, usize) {
-    let offset = span.start.min(text.len());
+    let mut offset = span.start.min(text.len());
+    // A span inside a multi-byte char would panic the slice below.
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
@@ -267,5 +271,75 @@ site_label = "site"
             e.starts_with("c.toml:14:1: unknown field `site_lable`"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Fragments of real config text, so random files get past the TOML parser often.
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("[server]\n".to_string()),
+            Just("[database]\n".to_string()),
+            Just("[metrics]\n".to_string()),
+            Just("[[server]]\n".to_string()),
+            prop::sample::select(vec![
+                "grpc_listen",
+                "http_listen",
+                "insecure",
+                "tls_cert",
+                "tls_key",
+                "client_ca",
+                "url",
+                "retention",
+                "writers",
+                "site_label",
+                "bogus",
+            ])
+            .prop_flat_map(|k| {
+                prop_oneof![
+                    "\"[^\"\\\\\n]{0,24}\"",
+                    Just("\"127.0.0.1:0\"".to_string()),
+                    Just("\"90d\"".to_string()),
+                    any::<i64>().prop_map(|n| n.to_string()),
+                    any::<bool>().prop_map(|b| b.to_string()),
+                    Just("[1, \"a\"]".to_string()),
+                    Just("{ a = 1 }".to_string()),
+                ]
+                .prop_map(move |v| format!("{k} = {v}\n"))
+            }),
+            "(?s).{0,12}",
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_parsed_or_refused_with_a_location(text in "(?s).{0,300}") {
+            let _ = Config::parse(&text, "c.toml");
+        }
+
+        #[test]
+        fn config_shaped_text_never_panics(parts in prop::collection::vec(fragment(), 0..16)) {
+            let text = parts.concat();
+            match Config::parse(&text, "c.toml") {
+                Ok(c) => {
+                    let _ = c.finish(Some("postgres://u@h/d".into()), None, None);
+                }
+                Err(ConfigError::Invalid { line, col, .. }) => {
+                    prop_assert!(line >= 1 && col >= 1);
+                    prop_assert!(line <= text.lines().count().max(1) + 1);
+                }
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn line_col_takes_any_span(text in "(?s).{0,64}", start in 0usize..80, len in 0usize..8) {
+            let (line, col) = line_col(&text, start..start + len);
+            prop_assert!(line >= 1 && col >= 1);
+        }
     }
 }

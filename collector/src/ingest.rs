@@ -38,6 +38,10 @@ pub struct IngestService {
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub in_flight: Arc<Semaphore>,
+    /// A stream that has not said hello by then is closed.
+    pub hello_timeout: Duration,
+    /// mTLS mode: a stream without a certificate identity is refused.
+    pub require_identity: bool,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -67,9 +71,21 @@ impl pb::ingest_server::Ingest for IngestService {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        if self.require_identity && identity.is_none() {
+            self.metrics
+                .ingest_errors
+                .with_label_values(&["permission"])
+                .inc();
+            return Err(Status::unauthenticated(
+                "the client certificate names no agent (CN or DNS SAN)",
+            ));
+        }
+        let first = tokio::time::timeout(self.hello_timeout, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("no hello within {:?}", self.hello_timeout))
+            })?
+            .map_err(|status| refused_input(&status, &self.metrics).unwrap_or(status))?;
         let hello = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Hello(h)) => AgentHello::try_from(h).map_err(|e| {
                 self.metrics
@@ -129,6 +145,25 @@ impl pb::ingest_server::Ingest for IngestService {
     }
 }
 
+/// A read error that is the peer's input (too large, undecodable) becomes
+/// INVALID_ARGUMENT with the reason; `None` for transport ends (reset, disconnect).
+fn refused_input(status: &Status, metrics: &Metrics) -> Option<Status> {
+    use tonic::Code;
+    let what = match status.code() {
+        Code::OutOfRange | Code::ResourceExhausted => "message too large",
+        Code::Internal if status.message().contains("decode") => "malformed message",
+        _ => {
+            tracing::debug!("stream ended: {status}");
+            return None;
+        }
+    };
+    metrics.ingest_errors.with_label_values(&["validate"]).inc();
+    Some(Status::invalid_argument(format!(
+        "{what}: {}",
+        status.message()
+    )))
+}
+
 struct Session {
     agent_id: String,
     store: Store,
@@ -179,10 +214,10 @@ impl Session {
             let msg = match msg {
                 Ok(Some(m)) => m,
                 Ok(None) => break None,
-                Err(status) => {
-                    tracing::debug!(agent_id = %this.agent_id, "stream ended: {status}");
-                    break None;
-                }
+                Err(status) => match refused_input(&status, &this.metrics) {
+                    Some(refusal) => break Some(refusal),
+                    None => break None,
+                },
             };
             match msg.msg {
                 Some(pb::agent_message::Msg::Batch(batch)) => match this.validate(batch) {

@@ -2,6 +2,7 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 #![forbid(unsafe_code)]
 
+mod ca;
 mod config;
 mod domain;
 mod http;
@@ -11,6 +12,7 @@ mod metrics;
 mod run;
 mod schema;
 mod store;
+mod tls;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -53,6 +55,53 @@ enum Command {
         #[arg(long)]
         database_url: Option<String>,
     },
+    /// The fleet certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificates signed by the fleet CA.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA (ca.pem, ca.key with mode 0600) in DIR; never overwrites one.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Issue an agent certificate (client auth, CN = ID) or, with --server, a collector
+    /// certificate (server auth, SANs = ID and every --san). Writes OUT/ID.pem and OUT/ID.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The agent id, or the collector's DNS name.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// A collector (server) certificate instead of an agent (client) one.
+        #[arg(long)]
+        server: bool,
+        /// Another DNS name or IP address of the collector (repeatable; --server only).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = ca::LEAF_DAYS)]
+        days: i64,
+        /// Replace existing files (atomically).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +113,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let cli = match cli.command {
+        Command::Ca { command } => return ca_command(command),
+        Command::Cert { command } => return cert_command(command),
+        other => Cli { command: other },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,6 +168,71 @@ fn main() -> ExitCode {
                     eprintln!("migrate: {e:#}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Command::Ca { .. } | Command::Cert { .. } => unreachable!("dispatched above"),
+    }
+}
+
+fn ca_exit(e: ca::CaError) -> ExitCode {
+    eprintln!("error: {e}");
+    if e.is_usage() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn ca_command(command: CaCommand) -> ExitCode {
+    match command {
+        CaCommand::Init { dir } => match ca::init(&dir) {
+            Ok(w) => {
+                println!(
+                    "CA certificate {} (valid until {})\nCA key {} (mode 0600: keep it off the collector if you can)",
+                    w.cert.display(),
+                    w.not_after.date(),
+                    w.key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => ca_exit(e),
+        },
+    }
+}
+
+fn cert_command(command: CertCommand) -> ExitCode {
+    match command {
+        CertCommand::Issue {
+            ca,
+            name,
+            out,
+            server,
+            sans,
+            days,
+            force,
+        } => {
+            let req = ca::IssueRequest {
+                ca_dir: ca,
+                name,
+                out,
+                server,
+                sans,
+                days,
+                force,
+            };
+            match ca::issue(&req) {
+                Ok(w) => {
+                    println!(
+                        "{} certificate {} and key {} for `{}` (valid until {})",
+                        if req.server { "collector" } else { "agent" },
+                        w.cert.display(),
+                        w.key.display(),
+                        req.name,
+                        w.not_after.date()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => ca_exit(e),
             }
         }
     }

@@ -47,6 +47,13 @@ pub struct Metrics {
     pub agent_backlog: IntGaugeVec,
     pub agent_dropped: IntGaugeVec,
     pub agent_last_seen: GaugeVec,
+    /// TLS handshakes that failed, by reason (no_client_cert, bad_client_cert, protocol,
+    /// timeout, io).
+    pub tls_handshake_errors: IntCounterVec,
+    /// Certificate reload attempts that found changed files, by outcome (ok, error).
+    pub tls_reloads: IntCounterVec,
+    /// notAfter of the collector's serving certificate, Unix seconds.
+    pub tls_cert_expiry: IntGauge,
 }
 
 impl Metrics {
@@ -284,6 +291,36 @@ impl Metrics {
                         "Unix time of the agent's last heartbeat or committed batch.",
                     ),
                     &["agent"],
+                )
+                .unwrap(),
+            ),
+            tls_handshake_errors: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_tls_handshake_errors_total",
+                        "gRPC TLS handshakes that failed, by reason (no_client_cert, bad_client_cert, protocol, timeout, io).",
+                    ),
+                    &["reason"],
+                )
+                .unwrap(),
+            ),
+            tls_reloads: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_tls_reloads_total",
+                        "Reloads of changed TLS files, by outcome (ok, error: the old certificates stay).",
+                    ),
+                    &["outcome"],
+                )
+                .unwrap(),
+            ),
+            tls_cert_expiry: reg(
+                &registry,
+                IntGauge::new(
+                    "edgeprobe_tls_certificate_expiry_timestamp_seconds",
+                    "notAfter of the certificate the collector serves, as a Unix timestamp.",
                 )
                 .unwrap(),
             ),

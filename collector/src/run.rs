@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use edgeprobe_proto::v1::ingest_server::IngestServer;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::Config;
 use crate::http::{self, Readiness};
@@ -17,11 +17,14 @@ use crate::ingest::IngestService;
 use crate::metrics::Metrics;
 use crate::schema;
 use crate::store::{self, Store};
+use crate::tls::{self, ServerTls, TlsFiles};
 
 /// Largest gRPC message accepted (a batch).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 const PARTITION_EVERY: Duration = Duration::from_secs(3600);
 const GRACE: Duration = Duration::from_secs(10);
+/// How often the TLS files are checked for changes (SIGHUP reloads at once).
+const TLS_POLL: Duration = Duration::from_secs(10);
 
 pub async fn migrate_once(url: &str) -> anyhow::Result<Vec<i32>> {
     let mut client = store::connect(url)
@@ -47,6 +50,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ])
         .set(1);
     let url = config.database_url().to_string();
+    // TLS files are checked before anything starts: a typo fails fast, not on first agent.
+    let tls = if config.server.insecure {
+        tracing::warn!(
+            "server.insecure = true: gRPC is PLAINTEXT and agents are NOT authenticated; local demos only"
+        );
+        None
+    } else {
+        Some(server_tls(&config, metrics.clone())?)
+    };
 
     let store = Store::start(
         &url,
@@ -98,6 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    let hello_timeout = hello_timeout();
     let service = IngestServer::new(IngestService {
         store,
         metrics: metrics.clone(),
@@ -105,44 +118,55 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         in_flight: Arc::new(tokio::sync::Semaphore::new(
             crate::ingest::MAX_IN_FLIGHT_BATCHES,
         )),
+        hello_timeout,
+        require_identity: tls.is_some(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(1 << 20);
 
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-    if config.server.insecure {
-        tracing::warn!(
-            "server.insecure = true: gRPC is PLAINTEXT and agents are NOT authenticated; local demos only"
-        );
-    } else {
-        builder = builder
-            .tls_config(server_tls(&config)?)
-            .context("TLS configuration")?;
-    }
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(service);
     let listener = tokio::net::TcpListener::bind(config.server.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on {} (grpc)", config.server.grpc_listen))?;
+    let signalled = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    };
     tracing::info!(
         addr = %config.server.grpc_listen,
-        tls = !config.server.insecure,
+        tls = tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "edgeprobe-collector accepting agents"
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let grpc = builder
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, {
-            let shutdown = shutdown.clone();
-            async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down");
-                shutdown.cancel();
-            }
-        });
-    grpc.await.context("grpc server")?;
+    let grpc = match tls {
+        Some(tls) => {
+            tokio::spawn(tls::watch(tls.clone(), TLS_POLL, shutdown.clone()));
+            let incoming = tls::incoming(listener, tls, hello_timeout, shutdown.clone());
+            tokio::spawn(builder.serve_with_incoming_shutdown(incoming, signalled))
+        }
+        None => {
+            // Without a handler SIGHUP would kill the process; there is nothing to reload.
+            let mut hup = tls::hangups();
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("sighup: insecure mode, no certificates to reload");
+                }
+            });
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(builder.serve_with_incoming_shutdown(incoming, signalled))
+        }
+    };
+    grpc.await
+        .context("grpc server task")?
+        .context("grpc server")?;
     shutdown.cancel();
     let _ = tokio::time::timeout(GRACE, http_task).await;
     tracing::info!("stopped");
@@ -181,19 +205,26 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
     }
 }
 
-fn server_tls(config: &Config) -> anyhow::Result<ServerTlsConfig> {
-    let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
-        let p = p
-            .as_ref()
-            .with_context(|| format!("[server] {what} is not set"))?;
-        std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
+fn server_tls(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<ServerTls>> {
+    let path = |p: &Option<std::path::PathBuf>, what: &str| {
+        p.clone()
+            .with_context(|| format!("[server] {what} is not set"))
     };
-    let cert = read(&config.server.tls_cert, "tls_cert")?;
-    let key = read(&config.server.tls_key, "tls_key")?;
-    let ca = read(&config.server.client_ca, "client_ca")?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca)))
+    let files = TlsFiles {
+        cert: path(&config.server.tls_cert, "tls_cert")?,
+        key: path(&config.server.tls_key, "tls_key")?,
+        client_ca: path(&config.server.client_ca, "client_ca")?,
+    };
+    Ok(ServerTls::load(files, metrics)?)
+}
+
+/// How long a new connection may take for its TLS handshake, and then its stream for the
+/// hello. `EDGEPROBE_HELLO_TIMEOUT_MS` overrides the default for tests; it is not a knob.
+fn hello_timeout() -> Duration {
+    std::env::var("EDGEPROBE_HELLO_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(crate::ingest::HELLO_TIMEOUT, Duration::from_millis)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -4,5 +4,6 @@
 mod config_errors;
 mod durability;
 mod fleet;
+mod security;
 mod spine;
 mod support;

@@ -509,6 +509,18 @@ pub fn drain(agent: &mut Agent, db: &TestDb, id: &str) -> u64 {
             .map_or(0, |r| r.get(0));
         (committed as u64 >= last).then_some(())
     });
+    // When everything had landed already, the check above passes before the drain agent is
+    // even up; a SIGTERM before its handler exists kills it with no exit code. Wait for its
+    // session (the welcome reconciles the buffer) first.
+    wait_for(
+        Duration::from_secs(30),
+        "the drain agent to connect",
+        || {
+            p.log_text()
+                .contains("connected to collector")
+                .then_some(())
+        },
+    );
     // Give the final ack a moment to reach the agent before stopping it.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -586,4 +598,168 @@ pub fn seq_summary(db: &TestDb, agent: &str) -> (i64, i64, i64) {
         )
         .unwrap();
     (row.get(0), row.get(1), row.get(2))
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS: a fleet PKI made with the collector's own `ca init` / `cert issue`, and mTLS
+// variants of the collector and the agent.
+
+impl Proc {
+    /// Sends a signal by name (e.g. "HUP").
+    pub fn signal(&self, name: &str) {
+        let pid = self.pid();
+        assert!(pid != 0, "process is running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+}
+
+/// Runs `edgeprobe-collector ARGS...`; returns (exit code, stdout, stderr).
+pub fn collector_cmd(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(collector_bin()).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A CA in `dir/ca`, the collector's certificate for `localhost` + 127.0.0.1 in
+/// `dir/certs`, and agent certificates issued on demand.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let pki = Pki {
+            dir: dir.join("pki"),
+        };
+        let ca = pki.ca_dir();
+        let (code, _, err) = collector_cmd(&["ca", "init", "--dir", ca.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "ca init: {err}");
+        pki.issue(&["--name", "localhost", "--server", "--san", "127.0.0.1"]);
+        pki
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    pub fn ca_pem(&self) -> PathBuf {
+        self.ca_dir().join("ca.pem")
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// `cert issue --ca <ca> --out <certs> ARGS...`, which must succeed.
+    pub fn issue(&self, args: &[&str]) {
+        let ca = self.ca_dir();
+        let out = self.certs();
+        let mut all = vec![
+            "cert",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let (code, _, err) = collector_cmd(&all);
+        assert_eq!(code, Some(0), "cert issue {args:?}: {err}");
+    }
+
+    /// (cert, key) of agent `id`, issued on first use.
+    pub fn agent(&self, id: &str) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.pair(id);
+        if !cert.exists() {
+            self.issue(&["--name", id]);
+        }
+        (cert, key)
+    }
+
+    pub fn pair(&self, name: &str) -> (PathBuf, PathBuf) {
+        (
+            self.certs().join(format!("{name}.pem")),
+            self.certs().join(format!("{name}.key")),
+        )
+    }
+
+    /// The collector's (cert, key).
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        self.pair("localhost")
+    }
+}
+
+impl Collector {
+    /// Starts an mTLS collector (the default mode) and waits until it is ready; `env`
+    /// is added to its environment.
+    pub fn start_tls(dir: &Path, db: &TestDb, pki: &Pki, env: &[(&str, &str)]) -> Collector {
+        let (grpc, http) = (free_addr(), free_addr());
+        let (cert, key) = pki.server();
+        let config = dir.join("collector.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\n[database]\nurl = \"{}\"\n",
+                cert.display(),
+                key.display(),
+                pki.ca_pem().display(),
+                db.url
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(collector_bin());
+        cmd.arg("run").arg("--config").arg(&config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut c = Collector {
+            proc: Proc::spawn(cmd, dir.join("collector.log")),
+            grpc,
+            http,
+            config,
+        };
+        c.wait_ready();
+        c
+    }
+
+    pub fn tls_endpoint(&self) -> String {
+        format!("https://{}", self.grpc)
+    }
+
+    /// The value of one metric series, e.g. `edgeprobe_tls_handshake_errors_total{reason="timeout"}`; 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Agent {
+    /// Like `new`, but over mTLS with a certificate for `id` from `pki`.
+    pub fn new_tls(dir: &Path, id: &str, endpoint: &str, tests: &str, pki: &Pki) -> Agent {
+        let (cert, key) = pki.agent(id);
+        let state = dir.join(format!("{id}-state"));
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nid = \"{id}\"\nlabels = {{ site = \"lab\" }}\nstate_dir = \"{}\"\n\n[collector]\nendpoints = [\"{endpoint}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{tests}",
+                state.display(),
+                pki.ca_pem().display(),
+                cert.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        Agent { config, proc: None }
+    }
 }
