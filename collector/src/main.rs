@@ -54,6 +54,10 @@ enum Command {
         /// PostgreSQL URL (else EDGEPROBE_DATABASE_URL or DATABASE_URL).
         #[arg(long)]
         database_url: Option<String>,
+        /// Also drop daily partitions older than this (e.g. 90d). Without it, partitions are
+        /// only created, never dropped.
+        #[arg(long, value_parser = parse_retention)]
+        retention: Option<std::time::Duration>,
     },
     /// The fleet certificate authority.
     Ca {
@@ -104,6 +108,10 @@ enum CertCommand {
     },
 }
 
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration `{s}` ({e}); use e.g. 90d"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -147,7 +155,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Migrate { database_url } => {
+        Command::Migrate {
+            database_url,
+            retention,
+        } => {
             let url = database_url
                 .or_else(|| std::env::var("EDGEPROBE_DATABASE_URL").ok())
                 .or_else(|| std::env::var("DATABASE_URL").ok());
@@ -155,7 +166,7 @@ fn main() -> ExitCode {
                 eprintln!("no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL");
                 return ExitCode::from(2);
             };
-            match runtime.block_on(run::migrate_once(&url)) {
+            match runtime.block_on(run::migrate_once(&url, retention)) {
                 Ok(applied) => {
                     println!(
                         "schema at version {} (applied now: {:?})",

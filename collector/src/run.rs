@@ -26,14 +26,14 @@ const GRACE: Duration = Duration::from_secs(10);
 /// How often the TLS files are checked for changes (SIGHUP reloads at once).
 const TLS_POLL: Duration = Duration::from_secs(10);
 
-pub async fn migrate_once(url: &str) -> anyhow::Result<Vec<i32>> {
+pub async fn migrate_once(url: &str, retention: Option<Duration>) -> anyhow::Result<Vec<i32>> {
     let mut client = store::connect(url)
         .await
         .context("cannot connect to postgres")?;
     let applied = schema::migrate(&mut client)
         .await
         .context("migration failed")?;
-    schema::maintain_partitions(&client, Duration::from_secs(90 * 86_400))
+    schema::maintain_partitions(&client, retention)
         .await
         .context("creating partitions")?;
     Ok(applied)
@@ -180,9 +180,11 @@ async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result
     schema::migrate(&mut client)
         .await
         .context("migration failed")?;
-    schema::maintain_partitions(&client, retention)
-        .await
-        .context("maintaining partitions")?;
+    // A least-privilege runtime role may not own `results`; then `migrate --retention`
+    // run by the owner keeps the partitions, and the default partition catches the rest.
+    if let Err(e) = schema::maintain_partitions(&client, Some(retention)).await {
+        tracing::warn!("cannot maintain partitions (run `edgeprobe-collector migrate --retention` as the owner): {e}");
+    }
     Ok(())
 }
 
@@ -196,7 +198,7 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
         }
         let result = async {
             let client = store::connect(&url).await?;
-            schema::maintain_partitions(&client, retention).await
+            schema::maintain_partitions(&client, Some(retention)).await
         }
         .await;
         if let Err(e) = result {

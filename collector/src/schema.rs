@@ -70,11 +70,11 @@ pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.0)
 }
 
-/// Creates the daily partitions from yesterday to `PARTITIONS_AHEAD` days ahead and drops
-/// those entirely older than `retention`. Returns (created, dropped) counts.
+/// Creates the daily partitions from yesterday to `PARTITIONS_AHEAD` days ahead and, given
+/// a retention, drops those entirely older than it. Returns (created, dropped) counts.
 pub async fn maintain_partitions(
     client: &Client,
-    retention: Duration,
+    retention: Option<Duration>,
 ) -> Result<(usize, usize), tokio_postgres::Error> {
     let today = days_since_epoch(SystemTime::now());
     let mut created = 0;
@@ -99,6 +99,9 @@ pub async fn maintain_partitions(
             Err(e) => tracing::warn!(partition = %name, "cannot create partition: {e}"),
         }
     }
+    let Some(retention) = retention else {
+        return Ok((created, 0));
+    };
     let oldest_kept = today - (retention.as_secs() / 86_400) as i64;
     let rows = client
         .query(
