@@ -48,11 +48,17 @@ pub enum BufferError {
     )]
     Open { path: String, source: sled::Error },
     #[error("cannot create the state directory {path}: {source}")]
-    CreateDir { path: String, source: std::io::Error },
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("result buffer at {path}: {source}")]
     Io { path: String, source: sled::Error },
     #[error("result buffer at {path}: fsync failed: {source}")]
-    Sync { path: String, source: std::io::Error },
+    Sync {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("result buffer is closed")]
     Closed,
 }

@@ -289,12 +289,8 @@ impl Config {
                 reason,
             },
         };
-        let config: Config = toml::from_str(text).map_err(|e| {
-            locate(
-                e.span(),
-                e.message().trim().replace('\n', " ").to_string(),
-            )
-        })?;
+        let config: Config = toml::from_str(text)
+            .map_err(|e| locate(e.span(), e.message().trim().replace('\n', " ").to_string()))?;
         config
             .check()
             .map_err(|(span, reason)| locate(span, reason))?;
@@ -394,7 +390,11 @@ pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
                 .map_err(|e| format!("target `{target}` is not a URL: {e}"))?;
             match uri.scheme_str() {
                 Some("http") | Some("https") => {}
-                _ => return Err(format!("target `{target}` must start with http:// or https://")),
+                _ => {
+                    return Err(format!(
+                        "target `{target}` must start with http:// or https://"
+                    ))
+                }
             }
             if uri.host().is_none() {
                 return Err(format!("target `{target}` has no host"));
@@ -437,8 +437,9 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Parses "250ms", "30s", "5m", "1h", "1d", or combinations like "1m30s".
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration `{s}` ({e}); use e.g. \"500ms\", \"30s\", \"5m\", \"1h\""))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration `{s}` ({e}); use e.g. \"500ms\", \"30s\", \"5m\", \"1h\"")
+    })
 }
 
 /// Parses "1048576", "512KiB", "256MiB", "1GiB", "10MB", "1kB".
@@ -469,7 +470,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let s = String::deserialize(d)?;
-    parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -604,13 +607,19 @@ every = "30s"
     #[test]
     fn located_errors() {
         let e = err(&GOOD.replace("state_dir", "state_dri"));
-        assert!(e.starts_with("agent.toml:5:1: unknown field `state_dri`"), "{e}");
+        assert!(
+            e.starts_with("agent.toml:5:1: unknown field `state_dri`"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("\"30s\"", "\"30 parsecs\""));
         assert!(e.starts_with("agent.toml:23:9: invalid duration"), "{e}");
         let e = err(&GOOD.replace("0 */30 * * * *", "0 */30 * *"));
         assert!(e.starts_with("agent.toml:16:12: invalid cron"), "{e}");
         let e = err(&GOOD.replace("streams = 4", "count = 4"));
-        assert!(e.contains("option `count` does not apply to kind speed"), "{e}");
+        assert!(
+            e.contains("option `count` does not apply to kind speed"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("kind = \"http\"", "kind = \"htp\""));
         assert!(e.starts_with("agent.toml:21:8:"), "{e}");
     }

@@ -115,8 +115,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -223,6 +222,8 @@ fn main() -> ExitCode {
                     ..TestOptions::default()
                 },
             };
+            // The speed probe takes ~20 s: show progress when a person is watching.
+            probe::speed::show_progress(kind == Kind::Speed && std::io::stderr().is_terminal());
             let outcome = runtime().block_on(probe::run(&spec));
             if json {
                 println!("{}", report::json(&spec, &outcome));

@@ -58,7 +58,11 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome) -> pb::Result {
         success: outcome.success(),
         error_class,
         error_message,
-        labels: test.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: test
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         fields: Some(fields_to_wire(&outcome.fields)),
     }
 }

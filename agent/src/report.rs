@@ -1,7 +1,6 @@
 //! Renders one probe outcome for people (`probe`) or machines (`probe --json`), with the
 //! field names of SPEC section 9.
 
-
 use serde_json::{json, Map, Value};
 
 use crate::probe::{Outcome, ProbeSpec};
@@ -45,7 +44,12 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
             Value::String(s) => s,
             Value::Object(o) => o
                 .iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().map(str::to_string).unwrap_or(v.to_string())))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}={}",
+                        v.as_str().map(str::to_string).unwrap_or(v.to_string())
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
             Value::Number(n) if key.ends_with("bits_per_second") => {
@@ -65,4 +69,3 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
 pub fn rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
-

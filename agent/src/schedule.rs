@@ -82,7 +82,11 @@ impl Scheduler {
                 });
             } else if let Some(expr) = &tc.schedule {
                 if cron.is_none() {
-                    cron = Some(JobScheduler::new().await.context("starting the cron scheduler")?);
+                    cron = Some(
+                        JobScheduler::new()
+                            .await
+                            .context("starting the cron scheduler")?,
+                    );
                 }
                 let runner = runner.clone();
                 let job = Job::new_async(expr.as_str(), move |_id, _lock| {
@@ -115,10 +119,8 @@ impl Scheduler {
         }
         self.intervals.abort_all();
         let mut runs = std::mem::take(&mut *self.runner.runs.lock().unwrap());
-        let drained = tokio::time::timeout(grace, async {
-            while runs.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(grace, async { while runs.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("runs still in progress after {grace:?}; abandoning them");
             runs.abort_all();

@@ -140,7 +140,11 @@ impl Uplink {
             .reconcile(committed)
             .await
             .context("applying the welcome to the buffer")?;
-        tracing::info!(endpoint, committed_seq = committed, "connected to collector");
+        tracing::info!(
+            endpoint,
+            committed_seq = committed,
+            "connected to collector"
+        );
 
         let mut appended = self.buffer.subscribe();
         let mut last_sent = committed;
@@ -165,7 +169,10 @@ impl Uplink {
                             Some(r)
                         }
                         Err(err) => {
-                            tracing::error!(seq = e.seq, "skipping undecodable buffered result: {err}");
+                            tracing::error!(
+                                seq = e.seq,
+                                "skipping undecodable buffered result: {err}"
+                            );
                             None
                         }
                     })

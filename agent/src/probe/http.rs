@@ -87,7 +87,10 @@ where
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, authority)
-        .header(hyper::header::USER_AGENT, concat!("edgeprobe-agent/", env!("CARGO_PKG_VERSION")))
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("edgeprobe-agent/", env!("CARGO_PKG_VERSION")),
+        )
         .header(hyper::header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(|e| ProbeError::new(ErrorClass::Local, format!("bad request: {e}")))?;
@@ -128,7 +131,10 @@ where
             ))
         }
         None if status >= 400 => {
-            return Err(ProbeError::new(ErrorClass::HttpStatus, format!("status {status}")))
+            return Err(ProbeError::new(
+                ErrorClass::HttpStatus,
+                format!("status {status}"),
+            ))
         }
         _ => {}
     }

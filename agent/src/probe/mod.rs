@@ -7,10 +7,10 @@
 
 pub mod dns;
 pub mod http;
-pub mod tls;
 pub mod icmp;
 pub mod speed;
 pub mod tcp;
+pub mod tls;
 
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime};
@@ -79,9 +79,7 @@ impl ErrorClass {
     pub fn of_io(e: &std::io::Error) -> ErrorClass {
         use std::io::ErrorKind as K;
         match e.kind() {
-            K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted => {
-                ErrorClass::Refused
-            }
+            K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted => ErrorClass::Refused,
             K::TimedOut => ErrorClass::Timeout,
             K::HostUnreachable | K::NetworkUnreachable | K::AddrNotAvailable => {
                 ErrorClass::Unreachable
@@ -211,7 +209,10 @@ pub fn default_timeout(spec: &ProbeSpec) -> Duration {
 pub async fn run(spec: &ProbeSpec) -> Outcome {
     let started_at = SystemTime::now();
     let start = Instant::now();
-    let limit = spec.options.timeout.unwrap_or_else(|| default_timeout(spec));
+    let limit = spec
+        .options
+        .timeout
+        .unwrap_or_else(|| default_timeout(spec));
     let spec_owned = spec.clone();
     // Spawned so that a panic inside a probe (a bug) becomes a failed result, not a crash.
     let task = tokio::spawn(async move {

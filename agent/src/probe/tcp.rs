@@ -29,7 +29,12 @@ async fn measure(spec: &ProbeSpec, fields: &mut TcpFields) -> Result<(), ProbeEr
 
 /// Splits `host:port`, accepting `[v6]:port`.
 pub fn split_host_port(target: &str) -> Result<(&str, u16), ProbeError> {
-    let bad = || ProbeError::new(ErrorClass::Local, format!("target `{target}` is not host:port"));
+    let bad = || {
+        ProbeError::new(
+            ErrorClass::Local,
+            format!("target `{target}` is not host:port"),
+        )
+    };
     let (host, port) = target.rsplit_once(':').ok_or_else(bad)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let port = port.parse().map_err(|_| bad())?;
@@ -38,18 +43,18 @@ pub fn split_host_port(target: &str) -> Result<(&str, u16), ProbeError> {
 
 /// Resolves `host:port` with the system resolver to its first address.
 pub async fn resolve(host_port: &str) -> Result<SocketAddr, ProbeError> {
-    let mut addrs = tokio::net::lookup_host(host_port)
-        .await
-        .map_err(|e| ProbeError::new(ErrorClass::Dns, format!("cannot resolve {host_port}: {e}")))?;
+    let mut addrs = tokio::net::lookup_host(host_port).await.map_err(|e| {
+        ProbeError::new(ErrorClass::Dns, format!("cannot resolve {host_port}: {e}"))
+    })?;
     addrs
         .next()
         .ok_or_else(|| ProbeError::new(ErrorClass::Dns, format!("{host_port} has no addresses")))
 }
 
 pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| {
-        ProbeError::new(ErrorClass::of_io(&e), format!("connect to {addr}: {e}"))
-    })?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ProbeError::new(ErrorClass::of_io(&e), format!("connect to {addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

@@ -58,8 +58,12 @@ pub async fn handshake(
     host: &str,
     config: Arc<ClientConfig>,
 ) -> Result<(TlsStream<TcpStream>, Duration, Option<f64>), ProbeError> {
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| ProbeError::new(ErrorClass::Tls, format!("bad TLS server name `{host}`: {e}")))?;
+    let name = ServerName::try_from(host.to_string()).map_err(|e| {
+        ProbeError::new(
+            ErrorClass::Tls,
+            format!("bad TLS server name `{host}`: {e}"),
+        )
+    })?;
     let start = Instant::now();
     let stream = TlsConnector::from(config)
         .connect(name, tcp)
@@ -79,7 +83,10 @@ pub async fn handshake(
 pub fn cert_expiry_seconds(der: &[u8]) -> Option<f64> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let not_after = cert.validity().not_after.timestamp() as f64;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
     Some(not_after - now)
 }
 
