@@ -44,12 +44,14 @@ async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeEr
     let deadline = tokio::time::Instant::now()
         + limit.saturating_sub((limit / 10).min(Duration::from_millis(500)));
 
-    let name = Name::from_str(spec.target.trim()).map_err(|e| {
+    // The name is taken as absolute: no search domains, as dig does.
+    let mut name = Name::from_str(spec.target.trim()).map_err(|e| {
         ProbeError::new(
             ErrorClass::Local,
             format!("bad name `{}`: {e}", spec.target),
         )
     })?;
+    name.set_fqdn(true);
     let record_type = spec.options.record_type.as_deref().unwrap_or("A");
     let rtype = RecordType::from_str(&record_type.to_ascii_uppercase()).map_err(|_| {
         ProbeError::new(

@@ -8,21 +8,21 @@
 //! - A reply counts when its type, identifier (raw sockets; the kernel demultiplexes
 //!   datagram sockets), sequence and a per-run random token in the payload match, so other
 //!   pingers on the host and duplicates cannot skew the figures.
-//! - The run ends when every reply is in, or `REPLY_WAIT` after the last request, or just
-//!   before the whole-run limit, so a partial run still reports what it measured.
+//! - The exchange runs on a blocking thread (a blocked `recvfrom` wakes straight from the
+//!   kernel; an async task would add the runtime's wake-up to every round trip). It ends
+//!   when every reply is in, or `REPLY_WAIT` after the last request, or just before the
+//!   whole-run limit, so a partial run still reports what it measured.
 //! - All replies lost is a failure: `unreachable` when the network said so (a send error
 //!   or an ICMP destination-unreachable), `loss` otherwise.
 
+use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
-
-use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
-use tokio::time::{sleep_until, Instant};
+use std::time::{Duration, Instant};
 
 use super::{
     default_timeout, secs, ErrorClass, Fields, IcmpFields, Measured, ProbeError, ProbeSpec,
 };
+use socket2::{Domain, Protocol, Socket, Type};
 
 pub const DEFAULT_COUNT: u32 = 5;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -73,67 +73,26 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
     let ip = resolve(&spec.target).await?;
     let (socket, mode) = open(ip.is_ipv6())?;
     tracing::debug!(target = %spec.target, %ip, ?mode, "icmp socket open");
-    let dest = SocketAddr::new(ip, 0);
-    let ident: u16 = rand::random();
-    let token: u64 = rand::random();
+    let session = Session {
+        socket,
+        mode,
+        ip,
+        ident: rand::random(),
+        token: rand::random(),
+    };
+    // A blocked thread wakes straight from the kernel; an async task would add the
+    // runtime's wake-up latency to every round trip.
+    let (rtts, network_said) =
+        tokio::task::spawn_blocking(move || session.run(count, interval, start, deadline))
+            .await
+            .map_err(|e| ProbeError::new(ErrorClass::Other, format!("icmp session failed: {e}")))?;
 
-    let mut sent_at: Vec<Instant> = Vec::with_capacity(count as usize);
-    let mut rtts: Vec<Option<Duration>> = Vec::with_capacity(count as usize);
-    let mut received = 0u32;
-    let mut network_said: Option<ProbeError> = None;
-    let mut buf = vec![0u8; 2048];
-    let mut next_send = start;
-
-    loop {
-        let sent = sent_at.len() as u32;
-        if sent == count && received == sent {
-            break;
-        }
-        let end = match sent_at.last() {
-            Some(last) if sent == count => (*last + REPLY_WAIT).min(deadline),
-            _ => deadline,
-        };
-        tokio::select! {
-            _ = sleep_until(next_send), if sent < count && next_send < deadline => {
-                let packet = echo_request(ip.is_ipv6(), ident, sent as u16, token);
-                sent_at.push(Instant::now());
-                rtts.push(None);
-                if let Err(e) = socket.send_to(&packet, dest).await {
-                    network_said = Some(ProbeError::new(
-                        ErrorClass::of_io(&e),
-                        format!("cannot send echo request to {ip}: {e}"),
-                    ));
-                }
-                next_send += interval;
-            }
-            got = socket.recv_from(&mut buf) => {
-                let now = Instant::now();
-                let Ok((n, from)) = got else { continue };
-                match parse(&buf[..n], ip.is_ipv6(), mode, ident, token) {
-                    Some(Reply::Echo(seq)) if from.ip() == ip => {
-                        if let Some(slot @ None) = rtts.get_mut(seq as usize) {
-                            *slot = Some(now - sent_at[seq as usize]);
-                            received += 1;
-                        }
-                    }
-                    Some(Reply::Unreachable(code)) => {
-                        network_said = Some(ProbeError::new(
-                            ErrorClass::Unreachable,
-                            format!("{from} reports {ip} unreachable (code {code})"),
-                        ));
-                    }
-                    _ => {}
-                }
-            }
-            _ = sleep_until(end) => break,
-        }
-    }
-
-    let sent = sent_at.len() as u32;
+    let sent = rtts.len() as u32;
+    let samples: Vec<f64> = rtts.iter().flatten().map(|d| secs(*d)).collect();
+    let received = samples.len() as u32;
     fields.sent = sent;
     fields.received = received;
     fields.loss_ratio = (sent > 0).then(|| 1.0 - f64::from(received) / f64::from(sent));
-    let samples: Vec<f64> = rtts.iter().flatten().map(|d| secs(*d)).collect();
     if !samples.is_empty() {
         let n = samples.len() as f64;
         let avg = samples.iter().sum::<f64>() / n;
@@ -154,6 +113,112 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
     Ok(())
 }
 
+/// One run's echo exchange on a blocking socket.
+struct Session {
+    socket: std::net::UdpSocket,
+    mode: Mode,
+    ip: IpAddr,
+    ident: u16,
+    token: u64,
+}
+
+impl Session {
+    /// Sends `count` requests `interval` apart from `start`; returns each request's round
+    /// trip (`None`: lost) and what the network said about failures.
+    fn run(
+        self,
+        count: u32,
+        interval: Duration,
+        start: Instant,
+        deadline: Instant,
+    ) -> (Vec<Option<Duration>>, Option<ProbeError>) {
+        let ip = self.ip;
+        let v6 = ip.is_ipv6();
+        let dest = SocketAddr::new(ip, 0);
+        let mut sent_at: Vec<Instant> = Vec::with_capacity(count as usize);
+        let mut rtts: Vec<Option<Duration>> = Vec::with_capacity(count as usize);
+        let mut received = 0u32;
+        let mut network_said: Option<ProbeError> = None;
+        let mut buf = vec![0u8; 2048];
+        let mut next_send = start;
+        loop {
+            let sent = sent_at.len() as u32;
+            if sent == count && received == sent {
+                break;
+            }
+            let sending = sent < count && next_send < deadline;
+            let now = Instant::now();
+            if sending && now >= next_send {
+                let packet = echo_request(v6, self.ident, sent as u16, self.token);
+                sent_at.push(Instant::now());
+                rtts.push(None);
+                if let Err(e) = self.socket.send_to(&packet, dest) {
+                    // EINVAL for a valid request means a blackhole route.
+                    let class = match e.kind() {
+                        ErrorKind::InvalidInput => ErrorClass::Unreachable,
+                        _ => ErrorClass::of_io(&e),
+                    };
+                    network_said = Some(ProbeError::new(
+                        class,
+                        format!("cannot send echo request to {ip}: {e}"),
+                    ));
+                }
+                next_send += interval;
+                continue;
+            }
+            let wake = match sent_at.last() {
+                _ if sending => next_send,
+                Some(last) => (*last + REPLY_WAIT).min(deadline),
+                None => deadline,
+            };
+            if now >= wake {
+                if sending {
+                    continue;
+                }
+                break;
+            }
+            // A zero timeout means "block forever" to the kernel, so never pass one.
+            let wait = (wake - now).max(Duration::from_micros(1));
+            if self.socket.set_read_timeout(Some(wait)).is_err() {
+                break;
+            }
+            let (n, from) = match self.socket.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
+                Err(e) => {
+                    // A pending socket error (e.g. unreachable): keep it, don't spin on it.
+                    network_said = Some(ProbeError::new(
+                        ErrorClass::of_io(&e),
+                        format!("echo to {ip}: {e}"),
+                    ));
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            match parse(&buf[..n], v6, self.mode, self.ident, self.token) {
+                Some(Reply::Echo(seq)) if from.ip() == ip => {
+                    let seq = usize::from(seq);
+                    if let (Some(slot @ None), Some(at)) = (rtts.get_mut(seq), sent_at.get(seq)) {
+                        *slot = Some(now - *at);
+                        received += 1;
+                    }
+                }
+                Some(Reply::Unreachable(code)) => {
+                    network_said = Some(ProbeError::new(
+                        ErrorClass::Unreachable,
+                        format!("{from} reports {ip} unreachable (code {code})"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        (rtts, network_said)
+    }
+}
+
 /// The target as an address: an IP literal, or the first address its name resolves to.
 async fn resolve(target: &str) -> Result<IpAddr, ProbeError> {
     let host = target.trim().trim_start_matches('[').trim_end_matches(']');
@@ -170,7 +235,7 @@ async fn resolve(target: &str) -> Result<IpAddr, ProbeError> {
 }
 
 /// Opens a raw ICMP socket, else a ping socket, else explains both fixes.
-fn open(v6: bool) -> Result<(UdpSocket, Mode), ProbeError> {
+fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
     let (domain, protocol, family) = if v6 {
         (Domain::IPV6, Protocol::ICMPV6, "ICMPv6")
     } else {
@@ -200,11 +265,10 @@ fn open(v6: bool) -> Result<(UdpSocket, Mode), ProbeError> {
             format!("cannot set up the {family} socket: {e}"),
         )
     };
-    socket.set_nonblocking(true).map_err(local)?;
-    // A datagram-typed std socket is only a handle for tokio's readiness machinery here:
-    // send_to/recv_from on it map to sendto/recvfrom, which is what both ICMP sockets take.
-    let socket = UdpSocket::from_std(std::net::UdpSocket::from(socket)).map_err(local)?;
-    Ok((socket, mode))
+    socket.set_nonblocking(false).map_err(local)?;
+    // std's UdpSocket is only a safe handle here: its send_to/recv_from/read timeout map to
+    // sendto/recvfrom/SO_RCVTIMEO, which is what both kinds of ICMP socket take.
+    Ok((std::net::UdpSocket::from(socket), mode))
 }
 
 fn echo_request(v6: bool, ident: u16, seq: u16, token: u64) -> Vec<u8> {

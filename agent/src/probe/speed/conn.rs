@@ -173,7 +173,11 @@ pub fn hyper_error(what: &str, e: hyper::Error) -> ProbeError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return ProbeError::new(ErrorClass::of_io(io), format!("{what}: {e}: {io}"));
+            let class = match io.kind() {
+                std::io::ErrorKind::UnexpectedEof => ErrorClass::Protocol,
+                _ => ErrorClass::of_io(io),
+            };
+            return ProbeError::new(class, format!("{what}: {e}: {io}"));
         }
         source = err.source();
     }
