@@ -331,12 +331,12 @@ impl Plan {
             };
         }
         let stop_pings = CancellationToken::new();
-        let pings = tokio::spawn(loaded_pings(
+        let mut pings = AbortOnDrop(tokio::spawn(loaded_pings(
             pinger,
             layout.empty.clone(),
             warm_at,
             stop_pings.clone(),
-        ));
+        )));
 
         let mut result = DirectionResult::default();
         let mut error = None;
@@ -390,12 +390,22 @@ impl Plan {
         while set.join_next().await.is_some() {}
         result.bytes = counter.load(Ordering::Relaxed);
         stop_pings.cancel();
-        let (pinger, loaded) = match pings.await {
+        let (pinger, loaded) = match (&mut pings.0).await {
             Ok(done) => done,
             Err(_) => (Pinger::new(self.endpoint.clone()), Vec::new()),
         };
         result.loaded = loaded;
         (result, error, pinger)
+    }
+}
+
+/// Aborts the task when dropped, so a run cut short by its time limit leaves nothing
+/// running behind it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
