@@ -93,7 +93,8 @@ fn layouts(base: &str) -> [Layout; 3] {
     ]
 }
 
-fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<(Endpoint, String), ProbeError> {
+/// The target URL's scheme, host and address (resolved once per run).
+async fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<Endpoint, ProbeError> {
     let https = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
@@ -122,16 +123,13 @@ fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<(Endpoint, String), ProbeErro
     } else {
         format!("{bare}:{port}")
     };
-    Ok((
-        Endpoint {
-            https,
-            host: bare,
-            authority,
-            addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            insecure_tls: spec.options.insecure_tls.unwrap_or(false),
-        },
-        host_port,
-    ))
+    Ok(Endpoint {
+        https,
+        addr: tcp::resolve(&host_port).await?,
+        host: bare,
+        authority,
+        insecure_tls: spec.options.insecure_tls.unwrap_or(false),
+    })
 }
 
 async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), ProbeError> {
@@ -158,9 +156,7 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
         .target
         .parse()
         .map_err(|e| ProbeError::new(ErrorClass::Local, format!("bad URL {}: {e}", spec.target)))?;
-    let (mut endpoint, host_port) = endpoint(spec, &uri)?;
-    endpoint.addr = tcp::resolve(&host_port).await?;
-    let endpoint = Arc::new(endpoint);
+    let endpoint = Arc::new(endpoint(spec, &uri).await?);
 
     let mut pinger = Pinger::new(endpoint.clone());
     let layout = detect(&mut pinger, uri.path()).await?;

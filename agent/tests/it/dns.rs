@@ -168,7 +168,7 @@ fn dns_silent_server_times_out() {
     assert_eq!(v["rcode"], "");
     let took = f64_of(&v, "duration_seconds");
     assert!(
-        (2.0..2.6).contains(&took),
+        (2.0..3.0).contains(&took),
         "resent until just before the limit: {took}"
     );
 }

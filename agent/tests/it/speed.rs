@@ -39,7 +39,7 @@ fn speed_against_our_target_measures_both_directions_and_latency() {
     assert!(f64_of(&v, "upload_loaded_latency_seconds") > 0.0);
     let took = f64_of(&v, "duration_seconds");
     assert!(
-        (4.0..8.0).contains(&took),
+        (4.0..10.0).contains(&took),
         "two directions of 2 s, plus pings: {took}"
     );
 }
