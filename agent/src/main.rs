@@ -233,6 +233,8 @@ fn main() -> ExitCode {
                     ..TestOptions::default()
                 },
             };
+            // The speed probe takes ~20 s: show progress when a person is watching.
+            probe::speed::show_progress(kind == Kind::Speed && std::io::stderr().is_terminal());
             let outcome = runtime().block_on(probe::run(&spec));
             if json {
                 println!("{}", report::json(&spec, &outcome));

@@ -1,13 +1,298 @@
-//! dns probe (built in the probe-suite issue).
+//! dns probe: one query for `name`/`record_type` (default A) to a given server (`server`,
+//! `ip` or `ip:port`) or to the first `nameserver` of /etc/resolv.conf, timed from the
+//! first datagram to the matching answer.
+//!
+//! - The query goes over UDP with EDNS (1232-byte payload), is resent every second until
+//!   the run's deadline, and is repeated over TCP when the answer is truncated.
+//! - An answer counts only if its id, QR bit and question match the query; anything else
+//!   arriving on the socket is ignored, so a confused or hostile server cannot end the run.
+//! - NOERROR is success, also with an empty answer section (NODATA), like
+//!   blackbox-exporter's default; any other rcode is a failure of class `dns` that keeps
+//!   the rcode and the answer count.
 
-use super::{empty_fields, ErrorClass, Measured, ProbeError, ProbeSpec};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::time::timeout_at;
+
+use super::{
+    default_timeout, secs, DnsFields, ErrorClass, Fields, Measured, ProbeError, ProbeSpec,
+};
+
+/// Time between UDP retransmissions of the query.
+const RESEND: Duration = Duration::from_secs(1);
+/// Where the system resolver's servers are listed.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 pub async fn run(spec: &ProbeSpec) -> Measured {
-    (
-        empty_fields(spec.kind),
-        Some(ProbeError::new(
+    let mut fields = DnsFields::default();
+    let error = measure(spec, &mut fields).await.err();
+    (Fields::Dns(fields), error)
+}
+
+async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeError> {
+    // Finish a little before the outer limit so a timeout is reported here, with context.
+    let limit = spec
+        .options
+        .timeout
+        .unwrap_or_else(|| default_timeout(spec));
+    let deadline = tokio::time::Instant::now()
+        + limit.saturating_sub((limit / 10).min(Duration::from_millis(500)));
+
+    // The name is taken as absolute: no search domains, as dig does.
+    let mut name = Name::from_str(spec.target.trim()).map_err(|e| {
+        ProbeError::new(
             ErrorClass::Local,
-            "dns probe not built yet",
-        )),
-    )
+            format!("bad name `{}`: {e}", spec.target),
+        )
+    })?;
+    name.set_fqdn(true);
+    let record_type = spec.options.record_type.as_deref().unwrap_or("A");
+    let rtype = RecordType::from_str(&record_type.to_ascii_uppercase()).map_err(|_| {
+        ProbeError::new(
+            ErrorClass::Local,
+            format!("unknown record type `{record_type}`"),
+        )
+    })?;
+    let server = match &spec.options.server {
+        Some(s) => parse_server(s)?,
+        None => system_server()?,
+    };
+
+    let mut query = Message::new();
+    query
+        .set_id(rand::random())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(name, rtype));
+    let mut edns = Edns::new();
+    edns.set_max_payload(1232);
+    query.set_edns(edns);
+    let wire = query
+        .to_vec()
+        .map_err(|e| ProbeError::new(ErrorClass::Local, format!("cannot encode the query: {e}")))?;
+
+    let start = Instant::now();
+    let mut answer = ask_udp(server, &wire, &query, deadline).await?;
+    if answer.truncated() {
+        answer = ask_tcp(server, &wire, &query, deadline).await?;
+    }
+    fields.resolve_seconds = Some(secs(start.elapsed()));
+    fields.answers = answer.answers().len() as u32;
+    let rcode = answer.response_code();
+    fields.rcode = rcode_name(rcode);
+    if rcode != ResponseCode::NoError {
+        return Err(ProbeError::new(
+            ErrorClass::Dns,
+            format!(
+                "{} {record_type}: {} from {server}",
+                spec.target, fields.rcode
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `ip`, `ip:port` or `[v6]:port`; port 53 by default.
+fn parse_server(s: &str) -> Result<SocketAddr, ProbeError> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip = s.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| {
+            ProbeError::new(
+                ErrorClass::Local,
+                format!("server `{s}` is not ip or ip:port"),
+            )
+        })
+}
+
+/// The first `nameserver` of /etc/resolv.conf, or 127.0.0.1 like glibc when none is listed.
+fn system_server() -> Result<SocketAddr, ProbeError> {
+    let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    Ok(first_nameserver(&text).unwrap_or(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 53)))
+}
+
+fn first_nameserver(resolv_conf: &str) -> Option<SocketAddr> {
+    resolv_conf.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            return None;
+        }
+        // A scoped IPv6 address (fe80::1%eth0) keeps its address part only.
+        let ip = words.next()?.split('%').next()?;
+        ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+    })
+}
+
+fn io_error(server: SocketAddr, what: &str, e: std::io::Error) -> ProbeError {
+    ProbeError::new(ErrorClass::of_io(&e), format!("{what} {server}: {e}"))
+}
+
+fn timeout(server: SocketAddr) -> ProbeError {
+    ProbeError::new(ErrorClass::Timeout, format!("no answer from {server}"))
+}
+
+async fn ask_udp(
+    server: SocketAddr,
+    wire: &[u8],
+    query: &Message,
+    deadline: tokio::time::Instant,
+) -> Result<Message, ProbeError> {
+    let local: SocketAddr = if server.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local)
+        .await
+        .map_err(|e| io_error(server, "cannot open a UDP socket for", e))?;
+    // Connected, so the kernel drops datagrams from other peers and reports port
+    // unreachable as ECONNREFUSED.
+    socket
+        .connect(server)
+        .await
+        .map_err(|e| io_error(server, "cannot reach", e))?;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        socket
+            .send(wire)
+            .await
+            .map_err(|e| io_error(server, "cannot send to", e))?;
+        let resend = (tokio::time::Instant::now() + RESEND).min(deadline);
+        loop {
+            match timeout_at(resend, socket.recv(&mut buf)).await {
+                Err(_) if resend >= deadline => return Err(timeout(server)),
+                Err(_) => break,
+                Ok(Err(e)) => return Err(io_error(server, "no answer from", e)),
+                Ok(Ok(n)) => {
+                    if let Some(answer) = matching(query, &buf[..n]) {
+                        return Ok(answer);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn ask_tcp(
+    server: SocketAddr,
+    wire: &[u8],
+    query: &Message,
+    deadline: tokio::time::Instant,
+) -> Result<Message, ProbeError> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(server)
+            .await
+            .map_err(|e| io_error(server, "cannot connect (TCP) to", e))?;
+        let mut framed = Vec::with_capacity(wire.len() + 2);
+        framed.extend_from_slice(&(wire.len() as u16).to_be_bytes());
+        framed.extend_from_slice(wire);
+        stream
+            .write_all(&framed)
+            .await
+            .map_err(|e| io_error(server, "cannot send (TCP) to", e))?;
+        loop {
+            let len = stream
+                .read_u16()
+                .await
+                .map_err(|e| io_error(server, "no answer (TCP) from", e))?;
+            let mut buf = vec![0u8; len as usize];
+            stream
+                .read_exact(&mut buf)
+                .await
+                .map_err(|e| io_error(server, "short answer (TCP) from", e))?;
+            if let Some(answer) = matching(query, &buf) {
+                return Ok(answer);
+            }
+        }
+    };
+    timeout_at(deadline, exchange)
+        .await
+        .unwrap_or_else(|_| Err(timeout(server)))
+}
+
+/// The datagram parsed, if it answers this query.
+fn matching(query: &Message, datagram: &[u8]) -> Option<Message> {
+    let answer = Message::from_vec(datagram).ok()?;
+    let same_question = answer.queries().len() == query.queries().len()
+        && answer
+            .queries()
+            .iter()
+            .zip(query.queries())
+            .all(|(a, q)| a.query_type() == q.query_type() && a.name() == q.name());
+    (answer.id() == query.id() && answer.message_type() == MessageType::Response && same_question)
+        .then_some(answer)
+}
+
+/// The rcode as dig prints it: NOERROR, NXDOMAIN, SERVFAIL, ...
+fn rcode_name(rcode: ResponseCode) -> String {
+    let name = match rcode {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::YXDomain => "YXDOMAIN",
+        ResponseCode::YXRRSet => "YXRRSET",
+        ResponseCode::NXRRSet => "NXRRSET",
+        ResponseCode::NotAuth => "NOTAUTH",
+        ResponseCode::NotZone => "NOTZONE",
+        ResponseCode::BADVERS => "BADVERS",
+        other => return format!("RCODE{}", u16::from(other)),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn servers_parse_with_and_without_port() {
+        assert_eq!(
+            parse_server("192.0.2.53").unwrap(),
+            "192.0.2.53:53".parse().unwrap()
+        );
+        assert_eq!(
+            parse_server("127.0.0.1:5353").unwrap(),
+            "127.0.0.1:5353".parse().unwrap()
+        );
+        assert_eq!(
+            parse_server("[::1]:5353").unwrap(),
+            "[::1]:5353".parse().unwrap()
+        );
+        assert_eq!(parse_server("::1").unwrap(), "[::1]:53".parse().unwrap());
+        assert_eq!(
+            parse_server("resolver").unwrap_err().class,
+            ErrorClass::Local
+        );
+    }
+
+    #[test]
+    fn resolv_conf_first_nameserver() {
+        let conf =
+            "# generated\nsearch example.net\nnameserver fe80::1%eth0\nnameserver 10.0.0.1\n";
+        assert_eq!(
+            first_nameserver(conf),
+            Some("[fe80::1]:53".parse().unwrap())
+        );
+        assert_eq!(first_nameserver("options ndots:2\n"), None);
+    }
+
+    #[test]
+    fn rcodes_print_like_dig() {
+        assert_eq!(rcode_name(ResponseCode::NXDomain), "NXDOMAIN");
+        assert_eq!(rcode_name(ResponseCode::NoError), "NOERROR");
+        assert_eq!(rcode_name(ResponseCode::Unknown(3000)), "RCODE3000");
+    }
 }

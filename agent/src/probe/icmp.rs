@@ -1,18 +1,396 @@
-//! icmp probe (built in the probe-suite issue).
+//! icmp probe: `count` echo requests `interval` apart to one address of the target host;
+//! sent, received, loss ratio and rtt min/avg/max/mdev (mdev as iputils ping computes it:
+//! sqrt(mean(rtt^2) - mean(rtt)^2)).
+//!
+//! - Socket: a raw ICMP socket when the process has CAP_NET_RAW, else an unprivileged ICMP
+//!   datagram ("ping") socket when the group is inside net.ipv4.ping_group_range, else a
+//!   failed result of class `local` whose message names both fixes. IPv4 and IPv6.
+//! - A reply counts when its type, identifier (raw sockets; the kernel demultiplexes
+//!   datagram sockets), sequence and a per-run random token in the payload match, so other
+//!   pingers on the host and duplicates cannot skew the figures.
+//! - The exchange runs on a blocking thread (a blocked `recvfrom` wakes straight from the
+//!   kernel; an async task would add the runtime's wake-up to every round trip). It ends
+//!   when every reply is in, or `REPLY_WAIT` after the last request, or just before the
+//!   whole-run limit, so a partial run still reports what it measured.
+//! - All replies lost is a failure: `unreachable` when the network said so (a send error
+//!   or an ICMP destination-unreachable), `loss` otherwise.
 
-use std::time::Duration;
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
-use super::{empty_fields, ErrorClass, Measured, ProbeError, ProbeSpec};
+use super::{
+    default_timeout, secs, ErrorClass, Fields, IcmpFields, Measured, ProbeError, ProbeSpec,
+};
+use socket2::{Domain, Protocol, Socket, Type};
 
 pub const DEFAULT_COUNT: u32 = 5;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long to wait for replies after the last request.
+const REPLY_WAIT: Duration = Duration::from_secs(2);
+/// Sequence numbers are 16 bits and each request keeps its send time.
+const MAX_COUNT: u32 = 10_000;
+/// ICMP payload after the header, as `ping`'s default 56 bytes.
+const PAYLOAD_LEN: usize = 56;
+
+const ECHO_REQUEST_V4: u8 = 8;
+const ECHO_REPLY_V4: u8 = 0;
+const UNREACHABLE_V4: u8 = 3;
+const ECHO_REQUEST_V6: u8 = 128;
+const ECHO_REPLY_V6: u8 = 129;
+const UNREACHABLE_V6: u8 = 1;
 
 pub async fn run(spec: &ProbeSpec) -> Measured {
-    (
-        empty_fields(spec.kind),
-        Some(ProbeError::new(
+    let mut fields = IcmpFields::default();
+    let error = measure(spec, &mut fields).await.err();
+    (Fields::Icmp(fields), error)
+}
+
+/// Which kind of ICMP socket we got; it decides the reply format.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// Raw socket (CAP_NET_RAW): IPv4 replies come with their IP header and every echo
+    /// reply on the host arrives, so the identifier is checked.
+    Raw,
+    /// Ping socket: the kernel sets the identifier and delivers only our replies.
+    Datagram,
+}
+
+async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeError> {
+    let start = Instant::now();
+    let limit = spec
+        .options
+        .timeout
+        .unwrap_or_else(|| default_timeout(spec));
+    let deadline = start + limit.saturating_sub((limit / 10).min(Duration::from_millis(200)));
+    let count = spec
+        .options
+        .count
+        .unwrap_or(DEFAULT_COUNT)
+        .clamp(1, MAX_COUNT);
+    let interval = spec.options.interval.unwrap_or(DEFAULT_INTERVAL);
+
+    let ip = resolve(&spec.target).await?;
+    let (socket, mode) = open(ip.is_ipv6())?;
+    tracing::debug!(target = %spec.target, %ip, ?mode, "icmp socket open");
+    let session = Session {
+        socket,
+        mode,
+        ip,
+        ident: rand::random(),
+        token: rand::random(),
+    };
+    // A blocked thread wakes straight from the kernel; an async task would add the
+    // runtime's wake-up latency to every round trip.
+    let (rtts, network_said) =
+        tokio::task::spawn_blocking(move || session.run(count, interval, start, deadline))
+            .await
+            .map_err(|e| ProbeError::new(ErrorClass::Other, format!("icmp session failed: {e}")))?;
+
+    let sent = rtts.len() as u32;
+    let samples: Vec<f64> = rtts.iter().flatten().map(|d| secs(*d)).collect();
+    let received = samples.len() as u32;
+    fields.sent = sent;
+    fields.received = received;
+    fields.loss_ratio = (sent > 0).then(|| 1.0 - f64::from(received) / f64::from(sent));
+    if !samples.is_empty() {
+        let n = samples.len() as f64;
+        let avg = samples.iter().sum::<f64>() / n;
+        let mean_sq = samples.iter().map(|r| r * r).sum::<f64>() / n;
+        fields.rtt_min_seconds = samples.iter().copied().reduce(f64::min);
+        fields.rtt_max_seconds = samples.iter().copied().reduce(f64::max);
+        fields.rtt_avg_seconds = Some(avg);
+        fields.rtt_mdev_seconds = Some((mean_sq - avg * avg).max(0.0).sqrt());
+    }
+    if received == 0 {
+        return Err(network_said.unwrap_or_else(|| {
+            ProbeError::new(
+                ErrorClass::Loss,
+                format!("no echo reply from {ip} ({sent} requests sent)"),
+            )
+        }));
+    }
+    Ok(())
+}
+
+/// One run's echo exchange on a blocking socket.
+struct Session {
+    socket: std::net::UdpSocket,
+    mode: Mode,
+    ip: IpAddr,
+    ident: u16,
+    token: u64,
+}
+
+impl Session {
+    /// Sends `count` requests `interval` apart from `start`; returns each request's round
+    /// trip (`None`: lost) and what the network said about failures.
+    fn run(
+        self,
+        count: u32,
+        interval: Duration,
+        start: Instant,
+        deadline: Instant,
+    ) -> (Vec<Option<Duration>>, Option<ProbeError>) {
+        let ip = self.ip;
+        let v6 = ip.is_ipv6();
+        let dest = SocketAddr::new(ip, 0);
+        let mut sent_at: Vec<Instant> = Vec::with_capacity(count as usize);
+        let mut rtts: Vec<Option<Duration>> = Vec::with_capacity(count as usize);
+        let mut received = 0u32;
+        let mut network_said: Option<ProbeError> = None;
+        let mut buf = vec![0u8; 2048];
+        let mut next_send = start;
+        loop {
+            let sent = sent_at.len() as u32;
+            if sent == count && received == sent {
+                break;
+            }
+            let sending = sent < count && next_send < deadline;
+            let now = Instant::now();
+            if sending && now >= next_send {
+                let packet = echo_request(v6, self.ident, sent as u16, self.token);
+                sent_at.push(Instant::now());
+                rtts.push(None);
+                if let Err(e) = self.socket.send_to(&packet, dest) {
+                    // EINVAL for a valid request means a blackhole route.
+                    let class = match e.kind() {
+                        ErrorKind::InvalidInput => ErrorClass::Unreachable,
+                        _ => ErrorClass::of_io(&e),
+                    };
+                    network_said = Some(ProbeError::new(
+                        class,
+                        format!("cannot send echo request to {ip}: {e}"),
+                    ));
+                }
+                next_send += interval;
+                continue;
+            }
+            let wake = match sent_at.last() {
+                _ if sending => next_send,
+                Some(last) => (*last + REPLY_WAIT).min(deadline),
+                None => deadline,
+            };
+            if now >= wake {
+                if sending {
+                    continue;
+                }
+                break;
+            }
+            // A zero timeout means "block forever" to the kernel, so never pass one.
+            let wait = (wake - now).max(Duration::from_micros(1));
+            if self.socket.set_read_timeout(Some(wait)).is_err() {
+                break;
+            }
+            let (n, from) = match self.socket.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue
+                }
+                Err(e) => {
+                    // A pending socket error (e.g. unreachable): keep it, don't spin on it.
+                    network_said = Some(ProbeError::new(
+                        ErrorClass::of_io(&e),
+                        format!("echo to {ip}: {e}"),
+                    ));
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            match parse(&buf[..n], v6, self.mode, self.ident, self.token) {
+                Some(Reply::Echo(seq)) if from.ip() == ip => {
+                    let seq = usize::from(seq);
+                    if let (Some(slot @ None), Some(at)) = (rtts.get_mut(seq), sent_at.get(seq)) {
+                        *slot = Some(now - *at);
+                        received += 1;
+                    }
+                }
+                Some(Reply::Unreachable(code)) => {
+                    network_said = Some(ProbeError::new(
+                        ErrorClass::Unreachable,
+                        format!("{from} reports {ip} unreachable (code {code})"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        (rtts, network_said)
+    }
+}
+
+/// The target as an address: an IP literal, or the first address its name resolves to.
+async fn resolve(target: &str) -> Result<IpAddr, ProbeError> {
+    let host = target.trim().trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let mut addrs = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(|e| ProbeError::new(ErrorClass::Dns, format!("cannot resolve {host}: {e}")))?;
+    addrs
+        .next()
+        .map(|a| a.ip())
+        .ok_or_else(|| ProbeError::new(ErrorClass::Dns, format!("{host} has no addresses")))
+}
+
+/// Opens a raw ICMP socket, else a ping socket, else explains both fixes.
+fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
+    let (domain, protocol, family) = if v6 {
+        (Domain::IPV6, Protocol::ICMPV6, "ICMPv6")
+    } else {
+        (Domain::IPV4, Protocol::ICMPV4, "ICMP")
+    };
+    let (socket, mode) = match Socket::new(domain, Type::RAW, Some(protocol)) {
+        Ok(s) => (s, Mode::Raw),
+        Err(raw) => match Socket::new(domain, Type::DGRAM, Some(protocol)) {
+            Ok(s) => (s, Mode::Datagram),
+            Err(dgram) => {
+                return Err(ProbeError::new(
+                    ErrorClass::Local,
+                    format!(
+                        "cannot open an {family} socket: raw socket: {raw} (grant CAP_NET_RAW, \
+                         e.g. AmbientCapabilities=CAP_NET_RAW in the systemd unit or \
+                         `setcap cap_net_raw+ep edgeprobe-agent`); datagram socket: {dgram} \
+                         (allow the agent's group in sysctl net.ipv4.ping_group_range, \
+                         e.g. \"0 2147483647\")"
+                    ),
+                ))
+            }
+        },
+    };
+    let local = |e: std::io::Error| {
+        ProbeError::new(
             ErrorClass::Local,
-            "icmp probe not built yet",
-        )),
-    )
+            format!("cannot set up the {family} socket: {e}"),
+        )
+    };
+    socket.set_nonblocking(false).map_err(local)?;
+    // std's UdpSocket is only a safe handle here: its send_to/recv_from/read timeout map to
+    // sendto/recvfrom/SO_RCVTIMEO, which is what both kinds of ICMP socket take.
+    Ok((std::net::UdpSocket::from(socket), mode))
+}
+
+fn echo_request(v6: bool, ident: u16, seq: u16, token: u64) -> Vec<u8> {
+    let mut packet = vec![0u8; 8 + PAYLOAD_LEN];
+    packet[0] = if v6 { ECHO_REQUEST_V6 } else { ECHO_REQUEST_V4 };
+    packet[4..6].copy_from_slice(&ident.to_be_bytes());
+    packet[6..8].copy_from_slice(&seq.to_be_bytes());
+    packet[8..16].copy_from_slice(&token.to_be_bytes());
+    for (i, byte) in packet[16..].iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    // The kernel computes ICMPv6 checksums (they cover a pseudo-header) and those of ping
+    // sockets; raw ICMPv4 needs ours.
+    if !v6 {
+        let sum = checksum(&packet);
+        packet[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    packet
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[derive(Debug, PartialEq)]
+enum Reply {
+    /// An echo reply to our request with this sequence number.
+    Echo(u16),
+    /// Destination unreachable about one of our requests, with its code.
+    Unreachable(u8),
+}
+
+/// Parses what the socket returned; `None` for anything not about our requests.
+fn parse(packet: &[u8], v6: bool, mode: Mode, ident: u16, token: u64) -> Option<Reply> {
+    // Raw IPv4 sockets return the IP header too; IPv6 and ping sockets do not.
+    let icmp = if !v6 && mode == Mode::Raw {
+        let header_len = usize::from(packet.first()? & 0x0f) * 4;
+        packet.get(header_len..)?
+    } else {
+        packet
+    };
+    let (echo_reply, unreachable) = if v6 {
+        (ECHO_REPLY_V6, UNREACHABLE_V6)
+    } else {
+        (ECHO_REPLY_V4, UNREACHABLE_V4)
+    };
+    let kind = *icmp.first()?;
+    let ours = |echo: &[u8], with_token: bool| {
+        let id_ok = mode == Mode::Datagram || echo.get(4..6)? == ident.to_be_bytes();
+        let token_ok = !with_token || echo.get(8..16)? == token.to_be_bytes();
+        (id_ok && token_ok).then(|| u16::from_be_bytes([echo[6], echo[7]]))
+    };
+    if kind == echo_reply {
+        return ours(icmp, true).map(Reply::Echo);
+    }
+    if kind == unreachable && mode == Mode::Raw {
+        // The error quotes our request: its IP header, then at least 8 bytes of ICMP.
+        let quoted = icmp.get(8..)?;
+        let quoted_icmp = if v6 {
+            quoted.get(40..)?
+        } else {
+            quoted.get(usize::from(quoted.first()? & 0x0f) * 4..)?
+        };
+        return ours(quoted_icmp, false).map(|_| Reply::Unreachable(icmp[1]));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_of_a_valid_packet_is_zero() {
+        let packet = echo_request(false, 0x1234, 7, 42);
+        assert_eq!(checksum(&packet), 0);
+    }
+
+    #[test]
+    fn raw_v4_reply_with_ip_header_parses() {
+        let mut reply = vec![0x45u8];
+        reply.extend_from_slice(&[0; 19]);
+        let mut icmp = echo_request(false, 9, 3, 77);
+        icmp[0] = ECHO_REPLY_V4;
+        reply.extend_from_slice(&icmp);
+        assert_eq!(parse(&reply, false, Mode::Raw, 9, 77), Some(Reply::Echo(3)));
+        assert_eq!(
+            parse(&reply, false, Mode::Raw, 10, 77),
+            None,
+            "other identifier"
+        );
+        assert_eq!(parse(&reply, false, Mode::Raw, 9, 78), None, "other token");
+        assert_eq!(
+            parse(&icmp, false, Mode::Datagram, 1, 77),
+            Some(Reply::Echo(3))
+        );
+    }
+
+    #[test]
+    fn unreachable_quoting_our_request_is_recognised() {
+        let mut error = vec![UNREACHABLE_V4, 1, 0, 0, 0, 0, 0, 0, 0x45];
+        error.extend_from_slice(&[0; 19]);
+        error.extend_from_slice(&echo_request(false, 5, 0, 1)[..8]);
+        assert_eq!(
+            parse(&error, true, Mode::Raw, 5, 1),
+            None,
+            "v4 error on a v6 socket"
+        );
+        let mut raw = vec![0x45u8];
+        raw.extend_from_slice(&[0; 19]);
+        raw.extend_from_slice(&error);
+        assert_eq!(
+            parse(&raw, false, Mode::Raw, 5, 1),
+            Some(Reply::Unreachable(1))
+        );
+    }
 }

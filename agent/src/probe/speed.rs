@@ -1,17 +1,629 @@
-//! speed probe (built in the probe-suite issue).
+//! speed probe: download and upload goodput over parallel HTTP streams, idle latency,
+//! jitter and latency under load, against a LibreSpeed-protocol target (our
+//! `serve-target` or a stock LibreSpeed backend). docs/PROBES.md has the methodology.
+//!
+//! One run: resolve once; find the endpoints (see `Layout`); `pings` round trips of
+//! `GET empty` on a kept-alive connection give the idle latency (median) and jitter (mean
+//! absolute difference of consecutive round trips); then each direction for `duration`:
+//! `streams` connections each repeating `GET garbage?ckSize=100` (download) or
+//! `POST empty` with an 8 MiB random body (upload), while the ping connection keeps
+//! timing round trips (loaded latency, median). Goodput counts payload bytes only between
+//! the end of the warm-up and the end of the direction: bits / seconds of that window.
+//!
+//! Invariants: every stream and connection of a direction is gone before the next
+//! direction starts; a 503 anywhere is `busy`; a direction that moves no payload fails.
 
+mod conn;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use super::{empty_fields, ErrorClass, Measured, ProbeError, ProbeSpec};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::{Method, Uri};
+use rand::RngCore;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+
+use self::conn::{Conn, Endpoint, Use};
+use super::{secs, tcp, ErrorClass, Fields, Measured, ProbeError, ProbeSpec, SpeedFields};
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+pub const DEFAULT_DOWNLOAD_STREAMS: u32 = 6;
+pub const DEFAULT_UPLOAD_STREAMS: u32 = 3;
+/// Start of each direction excluded from the rate; at most half the duration.
+pub const DEFAULT_WARMUP: Duration = Duration::from_secs(2);
+/// Idle round trips; also the floor.
+pub const DEFAULT_PINGS: u32 = 10;
+const MAX_PINGS: u32 = 1000;
+const MAX_STREAMS: u32 = 64;
+/// Time between loaded round trips.
+const LOADED_PING_INTERVAL: Duration = Duration::from_millis(100);
+/// One round trip longer than this is lost.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// `ckSize` of each download request, as LibreSpeed's client asks.
+const DOWNLOAD_MIB: u32 = 100;
+/// Body of each upload request.
+const UPLOAD_REQUEST_BYTES: u64 = 8 << 20;
+/// Upload body frames, slices of one random buffer.
+const UPLOAD_FRAME: usize = 64 * 1024;
+const PROGRESS_TICK: Duration = Duration::from_millis(250);
+
+static PROGRESS: AtomicBool = AtomicBool::new(false);
+
+/// Shows a progress line on stderr during speed runs (the one-shot command on a terminal).
+pub fn show_progress(on: bool) {
+    PROGRESS.store(on, Ordering::Relaxed);
+}
 
 pub async fn run(spec: &ProbeSpec) -> Measured {
-    (
-        empty_fields(spec.kind),
-        Some(ProbeError::new(
-            ErrorClass::Local,
-            "speed probe not built yet",
-        )),
-    )
+    let mut fields = SpeedFields::default();
+    let error = measure(spec, &mut fields).await.err();
+    if PROGRESS.load(Ordering::Relaxed) {
+        eprint!("\r\x1b[2K");
+    }
+    (Fields::Speed(fields), error)
+}
+
+/// Which URL layout the target uses, relative to the target URL's path.
+#[derive(Debug, Clone, PartialEq)]
+struct Layout {
+    garbage: String,
+    empty: String,
+}
+
+/// Candidates in order: ours (`/garbage`, `/empty`), LibreSpeed's default install
+/// (`/backend/garbage.php`), and a LibreSpeed backend directory given as the URL
+/// (`/garbage.php`). The first whose `empty` answers 2xx wins.
+fn layouts(base: &str) -> [Layout; 3] {
+    let base = base.trim_end_matches('/');
+    let layout = |garbage: &str, empty: &str| Layout {
+        garbage: format!("{base}{garbage}"),
+        empty: format!("{base}{empty}"),
+    };
+    [
+        layout("/garbage", "/empty"),
+        layout("/backend/garbage.php", "/backend/empty.php"),
+        layout("/garbage.php", "/empty.php"),
+    ]
+}
+
+/// The target URL's scheme, host and address (resolved once per run).
+async fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<Endpoint, ProbeError> {
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => {
+            return Err(ProbeError::new(
+                ErrorClass::Local,
+                format!("target `{}` must be an http(s) URL", spec.target),
+            ))
+        }
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| ProbeError::new(ErrorClass::Local, "URL has no host"))?;
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or(host)
+        .to_string();
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let host_port = if bare.contains(':') {
+        format!("[{bare}]:{port}")
+    } else {
+        format!("{bare}:{port}")
+    };
+    Ok(Endpoint {
+        https,
+        addr: tcp::resolve(&host_port).await?,
+        host: bare,
+        authority,
+        insecure_tls: spec.options.insecure_tls.unwrap_or(false),
+    })
+}
+
+async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), ProbeError> {
+    let o = &spec.options;
+    let duration = o
+        .duration
+        .unwrap_or(DEFAULT_DURATION)
+        .max(Duration::from_millis(200));
+    let warmup = o.warmup.unwrap_or(DEFAULT_WARMUP).min(duration / 2);
+    let down_streams = o
+        .download_streams
+        .or(o.streams)
+        .unwrap_or(DEFAULT_DOWNLOAD_STREAMS);
+    let up_streams = o
+        .upload_streams
+        .or(o.streams)
+        .unwrap_or(DEFAULT_UPLOAD_STREAMS);
+    let pings = o
+        .pings
+        .unwrap_or(DEFAULT_PINGS)
+        .clamp(DEFAULT_PINGS, MAX_PINGS);
+
+    let uri: Uri = spec
+        .target
+        .parse()
+        .map_err(|e| ProbeError::new(ErrorClass::Local, format!("bad URL {}: {e}", spec.target)))?;
+    let endpoint = Arc::new(endpoint(spec, &uri).await?);
+
+    let mut pinger = Pinger::new(endpoint.clone());
+    let layout = detect(&mut pinger, uri.path()).await?;
+    tracing::debug!(target = %spec.target, ?layout, "speed endpoints");
+
+    progress(format_args!("idle latency"));
+    let mut idle = Vec::with_capacity(pings as usize);
+    for _ in 0..pings {
+        idle.push(pinger.ping(&layout.empty).await?);
+    }
+    fields.idle_latency_seconds = median(&idle).map(secs);
+    fields.jitter_seconds = jitter(&idle).map(secs);
+
+    let plan = Plan {
+        endpoint: endpoint.clone(),
+        duration,
+        warmup,
+    };
+    let (down, error, back) = plan
+        .direction(Direction::Download, down_streams, &layout, pinger)
+        .await;
+    pinger = back;
+    fields.bytes_downloaded = down.bytes;
+    fields.download_bits_per_second = down.bits_per_second;
+    fields.download_loaded_latency_seconds = median(&down.loaded).map(secs);
+    if let Some(e) = error {
+        return Err(e);
+    }
+
+    let (up, error, _) = plan
+        .direction(Direction::Upload, up_streams, &layout, pinger)
+        .await;
+    fields.bytes_uploaded = up.bytes;
+    fields.upload_bits_per_second = up.bits_per_second;
+    fields.upload_loaded_latency_seconds = median(&up.loaded).map(secs);
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Finds the layout whose `empty` endpoint answers; the answer also warms the ping
+/// connection.
+async fn detect(pinger: &mut Pinger, base: &str) -> Result<Layout, ProbeError> {
+    let mut tried = Vec::new();
+    for layout in layouts(base) {
+        match pinger.ping(&layout.empty).await {
+            Ok(_) => return Ok(layout),
+            Err(e) if e.class == ErrorClass::HttpStatus => tried.push(e.message),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(ProbeError::new(
+        ErrorClass::HttpStatus,
+        format!("no LibreSpeed endpoints found: {}", tried.join("; ")),
+    ))
+}
+
+/// Round trips of `GET empty` on one kept-alive connection, reopened when needed (not
+/// timed).
+struct Pinger {
+    endpoint: Arc<Endpoint>,
+    conn: Option<Conn<Empty<Bytes>>>,
+    /// A ping was cancelled mid-flight: its connection state is unknown.
+    interrupted: bool,
+    sent: u64,
+}
+
+impl Pinger {
+    fn new(endpoint: Arc<Endpoint>) -> Self {
+        Pinger {
+            endpoint,
+            conn: None,
+            interrupted: false,
+            sent: 0,
+        }
+    }
+
+    async fn ping(&mut self, path: &str) -> Result<Duration, ProbeError> {
+        let kept = self.conn.take().filter(|_| !self.interrupted);
+        let mut conn = self.endpoint.reuse_or_open(kept, Use::Ping).await?;
+        self.sent += 1;
+        let path = format!("{path}?r={}", self.sent);
+        self.interrupted = true;
+        let start = Instant::now();
+        let round_trip = async {
+            let response = conn
+                .send(&self.endpoint, Method::GET, &path, Empty::new())
+                .await?;
+            response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| conn::hyper_error(&path, e))?;
+            Ok::<_, ProbeError>(start.elapsed())
+        };
+        let took = timeout(PING_TIMEOUT, round_trip)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProbeError::new(
+                    ErrorClass::Timeout,
+                    format!("GET {path}: no answer within {PING_TIMEOUT:?}"),
+                ))
+            })?;
+        self.interrupted = false;
+        self.conn = Some(conn);
+        Ok(took)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Direction {
+    Download,
+    Upload,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Download => "download",
+            Direction::Upload => "upload",
+        }
+    }
+}
+
+struct Plan {
+    endpoint: Arc<Endpoint>,
+    duration: Duration,
+    warmup: Duration,
+}
+
+#[derive(Default)]
+struct DirectionResult {
+    bits_per_second: Option<f64>,
+    bytes: u64,
+    loaded: Vec<Duration>,
+}
+
+impl Plan {
+    /// One direction: streams for `duration`, loaded pings after the warm-up. Hands the
+    /// pinger back for the next direction.
+    async fn direction(
+        &self,
+        direction: Direction,
+        streams: u32,
+        layout: &Layout,
+        pinger: Pinger,
+    ) -> (DirectionResult, Option<ProbeError>, Pinger) {
+        let counter = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        let warm_at = start + self.warmup;
+        let end_at = start + self.duration;
+        let payload = random_payload();
+        let mut set = JoinSet::new();
+        for _ in 0..streams.clamp(1, MAX_STREAMS) {
+            let endpoint = self.endpoint.clone();
+            let counter = counter.clone();
+            match direction {
+                Direction::Download => {
+                    set.spawn(download_stream(endpoint, layout.garbage.clone(), counter))
+                }
+                Direction::Upload => set.spawn(upload_stream(
+                    endpoint,
+                    layout.empty.clone(),
+                    counter,
+                    payload.clone(),
+                )),
+            };
+        }
+        let stop_pings = CancellationToken::new();
+        let mut pings = AbortOnDrop(tokio::spawn(loaded_pings(
+            pinger,
+            layout.empty.clone(),
+            warm_at,
+            stop_pings.clone(),
+        )));
+
+        let mut result = DirectionResult::default();
+        let mut error = None;
+        let mut warm: Option<(Instant, u64)> = None;
+        let mut tick = tokio::time::interval(PROGRESS_TICK);
+        loop {
+            tokio::select! {
+                joined = set.join_next() => {
+                    // Streams run until stopped, so one ending is a failure.
+                    error = Some(match joined {
+                        Some(Ok(e)) => e,
+                        Some(Err(join)) => ProbeError::new(
+                            ErrorClass::Other,
+                            format!("{} stream failed internally: {join}", direction.name()),
+                        ),
+                        None => ProbeError::new(ErrorClass::Other, "no streams"),
+                    });
+                    break;
+                }
+                _ = sleep_until(warm_at), if warm.is_none() => {
+                    warm = Some((Instant::now(), counter.load(Ordering::Relaxed)));
+                }
+                _ = sleep_until(end_at) => {
+                    let (warm_t, warm_bytes) = warm.unwrap_or((start, 0));
+                    let bytes = counter.load(Ordering::Relaxed) - warm_bytes;
+                    let window = secs(Instant::now() - warm_t);
+                    result.bits_per_second = Some(bytes as f64 * 8.0 / window);
+                    if bytes == 0 {
+                        error = Some(ProbeError::new(
+                            ErrorClass::Timeout,
+                            format!("{}: no payload moved in {:?}", direction.name(), self.duration),
+                        ));
+                    }
+                    break;
+                }
+                _ = tick.tick(), if PROGRESS.load(Ordering::Relaxed) => {
+                    let elapsed = secs(start.elapsed());
+                    let rate = counter.load(Ordering::Relaxed) as f64 * 8.0 / elapsed.max(1e-3);
+                    progress(format_args!(
+                        "{:<8} {:>9.2} Mbit/s  {:>4.1}/{:.0} s",
+                        direction.name(),
+                        rate / 1e6,
+                        elapsed,
+                        secs(self.duration),
+                    ));
+                }
+            }
+        }
+        // Stop the streams and wait until their connections are gone.
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+        result.bytes = counter.load(Ordering::Relaxed);
+        stop_pings.cancel();
+        let (pinger, loaded) = match (&mut pings.0).await {
+            Ok(done) => done,
+            Err(_) => (Pinger::new(self.endpoint.clone()), Vec::new()),
+        };
+        result.loaded = loaded;
+        (result, error, pinger)
+    }
+}
+
+/// Aborts the task when dropped, so a run cut short by its time limit leaves nothing
+/// running behind it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Repeats `GET garbage` until aborted, counting payload bytes; returns only on failure.
+async fn download_stream(
+    endpoint: Arc<Endpoint>,
+    garbage: String,
+    counter: Arc<AtomicU64>,
+) -> ProbeError {
+    let mut conn: Option<Conn<Empty<Bytes>>> = None;
+    for n in 0u64.. {
+        let mut c = match endpoint.reuse_or_open(conn.take(), Use::Download).await {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let path = format!("{garbage}?ckSize={DOWNLOAD_MIB}&r={n}");
+        let mut body = match c.send(&endpoint, Method::GET, &path, Empty::new()).await {
+            Ok(response) => response.into_body(),
+            Err(e) => return e,
+        };
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => return conn::hyper_error(&path, e),
+            }
+        }
+        conn = Some(c);
+    }
+    unreachable!("the request counter does not run out")
+}
+
+/// Repeats `POST empty` with a sized random body until aborted, counting payload bytes
+/// as hyper takes them; returns only on failure.
+async fn upload_stream(
+    endpoint: Arc<Endpoint>,
+    empty: String,
+    counter: Arc<AtomicU64>,
+    payload: Bytes,
+) -> ProbeError {
+    let mut conn: Option<Conn<Upload>> = None;
+    for n in 0u64.. {
+        let mut c = match endpoint.reuse_or_open(conn.take(), Use::Upload).await {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let path = format!("{empty}?r={n}");
+        let body = Upload {
+            payload: payload.clone(),
+            remaining: UPLOAD_REQUEST_BYTES,
+            counter: counter.clone(),
+        };
+        match c.send(&endpoint, Method::POST, &path, body).await {
+            Ok(response) => {
+                if let Err(e) = response.into_body().collect().await {
+                    return conn::hyper_error(&path, e);
+                }
+            }
+            Err(e) => return e,
+        }
+        conn = Some(c);
+    }
+    unreachable!("the request counter does not run out")
+}
+
+/// Loaded round trips from `warm_at` until stopped; hands the pinger back.
+async fn loaded_pings(
+    mut pinger: Pinger,
+    empty: String,
+    warm_at: Instant,
+    stop: CancellationToken,
+) -> (Pinger, Vec<Duration>) {
+    let mut samples = Vec::new();
+    tokio::select! {
+        _ = stop.cancelled() => return (pinger, samples),
+        _ = sleep_until(warm_at) => {}
+    }
+    loop {
+        let next = Instant::now() + LOADED_PING_INTERVAL;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            result = pinger.ping(&empty) => {
+                // A lost loaded ping is no sample; the direction's goodput still counts.
+                if let Ok(rtt) = result {
+                    samples.push(rtt);
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = sleep_until(next) => {}
+        }
+    }
+    (pinger, samples)
+}
+
+/// One random buffer shared by all upload bodies (incompressible, generated once).
+fn random_payload() -> Bytes {
+    let mut buf = vec![0u8; 1 << 20];
+    rand::rng().fill_bytes(&mut buf);
+    Bytes::from(buf)
+}
+
+/// A sized upload body of slices of `payload`, counted as hyper takes each frame.
+struct Upload {
+    payload: Bytes,
+    remaining: u64,
+    counter: Arc<AtomicU64>,
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let offset = ((UPLOAD_REQUEST_BYTES - self.remaining) % self.payload.len() as u64) as usize;
+        let len = (self.payload.len() - offset)
+            .min(UPLOAD_FRAME)
+            .min(self.remaining as usize);
+        self.remaining -= len as u64;
+        self.counter.fetch_add(len as u64, Ordering::Relaxed);
+        Poll::Ready(Some(Ok(Frame::data(
+            self.payload.slice(offset..offset + len),
+        ))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+fn median(samples: &[Duration]) -> Option<Duration> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2
+    })
+}
+
+/// Mean absolute difference of consecutive round trips (RFC 3550 style, unsmoothed).
+fn jitter(samples: &[Duration]) -> Option<Duration> {
+    if samples.len() < 2 {
+        return None;
+    }
+    let total: Duration = samples.windows(2).map(|w| w[0].abs_diff(w[1])).sum();
+    Some(total / (samples.len() - 1) as u32)
+}
+
+fn progress(line: std::fmt::Arguments<'_>) {
+    if PROGRESS.load(Ordering::Relaxed) {
+        eprint!("\r\x1b[2Kspeed: {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|m| Duration::from_millis(*m)).collect()
+    }
+
+    #[test]
+    fn median_and_jitter() {
+        assert_eq!(median(&ms(&[5, 1, 3])), Some(Duration::from_millis(3)));
+        assert_eq!(
+            median(&ms(&[4, 1, 3, 2])),
+            Some(Duration::from_micros(2500))
+        );
+        assert_eq!(median(&[]), None);
+        // |12-10| + |9-12| + |9-9| = 5 over 3 differences.
+        let j = jitter(&ms(&[10, 12, 9, 9])).unwrap();
+        assert_eq!(j.as_micros(), 1666);
+        assert_eq!(jitter(&ms(&[10])), None);
+    }
+
+    #[test]
+    fn layouts_under_the_target_path() {
+        let [ours, backend, flat] = layouts("/");
+        assert_eq!(
+            (ours.garbage.as_str(), ours.empty.as_str()),
+            ("/garbage", "/empty")
+        );
+        assert_eq!(backend.garbage, "/backend/garbage.php");
+        assert_eq!(flat.empty, "/empty.php");
+        let [ours, _, flat] = layouts("/speed/backend/");
+        assert_eq!(ours.empty, "/speed/backend/empty");
+        assert_eq!(flat.garbage, "/speed/backend/garbage.php");
+    }
+
+    #[test]
+    fn upload_body_is_sized_and_counted() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let body = Upload {
+            payload: random_payload(),
+            remaining: UPLOAD_REQUEST_BYTES,
+            counter: counter.clone(),
+        };
+        assert_eq!(body.size_hint().exact(), Some(UPLOAD_REQUEST_BYTES));
+        let collected = futures::executor::block_on(body.collect())
+            .unwrap()
+            .to_bytes();
+        assert_eq!(collected.len() as u64, UPLOAD_REQUEST_BYTES);
+        assert_eq!(counter.load(Ordering::Relaxed), UPLOAD_REQUEST_BYTES);
+    }
 }

@@ -1,0 +1,243 @@
+//! The speed probe against real servers on 127.0.0.1: our target, a stock LibreSpeed URL
+//! layout, and targets that misbehave.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+
+use crate::util::{class, f64_of, heavy_lock, probe, Target};
+
+#[test]
+fn speed_against_our_target_measures_both_directions_and_latency() {
+    let _heavy = heavy_lock();
+    let target = Target::start("127.0.0.1:0", 4);
+    let (v, code) = probe("speed", &target.url(), &["--duration", "2s"]);
+    assert_eq!(code, 0, "{v}");
+    for key in ["download_bits_per_second", "upload_bits_per_second"] {
+        assert!(f64_of(&v, key) > 200e6, "{key} on loopback: {v}");
+    }
+    // Rates are over the window after the warm-up, bytes over the whole direction.
+    assert!(
+        v["bytes_downloaded"].as_u64().unwrap() as f64 * 8.0
+            > f64_of(&v, "download_bits_per_second")
+    );
+    assert!(
+        v["bytes_uploaded"].as_u64().unwrap() as f64 * 8.0 > f64_of(&v, "upload_bits_per_second")
+    );
+    let idle = f64_of(&v, "idle_latency_seconds");
+    assert!(idle > 0.0 && idle < 0.05, "idle latency {idle}");
+    assert!(f64_of(&v, "jitter_seconds") >= 0.0);
+    assert!(f64_of(&v, "download_loaded_latency_seconds") > 0.0);
+    assert!(f64_of(&v, "upload_loaded_latency_seconds") > 0.0);
+    let took = f64_of(&v, "duration_seconds");
+    assert!(
+        (4.0..10.0).contains(&took),
+        "two directions of 2 s, plus pings: {took}"
+    );
+}
+
+/// A server with only LibreSpeed's stock layout (`/backend/*.php`, chunked garbage as
+/// garbage.php sends it), recording what was asked.
+fn stock_librespeed() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let hits: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = hits.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let chunk = Bytes::from(vec![0x5a; 1 << 20]);
+            let record = seen.clone();
+            let app = Router::new()
+                .route(
+                    "/backend/garbage.php",
+                    get(move |request: Request| {
+                        let chunk = chunk.clone();
+                        async move {
+                            let n: usize = request
+                                .uri()
+                                .query()
+                                .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("ckSize=")))
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or(4);
+                            let chunks =
+                                (0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+                            Body::from_stream(futures::stream::iter(chunks))
+                        }
+                    }),
+                )
+                .route("/backend/empty.php", get(drain).post(drain))
+                .layer(axum::middleware::from_fn(
+                    move |request: Request, next: axum::middleware::Next| {
+                        record.lock().unwrap().push(format!(
+                            "{} {}",
+                            request.method(),
+                            request.uri().path()
+                        ));
+                        next.run(request)
+                    },
+                ));
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (addr, hits)
+}
+
+async fn drain(request: Request) -> &'static str {
+    let _ = request.into_body().collect().await;
+    ""
+}
+
+#[test]
+fn speed_against_a_stock_librespeed_layout() {
+    let (addr, hits) = stock_librespeed();
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}/"),
+        &["--duration", "1s", "--streams", "2"],
+    );
+    assert_eq!(code, 0, "{v}");
+    assert!(f64_of(&v, "download_bits_per_second") > 10e6, "{v}");
+    assert!(f64_of(&v, "upload_bits_per_second") > 10e6, "{v}");
+    let hits = hits.lock().unwrap();
+    assert!(
+        hits.iter().any(|h| h == "GET /backend/garbage.php"),
+        "{hits:?}"
+    );
+    assert!(
+        hits.iter().any(|h| h == "POST /backend/empty.php"),
+        "{hits:?}"
+    );
+    assert!(
+        hits.iter()
+            .filter(|h| *h == "GET /backend/empty.php")
+            .count()
+            >= 10,
+        "idle pings"
+    );
+}
+
+#[test]
+fn speed_against_a_busy_target_is_busy() {
+    let target = Target::start("127.0.0.1:0", 1);
+    // Another client (127.0.0.2) holds the only slot with a download it does not read.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.connect(&target.addr.into()).unwrap();
+    let mut holder: TcpStream = socket.into();
+    holder
+        .write_all(b"GET /garbage?ckSize=1024 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut status = String::new();
+    BufReader::new(&holder).read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    let (v, code) = probe("speed", &target.url(), &["--duration", "1s"]);
+    assert_eq!(code, 1);
+    assert_eq!(class(&v), "busy", "{v}");
+    assert!(
+        v["idle_latency_seconds"].as_f64().is_some(),
+        "pings still measured: {v}"
+    );
+}
+
+#[test]
+fn speed_to_a_closed_port_is_refused() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (v, code) = probe("speed", &format!("http://127.0.0.1:{port}"), &[]);
+    assert_eq!(code, 1);
+    assert_eq!(class(&v), "refused", "{v}");
+}
+
+#[test]
+fn speed_without_speed_endpoints_is_http_status() {
+    let target = Target::start("127.0.0.1:0", 4);
+    let (v, code) = probe("speed", &format!("{}/not/here", target.url()), &[]);
+    assert_eq!(code, 1);
+    assert_eq!(class(&v), "http_status", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("/not/here/backend/empty.php"),
+        "tried layouts are named: {message}"
+    );
+}
+
+#[test]
+fn speed_against_a_silent_target_times_out() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accepts and never answers.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.push(stream);
+        }
+    });
+    let (v, code) = probe("speed", &format!("http://{addr}"), &["--timeout", "2s"]);
+    assert_eq!(code, 1);
+    assert_eq!(class(&v), "timeout", "{v}");
+    assert!(f64_of(&v, "duration_seconds") < 3.0);
+}
+
+/// A target that answers pings but cuts every download short: a failed result, no crash.
+#[test]
+fn speed_against_a_target_that_cuts_transfers_fails_cleanly() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || serve_cutting(stream));
+        }
+    });
+    let (v, code) = probe("speed", &format!("http://{addr}"), &["--duration", "1s"]);
+    assert_eq!(code, 1);
+    assert!(["refused", "protocol"].contains(&class(&v)), "{v}");
+    assert!(v["idle_latency_seconds"].as_f64().is_some(), "{v}");
+}
+
+fn serve_cutting(stream: TcpStream) {
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" {
+                break;
+            }
+        }
+        if request_line.contains("/garbage") {
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n");
+            let _ = writer.write_all(&[0u8; 10_000]);
+            std::thread::sleep(Duration::from_millis(20));
+            return;
+        }
+        let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    }
+}
