@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the four packages -- edgeprobe-agent and edgeprobe-collector, each as .deb
-# (cargo-deb) and .rpm (cargo-generate-rpm) -- into dist/ (or $EDGEPROBE_DIST).
+# (cargo-deb) and .rpm (cargo-generate-rpm) -- into $CARGO_TARGET_DIR/packages/ (or
+# $EDGEPROBE_DIST).
 #
 #   scripts/package.sh                 release build, man pages, 2 x .deb, 2 x .rpm
 #   scripts/package.sh --no-build      package the binaries already in $CARGO_TARGET_DIR
@@ -13,7 +14,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
-out=${EDGEPROBE_DIST:-$root/dist}
+out=${EDGEPROBE_DIST:-$CARGO_TARGET_DIR/packages}
 revision=${EDGEPROBE_PKG_REVISION:-1}
 build=1
 for arg in "$@"; do

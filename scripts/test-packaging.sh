@@ -98,6 +98,7 @@ for deb in "$agent_deb" "$collector_deb"; do
     name=$(dpkg-deb -f "$deb" Package)
     contains "$name: depends on adduser" "$(dpkg-deb -f "$deb" Depends)" "adduser"
     contains "$name: depends on libc" "$(dpkg-deb -f "$deb" Depends)" "libc6"
+    contains "$name: depends on libgcc-s1" "$(dpkg-deb -f "$deb" Depends)" "libgcc-s1"
     contains "$name: maintainer scripts shipped" "$(dpkg-deb -I "$deb")" "postrm"
     lintian_out=$(lintian --fail-on error --display-info "$deb" 2>&1)
     lintian_rc=$?
