@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Builds the four packages -- edgeprobe-agent and edgeprobe-collector, each as .deb
+# (cargo-deb) and .rpm (cargo-generate-rpm) -- into $CARGO_TARGET_DIR/packages/ (or
+# $EDGEPROBE_DIST).
+#
+#   scripts/package.sh                 release build, man pages, 2 x .deb, 2 x .rpm
+#   scripts/package.sh --no-build      package the binaries already in $CARGO_TARGET_DIR
+#   EDGEPROBE_PKG_REVISION=2 ...       package revision (deb 0.1.0-2, rpm 0.1.0-2)
+#
+# Needs: cargo-deb, cargo-generate-rpm (cargo install), help2man (apt). See
+# docs/PACKAGING.md.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+out=${EDGEPROBE_DIST:-$CARGO_TARGET_DIR/packages}
+revision=${EDGEPROBE_PKG_REVISION:-1}
+build=1
+for arg in "$@"; do
+    case "$arg" in
+    --no-build) build=0 ;;
+    *) echo "usage: $0 [--no-build]" >&2; exit 2 ;;
+    esac
+done
+
+for tool in cargo-deb cargo-generate-rpm help2man; do
+    command -v "$tool" >/dev/null || { echo "package.sh: $tool is missing (see docs/PACKAGING.md)" >&2; exit 1; }
+done
+
+if [ "$build" = 1 ]; then
+    # The release profile strips (strip = true), so the packaged binaries carry no symbols.
+    cargo build --release --locked -p edgeprobe-agent -p edgeprobe-collector
+fi
+bin="$CARGO_TARGET_DIR/release"
+for b in edgeprobe-agent edgeprobe-collector; do
+    [ -x "$bin/$b" ] || { echo "package.sh: $bin/$b is missing; run without --no-build" >&2; exit 1; }
+done
+
+# Man pages from --help: the top-level help plus every subcommand's help verbatim.
+mandir=packaging/build/man
+rm -rf "$mandir" && mkdir -p "$mandir"
+manpage() { # binary, one-line name, subcommands...
+    local b=$1 name=$2; shift 2
+    local inc="$mandir/$b.h2m"
+    {
+        echo "[COMMANDS]"
+        for sub in "$@"; do
+            echo ".SS \"$b $sub\""
+            echo ".nf"
+            # Escape roff: backslashes, and lines starting with a control character.
+            "$bin/$b" "$sub" --help | sed -e 's/\\/\\e/g' -e "s/^\\([.']\\)/\\\\\\&\\1/"
+            echo ".fi"
+        done
+        cat "packaging/man/$b.h2m"
+    } >"$inc"
+    help2man --no-info --section=1 --name="$name" --include="$inc" \
+        --output="$mandir/$b.1" "$bin/$b"
+    gzip -9n "$mandir/$b.1"
+}
+manpage edgeprobe-agent "run network tests and ship their results to a collector" \
+    run check probe serve-target buffer
+manpage edgeprobe-collector "ingest edgeprobe agent results into PostgreSQL" \
+    run migrate
+
+mkdir -p "$out"
+rm -f "$out"/edgeprobe-agent[_-]* "$out"/edgeprobe-collector[_-]*
+for p in edgeprobe-agent edgeprobe-collector; do
+    cargo deb --no-build --locked -p "$p" --deb-revision "$revision" -o "$out/"
+    cargo generate-rpm -p "${p#edgeprobe-}" -s "release = \"$revision\"" -o "$out/"
+done
+
+echo
+echo "packages in $out:"
+ls -l "$out"/edgeprobe-*.deb "$out"/edgeprobe-*.rpm
+echo "stripped binaries:"
+ls -l "$bin/edgeprobe-agent" "$bin/edgeprobe-collector"
