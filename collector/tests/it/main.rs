@@ -2,6 +2,7 @@
 //! real sockets. One test binary for the crate (see STYLE.md).
 
 mod config_errors;
+mod dashboards;
 mod durability;
 mod fleet;
 mod security;

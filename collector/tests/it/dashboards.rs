@@ -1,0 +1,1026 @@
+//! grafana/: every dashboard query and every Prometheus rule, run for real.
+//!
+//! One PostgreSQL database filled by a real collector from real agents (http and tcp
+//! probes against a local target, failures included) and, for the kinds whose probes
+//! are not built yet (speed, icmp, dns, and https with a certificate), a synthetic agent
+//! speaking the collector's own gRPC protocol: nothing is inserted into PostgreSQL
+//! directly. A real Prometheus (the Debian package) scrapes that collector every second
+//! with the shipped rule files loaded. Then every SQL panel query runs with Grafana's
+//! macros and variables expanded as Grafana does, and every PromQL expression (panels,
+//! variables, recording and alerting rules) runs through Prometheus' HTTP API.
+//! promtool checks the shipped config and rules and runs the alert unit tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use edgeprobe_proto::v1 as pb;
+use serde_json::Value;
+
+use crate::support::*;
+
+const POSTGRES_UID: &str = "edgeprobe-postgres";
+const PROMETHEUS_UID: &str = "edgeprobe-prometheus";
+
+fn grafana_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("grafana")
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let dir = grafana_dir().join("dashboards");
+    let mut out: Vec<(String, Value)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let json = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", p.display()));
+            (p.file_name().unwrap().to_string_lossy().into_owned(), json)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(out.len(), 4, "speed, fleet, probes, collector dashboards");
+    out
+}
+
+/// Panels, with the panels nested in collapsed rows.
+fn panels(dash: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        out.push(p);
+        if let Some(nested) = p["panels"].as_array() {
+            out.extend(nested);
+        }
+    }
+    out
+}
+
+fn promtool() -> PathBuf {
+    let p = PathBuf::from("/usr/bin/promtool");
+    assert!(
+        p.exists(),
+        "promtool missing: apt-get install prometheus (scripts/setup does)"
+    );
+    p
+}
+
+fn run_promtool(args: &[&str]) -> String {
+    let out = Command::new(promtool())
+        .args(args)
+        .current_dir(grafana_dir().join("prometheus"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+fn rule_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(grafana_dir().join("prometheus/rules"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn prometheus_config_and_rules_pass_promtool() {
+    let config = run_promtool(&["check", "config", "prometheus.yml"]);
+    assert!(config.contains("3 rule files found"), "{config}");
+    let files: Vec<String> = rule_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mut args = vec!["check", "rules"];
+    args.extend(files.iter().map(String::as_str));
+    let rules = run_promtool(&args);
+    assert_eq!(rules.matches("SUCCESS").count(), 3, "{rules}");
+}
+
+#[test]
+fn alert_rule_unit_tests_pass_including_m_of_n_debounce_and_recovery() {
+    let out = run_promtool(&["test", "rules", "tests/edgeprobe-alerts.test.yml"]);
+    assert!(out.contains("SUCCESS"), "{out}");
+    // Every alert has a unit test.
+    let tests =
+        std::fs::read_to_string(grafana_dir().join("prometheus/tests/edgeprobe-alerts.test.yml"))
+            .unwrap();
+    for (name, _) in rules().into_iter().filter(|(n, _)| !n.contains(':')) {
+        assert!(
+            tests.contains(&format!("alertname: {name}\n")),
+            "alert {name} has no unit test"
+        );
+    }
+}
+
+#[test]
+fn dashboards_are_valid_and_use_only_provisioned_datasources() {
+    let provisioning =
+        std::fs::read_to_string(grafana_dir().join("provisioning/datasources/edgeprobe.yaml"))
+            .unwrap();
+    let uids: BTreeSet<&str> = provisioning
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("uid: "))
+        .collect();
+    assert_eq!(uids, BTreeSet::from([POSTGRES_UID, PROMETHEUS_UID]));
+    for var in [
+        "EDGEPROBE_PG_HOST",
+        "EDGEPROBE_PG_USER",
+        "EDGEPROBE_PG_PASSWORD",
+        "EDGEPROBE_PG_DATABASE",
+        "EDGEPROBE_PROMETHEUS_URL",
+    ] {
+        assert!(
+            provisioning.contains(&format!("${{{var}}}")),
+            "{var} not used"
+        );
+    }
+
+    let mut dash_uids = BTreeSet::new();
+    let mut panel_count = 0;
+    for (file, dash) in dashboards() {
+        let uid = dash["uid"].as_str().unwrap_or_default();
+        assert!(
+            uid.starts_with("edgeprobe-"),
+            "{file}: uid {uid:?} must be stable and start with edgeprobe-"
+        );
+        assert!(dash_uids.insert(uid.to_string()), "{file}: duplicate uid");
+        assert!(dash["title"].as_str().is_some_and(|t| !t.is_empty()));
+        let vars: Vec<&str> = dash["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let ds = v["datasource"]["uid"].as_str().unwrap_or_default();
+                assert!(uids.contains(ds), "{file}: variable datasource {ds:?}");
+                v["name"].as_str().unwrap()
+            })
+            .collect();
+        let mut ids = BTreeSet::new();
+        for p in panels(&dash) {
+            let title = p["title"].as_str().unwrap_or_default();
+            assert!(!title.is_empty(), "{file}: panel without a title");
+            assert!(
+                ids.insert(p["id"].as_i64().unwrap()),
+                "{file}: duplicate panel id in {title}"
+            );
+            if p["type"] == "row" {
+                continue;
+            }
+            panel_count += 1;
+            assert!(
+                p["description"].as_str().is_some_and(|d| d.len() > 10),
+                "{file}: {title} has no description"
+            );
+            assert!(
+                p["fieldConfig"]["defaults"]["unit"].is_string(),
+                "{file}: {title} has no unit"
+            );
+            let ds = p["datasource"]["uid"].as_str().unwrap_or_default();
+            assert!(uids.contains(ds), "{file}: {title}: datasource {ds:?}");
+            let targets = p["targets"].as_array().unwrap();
+            assert!(!targets.is_empty(), "{file}: {title} has no query");
+            for t in targets {
+                let tds = t["datasource"]["uid"].as_str().unwrap_or_default();
+                assert!(uids.contains(tds), "{file}: {title}: target datasource");
+                let query = t["rawSql"].as_str().or(t["expr"].as_str()).unwrap();
+                // Variables a query uses must exist on the dashboard.
+                for name in ["site", "agent", "test", "instance"] {
+                    if query.contains(&format!("${name}")) {
+                        assert!(vars.contains(&name), "{file}: {title} uses ${name}");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        dash_uids,
+        BTreeSet::from(
+            [
+                "edgeprobe-collector",
+                "edgeprobe-fleet",
+                "edgeprobe-probes",
+                "edgeprobe-speed"
+            ]
+            .map(String::from)
+        )
+    );
+    assert!(panel_count >= 40, "only {panel_count} panels");
+}
+
+// ---------------------------------------------------------------------------------------
+// Grafana's query interpolation, as its frontend (variables) and its PostgreSQL backend
+// (macros) do it.
+
+/// Seconds of a Grafana interval such as `1m`, `30s`, `1h`.
+fn interval_seconds(s: &str) -> u64 {
+    let s = s.trim().trim_matches('\'');
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("interval {s:?}"));
+    n * match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => panic!("interval unit {other:?}"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Flavor {
+    Sql,
+    Prom,
+}
+
+/// A multi-value variable with "All" selected, formatted for a datasource:
+/// PostgreSQL quotes each value and joins them with commas; Prometheus makes a regex
+/// alternation of the escaped values (a single value stays bare).
+fn format_var(values: &[String], flavor: Flavor, format: Option<&str>) -> String {
+    match (flavor, format) {
+        (_, Some("sqlstring")) | (Flavor::Sql, None) => values
+            .iter()
+            .map(|v| format!("'{}'", v.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(","),
+        (_, Some("csv")) => values.join(","),
+        (Flavor::Prom, None) | (_, Some("regex")) => {
+            let escaped: Vec<String> = values
+                .iter()
+                .map(|v| {
+                    let mut out = String::new();
+                    for c in v.chars() {
+                        if "$^*{}[]'+?.()|\\".contains(c) {
+                            out.push_str("\\\\");
+                        }
+                        out.push(c);
+                    }
+                    out
+                })
+                .collect();
+            if escaped.len() == 1 {
+                escaped[0].clone()
+            } else {
+                format!("({})", escaped.join("|"))
+            }
+        }
+        (_, Some(other)) => panic!("variable format {other:?} not handled by the test"),
+    }
+}
+
+/// Replaces `$name`, `${name}`, `${name:format}` and `[[name]]` of known variables.
+fn interpolate_vars(q: &str, vars: &BTreeMap<String, Vec<String>>, flavor: Flavor) -> String {
+    let mut out = q.to_string();
+    for (name, values) in vars {
+        for fmt in ["sqlstring", "csv", "regex"] {
+            out = out.replace(
+                &format!("${{{name}:{fmt}}}"),
+                &format_var(values, flavor, Some(fmt)),
+            );
+        }
+        let value = format_var(values, flavor, None);
+        out = out.replace(&format!("${{{name}}}"), &value);
+        out = out.replace(&format!("[[{name}]]"), &value);
+        // `$name` not followed by a word character.
+        let pat = format!("${name}");
+        let mut res = String::new();
+        let mut rest = out.as_str();
+        while let Some(i) = rest.find(&pat) {
+            let after = &rest[i + pat.len()..];
+            res.push_str(&rest[..i]);
+            if after.starts_with(|c: char| c.is_alphanumeric() || c == '_') {
+                res.push_str(&pat);
+            } else {
+                res.push_str(&value);
+            }
+            rest = after;
+        }
+        res.push_str(rest);
+        out = res;
+    }
+    out
+}
+
+struct TimeRange {
+    from: SystemTime,
+    to: SystemTime,
+    interval: &'static str,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Grafana's PostgreSQL macros (pkg/tsdb/grafana-postgresql-datasource/macros.go).
+fn expand_sql_macros(q: &str, range: &TimeRange) -> String {
+    let q = q
+        .replace(
+            "$__interval_ms",
+            &(interval_seconds(range.interval) * 1000).to_string(),
+        )
+        .replace("$__interval", range.interval);
+    let mut out = String::new();
+    let mut rest = q.as_str();
+    while let Some(i) = rest.find("$__") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 3..];
+        let name_end = after
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let name = &after[..name_end];
+        let tail = &after[name_end..];
+        assert!(tail.starts_with('('), "macro $__{name} without arguments");
+        // Arguments up to the matching parenthesis.
+        let mut depth = 0;
+        let mut end = 0;
+        for (j, c) in tail.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = j;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let args: Vec<&str> = tail[1..end].split(',').map(str::trim).collect();
+        let from = format!("'{}'", rfc3339(range.from));
+        let to = format!("'{}'", rfc3339(range.to));
+        let expanded = match name {
+            "timeFilter" => format!("{} BETWEEN {from} AND {to}", args[0]),
+            "timeFrom" => from,
+            "timeTo" => to,
+            "timeGroup" | "timeGroupAlias" => {
+                let secs = interval_seconds(args[1]);
+                let group = format!("floor(extract(epoch from {})/{secs})*{secs}", args[0]);
+                if name == "timeGroupAlias" {
+                    format!("{group} AS \"time\"")
+                } else {
+                    group
+                }
+            }
+            "unixEpochFilter" => format!(
+                "{c} >= {} AND {c} <= {}",
+                range.from.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+                range.to.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+                c = args[0]
+            ),
+            other => panic!("macro $__{other} not handled by the test"),
+        };
+        out.push_str(&expanded);
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Prometheus' built-in Grafana variables, for a 1 s scrape interval.
+fn expand_prom_builtins(q: &str) -> String {
+    q.replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "1h")
+}
+
+// ---------------------------------------------------------------------------------------
+// Prometheus
+
+struct Prometheus {
+    _proc: Proc,
+    addr: SocketAddr,
+}
+
+impl Prometheus {
+    /// Scrapes `collector` every second and evaluates the shipped rules every second.
+    fn start(dir: &Path, collector: SocketAddr) -> Prometheus {
+        let bin = PathBuf::from("/usr/bin/prometheus");
+        assert!(
+            bin.exists(),
+            "prometheus missing: apt-get install prometheus (scripts/setup does)"
+        );
+        let rules: Vec<String> = rule_files()
+            .iter()
+            .map(|p| format!("  - {}\n", p.display()))
+            .collect();
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: edgeprobe-collector\n    static_configs:\n      - targets: [\"{collector}\"]\n",
+                rules.concat()
+            ),
+        )
+        .unwrap();
+        let addr = free_addr();
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--storage.tsdb.retention.time=1h");
+        let proc = Proc::spawn(cmd, dir.join("prometheus.log"));
+        let p = Prometheus { _proc: proc, addr };
+        wait_for(Duration::from_secs(30), "prometheus /-/ready", || {
+            http10_get(addr, "/-/ready").filter(|(s, _)| *s == 200)
+        });
+        p
+    }
+
+    /// An instant query; the `data` of a successful answer.
+    fn query(&self, expr: &str) -> Result<Value, String> {
+        let path = format!("/api/v1/query?query={}", percent_encode(expr));
+        let (status, body) = http10_get(self.addr, &path).ok_or_else(|| "no answer".to_string())?;
+        let json: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        if status != 200 || json["status"] != "success" {
+            return Err(format!("HTTP {status}: {body}"));
+        }
+        Ok(json["data"].clone())
+    }
+
+    /// The series of a query, polled until there is at least one (rules and rates need a
+    /// few scrapes and evaluations).
+    fn series(&self, expr: &str) -> Vec<Value> {
+        let mut last = String::new();
+        for _ in 0..100 {
+            match self.query(expr) {
+                Ok(data) => {
+                    let result = data["result"].as_array().cloned().unwrap_or_default();
+                    if !result.is_empty() {
+                        return result;
+                    }
+                    last = "no series".into();
+                }
+                Err(e) => panic!("query failed: {expr}\n{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!("no series after 30s: {expr} ({last})");
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// HTTP/1.0 GET, so the answer is never chunked; returns (status, body).
+fn http10_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// (name, expr) of every rule in the shipped rule files: record names contain a colon,
+/// alert names do not.
+fn rules() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for file in rule_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut lines = text.lines().peekable();
+        let mut name: Option<String> = None;
+        while let Some(line) = lines.next() {
+            let t = line.trim_start().trim_start_matches("- ");
+            if let Some(n) = t
+                .strip_prefix("record: ")
+                .or_else(|| t.strip_prefix("alert: "))
+            {
+                name = Some(n.trim().to_string());
+            } else if let Some(e) = t.strip_prefix("expr: ") {
+                let indent = line.len() - line.trim_start().len();
+                let expr = if e.trim() == "|" {
+                    let mut block = Vec::new();
+                    while let Some(next) = lines.peek() {
+                        let ni = next.len() - next.trim_start().len();
+                        if next.trim().is_empty() || ni <= indent {
+                            break;
+                        }
+                        block.push(next.trim().to_string());
+                        lines.next();
+                    }
+                    block.join("\n")
+                } else {
+                    e.trim().to_string()
+                };
+                out.push((name.take().expect("expr after a name"), expr));
+            }
+        }
+    }
+    out
+}
+
+/// Metric and recording-rule names an expression selects.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("edgeprobe") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // Not a label value such as job="edgeprobe-collector".
+        if name.starts_with("edgeprobe_") || name.starts_with("edgeprobe:") {
+            names.insert(name.to_string());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    names
+}
+
+// ---------------------------------------------------------------------------------------
+// The synthetic agent: speed, icmp, dns and https results over the collector's gRPC.
+
+fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64
+}
+
+/// Realistic results of an agent at `site` over the last 48 minutes, oldest first:
+/// a speed run every 4 minutes (3 of them below 50 Mbit/s, one failed), icmp with some
+/// loss, dns, and an https check with a certificate expiring in 40 days.
+fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
+    let now = SystemTime::now();
+    let labels = BTreeMap::from([("site".to_string(), site.to_string())])
+        .into_iter()
+        .collect::<std::collections::HashMap<_, _>>();
+    let mut out = Vec::new();
+    for k in (0..12u32).rev() {
+        let at = now - Duration::from_secs(u64::from(k) * 240 + 30);
+        let base = |test: &str, kind: pb::Kind, target: &str, secs: f64| pb::Result {
+            agent_id: agent.into(),
+            seq: 0,
+            test: test.into(),
+            kind: kind as i32,
+            target: target.into(),
+            started_at_unix_nanos: unix_nanos(at),
+            duration_seconds: secs,
+            success: true,
+            error_class: String::new(),
+            error_message: String::new(),
+            labels: labels.clone(),
+            fields: None,
+        };
+        // Not in the first batch: a histogram series is born with its first observations,
+        // which increase() cannot see (see grafana/README.md).
+        let slow = matches!(k, 1 | 3 | 6);
+        let mut speed = base("speed", pb::Kind::Speed, "https://speed.example.net", 10.4);
+        if k == 9 {
+            speed.success = false;
+            speed.error_class = "timeout".into();
+            speed.error_message = "no response from https://speed.example.net within 30s".into();
+            speed.fields = Some(pb::result::Fields::Speed(pb::SpeedFields::default()));
+        } else {
+            let down = if slow {
+                31.5e6
+            } else {
+                93.0e6 + f64::from(k) * 1.1e6
+            };
+            let up = if slow {
+                8.2e6
+            } else {
+                38.0e6 + f64::from(k) * 0.4e6
+            };
+            speed.fields = Some(pb::result::Fields::Speed(pb::SpeedFields {
+                download_bits_per_second: Some(down),
+                upload_bits_per_second: Some(up),
+                idle_latency_seconds: Some(0.0118 + f64::from(k) * 0.0002),
+                jitter_seconds: Some(0.0014),
+                download_loaded_latency_seconds: Some(if slow { 0.180 } else { 0.046 }),
+                upload_loaded_latency_seconds: Some(if slow { 0.240 } else { 0.061 }),
+                bytes_downloaded: (down * 5.0 / 8.0) as u64,
+                bytes_uploaded: (up * 5.0 / 8.0) as u64,
+            }));
+        }
+        out.push(speed);
+        let received = if k % 3 == 0 { 8 } else { 10 };
+        let mut icmp = base("ping-gateway", pb::Kind::Icmp, "192.0.2.1", 9.2);
+        icmp.fields = Some(pb::result::Fields::Icmp(pb::IcmpFields {
+            sent: 10,
+            received,
+            loss_ratio: Some(1.0 - f64::from(received) / 10.0),
+            rtt_min_seconds: Some(0.0081),
+            rtt_avg_seconds: Some(0.0094),
+            rtt_max_seconds: Some(0.0142),
+            rtt_mdev_seconds: Some(0.0011),
+        }));
+        out.push(icmp);
+        let mut dns = base("dns-example", pb::Kind::Dns, "example.net", 0.012);
+        dns.fields = Some(pb::result::Fields::Dns(pb::DnsFields {
+            resolve_seconds: Some(0.0117),
+            answers: 2,
+            rcode: "NOERROR".into(),
+        }));
+        out.push(dns);
+        let mut https = base(
+            "https-portal",
+            pb::Kind::Http,
+            "https://portal.example.net/",
+            0.21,
+        );
+        https.fields = Some(pb::result::Fields::Http(pb::HttpFields {
+            status_code: Some(if k == 2 { 503 } else { 200 }),
+            dns_seconds: Some(0.004),
+            connect_seconds: Some(0.021),
+            tls_seconds: Some(0.043),
+            ttfb_seconds: Some(0.118),
+            transfer_seconds: Some(0.012),
+            body_bytes: 18_342,
+            tls_cert_expiry_seconds: Some(40.0 * 86_400.0 - f64::from(k) * 240.0),
+        }));
+        out.push(https);
+    }
+    for (i, r) in out.iter_mut().enumerate() {
+        r.seq = i as u64 + 1;
+    }
+    out
+}
+
+fn agent_msg(msg: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(msg) }
+}
+
+/// Sends `results` in `rounds` batches `pause` apart (so Prometheus scrapes between
+/// them and rates are not zero), waits for each ack, then re-sends the first batch (a
+/// lost-ack retry: duplicates) and reports a buffer with backlog and drops. Also opens
+/// one stream with an invalid hello, as a broken agent would.
+fn run_synthetic_agent(endpoint: String, agent: String, results: Vec<pb::Result>, pause: Duration) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut client = pb::ingest_client::IngestClient::connect(endpoint.clone())
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(agent_msg(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: agent.clone(),
+            version: "0.1.0-synthetic".into(),
+            labels: results[0].labels.clone(),
+        })))
+        .await
+        .unwrap();
+        let mut inbound = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let welcome = inbound.message().await.unwrap().unwrap();
+        assert!(matches!(
+            welcome.msg,
+            Some(pb::collector_message::Msg::Welcome(_))
+        ));
+        let chunks: Vec<Vec<pb::Result>> = results.chunks(16).map(<[_]>::to_vec).collect();
+        for chunk in chunks.iter().chain(chunks.first()) {
+            let last = chunk.last().unwrap().seq;
+            tx.send(agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
+                results: chunk.clone(),
+            })))
+            .await
+            .unwrap();
+            loop {
+                match inbound.message().await.unwrap().and_then(|m| m.msg) {
+                    Some(pb::collector_message::Msg::Ack(a)) if a.seq >= last => break,
+                    Some(_) => {}
+                    None => panic!("stream closed before the ack of {last}"),
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+        let oldest = SystemTime::now() - Duration::from_secs(95);
+        tx.send(agent_msg(pb::agent_message::Msg::Heartbeat(
+            pb::Heartbeat {
+                backlog: 42,
+                dropped: 3,
+                oldest_unix_seconds: oldest.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64,
+            },
+        )))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(tx);
+
+        // A broken agent: an empty id is refused and counted as a validate error.
+        let mut bad = pb::ingest_client::IngestClient::connect(endpoint)
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(agent_msg(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: String::new(),
+            version: "0.1.0".into(),
+            labels: Default::default(),
+        })))
+        .await
+        .unwrap();
+        let refused = bad
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        assert!(refused.is_err(), "an empty agent id must be refused");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// The end-to-end test
+
+fn real_agent(dir: &Path, id: &str, site: &str, endpoint: &str, target: SocketAddr) -> Agent {
+    let closed = free_addr();
+    let tests = format!(
+        "[[test]]\nname = \"web\"\nkind = \"http\"\ntarget = \"http://{target}/\"\nevery = \"500ms\"\n\n\
+         [[test]]\nname = \"web-port\"\nkind = \"tcp\"\ntarget = \"{target}\"\nevery = \"1s\"\n\n\
+         [[test]]\nname = \"closed-port\"\nkind = \"http\"\ntarget = \"http://{closed}/\"\nevery = \"2s\"\n"
+    );
+    let agent = Agent::new(dir, id, endpoint, &tests);
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace("site = \"lab\"", &format!("site = \"{site}\"")),
+    )
+    .unwrap();
+    agent
+}
+
+/// Columns of a query: (name, PostgreSQL type name).
+fn columns(client: &mut postgres::Client, sql: &str) -> Vec<(String, String)> {
+    let stmt = client
+        .prepare(sql)
+        .unwrap_or_else(|e| panic!("query does not prepare: {e}\n{sql}"));
+    stmt.columns()
+        .iter()
+        .map(|c| (c.name().to_string(), c.type_().name().to_string()))
+        .collect()
+}
+
+/// The rows of a query as JSON objects (any column type).
+fn json_rows(client: &mut postgres::Client, sql: &str) -> Vec<serde_json::Map<String, Value>> {
+    let wrapped = format!("SELECT to_jsonb(q)::text FROM ({sql}) q");
+    client
+        .query(&wrapped, &[])
+        .unwrap_or_else(|e| panic!("query fails: {e}\n{sql}"))
+        .iter()
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect()
+}
+
+const NUMERIC: [&str; 6] = ["float8", "float4", "numeric", "int8", "int4", "int2"];
+
+fn variable_query(v: &Value) -> String {
+    v["query"]
+        .as_str()
+        .or(v["query"]["query"].as_str())
+        .unwrap()
+        .to_string()
+}
+
+/// `label_values(metric, label)` as PromQL returning one series per value.
+fn label_values_expr(q: &str) -> (String, String) {
+    let inner = q
+        .strip_prefix("label_values(")
+        .and_then(|s| s.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("variable query {q:?}: only label_values(metric, label)"));
+    let (metric, label) = inner.rsplit_once(',').unwrap();
+    let label = label.trim().to_string();
+    (format!("group by ({label}) ({})", metric.trim()), label)
+}
+
+#[test]
+fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let prometheus = Prometheus::start(dir.path(), collector.http);
+    wait_for(Duration::from_secs(30), "a first scrape", || {
+        prometheus
+            .query("up{job=\"edgeprobe-collector\"} == 1")
+            .ok()
+            .filter(|d| d["result"].as_array().is_some_and(|r| !r.is_empty()))
+    });
+
+    let target = HttpTarget::start("edgeprobe dashboards");
+    let mut agents = [
+        real_agent(
+            dir.path(),
+            "edge-berlin-2",
+            "berlin",
+            &collector.endpoint(),
+            target.addr,
+        ),
+        real_agent(
+            dir.path(),
+            "edge-hamburg-1",
+            "hamburg",
+            &collector.endpoint(),
+            target.addr,
+        ),
+    ];
+    for a in &mut agents {
+        a.start();
+    }
+    let synthetic = synthetic_results("synthetic-berlin-1", "berlin");
+    let synthetic_count = synthetic.len() as i64;
+    run_synthetic_agent(
+        collector.endpoint(),
+        "synthetic-berlin-1".into(),
+        synthetic,
+        Duration::from_millis(1200),
+    );
+    wait_for(Duration::from_secs(60), "rows of every kind", || {
+        let per_kind = |kind: &str| {
+            db.scalar(&format!(
+                "SELECT count(*) FROM results WHERE kind = '{kind}'"
+            ))
+        };
+        let real = |agent: &str, kind: &str| {
+            db.scalar(&format!(
+                "SELECT count(*) FROM results WHERE agent_id = '{agent}' AND kind = '{kind}'"
+            ))
+        };
+        let ready = ["edge-berlin-2", "edge-hamburg-1"]
+            .iter()
+            .all(|a| real(a, "http") >= 8 && real(a, "tcp") >= 3)
+            && db.scalar("SELECT count(*) FROM results WHERE NOT success AND kind = 'http'") >= 2
+            && per_kind("speed") + per_kind("icmp") + per_kind("dns") == synthetic_count / 4 * 3;
+        ready.then_some(())
+    });
+
+    let now = SystemTime::now();
+    let range = TimeRange {
+        from: now - Duration::from_secs(3600),
+        to: now + Duration::from_secs(60),
+        interval: "1m",
+    };
+    let mut client = db.client();
+    let mut sql_checked = 0;
+    let mut prom_checked = 0;
+    let mut targets = 0;
+    let mut report = Vec::new();
+    for (file, dash) in dashboards() {
+        // Variables first, as Grafana does, each with "All" selected; later variables
+        // may use earlier ones.
+        let mut vars: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for v in dash["templating"]["list"].as_array().unwrap() {
+            let name = v["name"].as_str().unwrap().to_string();
+            let query = variable_query(v);
+            let values: Vec<String> = if v["datasource"]["uid"] == POSTGRES_UID {
+                let sql = expand_sql_macros(&interpolate_vars(&query, &vars, Flavor::Sql), &range);
+                client
+                    .query(&sql, &[])
+                    .unwrap_or_else(|e| panic!("{file}: variable {name}: {e}\n{sql}"))
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect()
+            } else {
+                let (expr, label) = label_values_expr(&query);
+                prometheus
+                    .series(&interpolate_vars(&expr, &vars, Flavor::Prom))
+                    .iter()
+                    .map(|s| s["metric"][&label].as_str().unwrap().to_string())
+                    .collect()
+            };
+            assert!(!values.is_empty(), "{file}: variable {name} has no values");
+            report.push(format!("{file}: ${name} = {values:?}"));
+            vars.insert(name, values);
+        }
+        for p in panels(&dash) {
+            if p["type"] == "row" {
+                continue;
+            }
+            let title = p["title"].as_str().unwrap();
+            for t in p["targets"].as_array().unwrap() {
+                targets += 1;
+                if let Some(raw) = t["rawSql"].as_str() {
+                    let sql = expand_sql_macros(&interpolate_vars(raw, &vars, Flavor::Sql), &range);
+                    assert!(!sql.contains('$'), "{file}: {title}: unexpanded: {sql}");
+                    let cols = columns(&mut client, &sql);
+                    let rows = json_rows(&mut client, &sql);
+                    assert!(!rows.is_empty(), "{file}: {title}: no rows\n{sql}");
+                    let names: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
+                    let numeric: Vec<&str> = cols
+                        .iter()
+                        .filter(|c| NUMERIC.contains(&c.1.as_str()) && c.0 != "time")
+                        .map(|c| c.0.as_str())
+                        .collect();
+                    if t["format"] == "time_series" {
+                        let time = cols.iter().find(|c| c.0 == "time").unwrap_or_else(|| {
+                            panic!("{file}: {title}: time series without a time column\n{sql}")
+                        });
+                        assert!(
+                            time.1 == "timestamptz" || NUMERIC.contains(&time.1.as_str()),
+                            "{file}: {title}: time column of type {}",
+                            time.1
+                        );
+                        if let Some(m) = cols.iter().find(|c| c.0 == "metric") {
+                            assert_eq!(m.1, "text", "{file}: {title}: metric column");
+                        }
+                        assert!(!numeric.is_empty(), "{file}: {title}: no value column");
+                    }
+                    if matches!(p["type"].as_str(), Some("stat" | "timeseries" | "bargauge")) {
+                        // Some value is a number (not every bucket is NULL).
+                        assert!(
+                            rows.iter()
+                                .any(|r| numeric.iter().any(|c| r[*c].is_number())),
+                            "{file}: {title}: only NULL values\n{sql}"
+                        );
+                    }
+                    // Columns the panel configures must exist.
+                    for o in p["fieldConfig"]["overrides"].as_array().unwrap() {
+                        if o["matcher"]["id"] == "byName" {
+                            let col = o["matcher"]["options"].as_str().unwrap();
+                            assert!(
+                                names.contains(&col),
+                                "{file}: {title}: override for missing column {col}"
+                            );
+                        }
+                    }
+                    for tr in p["transformations"].as_array().into_iter().flatten() {
+                        for f in tr["options"]["fields"].as_array().into_iter().flatten() {
+                            assert!(names.contains(&f.as_str().unwrap()), "{file}: {title}");
+                        }
+                    }
+                    report.push(format!("{file}: {title}: {} rows {names:?}", rows.len()));
+                    sql_checked += 1;
+                } else {
+                    let expr = t["expr"].as_str().unwrap();
+                    let q = expand_prom_builtins(&interpolate_vars(expr, &vars, Flavor::Prom));
+                    assert!(!q.contains('$'), "{file}: {title}: unexpanded: {q}");
+                    let series = prometheus.series(&q);
+                    report.push(format!("{file}: {title}: {} series", series.len()));
+                    prom_checked += 1;
+                }
+            }
+        }
+    }
+
+    // Every recording rule yields series; every alert expression evaluates, and every
+    // metric it reads exists.
+    let mut rules_checked = 0;
+    for (name, expr) in rules() {
+        if name.contains(':') {
+            prometheus.series(&name);
+        } else {
+            prometheus
+                .query(&expr)
+                .unwrap_or_else(|e| panic!("alert {name}: {e}"));
+            for metric in metric_names(&expr) {
+                prometheus.series(&metric);
+            }
+        }
+        rules_checked += 1;
+    }
+    let health = prometheus.query("up").unwrap();
+    assert!(!health["result"].as_array().unwrap().is_empty());
+    let (_, body) = http10_get(prometheus.addr, "/api/v1/rules").unwrap();
+    let rules_api: Value = serde_json::from_str(&body).unwrap();
+    for g in rules_api["data"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            assert_eq!(
+                r["health"], "ok",
+                "rule {} unhealthy: {}",
+                r["name"], r["lastError"]
+            );
+        }
+    }
+    // The M-of-N count sees the synthetic agent's three slow download runs.
+    let below = prometheus.series(
+        "edgeprobe:speed_runs_below_floor:1h{test=\"speed\",site=\"berlin\",direction=\"download\"}",
+    );
+    assert_eq!(below[0]["value"][1], "3", "{below:?}");
+
+    eprintln!("{}", report.join("\n"));
+    assert_eq!(sql_checked + prom_checked, targets, "every query ran");
+    assert!(
+        sql_checked >= 25 && prom_checked >= 20,
+        "{sql_checked} SQL, {prom_checked} PromQL"
+    );
+    assert_eq!(rules_checked, 25);
+    for a in &mut agents {
+        a.stop();
+    }
+}
