@@ -1,6 +1,8 @@
 //! `edgeprobe-agent run`: wires buffer, scheduler and uplink together and shuts them down
 //! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
-//! stop the uplink, close the buffer.
+//! stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
+//! rescheduled, the uplink restarts if its settings changed, and a file that does not
+//! check keeps the running configuration.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use crate::uplink::Uplink;
 /// Time given to runs in progress at shutdown.
 const GRACE: Duration = Duration::from_secs(5);
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let agent_id = config.agent_id();
     let buffer = Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes)?;
     let stats = buffer.stats();
@@ -30,14 +32,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let shutdown = CancellationToken::new();
-    let uplink = Uplink {
-        agent_id,
-        labels: config.agent.labels.clone(),
-        collector: config.collector.clone(),
-        buffer: buffer.clone(),
-    };
-    let uplink = tokio::spawn(uplink.run(shutdown.child_token()));
-    let scheduler = Scheduler::start(&config, buffer.clone(), shutdown.child_token())
+    let mut uplink = start_uplink(&config, &buffer, &shutdown);
+    let mut scheduler = Scheduler::start(&config, buffer.clone(), shutdown.child_token())
         .await
         .context("starting the scheduler")?;
     tokio::spawn(publish_status(
@@ -46,16 +42,70 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.child_token(),
     ));
 
-    shutdown_signal().await;
+    let mut config = config;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangups.recv() => {
+                // Reload: a bad file keeps the running configuration.
+                let new = match Config::load(&path) {
+                    Ok(new) => new,
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the running configuration: {e}");
+                        continue;
+                    }
+                };
+                if new.agent.state_dir != config.agent.state_dir
+                    || new.agent.buffer_max_bytes != config.agent.buffer_max_bytes
+                {
+                    tracing::warn!("state_dir and buffer_max_bytes take effect at the next restart");
+                }
+                scheduler.stop(GRACE).await;
+                if new.agent_id() != config.agent_id()
+                    || new.agent.labels != config.agent.labels
+                    || format!("{:?}", new.collector) != format!("{:?}", config.collector)
+                {
+                    uplink.0.cancel();
+                    let _ = tokio::time::timeout(GRACE, uplink.1).await;
+                    uplink = start_uplink(&new, &buffer, &shutdown);
+                }
+                scheduler = Scheduler::start(&new, buffer.clone(), shutdown.child_token())
+                    .await
+                    .context("restarting the scheduler")?;
+                tracing::info!(tests = new.tests.len(), "configuration reloaded");
+                config = new;
+            }
+        }
+    }
     tracing::info!("shutting down");
     shutdown.cancel();
     scheduler.stop(GRACE).await;
-    let _ = tokio::time::timeout(GRACE, uplink).await;
+    let _ = tokio::time::timeout(GRACE, uplink.1).await;
     tokio::task::spawn_blocking(move || buffer.close())
         .await
         .context("closing the buffer")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the uplink with its own token, so a reload can replace it alone.
+fn start_uplink(
+    config: &Config,
+    buffer: &Buffer,
+    shutdown: &CancellationToken,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let token = shutdown.child_token();
+    let uplink = Uplink {
+        agent_id: config.agent_id(),
+        labels: config.agent.labels.clone(),
+        collector: config.collector.clone(),
+        buffer: buffer.clone(),
+    };
+    (token.clone(), tokio::spawn(uplink.run(token)))
 }
 
 /// How often the running agent publishes its buffer stats for `edgeprobe-agent buffer`.

@@ -25,9 +25,9 @@ use crate::buffer::Buffer;
 use crate::config::CollectorSection;
 
 /// Results per batch at most.
-const BATCH_MAX_RESULTS: usize = 2_000;
+const BATCH_MAX_RESULTS: usize = 5_000;
 /// Encoded bytes per batch at most (well under the collector's message limit).
-const BATCH_MAX_BYTES: usize = 1 << 20;
+const BATCH_MAX_BYTES: usize = 2 << 20;
 /// Unacknowledged batches at most.
 const MAX_IN_FLIGHT: usize = 8;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);

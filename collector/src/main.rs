@@ -34,6 +34,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a configuration file; exit 0, or exit 2 with file:line:col and the reason.
+    Check {
+        #[arg(long, short, default_value = "/etc/edgeprobe/collector.toml")]
+        config: PathBuf,
+    },
     /// Run the collector.
     Run {
         /// Collector configuration (TOML). Without it, defaults plus the flags below.
@@ -155,6 +160,42 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check { config } => match Config::load(Some(&config)) {
+            Ok(c) => {
+                let mut missing = Vec::new();
+                if !c.server.insecure {
+                    for p in [&c.server.tls_cert, &c.server.tls_key, &c.server.client_ca] {
+                        match p {
+                            Some(p) if std::fs::metadata(p).is_err() => {
+                                missing.push(p.display().to_string())
+                            }
+                            None => missing.push("(not set)".into()),
+                            _ => {}
+                        }
+                    }
+                }
+                if missing.is_empty() {
+                    let url = if c.database.url.is_some() {
+                        "from the file"
+                    } else {
+                        "from --database-url or the environment"
+                    };
+                    println!("{}: ok (database url {url})", config.display());
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                        "{}: TLS files missing or unreadable: {}",
+                        config.display(),
+                        missing.join(", ")
+                    );
+                    ExitCode::from(2)
+                }
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Migrate {
             database_url,
             retention,

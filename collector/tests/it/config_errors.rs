@@ -87,19 +87,40 @@ fn collector_config_errors_exit_2_located() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("collector.toml");
     std::fs::write(&path, "[server]\ninsecure = true\n\n[database]\nurl = \"postgres://x@127.0.0.1/x\"\nretension = \"9d\"\n").unwrap();
+    for subcommand in ["run", "check"] {
+        let out = Command::new(collector_bin())
+            .arg(subcommand)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{subcommand}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "{}:6:1: unknown field `retension`",
+                path.display()
+            )),
+            "{subcommand}: {err}"
+        );
+    }
+    std::fs::write(
+        &path,
+        "[server]
+insecure = true
+",
+    )
+    .unwrap();
     let out = Command::new(collector_bin())
-        .arg("run")
+        .arg("check")
         .arg("--config")
         .arg(&path)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.starts_with(&format!(
-            "{}:6:1: unknown field `retension`",
-            path.display()
-        )),
-        "{err}"
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -231,3 +231,55 @@ fn results_wait_in_the_buffer_while_the_collector_is_down() {
     );
     drop(collector);
 }
+
+#[test]
+fn sighup_reloads_the_tests_and_a_bad_file_keeps_the_running_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let mut agent = Agent::new(
+        dir.path(),
+        "reload",
+        &collector.endpoint(),
+        &http_test(&target.url(), "100ms"),
+    );
+    agent.start();
+    let count = |test: &str| {
+        db.scalar(&format!(
+            "SELECT count(*) FROM results WHERE test = '{test}'"
+        ))
+    };
+    wait_for(Duration::from_secs(30), "results of the first test", || {
+        (count("web") >= 3).then_some(())
+    });
+
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace("name = \"web\"", "name = \"web-renamed\""),
+    )
+    .unwrap();
+    agent.proc.as_ref().unwrap().signal("HUP");
+    wait_for(
+        Duration::from_secs(30),
+        "results of the reloaded test",
+        || (count("web-renamed") >= 3).then_some(()),
+    );
+
+    // A file that does not check is refused; the agent goes on with what it runs.
+    std::fs::write(
+        &agent.config,
+        text.replace("name = \"web\"", "nmae = \"web\""),
+    )
+    .unwrap();
+    agent.proc.as_ref().unwrap().signal("HUP");
+    let before = count("web-renamed");
+    wait_for(
+        Duration::from_secs(30),
+        "the running configuration to go on",
+        || (count("web-renamed") >= before + 5).then_some(()),
+    );
+    assert!(agent.proc.as_mut().unwrap().is_running());
+    assert_eq!(agent.stop(), Some(0));
+}
