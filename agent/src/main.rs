@@ -186,7 +186,12 @@ fn main() -> ExitCode {
             }
         }
         Command::ServeTarget { listen, max_tests } => {
-            match runtime().block_on(target::serve(listen, max_tests, run::shutdown_signal())) {
+            let rt = runtime();
+            let stop = {
+                let _entered = rt.enter();
+                run::shutdown_signal()
+            };
+            match rt.block_on(target::serve(listen, max_tests, stop)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("serve-target: {e:#}");

@@ -19,6 +19,9 @@ use crate::uplink::Uplink;
 const GRACE: Duration = Duration::from_secs(5);
 
 pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let stop = shutdown_signal();
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let agent_id = config.agent_id();
     let buffer = Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes)?;
     let stats = buffer.stats();
@@ -43,9 +46,6 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     ));
 
     let mut config = config;
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
-    let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -140,18 +140,17 @@ async fn publish_status(buffer: Buffer, state_dir: PathBuf, shutdown: Cancellati
     let _ = tokio::fs::remove_file(&path).await;
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("cannot install the SIGTERM handler");
+/// Installs the SIGTERM and SIGINT handlers now, so that a signal arriving during start-up
+/// is handled rather than fatal, and returns a future that resolves on the first of them.
+/// Must be called inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
+    async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

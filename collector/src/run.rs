@@ -41,6 +41,17 @@ pub async fn migrate_once(url: &str, retention: Option<Duration>) -> anyhow::Res
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    // Handlers first: a SIGTERM during start-up (e.g. while waiting for PostgreSQL) stops
+    // the collector cleanly instead of killing it.
+    let stop = shutdown_signal();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            stop.await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    });
     let metrics = Arc::new(Metrics::new());
     metrics
         .info
@@ -89,7 +100,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(500);
     loop {
         match tokio::select! {
-            _ = crate::run::shutdown_signal() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
             r = migrate_and_partition(&url, config.database.retention) => r,
         } {
             Ok(()) => break,
@@ -98,7 +109,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     retry_in_ms = delay.as_millis() as u64,
                     "database not ready: {e:#}"
                 );
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
@@ -132,14 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.grpc_listen)
         .await
         .with_context(|| format!("cannot listen on {} (grpc)", config.server.grpc_listen))?;
-    let signalled = {
-        let shutdown = shutdown.clone();
-        async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            shutdown.cancel();
-        }
-    };
+    let signalled = shutdown.clone().cancelled_owned();
     tracing::info!(
         addr = %config.server.grpc_listen,
         tls = tls.is_some(),
@@ -229,12 +236,17 @@ fn hello_timeout() -> Duration {
         .map_or(crate::ingest::HELLO_TIMEOUT, Duration::from_millis)
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("cannot install the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// Installs the SIGTERM and SIGINT handlers now, so that a signal arriving during start-up
+/// is handled rather than fatal, and returns a future that resolves on the first of them.
+/// Must be called inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
