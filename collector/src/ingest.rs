@@ -27,7 +27,7 @@ use crate::store::Store;
 
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches accepted from one stream and not yet committed, at most.
-const STREAM_QUEUE: usize = 2;
+const STREAM_QUEUE: usize = 4;
 /// Batches accepted from all streams and not yet committed, at most (bounds memory:
 /// at most this many messages of `MAX_MESSAGE_BYTES`).
 pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
@@ -331,8 +331,20 @@ impl Session {
     }
 
     async fn commit_loop(self: Arc<Self>, mut batches: mpsc::Receiver<Pending>, out: Out) {
-        while let Some(Pending { rows, _permit }) = batches.recv().await {
-            let last = rows.last().map_or(0, |r| r.seq);
+        while let Some(first) = batches.recv().await {
+            // Batches already queued behind this one go into the same transaction: fewer,
+            // larger commits while an agent drains a backlog, and still in seq order.
+            let mut taken = vec![first];
+            while let Ok(next) = batches.try_recv() {
+                taken.push(next);
+            }
+            let n = taken.len() as i64;
+            let rows: Vec<Arc<Vec<ResultRow>>> = taken.iter().map(|p| p.rows.clone()).collect();
+            let last = rows
+                .iter()
+                .rev()
+                .find_map(|b| b.last())
+                .map_or(0, |r| r.seq);
             let mut delay = Duration::from_millis(100);
             loop {
                 match self.store.write(rows.clone()).await {
@@ -341,7 +353,8 @@ impl Session {
                         let ack = message(pb::collector_message::Msg::Ack(pb::Ack {
                             seq: last as u64,
                         }));
-                        self.metrics.in_flight_batches.dec();
+                        self.metrics.in_flight_batches.sub(n);
+                        drop(taken);
                         if out.send(Ok(ack)).await.is_err() {
                             // The agent left; what committed stays committed, the welcome
                             // tells it next time.
@@ -354,7 +367,7 @@ impl Session {
                     }
                     Err(e) => {
                         if self.shutdown.is_cancelled() || out.is_closed() {
-                            self.metrics.in_flight_batches.dec();
+                            self.metrics.in_flight_batches.sub(n);
                             while batches.try_recv().is_ok() {
                                 self.metrics.in_flight_batches.dec();
                             }

@@ -54,8 +54,9 @@ pub struct Written {
 
 enum Job {
     Hello(AgentHello, oneshot::Sender<Result<i64, StoreError>>),
+    /// Consecutive batches of one agent, in seq order, written in one transaction.
     Write(
-        Arc<Vec<ResultRow>>,
+        Vec<Arc<Vec<ResultRow>>>,
         oneshot::Sender<Result<Written, StoreError>>,
     ),
     Heartbeat(String, BufferState),
@@ -110,8 +111,8 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Writes one agent's batch; returns after commit.
-    pub async fn write(&self, rows: Arc<Vec<ResultRow>>) -> Result<Written, StoreError> {
+    /// Writes consecutive batches of one agent (in seq order); returns after commit.
+    pub async fn write(&self, rows: Vec<Arc<Vec<ResultRow>>>) -> Result<Written, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Job::Write(rows, tx))
@@ -278,7 +279,10 @@ impl Writer {
         }
         if !writes.is_empty() {
             let start = Instant::now();
-            let batches: Vec<&[ResultRow]> = writes.iter().map(|(r, _)| r.as_slice()).collect();
+            let batches: Vec<&[ResultRow]> = writes
+                .iter()
+                .flat_map(|(job, _)| job.iter().map(|b| b.as_slice()))
+                .collect();
             match write_group(client, &batches).await {
                 Ok(outcomes) => {
                     self.metrics
@@ -286,10 +290,22 @@ impl Writer {
                         .observe(start.elapsed().as_secs_f64());
                     self.metrics.ingest_transactions.inc();
                     let mut rows = 0;
-                    for ((batch, reply), written) in writes.into_iter().zip(outcomes) {
-                        rows += written.inserted;
-                        self.count(&batch, &written);
-                        let _ = reply.send(Ok(written));
+                    let mut outcomes = outcomes.into_iter();
+                    for (job, reply) in writes {
+                        let mut total: Option<Written> = None;
+                        for (batch, written) in job.iter().zip(outcomes.by_ref()) {
+                            rows += written.inserted;
+                            self.count(batch, &written);
+                            total = Some(match total {
+                                None => written,
+                                Some(t) => Written {
+                                    committed_seq: written.committed_seq,
+                                    inserted: t.inserted + written.inserted,
+                                    duplicates: t.duplicates + written.duplicates,
+                                },
+                            });
+                        }
+                        let _ = reply.send(total.ok_or(StoreError::Closed));
                     }
                     self.metrics.rows_per_transaction.observe(rows as f64);
                 }
@@ -328,7 +344,7 @@ impl Writer {
 
 fn job_rows(job: &Job) -> usize {
     match job {
-        Job::Write(rows, _) => rows.len(),
+        Job::Write(batches, _) => batches.iter().map(|b| b.len()).sum(),
         _ => 1,
     }
 }
