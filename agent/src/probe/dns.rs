@@ -2,6 +2,10 @@
 //! `ip` or `ip:port`) or to the first `nameserver` of /etc/resolv.conf, timed from the
 //! first datagram to the matching answer.
 //!
+//! Without `server`, A and AAAA go through the system resolver (getaddrinfo), so
+//! /etc/hosts and nsswitch count as they do for every other program on the host; other
+//! record types ask the first `nameserver` of /etc/resolv.conf.
+//!
 //! - The query goes over UDP with EDNS (1232-byte payload), is resent every second until
 //!   the run's deadline, and is repeated over TCP when the answer is truncated.
 //! - An answer counts only if its id, QR bit and question match the query; anything else
@@ -61,6 +65,9 @@ async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeEr
     })?;
     let server = match &spec.options.server {
         Some(s) => parse_server(s)?,
+        None if matches!(rtype, RecordType::A | RecordType::AAAA) => {
+            return system_lookup(spec.target.trim(), rtype, deadline, fields).await;
+        }
         None => system_server()?,
     };
 
@@ -97,6 +104,41 @@ async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeEr
         ));
     }
     Ok(())
+}
+
+/// A or AAAA through getaddrinfo (on tokio's blocking pool), counting the addresses of the
+/// asked family. getaddrinfo reports no rcode: success is NOERROR, failure has none.
+async fn system_lookup(
+    name: &str,
+    rtype: RecordType,
+    deadline: tokio::time::Instant,
+    fields: &mut DnsFields,
+) -> Result<(), ProbeError> {
+    let start = Instant::now();
+    let lookup = timeout_at(
+        deadline,
+        tokio::net::lookup_host((name.trim_end_matches('.'), 0)),
+    )
+    .await
+    .map_err(|_| {
+        ProbeError::new(
+            ErrorClass::Timeout,
+            format!("{name}: no answer from the system resolver"),
+        )
+    })?;
+    fields.resolve_seconds = Some(secs(start.elapsed()));
+    match lookup {
+        Ok(addrs) => {
+            let want_v4 = rtype == RecordType::A;
+            fields.answers = addrs.filter(|a| a.is_ipv4() == want_v4).count() as u32;
+            fields.rcode = "NOERROR".into();
+            Ok(())
+        }
+        Err(e) => Err(ProbeError::new(
+            ErrorClass::Dns,
+            format!("{name} {rtype}: system resolver: {e}"),
+        )),
+    }
 }
 
 /// `ip`, `ip:port` or `[v6]:port`; port 53 by default.

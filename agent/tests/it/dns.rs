@@ -197,3 +197,15 @@ fn dns_closed_port_is_refused_and_bad_input_is_local() {
     let (v, _) = probe("dns", "ok.test", &["--server", "not-an-ip"]);
     assert_eq!(class(&v), "local", "{v}");
 }
+
+#[test]
+fn dns_without_a_server_uses_the_system_resolver_and_its_hosts_file() {
+    // localhost comes from /etc/hosts, which only the system resolver reads.
+    let (v, code) = probe("dns", "localhost", &[]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["rcode"], "NOERROR");
+    assert!(v["answers"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    let (v, code) = probe("dns", "no-such-host.invalid", &[]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "dns", "{v}");
+}
