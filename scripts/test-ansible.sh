@@ -118,6 +118,8 @@ if ! "$ca_command" cert issue --help >/dev/null 2>&1; then
     ca_command=$work/collector-pkg/usr/bin/edgeprobe-collector
 fi
 check "edgeprobe-collector on the controller knows cert issue" "$ca_command" cert issue --help
+agent_bin=$work/agent-pkg/usr/bin/edgeprobe-agent
+dpkg-deb -x "$agent_deb" "$work/agent-pkg"
 
 # ---------------------------------------------------------------------------------------
 log "ansible-lint --profile production"
@@ -128,6 +130,42 @@ expect "ansible-lint --profile production exit status" "$lint_rc" 0
 contains "ansible-lint ran the production profile" "$lint_out" "Profile 'production' was required, and it passed"
 check "syntax of the example inventory and site.yml" \
     sh -c "cd ansible && ansible-playbook -i inventory/example/hosts.yml --syntax-check site.yml"
+
+log "the example inventory's agent configs pass edgeprobe-agent check"
+# The role's template rendered on the controller with each example host's variables.
+mkdir -p "$work/example"
+cat >"$work/example/render.yml" <<EOF
+- name: Render agent.toml for every example agent
+  hosts: edgeprobe_agents
+  gather_facts: false
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: "{{ ansible_playbook_python }}"
+    ansible_managed: rendered by test-ansible.sh
+  tasks:
+    - name: Render
+      ansible.builtin.copy:
+        content: "{{ lookup('template', '$root/ansible/roles/edgeprobe_agent/templates/agent.toml.j2') }}"
+        dest: "$work/example/{{ inventory_hostname }}.toml"
+        mode: "0644"
+      vars:
+        edgeprobe_agent_all_tests: "{{ edgeprobe_agent_tests + edgeprobe_agent_group_tests + edgeprobe_agent_host_tests }}"
+EOF
+# The role's defaults, at the precedence of role defaults' nearest inventory kin: group all.
+mkdir -p "$work/example/defaults/group_vars"
+cp ansible/roles/edgeprobe_agent/defaults/main.yml "$work/example/defaults/group_vars/all.yml"
+printf 'all: {}\n' >"$work/example/defaults/hosts.yml"
+render_out=$(cd ansible && "$ansible_playbook" -i "$work/example/defaults/hosts.yml" \
+    -i inventory/example/hosts.yml "$work/example/render.yml" 2>&1)
+check "render the example agents' agent.toml" test "$(recap failed <(printf '%s\n' "$render_out"))" = 0
+rendered=0
+for f in "$work"/example/*.toml; do
+    [ -e "$f" ] || continue
+    rendered=$((rendered + 1))
+    check "$(basename "$f"): $("$agent_bin" check --config "$f" 2>&1)" "$agent_bin" check --config "$f"
+done
+expect "example agents rendered" "$rendered" 3
+contains "berlin-02 has the site's and its own tests" "$(cat "$work/example/berlin-02.example.net.toml" 2>&1)" 'name = "erp-http"'
 
 # ---------------------------------------------------------------------------------------
 log "the playbook against localhost"
