@@ -24,7 +24,9 @@ cd "$root"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 export DEBIAN_FRONTEND=noninteractive
 export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 PY_COLORS=0
-pg=${EDGEPROBE_ANSIBLETEST_PG:-postgres://postgres@127.0.0.1:5432}
+default_pg=postgres://postgres@127.0.0.1:5432
+[ -z "${DATABASE_URL:-}" ] || default_pg=${DATABASE_URL%/*}
+pg=${EDGEPROBE_ANSIBLETEST_PG:-$default_pg}
 db=edgeprobe_ansibletest
 grpc_port=17743
 http_port=19764

@@ -16,7 +16,15 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 export DEBIAN_FRONTEND=noninteractive
-pg=${EDGEPROBE_PKGTEST_PG:-postgres://postgres@127.0.0.1:5432}
+# The server of $DATABASE_URL (scripts/test sets it, possibly to a throwaway cluster).
+default_pg=postgres://postgres@127.0.0.1:5432
+[ -z "${DATABASE_URL:-}" ] || default_pg=${DATABASE_URL%/*}
+pg=${EDGEPROBE_PKGTEST_PG:-$default_pg}
+
+# Packages, the edgeprobe user and /etc/edgeprobe are machine-wide: one system test at a
+# time (scripts/test-ansible.sh takes the same lock).
+exec 9>/run/lock/edgeprobe-system-test.lock
+if ! flock -w 900 9; then echo "test-packaging.sh: another system test holds the lock" >&2; exit 1; fi
 db=edgeprobe_pkgtest
 work=$(mktemp -d /tmp/edgeprobe-pkgtest.XXXXXX)
 chmod 0755 "$work"
