@@ -197,7 +197,7 @@ async fn agent(
     }
     // Let the last acks arrive.
     let wait = Instant::now();
-    while !sent.lock().unwrap().is_empty() && wait.elapsed() < Duration::from_secs(30) {
+    while !sent.lock().unwrap().is_empty() && wait.elapsed() < Duration::from_secs(90) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(tx);
@@ -318,6 +318,15 @@ fn copy_reference(server: &str, dir: &Path, rows: u64) -> f64 {
     rate
 }
 
+/// Results per second the simulated fleet sends (0 rate = as fast as acks allow).
+fn offered(args: &Args) -> f64 {
+    if args.rate > 0.0 {
+        args.rate * args.agents as f64
+    } else {
+        f64::NAN
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -421,6 +430,7 @@ async fn main() {
     println!("|---|---|");
     println!("| committed results/s (acked after commit) | {rate:.0} |");
     println!("| rows in PostgreSQL / acked | {rows} / {committed} |");
+    println!("| offered results/s | {:.0} |", offered(&args));
     println!(
         "| result-to-commit latency p50 / p99 / max | {:.3} / {:.3} / {:.3} s |",
         percentile(&lat, 0.5),
@@ -436,5 +446,10 @@ async fn main() {
             rate / reference
         );
     }
-    assert_eq!(rows as u64, committed, "rows in PostgreSQL match acks");
+    // Every acked result is in PostgreSQL; rows beyond the acks are batches that committed
+    // after the generator stopped waiting for their acks (it gives up after 90 s).
+    assert!(
+        rows as u64 >= committed,
+        "an acked result is missing from PostgreSQL"
+    );
 }

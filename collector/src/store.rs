@@ -259,22 +259,41 @@ impl Writer {
     /// Runs one group; every job gets its reply. Returns the first error for logging.
     async fn process(&self, client: &mut Client, group: Vec<Job>) -> Result<(), StoreError> {
         let mut writes = Vec::new();
+        let mut hellos = Vec::new();
+        let mut heartbeats = HashMap::new();
         let mut first_error = None;
         for job in group {
             match job {
-                Job::Hello(hello, reply) => {
-                    let r = hello_agent(client, &hello).await;
-                    if let Err(e) = &r {
-                        first_error.get_or_insert_with(|| e.to_string());
-                    }
-                    let _ = reply.send(r.map_err(StoreError::from));
-                }
+                Job::Hello(hello, reply) => hellos.push((hello, reply)),
+                // The newest heartbeat of an agent wins.
                 Job::Heartbeat(agent, state) => {
-                    if let Err(e) = heartbeat(client, &agent, state).await {
-                        first_error.get_or_insert_with(|| e.to_string());
-                    }
+                    heartbeats.insert(agent, state);
                 }
                 Job::Write(rows, reply) => writes.push((rows, reply)),
+            }
+        }
+        // One statement for all the hellos and one for all the heartbeats of the group:
+        // a fleet reconnecting at once costs a few round trips, not one per agent.
+        if !hellos.is_empty() {
+            let agents: Vec<&AgentHello> = hellos.iter().map(|(h, _)| h).collect();
+            match hello_agents(client, &agents).await {
+                Ok(committed) => {
+                    for (hello, reply) in hellos {
+                        let seq = committed.get(&hello.agent_id).copied();
+                        let _ = reply.send(seq.ok_or(StoreError::Closed));
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                    for (_, reply) in hellos {
+                        let _ = reply.send(Err(StoreError::Postgres(e.to_string())));
+                    }
+                }
+            }
+        }
+        if !heartbeats.is_empty() {
+            if let Err(e) = heartbeat_agents(client, &heartbeats).await {
+                first_error.get_or_insert_with(|| e.to_string());
             }
         }
         if !writes.is_empty() {
@@ -355,30 +374,48 @@ impl From<tokio_postgres::Error> for StoreError {
     }
 }
 
-async fn hello_agent(client: &Client, hello: &AgentHello) -> Result<i64, tokio_postgres::Error> {
-    let labels = labels_json(&hello.labels);
-    let row = client
-        .query_one(
-            "INSERT INTO agents (agent_id, labels, version) VALUES ($1, $2, $3)
+/// Registers or updates agents; returns each one's committed seq.
+async fn hello_agents(
+    client: &Client,
+    hellos: &[&AgentHello],
+) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+    // One row per agent: a statement cannot upsert the same row twice.
+    let mut latest: BTreeMap<&str, &AgentHello> = BTreeMap::new();
+    for h in hellos {
+        latest.insert(&h.agent_id, h);
+    }
+    let ids: Vec<&str> = latest.keys().copied().collect();
+    let labels: Vec<serde_json::Value> = latest.values().map(|h| labels_json(&h.labels)).collect();
+    let versions: Vec<&str> = latest.values().map(|h| h.version.as_str()).collect();
+    let rows = client
+        .query(
+            "INSERT INTO agents (agent_id, labels, version)
+             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[])
              ON CONFLICT (agent_id) DO UPDATE
                 SET labels = EXCLUDED.labels, version = EXCLUDED.version, last_seen = now()
-             RETURNING committed_seq",
-            &[&hello.agent_id, &labels, &hello.version],
+             RETURNING agent_id, committed_seq",
+            &[&ids, &labels, &versions],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-async fn heartbeat(
+async fn heartbeat_agents(
     client: &Client,
-    agent: &str,
-    s: BufferState,
+    beats: &HashMap<String, BufferState>,
 ) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<&str> = beats.keys().map(String::as_str).collect();
+    let backlog: Vec<i64> = beats.values().map(|s| s.backlog).collect();
+    let dropped: Vec<i64> = beats.values().map(|s| s.dropped).collect();
+    let oldest: Vec<Option<std::time::SystemTime>> = beats.values().map(|s| s.oldest).collect();
     client
         .execute(
-            "UPDATE agents SET backlog = $2, dropped = $3, oldest_buffered_at = $4, last_seen = now()
-              WHERE agent_id = $1",
-            &[&agent, &s.backlog, &s.dropped, &s.oldest],
+            "UPDATE agents SET backlog = v.backlog, dropped = v.dropped,
+                    oldest_buffered_at = v.oldest, last_seen = now()
+               FROM unnest($1::text[], $2::int8[], $3::int8[], $4::timestamptz[])
+                    AS v(agent_id, backlog, dropped, oldest)
+              WHERE agents.agent_id = v.agent_id",
+            &[&ids, &backlog, &dropped, &oldest],
         )
         .await?;
     Ok(())
