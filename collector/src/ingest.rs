@@ -28,8 +28,8 @@ use crate::store::Store;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Batches accepted from one stream and not yet committed, at most.
 const STREAM_QUEUE: usize = 4;
-/// Batches accepted from all streams and not yet committed, at most (bounds memory:
-/// at most this many messages of `MAX_MESSAGE_BYTES`).
+/// Batches accepted from all streams and not yet committed, at most. With one decoded
+/// batch per stream waiting for a share, memory stays within (this + streams) batches.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
 const RETRY_CAP: Duration = Duration::from_secs(5);
 
@@ -198,15 +198,6 @@ impl Session {
         let committer = tokio::spawn(this.clone().commit_loop(batch_rx, out.clone()));
 
         let end = loop {
-            // Take a share of the global bound before reading: when the store is behind,
-            // streams stop reading here and flow control pushes back to the agents.
-            let permit = tokio::select! {
-                _ = this.shutdown.cancelled() => break None,
-                p = this.in_flight.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break None,
-                },
-            };
             let msg = tokio::select! {
                 _ = this.shutdown.cancelled() => break None,
                 m = inbound.message() => m,
@@ -223,6 +214,17 @@ impl Session {
                 Some(pb::agent_message::Msg::Batch(batch)) => match this.validate(batch) {
                     Ok(rows) if rows.is_empty() => {}
                     Ok(rows) => {
+                        // A share of the global bound, taken after the read so an idle
+                        // stream holds none: when the store is behind, streams wait here
+                        // with one batch each, stop reading, and HTTP/2 flow control
+                        // pushes back to the agents.
+                        let permit = tokio::select! {
+                            _ = this.shutdown.cancelled() => break None,
+                            p = this.in_flight.clone().acquire_owned() => match p {
+                                Ok(p) => p,
+                                Err(_) => break None,
+                            },
+                        };
                         this.metrics.in_flight_batches.inc();
                         let pending = Pending {
                             rows: Arc::new(rows),
