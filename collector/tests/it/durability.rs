@@ -7,22 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
-fn tests_every(target: &str, every: &str) -> String {
-    format!(
-        "[[test]]\nname = \"web\"\nkind = \"http\"\ntarget = \"{target}\"\nevery = \"{every}\"\n"
-    )
-}
-
-/// rows == distinct seqs == max seq == `last`: every recorded result landed once.
-fn assert_exactly_once(db: &TestDb, agent: &str, last: u64) {
-    let (rows, max, distinct) = seq_summary(db, agent);
-    assert_eq!(
-        (rows, max, distinct),
-        (last as i64, last as i64, last as i64),
-        "agent {agent}"
-    );
-}
-
 #[test]
 fn agent_sigkill_ten_times_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -33,7 +17,7 @@ fn agent_sigkill_ten_times_loses_and_duplicates_nothing() {
         dir.path(),
         "kill-agent",
         &collector.endpoint(),
-        &tests_every(&target.url(), "100ms"),
+        &http_test(&target.url(), "100ms"),
     );
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     for _ in 0..10 {
@@ -70,7 +54,7 @@ fn collector_sigkill_five_times_during_heavy_ingest() {
     let mut agents: Vec<Agent> = ids
         .iter()
         .map(|id| {
-            let tests = tcp("a") + &tcp("b") + &tests_every(&target.url(), "20ms");
+            let tests = tcp("a") + &tcp("b") + &http_test(&target.url(), "20ms");
             Agent::new(dir.path(), id, &collector.endpoint(), &tests)
         })
         .collect();
@@ -106,7 +90,7 @@ fn postgres_outage_of_30s_holds_acks_bounds_memory_and_loses_nothing() {
         dir.path(),
         "pg-outage",
         &collector.endpoint(),
-        &tests_every(&target.url(), "20ms"),
+        &http_test(&target.url(), "20ms"),
     );
     agent.start();
     wait_for(Duration::from_secs(30), "first rows", || {
@@ -164,7 +148,7 @@ fn a_full_buffer_drops_the_oldest_and_the_count_reaches_postgres_and_metrics() {
         dir.path(),
         "tiny-cap",
         &format!("http://{grpc}"),
-        &tests_every(&target.url(), "10ms"),
+        &http_test(&target.url(), "10ms"),
     );
     // Room for a few dozen results only.
     let text = std::fs::read_to_string(&agent.config).unwrap();
@@ -202,11 +186,7 @@ fn a_full_buffer_drops_the_oldest_and_the_count_reaches_postgres_and_metrics() {
     );
     let metrics = collector.metrics();
     let series = "edgeprobe_agent_dropped_results{agent=\"tiny-cap\"}";
-    assert_eq!(
-        crate::spine::metric(&metrics, series) as u64,
-        dropped,
-        "{metrics}"
-    );
+    assert_eq!(metric(&metrics, series) as u64, dropped, "{metrics}");
 }
 
 #[test]
@@ -219,7 +199,7 @@ fn a_corrupted_buffer_gives_a_located_error_and_no_silent_wipe() {
         dir.path(),
         "corrupt",
         &collector.endpoint(),
-        &tests_every(&target.url(), "50ms"),
+        &http_test(&target.url(), "50ms"),
     );
     agent.start();
     std::thread::sleep(Duration::from_secs(1));
@@ -298,7 +278,7 @@ fn a_full_disk_drops_and_counts_like_a_full_buffer_and_the_agent_keeps_running()
         dir.path(),
         "disk-full",
         &format!("http://{grpc}"),
-        &tests_every(&target.url(), "10ms"),
+        &http_test(&target.url(), "10ms"),
     );
     let text = std::fs::read_to_string(&agent.config).unwrap();
     let state = dir.path().join("disk").join("state");

@@ -53,10 +53,7 @@ fn an_agent_failing_over_between_two_collectors_lands_every_seq_once() {
     }
     assert_eq!(agent.stop(), Some(0));
     let last = drain(&mut agent, &db, "roamer");
-    assert_eq!(
-        seq_summary(&db, "roamer"),
-        (last as i64, last as i64, last as i64)
-    );
+    assert_exactly_once(&db, "roamer", last);
 }
 
 #[test]
@@ -151,10 +148,7 @@ fn metrics_pass_promtool_with_results_of_every_kind_seen() {
         "edgeprobe_agents_connected",
         "edgeprobe_postgres_up",
     ] {
-        assert!(
-            crate::spine::metric(&text, series) > 0.0,
-            "{series} missing in:\n{text}"
-        );
+        assert!(metric(&text, series) > 0.0, "{series} missing in:\n{text}");
     }
     // No raw agent id or target on result metrics.
     for line in text

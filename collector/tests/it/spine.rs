@@ -4,12 +4,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn http_test(target: &str, every: &str) -> String {
-    format!(
-        "[[test]]\nname = \"web\"\nkind = \"http\"\ntarget = \"{target}\"\nevery = \"{every}\"\n"
-    )
-}
-
 #[test]
 fn http_results_land_with_typed_fields_and_the_buffer_empties() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,10 +34,7 @@ fn http_results_land_with_typed_fields_and_the_buffer_empties() {
     let last = drain(&mut agent, &db, "spine-1");
 
     // Every recorded result landed once, and the buffer is empty.
-    assert_eq!(
-        seq_summary(&db, "spine-1"),
-        (last as i64, last as i64, last as i64)
-    );
+    assert_exactly_once(&db, "spine-1", last);
     assert_eq!(agent.stat("backlog"), 0);
     assert_eq!(agent.stat("stored bytes"), 0);
 
@@ -101,13 +92,6 @@ fn http_results_land_with_typed_fields_and_the_buffer_empties() {
         "edgeprobe_ingest_results_total{outcome=\"committed\"}",
     );
     assert_eq!(committed, last as f64, "{metrics}");
-}
-
-/// The value of one exact series line in a text exposition.
-pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
 }
 
 #[test]
@@ -191,10 +175,7 @@ fn restarts_mid_stream_land_every_seq_exactly_once() {
     agent.stop();
     let last = drain(&mut agent, &db, "spine-2");
     assert!(last > 100, "only {last} results");
-    assert_eq!(
-        seq_summary(&db, "spine-2"),
-        (last as i64, last as i64, last as i64)
-    );
+    assert_exactly_once(&db, "spine-2", last);
     assert_eq!(agent.stat("backlog"), 0);
 }
 
@@ -225,10 +206,7 @@ fn results_wait_in_the_buffer_while_the_collector_is_down() {
     });
     agent.stop();
     let last = drain(&mut agent, &db, "spine-3");
-    assert_eq!(
-        seq_summary(&db, "spine-3"),
-        (last as i64, last as i64, last as i64)
-    );
+    assert_exactly_once(&db, "spine-3", last);
     drop(collector);
 }
 

@@ -588,6 +588,30 @@ impl HttpTarget {
     }
 }
 
+/// An `[[test]]` block: an http test named `web` of `target` every `every`.
+pub fn http_test(target: &str, every: &str) -> String {
+    format!(
+        "[[test]]\nname = \"web\"\nkind = \"http\"\ntarget = \"{target}\"\nevery = \"{every}\"\n"
+    )
+}
+
+/// The value of one exact series line in a text exposition; 0 if absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// rows == distinct seqs == max seq == `last`: every recorded result landed once.
+pub fn assert_exactly_once(db: &TestDb, agent: &str, last: u64) {
+    let (rows, max, distinct) = seq_summary(db, agent);
+    assert_eq!(
+        (rows, max, distinct),
+        (last as i64, last as i64, last as i64),
+        "agent {agent}"
+    );
+}
+
 /// Row-count invariants of one agent: (rows, max seq, distinct seqs).
 pub fn seq_summary(db: &TestDb, agent: &str) -> (i64, i64, i64) {
     let row = db
@@ -736,10 +760,7 @@ impl Collector {
 
     /// The value of one metric series, e.g. `edgeprobe_tls_handshake_errors_total{reason="timeout"}`; 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric(&self.metrics(), series)
     }
 }
 
