@@ -10,8 +10,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::Client;
 
 /// (version, name, SQL), in order.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "lean_indexes",
+        include_str!("../migrations/0002_lean_indexes.sql"),
+    ),
+];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.
 const MIGRATION_LOCK: i64 = 0x6564_6765_7072_6f62;
