@@ -4,7 +4,8 @@
 //! anything reaches the store; the store never sees protobuf types and can trust what it
 //! gets (lengths, label counts, enum values, finite numbers, sane timestamps).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use edgeprobe_proto::v1 as pb;
@@ -81,8 +82,39 @@ pub struct ResultRow {
     pub success: bool,
     pub error_class: Option<String>,
     pub error_message: Option<String>,
-    pub labels: BTreeMap<String, String>,
+    /// Shared by the consecutive results of a batch that carry the same labels.
+    pub labels: Arc<Labels>,
     pub measures: Measures,
+}
+
+/// A result's validated labels with their JSON rendering, made once per distinct label
+/// set in a batch: an agent sends the same labels with almost every result, and the store
+/// writes the JSON for every row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labels {
+    map: BTreeMap<String, String>,
+    json: String,
+}
+
+impl Labels {
+    pub fn new(map: BTreeMap<String, String>) -> Labels {
+        let json = serde_json::to_string(&map).expect("a map of strings serializes");
+        Labels { map, json }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(String::as_str)
+    }
+
+    /// The labels as a JSON object, e.g. `{"site":"berlin"}`.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    /// True when `wire` holds exactly these labels.
+    fn same_as(&self, wire: &HashMap<String, String>) -> bool {
+        wire.len() == self.map.len() && wire.iter().all(|(k, v)| self.map.get(k) == Some(v))
+    }
 }
 
 /// Typed columns; `None` is NULL. Names are the column names.
@@ -116,33 +148,38 @@ pub struct Measures {
     pub rcode: Option<String>,
 }
 
-fn text(field: &str, value: &str, max: usize) -> Result<String, Invalid> {
+/// Takes the wire string when it is within bounds (no copy on the hot path).
+fn text(field: &str, value: String, max: usize) -> Result<String, Invalid> {
     if value.len() > max {
         return invalid(format!("{field} longer than {max} bytes"));
     }
-    if value.contains('\0') {
+    if value.as_bytes().contains(&0) {
         return invalid(format!("{field} contains NUL"));
     }
-    Ok(value.to_string())
+    Ok(value)
 }
 
-fn name(field: &str, value: &str, max: usize) -> Result<String, Invalid> {
+fn name(field: &str, value: String, max: usize) -> Result<String, Invalid> {
     if value.is_empty() {
         return invalid(format!("{field} is empty"));
     }
-    if value.chars().any(char::is_control) {
+    // ASCII names (almost all) need no char decoding; C0 and DEL are the ASCII controls.
+    let control = if value.is_ascii() {
+        value.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        value.chars().any(char::is_control)
+    };
+    if control {
         return invalid(format!("{field} contains control characters"));
     }
     text(field, value, max)
 }
 
-pub fn labels(
-    map: &std::collections::HashMap<String, String>,
-) -> Result<BTreeMap<String, String>, Invalid> {
+pub fn labels(map: HashMap<String, String>) -> Result<BTreeMap<String, String>, Invalid> {
     if map.len() > MAX_LABELS {
         return invalid(format!("{} labels, at most {MAX_LABELS}", map.len()));
     }
-    map.iter()
+    map.into_iter()
         .map(|(k, v)| {
             Ok((
                 name("label key", k, MAX_LABEL_LEN)?,
@@ -178,9 +215,9 @@ impl TryFrom<pb::Hello> for AgentHello {
     type Error = Invalid;
     fn try_from(h: pb::Hello) -> Result<Self, Invalid> {
         Ok(AgentHello {
-            agent_id: name("agent_id", &h.agent_id, MAX_ID_LEN)?,
-            version: text("version", &h.version, MAX_VERSION_LEN)?,
-            labels: labels(&h.labels)?,
+            agent_id: name("agent_id", h.agent_id, MAX_ID_LEN)?,
+            version: text("version", h.version, MAX_VERSION_LEN)?,
+            labels: labels(h.labels)?,
         })
     }
 }
@@ -204,6 +241,14 @@ impl TryFrom<pb::Heartbeat> for BufferState {
 impl TryFrom<pb::Result> for ResultRow {
     type Error = Invalid;
     fn try_from(r: pb::Result) -> Result<Self, Invalid> {
+        ResultRow::from_wire(r, None)
+    }
+}
+
+impl ResultRow {
+    /// Validates one wire result. `previous` is the labels of the result before it in the
+    /// batch: when this one carries the same, they are shared instead of rebuilt.
+    pub fn from_wire(r: pb::Result, previous: Option<&Arc<Labels>>) -> Result<Self, Invalid> {
         use pb::result::Fields as F;
         let kind = match pb::Kind::try_from(r.kind) {
             Ok(pb::Kind::Speed) => Kind::Speed,
@@ -234,12 +279,12 @@ impl TryFrom<pb::Result> for ResultRow {
         let error_class = if r.error_class.is_empty() {
             None
         } else {
-            Some(name("error_class", &r.error_class, 32)?)
+            Some(name("error_class", r.error_class, 32)?)
         };
         let error_message = if r.error_message.is_empty() {
             None
         } else {
-            Some(text("error_message", &r.error_message, MAX_ERROR_LEN)?)
+            Some(text("error_message", r.error_message, MAX_ERROR_LEN)?)
         };
         let mut m = Measures::default();
         match (kind, r.fields) {
@@ -301,24 +346,28 @@ impl TryFrom<pb::Result> for ResultRow {
                 m.rcode = if d.rcode.is_empty() {
                     None
                 } else {
-                    Some(name("rcode", &d.rcode, 16)?)
+                    Some(name("rcode", d.rcode, 16)?)
                 };
             }
             (_, None) => {}
             (kind, Some(_)) => return invalid(format!("fields do not match kind {}", kind.name())),
         }
+        let labels = match previous {
+            Some(p) if p.same_as(&r.labels) => p.clone(),
+            _ => Arc::new(Labels::new(labels(r.labels)?)),
+        };
         Ok(ResultRow {
-            agent_id: name("agent_id", &r.agent_id, MAX_ID_LEN)?,
+            agent_id: name("agent_id", r.agent_id, MAX_ID_LEN)?,
             seq: r.seq as i64,
-            test: name("test", &r.test, MAX_NAME_LEN)?,
+            test: name("test", r.test, MAX_NAME_LEN)?,
             kind,
-            target: name("target", &r.target, MAX_TARGET_LEN)?,
+            target: name("target", r.target, MAX_TARGET_LEN)?,
             started_at,
             duration_seconds: r.duration_seconds,
             success: r.success,
             error_class,
             error_message,
-            labels: labels(&r.labels)?,
+            labels,
             measures: m,
         })
     }

@@ -308,7 +308,8 @@ impl Session {
                 )));
             }
             let seq = r.seq;
-            let row = ResultRow::try_from(r).map_err(|e| {
+            let previous = rows.last().map(|p: &ResultRow| &p.labels);
+            let row = ResultRow::from_wire(r, previous).map_err(|e| {
                 self.metrics
                     .ingest_errors
                     .with_label_values(&["validate"])

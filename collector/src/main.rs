@@ -9,6 +9,7 @@ mod http;
 mod identity;
 mod ingest;
 mod metrics;
+mod pgcopy;
 mod run;
 mod schema;
 mod store;

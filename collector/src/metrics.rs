@@ -333,7 +333,7 @@ impl Metrics {
     pub fn observe_results(&self, rows: &[ResultRow], site_label: &str) {
         let mut groups: HashMap<(&str, Kind, &str), Vec<&ResultRow>> = HashMap::new();
         for r in rows {
-            let site = r.labels.get(site_label).map_or("", String::as_str);
+            let site = r.labels.get(site_label).unwrap_or("");
             groups.entry((&r.test, r.kind, site)).or_default().push(r);
         }
         for ((test, kind, site), rows) in groups {

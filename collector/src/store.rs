@@ -18,15 +18,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::pin_mut;
+use bytes::Bytes;
+use futures::{pin_mut, SinkExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{AgentHello, BufferState, ResultRow};
 use crate::metrics::Metrics;
+use crate::pgcopy;
 
 /// Rows per writer transaction at most.
 const MAX_ROWS: usize = 50_000;
@@ -430,58 +430,6 @@ fn labels_json(labels: &BTreeMap<String, String>) -> serde_json::Value {
     )
 }
 
-const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, started_at, duration_seconds, \
-    success, error_class, error_message, labels, \
-    download_bits_per_second, upload_bits_per_second, idle_latency_seconds, jitter_seconds, \
-    download_loaded_latency_seconds, upload_loaded_latency_seconds, bytes_downloaded, bytes_uploaded, \
-    sent, received, loss_ratio, rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, \
-    connect_seconds, tls_seconds, status_code, dns_seconds, ttfb_seconds, transfer_seconds, body_bytes, \
-    tls_cert_expiry_seconds, resolve_seconds, answers, rcode) FROM STDIN (FORMAT binary)";
-
-const COPY_TYPES: &[Type] = &[
-    Type::TEXT,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TIMESTAMPTZ,
-    Type::FLOAT8,
-    Type::BOOL,
-    Type::TEXT,
-    Type::TEXT,
-    Type::JSONB,
-    // speed
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::INT8,
-    Type::INT8,
-    // icmp
-    Type::INT4,
-    Type::INT4,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    // tcp, http
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::INT4,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::FLOAT8,
-    Type::INT8,
-    Type::FLOAT8,
-    // dns
-    Type::FLOAT8,
-    Type::INT4,
-    Type::TEXT,
-];
-
 /// One transaction for several batches (of one or more agents). Returns one `Written`
 /// per batch, in order.
 async fn write_group(
@@ -531,63 +479,16 @@ async fn write_group(
     }
 
     if !fresh.is_empty() {
-        let sink = tx.copy_in(COPY_SQL).await?;
-        let writer = BinaryCopyInWriter::new(sink, COPY_TYPES);
-        pin_mut!(writer);
-        let mut labels_cache: Option<(&BTreeMap<String, String>, serde_json::Value)> = None;
+        let sink = tx.copy_in::<_, Bytes>(pgcopy::COPY_SQL).await?;
+        pin_mut!(sink);
+        let mut encoder = pgcopy::Encoder::new();
         for r in &fresh {
-            let labels = match &labels_cache {
-                Some((l, v)) if *l == &r.labels => v.clone(),
-                _ => {
-                    let v = labels_json(&r.labels);
-                    labels_cache = Some((&r.labels, v.clone()));
-                    v
-                }
-            };
-            let m = &r.measures;
-            let kind = r.kind.name();
-            let row: [&(dyn ToSql + Sync); 37] = [
-                &r.agent_id,
-                &r.seq,
-                &r.test,
-                &kind,
-                &r.target,
-                &r.started_at,
-                &r.duration_seconds,
-                &r.success,
-                &r.error_class,
-                &r.error_message,
-                &labels,
-                &m.download_bits_per_second,
-                &m.upload_bits_per_second,
-                &m.idle_latency_seconds,
-                &m.jitter_seconds,
-                &m.download_loaded_latency_seconds,
-                &m.upload_loaded_latency_seconds,
-                &m.bytes_downloaded,
-                &m.bytes_uploaded,
-                &m.sent,
-                &m.received,
-                &m.loss_ratio,
-                &m.rtt_min_seconds,
-                &m.rtt_avg_seconds,
-                &m.rtt_max_seconds,
-                &m.rtt_mdev_seconds,
-                &m.connect_seconds,
-                &m.tls_seconds,
-                &m.status_code,
-                &m.dns_seconds,
-                &m.ttfb_seconds,
-                &m.transfer_seconds,
-                &m.body_bytes,
-                &m.tls_cert_expiry_seconds,
-                &m.resolve_seconds,
-                &m.answers,
-                &m.rcode,
-            ];
-            writer.as_mut().write(&row).await?;
+            if let Some(chunk) = encoder.row(r) {
+                sink.send(chunk).await?;
+            }
         }
-        writer.finish().await?;
+        sink.send(encoder.finish()).await?;
+        sink.finish().await?;
 
         let (agent_ids, seqs): (Vec<&str>, Vec<i64>) =
             committed.iter().map(|(a, s)| (a.as_str(), *s)).unzip();

@@ -43,7 +43,7 @@ fn http_results_land_with_typed_fields_and_the_buffer_empties() {
         .query_one(
             "SELECT test, target, success, status_code, body_bytes, dns_seconds, connect_seconds,
                     ttfb_seconds, transfer_seconds, tls_seconds, labels->>'site', duration_seconds,
-                    error_class
+                    error_class, extract(epoch FROM now() - started_at)::float8
                FROM http_results WHERE agent_id = 'spine-1' ORDER BY seq DESC LIMIT 1",
             &[],
         )
@@ -67,6 +67,8 @@ fn http_results_land_with_typed_fields_and_the_buffer_empties() {
     assert_eq!(row.get::<_, Option<String>>(10).as_deref(), Some("lab"));
     assert!(row.get::<_, f64>(11) > 0.0);
     assert_eq!(row.get::<_, Option<String>>(12), None);
+    let age: f64 = row.get(13);
+    assert!((0.0..120.0).contains(&age), "started {age} s ago");
 
     let tcp_row = client
         .query_one(

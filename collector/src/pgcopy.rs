@@ -1,0 +1,231 @@
+//! PostgreSQL's binary COPY format for result rows, written straight into byte buffers.
+//!
+//! The store's hot path: every committed result passes through `Encoder::row` once.
+//! Writing the format by hand costs a few appends per column, where the generic
+//! `ToSql` route dispatches dynamically per value and renders the labels' JSON per row;
+//! here a batch's shared labels are rendered once (`domain::Labels`).
+//!
+//! Invariants: the column list in `COPY_SQL` and the order of the fields in `row` are the
+//! same (37 columns, checked by a test); values are already validated by `domain.rs`
+//! (no NUL in text, timestamps after 2000), so encoding cannot fail.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::domain::ResultRow;
+
+pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, started_at, duration_seconds, \
+    success, error_class, error_message, labels, \
+    download_bits_per_second, upload_bits_per_second, idle_latency_seconds, jitter_seconds, \
+    download_loaded_latency_seconds, upload_loaded_latency_seconds, bytes_downloaded, bytes_uploaded, \
+    sent, received, loss_ratio, rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, \
+    connect_seconds, tls_seconds, status_code, dns_seconds, ttfb_seconds, transfer_seconds, body_bytes, \
+    tls_cert_expiry_seconds, resolve_seconds, answers, rcode) FROM STDIN (FORMAT binary)";
+
+const COLUMNS: i16 = 37;
+/// Bytes handed to the connection at a time.
+const CHUNK: usize = 256 * 1024;
+/// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
+const PG_EPOCH_UNIX_SECONDS: u64 = 946_684_800;
+
+/// Builds one COPY stream: a header, rows, a trailer, cut into chunks of about `CHUNK`.
+pub struct Encoder {
+    buf: BytesMut,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Encoder {
+    pub fn new() -> Encoder {
+        let mut buf = BytesMut::with_capacity(CHUNK + 4096);
+        buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.put_i32(0); // flags
+        buf.put_i32(0); // header extension length
+        Encoder { buf }
+    }
+
+    /// Appends a row; returns a full chunk to send when one is ready.
+    pub fn row(&mut self, r: &ResultRow) -> Option<Bytes> {
+        let b = &mut self.buf;
+        let m = &r.measures;
+        b.put_i16(COLUMNS);
+        text(b, Some(&r.agent_id));
+        int8(b, Some(r.seq));
+        text(b, Some(&r.test));
+        text(b, Some(r.kind.name()));
+        text(b, Some(&r.target));
+        b.put_i32(8);
+        b.put_i64(pg_micros(r.started_at));
+        float8(b, Some(r.duration_seconds));
+        b.put_i32(1);
+        b.put_u8(r.success as u8);
+        text(b, r.error_class.as_deref());
+        text(b, r.error_message.as_deref());
+        let json = r.labels.json();
+        b.put_i32(json.len() as i32 + 1);
+        b.put_u8(1); // jsonb binary format version
+        b.put_slice(json.as_bytes());
+        // speed
+        float8(b, m.download_bits_per_second);
+        float8(b, m.upload_bits_per_second);
+        float8(b, m.idle_latency_seconds);
+        float8(b, m.jitter_seconds);
+        float8(b, m.download_loaded_latency_seconds);
+        float8(b, m.upload_loaded_latency_seconds);
+        int8(b, m.bytes_downloaded);
+        int8(b, m.bytes_uploaded);
+        // icmp
+        int4(b, m.sent);
+        int4(b, m.received);
+        float8(b, m.loss_ratio);
+        float8(b, m.rtt_min_seconds);
+        float8(b, m.rtt_avg_seconds);
+        float8(b, m.rtt_max_seconds);
+        float8(b, m.rtt_mdev_seconds);
+        // tcp, http
+        float8(b, m.connect_seconds);
+        float8(b, m.tls_seconds);
+        int4(b, m.status_code);
+        float8(b, m.dns_seconds);
+        float8(b, m.ttfb_seconds);
+        float8(b, m.transfer_seconds);
+        int8(b, m.body_bytes);
+        float8(b, m.tls_cert_expiry_seconds);
+        // dns
+        float8(b, m.resolve_seconds);
+        int4(b, m.answers);
+        text(b, m.rcode.as_deref());
+        (b.len() >= CHUNK).then(|| b.split().freeze())
+    }
+
+    /// The trailer and whatever is left: the last chunk of the stream.
+    pub fn finish(mut self) -> Bytes {
+        self.buf.put_i16(-1);
+        self.buf.freeze()
+    }
+}
+
+const NULL: i32 = -1;
+
+fn text(b: &mut BytesMut, v: Option<&str>) {
+    match v {
+        Some(s) => {
+            b.put_i32(s.len() as i32);
+            b.put_slice(s.as_bytes());
+        }
+        None => b.put_i32(NULL),
+    }
+}
+
+fn int4(b: &mut BytesMut, v: Option<i32>) {
+    match v {
+        Some(x) => {
+            b.put_i32(4);
+            b.put_i32(x);
+        }
+        None => b.put_i32(NULL),
+    }
+}
+
+fn int8(b: &mut BytesMut, v: Option<i64>) {
+    match v {
+        Some(x) => {
+            b.put_i32(8);
+            b.put_i64(x);
+        }
+        None => b.put_i32(NULL),
+    }
+}
+
+fn float8(b: &mut BytesMut, v: Option<f64>) {
+    match v {
+        Some(x) => {
+            b.put_i32(8);
+            b.put_f64(x);
+        }
+        None => b.put_i32(NULL),
+    }
+}
+
+/// Microseconds since PostgreSQL's epoch, truncated like `postgres-types` does.
+fn pg_micros(t: SystemTime) -> i64 {
+    let epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_UNIX_SECONDS);
+    match t.duration_since(epoch) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Kind, Labels, Measures};
+    use std::sync::Arc;
+
+    fn row() -> ResultRow {
+        ResultRow {
+            agent_id: "a1".into(),
+            seq: 7,
+            test: "web".into(),
+            kind: Kind::Http,
+            target: "http://x/".into(),
+            started_at: UNIX_EPOCH + Duration::from_micros(1_790_000_000_123_456),
+            duration_seconds: 0.25,
+            success: true,
+            error_class: None,
+            error_message: None,
+            labels: Arc::new(Labels::new([("site".into(), "b\"x".into())].into())),
+            measures: Measures {
+                status_code: Some(200),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn column_list_matches_the_row() {
+        let listed = COPY_SQL
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(cols, _)| cols.split(',').count())
+            .unwrap();
+        assert_eq!(listed, COLUMNS as usize);
+    }
+
+    #[test]
+    fn encodes_header_row_and_trailer() {
+        let mut e = Encoder::new();
+        assert!(e.row(&row()).is_none());
+        let out = e.finish();
+        assert_eq!(&out[..11], b"PGCOPY\n\xff\r\n\0");
+        let body = &out[19..];
+        assert_eq!(&body[..2], &37i16.to_be_bytes());
+        // agent_id: length 2, "a1"; seq: length 8, 7.
+        assert_eq!(&body[2..8], b"\0\0\0\x02a1");
+        assert_eq!(&body[8..20], b"\0\0\0\x08\0\0\0\0\0\0\0\x07");
+        assert_eq!(&out[out.len() - 2..], &(-1i16).to_be_bytes());
+        // 2026-09-21 ... in microseconds from 2000-01-01.
+        let ts = (1_790_000_000_123_456i64) - 946_684_800 * 1_000_000;
+        let at = out
+            .windows(8)
+            .position(|w| w == ts.to_be_bytes())
+            .expect("timestamp present");
+        assert_eq!(&out[at - 4..at], &8i32.to_be_bytes());
+        let json = br#"{"site":"b\"x"}"#;
+        let j = out.windows(json.len()).position(|w| w == json).unwrap();
+        assert_eq!(out[j - 1], 1, "jsonb version byte");
+    }
+
+    #[test]
+    fn cuts_chunks() {
+        let mut e = Encoder::new();
+        let r = row();
+        let chunks = (0..10_000).filter_map(|_| e.row(&r)).count();
+        assert!(chunks >= 2, "{chunks}");
+    }
+}
