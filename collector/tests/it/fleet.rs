@@ -182,3 +182,77 @@ fn metrics_pass_promtool_with_results_of_every_kind_seen() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn migration_2_keeps_version_1_rows_and_still_refuses_duplicates() {
+    let db = TestDb::new();
+    let mut client = db.client();
+    // A database left by a collector that knew only version 1, holding results.
+    client
+        .batch_execute(include_str!("../../migrations/0001_init.sql"))
+        .unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE edgeprobe_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO edgeprobe_migrations (version, name) VALUES (1, 'init');
+             INSERT INTO results (agent_id, seq, test, kind, target, started_at,
+                                  duration_seconds, success)
+             SELECT 'old-agent', s, 'web', 'http', 'http://x/', now() - s * interval '1 second',
+                    0.1, true
+               FROM generate_series(1, 500) AS s;",
+        )
+        .unwrap();
+
+    let out = std::process::Command::new(collector_bin())
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        db.scalar("SELECT max(version)::int8 FROM edgeprobe_migrations"),
+        2
+    );
+    assert_eq!(
+        db.scalar("SELECT count(DISTINCT seq) FROM results WHERE agent_id = 'old-agent'"),
+        500
+    );
+    // One btree and one BRIN per partition, nothing else to keep up on every insert.
+    let indexes: Vec<String> = client
+        .query(
+            "SELECT am.amname || ':' || pg_get_indexdef(i.indexrelid)
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_am am ON am.oid = c.relam
+              WHERE i.indrelid = 'results'::regclass ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(indexes.len(), 2, "{indexes:?}");
+    assert!(indexes[0].starts_with("brin:") && indexes[0].contains("(started_at)"));
+    assert!(
+        indexes[1].starts_with("btree:")
+            && indexes[1].contains("UNIQUE")
+            && indexes[1].contains("(agent_id, test, started_at, seq)"),
+        "{indexes:?}"
+    );
+    // The same result again is refused by the key, the watermark aside.
+    let duplicate = client.batch_execute(
+        "INSERT INTO results (agent_id, seq, test, kind, target, started_at, duration_seconds,
+                              success)
+         SELECT agent_id, seq, test, kind, target, started_at, duration_seconds, success
+           FROM results WHERE agent_id = 'old-agent' AND seq = 7",
+    );
+    let error = duplicate.expect_err("a duplicate result was accepted");
+    assert_eq!(
+        error.code(),
+        Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+        "{error}"
+    );
+}
