@@ -35,8 +35,11 @@ const DROPPED: &[u8] = b"m:dropped";
 const ACKED: &[u8] = b"m:acked";
 /// Bytes of bookkeeping per stored result counted against the cap (key + timestamp).
 const OVERHEAD: u64 = 9 + 8;
-/// Removes per sled batch when deleting acked results.
-const DELETE_CHUNK: usize = 5_000;
+/// Removes per sled batch when deleting acked results. sled applies a batch under a lock
+/// that stops every reader (and appender) of the tree until it is done, so acked ranges
+/// are deleted in small batches: the uplink's reads of the next results interleave
+/// instead of waiting for a whole range to go.
+const DELETE_CHUNK: usize = 1_000;
 /// Appends folded into one group commit at most.
 const GROUP_MAX: usize = 10_000;
 /// Free space kept on the buffer's filesystem. Below it the buffer stops growing and drops
@@ -132,6 +135,9 @@ enum Command {
     Ack(u64, oneshot::Sender<Result<(), BufferError>>),
     Reconcile(u64, oneshot::Sender<Result<(), BufferError>>),
 }
+
+/// The answer to `Buffer::start_ack`.
+pub type Deletion = oneshot::Receiver<Result<(), BufferError>>;
 
 /// Handle to the buffer; cheap to clone.
 #[derive(Clone)]
@@ -251,9 +257,18 @@ impl Buffer {
 
     /// Deletes every result with seq <= `upto` (an acknowledgement from the collector).
     pub async fn ack(&self, upto: u64) -> Result<(), BufferError> {
+        self.start_ack(upto)?
+            .await
+            .map_err(|_| BufferError::Closed)?
+    }
+
+    /// Queues the deletion of every result with seq <= `upto` and returns at once; the
+    /// receiver answers when it is done. Reads of later seqs need not wait for it, so the
+    /// uplink keeps sending while a large acknowledged range is deleted.
+    pub fn start_ack(&self, upto: u64) -> Result<Deletion, BufferError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Ack(upto, tx))?;
-        rx.await.map_err(|_| BufferError::Closed)?
+        Ok(rx)
     }
 
     /// Applies a collector's committed seq. Normally that is an ack. When the collector has

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use edgeprobe_proto::v1 as pb;
 use edgeprobe_proto::v1::ingest_client::IngestClient;
+use futures::stream::{FuturesOrdered, StreamExt};
 use prost::Message;
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -21,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, Deletion};
 use crate::config::CollectorSection;
 
 /// Results per batch at most.
@@ -149,6 +150,9 @@ impl Uplink {
         let mut appended = self.buffer.subscribe();
         let mut last_sent = committed;
         let mut in_flight: VecDeque<u64> = VecDeque::new();
+        // Deletions of acknowledged ranges run on the buffer's writer thread while this
+        // loop keeps the window full; one that fails ends the session like any I/O error.
+        let mut deletions: FuturesOrdered<Deletion> = FuturesOrdered::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         loop {
             // Fill the window.
@@ -193,6 +197,9 @@ impl Uplink {
                         return Ok(());
                     }
                 }
+                Some(deleted) = deletions.next() => {
+                    deleted.map_err(|_| anyhow!("the buffer closed"))??;
+                }
                 _ = heartbeat.tick() => {
                     let stats = self.buffer.stats();
                     tx.send(message(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
@@ -212,7 +219,7 @@ impl Uplink {
                             while in_flight.front().is_some_and(|&s| s <= ack.seq) {
                                 in_flight.pop_front();
                             }
-                            self.buffer.ack(ack.seq).await?;
+                            deletions.push_back(self.buffer.start_ack(ack.seq)?);
                         }
                         Some(other) => bail!("unexpected message from collector: {other:?}"),
                         None => bail!("collector closed the stream"),
