@@ -2,6 +2,11 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 #![forbid(unsafe_code)]
 
+/// mimalloc instead of glibc's malloc: the ingest path allocates on one thread and frees
+/// on another, where glibc spent about a third of the collector's time (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod ca;
 mod config;
 mod domain;
