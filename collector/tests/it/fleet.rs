@@ -62,15 +62,7 @@ fn partitions_are_created_ahead_and_dropped_past_retention() {
     let db = TestDb::new();
     // Migrate first, then plant a partition from ten days ago, as if the collector had run
     // back then.
-    let out = std::process::Command::new(collector_bin())
-        .args(["migrate", "--database-url", &db.url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate(&db);
     let old_day: String = db
         .client()
         .query_one(
@@ -204,15 +196,7 @@ fn migration_2_keeps_version_1_rows_and_still_refuses_duplicates() {
         )
         .unwrap();
 
-    let out = std::process::Command::new(collector_bin())
-        .args(["migrate", "--database-url", &db.url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate(&db);
     assert_eq!(
         db.scalar("SELECT max(version)::int8 FROM edgeprobe_migrations"),
         2

@@ -37,6 +37,19 @@ pub fn agent_bin() -> PathBuf {
         .clone()
 }
 
+/// `edgeprobe-collector migrate` on the test's database; panics with its stderr on failure.
+pub fn migrate(db: &TestDb) {
+    let out = Command::new(collector_bin())
+        .args(["migrate", "--database-url", &db.url])
+        .output()
+        .expect("run edgeprobe-collector migrate");
+    assert!(
+        out.status.success(),
+        "migrate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
