@@ -136,7 +136,7 @@ enum Command {
     Reconcile(u64, oneshot::Sender<Result<(), BufferError>>),
 }
 
-/// The answer to `Buffer::start_ack`.
+/// The answer to `Buffer::ack`.
 pub type Deletion = oneshot::Receiver<Result<(), BufferError>>;
 
 /// Handle to the buffer; cheap to clone.
@@ -255,17 +255,11 @@ impl Buffer {
         rx.await.map_err(|_| BufferError::Closed)?
     }
 
-    /// Deletes every result with seq <= `upto` (an acknowledgement from the collector).
-    pub async fn ack(&self, upto: u64) -> Result<(), BufferError> {
-        self.start_ack(upto)?
-            .await
-            .map_err(|_| BufferError::Closed)?
-    }
-
-    /// Queues the deletion of every result with seq <= `upto` and returns at once; the
-    /// receiver answers when it is done. Reads of later seqs need not wait for it, so the
-    /// uplink keeps sending while a large acknowledged range is deleted.
-    pub fn start_ack(&self, upto: u64) -> Result<Deletion, BufferError> {
+    /// An acknowledgement from the collector: queues the deletion of every result with
+    /// seq <= `upto` and returns at once; the receiver answers when it is done. Reads of
+    /// later seqs need not wait for it, so the uplink keeps sending while a large
+    /// acknowledged range is deleted.
+    pub fn ack(&self, upto: u64) -> Result<Deletion, BufferError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Ack(upto, tx))?;
         Ok(rx)
@@ -697,7 +691,7 @@ mod tests {
         assert_eq!(got.len(), 7);
         assert_eq!(got[0].seq, 4);
         assert_eq!(got[0].payload, vec![3u8; 10]);
-        b.ack(10).await.unwrap();
+        b.ack(10).unwrap().await.unwrap().unwrap();
         let s = b.stats();
         assert_eq!((s.backlog, s.bytes, s.acked, s.next_seq), (0, 0, 10, 11));
         b.close();

@@ -219,7 +219,7 @@ impl Uplink {
                             while in_flight.front().is_some_and(|&s| s <= ack.seq) {
                                 in_flight.pop_front();
                             }
-                            deletions.push_back(self.buffer.start_ack(ack.seq)?);
+                            deletions.push_back(self.buffer.ack(ack.seq)?);
                         }
                         Some(other) => bail!("unexpected message from collector: {other:?}"),
                         None => bail!("collector closed the stream"),

@@ -1,8 +1,9 @@
 //! Domain types of the collector and the one place where wire messages become them.
 //!
-//! Invariant: every bound of SPEC section 6 is checked here, in `TryFrom<pb::…>`, before
-//! anything reaches the store; the store never sees protobuf types and can trust what it
-//! gets (lengths, label counts, enum values, finite numbers, sane timestamps).
+//! Invariant: every bound of SPEC section 6 is checked here, in `ResultRow::from_wire` and
+//! the `TryFrom<pb::…>` impls, before anything reaches the store; the store never sees
+//! protobuf types and can trust what it gets (lengths, label counts, enum values, finite
+//! numbers, sane timestamps).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -90,7 +91,7 @@ pub struct ResultRow {
 /// A result's validated labels with their JSON rendering, made once per distinct label
 /// set in a batch: an agent sends the same labels with almost every result, and the store
 /// writes the JSON for every row.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Labels {
     map: BTreeMap<String, String>,
     json: String,
@@ -235,13 +236,6 @@ impl TryFrom<pb::Heartbeat> for BufferState {
             dropped: count("dropped", h.dropped)?,
             oldest,
         })
-    }
-}
-
-impl TryFrom<pb::Result> for ResultRow {
-    type Error = Invalid;
-    fn try_from(r: pb::Result) -> Result<Self, Invalid> {
-        ResultRow::from_wire(r, None)
     }
 }
 
@@ -397,7 +391,7 @@ mod tests {
 
     #[test]
     fn accepts_good_and_refuses_bad() {
-        assert!(ResultRow::try_from(good()).is_ok());
+        assert!(ResultRow::from_wire(good(), None).is_ok());
         let cases: &[fn(&mut pb::Result)] = &[
             |r| r.kind = 99,
             |r| r.seq = 0,
@@ -414,7 +408,7 @@ mod tests {
         for (i, case) in cases.iter().enumerate() {
             let mut r = good();
             case(&mut r);
-            assert!(ResultRow::try_from(r).is_err(), "case {i} accepted");
+            assert!(ResultRow::from_wire(r, None).is_err(), "case {i} accepted");
         }
     }
 }

@@ -34,12 +34,6 @@ pub struct Encoder {
     buf: BytesMut,
 }
 
-impl Default for Encoder {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Encoder {
     pub fn new() -> Encoder {
         let mut buf = BytesMut::with_capacity(CHUNK + 4096);
