@@ -1,8 +1,7 @@
 -- edgeprobe schema, version 2: one btree per result instead of three.
 --
 -- Every index on `results` is paid on every insert, and inserts are the collector's hot
--- path (two psql \copy streams into version 1's table: ~105,000 rows/s here; into this
--- one: ~140,000 rows/s, same machine, same rows).
+-- path (`scripts/bench-schema` compares this schema with version 1; docs/BENCHMARKS.md).
 --
 -- * The primary key becomes (agent_id, test, started_at, seq). It serves the dashboards'
 --   per agent, test and time range queries, which needed the separate
