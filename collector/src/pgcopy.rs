@@ -216,6 +216,23 @@ mod tests {
     }
 
     #[test]
+    fn a_row_has_exactly_the_listed_columns() {
+        let mut e = Encoder::new();
+        e.row(&row());
+        let out = e.finish();
+        let mut at = 19; // signature, flags, header extension length
+        let i16_at = |at: usize| i16::from_be_bytes([out[at], out[at + 1]]);
+        assert_eq!(i16_at(at), COLUMNS);
+        at += 2;
+        for _ in 0..COLUMNS {
+            let len = i32::from_be_bytes(out[at..at + 4].try_into().unwrap());
+            at += 4 + len.max(0) as usize;
+        }
+        assert_eq!(i16_at(at), -1, "the trailer follows the last column");
+        assert_eq!(at + 2, out.len());
+    }
+
+    #[test]
     fn cuts_chunks() {
         let mut e = Encoder::new();
         let r = row();

@@ -39,15 +39,8 @@ pub fn agent_bin() -> PathBuf {
 
 /// `edgeprobe-collector migrate` on the test's database; panics with its stderr on failure.
 pub fn migrate(db: &TestDb) {
-    let out = Command::new(collector_bin())
-        .args(["migrate", "--database-url", &db.url])
-        .output()
-        .expect("run edgeprobe-collector migrate");
-    assert!(
-        out.status.success(),
-        "migrate failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, stderr) = collector_cmd(&["migrate", "--database-url", &db.url]);
+    assert_eq!(code, Some(0), "migrate failed: {stderr}");
 }
 
 pub fn free_addr() -> SocketAddr {
