@@ -64,6 +64,7 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome) -> pb::Result {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         fields: Some(fields_to_wire(&outcome.fields)),
+        ..Default::default()
     }
 }
 

@@ -119,6 +119,7 @@ impl Uplink {
             agent_id: self.agent_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             labels: self.labels.clone().into_iter().collect(),
+            ..Default::default()
         };
         tx.send(message(pb::agent_message::Msg::Hello(hello)))
             .await

@@ -84,6 +84,7 @@ fn result(agent: &str, seq: u64, now_nanos: i64) -> pb::Result {
             body_bytes: 1256,
             tls_cert_expiry_seconds: Some(7_000_000.0),
         })),
+        ..Default::default()
     }
 }
 
@@ -119,6 +120,7 @@ async fn agent(
             agent_id: id.clone(),
             version: "loadgen".into(),
             labels: Default::default(),
+            ..Default::default()
         })),
     })
     .await?;

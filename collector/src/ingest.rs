@@ -129,6 +129,7 @@ impl pb::ingest_server::Ingest for IngestService {
             .send(Ok(message(pb::collector_message::Msg::Welcome(
                 pb::Welcome {
                     committed_seq: committed as u64,
+                    ..Default::default()
                 },
             ))))
             .await;
@@ -355,6 +356,7 @@ impl Session {
                         self.metrics.seen(&self.agent_id);
                         let ack = message(pb::collector_message::Msg::Ack(pb::Ack {
                             seq: last as u64,
+                            ..Default::default()
                         }));
                         self.metrics.in_flight_batches.sub(n);
                         drop(taken);

@@ -1,8 +1,11 @@
 //! The edgeprobe.v1 wire protocol, generated from `proto/edgeprobe/v1/edgeprobe.proto`
 //! by `build.rs` (protoc from the `protobuf-compiler` package).
 //!
-//! This crate holds only the wire types shared by agent and collector. Domain types and
-//! validation live in each binary, at its boundary.
+//! This crate holds the wire types shared by agent and collector, and `bounds`: the limits
+//! on what an agent sends, checked by `edgeprobe-agent check`, by the agent when it
+//! records and by the collector. Domain types live in each binary, at its boundary.
+
+pub mod bounds;
 
 pub mod v1 {
     #![allow(clippy::all, clippy::pedantic)]

@@ -139,6 +139,7 @@ fn hello(id: &str) -> pb::Hello {
         agent_id: id.to_string(),
         version: "test".into(),
         labels: [("site".to_string(), "lab".to_string())].into(),
+        ..Default::default()
     }
 }
 
