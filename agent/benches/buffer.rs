@@ -18,6 +18,9 @@ use edgeprobe_agent::record::{self, TestInfo};
 
 const PRODUCERS: usize = 64;
 
+static CLOCK: std::sync::LazyLock<edgeprobe_agent::clock::Clock> =
+    std::sync::LazyLock::new(edgeprobe_agent::clock::Clock::new);
+
 fn payload(i: u64) -> Vec<u8> {
     let test = TestInfo {
         name: "web".into(),
@@ -27,6 +30,7 @@ fn payload(i: u64) -> Vec<u8> {
     };
     let outcome = Outcome {
         started_at: SystemTime::now(),
+        boottime_nanos: edgeprobe_agent::clock::boottime_nanos(),
         duration: Duration::from_millis(40 + i % 17),
         error: None,
         fields: Fields::Http(HttpFields {
@@ -40,7 +44,7 @@ fn payload(i: u64) -> Vec<u8> {
             tls_cert_expiry_seconds: Some(7_000_000.0),
         }),
     };
-    record::encode(&test, &outcome)
+    record::encode(&test, &outcome, &CLOCK)
 }
 
 fn rss_mib() -> f64 {

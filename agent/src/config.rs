@@ -5,6 +5,11 @@
 //! sizes, cron expressions, targets) are checked during deserialization, so the TOML
 //! parser attaches the span of the offending value. After `Config::load` returns, the
 //! configuration is immutable.
+//!
+//! Invariant: a configuration that loads yields only results the collector accepts. Agent
+//! id, test names, targets and labels are checked against `edgeprobe_proto::bounds`, the
+//! collector's own bounds, including the label count after a test's labels are merged
+//! over the agent's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,17 +17,12 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edgeprobe_proto::bounds;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 /// Default byte cap of the result buffer.
 pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 256 * 1024 * 1024;
-/// Labels beyond this count are refused (the collector enforces the same bound).
-pub const MAX_LABELS: usize = 32;
-/// Maximum length of a label key, label value, test name or agent id.
-pub const MAX_NAME_LEN: usize = 128;
-/// Maximum length of a target.
-pub const MAX_TARGET_LEN: usize = 2048;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,10 +140,15 @@ pub struct TestConfig {
     /// Each run starts after a random delay in [0, spread).
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub spread: Option<Duration>,
-    #[serde(default, deserialize_with = "de_labels")]
-    pub labels: BTreeMap<String, String>,
+    /// Merged over the agent's labels; the span locates a merged count over the bound.
+    #[serde(default = "default_labels", deserialize_with = "de_spanned_labels")]
+    pub labels: Spanned<BTreeMap<String, String>>,
     #[serde(default = "default_options")]
     pub options: Spanned<TestOptions>,
+}
+
+fn default_labels() -> Spanned<BTreeMap<String, String>> {
+    Spanned::new(0..0, BTreeMap::new())
 }
 
 fn default_options() -> Spanned<TestOptions> {
@@ -315,15 +320,19 @@ impl Config {
                 }
             }
         }
+        if self.agent.id.is_none() {
+            // The host name stands in; it must fit like a configured id.
+            bounds::agent_id(&self.agent_id()).map_err(|e| {
+                (
+                    None,
+                    format!("[agent] id is not set and the host name does not fit: {e}; set `id`"),
+                )
+            })?;
+        }
         let mut names = std::collections::HashSet::new();
         for test in &self.tests {
             let name = test.name.get_ref();
-            if name.is_empty() || name.len() > MAX_NAME_LEN {
-                return Err((
-                    Some(test.name.span()),
-                    format!("test name must be 1..={MAX_NAME_LEN} characters"),
-                ));
-            }
+            bounds::test_name(name).map_err(|e| (Some(test.name.span()), e.to_string()))?;
             if !names.insert(name.clone()) {
                 return Err((
                     Some(test.name.span()),
@@ -355,6 +364,21 @@ impl Config {
             }
             check_target(test.kind, test.target.get_ref())
                 .map_err(|reason| (Some(test.target.span()), reason))?;
+            let own = test.labels.get_ref();
+            let merged = self.agent.labels.len()
+                + own
+                    .keys()
+                    .filter(|k| !self.agent.labels.contains_key(*k))
+                    .count();
+            if merged > bounds::MAX_LABELS {
+                return Err((
+                    Some(test.labels.span()),
+                    format!(
+                        "test `{name}`: {merged} labels after merging [agent] labels, at most {}",
+                        bounds::MAX_LABELS
+                    ),
+                ));
+            }
             let allowed = TestOptions::allowed(test.kind);
             for key in test.options.get_ref().set_keys() {
                 if !allowed.contains(&key) {
@@ -380,9 +404,7 @@ impl Config {
 
 /// Checks a target's syntax for its kind (reachability is the probe's business).
 pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
-    if target.is_empty() || target.len() > MAX_TARGET_LEN {
-        return Err(format!("target must be 1..={MAX_TARGET_LEN} characters"));
-    }
+    bounds::target(target).map_err(|e| e.to_string())?;
     match kind {
         Kind::Speed | Kind::Http => {
             let uri: hyper::Uri = target
@@ -512,35 +534,21 @@ pub fn validate_cron(s: &str) -> Result<(), String> {
 
 fn de_opt_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s = String::deserialize(d)?;
-    check_name(&s).map_err(serde::de::Error::custom)?;
+    bounds::agent_id(&s).map_err(serde::de::Error::custom)?;
     Ok(Some(s))
-}
-
-fn check_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > MAX_NAME_LEN {
-        return Err(format!("`{s}` must be 1..={MAX_NAME_LEN} characters"));
-    }
-    if s.chars().any(|c| c.is_control()) {
-        return Err(format!("`{s}` contains control characters"));
-    }
-    Ok(())
 }
 
 fn de_labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     let labels = BTreeMap::<String, String>::deserialize(d)?;
-    if labels.len() > MAX_LABELS {
-        return Err(serde::de::Error::custom(format!(
-            "at most {MAX_LABELS} labels"
-        )));
-    }
-    for (k, v) in &labels {
-        check_name(k).map_err(serde::de::Error::custom)?;
-        if v.len() > MAX_NAME_LEN {
-            return Err(serde::de::Error::custom(format!(
-                "label `{k}`: value longer than {MAX_NAME_LEN} characters"
-            )));
-        }
-    }
+    bounds::labels(labels.iter()).map_err(serde::de::Error::custom)?;
+    Ok(labels)
+}
+
+fn de_spanned_labels<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Spanned<BTreeMap<String, String>>, D::Error> {
+    let labels = Spanned::<BTreeMap<String, String>>::deserialize(d)?;
+    bounds::labels(labels.get_ref().iter()).map_err(serde::de::Error::custom)?;
     Ok(labels)
 }
 
@@ -626,6 +634,50 @@ every = "30s"
         );
         let e = err(&GOOD.replace("kind = \"http\"", "kind = \"htp\""));
         assert!(e.starts_with("agent.toml:21:8:"), "{e}");
+    }
+
+    #[test]
+    fn results_the_collector_would_refuse_are_refused_here() {
+        let agent_labels: Vec<String> = (0..20).map(|i| format!("a{i} = \"x\"")).collect();
+        let test_labels: Vec<String> = (0..20).map(|i| format!("t{i} = \"y\"")).collect();
+        let text = GOOD
+            .replace(
+                "labels = { site = \"berlin\", isp = \"acme\" }",
+                &format!("labels = {{ {} }}", agent_labels.join(", ")),
+            )
+            .replace(
+                "every = \"30s\"",
+                &format!("every = \"30s\"\nlabels = {{ {} }}", test_labels.join(", ")),
+            );
+        let e = err(&text);
+        assert_eq!(
+            e,
+            "agent.toml:24:10: test `web`: 40 labels after merging [agent] labels, at most 32"
+        );
+        // The same keys overlay instead of adding up.
+        let overlay = text.replace("t1 =", "a1 =").replace("t2 =", "a2 =");
+        let e = err(&overlay);
+        assert!(e.contains("38 labels after merging"), "{e}");
+
+        let e = err(&GOOD.replace("\"berlin\"", "\"ber\\u0000lin\""));
+        assert!(e.starts_with("agent.toml:4:10: label `site`"), "{e}");
+        let e = err(&GOOD.replace("\"berlin\"", "\"ber\\tlin\""));
+        assert!(e.contains("control characters"), "{e}");
+        let e = err(&GOOD.replace("\"berlin\"", &format!("\"{}\"", "b".repeat(129))));
+        assert!(e.contains("129 bytes, at most 128"), "{e}");
+        let e = err(&GOOD.replace("name = \"web\"", "name = \"w\\neb\""));
+        assert!(
+            e.starts_with("agent.toml:20:8: test name contains control"),
+            "{e}"
+        );
+        let long = format!("https://example.net/{}", "p".repeat(2048));
+        let e = err(&GOOD.replace("https://example.net/", &long));
+        assert!(e.starts_with("agent.toml:22:10: target is"), "{e}");
+        let e = err(&GOOD.replace("\"branch-042\"", "\"branch\\u0007\""));
+        assert!(
+            e.starts_with("agent.toml:3:6: agent id contains control"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -160,10 +160,12 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(buffer::BufferError::Locked { .. }) => {
-                    // A running agent holds sled's lock; show what it last published.
+                    // A running agent holds sled's lock; show what it publishes. One that
+                    // just started publishes within a few seconds.
                     let path = run::status_path(&config.agent.state_dir);
-                    match std::fs::read_to_string(&path) {
-                        Ok(text) => {
+                    let deadline = std::time::Instant::now() + run::STATUS_EVERY * 2;
+                    loop {
+                        if let Ok(text) = std::fs::read_to_string(&path) {
                             let age = std::fs::metadata(&path)
                                 .and_then(|m| m.modified())
                                 .ok()
@@ -171,12 +173,13 @@ fn main() -> ExitCode {
                                 .map_or(0, |d| d.as_secs());
                             print!("{text}");
                             println!("(published by the running agent {age}s ago)");
-                            ExitCode::SUCCESS
+                            return ExitCode::SUCCESS;
                         }
-                        Err(_) => {
-                            eprintln!("the buffer is in use by a running agent, which has not published its status yet; try again in a few seconds");
-                            ExitCode::FAILURE
+                        if std::time::Instant::now() >= deadline {
+                            eprintln!("the buffer is in use by a running agent, which has not published its status; try again in a few seconds");
+                            return ExitCode::FAILURE;
                         }
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                 }
                 Err(e) => {

@@ -1,14 +1,23 @@
-//! Turns a probe `Outcome` into the wire `Result` stored in the buffer.
+//! Turns a probe `Outcome` into the wire `Result` stored in the buffer, and corrects the
+//! start time of stored results once the clock can be trusted.
 //!
 //! The stored payload is a protobuf `edgeprobe.v1.Result` without `agent_id` and `seq`:
 //! the buffer assigns the seq as the key, and the uplink fills both in when it sends.
+//!
+//! Invariant: a recorded result is within `edgeprobe_proto::bounds` (the collector's),
+//! given a configuration that passed `check` (names, targets, labels): an over-long error
+//! message is cut and flagged `error_truncated`, a measurement that is not a finite
+//! non-negative number is left out, the duration is capped. Its start time is never a
+//! reason to refuse it: it carries the boot-time clock and the sync flag (`clock.rs`).
 
 use std::collections::BTreeMap;
-use std::time::UNIX_EPOCH;
 
+use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use prost::Message;
 
+use crate::buffer::{Buffer, BufferError};
+use crate::clock::{self, Clock};
 use crate::config::Kind;
 use crate::probe::{Fields, Outcome};
 
@@ -33,81 +42,210 @@ pub fn kind_to_wire(kind: Kind) -> pb::Kind {
 }
 
 /// The encoded payload for the buffer.
-pub fn encode(test: &TestInfo, outcome: &Outcome) -> Vec<u8> {
-    to_wire(test, outcome).encode_to_vec()
+pub fn encode(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> Vec<u8> {
+    to_wire(test, outcome, clock).encode_to_vec()
 }
 
-pub fn to_wire(test: &TestInfo, outcome: &Outcome) -> pb::Result {
-    let started = outcome
-        .started_at
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
-    let (error_class, error_message) = match &outcome.error {
-        Some(e) => (e.class.name().to_string(), e.message.clone()),
-        None => (String::new(), String::new()),
+pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result {
+    let (error_class, error_message, error_truncated) = match &outcome.error {
+        Some(e) => {
+            let (message, cut) = bounds::fit_error_message(&e.message);
+            (e.class.name().to_string(), message, cut)
+        }
+        None => (String::new(), String::new(), false),
     };
-    pb::Result {
+    let mut r = pb::Result {
         agent_id: String::new(),
         seq: 0,
         test: test.name.clone(),
         kind: kind_to_wire(test.kind) as i32,
         target: test.target.clone(),
-        started_at_unix_nanos: started,
-        duration_seconds: outcome.duration.as_secs_f64(),
+        started_at_unix_nanos: clock::unix_nanos(outcome.started_at),
+        duration_seconds: outcome
+            .duration
+            .as_secs_f64()
+            .min(bounds::MAX_DURATION_SECONDS),
         success: outcome.success(),
         error_class,
         error_message,
+        error_truncated,
         labels: test
             .labels
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         fields: Some(fields_to_wire(&outcome.fields)),
+        boottime_nanos: outcome.boottime_nanos,
         ..Default::default()
+    };
+    clock.stamp(&mut r);
+    r
+}
+
+/// The corrected payload of a stored result, when the clock corrects it (see
+/// `Clock::correct`); `None` leaves it as it is. Idempotent.
+pub fn correct_payload(clock: &Clock, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut r = pb::Result::decode(payload).ok()?;
+    clock.correct(&mut r).then(|| r.encode_to_vec())
+}
+
+/// Corrects, in the buffer, the start time of results recorded before anything vouched
+/// for the clock, when one may be there (`Clock::mark_dirty`) and a base is known.
+/// Returns how many changed.
+pub async fn correct_buffered(clock: &Clock, buffer: &Buffer) -> Result<u64, BufferError> {
+    if !clock.take_dirty() {
+        return Ok(0);
     }
+    let c = clock.clone();
+    let result = buffer
+        .rewrite("correcting the start time", move |p| correct_payload(&c, p))
+        .await;
+    if result.is_err() {
+        clock.mark_dirty();
+    }
+    result
+}
+
+/// A measurement the collector takes: finite and not negative, else left out.
+fn measure(v: Option<f64>) -> Option<f64> {
+    v.filter(|x| x.is_finite() && *x >= 0.0)
 }
 
 fn fields_to_wire(fields: &Fields) -> pb::result::Fields {
     use pb::result::Fields as F;
+    let m = measure;
     match fields {
         Fields::Speed(s) => F::Speed(pb::SpeedFields {
-            download_bits_per_second: s.download_bits_per_second,
-            upload_bits_per_second: s.upload_bits_per_second,
-            idle_latency_seconds: s.idle_latency_seconds,
-            jitter_seconds: s.jitter_seconds,
-            download_loaded_latency_seconds: s.download_loaded_latency_seconds,
-            upload_loaded_latency_seconds: s.upload_loaded_latency_seconds,
+            download_bits_per_second: m(s.download_bits_per_second),
+            upload_bits_per_second: m(s.upload_bits_per_second),
+            idle_latency_seconds: m(s.idle_latency_seconds),
+            jitter_seconds: m(s.jitter_seconds),
+            download_loaded_latency_seconds: m(s.download_loaded_latency_seconds),
+            upload_loaded_latency_seconds: m(s.upload_loaded_latency_seconds),
             bytes_downloaded: s.bytes_downloaded,
             bytes_uploaded: s.bytes_uploaded,
         }),
         Fields::Icmp(i) => F::Icmp(pb::IcmpFields {
             sent: i.sent,
-            received: i.received,
-            loss_ratio: i.loss_ratio,
-            rtt_min_seconds: i.rtt_min_seconds,
-            rtt_avg_seconds: i.rtt_avg_seconds,
-            rtt_max_seconds: i.rtt_max_seconds,
-            rtt_mdev_seconds: i.rtt_mdev_seconds,
+            received: i.received.min(i.sent),
+            loss_ratio: m(i.loss_ratio).map(|l| l.min(1.0)),
+            rtt_min_seconds: m(i.rtt_min_seconds),
+            rtt_avg_seconds: m(i.rtt_avg_seconds),
+            rtt_max_seconds: m(i.rtt_max_seconds),
+            rtt_mdev_seconds: m(i.rtt_mdev_seconds),
         }),
         Fields::Tcp(t) => F::Tcp(pb::TcpFields {
-            connect_seconds: t.connect_seconds,
-            tls_seconds: t.tls_seconds,
+            connect_seconds: m(t.connect_seconds),
+            tls_seconds: m(t.tls_seconds),
         }),
         Fields::Http(h) => F::Http(pb::HttpFields {
-            status_code: h.status_code.map(u32::from),
-            dns_seconds: h.dns_seconds,
-            connect_seconds: h.connect_seconds,
-            tls_seconds: h.tls_seconds,
-            ttfb_seconds: h.ttfb_seconds,
-            transfer_seconds: h.transfer_seconds,
+            status_code: h
+                .status_code
+                .map(u32::from)
+                .filter(|c| (100..=999).contains(c)),
+            dns_seconds: m(h.dns_seconds),
+            connect_seconds: m(h.connect_seconds),
+            tls_seconds: m(h.tls_seconds),
+            ttfb_seconds: m(h.ttfb_seconds),
+            transfer_seconds: m(h.transfer_seconds),
             body_bytes: h.body_bytes,
-            tls_cert_expiry_seconds: h.tls_cert_expiry_seconds,
+            tls_cert_expiry_seconds: h.tls_cert_expiry_seconds.filter(|x| x.is_finite()),
         }),
         Fields::Dns(d) => F::Dns(pb::DnsFields {
-            resolve_seconds: d.resolve_seconds,
+            resolve_seconds: m(d.resolve_seconds),
             answers: d.answers,
-            rcode: d.rcode.clone(),
+            rcode: fit_rcode(&d.rcode),
         }),
+    }
+}
+
+/// DNS rcodes are short names; anything else would be refused by the collector.
+fn fit_rcode(rcode: &str) -> String {
+    if rcode.is_empty() || bounds::name("rcode", rcode, bounds::MAX_RCODE_LEN).is_ok() {
+        rcode.to_string()
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::probe::{DnsFields, ErrorClass, ProbeError};
+
+    fn test_info() -> TestInfo {
+        TestInfo {
+            name: "resolver".into(),
+            kind: Kind::Dns,
+            target: "example.net".into(),
+            labels: [("site".to_string(), "berlin".to_string())].into(),
+        }
+    }
+
+    #[test]
+    fn results_fit_the_collectors_bounds() {
+        let outcome = Outcome {
+            started_at: SystemTime::now(),
+            boottime_nanos: clock::boottime_nanos(),
+            duration: Duration::from_secs(200_000),
+            error: Some(ProbeError::new(
+                ErrorClass::Dns,
+                format!("{}\0", "é".repeat(bounds::MAX_ERROR_LEN)),
+            )),
+            fields: Fields::Dns(DnsFields {
+                resolve_seconds: Some(f64::NAN),
+                answers: 0,
+                rcode: "SERVFAIL\u{7}WITH-A-VERY-LONG-TAIL".into(),
+            }),
+        };
+        let clock = Clock::new();
+        let r = to_wire(&test_info(), &outcome, &clock);
+        assert!(r.error_truncated);
+        assert!(bounds::text("error message", &r.error_message, bounds::MAX_ERROR_LEN).is_ok());
+        assert_eq!(r.duration_seconds, bounds::MAX_DURATION_SECONDS);
+        let Some(pb::result::Fields::Dns(d)) = &r.fields else {
+            panic!("dns fields")
+        };
+        assert_eq!((d.resolve_seconds, d.rcode.as_str()), (None, ""));
+        assert_eq!(r.boottime_nanos, outcome.boottime_nanos);
+        assert_eq!(r.boot_id, clock::boot_id());
+        assert!(bounds::labels(test_info().labels.iter()).is_ok());
+
+        let ok = Outcome {
+            error: Some(ProbeError::new(ErrorClass::Dns, "short")),
+            ..outcome
+        };
+        let r = to_wire(&test_info(), &ok, &clock);
+        assert!(!r.error_truncated);
+        assert_eq!(r.error_message, "short");
+    }
+
+    #[test]
+    fn stored_payloads_are_corrected_once() {
+        let clock = Clock::new();
+        let mut r = pb::Result {
+            started_at_unix_nanos: 5,
+            boottime_nanos: 1_000,
+            boot_id: clock.boot_id().to_string(),
+            clock_unsynced: true,
+            ..Default::default()
+        };
+        let payload = r.encode_to_vec();
+        if clock.base().is_none() {
+            assert_eq!(
+                correct_payload(&clock, &payload),
+                None,
+                "no base, no change"
+            );
+            clock.observe_collector(1_750_000_000_000_000_000, Duration::ZERO);
+        }
+        let fixed = correct_payload(&clock, &payload).expect("corrected");
+        let decoded = pb::Result::decode(fixed.as_slice()).unwrap();
+        assert!(decoded.clock_corrected && !decoded.clock_unsynced);
+        assert_eq!(correct_payload(&clock, &fixed), None, "idempotent");
+        r.boot_id = "another boot".into();
+        assert_eq!(correct_payload(&clock, &r.encode_to_vec()), None);
     }
 }

@@ -2,7 +2,9 @@
 //! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
 //! stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
 //! rescheduled, the uplink restarts if its settings changed, and a file that does not
-//! check keeps the running configuration.
+//! check keeps the running configuration. A clock watch asks the kernel every
+//! `CLOCK_CHECK_EVERY` whether its clock is synchronised and corrects buffered results
+//! when something vouches for the clock.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +13,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::Buffer;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::schedule::Scheduler;
 use crate::uplink::Uplink;
@@ -25,20 +28,33 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let agent_id = config.agent_id();
     let buffer = Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes)?;
     let stats = buffer.stats();
+    let clock = Clock::new();
     tracing::info!(
         agent_id = %agent_id,
         version = env!("CARGO_PKG_VERSION"),
+        incarnation = %stats.incarnation,
         backlog = stats.backlog,
         next_seq = stats.next_seq,
         tests = config.tests.len(),
+        clock_synchronised = clock.base().is_some(),
         "edgeprobe-agent starting"
     );
 
     let shutdown = CancellationToken::new();
-    let mut uplink = start_uplink(&config, &buffer, &shutdown);
-    let mut scheduler = Scheduler::start(&config, buffer.clone(), shutdown.child_token())
-        .await
-        .context("starting the scheduler")?;
+    tokio::spawn(watch_clock(
+        clock.clone(),
+        buffer.clone(),
+        shutdown.child_token(),
+    ));
+    let mut uplink = start_uplink(&config, &buffer, &clock, &shutdown);
+    let mut scheduler = Scheduler::start(
+        &config,
+        buffer.clone(),
+        clock.clone(),
+        shutdown.child_token(),
+    )
+    .await
+    .context("starting the scheduler")?;
     tokio::spawn(publish_status(
         buffer.clone(),
         config.agent.state_dir.clone(),
@@ -71,9 +87,9 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
                 {
                     uplink.0.cancel();
                     let _ = tokio::time::timeout(GRACE, uplink.1).await;
-                    uplink = start_uplink(&new, &buffer, &shutdown);
+                    uplink = start_uplink(&new, &buffer, &clock, &shutdown);
                 }
-                scheduler = Scheduler::start(&new, buffer.clone(), shutdown.child_token())
+                scheduler = Scheduler::start(&new, buffer.clone(), clock.clone(), shutdown.child_token())
                     .await
                     .context("restarting the scheduler")?;
                 tracing::info!(tests = new.tests.len(), "configuration reloaded");
@@ -96,6 +112,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
 fn start_uplink(
     config: &Config,
     buffer: &Buffer,
+    clock: &Clock,
     shutdown: &CancellationToken,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let token = shutdown.child_token();
@@ -104,12 +121,32 @@ fn start_uplink(
         labels: config.agent.labels.clone(),
         collector: config.collector.clone(),
         buffer: buffer.clone(),
+        clock: clock.clone(),
     };
     (token.clone(), tokio::spawn(uplink.run(token)))
 }
 
+/// How often the kernel is asked whether its clock is synchronised.
+const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Asks the kernel about its clock every few seconds and corrects buffered results once
+/// something vouches for the clock (the kernel here, a collector's welcome in the uplink).
+async fn watch_clock(clock: Clock, buffer: Buffer, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(CLOCK_CHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        // One adjtimex call: cheap enough for an async worker.
+        if clock.check_kernel() {
+            crate::uplink::correct_in_background(clock.clone(), buffer.clone()).await;
+        }
+    }
+}
+
 /// How often the running agent publishes its buffer stats for `edgeprobe-agent buffer`.
-const STATUS_EVERY: Duration = Duration::from_secs(5);
+pub const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// The file `edgeprobe-agent buffer` reads while sled is locked by this process.
 pub fn status_path(state_dir: &Path) -> PathBuf {

@@ -12,6 +12,8 @@
 //!   so a slow target cannot pile up runs.
 //! - Every run yields exactly one result; when the buffer refuses it, the failure is
 //!   logged with the test name.
+//! - A result recorded while nothing vouches for the clock marks the clock "dirty" once it
+//!   is stored, so the next correction pass finds it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::Buffer;
+use crate::clock::Clock;
 use crate::config::{Config, Kind, TestConfig};
 use crate::probe::{self, ProbeSpec};
 use crate::record::{self, TestInfo};
@@ -39,6 +42,7 @@ struct Test {
 /// Shared by all runs of all tests.
 struct Runner {
     buffer: Buffer,
+    clock: Clock,
     exclusive: RwLock<()>,
     shutdown: CancellationToken,
     runs: std::sync::Mutex<JoinSet<()>>,
@@ -55,10 +59,12 @@ impl Scheduler {
     pub async fn start(
         config: &Config,
         buffer: Buffer,
+        clock: Clock,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Scheduler> {
         let runner = Arc::new(Runner {
             buffer,
+            clock,
             exclusive: RwLock::new(()),
             shutdown: shutdown.clone(),
             runs: std::sync::Mutex::new(JoinSet::new()),
@@ -130,7 +136,7 @@ impl Scheduler {
 
 fn make_test(config: &Config, tc: &TestConfig) -> Test {
     let mut labels = config.agent.labels.clone();
-    labels.extend(tc.labels.clone());
+    labels.extend(tc.labels.get_ref().clone());
     Test {
         info: TestInfo {
             name: tc.name.get_ref().clone(),
@@ -183,14 +189,21 @@ impl Runner {
             let _shared = self.exclusive.read().await;
             probe::run(&test.spec).await
         };
-        let payload = record::encode(&test.info, &outcome);
+        let result = record::to_wire(&test.info, &outcome, &self.clock);
+        let payload = prost::Message::encode_to_vec(&result);
         match self.buffer.append(payload).await {
-            Ok(seq) => tracing::debug!(
-                test = %test.info.name,
-                seq,
-                success = outcome.success(),
-                "recorded"
-            ),
+            Ok(seq) => {
+                if result.clock_unsynced {
+                    self.clock.mark_dirty();
+                }
+                tracing::debug!(
+                    test = %test.info.name,
+                    seq,
+                    success = outcome.success(),
+                    clock_unsynced = result.clock_unsynced,
+                    "recorded"
+                )
+            }
             // The buffer logs write failures once per burst and counts the loss.
             Err(e) => tracing::debug!(test = %test.info.name, "result not recorded: {e}"),
         }

@@ -1,15 +1,25 @@
 //! The uplink: ships buffered results to a collector over one long-lived gRPC stream.
 //!
-//! Session: Hello -> Welcome(committed seq) -> delete what already landed -> send batches
-//! from the buffer, several in flight, while acks delete them. Heartbeats carry backlog
-//! and drop counts. On any error the session ends and the uplink reconnects to the next
-//! endpoint with exponential backoff and full jitter.
+//! Session: Hello(incarnation) -> Welcome(committed seq, collector clock) -> delete what
+//! already landed, take the collector's clock as a base when nothing better vouches for
+//! ours -> send batches from the buffer, several in flight, while acks delete them.
+//! Heartbeats carry backlog and drop counts. On any error the session ends and the uplink
+//! reconnects to the next endpoint with exponential backoff and full jitter.
 //!
-//! Invariants: results are deleted from the buffer only on an ack (or a welcome) naming
-//! their seq; a batch is never sent ahead of `MAX_IN_FLIGHT` unacknowledged ones.
+//! Invariants:
+//! - Results are deleted from the buffer only on an ack (or a welcome) naming their seq;
+//!   a batch is never sent ahead of `MAX_IN_FLIGHT` unacknowledged ones.
+//! - Every result leaves corrected by the clock when it can be (`Clock::correct`); the
+//!   buffer is corrected too, in the background, so a reboot keeps the correction.
+//! - Results the collector quarantined are acked like the others (counted, logged once
+//!   per burst): one bad result never stalls delivery.
+//! - Backoff never resets into a loop: a session the collector refused (an
+//!   INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION, ALREADY_EXISTS,
+//!   UNAUTHENTICATED or RESOURCE_EXHAUSTED status) grows it even if it was welcomed; it
+//!   resets only after a session that got an ack or lasted `STABLE_SESSION`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use edgeprobe_proto::v1 as pb;
@@ -23,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::buffer::{Buffer, Deletion};
+use crate::clock::Clock;
 use crate::config::CollectorSection;
+use crate::record;
 
 /// Results per batch at most.
 const BATCH_MAX_RESULTS: usize = 5_000;
@@ -35,12 +47,17 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A session this long resets the backoff even without an ack.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// A burst of quarantined results still going on is logged again after this long.
+const QUARANTINE_LOG_EVERY: Duration = Duration::from_secs(300);
 
 pub struct Uplink {
     pub agent_id: String,
     pub labels: BTreeMap<String, String>,
     pub collector: CollectorSection,
     pub buffer: Buffer,
+    pub clock: Clock,
 }
 
 impl Uplink {
@@ -55,20 +72,38 @@ impl Uplink {
         let mut index = 0usize;
         while !shutdown.is_cancelled() {
             let endpoint = &self.collector.endpoints[index % self.collector.endpoints.len()];
+            let started = Instant::now();
             match self.session(endpoint, &shutdown).await {
                 Ok(()) => return,
-                Err(SessionError { welcomed, error }) => {
-                    if welcomed {
+                Err(SessionError { acked, error }) => {
+                    let refused = refusal(&error);
+                    if refused.is_none() && (acked || started.elapsed() >= STABLE_SESSION) {
                         attempt = 0;
                     }
                     let delay = backoff(attempt);
                     attempt = attempt.saturating_add(1);
                     index += 1;
-                    tracing::warn!(
-                        endpoint = %endpoint,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "collector session ended: {error:#}"
-                    );
+                    match refused {
+                        Some(status) if is_identity_conflict(status) => tracing::error!(
+                            endpoint = %endpoint,
+                            agent_id = %self.agent_id,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "another host is using this agent id (a cloned image?); the \
+                             collector refused this one: {}",
+                            status.message()
+                        ),
+                        Some(status) => tracing::warn!(
+                            endpoint = %endpoint,
+                            code = ?status.code(),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "the collector refused the session: {error:#}"
+                        ),
+                        None => tracing::warn!(
+                            endpoint = %endpoint,
+                            retry_in_ms = delay.as_millis() as u64,
+                            "collector session ended: {error:#}"
+                        ),
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -99,16 +134,16 @@ impl Uplink {
         endpoint: &str,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let mut welcomed = false;
-        let result = self.session_inner(endpoint, shutdown, &mut welcomed).await;
-        result.map_err(|error| SessionError { welcomed, error })
+        let mut acked = false;
+        let result = self.session_inner(endpoint, shutdown, &mut acked).await;
+        result.map_err(|error| SessionError { acked, error })
     }
 
     async fn session_inner(
         &self,
         endpoint: &str,
         shutdown: &CancellationToken,
-        welcomed: &mut bool,
+        acked: &mut bool,
     ) -> anyhow::Result<()> {
         let channel = self.connect(endpoint).await?;
         let mut client = IngestClient::new(channel)
@@ -119,11 +154,13 @@ impl Uplink {
             agent_id: self.agent_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             labels: self.labels.clone().into_iter().collect(),
-            ..Default::default()
+            incarnation: self.buffer.incarnation().to_string(),
         };
         tx.send(message(pb::agent_message::Msg::Hello(hello)))
             .await
             .map_err(|_| anyhow!("stream closed before hello"))?;
+        // The hello leaves with the stream request: the welcome's round trip starts here.
+        let hello_sent = Instant::now();
         let mut inbound = client
             .stream(ReceiverStream::new(rx))
             .await
@@ -133,18 +170,26 @@ impl Uplink {
         let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
             .await
             .map_err(|_| anyhow!("no welcome within {WELCOME_TIMEOUT:?}"))??;
-        let committed = match welcome.and_then(|m| m.msg) {
-            Some(pb::collector_message::Msg::Welcome(w)) => w.committed_seq,
+        let rtt = hello_sent.elapsed();
+        let (committed, collector_time) = match welcome.and_then(|m| m.msg) {
+            Some(pb::collector_message::Msg::Welcome(w)) => {
+                (w.committed_seq, w.collector_unix_nanos)
+            }
             other => bail!("expected welcome, got {other:?}"),
         };
-        *welcomed = true;
         self.buffer
             .reconcile(committed)
             .await
             .context("applying the welcome to the buffer")?;
+        self.clock.observe_collector(collector_time, rtt);
+        tokio::spawn(correct_in_background(
+            self.clock.clone(),
+            self.buffer.clone(),
+        ));
         tracing::info!(
             endpoint,
             committed_seq = committed,
+            incarnation = self.buffer.incarnation(),
             "connected to collector"
         );
 
@@ -155,6 +200,7 @@ impl Uplink {
         // loop keeps the window full; one that fails ends the session like any I/O error.
         let mut deletions: FuturesOrdered<Deletion> = FuturesOrdered::new();
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut quarantine = QuarantineLog::default();
         loop {
             // Fill the window.
             while in_flight.len() < MAX_IN_FLIGHT && *appended.borrow_and_update() > last_sent {
@@ -171,6 +217,7 @@ impl Uplink {
                         Ok(mut r) => {
                             r.agent_id = self.agent_id.clone();
                             r.seq = e.seq;
+                            self.clock.correct(&mut r);
                             Some(r)
                         }
                         Err(err) => {
@@ -220,7 +267,10 @@ impl Uplink {
                             while in_flight.front().is_some_and(|&s| s <= ack.seq) {
                                 in_flight.pop_front();
                             }
-                            deletions.push_back(self.buffer.ack(ack.seq)?);
+                            *acked = true;
+                            quarantine.observe(&ack.rejected);
+                            let quarantined = ack.rejected.len() as u64;
+                            deletions.push_back(self.buffer.ack(ack.seq, quarantined)?);
                         }
                         Some(other) => bail!("unexpected message from collector: {other:?}"),
                         None => bail!("collector closed the stream"),
@@ -232,8 +282,83 @@ impl Uplink {
 }
 
 struct SessionError {
-    welcomed: bool,
+    /// The session got at least one ack.
+    acked: bool,
     error: anyhow::Error,
+}
+
+/// Corrects the buffered results once a base is known (logged, never fatal: the uplink
+/// corrects what it sends anyway).
+pub async fn correct_in_background(clock: Clock, buffer: Buffer) {
+    if let Err(e) = record::correct_buffered(&clock, &buffer).await {
+        tracing::warn!("cannot correct the start time of buffered results: {e}");
+    }
+}
+
+/// The gRPC status that refused the session, when it ended with a refusal: the collector
+/// will refuse the same again, so reconnecting at once would only loop.
+fn refusal(error: &anyhow::Error) -> Option<&tonic::Status> {
+    use tonic::Code;
+    error
+        .chain()
+        .find_map(|e| e.downcast_ref::<tonic::Status>())
+        .filter(|s| {
+            matches!(
+                s.code(),
+                Code::InvalidArgument
+                    | Code::PermissionDenied
+                    | Code::FailedPrecondition
+                    | Code::AlreadyExists
+                    | Code::Unauthenticated
+                    | Code::ResourceExhausted
+            )
+        })
+}
+
+/// Two live incarnations of this agent id: the collector refuses the second session with
+/// FAILED_PRECONDITION and a message naming the identity conflict.
+fn is_identity_conflict(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status.message().to_ascii_lowercase().contains("conflict")
+}
+
+/// Logs quarantined results once per burst (a run of acks that carry rejections), not
+/// per ack, and again while a burst goes on for long.
+#[derive(Default)]
+struct QuarantineLog {
+    /// Results quarantined in the current burst.
+    burst: u64,
+    logged_at: Option<Instant>,
+}
+
+impl QuarantineLog {
+    fn observe(&mut self, rejected: &[pb::Rejection]) {
+        let Some(first) = rejected.first() else {
+            if self.burst > 0 {
+                tracing::info!(
+                    quarantined = self.burst,
+                    "the collector accepts results again; {} were quarantined in this burst",
+                    self.burst
+                );
+            }
+            *self = QuarantineLog::default();
+            return;
+        };
+        self.burst += rejected.len() as u64;
+        if self
+            .logged_at
+            .is_none_or(|at| at.elapsed() >= QUARANTINE_LOG_EVERY)
+        {
+            tracing::warn!(
+                quarantined = self.burst,
+                "the collector quarantined {} results (seq {}: {})",
+                self.burst,
+                first.seq,
+                first.reason
+            );
+            self.logged_at = Some(Instant::now());
+        }
+    }
 }
 
 fn message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
@@ -276,5 +401,40 @@ mod tests {
         }
         let samples: std::collections::HashSet<_> = (0..50).map(|_| backoff(10)).collect();
         assert!(samples.len() > 10, "full jitter spreads retries");
+    }
+
+    #[test]
+    fn refusals_are_told_from_trouble() {
+        let refused: anyhow::Error = tonic::Status::invalid_argument("result seq 1: bad").into();
+        assert!(refusal(&refused).is_some());
+        let wrapped = anyhow::Error::from(tonic::Status::permission_denied("not yours"))
+            .context("collector refused the stream");
+        assert!(refusal(&wrapped).is_some());
+        let down: anyhow::Error = tonic::Status::unavailable("connection reset").into();
+        assert!(refusal(&down).is_none());
+        assert!(refusal(&anyhow!("collector closed the stream")).is_none());
+
+        let clone = tonic::Status::failed_precondition(
+            "identity conflict: agent r1 is connected with another incarnation",
+        );
+        assert!(is_identity_conflict(&clone));
+        assert!(!is_identity_conflict(&tonic::Status::failed_precondition(
+            "migrating"
+        )));
+    }
+
+    #[test]
+    fn quarantine_is_logged_per_burst() {
+        let mut log = QuarantineLog::default();
+        let rejected = |seq| pb::Rejection {
+            seq,
+            reason: "40 labels, at most 32".into(),
+        };
+        log.observe(&[rejected(1), rejected(2)]);
+        let first = log.logged_at;
+        log.observe(&[rejected(3)]);
+        assert_eq!((log.burst, log.logged_at), (3, first), "one line per burst");
+        log.observe(&[]);
+        assert_eq!((log.burst, log.logged_at), (0, None));
     }
 }

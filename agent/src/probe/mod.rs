@@ -174,6 +174,9 @@ pub struct DnsFields {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub started_at: SystemTime,
+    /// The kernel's boot-time clock (CLOCK_BOOTTIME, nanoseconds) read with `started_at`:
+    /// lets the start be corrected later in the same boot when the wall clock was wrong.
+    pub boottime_nanos: i64,
     pub duration: Duration,
     /// `None` on success.
     pub error: Option<ProbeError>,
@@ -207,7 +210,7 @@ pub fn default_timeout(spec: &ProbeSpec) -> Duration {
 
 /// Runs one probe. Never fails and never panics outward: every failure is in the outcome.
 pub async fn run(spec: &ProbeSpec) -> Outcome {
-    let started_at = SystemTime::now();
+    let (started_at, boottime_nanos) = crate::clock::now();
     let start = Instant::now();
     let limit = spec
         .options
@@ -247,6 +250,7 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
     };
     Outcome {
         started_at,
+        boottime_nanos,
         duration: start.elapsed(),
         error,
         fields,
