@@ -7,5 +7,6 @@ mod icmp;
 mod link;
 mod probes;
 mod speed;
+mod state;
 mod target;
 mod util;

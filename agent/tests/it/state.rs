@@ -1,0 +1,157 @@
+//! `edgeprobe-agent run`, `buffer` and `check` against a real state directory: the buffer
+//! can be inspected while the agent runs (without advice to move it aside), and `check`
+//! refuses a configuration whose results the collector would refuse.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{Proc, BIN};
+
+/// A port nothing listens on: results are failed tcp probes, the uplink never connects.
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let port = closed_port();
+    let path = dir.join("agent.toml");
+    let text = format!(
+        r#"[agent]
+id = "it-state"
+state_dir = "{state}"
+
+[collector]
+endpoints = ["http://127.0.0.1:{port}"]
+insecure = true
+
+[[test]]
+name = "closed"
+kind = "tcp"
+target = "127.0.0.1:{port}"
+every = "100ms"
+{extra}"#,
+        state = dir.join("state").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run edgeprobe-agent")
+}
+
+/// The backlog line of `buffer`'s output.
+fn backlog(stdout: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("backlog"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no backlog in:\n{stdout}"))
+}
+
+fn field<'a>(stdout: &'a str, name: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {name} in:\n{stdout}"))
+}
+
+#[test]
+fn buffer_shows_the_running_agents_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let config_arg = config.to_str().unwrap();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let mut run = Proc(
+        Command::new(BIN)
+            .args(["run", "--config", config_arg])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start edgeprobe-agent run"),
+    );
+
+    // The agent publishes every 5 s: wait until a published status shows a backlog.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (stdout, running_backlog) = loop {
+        let out = agent(&["buffer", "--config", config_arg]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "stdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        for text in [&stdout, &stderr] {
+            assert!(
+                !text.contains("move") && !text.contains("mv ") && !text.contains("corrupt"),
+                "advice to move a live buffer aside:\n{text}"
+            );
+        }
+        assert!(
+            stdout.contains("published by the running agent"),
+            "{stdout}"
+        );
+        let n = backlog(&stdout);
+        if n >= 5 {
+            break (stdout, n);
+        }
+        assert!(Instant::now() < deadline, "no backlog published:\n{stdout}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let incarnation = field(&stdout, "incarnation").to_string();
+    assert_eq!(incarnation.len(), 32, "{stdout}");
+
+    // Stopped, the buffer opens directly: the same incarnation, at least that backlog.
+    let pid = run.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = run.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let out = agent(&["buffer", "--config", config_arg]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(!stdout.contains("published by"), "{stdout}");
+    assert_eq!(field(&stdout, "incarnation"), incarnation);
+    assert!(backlog(&stdout) >= running_backlog, "{stdout}");
+}
+
+#[test]
+fn check_refuses_labels_the_collector_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent_labels: Vec<String> = (0..20).map(|i| format!("a{i} = \"x\"")).collect();
+    let test_labels: Vec<String> = (0..20).map(|i| format!("t{i} = \"y\"")).collect();
+    let config = write_config(
+        dir.path(),
+        &format!("labels = {{ {} }}\n", test_labels.join(", ")),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "id = \"it-state\"",
+        &format!(
+            "id = \"it-state\"\nlabels = {{ {} }}",
+            agent_labels.join(", ")
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = agent(&["check", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "{}:15:10: test `closed`: 40 labels after merging [agent] labels, at most 32",
+            config.display()
+        )
+    );
+}
