@@ -299,6 +299,10 @@ impl Buffer {
             );
             journal.finish(&db, chunking).map_err(io_error)?;
             db.flush().map_err(io_error)?;
+            tracing::info!(
+                next_seq = read_u64(&db, NEXT_SEQ).map_err(io_error)?,
+                "renumbering finished"
+            );
         }
         let data_file = File::open(path.join("db")).map_err(|source| BufferError::Sync {
             path: path.display().to_string(),

@@ -316,10 +316,12 @@ fn refusal(error: &anyhow::Error) -> Option<&tonic::Status> {
 }
 
 /// Two live incarnations of this agent id: the collector refuses the second session with
-/// FAILED_PRECONDITION and a message naming the identity conflict.
+/// FAILED_PRECONDITION and a message naming the conflict ("two hosts use the agent id ...:
+/// incarnation ... is refused while incarnation ... is connected").
 fn is_identity_conflict(status: &tonic::Status) -> bool {
+    let message = status.message().to_ascii_lowercase();
     status.code() == tonic::Code::FailedPrecondition
-        && status.message().to_ascii_lowercase().contains("conflict")
+        && (message.contains("conflict") || message.contains("incarnation"))
 }
 
 /// Logs quarantined results once per burst (a run of acks that carry rejections), not
@@ -418,6 +420,11 @@ mod tests {
             "identity conflict: agent r1 is connected with another incarnation",
         );
         assert!(is_identity_conflict(&clone));
+        let collectors_words = tonic::Status::failed_precondition(
+            "two hosts use the agent id `r1` (a cloned image?): incarnation `bb` from \
+             10.0.0.2:1 is refused while incarnation `aa` from 10.0.0.1:1 is connected",
+        );
+        assert!(is_identity_conflict(&collectors_words));
         assert!(!is_identity_conflict(&tonic::Status::failed_precondition(
             "migrating"
         )));
