@@ -17,6 +17,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lean_indexes",
         include_str!("../migrations/0002_lean_indexes.sql"),
     ),
+    (
+        3,
+        "never_stall",
+        include_str!("../migrations/0003_never_stall.sql"),
+    ),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.
@@ -77,7 +82,8 @@ pub fn latest_version() -> i32 {
 }
 
 /// Creates the daily partitions from yesterday to `PARTITIONS_AHEAD` days ahead and, given
-/// a retention, drops those entirely older than it. Returns (created, dropped) counts.
+/// a retention, drops those entirely older than it and deletes quarantined results
+/// received before it. Returns (created, dropped) counts.
 pub async fn maintain_partitions(
     client: &Client,
     retention: Option<Duration>,
@@ -131,6 +137,16 @@ pub async fn maintain_partitions(
             tracing::info!(partition = %name, "dropped partition past retention");
             dropped += 1;
         }
+    }
+    // The quarantine follows the same retention, by arrival.
+    let purged = client
+        .execute(
+            "DELETE FROM rejected_results WHERE received_at < now() - make_interval(secs => $1)",
+            &[&(retention.as_secs() as f64)],
+        )
+        .await?;
+    if purged > 0 {
+        tracing::info!(purged, "deleted quarantined results past retention");
     }
     Ok((created, dropped))
 }
