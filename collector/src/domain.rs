@@ -1,36 +1,53 @@
 //! Domain types of the collector and the one place where wire messages become them.
 //!
-//! Invariant: every bound of SPEC section 6 is checked here, in `ResultRow::from_wire` and
-//! the `TryFrom<pb::…>` impls, before anything reaches the store; the store never sees
-//! protobuf types and can trust what it gets (lengths, label counts, enum values, finite
-//! numbers, sane timestamps).
+//! Invariants:
+//! - Every bound is checked here, against `edgeprobe_proto::bounds` (the limits `check`
+//!   and the agent use too), before anything reaches the store; the store never sees
+//!   protobuf types and can trust what it gets (lengths, label counts, enum values,
+//!   finite numbers, no NUL).
+//! - A batch is refused as a whole (the stream closes) only for what a bad peer sends:
+//!   another agent's result, seq 0 or past i64, seqs not increasing, too many results.
+//!   A result that fails its bounds is not a reason to stall a stream: it becomes a
+//!   `Rejected` (reason and raw bytes) that the store quarantines and the ack covers.
+//! - Time is never a reason to refuse. A start time that is not plausible (before 2020,
+//!   more than a day ahead) is stored as the collector's receive time, the claim kept in
+//!   `reported_started_at` and the row flagged `clock_unsynced`.
+//! - Validation checks by reference first (`ResultRow::check`) and builds by move
+//!   (`ResultRow::build`, infallible): valid results are never copied, refused ones are
+//!   encoded once for the quarantine.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use edgeprobe_proto::bounds::{self, OutOfBounds};
 use edgeprobe_proto::v1 as pb;
 
-pub const MAX_ID_LEN: usize = 128;
-pub const MAX_NAME_LEN: usize = 128;
-pub const MAX_TARGET_LEN: usize = 2048;
-pub const MAX_ERROR_LEN: usize = 4096;
-pub const MAX_LABELS: usize = 32;
-pub const MAX_LABEL_LEN: usize = 128;
-pub const MAX_VERSION_LEN: usize = 64;
-pub const MAX_BATCH_RESULTS: usize = 10_000;
-/// Oldest accepted start time: results from before 2020 come from a broken clock.
-const MIN_STARTED_AT: u64 = 1_577_836_800;
-/// Latest accepted start time relative to now.
-const MAX_FUTURE: Duration = Duration::from_secs(86_400);
+/// Raw bytes of a quarantined result kept at most.
+pub const MAX_RAW_BYTES: usize = 64 * 1024;
 
-/// Why a message was refused; maps to INVALID_ARGUMENT.
+/// Why a message or a result was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("{0}")]
 pub struct Invalid(pub String);
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, Invalid> {
     Err(Invalid(msg.into()))
+}
+
+impl From<OutOfBounds> for Invalid {
+    fn from(e: OutOfBounds) -> Self {
+        Invalid(e.0)
+    }
+}
+
+/// Why a whole batch is refused and its stream closed: the peer, not one result, is wrong.
+#[derive(Debug, PartialEq)]
+pub enum BatchRefused {
+    /// A result of another agent: PERMISSION_DENIED.
+    Permission(String),
+    /// Malformed as a batch: INVALID_ARGUMENT.
+    Invalid(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +77,8 @@ pub struct AgentHello {
     pub agent_id: String,
     pub version: String,
     pub labels: BTreeMap<String, String>,
+    /// The buffer's incarnation id; '' from agents and buffers older than incarnations.
+    pub incarnation: String,
 }
 
 /// Agent buffer state from a heartbeat.
@@ -74,11 +93,16 @@ pub struct BufferState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultRow {
     pub agent_id: String,
+    /// Shared by every result of a session.
+    pub incarnation: Arc<str>,
     pub seq: i64,
     pub test: String,
     pub kind: Kind,
     pub target: String,
+    /// The agent's start time, or the collector's receive time when that was implausible.
     pub started_at: SystemTime,
+    /// The agent's implausible start time, when `started_at` replaced it.
+    pub reported_started_at: Option<SystemTime>,
     pub duration_seconds: f64,
     pub success: bool,
     pub error_class: Option<String>,
@@ -86,6 +110,9 @@ pub struct ResultRow {
     /// Shared by the consecutive results of a batch that carry the same labels.
     pub labels: Arc<Labels>,
     pub measures: Measures,
+    pub clock_unsynced: bool,
+    pub clock_corrected: bool,
+    pub error_truncated: bool,
 }
 
 /// A result's validated labels with their JSON rendering, made once per distinct label
@@ -119,75 +146,201 @@ impl Labels {
 }
 
 /// Typed columns; `None` is NULL. Names are the column names.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Measures {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub download_bits_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_bits_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_latency_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jitter_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub download_loaded_latency_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_loaded_latency_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_downloaded: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_uploaded: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sent: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub received: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_min_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_avg_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_max_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rtt_mdev_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub status_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dns_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ttfb_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body_bytes: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_expiry_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resolve_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub answers: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rcode: Option<String>,
 }
 
-/// Takes the wire string when it is within bounds (no copy on the hot path).
-fn text(field: &str, value: String, max: usize) -> Result<String, Invalid> {
-    if value.len() > max {
-        return invalid(format!("{field} longer than {max} bytes"));
-    }
-    if value.as_bytes().contains(&0) {
-        return invalid(format!("{field} contains NUL"));
-    }
-    Ok(value)
+/// How a quarantined result's raw bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawFormat {
+    /// The wire `Result` as received (refused by validation).
+    Protobuf,
+    /// The row PostgreSQL refused, as JSON (the store never sees protobuf).
+    Json,
 }
 
-fn name(field: &str, value: String, max: usize) -> Result<String, Invalid> {
-    if value.is_empty() {
-        return invalid(format!("{field} is empty"));
+impl RawFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            RawFormat::Protobuf => "protobuf",
+            RawFormat::Json => "json",
+        }
     }
-    // ASCII names (almost all) need no char decoding; C0 and DEL are the ASCII controls.
-    let control = if value.is_ascii() {
-        value.bytes().any(|b| b < 0x20 || b == 0x7f)
-    } else {
-        value.chars().any(char::is_control)
-    };
-    if control {
-        return invalid(format!("{field} contains control characters"));
-    }
-    text(field, value, max)
 }
 
-pub fn labels(map: HashMap<String, String>) -> Result<BTreeMap<String, String>, Invalid> {
-    if map.len() > MAX_LABELS {
-        return invalid(format!("{} labels, at most {MAX_LABELS}", map.len()));
+/// A result that cannot be stored, on its way to the quarantine (`rejected_results`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub seq: i64,
+    pub reason: String,
+    /// Set when PostgreSQL refused the row.
+    pub sqlstate: Option<String>,
+    /// At most `MAX_RAW_BYTES`.
+    pub raw: Vec<u8>,
+    pub raw_format: RawFormat,
+    pub raw_truncated: bool,
+}
+
+impl Rejected {
+    /// A result refused by validation: the wire bytes, encoded once.
+    fn of_wire(r: &pb::Result, seq: i64, reason: String) -> Rejected {
+        let (raw, raw_truncated) = cut(prost::Message::encode_to_vec(r));
+        Rejected {
+            seq,
+            reason,
+            sqlstate: None,
+            raw,
+            raw_format: RawFormat::Protobuf,
+            raw_truncated,
+        }
     }
-    map.into_iter()
-        .map(|(k, v)| {
-            Ok((
-                name("label key", k, MAX_LABEL_LEN)?,
-                text("label value", v, MAX_LABEL_LEN)?,
-            ))
+
+    /// A row PostgreSQL refused with `sqlstate`: the row as JSON.
+    pub fn of_row(row: &ResultRow, sqlstate: &str, message: &str) -> Rejected {
+        let (raw, raw_truncated) = cut(row.to_json());
+        Rejected {
+            seq: row.seq,
+            reason: format!("SQLSTATE {sqlstate}: {message}"),
+            sqlstate: Some(sqlstate.to_string()),
+            raw,
+            raw_format: RawFormat::Json,
+            raw_truncated,
+        }
+    }
+}
+
+fn cut(mut raw: Vec<u8>) -> (Vec<u8>, bool) {
+    let truncated = raw.len() > MAX_RAW_BYTES;
+    raw.truncate(MAX_RAW_BYTES);
+    (raw, truncated)
+}
+
+/// One validated batch of one agent's incarnation, in seq order.
+#[derive(Debug)]
+pub struct Batch {
+    pub agent_id: String,
+    pub incarnation: Arc<str>,
+    /// Results to store.
+    pub rows: Vec<ResultRow>,
+    /// Results to quarantine.
+    pub rejected: Vec<Rejected>,
+    /// The highest seq of the batch (stored or quarantined): the watermark after it.
+    pub last_seq: i64,
+}
+
+impl Batch {
+    /// Results in the batch.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.rejected.len()
+    }
+
+    /// Validates a wire batch of `agent_id`'s stream. Results that fail their bounds are
+    /// quarantined (`rejected`); only what a bad peer sends refuses the whole batch.
+    pub fn from_wire(
+        batch: pb::ResultBatch,
+        agent_id: &str,
+        incarnation: &Arc<str>,
+        now: SystemTime,
+    ) -> Result<Batch, BatchRefused> {
+        if batch.results.len() > bounds::MAX_BATCH_RESULTS {
+            return Err(BatchRefused::Invalid(format!(
+                "batch of {} results, at most {}",
+                batch.results.len(),
+                bounds::MAX_BATCH_RESULTS
+            )));
+        }
+        let mut rows: Vec<ResultRow> = Vec::with_capacity(batch.results.len());
+        let mut rejected = Vec::new();
+        let mut last = 0i64;
+        for r in batch.results {
+            if r.agent_id != agent_id {
+                return Err(BatchRefused::Permission(format!(
+                    "batch holds a result of agent `{}` on the stream of `{agent_id}`",
+                    r.agent_id.chars().take(128).collect::<String>(),
+                )));
+            }
+            if r.seq == 0 || r.seq > i64::MAX as u64 {
+                return Err(BatchRefused::Invalid(format!("seq {} out of range", r.seq)));
+            }
+            let seq = r.seq as i64;
+            if seq <= last {
+                return Err(BatchRefused::Invalid(
+                    "seqs in a batch must increase".into(),
+                ));
+            }
+            last = seq;
+            match ResultRow::check(&r) {
+                Ok(checked) => {
+                    let previous = rows.last().map(|p| &p.labels);
+                    rows.push(ResultRow::build(r, checked, incarnation, previous, now));
+                }
+                Err(e) => rejected.push(Rejected::of_wire(&r, seq, e.0)),
+            }
+        }
+        Ok(Batch {
+            agent_id: agent_id.to_string(),
+            incarnation: incarnation.clone(),
+            rows,
+            rejected,
+            last_seq: last,
         })
-        .collect()
+    }
+}
+
+fn labels(map: &HashMap<String, String>) -> Result<(), Invalid> {
+    Ok(bounds::labels(map.iter())?)
 }
 
 /// A finite, non-negative measurement (seconds, bits/s, ratios).
@@ -212,13 +365,36 @@ fn count(field: &str, v: u64) -> Result<i64, Invalid> {
     i64::try_from(v).map_err(|_| Invalid(format!("{field} out of range")))
 }
 
+/// Nanoseconds since the Unix epoch, negative ones included.
+fn from_unix_nanos(nanos: i64) -> SystemTime {
+    if nanos >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(nanos as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(nanos.unsigned_abs())
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> i128 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    }
+}
+
 impl TryFrom<pb::Hello> for AgentHello {
     type Error = Invalid;
     fn try_from(h: pb::Hello) -> Result<Self, Invalid> {
+        bounds::agent_id(&h.agent_id)?;
+        bounds::text("version", &h.version, bounds::MAX_VERSION_LEN)?;
+        labels(&h.labels)?;
+        if !h.incarnation.is_empty() {
+            bounds::name("incarnation", &h.incarnation, bounds::MAX_INCARNATION_LEN)?;
+        }
         Ok(AgentHello {
-            agent_id: name("agent_id", h.agent_id, MAX_ID_LEN)?,
-            version: text("version", h.version, MAX_VERSION_LEN)?,
-            labels: labels(h.labels)?,
+            agent_id: h.agent_id,
+            version: h.version,
+            labels: h.labels.into_iter().collect(),
+            incarnation: h.incarnation,
         })
     }
 }
@@ -239,10 +415,16 @@ impl TryFrom<pb::Heartbeat> for BufferState {
     }
 }
 
+/// What `ResultRow::check` found out, handed to `build`.
+pub struct Checked {
+    kind: Kind,
+    measures: Measures,
+}
+
 impl ResultRow {
-    /// Validates one wire result. `previous` is the labels of the result before it in the
-    /// batch: when this one carries the same, they are shared instead of rebuilt.
-    pub fn from_wire(r: pb::Result, previous: Option<&Arc<Labels>>) -> Result<Self, Invalid> {
+    /// Checks one wire result against every bound except the batch's (agent id, seq),
+    /// without taking it apart. Its start time is never a reason to refuse.
+    pub fn check(r: &pb::Result) -> Result<Checked, Invalid> {
         use pb::result::Fields as F;
         let kind = match pb::Kind::try_from(r.kind) {
             Ok(pb::Kind::Speed) => Kind::Speed,
@@ -252,36 +434,26 @@ impl ResultRow {
             Ok(pb::Kind::Dns) => Kind::Dns,
             _ => return invalid(format!("kind {} is not a known kind", r.kind)),
         };
-        if r.seq == 0 || r.seq > i64::MAX as u64 {
-            return invalid(format!("seq {} out of range", r.seq));
-        }
-        let min = UNIX_EPOCH + Duration::from_secs(MIN_STARTED_AT);
-        let max = SystemTime::now() + MAX_FUTURE;
-        if r.started_at_unix_nanos < 0 {
-            return invalid("started_at before 1970");
-        }
-        let started_at = UNIX_EPOCH + Duration::from_nanos(r.started_at_unix_nanos as u64);
-        if started_at < min || started_at > max {
-            return invalid("started_at outside 2020..now+1d");
-        }
-        if !r.duration_seconds.is_finite() || !(0.0..=86_400.0).contains(&r.duration_seconds) {
-            return invalid("duration_seconds outside 0..86400");
+        bounds::test_name(&r.test)?;
+        bounds::target(&r.target)?;
+        if !r.duration_seconds.is_finite()
+            || !(0.0..=bounds::MAX_DURATION_SECONDS).contains(&r.duration_seconds)
+        {
+            return invalid(format!(
+                "duration_seconds outside 0..{}",
+                bounds::MAX_DURATION_SECONDS
+            ));
         }
         if r.success != r.error_class.is_empty() {
             return invalid("error_class must be empty exactly when success is true");
         }
-        let error_class = if r.error_class.is_empty() {
-            None
-        } else {
-            Some(name("error_class", r.error_class, 32)?)
-        };
-        let error_message = if r.error_message.is_empty() {
-            None
-        } else {
-            Some(text("error_message", r.error_message, MAX_ERROR_LEN)?)
-        };
+        if !r.error_class.is_empty() {
+            bounds::name("error class", &r.error_class, bounds::MAX_ERROR_CLASS_LEN)?;
+        }
+        bounds::text("error message", &r.error_message, bounds::MAX_ERROR_LEN)?;
+        labels(&r.labels)?;
         let mut m = Measures::default();
-        match (kind, r.fields) {
+        match (kind, &r.fields) {
             (Kind::Speed, Some(F::Speed(s))) => {
                 m.download_bits_per_second =
                     measure("download_bits_per_second", s.download_bits_per_second)?;
@@ -337,33 +509,87 @@ impl ResultRow {
             (Kind::Dns, Some(F::Dns(d))) => {
                 m.resolve_seconds = measure("resolve_seconds", d.resolve_seconds)?;
                 m.answers = Some(d.answers.min(i32::MAX as u32) as i32);
-                m.rcode = if d.rcode.is_empty() {
-                    None
-                } else {
-                    Some(name("rcode", d.rcode, 16)?)
-                };
+                if !d.rcode.is_empty() {
+                    bounds::name("rcode", &d.rcode, bounds::MAX_RCODE_LEN)?;
+                    m.rcode = Some(d.rcode.clone());
+                }
             }
             (_, None) => {}
             (kind, Some(_)) => return invalid(format!("fields do not match kind {}", kind.name())),
         }
+        Ok(Checked { kind, measures: m })
+    }
+
+    /// Builds the row of a checked result, moving its strings. `previous` is the labels
+    /// of the result before it in the batch: when this one carries the same, they are
+    /// shared instead of rebuilt. `now` is the receive time.
+    pub fn build(
+        r: pb::Result,
+        checked: Checked,
+        incarnation: &Arc<str>,
+        previous: Option<&Arc<Labels>>,
+        now: SystemTime,
+    ) -> ResultRow {
+        let (started_at, reported_started_at, clock_unsynced) =
+            if bounds::plausible_start(r.started_at_unix_nanos, now) {
+                (
+                    from_unix_nanos(r.started_at_unix_nanos),
+                    None,
+                    r.clock_unsynced,
+                )
+            } else {
+                // Stored by arrival: today's partition, retention by receive time.
+                (now, Some(from_unix_nanos(r.started_at_unix_nanos)), true)
+            };
         let labels = match previous {
             Some(p) if p.same_as(&r.labels) => p.clone(),
-            _ => Arc::new(Labels::new(labels(r.labels)?)),
+            _ => Arc::new(Labels::new(r.labels.into_iter().collect())),
         };
-        Ok(ResultRow {
-            agent_id: name("agent_id", r.agent_id, MAX_ID_LEN)?,
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        ResultRow {
+            agent_id: r.agent_id,
+            incarnation: incarnation.clone(),
             seq: r.seq as i64,
-            test: name("test", r.test, MAX_NAME_LEN)?,
-            kind,
-            target: name("target", r.target, MAX_TARGET_LEN)?,
+            test: r.test,
+            kind: checked.kind,
+            target: r.target,
             started_at,
+            reported_started_at,
             duration_seconds: r.duration_seconds,
             success: r.success,
-            error_class,
-            error_message,
+            error_class: nonempty(r.error_class),
+            error_message: nonempty(r.error_message),
             labels,
-            measures: m,
-        })
+            measures: checked.measures,
+            clock_unsynced,
+            clock_corrected: r.clock_corrected,
+            error_truncated: r.error_truncated,
+        }
+    }
+
+    /// The row as JSON, for the quarantine of a row PostgreSQL refused. Times are Unix
+    /// nanoseconds.
+    pub fn to_json(&self) -> Vec<u8> {
+        let value = serde_json::json!({
+            "agent_id": self.agent_id,
+            "incarnation": &*self.incarnation,
+            "seq": self.seq,
+            "test": self.test,
+            "kind": self.kind.name(),
+            "target": self.target,
+            "started_at_unix_nanos": unix_nanos(self.started_at),
+            "reported_started_at_unix_nanos": self.reported_started_at.map(unix_nanos),
+            "duration_seconds": self.duration_seconds,
+            "success": self.success,
+            "error_class": self.error_class,
+            "error_message": self.error_message,
+            "labels": self.labels.map,
+            "measures": self.measures,
+            "clock_unsynced": self.clock_unsynced,
+            "clock_corrected": self.clock_corrected,
+            "error_truncated": self.error_truncated,
+        });
+        serde_json::to_vec(&value).expect("a JSON value serializes")
     }
 }
 
@@ -371,16 +597,23 @@ impl ResultRow {
 mod tests {
     use super::*;
 
-    pub fn good() -> pb::Result {
+    const NOW_NANOS: i64 = 1_790_000_000_000_000_000;
+
+    fn now() -> SystemTime {
+        from_unix_nanos(NOW_NANOS)
+    }
+
+    pub fn good(seq: u64) -> pb::Result {
         pb::Result {
             agent_id: "a1".into(),
-            seq: 1,
+            seq,
             test: "web".into(),
             kind: pb::Kind::Http as i32,
             target: "http://x/".into(),
-            started_at_unix_nanos: 1_790_000_000_000_000_000,
+            started_at_unix_nanos: NOW_NANOS - 1_000_000_000,
             duration_seconds: 0.1,
             success: true,
+            labels: [("site".to_string(), "lab".to_string())].into(),
             fields: Some(pb::result::Fields::Http(pb::HttpFields {
                 status_code: Some(200),
                 ..Default::default()
@@ -389,26 +622,155 @@ mod tests {
         }
     }
 
+    fn batch(results: Vec<pb::Result>) -> Result<Batch, BatchRefused> {
+        Batch::from_wire(pb::ResultBatch { results }, "a1", &Arc::from("inc"), now())
+    }
+
     #[test]
-    fn accepts_good_and_refuses_bad() {
-        assert!(ResultRow::from_wire(good(), None).is_ok());
-        let cases: &[fn(&mut pb::Result)] = &[
-            |r| r.kind = 99,
-            |r| r.seq = 0,
-            |r| r.test = "x".repeat(1000),
-            |r| r.duration_seconds = f64::NAN,
-            |r| r.started_at_unix_nanos = 5,
-            |r| r.success = false,
-            |r| {
-                r.labels = (0..40).map(|i| (i.to_string(), "v".into())).collect();
-            },
-            |r| r.fields = Some(pb::result::Fields::Dns(Default::default())),
-            |r| r.agent_id = "a\0b".into(),
+    fn bad_results_are_quarantined_with_their_reason_and_bytes() {
+        type Case = (fn(&mut pb::Result), &'static str);
+        let cases: &[Case] = &[
+            (|r| r.kind = 99, "kind 99 is not a known kind"),
+            (|r| r.test = "x".repeat(1000), "test name is 1000 bytes"),
+            (|r| r.duration_seconds = f64::NAN, "duration_seconds"),
+            (|r| r.success = false, "error_class must be empty"),
+            (
+                |r| r.labels = (0..40).map(|i| (i.to_string(), "v".into())).collect(),
+                "40 labels, at most 32",
+            ),
+            (
+                |r| r.labels = [("site".into(), "a\0b".into())].into(),
+                "control characters",
+            ),
+            (
+                |r| {
+                    r.success = false;
+                    r.error_class = "timeout".into();
+                    r.error_message = "e".repeat(5000);
+                },
+                "error message is 5000 bytes, at most 4096",
+            ),
+            (
+                |r| r.fields = Some(pb::result::Fields::Dns(Default::default())),
+                "fields do not match",
+            ),
         ];
-        for (i, case) in cases.iter().enumerate() {
-            let mut r = good();
-            case(&mut r);
-            assert!(ResultRow::from_wire(r, None).is_err(), "case {i} accepted");
+        for (i, (case, reason)) in cases.iter().enumerate() {
+            let mut bad = good(2);
+            case(&mut bad);
+            let b = batch(vec![good(1), bad.clone(), good(3)]).unwrap();
+            assert_eq!(
+                b.rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+                [1, 3],
+                "case {i}"
+            );
+            assert_eq!(b.last_seq, 3);
+            assert_eq!(b.rejected.len(), 1, "case {i}");
+            let q = &b.rejected[0];
+            assert_eq!(q.seq, 2);
+            assert!(q.reason.contains(reason), "case {i}: {}", q.reason);
+            assert_eq!(q.raw_format, RawFormat::Protobuf);
+            assert_eq!(
+                q.raw,
+                prost::Message::encode_to_vec(&bad),
+                "case {i}: raw bytes are the result"
+            );
         }
+    }
+
+    #[test]
+    fn huge_raw_results_are_cut() {
+        let mut bad = good(1);
+        bad.test = "t".repeat(100_000);
+        let b = batch(vec![bad]).unwrap();
+        assert_eq!(b.rejected[0].raw.len(), MAX_RAW_BYTES);
+        assert!(b.rejected[0].raw_truncated);
+        assert_eq!(b.last_seq, 1);
+    }
+
+    #[test]
+    fn a_bad_peer_refuses_the_whole_batch() {
+        let mut other = good(1);
+        other.agent_id = "a2".into();
+        assert!(matches!(
+            batch(vec![other]),
+            Err(BatchRefused::Permission(_))
+        ));
+        for seqs in [vec![0], vec![u64::MAX], vec![2, 1], vec![1, 1]] {
+            let results = seqs.iter().map(|&s| good(s)).collect();
+            assert!(
+                matches!(batch(results), Err(BatchRefused::Invalid(_))),
+                "{seqs:?}"
+            );
+        }
+        let many = (1..=10_001).map(good).collect();
+        assert!(matches!(batch(many), Err(BatchRefused::Invalid(_))));
+    }
+
+    #[test]
+    fn implausible_start_times_are_stored_by_arrival_and_flagged() {
+        for claimed in [
+            0,
+            -5_000_000_000,
+            1_559_390_400_000_000_000, // 2019-06-01
+            NOW_NANOS + 7 * 86_400_000_000_000,
+        ] {
+            let mut r = good(1);
+            r.started_at_unix_nanos = claimed;
+            let b = batch(vec![r]).unwrap();
+            let row = &b.rows[0];
+            assert_eq!(row.started_at, now());
+            assert_eq!(row.reported_started_at, Some(from_unix_nanos(claimed)));
+            assert!(row.clock_unsynced);
+        }
+        let mut r = good(1);
+        r.clock_unsynced = true;
+        r.clock_corrected = true;
+        r.error_truncated = true;
+        let row = &batch(vec![r]).unwrap().rows[0];
+        assert_eq!(row.started_at, from_unix_nanos(NOW_NANOS - 1_000_000_000));
+        assert_eq!(row.reported_started_at, None);
+        assert!(row.clock_unsynced && row.clock_corrected && row.error_truncated);
+        assert!(!batch(vec![good(1)]).unwrap().rows[0].clock_unsynced);
+    }
+
+    #[test]
+    fn consecutive_equal_labels_are_shared() {
+        let b = batch(vec![good(1), good(2)]).unwrap();
+        assert!(Arc::ptr_eq(&b.rows[0].labels, &b.rows[1].labels));
+        assert_eq!(&*b.rows[0].incarnation, "inc");
+    }
+
+    #[test]
+    fn refused_rows_render_as_json() {
+        let row = batch(vec![good(1)]).unwrap().rows.remove(0);
+        let q = Rejected::of_row(&row, "22P05", "no equivalent in LATIN1");
+        assert_eq!(q.reason, "SQLSTATE 22P05: no equivalent in LATIN1");
+        let v: serde_json::Value = serde_json::from_slice(&q.raw).unwrap();
+        assert_eq!(v["seq"], 1);
+        assert_eq!(v["labels"]["site"], "lab");
+        assert_eq!(v["measures"]["status_code"], 200);
+        assert_eq!(v["incarnation"], "inc");
+    }
+
+    #[test]
+    fn hellos_are_bounded() {
+        let hello = |f: fn(&mut pb::Hello)| {
+            let mut h = pb::Hello {
+                agent_id: "a1".into(),
+                version: "1".into(),
+                incarnation: "00ff".into(),
+                ..Default::default()
+            };
+            f(&mut h);
+            AgentHello::try_from(h)
+        };
+        assert_eq!(hello(|_| {}).unwrap().incarnation, "00ff");
+        assert!(hello(|h| h.incarnation = String::new()).is_ok());
+        assert!(hello(|h| h.incarnation = "x".repeat(65)).is_err());
+        assert!(hello(|h| h.agent_id = String::new()).is_err());
+        assert!(
+            hello(|h| h.labels = (0..33).map(|i| (i.to_string(), "v".into())).collect()).is_err()
+        );
     }
 }

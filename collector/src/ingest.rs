@@ -1,18 +1,26 @@
 //! The gRPC ingest service: one long-lived stream per agent.
 //!
-//! hello (within `HELLO_TIMEOUT`) -> welcome(committed seq) -> batches -> acks.
-//! Each stream has a reader (validates, hands batches on through a small bounded queue)
-//! and a committer (writes one batch at a time, acks after commit, retries while Postgres
-//! is away). When the queue is full the reader stops reading, so HTTP/2 flow control
-//! pushes back to the agent, which keeps buffering on disk.
+//! hello (within `HELLO_TIMEOUT`) -> welcome(committed seq of the agent's incarnation,
+//! collector clock) -> batches -> acks. Each stream has a reader (validates, hands
+//! batches on through a small bounded queue) and a committer (writes one batch at a time,
+//! acks after commit, retries while Postgres is away). When the queue is full the reader
+//! stops reading, so HTTP/2 flow control pushes back to the agent, which keeps buffering
+//! on disk.
 //!
-//! Invariants: a batch is written entirely or not at all; an invalid batch (any bad result,
-//! oversized, another agent's id) closes only its own stream and writes nothing; an ack
-//! names only seqs whose transaction committed.
+//! Invariants:
+//! - One bad result never stalls a stream: a result that fails validation is quarantined
+//!   with its reason, in the same transaction as the valid results of its batch, and the
+//!   ack covers it and names it (`Ack.rejected`). Only a bad peer closes its stream
+//!   (another agent's result, seq 0, seqs not increasing, too many results, an
+//!   undecodable or oversized message), and then writes nothing of that batch.
+//! - An ack names only seqs whose transaction committed.
+//! - One live session per agent id (`sessions`): a second incarnation of the id is
+//!   refused with FAILED_PRECONDITION naming the conflict; the same incarnation replaces
+//!   its previous session.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edgeprobe_proto::v1 as pb;
 use futures::Stream;
@@ -21,8 +29,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::domain::{AgentHello, BufferState, ResultRow, MAX_BATCH_RESULTS};
+use crate::domain::{AgentHello, Batch, BatchRefused, BufferState};
 use crate::metrics::Metrics;
+use crate::sessions::{Registration, Sessions};
 use crate::store::Store;
 
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +41,10 @@ const STREAM_QUEUE: usize = 4;
 /// batch per stream waiting for a share, memory stays within (this + streams) batches.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
 const RETRY_CAP: Duration = Duration::from_secs(5);
+/// A stream logs quarantined results at most this often (the rest are counted).
+const REJECTION_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Bytes of a rejection's reason carried in an ack at most (the quarantine keeps it all).
+const MAX_ACK_REASON: usize = 200;
 
 pub struct IngestService {
     pub store: Store,
@@ -42,6 +55,7 @@ pub struct IngestService {
     pub hello_timeout: Duration,
     /// mTLS mode: a stream without a certificate identity is refused.
     pub require_identity: bool,
+    pub sessions: Arc<Sessions>,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -117,29 +131,54 @@ impl pb::ingest_server::Ingest for IngestService {
         }
         let agent_id = hello.agent_id.clone();
         let version = hello.version.clone();
+        let incarnation: Arc<str> = Arc::from(hello.incarnation.as_str());
+        let registration = match self.sessions.admit(&agent_id, &incarnation, &peer) {
+            Ok(r) => r,
+            Err(conflict) => {
+                self.metrics.identity_conflicts.inc();
+                self.store.identity_conflict(agent_id.clone());
+                tracing::warn!(
+                    agent_id = %agent_id,
+                    incarnation = %conflict.incarnation,
+                    %peer,
+                    live_incarnation = %conflict.live_incarnation,
+                    live_peer = %conflict.live_peer,
+                    "identity conflict: {conflict}"
+                );
+                return Err(Status::failed_precondition(conflict.to_string()));
+            }
+        };
+        if let Some(replaced) = &registration.replaced {
+            tracing::info!(agent_id = %agent_id, %peer, replaced_peer = %replaced, "the agent reconnected; closing its previous session");
+        }
         let committed = self
             .store
             .hello(hello)
             .await
             .map_err(|e| Status::unavailable(format!("database unavailable: {e}")))?;
-        tracing::info!(agent_id = %agent_id, %peer, %version, committed_seq = committed, "agent connected");
+        tracing::info!(agent_id = %agent_id, incarnation = %incarnation, %peer, %version, committed_seq = committed, "agent connected");
 
         let (out_tx, out_rx) = mpsc::channel(STREAM_QUEUE + 2);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
         let _ = out_tx
             .send(Ok(message(pb::collector_message::Msg::Welcome(
                 pb::Welcome {
                     committed_seq: committed as u64,
-                    ..Default::default()
+                    collector_unix_nanos: now,
                 },
             ))))
             .await;
         self.metrics.seen(&agent_id);
         let session = Session {
             agent_id,
+            incarnation,
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             in_flight: self.in_flight.clone(),
+            registration,
         };
         tokio::spawn(session.run(inbound, out_tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -167,15 +206,18 @@ fn refused_input(status: &Status, metrics: &Metrics) -> Option<Status> {
 
 struct Session {
     agent_id: String,
+    incarnation: Arc<str>,
     store: Store,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     in_flight: Arc<Semaphore>,
+    /// Leaves the registry when the session ends.
+    registration: Registration,
 }
 
 /// A batch on its way to the store, holding its share of the global in-flight bound.
 struct Pending {
-    rows: Arc<Vec<ResultRow>>,
+    batch: Arc<Batch>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -201,8 +243,12 @@ impl Session {
         let end = loop {
             let msg = tokio::select! {
                 _ = this.shutdown.cancelled() => break None,
+                _ = this.registration.close.cancelled() => {
+                    break Some(Status::aborted("replaced by a newer session of the same agent"));
+                }
                 m = inbound.message() => m,
             };
+            this.registration.activity.touch();
             let msg = match msg {
                 Ok(Some(m)) => m,
                 Ok(None) => break None,
@@ -213,8 +259,8 @@ impl Session {
             };
             match msg.msg {
                 Some(pb::agent_message::Msg::Batch(batch)) => match this.validate(batch) {
-                    Ok(rows) if rows.is_empty() => {}
-                    Ok(rows) => {
+                    Ok(batch) if batch.len() == 0 => {}
+                    Ok(batch) => {
                         // A share of the global bound, taken after the read so an idle
                         // stream holds none: when the store is behind, streams wait here
                         // with one batch each, stop reading, and HTTP/2 flow control
@@ -228,7 +274,7 @@ impl Session {
                         };
                         this.metrics.in_flight_batches.inc();
                         let pending = Pending {
-                            rows: Arc::new(rows),
+                            batch: Arc::new(batch),
                             _permit: permit,
                         };
                         if batch_tx.send(pending).await.is_err() {
@@ -277,64 +323,39 @@ impl Session {
         tracing::info!(agent_id = %this.agent_id, "agent disconnected");
     }
 
-    /// Every result valid and this agent's, or the whole batch is refused.
-    fn validate(&self, batch: pb::ResultBatch) -> Result<Vec<ResultRow>, Status> {
-        if batch.results.len() > MAX_BATCH_RESULTS {
-            self.metrics
-                .ingest_errors
-                .with_label_values(&["validate"])
-                .inc();
-            return Err(Status::invalid_argument(format!(
-                "batch of {} results, at most {MAX_BATCH_RESULTS}",
-                batch.results.len()
-            )));
-        }
+    /// A batch of this agent's results in seq order, its invalid ones set aside for the
+    /// quarantine; or, from a bad peer, the status that closes the stream.
+    fn validate(&self, batch: pb::ResultBatch) -> Result<Batch, Status> {
         let n = batch.results.len() as u64;
-        let mut rows = Vec::with_capacity(batch.results.len());
-        let mut last = 0;
-        for r in batch.results {
-            if r.agent_id != self.agent_id {
-                self.metrics
-                    .ingest_errors
-                    .with_label_values(&["permission"])
-                    .inc();
-                self.metrics
-                    .ingest_results
-                    .with_label_values(&["invalid"])
-                    .inc_by(n);
-                return Err(Status::permission_denied(format!(
-                    "batch holds a result of agent `{}` on the stream of `{}`",
-                    r.agent_id.chars().take(128).collect::<String>(),
-                    self.agent_id
-                )));
+        let refused = |stage: &str, status: Status| {
+            self.metrics.ingest_errors.with_label_values(&[stage]).inc();
+            self.metrics
+                .ingest_results
+                .with_label_values(&["invalid"])
+                .inc_by(n);
+            status
+        };
+        match Batch::from_wire(batch, &self.agent_id, &self.incarnation, SystemTime::now()) {
+            Ok(batch) => {
+                if !batch.rejected.is_empty() {
+                    self.metrics
+                        .ingest_errors
+                        .with_label_values(&["validate"])
+                        .inc_by(batch.rejected.len() as u64);
+                }
+                Ok(batch)
             }
-            let seq = r.seq;
-            let previous = rows.last().map(|p: &ResultRow| &p.labels);
-            let row = ResultRow::from_wire(r, previous).map_err(|e| {
-                self.metrics
-                    .ingest_errors
-                    .with_label_values(&["validate"])
-                    .inc();
-                self.metrics
-                    .ingest_results
-                    .with_label_values(&["invalid"])
-                    .inc_by(n);
-                Status::invalid_argument(format!("result seq {seq}: {e}"))
-            })?;
-            if row.seq <= last {
-                self.metrics
-                    .ingest_errors
-                    .with_label_values(&["validate"])
-                    .inc();
-                return Err(Status::invalid_argument("seqs in a batch must increase"));
+            Err(BatchRefused::Permission(why)) => {
+                Err(refused("permission", Status::permission_denied(why)))
             }
-            last = row.seq;
-            rows.push(row);
+            Err(BatchRefused::Invalid(why)) => {
+                Err(refused("validate", Status::invalid_argument(why)))
+            }
         }
-        Ok(rows)
     }
 
     async fn commit_loop(self: Arc<Self>, mut batches: mpsc::Receiver<Pending>, out: Out) {
+        let mut burst = Burst::default();
         while let Some(first) = batches.recv().await {
             // Batches already queued behind this one go into the same transaction: fewer,
             // larger commits while an agent drains a backlog, and still in seq order.
@@ -343,20 +364,18 @@ impl Session {
                 taken.push(next);
             }
             let n = taken.len() as i64;
-            let rows: Vec<Arc<Vec<ResultRow>>> = taken.iter().map(|p| p.rows.clone()).collect();
-            let last = rows
-                .iter()
-                .rev()
-                .find_map(|b| b.last())
-                .map_or(0, |r| r.seq);
+            let job: Vec<Arc<Batch>> = taken.iter().map(|p| p.batch.clone()).collect();
+            let last = job.last().map_or(0, |b| b.last_seq);
             let mut delay = Duration::from_millis(100);
             loop {
-                match self.store.write(rows.clone()).await {
-                    Ok(_) => {
+                match self.store.write(job.clone()).await {
+                    Ok(written) => {
                         self.metrics.seen(&self.agent_id);
+                        let rejected = rejections(&job, written.refused);
+                        burst.note(&self.agent_id, &rejected);
                         let ack = message(pb::collector_message::Msg::Ack(pb::Ack {
                             seq: last as u64,
-                            ..Default::default()
+                            rejected,
                         }));
                         self.metrics.in_flight_batches.sub(n);
                         drop(taken);
@@ -389,5 +408,102 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// The quarantined results of a committed job for its ack, in seq order: those refused by
+/// validation and those PostgreSQL refused. Reasons are cut to `MAX_ACK_REASON` bytes.
+fn rejections(job: &[Arc<Batch>], refused_by_db: Vec<(i64, String)>) -> Vec<pb::Rejection> {
+    let mut all: Vec<pb::Rejection> = job
+        .iter()
+        .flat_map(|b| b.rejected.iter())
+        .map(|q| (q.seq, q.reason.clone()))
+        .chain(refused_by_db)
+        .map(|(seq, reason)| pb::Rejection {
+            seq: seq as u64,
+            reason: cut(reason, MAX_ACK_REASON),
+        })
+        .collect();
+    all.sort_by_key(|r| r.seq);
+    all
+}
+
+fn cut(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Logs a stream's quarantined results once per `REJECTION_LOG_EVERY`, with the first
+/// seq and reason and how many went unlogged since.
+#[derive(Default)]
+struct Burst {
+    logged: Option<Instant>,
+    unlogged: usize,
+}
+
+impl Burst {
+    fn note(&mut self, agent_id: &str, rejected: &[pb::Rejection]) {
+        let Some(first) = rejected.first() else {
+            return;
+        };
+        if self
+            .logged
+            .is_some_and(|at| at.elapsed() < REJECTION_LOG_EVERY)
+        {
+            self.unlogged += rejected.len();
+            return;
+        }
+        tracing::warn!(
+            agent_id,
+            seq = first.seq,
+            count = rejected.len(),
+            unlogged_before = self.unlogged,
+            "results quarantined in rejected_results, delivery goes on: {}",
+            first.reason
+        );
+        self.logged = Some(Instant::now());
+        self.unlogged = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Rejected;
+
+    #[test]
+    fn acks_name_every_quarantined_result_in_seq_order() {
+        let rejected = |seq, reason: &str| Rejected {
+            seq,
+            reason: reason.into(),
+            sqlstate: None,
+            raw: vec![],
+            raw_format: crate::domain::RawFormat::Protobuf,
+            raw_truncated: false,
+        };
+        let batch = |rejected: Vec<Rejected>, last_seq| {
+            Arc::new(Batch {
+                agent_id: "a1".into(),
+                incarnation: Arc::from(""),
+                rows: vec![],
+                rejected,
+                last_seq,
+            })
+        };
+        let job = vec![
+            batch(vec![rejected(3, "40 labels, at most 32")], 4),
+            batch(vec![rejected(9, &"é".repeat(200))], 10),
+        ];
+        let list = rejections(&job, vec![(6, "SQLSTATE 22P05: no".into())]);
+        let seqs: Vec<u64> = list.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [3, 6, 9]);
+        assert_eq!(list[1].reason, "SQLSTATE 22P05: no");
+        assert_eq!(list[2].reason.len(), MAX_ACK_REASON);
     }
 }

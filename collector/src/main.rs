@@ -17,6 +17,7 @@ mod metrics;
 mod pgcopy;
 mod run;
 mod schema;
+mod sessions;
 mod store;
 mod tls;
 

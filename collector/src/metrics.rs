@@ -16,12 +16,19 @@ use crate::domain::{Kind, Measures, ResultRow};
 
 pub struct Metrics {
     registry: Registry,
-    /// Results by what happened to them at ingest: committed, duplicate, invalid.
+    /// Results by what happened to them at ingest: committed, duplicate, rejected
+    /// (quarantined in rejected_results), invalid (in a batch that closed its stream).
     pub ingest_results: IntCounterVec,
     pub ingest_batches: IntCounter,
     pub ingest_transactions: IntCounter,
     /// Errors by stage: store, validate, permission, protocol.
     pub ingest_errors: IntCounterVec,
+    /// PostgreSQL errors by class: transient (retried), permanent (classes 22 and 23,
+    /// isolated to the rows that cause them).
+    pub store_errors: IntCounterVec,
+    /// Hellos refused because another incarnation of the same agent id was connected.
+    /// No agent label (cardinality); the id is in the log and `agents.identity_conflicts`.
+    pub identity_conflicts: IntCounter,
     pub commit_seconds: Histogram,
     pub rows_per_transaction: Histogram,
     pub in_flight_batches: IntGauge,
@@ -67,13 +74,13 @@ impl Metrics {
         let commit_buckets = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
-        Metrics {
+        let metrics = Metrics {
             ingest_results: reg(
                 &registry,
                 IntCounterVec::new(
                     Opts::new(
                         "edgeprobe_ingest_results_total",
-                        "Results received from agents, by outcome (committed, duplicate, invalid).",
+                        "Results received from agents, by outcome (committed, duplicate, rejected: quarantined in rejected_results, invalid: in a batch that closed its stream).",
                     ),
                     &["outcome"],
                 )
@@ -103,6 +110,25 @@ impl Metrics {
                         "Ingest errors by stage (store, validate, permission, protocol).",
                     ),
                     &["stage"],
+                )
+                .unwrap(),
+            ),
+            store_errors: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_store_errors_total",
+                        "PostgreSQL errors by class: transient (retried with backoff), permanent (SQLSTATE classes 22 and 23, isolated to the offending rows).",
+                    ),
+                    &["class"],
+                )
+                .unwrap(),
+            ),
+            identity_conflicts: reg(
+                &registry,
+                IntCounter::new(
+                    "edgeprobe_agent_identity_conflicts_total",
+                    "Sessions refused because another incarnation of the same agent id was connected (two hosts with one id, e.g. a cloned image).",
                 )
                 .unwrap(),
             ),
@@ -325,12 +351,24 @@ impl Metrics {
                 .unwrap(),
             ),
             registry,
+        };
+        // Series that alerts and rates read exist from the start, at 0.
+        for outcome in ["committed", "duplicate", "rejected", "invalid"] {
+            metrics.ingest_results.with_label_values(&[outcome]);
         }
+        for class in ["transient", "permanent"] {
+            metrics.store_errors.with_label_values(&[class]);
+        }
+        metrics
     }
 
     /// Updates the result aggregates with newly committed rows. Rows are grouped by
     /// (test, kind, site) first so each label lookup happens once per group.
-    pub fn observe_results(&self, rows: &[ResultRow], site_label: &str) {
+    pub fn observe_results<'a>(
+        &self,
+        rows: impl IntoIterator<Item = &'a ResultRow>,
+        site_label: &str,
+    ) {
         let mut groups: HashMap<(&str, Kind, &str), Vec<&ResultRow>> = HashMap::new();
         for r in rows {
             let site = r.labels.get(site_label).unwrap_or("");

@@ -6,8 +6,9 @@
 //! here a batch's shared labels are rendered once (`domain::Labels`).
 //!
 //! Invariants: the column list in `COPY_SQL` and the order of the fields in `row` are the
-//! same (37 columns, checked by a test); values are already validated by `domain.rs`
-//! (no NUL in text, timestamps after 2000), so encoding cannot fail.
+//! same (42 columns, checked by a test); values are already validated by `domain.rs`
+//! (no NUL in text), so encoding cannot fail. Whether PostgreSQL accepts them (the
+//! server's encoding, constraints) is the store's concern, row by row if need be.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,9 +22,11 @@ pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, sta
     download_loaded_latency_seconds, upload_loaded_latency_seconds, bytes_downloaded, bytes_uploaded, \
     sent, received, loss_ratio, rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, \
     connect_seconds, tls_seconds, status_code, dns_seconds, ttfb_seconds, transfer_seconds, body_bytes, \
-    tls_cert_expiry_seconds, resolve_seconds, answers, rcode) FROM STDIN (FORMAT binary)";
+    tls_cert_expiry_seconds, resolve_seconds, answers, rcode, \
+    incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at) \
+    FROM STDIN (FORMAT binary)";
 
-const COLUMNS: i16 = 37;
+const COLUMNS: i16 = 42;
 /// Bytes handed to the connection at a time.
 const CHUNK: usize = 256 * 1024;
 /// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
@@ -53,11 +56,9 @@ impl Encoder {
         text(b, Some(&r.test));
         text(b, Some(r.kind.name()));
         text(b, Some(&r.target));
-        b.put_i32(8);
-        b.put_i64(pg_micros(r.started_at));
+        timestamptz(b, Some(r.started_at));
         float8(b, Some(r.duration_seconds));
-        b.put_i32(1);
-        b.put_u8(r.success as u8);
+        boolean(b, r.success);
         text(b, r.error_class.as_deref());
         text(b, r.error_message.as_deref());
         let json = r.labels.json();
@@ -94,6 +95,12 @@ impl Encoder {
         float8(b, m.resolve_seconds);
         int4(b, m.answers);
         text(b, m.rcode.as_deref());
+        // time model, truncation
+        text(b, Some(&r.incarnation));
+        boolean(b, r.clock_unsynced);
+        boolean(b, r.clock_corrected);
+        boolean(b, r.error_truncated);
+        timestamptz(b, r.reported_started_at);
         (b.len() >= CHUNK).then(|| b.split().freeze())
     }
 
@@ -111,6 +118,21 @@ fn text(b: &mut BytesMut, v: Option<&str>) {
         Some(s) => {
             b.put_i32(s.len() as i32);
             b.put_slice(s.as_bytes());
+        }
+        None => b.put_i32(NULL),
+    }
+}
+
+fn boolean(b: &mut BytesMut, v: bool) {
+    b.put_i32(1);
+    b.put_u8(v as u8);
+}
+
+fn timestamptz(b: &mut BytesMut, v: Option<SystemTime>) {
+    match v {
+        Some(t) => {
+            b.put_i32(8);
+            b.put_i64(pg_micros(t));
         }
         None => b.put_i32(NULL),
     }
@@ -164,11 +186,13 @@ mod tests {
     fn row() -> ResultRow {
         ResultRow {
             agent_id: "a1".into(),
+            incarnation: Arc::from("c0ffee"),
             seq: 7,
             test: "web".into(),
             kind: Kind::Http,
             target: "http://x/".into(),
             started_at: UNIX_EPOCH + Duration::from_micros(1_790_000_000_123_456),
+            reported_started_at: Some(UNIX_EPOCH),
             duration_seconds: 0.25,
             success: true,
             error_class: None,
@@ -178,6 +202,9 @@ mod tests {
                 status_code: Some(200),
                 ..Default::default()
             },
+            clock_unsynced: true,
+            clock_corrected: false,
+            error_truncated: true,
         }
     }
 
@@ -198,7 +225,7 @@ mod tests {
         let out = e.finish();
         assert_eq!(&out[..11], b"PGCOPY\n\xff\r\n\0");
         let body = &out[19..];
-        assert_eq!(&body[..2], &37i16.to_be_bytes());
+        assert_eq!(&body[..2], &42i16.to_be_bytes());
         // agent_id: length 2, "a1"; seq: length 8, 7.
         assert_eq!(&body[2..8], b"\0\0\0\x02a1");
         assert_eq!(&body[8..20], b"\0\0\0\x08\0\0\0\0\0\0\0\x07");
@@ -224,12 +251,28 @@ mod tests {
         let i16_at = |at: usize| i16::from_be_bytes([out[at], out[at + 1]]);
         assert_eq!(i16_at(at), COLUMNS);
         at += 2;
+        let mut columns: Vec<Option<&[u8]>> = Vec::new();
         for _ in 0..COLUMNS {
             let len = i32::from_be_bytes(out[at..at + 4].try_into().unwrap());
-            at += 4 + len.max(0) as usize;
+            at += 4;
+            columns.push((len >= 0).then(|| &out[at..at + len as usize]));
+            at += len.max(0) as usize;
         }
         assert_eq!(i16_at(at), -1, "the trailer follows the last column");
         assert_eq!(at + 2, out.len());
+        // The columns added by schema 3, last in the list and in the row.
+        let epoch_micros = -(PG_EPOCH_UNIX_SECONDS as i64) * 1_000_000;
+        let tail: [Option<&[u8]>; 5] = [
+            Some(b"c0ffee"),
+            Some(&[1]),
+            Some(&[0]),
+            Some(&[1]),
+            Some(&epoch_micros.to_be_bytes()),
+        ];
+        assert_eq!(columns[COLUMNS as usize - 5..], tail);
+        assert!(COPY_SQL.contains(
+            "rcode, incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at)"
+        ));
     }
 
     #[test]

@@ -134,9 +134,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )),
         hello_timeout,
         require_identity: tls.is_some(),
+        sessions: Default::default(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(1 << 20);
+    // An ack may name up to 10,000 quarantined results with their reasons.
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     let builder = Server::builder()
         .tcp_nodelay(true)
@@ -187,12 +189,30 @@ async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result
     schema::migrate(&mut client)
         .await
         .context("migration failed")?;
+    warn_unless_utf8(&client).await;
     // A least-privilege runtime role may not own `results`; then `migrate --retention`
     // run by the owner keeps the partitions, and the default partition catches the rest.
     if let Err(e) = schema::maintain_partitions(&client, Some(retention)).await {
-        tracing::warn!("cannot maintain partitions (run `edgeprobe-collector migrate --retention` as the owner): {e}");
+        tracing::warn!("cannot maintain partitions (run `edgeprobe-collector migrate --retention` as the owner): {}", store::describe(&e));
     }
     Ok(())
+}
+
+/// Agents send UTF-8; a database in another encoding refuses what it cannot hold (those
+/// results are quarantined with SQLSTATE 22P05), which an operator should know up front.
+async fn warn_unless_utf8(client: &tokio_postgres::Client) {
+    match client.query_one("SHOW server_encoding", &[]).await {
+        Ok(row) => {
+            let encoding: String = row.get(0);
+            if encoding != "UTF8" {
+                tracing::warn!(
+                    %encoding,
+                    "the database is not UTF8: results with characters it cannot hold (labels, names, messages) are quarantined in rejected_results; create the database with ENCODING 'UTF8'"
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot read server_encoding: {}", store::describe(&e)),
+    }
 }
 
 async fn keep_partitions(url: String, retention: Duration, shutdown: CancellationToken) {
@@ -209,7 +229,7 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!("partition maintenance failed: {e}");
+            tracing::warn!("partition maintenance failed: {}", store::describe(&e));
         }
     }
 }

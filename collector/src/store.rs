@@ -2,29 +2,46 @@
 //! one bounded job queue shared by all agent streams.
 //!
 //! Invariants:
-//! - Exactly-once: a writer transaction locks the rows of the agents it writes
-//!   (`SELECT … FOR UPDATE`, in agent-id order so writers never deadlock), keeps only
-//!   results with seq above the agent's `committed_seq`, COPYs them, raises
-//!   `committed_seq` and commits. A result delivered twice, to this or another collector,
-//!   lands once. Each stream has at most one batch in the store at a time, so a batch is
-//!   never committed before the batch that precedes it.
+//! - Exactly-once per (agent, incarnation): a writer transaction locks the incarnations it
+//!   writes (`agent_incarnations … FOR UPDATE`, ordered by (agent_id, incarnation) so
+//!   writers never deadlock on them), keeps only results with seq above the
+//!   incarnation's `committed_seq`, COPYs them, quarantines the refused results of the
+//!   same batches in `rejected_results`, raises `committed_seq` over both and commits. A
+//!   result delivered twice, to this or another collector, lands once. A missing
+//!   watermark row (an operator deleted it) is recreated at 0; the redelivered rows it
+//!   lets through are found by the primary key and counted as duplicates, never an error.
+//!   Each stream has at most one batch in the store at a time, so a batch is never
+//!   committed before the batch that precedes it.
+//! - `agents` keeps one row per agent: `committed_seq` is that of its latest incarnation,
+//!   `rejected` counts its quarantined results.
 //! - A job's reply is sent only after its transaction committed; the ack follows it.
+//! - Every PostgreSQL error is logged with its SQLSTATE and message, and counted by class.
+//!   Transient ones (no SQLSTATE: the connection; and every class but 22 and 23) fail
+//!   the jobs, which their streams retry with backoff. Permanent ones (class 22 data
+//!   exception, 23 integrity constraint) are never retried as they are: the group is
+//!   rolled back and each job written alone; a job that still fails is written again in
+//!   one transaction, its rows COPYed range by range under savepoints and the failing
+//!   ranges halved down to the offending rows, which go to `rejected_results` with their
+//!   SQLSTATE while everything else commits. A hello whose labels PostgreSQL refuses is
+//!   stored without them, so the agent still gets its welcome.
 //! - Backpressure: the queue is bounded; when Postgres is slow or down, writers stop
 //!   taking jobs, streams stop reading, agents keep buffering on disk.
 //! - Writers group jobs from many streams into one transaction (up to `MAX_ROWS` rows).
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{pin_mut, SinkExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Transaction};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{AgentHello, BufferState, ResultRow};
+use crate::domain::{AgentHello, Batch, BufferState, Rejected, ResultRow};
 use crate::metrics::Metrics;
 use crate::pgcopy;
 
@@ -43,23 +60,86 @@ pub enum StoreError {
     Closed,
 }
 
-/// What a committed write did.
+impl StoreError {
+    fn of(e: &tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres(describe(e))
+    }
+}
+
+/// What a database error means for the data that caused it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Worth retrying as it is: the connection, serialization, deadlock, locks, shutdown,
+    /// resources, and the schema (an operator fixes it; the data waits).
+    Transient,
+    /// SQLSTATE class 22 (data exception) or 23 (integrity constraint): the same data
+    /// fails the same way every time.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
+    match e.code().map(SqlState::code) {
+        Some(code) if code.starts_with("22") || code.starts_with("23") => ErrorClass::Permanent,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// The error with its SQLSTATE, message, detail and where, or the chain of causes of a
+/// connection error. `tokio_postgres::Error` alone displays as the bare "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!("SQLSTATE {}: {}", db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        match (db.table(), db.column()) {
+            (Some(t), Some(c)) => text.push_str(&format!(" [{t}.{c}]")),
+            (Some(t), None) => text.push_str(&format!(" [{t}]")),
+            _ => {}
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// What a committed write did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Written {
-    /// The agent's committed seq after the transaction.
+    /// The incarnation's committed seq after the transaction.
     pub committed_seq: i64,
     pub inserted: u64,
     pub duplicates: u64,
+    /// Results put in the quarantine: refused by validation, or by PostgreSQL.
+    pub quarantined: u64,
+    /// The results PostgreSQL refused, (seq, reason): the ack names them too.
+    pub refused: Vec<(i64, String)>,
 }
 
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
 enum Job {
-    Hello(AgentHello, oneshot::Sender<Result<i64, StoreError>>),
+    Hello(AgentHello, Reply<i64>),
     /// Consecutive batches of one agent, in seq order, written in one transaction.
-    Write(
-        Vec<Arc<Vec<ResultRow>>>,
-        oneshot::Sender<Result<Written, StoreError>>,
-    ),
+    Write(Vec<Arc<Batch>>, Reply<Written>),
     Heartbeat(String, BufferState),
+    /// A session refused because another incarnation of the agent was connected.
+    Conflict(String),
 }
 
 /// Handle used by the ingest streams; cheap to clone.
@@ -101,7 +181,8 @@ impl Store {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Registers (or updates) an agent; returns its committed seq.
+    /// Registers (or updates) an agent and its incarnation; returns the committed seq of
+    /// that incarnation.
     pub async fn hello(&self, hello: AgentHello) -> Result<i64, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
@@ -111,11 +192,12 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Writes consecutive batches of one agent (in seq order); returns after commit.
-    pub async fn write(&self, rows: Vec<Arc<Vec<ResultRow>>>) -> Result<Written, StoreError> {
+    /// Writes consecutive batches of one agent (in seq order): their valid results, and
+    /// their refused ones to the quarantine; returns after commit.
+    pub async fn write(&self, batches: Vec<Arc<Batch>>) -> Result<Written, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Job::Write(rows, tx))
+            .send(Job::Write(batches, tx))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -125,6 +207,11 @@ impl Store {
     pub fn heartbeat(&self, agent_id: String, state: BufferState) {
         let _ = self.jobs.try_send(Job::Heartbeat(agent_id, state));
     }
+
+    /// Counts an identity conflict on the agent's row; best effort, like a heartbeat.
+    pub fn identity_conflict(&self, agent_id: String) {
+        let _ = self.jobs.try_send(Job::Conflict(agent_id));
+    }
 }
 
 /// Connects with the URL; the connection task runs until the client is dropped.
@@ -132,7 +219,7 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!("postgres connection ended: {e}");
+            tracing::debug!("postgres connection ended: {}", describe(&e));
         }
     });
     Ok(client)
@@ -208,7 +295,8 @@ impl Writer {
                     tracing::warn!(
                         writer = self.id,
                         retry_in_ms = delay.as_millis() as u64,
-                        "cannot connect to postgres: {e}"
+                        "cannot connect to postgres: {}",
+                        describe(&e)
                     );
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -223,16 +311,10 @@ impl Writer {
                 }) else {
                     return;
                 };
-                if let Err(e) = self.process(&mut client, group).await {
-                    self.metrics
-                        .ingest_errors
-                        .with_label_values(&["store"])
-                        .inc();
-                    tracing::warn!(writer = self.id, "write failed: {e}");
-                    if client.is_closed() {
-                        self.ready.store(false, Ordering::Relaxed);
-                        break;
-                    }
+                self.process(&mut client, group).await;
+                if client.is_closed() {
+                    self.ready.store(false, Ordering::Relaxed);
+                    break;
                 }
             }
         }
@@ -256,12 +338,34 @@ impl Writer {
         Some(group)
     }
 
-    /// Runs one group; every job gets its reply. Returns the first error for logging.
-    async fn process(&self, client: &mut Client, group: Vec<Job>) -> Result<(), StoreError> {
+    /// Logs and counts a database error; returns its class.
+    fn note(&self, e: &tokio_postgres::Error, what: &str) -> ErrorClass {
+        let class = classify(e);
+        self.metrics
+            .store_errors
+            .with_label_values(&[class.name()])
+            .inc();
+        self.metrics
+            .ingest_errors
+            .with_label_values(&["store"])
+            .inc();
+        let sqlstate = e.code().map_or("", SqlState::code);
+        tracing::warn!(
+            writer = self.id,
+            sqlstate,
+            class = class.name(),
+            "{what} failed: {}",
+            describe(e)
+        );
+        class
+    }
+
+    /// Runs one group; every job gets its reply.
+    async fn process(&self, client: &mut Client, group: Vec<Job>) {
         let mut writes = Vec::new();
         let mut hellos = Vec::new();
         let mut heartbeats = HashMap::new();
-        let mut first_error = None;
+        let mut conflicts: HashMap<String, i64> = HashMap::new();
         for job in group {
             match job {
                 Job::Hello(hello, reply) => hellos.push((hello, reply)),
@@ -269,94 +373,210 @@ impl Writer {
                 Job::Heartbeat(agent, state) => {
                     heartbeats.insert(agent, state);
                 }
-                Job::Write(rows, reply) => writes.push((rows, reply)),
+                Job::Conflict(agent) => *conflicts.entry(agent).or_default() += 1,
+                Job::Write(batches, reply) => writes.push((batches, reply)),
             }
         }
         // One statement for all the hellos and one for all the heartbeats of the group:
         // a fleet reconnecting at once costs a few round trips, not one per agent.
         if !hellos.is_empty() {
-            let agents: Vec<&AgentHello> = hellos.iter().map(|(h, _)| h).collect();
-            match hello_agents(client, &agents).await {
-                Ok(committed) => {
-                    for (hello, reply) in hellos {
-                        let seq = committed.get(&hello.agent_id).copied();
-                        let _ = reply.send(seq.ok_or(StoreError::Closed));
-                    }
-                }
-                Err(e) => {
-                    first_error.get_or_insert_with(|| e.to_string());
-                    for (_, reply) in hellos {
-                        let _ = reply.send(Err(StoreError::Postgres(e.to_string())));
-                    }
-                }
-            }
+            self.hellos(client, hellos).await;
         }
         if !heartbeats.is_empty() {
             if let Err(e) = heartbeat_agents(client, &heartbeats).await {
-                first_error.get_or_insert_with(|| e.to_string());
+                self.note(&e, "heartbeat bookkeeping");
+            }
+        }
+        if !conflicts.is_empty() {
+            if let Err(e) = count_conflicts(client, &conflicts).await {
+                self.note(&e, "identity conflict bookkeeping");
             }
         }
         if !writes.is_empty() {
-            let start = Instant::now();
-            let batches: Vec<&[ResultRow]> = writes
-                .iter()
-                .flat_map(|(job, _)| job.iter().map(|b| b.as_slice()))
-                .collect();
-            match write_group(client, &batches).await {
-                Ok(outcomes) => {
-                    self.metrics
-                        .commit_seconds
-                        .observe(start.elapsed().as_secs_f64());
-                    self.metrics.ingest_transactions.inc();
-                    let mut rows = 0;
-                    let mut outcomes = outcomes.into_iter();
-                    for (job, reply) in writes {
-                        let mut total: Option<Written> = None;
-                        for (batch, written) in job.iter().zip(outcomes.by_ref()) {
-                            rows += written.inserted;
-                            self.count(batch, &written);
-                            total = Some(match total {
-                                None => written,
-                                Some(t) => Written {
-                                    committed_seq: written.committed_seq,
-                                    inserted: t.inserted + written.inserted,
-                                    duplicates: t.duplicates + written.duplicates,
-                                },
-                            });
-                        }
-                        let _ = reply.send(total.ok_or(StoreError::Closed));
-                    }
-                    self.metrics.rows_per_transaction.observe(rows as f64);
-                }
-                Err(e) => {
-                    let e = StoreError::from(e);
-                    for (_, reply) in writes {
-                        let _ = reply.send(Err(StoreError::Postgres(e.to_string())));
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => {
-                tracing::warn!(writer = self.id, "agent bookkeeping failed: {e}");
-                Ok(())
-            }
-            None => Ok(()),
+            self.writes(client, writes).await;
         }
     }
 
-    fn count(&self, batch: &[ResultRow], written: &Written) {
+    async fn hellos(&self, client: &Client, hellos: Vec<(AgentHello, Reply<i64>)>) {
+        let all: Vec<&AgentHello> = hellos.iter().map(|(h, _)| h).collect();
+        let e = match hello_agents(client, &all, true).await {
+            Ok(committed) => {
+                for (hello, reply) in hellos {
+                    let _ = reply.send(committed_of(&committed, &hello));
+                }
+                return;
+            }
+            Err(e) => e,
+        };
+        let alone = hellos.len() == 1;
+        if self.note(&e, "agent bookkeeping (hello)") == ErrorClass::Transient || client.is_closed()
+        {
+            for (_, reply) in hellos {
+                let _ = reply.send(Err(StoreError::of(&e)));
+            }
+            return;
+        }
+        // Permanent: one hello's data. Each alone, then without the labels that fail.
+        for (hello, reply) in hellos {
+            let _ = reply.send(self.hello_alone(client, &hello, alone).await);
+        }
+    }
+
+    async fn hello_alone(
+        &self,
+        client: &Client,
+        hello: &AgentHello,
+        tried_alone: bool,
+    ) -> Result<i64, StoreError> {
+        if !tried_alone {
+            match hello_agents(client, &[hello], true).await {
+                Ok(committed) => return committed_of(&committed, hello),
+                Err(e) => {
+                    if self.note(&e, "agent bookkeeping (hello)") == ErrorClass::Transient {
+                        return Err(StoreError::of(&e));
+                    }
+                }
+            }
+        }
+        tracing::warn!(
+            writer = self.id,
+            agent_id = %hello.agent_id,
+            "the agent's labels cannot be stored; registering it without labels (its results carry them and land or are quarantined with the reason)"
+        );
+        match hello_agents(client, &[hello], false).await {
+            Ok(committed) => committed_of(&committed, hello),
+            Err(e) => {
+                self.note(&e, "agent bookkeeping (hello without labels)");
+                Err(StoreError::of(&e))
+            }
+        }
+    }
+
+    async fn writes(&self, client: &mut Client, writes: Vec<(Vec<Arc<Batch>>, Reply<Written>)>) {
+        let start = Instant::now();
+        let all: Vec<&Batch> = writes
+            .iter()
+            .flat_map(|(job, _)| job.iter().map(|b| &**b))
+            .collect();
+        let e = match write_group(client, &all, false).await {
+            Ok(outcomes) => {
+                self.committed(start, writes, outcomes);
+                return;
+            }
+            Err(e) => e,
+        };
+        let alone = writes.len() == 1;
+        if self.note(&e, "write") == ErrorClass::Transient || client.is_closed() {
+            for (_, reply) in writes {
+                let _ = reply.send(Err(StoreError::of(&e)));
+            }
+            return;
+        }
+        // Permanent: some rows of some job. The others must not wait for it.
+        for (job, reply) in writes {
+            let start = Instant::now();
+            let batches: Vec<&Batch> = job.iter().map(|b| &**b).collect();
+            match self.write_alone(client, &batches, alone).await {
+                Ok(outcomes) => self.committed(start, vec![(job, reply)], outcomes),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+
+    /// One job in its own transaction; on a permanent error, again with the offending
+    /// rows isolated.
+    async fn write_alone(
+        &self,
+        client: &mut Client,
+        batches: &[&Batch],
+        tried_alone: bool,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        if !tried_alone {
+            match write_group(client, batches, false).await {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(e) => {
+                    if self.note(&e, "write") == ErrorClass::Transient || client.is_closed() {
+                        return Err(StoreError::of(&e));
+                    }
+                }
+            }
+        }
+        let outcomes = match write_group(client, batches, true).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.note(&e, "write with the offending rows isolated");
+                return Err(StoreError::of(&e));
+            }
+        };
+        let refused: usize = outcomes.iter().map(|o| o.refused.len()).sum();
+        if refused > 0 {
+            self.metrics
+                .store_errors
+                .with_label_values(&[ErrorClass::Permanent.name()])
+                .inc_by(refused as u64);
+            let (seq, reason) = outcomes
+                .iter()
+                .find_map(|o| o.refused.first())
+                .expect("refused > 0");
+            tracing::warn!(
+                writer = self.id,
+                agent_id = %batches[0].agent_id,
+                refused,
+                first_seq = seq,
+                "postgres refused results; quarantined in rejected_results, the rest committed: {reason}"
+            );
+        }
+        Ok(outcomes)
+    }
+
+    /// Replies to the jobs of a committed transaction and counts what it did.
+    fn committed(
+        &self,
+        start: Instant,
+        writes: Vec<(Vec<Arc<Batch>>, Reply<Written>)>,
+        outcomes: Vec<Outcome>,
+    ) {
+        self.metrics
+            .commit_seconds
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics.ingest_transactions.inc();
+        let mut rows = 0;
+        let mut outcomes = outcomes.into_iter();
+        for (job, reply) in writes {
+            let mut total = Written::default();
+            for (batch, outcome) in job.iter().zip(outcomes.by_ref()) {
+                rows += outcome.inserted;
+                self.count(batch, &outcome);
+                total.committed_seq = outcome.committed_seq;
+                total.inserted += outcome.inserted;
+                total.duplicates += outcome.duplicates;
+                total.quarantined += outcome.quarantined;
+                total.refused.extend(outcome.refused);
+            }
+            let _ = reply.send(Ok(total));
+        }
+        self.metrics.rows_per_transaction.observe(rows as f64);
+    }
+
+    fn count(&self, batch: &Batch, outcome: &Outcome) {
         let m = &self.metrics;
         m.ingest_results
             .with_label_values(&["committed"])
-            .inc_by(written.inserted);
+            .inc_by(outcome.inserted);
         m.ingest_results
             .with_label_values(&["duplicate"])
-            .inc_by(written.duplicates);
+            .inc_by(outcome.duplicates);
+        m.ingest_results
+            .with_label_values(&["rejected"])
+            .inc_by(outcome.quarantined);
         m.ingest_batches.inc();
-        // Aggregates over what was new in this batch (the tail above the old watermark).
-        let new = &batch[batch.len() - written.inserted as usize..];
+        // Aggregates over what is new in this batch: the rows above the old watermark,
+        // less the ones PostgreSQL refused or already held.
+        let new = batch.rows[outcome.fresh_from..]
+            .iter()
+            .filter(|r| !outcome.skipped.contains(&r.seq));
         m.observe_results(new, &self.site_label);
     }
 }
@@ -368,36 +588,69 @@ fn job_rows(job: &Job) -> usize {
     }
 }
 
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Postgres(e.to_string())
-    }
+fn committed_of(
+    committed: &HashMap<(String, String), i64>,
+    hello: &AgentHello,
+) -> Result<i64, StoreError> {
+    committed
+        .get(&(hello.agent_id.clone(), hello.incarnation.clone()))
+        .copied()
+        // Another incarnation of the agent said hello in the same group and won.
+        .ok_or_else(|| StoreError::Postgres("superseded by another hello of the agent".into()))
 }
 
-/// Registers or updates agents; returns each one's committed seq.
+/// Registers or updates agents and their incarnations; returns each incarnation's
+/// committed seq. `with_labels: false` stores '{}' for the labels.
 async fn hello_agents(
     client: &Client,
     hellos: &[&AgentHello],
-) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+    with_labels: bool,
+) -> Result<HashMap<(String, String), i64>, tokio_postgres::Error> {
     // One row per agent: a statement cannot upsert the same row twice.
     let mut latest: BTreeMap<&str, &AgentHello> = BTreeMap::new();
     for h in hellos {
         latest.insert(&h.agent_id, h);
     }
     let ids: Vec<&str> = latest.keys().copied().collect();
-    let labels: Vec<serde_json::Value> = latest.values().map(|h| labels_json(&h.labels)).collect();
+    let incarnations: Vec<&str> = latest.values().map(|h| h.incarnation.as_str()).collect();
+    let labels: Vec<serde_json::Value> = latest
+        .values()
+        .map(|h| match with_labels {
+            true => labels_json(&h.labels),
+            false => serde_json::Value::Object(Default::default()),
+        })
+        .collect();
     let versions: Vec<&str> = latest.values().map(|h| h.version.as_str()).collect();
+    // The incarnation first (its row lock orders this statement after a writer holding
+    // it, so the committed seq read is the committed one), then the agent's row, which
+    // follows its latest incarnation.
     let rows = client
         .query(
-            "INSERT INTO agents (agent_id, labels, version)
-             SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[])
-             ON CONFLICT (agent_id) DO UPDATE
-                SET labels = EXCLUDED.labels, version = EXCLUDED.version, last_seen = now()
-             RETURNING agent_id, committed_seq",
-            &[&ids, &labels, &versions],
+            "WITH v AS (
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[])
+                     AS v(agent_id, incarnation, labels, version)
+             ), inc AS (
+                 INSERT INTO agent_incarnations (agent_id, incarnation)
+                 SELECT agent_id, incarnation FROM v ORDER BY agent_id
+                 ON CONFLICT (agent_id, incarnation) DO UPDATE SET last_seen = now()
+                 RETURNING agent_id, incarnation, committed_seq
+             ), agent AS (
+                 INSERT INTO agents (agent_id, labels, version, incarnation, committed_seq)
+                 SELECT v.agent_id, v.labels, v.version, v.incarnation, inc.committed_seq
+                   FROM v JOIN inc USING (agent_id, incarnation)
+                 ON CONFLICT (agent_id) DO UPDATE
+                    SET labels = EXCLUDED.labels, version = EXCLUDED.version,
+                        incarnation = EXCLUDED.incarnation,
+                        committed_seq = EXCLUDED.committed_seq, last_seen = now()
+             )
+             SELECT agent_id, incarnation, committed_seq FROM inc",
+            &[&ids, &incarnations, &labels, &versions],
         )
         .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect())
 }
 
 async fn heartbeat_agents(
@@ -407,7 +660,7 @@ async fn heartbeat_agents(
     let ids: Vec<&str> = beats.keys().map(String::as_str).collect();
     let backlog: Vec<i64> = beats.values().map(|s| s.backlog).collect();
     let dropped: Vec<i64> = beats.values().map(|s| s.dropped).collect();
-    let oldest: Vec<Option<std::time::SystemTime>> = beats.values().map(|s| s.oldest).collect();
+    let oldest: Vec<Option<SystemTime>> = beats.values().map(|s| s.oldest).collect();
     client
         .execute(
             "UPDATE agents SET backlog = v.backlog, dropped = v.dropped,
@@ -416,6 +669,23 @@ async fn heartbeat_agents(
                     AS v(agent_id, backlog, dropped, oldest)
               WHERE agents.agent_id = v.agent_id",
             &[&ids, &backlog, &dropped, &oldest],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn count_conflicts(
+    client: &Client,
+    conflicts: &HashMap<String, i64>,
+) -> Result<(), tokio_postgres::Error> {
+    let (ids, counts): (Vec<&str>, Vec<i64>) =
+        conflicts.iter().map(|(a, n)| (a.as_str(), *n)).unzip();
+    client
+        .execute(
+            "UPDATE agents SET identity_conflicts = identity_conflicts + v.n
+               FROM unnest($1::text[], $2::int8[]) AS v(agent_id, n)
+              WHERE agents.agent_id = v.agent_id",
+            &[&ids, &counts],
         )
         .await?;
     Ok(())
@@ -430,92 +700,443 @@ fn labels_json(labels: &BTreeMap<String, String>) -> serde_json::Value {
     )
 }
 
-/// One transaction for several batches (of one or more agents). Returns one `Written`
-/// per batch, in order.
+/// What one batch of a committed transaction did.
+#[derive(Debug, Default)]
+struct Outcome {
+    committed_seq: i64,
+    /// Index of the first row of the batch above the old watermark.
+    fresh_from: usize,
+    inserted: u64,
+    duplicates: u64,
+    quarantined: u64,
+    refused: Vec<(i64, String)>,
+    /// Seqs above the old watermark that were not inserted (refused or already stored).
+    skipped: HashSet<i64>,
+}
+
+type Key = (String, String);
+
+fn key(b: &Batch) -> Key {
+    (b.agent_id.clone(), b.incarnation.to_string())
+}
+
+/// One transaction for several batches (of one or more agents). Returns one `Outcome`
+/// per batch, in order. With `isolate`, rows PostgreSQL refuses are found and quarantined
+/// instead of failing the transaction (slower: savepoints and one COPY per row range).
 async fn write_group(
     client: &mut Client,
-    batches: &[&[ResultRow]],
-) -> Result<Vec<Written>, tokio_postgres::Error> {
-    let mut ids: Vec<&str> = batches
-        .iter()
-        .flat_map(|b| b.first().map(|r| r.agent_id.as_str()))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
+    batches: &[&Batch],
+    isolate: bool,
+) -> Result<Vec<Outcome>, tokio_postgres::Error> {
+    let mut keys: Vec<Key> = batches.iter().map(|b| key(b)).collect();
+    keys.sort_unstable();
+    keys.dedup();
 
     let tx = client.transaction().await?;
-    let mut committed: HashMap<String, i64> = lock_agents(&tx, &ids).await?;
-    if committed.len() < ids.len() {
-        // Agent rows removed by an operator since hello: recreate them.
-        tx.execute(
-            "INSERT INTO agents (agent_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
-            &[&ids],
-        )
-        .await?;
-        committed = lock_agents(&tx, &ids).await?;
+    let mut committed = lock_incarnations(&tx, &keys).await?;
+    if committed.len() < keys.len() {
+        // Watermark rows removed by an operator since hello: recreate them at 0.
+        recreate_incarnations(&tx, &keys).await?;
+        committed = lock_incarnations(&tx, &keys).await?;
     }
+    let before = committed.clone();
 
     let mut outcomes = Vec::with_capacity(batches.len());
-    let mut fresh: Vec<&ResultRow> = Vec::new();
-    for batch in batches {
-        let mut inserted = 0u64;
-        let mut mark = 0i64;
-        if let Some(first) = batch.first() {
-            let watermark = committed.get_mut(&first.agent_id).expect("locked above");
-            for row in batch.iter() {
-                if row.seq > *watermark {
-                    *watermark = row.seq;
-                    fresh.push(row);
-                    inserted += 1;
-                }
-            }
-            mark = *watermark;
-        }
-        outcomes.push(Written {
-            committed_seq: mark,
-            inserted,
-            duplicates: batch.len() as u64 - inserted,
+    let mut fresh: Vec<(usize, &ResultRow)> = Vec::new();
+    // (index of the batch, result) to quarantine.
+    let mut quarantine: Vec<(usize, Cow<Rejected>)> = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        let watermark = committed.get_mut(&key(b)).expect("locked above");
+        let fresh_from = b.rows.partition_point(|r| r.seq <= *watermark);
+        fresh.extend(b.rows[fresh_from..].iter().map(|r| (i, r)));
+        let before_quarantine = quarantine.len();
+        quarantine.extend(
+            b.rejected
+                .iter()
+                .filter(|q| q.seq > *watermark)
+                .map(|q| (i, Cow::Borrowed(q))),
+        );
+        let quarantined = quarantine.len() - before_quarantine;
+        *watermark = (*watermark).max(b.last_seq);
+        outcomes.push(Outcome {
+            committed_seq: *watermark,
+            fresh_from,
+            inserted: (b.rows.len() - fresh_from) as u64,
+            duplicates: (fresh_from + b.rejected.len() - quarantined) as u64,
+            quarantined: quarantined as u64,
+            ..Default::default()
         });
     }
 
-    if !fresh.is_empty() {
-        let sink = tx.copy_in::<_, Bytes>(pgcopy::COPY_SQL).await?;
-        pin_mut!(sink);
-        let mut encoder = pgcopy::Encoder::new();
-        for r in &fresh {
-            if let Some(chunk) = encoder.row(r) {
-                sink.send(chunk).await?;
-            }
+    if isolate {
+        let rows: Vec<&ResultRow> = fresh.iter().map(|(_, r)| *r).collect();
+        let stored = stored_rows(&tx, &rows).await?;
+        let candidates: Vec<usize> = (0..rows.len()).filter(|i| !stored.contains(i)).collect();
+        let refused = copy_isolating(&tx, &rows, &candidates).await?;
+        for i in stored {
+            let (b, r) = fresh[i];
+            let o = &mut outcomes[b];
+            o.inserted -= 1;
+            o.duplicates += 1;
+            o.skipped.insert(r.seq);
         }
-        sink.send(encoder.finish()).await?;
-        sink.finish().await?;
+        for (i, sqlstate, message) in refused {
+            let (b, r) = fresh[i];
+            let o = &mut outcomes[b];
+            o.inserted -= 1;
+            o.skipped.insert(r.seq);
+            if sqlstate == SqlState::UNIQUE_VIOLATION.code() {
+                o.duplicates += 1;
+                continue;
+            }
+            let q = Rejected::of_row(r, &sqlstate, &message);
+            o.quarantined += 1;
+            o.refused.push((r.seq, q.reason.clone()));
+            quarantine.push((b, Cow::Owned(q)));
+        }
+        let inserted = quarantine_guarded(&tx, batches, &quarantine).await?;
+        already_quarantined(&mut outcomes, &quarantine, &inserted);
+    } else {
+        if !quarantine.is_empty() {
+            let inserted = insert_quarantine(&tx, batches, &quarantine, false).await?;
+            already_quarantined(&mut outcomes, &quarantine, &inserted);
+        }
+        if !fresh.is_empty() {
+            copy_rows(&tx, fresh.iter().map(|(_, r)| *r)).await?;
+        }
+    }
 
-        let (agent_ids, seqs): (Vec<&str>, Vec<i64>) =
-            committed.iter().map(|(a, s)| (a.as_str(), *s)).unzip();
-        tx.execute(
-            "UPDATE agents SET committed_seq = v.seq, last_seen = now()
-               FROM unnest($1::text[], $2::int8[]) AS v(agent_id, seq)
-              WHERE agents.agent_id = v.agent_id AND agents.committed_seq < v.seq",
-            &[&agent_ids, &seqs],
-        )
-        .await?;
+    let mut quarantined: HashMap<Key, i64> = HashMap::new();
+    for (b, o) in batches.iter().zip(&outcomes) {
+        *quarantined.entry(key(b)).or_default() += o.quarantined as i64;
+    }
+    let moved: Vec<(&Key, i64, i64)> = committed
+        .iter()
+        .map(|(k, seq)| (k, *seq, quarantined.get(k).copied().unwrap_or(0)))
+        .filter(|(k, seq, q)| *q > 0 || before.get(*k).is_some_and(|b| b < seq))
+        .collect();
+    if !moved.is_empty() {
+        raise_watermarks(&tx, &moved).await?;
     }
     tx.commit().await?;
     Ok(outcomes)
 }
 
-async fn lock_agents(
-    tx: &tokio_postgres::Transaction<'_>,
-    ids: &[&str],
-) -> Result<HashMap<String, i64>, tokio_postgres::Error> {
+async fn lock_incarnations(
+    tx: &Transaction<'_>,
+    keys: &[Key],
+) -> Result<HashMap<Key, i64>, tokio_postgres::Error> {
+    let (ids, incarnations): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(a, i)| (a.as_str(), i.as_str())).unzip();
     Ok(tx
         .query(
-            "SELECT agent_id, committed_seq FROM agents WHERE agent_id = ANY($1)
-              ORDER BY agent_id FOR UPDATE",
-            &[&ids],
+            "SELECT agent_id, incarnation, committed_seq FROM agent_incarnations
+              WHERE (agent_id, incarnation) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+              ORDER BY agent_id, incarnation FOR UPDATE",
+            &[&ids, &incarnations],
         )
         .await?
         .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect())
+}
+
+async fn recreate_incarnations(
+    tx: &Transaction<'_>,
+    keys: &[Key],
+) -> Result<(), tokio_postgres::Error> {
+    let (ids, incarnations): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(a, i)| (a.as_str(), i.as_str())).unzip();
+    tx.execute(
+        "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[]) AS v(agent_id, incarnation)),
+         agent AS (
+             INSERT INTO agents (agent_id, incarnation)
+             SELECT DISTINCT ON (agent_id) agent_id, incarnation FROM v
+             ON CONFLICT DO NOTHING
+         )
+         INSERT INTO agent_incarnations (agent_id, incarnation)
+         SELECT agent_id, incarnation FROM v ON CONFLICT DO NOTHING",
+        &[&ids, &incarnations],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Raises the watermarks of (key, seq, quarantined): the incarnation's, and the agent's
+/// when it is the agent's latest incarnation; adds the quarantined to `agents.rejected`.
+async fn raise_watermarks(
+    tx: &Transaction<'_>,
+    moved: &[(&Key, i64, i64)],
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<&str> = moved.iter().map(|(k, _, _)| k.0.as_str()).collect();
+    let incarnations: Vec<&str> = moved.iter().map(|(k, _, _)| k.1.as_str()).collect();
+    let seqs: Vec<i64> = moved.iter().map(|m| m.1).collect();
+    let rejected: Vec<i64> = moved.iter().map(|m| m.2).collect();
+    tx.execute(
+        "WITH v AS (
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[])
+                 AS v(agent_id, incarnation, seq, rejected)
+         ), inc AS (
+             UPDATE agent_incarnations i SET committed_seq = v.seq, last_seen = now()
+               FROM v
+              WHERE i.agent_id = v.agent_id AND i.incarnation = v.incarnation
+                AND i.committed_seq < v.seq
+         )
+         UPDATE agents a
+            SET committed_seq = greatest(a.committed_seq, coalesce(
+                    (SELECT max(v.seq) FROM v
+                      WHERE v.agent_id = a.agent_id AND v.incarnation = a.incarnation),
+                    a.committed_seq)),
+                rejected = a.rejected
+                    + (SELECT sum(v.rejected) FROM v WHERE v.agent_id = a.agent_id)::int8,
+                last_seen = now()
+          WHERE a.agent_id IN (SELECT agent_id FROM v)",
+        &[&ids, &incarnations, &seqs, &rejected],
+    )
+    .await?;
+    Ok(())
+}
+
+/// COPYs rows in one stream.
+async fn copy_rows<'a>(
+    tx: &Transaction<'_>,
+    rows: impl Iterator<Item = &'a ResultRow>,
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in::<_, Bytes>(pgcopy::COPY_SQL).await?;
+    pin_mut!(sink);
+    let mut encoder = pgcopy::Encoder::new();
+    for r in rows {
+        if let Some(chunk) = encoder.row(r) {
+            sink.send(chunk).await?;
+        }
+    }
+    sink.send(encoder.finish()).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+fn permanent(e: &tokio_postgres::Error) -> Option<(String, String)> {
+    match classify(e) {
+        ErrorClass::Permanent => e
+            .as_db_error()
+            .map(|db| (db.code().code().to_string(), db.message().to_string())),
+        ErrorClass::Transient => None,
+    }
+}
+
+/// COPYs `rows[i]` for each i of `candidates` (in order), each range under a savepoint;
+/// a range PostgreSQL refuses for its data is rolled back and halved until the offending
+/// rows are alone. Returns them as (index, SQLSTATE, message); the others are written.
+async fn copy_isolating(
+    tx: &Transaction<'_>,
+    rows: &[&ResultRow],
+    candidates: &[usize],
+) -> Result<Vec<(usize, String, String)>, tokio_postgres::Error> {
+    let mut refused = Vec::new();
+    let mut ranges = vec![candidates];
+    while let Some(range) = ranges.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        tx.batch_execute("SAVEPOINT edgeprobe_rows").await?;
+        match copy_rows(tx, range.iter().map(|&i| rows[i])).await {
+            Ok(()) => tx.batch_execute("RELEASE SAVEPOINT edgeprobe_rows").await?,
+            Err(e) => {
+                let Some((sqlstate, message)) = permanent(&e) else {
+                    return Err(e);
+                };
+                tx.batch_execute(
+                    "ROLLBACK TO SAVEPOINT edgeprobe_rows; RELEASE SAVEPOINT edgeprobe_rows",
+                )
+                .await?;
+                if let [i] = range {
+                    refused.push((*i, sqlstate, message));
+                } else {
+                    // The first half is written first: rows go in in seq order.
+                    let (first, second) = range.split_at(range.len() / 2);
+                    ranges.push(second);
+                    ranges.push(first);
+                }
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Indexes of `rows` whose primary key (agent, test, start, seq) is already stored: a
+/// redelivery after the watermark row went missing. Unknown (none) when the lookup itself
+/// fails for the data (e.g. a name the database's encoding cannot hold).
+async fn stored_rows(
+    tx: &Transaction<'_>,
+    rows: &[&ResultRow],
+) -> Result<HashSet<usize>, tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<&str> = rows.iter().map(|r| r.agent_id.as_str()).collect();
+    let tests: Vec<&str> = rows.iter().map(|r| r.test.as_str()).collect();
+    let starts: Vec<SystemTime> = rows.iter().map(|r| r.started_at).collect();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+    tx.batch_execute("SAVEPOINT edgeprobe_lookup").await?;
+    let found = tx
+        .query(
+            "SELECT v.i FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int8[])
+                     WITH ORDINALITY AS v(agent_id, test, started_at, seq, i)
+              WHERE EXISTS (SELECT 1 FROM results r
+                             WHERE r.agent_id = v.agent_id AND r.test = v.test
+                               AND r.started_at = v.started_at AND r.seq = v.seq)",
+            &[&ids, &tests, &starts, &seqs],
+        )
+        .await;
+    match found {
+        Ok(found) => {
+            tx.batch_execute("RELEASE SAVEPOINT edgeprobe_lookup")
+                .await?;
+            Ok(found
+                .iter()
+                .map(|r| r.get::<_, i64>(0) as usize - 1)
+                .collect())
+        }
+        Err(e) if permanent(&e).is_some() => {
+            tx.batch_execute(
+                "ROLLBACK TO SAVEPOINT edgeprobe_lookup; RELEASE SAVEPOINT edgeprobe_lookup",
+            )
+            .await?;
+            Ok(HashSet::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Counts the results that were in the quarantine already (a redelivery after the
+/// watermark went missing) as duplicates.
+fn already_quarantined(
+    outcomes: &mut [Outcome],
+    items: &[(usize, Cow<'_, Rejected>)],
+    inserted: &HashSet<(usize, i64)>,
+) {
+    for (b, q) in items {
+        if !inserted.contains(&(*b, q.seq)) {
+            outcomes[*b].quarantined -= 1;
+            outcomes[*b].duplicates += 1;
+        }
+    }
+}
+
+/// Quarantines results of `batches` (by index); one already there (a redelivery) stays as
+/// it was. Returns the (batch index, seq) inserted. `ascii` escapes non-ASCII in the
+/// reasons, for a database whose encoding cannot hold them.
+async fn insert_quarantine(
+    tx: &Transaction<'_>,
+    batches: &[&Batch],
+    items: &[(usize, Cow<'_, Rejected>)],
+    ascii: bool,
+) -> Result<HashSet<(usize, i64)>, tokio_postgres::Error> {
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|(b, _)| batches[*b].agent_id.as_str())
+        .collect();
+    let incarnations: Vec<&str> = items
+        .iter()
+        .map(|(b, _)| &*batches[*b].incarnation)
+        .collect();
+    let seqs: Vec<i64> = items.iter().map(|(_, q)| q.seq).collect();
+    let reasons: Vec<Cow<str>> = items
+        .iter()
+        .map(|(_, q)| match ascii {
+            true => Cow::Owned(escape_non_ascii(&q.reason)),
+            false => Cow::Borrowed(q.reason.as_str()),
+        })
+        .collect();
+    let reasons: Vec<&str> = reasons.iter().map(|r| r.as_ref()).collect();
+    let sqlstates: Vec<Option<&str>> = items.iter().map(|(_, q)| q.sqlstate.as_deref()).collect();
+    let raws: Vec<&[u8]> = items.iter().map(|(_, q)| q.raw.as_slice()).collect();
+    let formats: Vec<&str> = items.iter().map(|(_, q)| q.raw_format.name()).collect();
+    let truncated: Vec<bool> = items.iter().map(|(_, q)| q.raw_truncated).collect();
+    let inserted = tx
+        .query(
+            "INSERT INTO rejected_results
+                 (agent_id, incarnation, seq, reason, sqlstate, raw, raw_format, raw_truncated)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[],
+                                  $6::bytea[], $7::text[], $8::bool[])
+             ON CONFLICT DO NOTHING
+             RETURNING agent_id, incarnation, seq",
+            &[
+                &ids,
+                &incarnations,
+                &seqs,
+                &reasons,
+                &sqlstates,
+                &raws,
+                &formats,
+                &truncated,
+            ],
+        )
+        .await?;
+    let inserted: HashSet<(String, String, i64)> = inserted
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Ok(items
+        .iter()
+        .map(|(b, q)| (*b, q.seq))
+        .filter(|(b, seq)| {
+            let b = batches[*b];
+            inserted.contains(&(b.agent_id.clone(), b.incarnation.to_string(), *seq))
+        })
+        .collect())
+}
+
+/// `insert_quarantine` that survives reasons the database cannot encode: they are
+/// stored again with non-ASCII escaped.
+async fn quarantine_guarded(
+    tx: &Transaction<'_>,
+    batches: &[&Batch],
+    items: &[(usize, Cow<'_, Rejected>)],
+) -> Result<HashSet<(usize, i64)>, tokio_postgres::Error> {
+    if items.is_empty() {
+        return Ok(HashSet::new());
+    }
+    tx.batch_execute("SAVEPOINT edgeprobe_quarantine").await?;
+    match insert_quarantine(tx, batches, items, false).await {
+        Ok(inserted) => {
+            tx.batch_execute("RELEASE SAVEPOINT edgeprobe_quarantine")
+                .await?;
+            Ok(inserted)
+        }
+        Err(e) if permanent(&e).is_some() => {
+            tx.batch_execute(
+                "ROLLBACK TO SAVEPOINT edgeprobe_quarantine; RELEASE SAVEPOINT edgeprobe_quarantine",
+            )
+            .await?;
+            insert_quarantine(tx, batches, items, true).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn escape_non_ascii(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.extend(c.escape_unicode());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_escape_to_ascii() {
+        assert_eq!(
+            escape_non_ascii("label `東京` ok"),
+            "label `\\u{6771}\\u{4eac}` ok"
+        );
+        assert_eq!(escape_non_ascii("plain"), "plain");
+    }
 }
