@@ -7,4 +7,5 @@ mod durability;
 mod fleet;
 mod security;
 mod spine;
+mod store_errors;
 mod support;
