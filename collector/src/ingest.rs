@@ -45,6 +45,10 @@ const RETRY_CAP: Duration = Duration::from_secs(5);
 const REJECTION_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Bytes of a rejection's reason carried in an ack at most (the quarantine keeps it all).
 const MAX_ACK_REASON: usize = 200;
+/// Rejections of one ack that carry their reason; the others carry only their seq. A job
+/// can hold 20,000 quarantined results: with every reason the ack would pass the agent's
+/// 1 MiB message limit, and an ack the agent cannot read would stall it.
+const MAX_ACK_REASONS: usize = 16;
 
 pub struct IngestService {
     pub store: Store,
@@ -412,20 +416,27 @@ impl Session {
 }
 
 /// The quarantined results of a committed job for its ack, in seq order: those refused by
-/// validation and those PostgreSQL refused. Reasons are cut to `MAX_ACK_REASON` bytes.
+/// validation and those PostgreSQL refused. The first `MAX_ACK_REASONS` carry their reason,
+/// cut to `MAX_ACK_REASON` bytes; `rejected_results` keeps every reason in full.
 fn rejections(job: &[Arc<Batch>], refused_by_db: Vec<(i64, String)>) -> Vec<pb::Rejection> {
-    let mut all: Vec<pb::Rejection> = job
+    let mut all: Vec<(i64, String)> = job
         .iter()
         .flat_map(|b| b.rejected.iter())
         .map(|q| (q.seq, q.reason.clone()))
         .chain(refused_by_db)
-        .map(|(seq, reason)| pb::Rejection {
-            seq: seq as u64,
-            reason: cut(reason, MAX_ACK_REASON),
-        })
         .collect();
-    all.sort_by_key(|r| r.seq);
-    all
+    all.sort_by_key(|r| r.0);
+    all.into_iter()
+        .enumerate()
+        .map(|(i, (seq, reason))| pb::Rejection {
+            seq: seq as u64,
+            reason: if i < MAX_ACK_REASONS {
+                cut(reason, MAX_ACK_REASON)
+            } else {
+                String::new()
+            },
+        })
+        .collect()
 }
 
 fn cut(mut s: String, max: usize) -> String {
@@ -505,5 +516,19 @@ mod tests {
         assert_eq!(seqs, [3, 6, 9]);
         assert_eq!(list[1].reason, "SQLSTATE 22P05: no");
         assert_eq!(list[2].reason.len(), MAX_ACK_REASON);
+
+        // A job full of quarantined results still makes an ack the agent can read.
+        let many: Vec<Rejected> = (1..=20_000)
+            .map(|s| rejected(s, &"x".repeat(500)))
+            .collect();
+        let list = rejections(&[batch(many, 20_000)], vec![]);
+        assert_eq!(list.len(), 20_000);
+        assert!(list[MAX_ACK_REASONS - 1].reason.len() == MAX_ACK_REASON);
+        assert!(list[MAX_ACK_REASONS].reason.is_empty());
+        let ack = pb::Ack {
+            seq: 20_000,
+            rejected: list,
+        };
+        assert!(prost::Message::encoded_len(&ack) < 1 << 20);
     }
 }
