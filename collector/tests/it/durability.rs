@@ -224,7 +224,7 @@ fn a_corrupted_buffer_gives_a_located_error_and_no_silent_wipe() {
             "{subcommand} names the path: {err}"
         );
         assert!(
-            err.contains("move it aside"),
+            err.contains("aside (mv "),
             "{subcommand} names the recovery step: {err}"
         );
     }

@@ -5,6 +5,7 @@ mod config_errors;
 mod dashboards;
 mod durability;
 mod fleet;
+mod never_stall;
 mod security;
 mod spine;
 mod store_errors;

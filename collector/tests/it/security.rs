@@ -19,6 +19,7 @@ use edgeprobe_proto::v1::ingest_client::IngestClient;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -175,6 +176,8 @@ struct Session {
     tx: mpsc::Sender<pb::AgentMessage>,
     inbound: Streaming<pb::CollectorMessage>,
     committed: u64,
+    /// The seqs the last ack named as quarantined.
+    rejected: Vec<u64>,
 }
 
 const REPLY_WAIT: Duration = Duration::from_secs(20);
@@ -195,6 +198,7 @@ async fn open(client: &mut IngestClient<Channel>, hello: pb::Hello) -> Result<Se
             tx,
             inbound,
             committed: w.committed_seq,
+            rejected: Vec::new(),
         }),
         Ok(Err(s)) => Err(s),
         other => Err(Status::unknown(format!(
@@ -219,7 +223,10 @@ impl Session {
         match tokio::time::timeout(REPLY_WAIT, self.inbound.message()).await {
             Ok(Ok(Some(pb::CollectorMessage {
                 msg: Some(pb::collector_message::Msg::Ack(a)),
-            }))) => Ok(a.seq),
+            }))) => {
+                self.rejected = a.rejected.iter().map(|r| r.seq).collect();
+                Ok(a.seq)
+            }
             Ok(Err(s)) => Err(s),
             other => Err(Status::unknown(format!(
                 "test: expected an ack, got {other:?}"
@@ -639,62 +646,13 @@ fn oversized_and_unbounded_input_is_refused_without_harming_other_streams() {
             .unwrap();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
+        // What a bad peer sends closes its stream and writes nothing.
         let with = |f: fn(&mut pb::Result)| {
             let mut r = result(id, 1);
             f(&mut r);
             vec![r]
         };
-        let cases: Vec<(&str, Vec<pb::Result>)> = vec![
-            (
-                "too many labels",
-                with(|r| r.labels = (0..33).map(|i| (format!("k{i}"), "v".into())).collect()),
-            ),
-            (
-                "long label value",
-                with(|r| r.labels = [("k".into(), "v".repeat(129))].into()),
-            ),
-            ("huge test name", with(|r| r.test = "t".repeat(100_000))),
-            (
-                "huge error message",
-                with(|r| {
-                    r.success = false;
-                    r.error_class = "timeout".into();
-                    r.error_message = "e".repeat(1 << 20)
-                }),
-            ),
-            ("NUL in target", with(|r| r.target = "http://x/\0".into())),
-            ("invalid kind", with(|r| r.kind = 77)),
-            (
-                "fields of another kind",
-                with(|r| r.fields = Some(pb::result::Fields::Dns(Default::default()))),
-            ),
-            ("NaN duration", with(|r| r.duration_seconds = f64::NAN)),
-            (
-                "negative measure",
-                with(|r| {
-                    r.fields = Some(pb::result::Fields::Http(pb::HttpFields {
-                        ttfb_seconds: Some(-1.0),
-                        ..Default::default()
-                    }))
-                }),
-            ),
-            (
-                "status code 7",
-                with(|r| {
-                    r.fields = Some(pb::result::Fields::Http(pb::HttpFields {
-                        status_code: Some(7),
-                        ..Default::default()
-                    }))
-                }),
-            ),
-            (
-                "started in 1999",
-                with(|r| r.started_at_unix_nanos = 915_148_800_000_000_000),
-            ),
-            (
-                "started next week",
-                with(|r| r.started_at_unix_nanos = now_nanos() + 7 * 86_400_000_000_000),
-            ),
+        let refused: Vec<(&str, Vec<pb::Result>)> = vec![
             ("seq 0", with(|r| r.seq = 0)),
             ("seq past i64", with(|r| r.seq = u64::MAX)),
             ("seqs not increasing", vec![result(id, 2), result(id, 1)]),
@@ -708,15 +666,89 @@ fn oversized_and_unbounded_input_is_refused_without_harming_other_streams() {
                 with(|r| r.error_message = "x".repeat(5 << 20)),
             ),
         ];
-        for (what, batch) in cases {
+        for (what, batch) in refused {
             refused_batch(&mut c, id, batch, Code::InvalidArgument, what).await;
         }
-        // The attacker's own valid results still land afterwards.
+
+        // What a bad result holds is quarantined: acked, named in the ack, kept in
+        // rejected_results, and the stream goes on. A start time is never refused.
+        type Case = (&'static str, fn(&mut pb::Result));
+        let quarantined: Vec<Case> = vec![
+            ("too many labels", |r| {
+                r.labels = (0..33).map(|i| (format!("k{i}"), "v".into())).collect()
+            }),
+            ("long label value", |r| {
+                r.labels = [("k".into(), "v".repeat(129))].into()
+            }),
+            ("huge test name", |r| r.test = "t".repeat(100_000)),
+            ("huge error message", |r| {
+                r.success = false;
+                r.error_class = "timeout".into();
+                r.error_message = "e".repeat(1 << 20)
+            }),
+            ("NUL in target", |r| r.target = "http://x/\0".into()),
+            ("invalid kind", |r| r.kind = 77),
+            ("fields of another kind", |r| {
+                r.fields = Some(pb::result::Fields::Dns(Default::default()))
+            }),
+            ("NaN duration", |r| r.duration_seconds = f64::NAN),
+            ("negative measure", |r| {
+                r.fields = Some(pb::result::Fields::Http(pb::HttpFields {
+                    ttfb_seconds: Some(-1.0),
+                    ..Default::default()
+                }))
+            }),
+            ("status code 7", |r| {
+                r.fields = Some(pb::result::Fields::Http(pb::HttpFields {
+                    status_code: Some(7),
+                    ..Default::default()
+                }))
+            }),
+        ];
+        let flagged: Vec<Case> = vec![
+            ("started in 1999", |r| {
+                r.started_at_unix_nanos = 915_148_800_000_000_000
+            }),
+            ("started next week", |r| {
+                r.started_at_unix_nanos = now_nanos() + 7 * 86_400_000_000_000
+            }),
+        ];
         let mut s = open(&mut c, hello(id)).await.unwrap();
-        assert_eq!(s.batch(vec![result(id, 1)]).await.unwrap(), 1);
+        let mut seq = 0;
+        for (what, f) in &quarantined {
+            seq += 1;
+            let mut r = result(id, seq);
+            f(&mut r);
+            assert_eq!(s.batch(vec![r]).await.expect(what), seq, "{what}");
+            assert_eq!(s.rejected, vec![seq], "{what} is named in the ack");
+        }
+        for (what, f) in &flagged {
+            seq += 1;
+            let mut r = result(id, seq);
+            f(&mut r);
+            assert_eq!(s.batch(vec![r]).await.expect(what), seq, "{what}");
+            assert!(s.rejected.is_empty(), "{what} is stored, not quarantined");
+        }
+        // The attacker's own valid results still land afterwards, on the same stream.
+        seq += 1;
+        assert_eq!(s.batch(vec![result(id, seq)]).await.unwrap(), seq);
     });
 
-    assert_eq!(rows(&db, id), 1, "only the one valid batch was written");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM rejected_results WHERE agent_id = 'attacker'"),
+        10,
+        "every out-of-bounds result quarantined"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM results WHERE agent_id = 'attacker' AND clock_unsynced"),
+        2,
+        "implausible start times stored flagged"
+    );
+    assert_eq!(
+        rows(&db, id),
+        3,
+        "the valid result and the two flagged ones"
+    );
     wait_for(Duration::from_secs(20), "steady to keep delivering", || {
         (rows(&db, "steady") >= steady_before + 3).then_some(())
     });
@@ -875,6 +907,8 @@ const FUZZ_WORKERS: usize = 4;
 struct Sent {
     results: Vec<pb::Result>,
     acked: bool,
+    /// Seqs the ack named as quarantined.
+    rejected: Vec<u64>,
 }
 
 type Plan = (usize, Vec<Vec<Mutation>>);
@@ -935,10 +969,12 @@ async fn fuzz_worker(
         match s.batch(results.clone()).await {
             Ok(ack) => {
                 assert_eq!(ack, last, "ack of an accepted batch");
+                let rejected = s.rejected.clone();
                 session = Some(s);
                 sent.push(Sent {
                     results,
                     acked: true,
+                    rejected,
                 });
             }
             Err(status)
@@ -950,6 +986,7 @@ async fn fuzz_worker(
                 sent.push(Sent {
                     results,
                     acked: false,
+                    rejected: Vec::new(),
                 });
             }
             Err(status) => panic!("unexpected answer {status:?} to {results:?}"),
@@ -1011,7 +1048,7 @@ fn random_malformed_results_are_refused_or_stored_valid_never_crash() {
     );
 
     let mut client = db.client();
-    let (mut acked, mut refused) = (0, 0);
+    let (mut acked, mut refused, mut quarantined) = (0, 0, 0);
     for (id, sent) in &outcomes {
         let stored: HashMap<i64, (String, String)> = client
             .query(
@@ -1022,11 +1059,38 @@ fn random_malformed_results_are_refused_or_stored_valid_never_crash() {
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
+        let kept: HashMap<i64, (Vec<u8>, String, bool)> = client
+            .query(
+                "SELECT seq, raw, raw_format, raw_truncated FROM rejected_results WHERE agent_id = $1",
+                &[id],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+            .collect();
         let mut expected = 0;
+        let mut expected_kept = 0;
         for batch in sent {
             for r in &batch.results {
                 let row = i64::try_from(r.seq).ok().and_then(|s| stored.get(&s));
-                if batch.acked {
+                if batch.acked && batch.rejected.contains(&r.seq) {
+                    assert!(row.is_none(), "a quarantined result was stored: {r:?}");
+                    let (raw, format, truncated) = kept
+                        .get(&(r.seq as i64))
+                        .unwrap_or_else(|| panic!("quarantined {r:?} not kept"));
+                    assert_eq!(format, "protobuf");
+                    if !truncated {
+                        // Fields, not the whole message: NaN != NaN.
+                        let back = pb::Result::decode(raw.as_slice()).expect("raw decodes");
+                        assert_eq!(
+                            (back.seq, &back.test, &back.target, &back.labels),
+                            (r.seq, &r.test, &r.target, &r.labels),
+                            "the raw bytes are the result as sent"
+                        );
+                    }
+                    expected_kept += 1;
+                    quarantined += 1;
+                } else if batch.acked {
                     assert_eq!(
                         row,
                         Some(&(r.test.clone(), r.target.clone())),
@@ -1047,11 +1111,14 @@ fn random_malformed_results_are_refused_or_stored_valid_never_crash() {
             }
         }
         assert_eq!(stored.len(), expected, "rows of {id}");
+        assert_eq!(kept.len(), expected_kept, "quarantined rows of {id}");
     }
-    eprintln!("fuzz: {acked} batches accepted, {refused} refused");
+    eprintln!(
+        "fuzz: {acked} batches accepted, {refused} refused, {quarantined} results quarantined"
+    );
     assert!(
-        acked > 50 && refused > 500,
-        "fuzz too one-sided: {acked} accepted, {refused} refused"
+        acked > 50 && refused > 50 && quarantined > 500,
+        "fuzz too one-sided: {acked} accepted, {refused} refused, {quarantined} quarantined"
     );
     assert_only_valid_rows(&db);
     assert!(collector.metric("edgeprobe_ingest_errors_total{stage=\"validate\"}") > 0.0);
