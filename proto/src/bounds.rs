@@ -53,10 +53,7 @@ fn out<T>(msg: String) -> Result<T, OutOfBounds> {
 /// PostgreSQL text cannot hold NUL.
 pub fn text(field: &str, value: &str, max: usize) -> Result<(), OutOfBounds> {
     if value.len() > max {
-        return out(format!(
-            "{field} is {} bytes, at most {max}",
-            value.len()
-        ));
+        return out(format!("{field} is {} bytes, at most {max}", value.len()));
     }
     if value.as_bytes().contains(&0) {
         return out(format!("{field} contains NUL"));
