@@ -199,10 +199,18 @@ fn migration_2_keeps_version_1_rows_and_still_refuses_duplicates() {
     migrate(&db);
     assert_eq!(
         db.scalar("SELECT max(version)::int8 FROM edgeprobe_migrations"),
-        2
+        3
     );
     assert_eq!(
         db.scalar("SELECT count(DISTINCT seq) FROM results WHERE agent_id = 'old-agent'"),
+        500
+    );
+    // Version 3: old rows belong to the incarnation '' and carry no clock flags.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM results WHERE agent_id = 'old-agent' AND incarnation = ''
+                AND NOT clock_unsynced AND NOT clock_corrected AND reported_started_at IS NULL"
+        ),
         500
     );
     // One btree and one BRIN per partition, nothing else to keep up on every insert.
