@@ -26,7 +26,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let agent_id = config.agent_id();
-    let buffer = Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes)?;
+    let buffer = open_buffer(&config).await?;
     let stats = buffer.stats();
     let clock = Clock::new();
     tracing::info!(
@@ -106,6 +106,22 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         .context("closing the buffer")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the buffer, waiting up to `LOCK_WAIT` while another process holds its lock: an
+/// `edgeprobe-agent buffer` run at the moment the agent starts holds it for a moment, and
+/// must not make the start fail. Another running agent still fails the start after that.
+async fn open_buffer(config: &Config) -> Result<Buffer, crate::buffer::BufferError> {
+    const LOCK_WAIT: Duration = Duration::from_secs(10);
+    let start = std::time::Instant::now();
+    loop {
+        match Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes) {
+            Err(crate::buffer::BufferError::Locked { .. }) if start.elapsed() < LOCK_WAIT => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Starts the uplink with its own token, so a reload can replace it alone.

@@ -79,8 +79,17 @@ fn buffer_shows_the_running_agents_backlog() {
             .expect("start edgeprobe-agent run"),
     );
 
-    // The agent publishes every 5 s: wait until a published status shows a backlog.
+    // `buffer` before the agent has opened its buffer would open it itself (and hold
+    // sled's lock for a moment): wait for the agent to be up first.
     let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(dir.path().join("agent.log"))
+        .unwrap_or_default()
+        .contains("edgeprobe-agent starting")
+    {
+        assert!(Instant::now() < deadline, "the agent did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The agent publishes every 5 s: wait until a published status shows a backlog.
     let (stdout, running_backlog) = loop {
         let out = agent(&["buffer", "--config", config_arg]);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
