@@ -59,7 +59,8 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result 
         seq: 0,
         test: test.name.clone(),
         kind: kind_to_wire(test.kind) as i32,
-        target: test.target.clone(),
+        // A URL's password never reaches the buffer, the collector or its database.
+        target: crate::probe::addr::redact(&test.target).into_owned(),
         started_at_unix_nanos: clock::unix_nanos(outcome.started_at),
         duration_seconds: outcome
             .duration
