@@ -224,6 +224,24 @@ mod tests {
     }
 
     #[test]
+    fn stored_targets_carry_no_password() {
+        let test = TestInfo {
+            kind: Kind::Http,
+            target: "https://monitor:s3cret@example.net/health".into(),
+            ..test_info()
+        };
+        let outcome = Outcome {
+            started_at: SystemTime::now(),
+            boottime_nanos: clock::boottime_nanos(),
+            duration: Duration::from_millis(5),
+            error: None,
+            fields: Fields::Http(Default::default()),
+        };
+        let r = to_wire(&test, &outcome, &Clock::new());
+        assert_eq!(r.target, "https://monitor:***@example.net/health");
+    }
+
+    #[test]
     fn stored_payloads_are_corrected_once() {
         let clock = Clock::new();
         let mut r = pb::Result {
