@@ -123,6 +123,29 @@ fn link_local_targets_with_zones_for_every_kind() {
     BufReader::new(stdout).read_line(&mut ready).unwrap();
     assert_eq!(ready.trim(), "ready");
     let client = Some(link.client.as_str());
+    // A veth that has just come up can drop the first packets (the first SYN, retried
+    // after 1 s, would show in connect_seconds): wait until the link carries a ping.
+    let up = (0..50).any(|_| {
+        let ok = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &link.client,
+                "ping",
+                "-c1",
+                "-W1",
+                "fe80::2%ephA",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(up, "the veth pair never carried a ping");
 
     let (v, code) = probe_in(client, "tcp", "[fe80::2%ephA]:8080", &[]);
     assert_eq!(code, 0, "tcp with a zone: {v}");
