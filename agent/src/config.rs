@@ -187,6 +187,8 @@ pub struct TestOptions {
     pub method: Option<String>,
     pub expect_status: Option<u16>,
     pub body_match: Option<String>,
+    /// Redirects followed, at most (default 0: a 3xx is the answer).
+    pub follow_redirects: Option<u32>,
     // tcp, http
     /// Accept any server certificate (still measured and reported).
     pub insecure_tls: Option<bool>,
@@ -216,6 +218,7 @@ impl TestOptions {
             method,
             expect_status,
             body_match,
+            follow_redirects,
             insecure_tls,
             record_type,
             server
@@ -241,6 +244,7 @@ impl TestOptions {
                 "method",
                 "expect_status",
                 "body_match",
+                "follow_redirects",
                 "insecure_tls",
             ],
             Kind::Dns => &["timeout", "record_type", "server"],
@@ -402,24 +406,29 @@ impl Config {
     }
 }
 
-/// Checks a target's syntax for its kind (reachability is the probe's business).
+/// Checks a target's syntax for its kind (reachability is the probe's business). Messages
+/// show the target with its password redacted.
 pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
     bounds::target(target).map_err(|e| e.to_string())?;
+    let shown = crate::probe::addr::redact(target);
     match kind {
-        Kind::Speed | Kind::Http => {
+        Kind::Http => {
+            crate::probe::addr::HttpUrl::parse(target)?;
+        }
+        Kind::Speed => {
             let uri: hyper::Uri = target
                 .parse()
-                .map_err(|e| format!("target `{target}` is not a URL: {e}"))?;
+                .map_err(|e| format!("target `{shown}` is not a URL: {e}"))?;
             match uri.scheme_str() {
                 Some("http") | Some("https") => {}
                 _ => {
                     return Err(format!(
-                        "target `{target}` must start with http:// or https://"
+                        "target `{shown}` must start with http:// or https://"
                     ))
                 }
             }
             if uri.host().is_none() {
-                return Err(format!("target `{target}` has no host"));
+                return Err(format!("target `{shown}` has no host"));
             }
         }
         Kind::Tcp => {

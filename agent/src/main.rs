@@ -2,7 +2,7 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,9 +72,12 @@ enum Command {
         /// http: the status that counts as success (default: any below 400).
         #[arg(long)]
         expect_status: Option<u16>,
-        /// http: text the body must contain.
+        /// http: text the body must contain (searched decoded, up to 64 MiB).
         #[arg(long)]
         body_match: Option<String>,
+        /// http: redirects to follow, at most (default 0).
+        #[arg(long)]
+        follow_redirects: Option<u32>,
         /// dns: record type (A, AAAA, MX, TXT, ...).
         #[arg(long)]
         record_type: Option<String>,
@@ -216,6 +219,7 @@ fn main() -> ExitCode {
             method,
             expect_status,
             body_match,
+            follow_redirects,
             record_type,
             server,
         } => {
@@ -237,6 +241,7 @@ fn main() -> ExitCode {
                     method,
                     expect_status,
                     body_match,
+                    follow_redirects,
                     record_type,
                     server,
                     ..TestOptions::default()
@@ -245,11 +250,17 @@ fn main() -> ExitCode {
             // The speed probe takes ~20 s: show progress when a person is watching.
             probe::speed::show_progress(kind == Kind::Speed && std::io::stderr().is_terminal());
             let outcome = runtime().block_on(probe::run(&spec));
-            if json {
-                println!("{}", report::json(&spec, &outcome));
+            let text = if json {
+                format!("{}\n", report::json(&spec, &outcome))
             } else {
-                print!("{}", report::human(&spec, &outcome));
-            }
+                report::human(&spec, &outcome)
+            };
+            // `probe ... | head -1`: a reader that has gone is not an error worth a panic
+            // (print! would panic on EPIPE); the exit code still says how the probe went.
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush());
             if outcome.success() {
                 ExitCode::SUCCESS
             } else {

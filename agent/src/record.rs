@@ -59,7 +59,8 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result 
         seq: 0,
         test: test.name.clone(),
         kind: kind_to_wire(test.kind) as i32,
-        target: test.target.clone(),
+        // A URL's password never reaches the buffer, the collector or its database.
+        target: crate::probe::addr::redact(&test.target).into_owned(),
         started_at_unix_nanos: clock::unix_nanos(outcome.started_at),
         duration_seconds: outcome
             .duration
@@ -220,6 +221,24 @@ mod tests {
         let r = to_wire(&test_info(), &ok, &clock);
         assert!(!r.error_truncated);
         assert_eq!(r.error_message, "short");
+    }
+
+    #[test]
+    fn stored_targets_carry_no_password() {
+        let test = TestInfo {
+            kind: Kind::Http,
+            target: "https://monitor:s3cret@example.net/health".into(),
+            ..test_info()
+        };
+        let outcome = Outcome {
+            started_at: SystemTime::now(),
+            boottime_nanos: clock::boottime_nanos(),
+            duration: Duration::from_millis(5),
+            error: None,
+            fields: Fields::Http(Default::default()),
+        };
+        let r = to_wire(&test, &outcome, &Clock::new());
+        assert_eq!(r.target, "https://monitor:***@example.net/health");
     }
 
     #[test]

@@ -1,16 +1,16 @@
 //! Renders one probe outcome for people (`probe`) or machines (`probe --json`), with the
-//! field names of SPEC section 9.
+//! field names of SPEC section 9. The target is shown redacted (`user:***@`).
 
 use serde_json::{json, Map, Value};
 
-use crate::probe::{Outcome, ProbeSpec};
+use crate::probe::{addr, Outcome, ProbeSpec};
 
 /// One JSON object: kind, target, success, error, started_at, duration_seconds and the
 /// kind's fields.
 pub fn json(spec: &ProbeSpec, outcome: &Outcome) -> Value {
     let mut object = Map::new();
     object.insert("kind".into(), json!(spec.kind.name()));
-    object.insert("target".into(), json!(spec.target));
+    object.insert("target".into(), json!(addr::redact(&spec.target)));
     object.insert("success".into(), json!(outcome.success()));
     object.insert(
         "error".into(),

@@ -1,10 +1,12 @@
 //! dns probe: one query for `name`/`record_type` (default A) to a given server (`server`,
-//! `ip` or `ip:port`) or to the first `nameserver` of /etc/resolv.conf, timed from the
-//! first datagram to the matching answer.
+//! `ip` or `ip:port`, IPv6 with a zone: `fe80::1%eth0`, `[fe80::1%eth0]:53`) or to the
+//! first `nameserver` of /etc/resolv.conf (its zone kept), timed from the first datagram
+//! to the matching answer.
 //!
 //! Without `server`, A and AAAA go through the system resolver (getaddrinfo), so
 //! /etc/hosts and nsswitch count as they do for every other program on the host; other
-//! record types ask the first `nameserver` of /etc/resolv.conf.
+//! record types ask the first `nameserver` of /etc/resolv.conf. With `server`, every
+//! type is asked of that server.
 //!
 //! - The query goes over UDP with EDNS (1232-byte payload), is resent every second until
 //!   the run's deadline, and is repeated over TCP when the answer is truncated.
@@ -25,7 +27,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout_at;
 
 use super::{
-    default_timeout, secs, DnsFields, ErrorClass, Fields, Measured, ProbeError, ProbeSpec,
+    addr, default_timeout, secs, DnsFields, ErrorClass, Fields, Measured, Partial, ProbeError,
+    ProbeSpec,
 };
 
 /// Time between UDP retransmissions of the query.
@@ -33,13 +36,17 @@ const RESEND: Duration = Duration::from_secs(1);
 /// Where the system resolver's servers are listed.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-pub async fn run(spec: &ProbeSpec) -> Measured {
+pub async fn run(spec: &ProbeSpec, partial: &Partial) -> Measured {
     let mut fields = DnsFields::default();
-    let error = measure(spec, &mut fields).await.err();
+    let error = measure(spec, &mut fields, partial).await.err();
     (Fields::Dns(fields), error)
 }
 
-async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeError> {
+async fn measure(
+    spec: &ProbeSpec,
+    fields: &mut DnsFields,
+    partial: &Partial,
+) -> Result<(), ProbeError> {
     // Finish a little before the outer limit so a timeout is reported here, with context.
     let limit = spec
         .options
@@ -66,6 +73,10 @@ async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeEr
     let server = match &spec.options.server {
         Some(s) => parse_server(s)?,
         None if matches!(rtype, RecordType::A | RecordType::AAAA) => {
+            partial.publish(
+                Fields::Dns(fields.clone()),
+                "waiting for the system resolver",
+            );
             return system_lookup(spec.target.trim(), rtype, deadline, fields).await;
         }
         None => system_server()?,
@@ -85,6 +96,10 @@ async fn measure(spec: &ProbeSpec, fields: &mut DnsFields) -> Result<(), ProbeEr
         .to_vec()
         .map_err(|e| ProbeError::new(ErrorClass::Local, format!("cannot encode the query: {e}")))?;
 
+    partial.publish(
+        Fields::Dns(fields.clone()),
+        format!("waiting for an answer from {server}"),
+    );
     let start = Instant::now();
     let mut answer = ask_udp(server, &wire, &query, deadline).await?;
     if answer.truncated() {
@@ -141,37 +156,49 @@ async fn system_lookup(
     }
 }
 
-/// `ip`, `ip:port` or `[v6]:port`; port 53 by default.
+/// `ip`, `ip:port`, `[v6]:port`, each IPv6 with an optional `%zone`; port 53 by default.
 fn parse_server(s: &str) -> Result<SocketAddr, ProbeError> {
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let ip = s.trim_start_matches('[').trim_end_matches(']');
-    ip.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, 53))
-        .map_err(|_| {
-            ProbeError::new(
-                ErrorClass::Local,
-                format!("server `{s}` is not ip or ip:port"),
-            )
-        })
+    let s = s.trim();
+    let bad = || {
+        ProbeError::new(
+            ErrorClass::Local,
+            format!("server `{s}` is not ip or ip:port"),
+        )
+    };
+    let (host, port) = match addr::parse_ip(s) {
+        Some(_) => (s, 53),
+        None => {
+            let (host, port) = addr::split_host_port(s).map_err(|_| bad())?;
+            if !s.starts_with('[') && host.contains(':') {
+                return Err(bad());
+            }
+            (host, port)
+        }
+    };
+    let (ip, zone) = addr::parse_ip(host).ok_or_else(bad)?;
+    addr::socket_addr(ip, zone, port)
 }
 
 /// The first `nameserver` of /etc/resolv.conf, or 127.0.0.1 like glibc when none is listed.
 fn system_server() -> Result<SocketAddr, ProbeError> {
     let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
-    Ok(first_nameserver(&text).unwrap_or(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 53)))
+    match first_nameserver(&text) {
+        Some((ip, zone)) => addr::socket_addr(ip, zone.as_deref(), 53).map_err(|e| {
+            ProbeError::new(e.class, format!("{RESOLV_CONF}: nameserver {}", e.message))
+        }),
+        None => Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 53)),
+    }
 }
 
-fn first_nameserver(resolv_conf: &str) -> Option<SocketAddr> {
+/// The address and zone (`fe80::1%eth0`) of the first `nameserver` line.
+fn first_nameserver(resolv_conf: &str) -> Option<(IpAddr, Option<String>)> {
     resolv_conf.lines().find_map(|line| {
         let mut words = line.split_whitespace();
         if words.next() != Some("nameserver") {
             return None;
         }
-        // A scoped IPv6 address (fe80::1%eth0) keeps its address part only.
-        let ip = words.next()?.split('%').next()?;
-        ip.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+        let (ip, zone) = addr::parse_ip(words.next()?)?;
+        Some((ip, zone.map(str::to_string)))
     })
 }
 
@@ -314,6 +341,19 @@ mod tests {
             "[::1]:5353".parse().unwrap()
         );
         assert_eq!(parse_server("::1").unwrap(), "[::1]:53".parse().unwrap());
+        let lo = |port| {
+            SocketAddr::V6(std::net::SocketAddrV6::new(
+                "fe80::2".parse().unwrap(),
+                port,
+                0,
+                1,
+            ))
+        };
+        assert_eq!(parse_server("fe80::2%lo").unwrap(), lo(53));
+        assert_eq!(parse_server("[fe80::2%lo]:5353").unwrap(), lo(5353));
+        assert_eq!(parse_server("[fe80::2%1]").unwrap(), lo(53));
+        let e = parse_server("fe80::2").unwrap_err();
+        assert!(e.message.contains("%interface"), "{}", e.message);
         assert_eq!(
             parse_server("resolver").unwrap_err().class,
             ErrorClass::Local
@@ -326,7 +366,7 @@ mod tests {
             "# generated\nsearch example.net\nnameserver fe80::1%eth0\nnameserver 10.0.0.1\n";
         assert_eq!(
             first_nameserver(conf),
-            Some("[fe80::1]:53".parse().unwrap())
+            Some(("fe80::1".parse().unwrap(), Some("eth0".to_string())))
         );
         assert_eq!(first_nameserver("options ndots:2\n"), None);
     }

@@ -12,15 +12,18 @@
 //!   kernel; an async task would add the runtime's wake-up to every round trip). It ends
 //!   when every reply is in, or `REPLY_WAIT` after the last request, or just before the
 //!   whole-run limit, so a partial run still reports what it measured.
+//! - The target is an IP literal (IPv6 with a zone: `fe80::1%eth0`) or a name whose first
+//!   address is used; a link-local address needs its zone (`addr.rs`).
 //! - All replies lost is a failure: `unreachable` when the network said so (a send error
 //!   or an ICMP destination-unreachable), `loss` otherwise.
 
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::{
-    default_timeout, secs, ErrorClass, Fields, IcmpFields, Measured, ProbeError, ProbeSpec,
+    addr, default_timeout, secs, ErrorClass, Fields, IcmpFields, Measured, Partial, ProbeError,
+    ProbeSpec,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -40,8 +43,9 @@ const ECHO_REQUEST_V6: u8 = 128;
 const ECHO_REPLY_V6: u8 = 129;
 const UNREACHABLE_V6: u8 = 1;
 
-pub async fn run(spec: &ProbeSpec) -> Measured {
+pub async fn run(spec: &ProbeSpec, partial: &Partial) -> Measured {
     let mut fields = IcmpFields::default();
+    partial.publish(Fields::Icmp(fields.clone()), "resolving the target");
     let error = measure(spec, &mut fields).await.err();
     (Fields::Icmp(fields), error)
 }
@@ -70,13 +74,14 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
         .clamp(1, MAX_COUNT);
     let interval = spec.options.interval.unwrap_or(DEFAULT_INTERVAL);
 
-    let ip = resolve(&spec.target).await?;
+    let dest = resolve(&spec.target).await?;
+    let ip = dest.ip();
     let (socket, mode) = open(ip.is_ipv6())?;
     tracing::debug!(target = %spec.target, %ip, ?mode, "icmp socket open");
     let session = Session {
         socket,
         mode,
-        ip,
+        dest,
         ident: rand::random(),
         token: rand::random(),
     };
@@ -117,7 +122,8 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
 struct Session {
     socket: std::net::UdpSocket,
     mode: Mode,
-    ip: IpAddr,
+    /// The target, with its scope id when link-local.
+    dest: SocketAddr,
     ident: u16,
     token: u64,
 }
@@ -132,9 +138,9 @@ impl Session {
         start: Instant,
         deadline: Instant,
     ) -> (Vec<Option<Duration>>, Option<ProbeError>) {
-        let ip = self.ip;
+        let ip = self.dest.ip();
         let v6 = ip.is_ipv6();
-        let dest = SocketAddr::new(ip, 0);
+        let dest = self.dest;
         let mut sent_at: Vec<Instant> = Vec::with_capacity(count as usize);
         let mut rtts: Vec<Option<Duration>> = Vec::with_capacity(count as usize);
         let mut received = 0u32;
@@ -219,19 +225,10 @@ impl Session {
     }
 }
 
-/// The target as an address: an IP literal, or the first address its name resolves to.
-async fn resolve(target: &str) -> Result<IpAddr, ProbeError> {
-    let host = target.trim().trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    let mut addrs = tokio::net::lookup_host((host, 0))
-        .await
-        .map_err(|e| ProbeError::new(ErrorClass::Dns, format!("cannot resolve {host}: {e}")))?;
-    addrs
-        .next()
-        .map(|a| a.ip())
-        .ok_or_else(|| ProbeError::new(ErrorClass::Dns, format!("{host} has no addresses")))
+/// The target as an address: an IP literal (with its zone), or the first address its
+/// name resolves to.
+async fn resolve(target: &str) -> Result<SocketAddr, ProbeError> {
+    addr::resolve(target.trim(), 0).await
 }
 
 /// Opens a raw ICMP socket, else a ping socket, else explains both fixes.

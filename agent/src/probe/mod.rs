@@ -3,8 +3,12 @@
 //! Invariant: `run` always returns an `Outcome`; a failed probe is a value with an
 //! `ErrorClass` and a message, never an `Err` or a panic. Probes know nothing about the
 //! buffer, seq numbers or gRPC; `record.rs` turns an outcome into a stored result.
-//! Every probe is bounded by its `timeout`.
+//! Every probe is bounded by its `timeout`, and a run cut off by it keeps what was
+//! measured: probes publish their fields to a `Partial` after each phase, and the timeout
+//! path reports the last published fields (class `timeout`, the phase it was in).
 
+pub mod addr;
+pub mod body;
 pub mod dns;
 pub mod http;
 pub mod icmp;
@@ -13,6 +17,7 @@ pub mod tcp;
 pub mod tls;
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -192,6 +197,29 @@ impl Outcome {
 /// What a probe implementation returns: its fields (possibly partial) and maybe an error.
 pub type Measured = (Fields, Option<ProbeError>);
 
+/// What a probe has measured so far and what it is waiting for: written by the probe
+/// after each phase, read by `run` when the limit cuts the probe off.
+#[derive(Debug, Clone)]
+pub struct Partial(Arc<Mutex<(Fields, String)>>);
+
+impl Partial {
+    fn new(kind: Kind) -> Partial {
+        Partial(Arc::new(Mutex::new((empty_fields(kind), String::new()))))
+    }
+
+    /// Records the fields measured so far and, for the timeout message, what comes next
+    /// (e.g. "waiting for the response").
+    pub fn publish(&self, fields: Fields, waiting_for: impl Into<String>) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = (fields, waiting_for.into());
+    }
+
+    fn take(&self) -> (Fields, String) {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.clone()
+    }
+}
+
 /// The default whole-run limit of a kind.
 pub fn default_timeout(spec: &ProbeSpec) -> Duration {
     match spec.kind {
@@ -217,21 +245,24 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
         .timeout
         .unwrap_or_else(|| default_timeout(spec));
     let spec_owned = spec.clone();
+    let partial = Partial::new(spec.kind);
+    let progress = partial.clone();
     // Spawned so that a panic inside a probe (a bug) becomes a failed result, not a crash.
     let task = tokio::spawn(async move {
+        let partial = &progress;
         match spec_owned.kind {
             Kind::Speed => speed::run(&spec_owned).await,
-            Kind::Icmp => icmp::run(&spec_owned).await,
-            Kind::Tcp => tcp::run(&spec_owned).await,
-            Kind::Http => http::run(&spec_owned).await,
-            Kind::Dns => dns::run(&spec_owned).await,
+            Kind::Icmp => icmp::run(&spec_owned, partial).await,
+            Kind::Tcp => tcp::run(&spec_owned, partial).await,
+            Kind::Http => http::run(&spec_owned, partial).await,
+            Kind::Dns => dns::run(&spec_owned, partial).await,
         }
     });
     let abort = task.abort_handle();
     let (fields, error) = match tokio::time::timeout(limit, task).await {
         Ok(Ok(measured)) => measured,
         Ok(Err(join)) => (
-            empty_fields(spec.kind),
+            partial.take().0,
             Some(ProbeError::new(
                 ErrorClass::Other,
                 format!("probe failed internally: {join}"),
@@ -239,13 +270,14 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
         ),
         Err(_) => {
             abort.abort();
-            (
-                empty_fields(spec.kind),
-                Some(ProbeError::new(
-                    ErrorClass::Timeout,
-                    format!("no result within {}", humantime::format_duration(limit)),
-                )),
-            )
+            let (fields, waiting_for) = partial.take();
+            let within = humantime::format_duration(limit);
+            let message = if waiting_for.is_empty() {
+                format!("no result within {within}")
+            } else {
+                format!("no result within {within}: {waiting_for}")
+            };
+            (fields, Some(ProbeError::new(ErrorClass::Timeout, message)))
         }
     };
     Outcome {

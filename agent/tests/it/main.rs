@@ -3,6 +3,7 @@
 //! printed reason only when `ip netns add` fails).
 
 mod dns;
+mod http;
 mod icmp;
 mod link;
 mod probes;
@@ -10,3 +11,4 @@ mod speed;
 mod state;
 mod target;
 mod util;
+mod zones;
