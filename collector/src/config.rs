@@ -35,6 +35,9 @@ pub struct ServerSection {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// Length of the gRPC listener's accept queue; `None` takes the kernel's
+    /// `net.core.somaxconn`, which also caps any value given here.
+    pub listen_backlog: Option<u32>,
 }
 
 impl Default for ServerSection {
@@ -46,6 +49,7 @@ impl Default for ServerSection {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            listen_backlog: None,
         }
     }
 }
@@ -189,6 +193,11 @@ impl Config {
                 "[database] writers must be 1..=64".into(),
             ));
         }
+        if self.server.listen_backlog == Some(0) {
+            return Err(ConfigError::Other(
+                "[server] listen_backlog must be at least 1".into(),
+            ));
+        }
         if !self.server.insecure {
             for (name, value) in [
                 ("tls_cert", &self.server.tls_cert),
@@ -293,6 +302,7 @@ mod proptests {
                 "tls_cert",
                 "tls_key",
                 "client_ca",
+                "listen_backlog",
                 "url",
                 "retention",
                 "writers",
