@@ -280,6 +280,23 @@ site_label = "site"
             e.starts_with("c.toml:14:1: unknown field `site_lable`"),
             "{e}"
         );
+        let c = Config::parse(
+            &text.replace("[server]\n", "[server]\nlisten_backlog = 16384\n"),
+            "c.toml",
+        )
+        .unwrap()
+        .finish(None, None, None)
+        .unwrap();
+        assert_eq!(c.server.listen_backlog, Some(16384));
+        let e = Config::parse(
+            &text.replace("[server]\n", "[server]\nlisten_backlog = 0\n"),
+            "c.toml",
+        )
+        .unwrap()
+        .finish(None, None, None)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen_backlog must be at least 1"), "{e}");
     }
 }
 
