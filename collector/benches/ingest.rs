@@ -155,12 +155,8 @@ fn reason(e: &anyhow::Error) -> &'static str {
         if text.contains("reset") {
             return "connection reset";
         }
-        return match status.code() {
-            tonic::Code::Unavailable => "unavailable",
-            tonic::Code::Cancelled => "cancelled",
-            tonic::Code::DeadlineExceeded => "deadline exceeded",
-            _ => "other status",
-        };
+        // A stream cut by a dying collector ends as "Unknown error" (h2 reset or EOF).
+        return status.code().description();
     }
     let text = format!("{e:#}").to_ascii_lowercase();
     for (needle, reason) in [

@@ -1,7 +1,7 @@
 //! The collector's TLS: a rustls server config built from the three files of `[server]`
 //! (`tls_cert`, `tls_key`, `client_ca`), reloaded without a restart (SIGHUP, or the files
-//! changing on disk), and the accept loop that handshakes each new connection with
-//! whichever config is current before handing it to tonic.
+//! changing on disk), and the loop that handshakes each connection the accept thread
+//! (`listen.rs`) hands over with whichever config is current before handing it to tonic.
 //!
 //! Invariants: TLS 1.3 only, ALPN h2, no session resumption (every connection verifies its
 //! certificate afresh, so a rotated CA or an expired certificate counts at once). Every
