@@ -78,6 +78,32 @@ pub struct CollectorSection {
     /// Plaintext gRPC without certificates. Local demos only.
     #[serde(default)]
     pub insecure: bool,
+    /// The first connect after a lost session (and at start on a host that just booted)
+    /// waits a random time up to this long, so a fleet does not reconnect at once.
+    #[serde(
+        default = "default_reconnect_spread",
+        deserialize_with = "de_reconnect_spread"
+    )]
+    pub reconnect_spread: Duration,
+}
+
+/// Default `reconnect_spread`: 10,000 agents at about 330 new sessions a second.
+pub const DEFAULT_RECONNECT_SPREAD: Duration = Duration::from_secs(30);
+const MAX_RECONNECT_SPREAD: Duration = Duration::from_secs(3600);
+
+fn default_reconnect_spread() -> Duration {
+    DEFAULT_RECONNECT_SPREAD
+}
+
+fn de_reconnect_spread<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    let spread = parse_duration(&s).map_err(serde::de::Error::custom)?;
+    if spread > MAX_RECONNECT_SPREAD {
+        return Err(serde::de::Error::custom(format!(
+            "reconnect_spread `{s}` is over 1h: results would wait that long after every lost session"
+        )));
+    }
+    Ok(spread)
 }
 
 /// The kinds of test an agent can run (SPEC section 3).
@@ -619,6 +645,28 @@ every = "30s"
             Some(Duration::from_secs(10))
         );
         assert_eq!(c.tests[1].every, Some(Duration::from_secs(30)));
+        assert_eq!(c.collector.reconnect_spread, DEFAULT_RECONNECT_SPREAD);
+    }
+
+    #[test]
+    fn reconnect_spread_is_a_duration_up_to_an_hour() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "insecure = true",
+                &format!("insecure = true\nreconnect_spread = {v}"),
+            )
+        };
+        let c = Config::parse(&with("\"0s\""), "agent.toml").unwrap();
+        assert_eq!(c.collector.reconnect_spread, Duration::ZERO);
+        let c = Config::parse(&with("\"2m\""), "agent.toml").unwrap();
+        assert_eq!(c.collector.reconnect_spread, Duration::from_secs(120));
+        let e = err(&with("\"2h\""));
+        assert!(
+            e.starts_with("agent.toml:11:20: reconnect_spread `2h` is over 1h"),
+            "{e}"
+        );
+        let e = err(&with("30"));
+        assert!(e.starts_with("agent.toml:11:20:"), "{e}");
     }
 
     fn err(text: &str) -> String {

@@ -6,6 +6,15 @@
 //! Heartbeats carry backlog and drop counts. On any error the session ends and the uplink
 //! reconnects to the next endpoint with exponential backoff and full jitter.
 //!
+//! Storms: when a collector restarts, every agent of the fleet loses its session at the same
+//! moment, and with the backoff alone (250 ms first step) all of them would reconnect
+//! within a quarter of a second. So the first reconnect after a session that was welcomed
+//! also waits a random time, uniform up to `[collector] reconnect_spread` (full jitter),
+//! on top of the backoff. The first connect at start is spread the same way when the host
+//! booted less than `BOOT_WINDOW` ago (a site whose power returns boots all its agents
+//! together); an agent restarted on a running host connects at once, since nothing
+//! synchronises it with the rest of the fleet.
+//!
 //! Invariants:
 //! - Results are deleted from the buffer only on an ack (or a welcome) naming their seq;
 //!   a batch is never sent ahead of `MAX_IN_FLIGHT` unacknowledged ones.
@@ -33,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::buffer::{Buffer, Deletion};
-use crate::clock::Clock;
+use crate::clock::{self, Clock};
 use crate::config::CollectorSection;
 use crate::record;
 
@@ -47,6 +56,8 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// An agent starting this soon after its host booted spreads its first connect.
+const BOOT_WINDOW: Duration = Duration::from_secs(300);
 /// A session this long resets the backoff even without an ack.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// A burst of quarantined results still going on is logged again after this long.
@@ -68,6 +79,20 @@ impl Uplink {
                 "collector.insecure = true: results travel in PLAINTEXT without authentication; local demos only"
             );
         }
+        let spread = self.collector.reconnect_spread;
+        let uptime = Duration::from_nanos(clock::boottime_nanos().max(0) as u64);
+        let first = start_delay(spread, uptime);
+        if !first.is_zero() {
+            tracing::info!(
+                uptime_s = uptime.as_secs(),
+                delay_ms = first.as_millis() as u64,
+                "the host just booted: spreading the first connect over reconnect_spread"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(first) => {}
+            }
+        }
         let mut attempt: u32 = 0;
         let mut index = 0usize;
         while !shutdown.is_cancelled() {
@@ -75,12 +100,16 @@ impl Uplink {
             let started = Instant::now();
             match self.session(endpoint, &shutdown).await {
                 Ok(()) => return,
-                Err(SessionError { acked, error }) => {
+                Err(SessionError {
+                    welcomed,
+                    acked,
+                    error,
+                }) => {
                     let refused = refusal(&error);
                     if refused.is_none() && (acked || started.elapsed() >= STABLE_SESSION) {
                         attempt = 0;
                     }
-                    let delay = backoff(attempt);
+                    let delay = reconnect_delay(attempt, welcomed, spread);
                     attempt = attempt.saturating_add(1);
                     index += 1;
                     match refused {
@@ -134,15 +163,22 @@ impl Uplink {
         endpoint: &str,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
-        let mut acked = false;
-        let result = self.session_inner(endpoint, shutdown, &mut acked).await;
-        result.map_err(|error| SessionError { acked, error })
+        let (mut welcomed, mut acked) = (false, false);
+        let result = self
+            .session_inner(endpoint, shutdown, &mut welcomed, &mut acked)
+            .await;
+        result.map_err(|error| SessionError {
+            welcomed,
+            acked,
+            error,
+        })
     }
 
     async fn session_inner(
         &self,
         endpoint: &str,
         shutdown: &CancellationToken,
+        welcomed: &mut bool,
         acked: &mut bool,
     ) -> anyhow::Result<()> {
         let channel = self.connect(endpoint).await?;
@@ -177,6 +213,7 @@ impl Uplink {
             }
             other => bail!("expected welcome, got {other:?}"),
         };
+        *welcomed = true;
         self.buffer
             .reconcile(committed)
             .await
@@ -282,6 +319,9 @@ impl Uplink {
 }
 
 struct SessionError {
+    /// The collector welcomed the session: losing it may be losing the collector, which
+    /// the whole fleet then does at once.
+    welcomed: bool,
     /// The session got at least one ack.
     acked: bool,
     error: anyhow::Error,
@@ -382,6 +422,32 @@ fn tls_config(c: &CollectorSection) -> anyhow::Result<ClientTlsConfig> {
         .identity(Identity::from_pem(cert, key)))
 }
 
+/// The wait before the next connect: the backoff, plus a random share of `spread` after
+/// a session the collector had welcomed (the first reconnect of a possible storm).
+fn reconnect_delay(attempt: u32, welcomed: bool, spread: Duration) -> Duration {
+    let delay = backoff(attempt);
+    if welcomed {
+        delay + jitter(spread)
+    } else {
+        delay
+    }
+}
+
+/// The wait before the first connect after start: a random share of `spread` on a host up
+/// for less than `BOOT_WINDOW`, none on a host that was already running.
+fn start_delay(spread: Duration, uptime: Duration) -> Duration {
+    if uptime < BOOT_WINDOW {
+        jitter(spread)
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Uniform in [0, spread] (full jitter).
+fn jitter(spread: Duration) -> Duration {
+    Duration::from_millis(rand::rng().random_range(0..=spread.as_millis() as u64))
+}
+
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt)].
 fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_BASE
@@ -403,6 +469,48 @@ mod tests {
         }
         let samples: std::collections::HashSet<_> = (0..50).map(|_| backoff(10)).collect();
         assert!(samples.len() > 10, "full jitter spreads retries");
+    }
+
+    #[test]
+    fn the_first_reconnect_after_a_lost_session_is_spread() {
+        let spread = Duration::from_secs(30);
+        let lost: Vec<_> = (0..1000)
+            .map(|_| reconnect_delay(0, true, spread))
+            .collect();
+        let failed: Vec<_> = (0..1000)
+            .map(|_| reconnect_delay(0, false, spread))
+            .collect();
+        // A fleet losing its collector comes back over the whole window, not in the
+        // backoff's first 250 ms.
+        assert!(lost.iter().all(|d| *d <= spread + BACKOFF_BASE), "{lost:?}");
+        let late = lost.iter().filter(|d| **d > spread / 2).count();
+        assert!(
+            (400..=600).contains(&late),
+            "{late} of 1000 in the second half"
+        );
+        assert!(failed.iter().all(|d| *d <= BACKOFF_BASE), "{failed:?}");
+        // "0s" turns it off.
+        assert!((0..100).all(|_| reconnect_delay(0, true, Duration::ZERO) <= BACKOFF_BASE));
+    }
+
+    #[test]
+    fn the_first_connect_is_spread_only_just_after_boot() {
+        let spread = Duration::from_secs(30);
+        let booting: Vec<_> = (0..1000)
+            .map(|_| start_delay(spread, Duration::from_secs(40)))
+            .collect();
+        assert!(booting.iter().all(|d| *d <= spread));
+        let late = booting.iter().filter(|d| **d > spread / 2).count();
+        assert!(
+            (400..=600).contains(&late),
+            "{late} of 1000 in the second half"
+        );
+        assert_eq!(start_delay(spread, BOOT_WINDOW), Duration::ZERO);
+        assert_eq!(
+            start_delay(spread, Duration::from_secs(86_400)),
+            Duration::ZERO
+        );
+        assert_eq!(start_delay(Duration::ZERO, Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

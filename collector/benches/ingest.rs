@@ -30,6 +30,11 @@ struct Args {
     batch: usize,
     seconds: u64,
     reference: bool,
+    /// Seconds of full jitter on the first reconnect after a lost session (the agent's
+    /// `reconnect_spread`).
+    spread: f64,
+    /// Restart the collector once every agent is in: SIGTERM or SIGKILL.
+    restart: Option<&'static str>,
 }
 
 fn args() -> Args {
@@ -39,9 +44,19 @@ fn args() -> Args {
         batch: 1000,
         seconds: 20,
         reference: true,
+        spread: 30.0,
+        restart: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--restart" {
+            a.restart = match it.next().as_deref() {
+                Some("term") => Some("TERM"),
+                Some("kill") => Some("KILL"),
+                other => panic!("--restart term|kill, not {other:?}"),
+            };
+            continue;
+        }
         let mut value = || {
             it.next()
                 .expect("flag value")
@@ -53,6 +68,7 @@ fn args() -> Args {
             "--rate" => a.rate = value(),
             "--batch" => a.batch = value() as usize,
             "--seconds" => a.seconds = value() as u64,
+            "--spread" => a.spread = value(),
             "--no-reference" => a.reference = false,
             "--bench" => {}
             other => panic!("unknown flag {other}"),
@@ -99,62 +115,80 @@ fn now_nanos() -> i64 {
 struct Stats {
     committed: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
+    /// Failed connects and lost sessions, by reason.
+    failures: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
-/// One simulated agent: hello, then batches at its rate; records send-to-ack latency.
+impl Stats {
+    fn failed(&self, reason: &'static str) {
+        *self.failures.lock().unwrap().entry(reason).or_default() += 1;
+    }
+}
+
+/// What one simulated agent did, for the report. Times in ms since the run started; 0 =
+/// not yet.
+#[derive(Default)]
+struct Progress {
+    /// First and last welcome.
+    first_welcomed_ms: AtomicU64,
+    welcomed_ms: AtomicU64,
+    /// Last ack.
+    acked_ms: AtomicU64,
+    /// Highest seq generated once the agent stops.
+    last_seq: AtomicU64,
+}
+
+/// The agent's backoff (agent/src/uplink.rs): full jitter up to min(30 s, 250 ms x 2^n),
+/// at least 50 ms.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = (250u64 << attempt.min(16)).min(30_000);
+    Duration::from_millis(rand::random_range(0..=ceiling).max(50))
+}
+
+/// Why a connect or a session failed, in a few words for the report.
+fn reason(e: &anyhow::Error) -> &'static str {
+    if let Some(status) = e.chain().find_map(|e| e.downcast_ref::<tonic::Status>()) {
+        let text = format!("{status:?}").to_ascii_lowercase();
+        if text.contains("connection refused") {
+            return "connection refused";
+        }
+        if text.contains("reset") {
+            return "connection reset";
+        }
+        // A stream cut by a dying collector ends as "Unknown error" (h2 reset or EOF).
+        return status.code().description();
+    }
+    let text = format!("{e:#}").to_ascii_lowercase();
+    for (needle, reason) in [
+        ("connection refused", "connection refused"),
+        ("reset", "connection reset"),
+        ("timed out", "connect timeout"),
+        ("timeout", "timeout"),
+        ("no welcome", "no welcome"),
+        ("closed", "stream closed"),
+        ("broken pipe", "broken pipe"),
+    ] {
+        if text.contains(needle) {
+            return reason;
+        }
+    }
+    "other"
+}
+
+/// One simulated agent, like a real one: results are generated at its rate whether or not
+/// it is connected and kept until acked; it connects with the agent's timeouts, resends
+/// what was not committed after each welcome, and on a failed connect or a lost session
+/// retries with the agent's backoff, plus a random share of `--spread` after a session
+/// that was welcomed (agent/src/uplink.rs). Records send-to-ack latency.
 async fn agent(
     id: String,
     endpoint: String,
     args: Arc<Args>,
+    t0: Instant,
     deadline: Instant,
     stats: Arc<Stats>,
-) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let mut client = IngestClient::new(channel).max_encoding_message_size(8 << 20);
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            agent_id: id.clone(),
-            version: "loadgen".into(),
-            labels: Default::default(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-    let welcome = inbound.message().await?;
-    anyhow::ensure!(
-        matches!(
-            welcome.and_then(|m| m.msg),
-            Some(pb::collector_message::Msg::Welcome(_))
-        ),
-        "no welcome"
-    );
-    // Acks come back in order; keep the send time of each batch until its ack.
-    let sent: Arc<Mutex<std::collections::VecDeque<(u64, Instant, u64)>>> = Default::default();
-    let acks = {
-        let sent = sent.clone();
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(m)) = inbound.message().await {
-                if let Some(pb::collector_message::Msg::Ack(ack)) = m.msg {
-                    let mut q = sent.lock().unwrap();
-                    while q.front().is_some_and(|(last, _, _)| *last <= ack.seq) {
-                        let (_, at, n) = q.pop_front().unwrap();
-                        stats.committed.fetch_add(n, Ordering::Relaxed);
-                        stats
-                            .latencies_us
-                            .lock()
-                            .unwrap()
-                            .push(at.elapsed().as_micros() as u64);
-                    }
-                }
-            }
-        })
-    };
+    progress: Arc<Progress>,
+) -> bool {
     let batch = if args.rate > 0.0 {
         (args.rate as usize).clamp(1, args.batch)
     } else {
@@ -165,46 +199,190 @@ async fn agent(
     } else {
         Duration::ZERO
     };
-    // Spread the fleet's first sends over one interval, like real agents.
-    if !interval.is_zero() {
-        let jitter = rand::random::<f64>() * interval.as_secs_f64();
-        tokio::time::sleep(Duration::from_secs_f64(jitter)).await;
+    // Spread the fleet's first results over one interval, like real agents.
+    let offset = Duration::from_secs_f64(rand::random::<f64>() * interval.as_secs_f64());
+    let mut gen = Generator {
+        id: id.clone(),
+        start: t0 + offset,
+        interval,
+        batch,
+        seq: 0,
+        pending: Default::default(),
+    };
+    let mut attempt = 0u32;
+    let done = loop {
+        let mut welcomed = false;
+        let result = session(
+            &endpoint,
+            &mut gen,
+            &args,
+            t0,
+            deadline,
+            &stats,
+            &progress,
+            &mut welcomed,
+        )
+        .await;
+        let error = match result {
+            Ok(()) => break true,
+            Err(e) => e,
+        };
+        stats.failed(reason(&error));
+        if Instant::now() >= deadline + Duration::from_secs(90) {
+            break false;
+        }
+        if welcomed {
+            attempt = 0;
+        }
+        let mut delay = backoff(attempt);
+        attempt += 1;
+        if welcomed {
+            delay += Duration::from_secs_f64(rand::random::<f64>() * args.spread);
+        }
+        tokio::time::sleep(delay).await;
+    };
+    progress.last_seq.store(gen.seq, Ordering::Relaxed);
+    done
+}
+
+/// The results an agent has recorded and not yet seen acked: its buffer.
+struct Generator {
+    id: String,
+    start: Instant,
+    interval: Duration,
+    batch: usize,
+    seq: u64,
+    pending: std::collections::VecDeque<pb::Result>,
+}
+
+impl Generator {
+    /// Records every result due by now (or one batch when the rate is unbounded and the
+    /// buffer is short).
+    fn catch_up(&mut self, deadline: Instant) {
+        let now = Instant::now().min(deadline);
+        let due = if self.interval.is_zero() {
+            if self.pending.len() >= 8 * self.batch || now >= deadline {
+                return;
+            }
+            self.seq + self.batch as u64
+        } else if now < self.start {
+            0
+        } else {
+            (((now - self.start).as_secs_f64() / self.interval.as_secs_f64()) as u64 + 1)
+                * self.batch as u64
+        };
+        let nanos = now_nanos();
+        while self.seq < due {
+            self.seq += 1;
+            self.pending.push_back(result(&self.id, self.seq, nanos));
+        }
     }
-    let mut seq = 0u64;
-    let mut next = Instant::now();
-    while Instant::now() < deadline {
-        let now = now_nanos();
-        let results: Vec<pb::Result> = (0..batch)
-            .map(|_| {
-                seq += 1;
-                result(&id, seq, now)
-            })
-            .collect();
-        sent.lock()
-            .unwrap()
-            .push_back((seq, Instant::now(), batch as u64));
-        if tx
-            .send(pb::AgentMessage {
+
+    fn acked(&mut self, seq: u64) {
+        while self.pending.front().is_some_and(|r| r.seq <= seq) {
+            self.pending.pop_front();
+        }
+    }
+}
+
+/// One session; `Ok` once everything generated until `deadline` was acked.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    endpoint: &str,
+    gen: &mut Generator,
+    args: &Args,
+    t0: Instant,
+    deadline: Instant,
+    stats: &Stats,
+    progress: &Progress,
+    welcomed: &mut bool,
+) -> anyhow::Result<()> {
+    let ms = || t0.elapsed().as_millis().max(1) as u64;
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = IngestClient::new(channel).max_encoding_message_size(8 << 20);
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            agent_id: gen.id.clone(),
+            version: "loadgen".into(),
+            labels: Default::default(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let welcome = tokio::time::timeout(Duration::from_secs(15), inbound.message())
+        .await
+        .map_err(|_| anyhow::anyhow!("no welcome within 15 s"))??;
+    let committed = match welcome.and_then(|m| m.msg) {
+        Some(pb::collector_message::Msg::Welcome(w)) => w.committed_seq,
+        _ => anyhow::bail!("no welcome"),
+    };
+    *welcomed = true;
+    let now = ms();
+    let _ =
+        progress
+            .first_welcomed_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    progress.welcomed_ms.store(now, Ordering::Relaxed);
+    gen.acked(committed);
+    // (last seq of a batch, sent at, results) in send order; acks come back in order.
+    let mut in_flight: std::collections::VecDeque<(u64, Instant, u64)> = Default::default();
+    let mut last_sent = committed;
+    let mut tick = tokio::time::interval(if gen.interval.is_zero() {
+        Duration::from_millis(1)
+    } else {
+        gen.interval.min(Duration::from_millis(500))
+    });
+    loop {
+        gen.catch_up(deadline);
+        while in_flight.len() < 8 {
+            let results: Vec<pb::Result> = gen
+                .pending
+                .iter()
+                .filter(|r| r.seq > last_sent)
+                .take(args.batch)
+                .cloned()
+                .collect();
+            let Some(last) = results.last().map(|r| r.seq) else {
+                break;
+            };
+            in_flight.push_back((last, Instant::now(), results.len() as u64));
+            last_sent = last;
+            tx.send(pb::AgentMessage {
                 msg: Some(pb::agent_message::Msg::Batch(pb::ResultBatch { results })),
             })
             .await
-            .is_err()
-        {
-            break;
+            .map_err(|_| anyhow::anyhow!("stream closed"))?;
         }
-        if !interval.is_zero() {
-            next += interval;
-            tokio::time::sleep_until(next.into()).await;
+        if Instant::now() >= deadline && gen.pending.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tick.tick(), if !gen.interval.is_zero() || in_flight.len() < 8 => {}
+            msg = inbound.message() => match msg?.and_then(|m| m.msg) {
+                Some(pb::collector_message::Msg::Ack(ack)) => {
+                    progress.acked_ms.store(ms(), Ordering::Relaxed);
+                    gen.acked(ack.seq);
+                    while in_flight.front().is_some_and(|(last, _, _)| *last <= ack.seq) {
+                        let (_, at, n) = in_flight.pop_front().unwrap();
+                        stats.committed.fetch_add(n, Ordering::Relaxed);
+                        stats
+                            .latencies_us
+                            .lock()
+                            .unwrap()
+                            .push(at.elapsed().as_micros() as u64);
+                    }
+                }
+                Some(_) => {}
+                None => anyhow::bail!("the collector closed the stream"),
+            },
         }
     }
-    // Let the last acks arrive.
-    let wait = Instant::now();
-    while !sent.lock().unwrap().is_empty() && wait.elapsed() < Duration::from_secs(90) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    drop(tx);
-    acks.abort();
-    Ok(())
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -337,6 +515,54 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1e6
 }
 
+fn spawn_collector(config: &Path, log: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(collector_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_listening(grpc: u16) {
+    let up = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
+        assert!(up.elapsed() < Duration::from_secs(60), "collector not up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kernel_counter(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .position(|n| n == name)
+        .and_then(|i| values.split_whitespace().nth(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The collector's restart, as the report shows it (ms since the run started).
+struct Restart {
+    signal: &'static str,
+    at_ms: u64,
+    stop_ms: u64,
+    exit: Option<i32>,
+    back_ms: Option<u64>,
+    flowing_ms: Option<u64>,
+    peak_rss: f64,
+}
+
 #[tokio::main]
 async fn main() {
     let args = Arc::new(args());
@@ -353,65 +579,123 @@ async fn main() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(tmp.path().join("collector.log")).unwrap();
-    let mut collector = Command::new(collector_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let pid = collector.id();
-    let up = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
-        assert!(up.elapsed() < Duration::from_secs(30), "collector not up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let log = tmp.path().join("collector.log");
+    let mut collector = spawn_collector(&config, &log);
+    wait_listening(grpc).await;
 
+    let (overflows, syncookies) = (
+        kernel_counter("ListenOverflows"),
+        kernel_counter("SyncookiesSent"),
+    );
     let stats = Arc::new(Stats::default());
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let start = Instant::now();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(args.seconds);
     let endpoint = format!("http://127.0.0.1:{grpc}");
-    let mut tasks = Vec::new();
-    for i in 0..args.agents {
-        tasks.push(tokio::spawn(agent(
-            format!("load-{i:05}"),
-            endpoint.clone(),
-            args.clone(),
-            deadline,
-            stats.clone(),
-        )));
-        // Connect in waves so the accept queue is not flooded.
-        if i % 500 == 499 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    // Every agent starts at once: the storm of a fleet whose collector came back.
+    let progress: Vec<Arc<Progress>> = (0..args.agents).map(|_| Default::default()).collect();
+    let tasks: Vec<_> = progress
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            tokio::spawn(agent(
+                format!("load-{i:05}"),
+                endpoint.clone(),
+                args.clone(),
+                t0,
+                deadline,
+                stats.clone(),
+                p.clone(),
+            ))
+        })
+        .collect();
+    let ms = || t0.elapsed().as_millis() as u64;
     let mut peak_rss = 0.0f64;
+    let mut joined_ms = None;
+    let mut restart: Option<Restart> = None;
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        peak_rss = peak_rss.max(rss_mib(pid));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let rss = rss_mib(collector.id());
+        peak_rss = peak_rss.max(rss);
+        let last_join = progress
+            .iter()
+            .map(|p| p.first_welcomed_ms.load(Ordering::Relaxed))
+            .try_fold(0, |max, t| (t > 0).then_some(max.max(t)));
+        if joined_ms.is_none() {
+            joined_ms = last_join;
+        }
+        match (&mut restart, args.restart, joined_ms) {
+            // Ten seconds of steady state first, so every agent has results acked.
+            (None, Some(signal), Some(joined)) if ms() >= joined + 10_000 => {
+                let at_ms = ms();
+                let status = Command::new("kill")
+                    .arg(format!("-{signal}"))
+                    .arg(collector.id().to_string())
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                let exit = tokio::task::spawn_blocking(move || {
+                    let status = collector.wait().unwrap();
+                    status.code()
+                })
+                .await
+                .unwrap();
+                let stop_ms = ms() - at_ms;
+                collector = spawn_collector(&config, &log);
+                restart = Some(Restart {
+                    signal,
+                    at_ms,
+                    stop_ms,
+                    exit,
+                    back_ms: None,
+                    flowing_ms: None,
+                    peak_rss: 0.0,
+                });
+            }
+            (Some(r), _, _) => {
+                r.peak_rss = r.peak_rss.max(rss);
+                let after = |t: &AtomicU64| t.load(Ordering::Relaxed) > r.at_ms;
+                if r.back_ms.is_none() && progress.iter().all(|p| after(&p.welcomed_ms)) {
+                    r.back_ms = Some(ms() - r.at_ms);
+                }
+                if r.flowing_ms.is_none() && progress.iter().all(|p| after(&p.acked_ms)) {
+                    r.flowing_ms = Some(ms() - r.at_ms);
+                }
+            }
+            _ => {}
+        }
     }
     let mut failed = 0;
     for t in tasks {
-        if !matches!(t.await, Ok(Ok(()))) {
+        if !t.await.unwrap_or(false) {
             failed += 1;
         }
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    peak_rss = peak_rss.max(rss_mib(pid));
+    let elapsed = t0.elapsed().as_secs_f64();
+    peak_rss = peak_rss.max(rss_mib(collector.id()));
     let _ = collector.kill();
     let _ = collector.wait();
+    let (overflows, syncookies) = (
+        kernel_counter("ListenOverflows") - overflows,
+        kernel_counter("SyncookiesSent") - syncookies,
+    );
 
     let committed = stats.committed.load(Ordering::Relaxed);
+    let generated: u64 = progress
+        .iter()
+        .map(|p| p.last_seq.load(Ordering::Relaxed))
+        .sum();
     let (check, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
-    let rows: i64 = check
-        .query_one("SELECT count(*) FROM results", &[])
+    let row = check
+        .query_one(
+            "SELECT count(*), count(DISTINCT (agent_id, seq)) FROM results",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (rows, distinct): (i64, i64) = (row.get(0), row.get(1));
     drop(check);
     psql(
         &server,
@@ -422,16 +706,23 @@ async fn main() {
     let rate = committed as f64 / elapsed;
 
     println!(
-        "ingest benchmark: {} agents, rate {} results/s per agent, batch {}, {} s, {failed} agents failed",
+        "ingest benchmark: {} agents, rate {} results/s per agent, batch {}, {} s, spread {} s{}: {failed} agents failed for good",
         args.agents,
         if args.rate > 0.0 { args.rate.to_string() } else { "max".into() },
         args.batch,
-        args.seconds
+        args.seconds,
+        args.spread,
+        restart.as_ref().map_or(String::new(), |r| format!(", collector restarted with SIG{}", r.signal)),
     );
     println!("| measure | value |");
     println!("|---|---|");
     println!("| committed results/s (acked after commit) | {rate:.0} |");
     println!("| rows in PostgreSQL / acked | {rows} / {committed} |");
+    println!(
+        "| generated / distinct (agent, seq) in PostgreSQL: lost, duplicate | {generated} / {distinct}: {}, {} |",
+        generated as i64 - distinct,
+        rows - distinct
+    );
     println!("| offered results/s | {:.0} |", offered(&args));
     println!(
         "| result-to-commit latency p50 / p99 / max | {:.3} / {:.3} / {:.3} s |",
@@ -439,7 +730,58 @@ async fn main() {
         percentile(&lat, 0.99),
         percentile(&lat, 1.0)
     );
+    println!(
+        "| last agent in (first welcome) | {} |",
+        joined_ms.map_or("never".into(), |t| format!("{:.1} s", t as f64 / 1e3))
+    );
+    let failures = stats.failures.lock().unwrap();
+    println!(
+        "| failed connects and lost sessions, by reason | {} |",
+        if failures.is_empty() {
+            "none".to_string()
+        } else {
+            failures
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    println!(
+        "| kernel: listen overflows / SYN cookies sent during the run (host-wide) | {overflows} / {syncookies} |"
+    );
     println!("| collector peak RSS | {peak_rss:.0} MiB |");
+    if let Some(r) = &restart {
+        let secs = |t: Option<u64>| {
+            t.map_or("not within the run".into(), |t| {
+                format!("{:.1} s", t as f64 / 1e3)
+            })
+        };
+        println!(
+            "| SIG{} at {:.1} s: old collector gone after / exit code | {:.1} s / {:?} |",
+            r.signal,
+            r.at_ms as f64 / 1e3,
+            r.stop_ms as f64 / 1e3,
+            r.exit
+        );
+        println!(
+            "| every agent welcomed again after the signal | {} |",
+            secs(r.back_ms)
+        );
+        println!(
+            "| every agent acked again after the signal | {} |",
+            secs(r.flowing_ms)
+        );
+        println!("| restarted collector peak RSS | {:.0} MiB |", r.peak_rss);
+    }
+    println!(
+        "rerun: scripts/bench-ingest {}",
+        std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     if args.reference {
         let reference = copy_reference(&server, tmp.path(), committed.clamp(200_000, 2_000_000));
         println!("| reference: two parallel psql \\copy streams, rows/s | {reference:.0} |");
@@ -454,4 +796,5 @@ async fn main() {
         rows as u64 >= committed,
         "an acked result is missing from PostgreSQL"
     );
+    assert_eq!(rows, distinct, "a result was stored twice");
 }

@@ -35,6 +35,9 @@ pub struct ServerSection {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// Length of the gRPC listener's accept queue; `None` takes the kernel's
+    /// `net.core.somaxconn`, which also caps any value given here.
+    pub listen_backlog: Option<u32>,
 }
 
 impl Default for ServerSection {
@@ -46,6 +49,7 @@ impl Default for ServerSection {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            listen_backlog: None,
         }
     }
 }
@@ -189,6 +193,11 @@ impl Config {
                 "[database] writers must be 1..=64".into(),
             ));
         }
+        if self.server.listen_backlog == Some(0) {
+            return Err(ConfigError::Other(
+                "[server] listen_backlog must be at least 1".into(),
+            ));
+        }
         if !self.server.insecure {
             for (name, value) in [
                 ("tls_cert", &self.server.tls_cert),
@@ -271,6 +280,23 @@ site_label = "site"
             e.starts_with("c.toml:14:1: unknown field `site_lable`"),
             "{e}"
         );
+        let c = Config::parse(
+            &text.replace("[server]\n", "[server]\nlisten_backlog = 16384\n"),
+            "c.toml",
+        )
+        .unwrap()
+        .finish(None, None, None)
+        .unwrap();
+        assert_eq!(c.server.listen_backlog, Some(16384));
+        let e = Config::parse(
+            &text.replace("[server]\n", "[server]\nlisten_backlog = 0\n"),
+            "c.toml",
+        )
+        .unwrap()
+        .finish(None, None, None)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listen_backlog must be at least 1"), "{e}");
     }
 }
 
@@ -293,6 +319,7 @@ mod proptests {
                 "tls_cert",
                 "tls_key",
                 "client_ca",
+                "listen_backlog",
                 "url",
                 "retention",
                 "writers",

@@ -13,6 +13,7 @@ mod domain;
 mod http;
 mod identity;
 mod ingest;
+mod listen;
 mod metrics;
 mod pgcopy;
 mod run;

@@ -1,6 +1,7 @@
 //! Every metric of the collector, declared once, registered in one registry, updated
-//! where the event happens. Names follow Prometheus rules: `edgeprobe_` prefix, base
-//! units, `_total` for counters.
+//! where the event happens; the kernel's listen counters, which no event of ours sees, are
+//! read at scrape time. Names follow Prometheus rules: `edgeprobe_` prefix, base units,
+//! `_total` for counters.
 //!
 //! Cardinality: result metrics are labelled by test, kind, site and outcome only (never
 //! by agent id or target), so series grow with tests x sites, not with agents.
@@ -61,6 +62,11 @@ pub struct Metrics {
     pub tls_reloads: IntCounterVec,
     /// notAfter of the collector's serving certificate, Unix seconds.
     pub tls_cert_expiry: IntGauge,
+    /// The kernel's `TcpExtListenOverflows` and `TcpExtListenDrops` of the collector's
+    /// network namespace, read at scrape time (`render`): connections dropped because an
+    /// accept queue was full. Counted for every listener of the namespace, not only ours.
+    pub listen_overflows: IntCounter,
+    pub listen_drops: IntCounter,
 }
 
 impl Metrics {
@@ -350,6 +356,22 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            listen_overflows: reg(
+                &registry,
+                IntCounter::new(
+                    "edgeprobe_listen_overflows_total",
+                    "Connections the kernel dropped because a listener's accept queue was full (TcpExtListenOverflows in /proc/net/netstat, read at scrape time). Host-wide: counts every listener of the collector's network namespace, not only the gRPC port; a collector restart does not reset it.",
+                )
+                .unwrap(),
+            ),
+            listen_drops: reg(
+                &registry,
+                IntCounter::new(
+                    "edgeprobe_listen_drops_total",
+                    "Incoming connections the kernel dropped at any listener, accept queue overflows included (TcpExtListenDrops in /proc/net/netstat, read at scrape time). Host-wide like edgeprobe_listen_overflows_total.",
+                )
+                .unwrap(),
+            ),
             registry,
         };
         // Series that alerts and rates read exist from the start, at 0.
@@ -488,14 +510,70 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        self.read_listen_counters();
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }
 
+impl Metrics {
+    /// Brings the listen counters up to the kernel's values. They are cumulative since the
+    /// namespace was created, so the first scrape of a new process jumps to the total.
+    fn read_listen_counters(&self) {
+        let Ok(text) = std::fs::read_to_string(NETSTAT) else {
+            return;
+        };
+        for (counter, name) in [
+            (&self.listen_overflows, "ListenOverflows"),
+            (&self.listen_drops, "ListenDrops"),
+        ] {
+            if let Some(value) = tcp_ext(&text, name) {
+                counter.inc_by(value.saturating_sub(counter.get()));
+            }
+        }
+    }
+}
+
+const NETSTAT: &str = "/proc/net/netstat";
+
+/// One `TcpExt` counter of /proc/net/netstat: a line of names, then a line of values.
+fn tcp_ext(netstat: &str, name: &str) -> Option<u64> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_counters_come_from_the_kernel() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                    TcpExt: 3 11302 11310\n\
+                    IpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(tcp_ext(text, "ListenOverflows"), Some(11302));
+        assert_eq!(tcp_ext(text, "ListenDrops"), Some(11310));
+        assert_eq!(tcp_ext(text, "InNoRoutes"), None);
+
+        let kernel = std::fs::read_to_string(NETSTAT).unwrap();
+        let before = tcp_ext(&kernel, "ListenOverflows").unwrap();
+        let metrics = Metrics::new();
+        let rendered = metrics.render();
+        let line = rendered
+            .lines()
+            .find_map(|l| l.strip_prefix("edgeprobe_listen_overflows_total "))
+            .expect("the series is exported");
+        assert!(line.parse::<u64>().unwrap() >= before, "{line} < {before}");
+        assert!(rendered.contains("edgeprobe_listen_drops_total "));
     }
 }

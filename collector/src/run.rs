@@ -1,6 +1,7 @@
 //! `edgeprobe-collector run`: starts the HTTP endpoints, migrates (retrying while
-//! Postgres is away, so /healthz answers meanwhile), starts the store and the gRPC server,
-//! keeps partitions, and shuts down in order on SIGTERM or SIGINT.
+//! Postgres is away, so /healthz answers meanwhile), starts the store and the gRPC server
+//! (its listener and accept thread in `listen.rs`), keeps partitions, and shuts down in
+//! order on SIGTERM or SIGINT.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tonic::transport::Server;
 use crate::config::Config;
 use crate::http::{self, Readiness};
 use crate::ingest::IngestService;
+use crate::listen;
 use crate::metrics::Metrics;
 use crate::schema;
 use crate::store::{self, Store};
@@ -140,17 +142,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // An ack may name up to 10,000 quarantined results with their reasons.
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
+    // TCP_NODELAY is set by the accept thread (the builder's applies only to its own bind).
     let builder = Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(service);
-    let listener = tokio::net::TcpListener::bind(config.server.grpc_listen)
-        .await
+    let listener = listen::bind(config.server.grpc_listen, config.server.listen_backlog)
         .with_context(|| format!("cannot listen on {} (grpc)", config.server.grpc_listen))?;
+    let backlog = listener.backlog;
+    let accepted =
+        listen::accept(listener, shutdown.clone()).context("starting the accept thread")?;
     let signalled = shutdown.clone().cancelled_owned();
     tracing::info!(
         addr = %config.server.grpc_listen,
+        listen_backlog = backlog,
         tls = tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "edgeprobe-collector accepting agents"
@@ -158,7 +163,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let grpc = match tls {
         Some(tls) => {
             tokio::spawn(tls::watch(tls.clone(), TLS_POLL, shutdown.clone()));
-            let incoming = tls::incoming(listener, tls, hello_timeout, shutdown.clone());
+            let incoming = tls::incoming(accepted, tls, hello_timeout, shutdown.clone());
             tokio::spawn(builder.serve_with_incoming_shutdown(incoming, signalled))
         }
         None => {
@@ -169,8 +174,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     tracing::info!("sighup: insecure mode, no certificates to reload");
                 }
             });
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            tokio::spawn(builder.serve_with_incoming_shutdown(incoming, signalled))
+            tokio::spawn(builder.serve_with_incoming_shutdown(accepted, signalled))
         }
     };
     grpc.await

@@ -1,16 +1,17 @@
 //! The collector's TLS: a rustls server config built from the three files of `[server]`
 //! (`tls_cert`, `tls_key`, `client_ca`), reloaded without a restart (SIGHUP, or the files
-//! changing on disk), and the accept loop that handshakes each new connection with
-//! whichever config is current before handing it to tonic.
+//! changing on disk), and the loop that handshakes each connection the accept thread
+//! (`listen.rs`) hands over with whichever config is current before handing it to tonic.
 //!
 //! Invariants: TLS 1.3 only, ALPN h2, no session resumption (every connection verifies its
 //! certificate afresh, so a rotated CA or an expired certificate counts at once). Every
 //! connection presents a client certificate that chains to `client_ca`, is within its
 //! validity and (when it lists EKUs) allows client auth. A reload swaps the config only when
 //! all three files parse and the key matches the certificate; otherwise the old config
-//! stays, and the error is logged and counted. Handshakes run off the accept loop, each
-//! within a timeout, at most `MAX_HANDSHAKES` at once, so a slow or silent client delays
-//! nobody. Connections already open keep the config they were accepted with.
+//! stays, and the error is logged and counted. Handshakes run off the accept loop (which
+//! never waits for them, `listen.rs`), each within a timeout, at most `MAX_HANDSHAKES` at
+//! once, so a slow or silent client delays nobody. Connections already open keep the
+//! config they were accepted with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,16 +21,18 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::listen::Accepted;
 use crate::metrics::Metrics;
 
-/// TLS handshakes in progress at most; further connections wait in the listen backlog.
+/// TLS handshakes in progress at most; further accepted connections wait for a slot.
 const MAX_HANDSHAKES: usize = 1024;
 
 /// The files the config is built from.
@@ -285,10 +288,13 @@ pub fn hangups() -> mpsc::Receiver<()> {
     rx
 }
 
-/// TLS connections from `listener`, each handshaken with the config current when it
-/// arrived; failed handshakes are counted and dropped here.
+/// TLS connections from `accepted`, each handshaken with the config current when it
+/// arrived; failed handshakes are counted and dropped here. A connection waits for one of
+/// the `MAX_HANDSHAKES` slots after it was accepted, never before, so the accept thread
+/// keeps emptying the kernel's queue while handshakes are busy; its timeout starts with its
+/// slot.
 pub fn incoming(
-    listener: TcpListener,
+    mut accepted: Accepted,
     tls: Arc<ServerTls>,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
@@ -297,28 +303,30 @@ pub fn incoming(
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let permit = tokio::select! {
+            let tcp = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            };
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                next = accepted.next() => match next {
+                    Some(Ok(tcp)) => tcp,
+                    Some(Err(e)) => {
+                        tracing::warn!("cannot register an accepted connection: {e}");
                         continue;
                     }
+                    None => return,
                 },
             };
-            let _ = tcp.set_nodelay(true);
+            let peer = tcp
+                .peer_addr()
+                .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
             let acceptor = TlsAcceptor::from(tls.config());
             let metrics = tls.metrics.clone();
             let tx = tx.clone();
+            let permits = permits.clone();
+            let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _permit = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
+                };
                 let (reason, error) =
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {

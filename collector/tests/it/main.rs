@@ -9,4 +9,5 @@ mod never_stall;
 mod security;
 mod spine;
 mod store_errors;
+mod storm;
 mod support;

@@ -420,7 +420,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[agent]\nid = \"{id}\"\nlabels = {{ site = \"lab\" }}\nstate_dir = \"{}\"\n\n[collector]\nendpoints = [\"{endpoint}\"]\ninsecure = true\n\n{tests}",
+                "[agent]\nid = \"{id}\"\nlabels = {{ site = \"lab\" }}\nstate_dir = \"{}\"\n\n[collector]\nendpoints = [\"{endpoint}\"]\ninsecure = true\nreconnect_spread = \"0s\"\n\n{tests}",
                 state.display()
             ),
         )
@@ -779,7 +779,7 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "[agent]\nid = \"{id}\"\nlabels = {{ site = \"lab\" }}\nstate_dir = \"{}\"\n\n[collector]\nendpoints = [\"{endpoint}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n{tests}",
+                "[agent]\nid = \"{id}\"\nlabels = {{ site = \"lab\" }}\nstate_dir = \"{}\"\n\n[collector]\nendpoints = [\"{endpoint}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nreconnect_spread = \"0s\"\n\n{tests}",
                 state.display(),
                 pki.ca_pem().display(),
                 cert.display(),
