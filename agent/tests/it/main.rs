@@ -6,6 +6,7 @@ mod dns;
 mod icmp;
 mod link;
 mod probes;
+mod schedule;
 mod speed;
 mod state;
 mod target;
