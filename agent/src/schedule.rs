@@ -110,10 +110,6 @@ impl CronSchedule {
         })
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-
     /// The first fire time strictly after `after`, reading the schedule on the wall clock
     /// of `tz`; `None` when there is none within croner's search horizon (a year).
     pub fn next_after(&self, tz: Tz, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -257,6 +253,7 @@ async fn cron_timer(schedule: &CronSchedule, tz: Tz, test: &Arc<Test>, runner: &
         let expected = now + slept_from.elapsed();
         now = Utc::now();
         let stepped_back = (expected - now).to_std().is_ok_and(|d| d > STEP_TOLERANCE);
+        let stepped_forward = (now - expected).to_std().is_ok_and(|d| d > STEP_TOLERANCE);
         if stepped_back {
             // Recompute from the new time, or the schedule would stall for the step. A
             // fixed-time job that already ran at a time now ahead does not run it again.
@@ -269,15 +266,12 @@ async fn cron_timer(schedule: &CronSchedule, tz: Tz, test: &Arc<Test>, runner: &
                 }
                 _ => now,
             };
-            tracing::info!(test = %name, by = ?(expected - now).to_std().unwrap_or_default(), "wall clock stepped back; rescheduling from the new time");
+            tracing::info!(test = %name, from = %expected, to = %now, "wall clock stepped back; rescheduling from the new time");
             next = schedule.next_after(tz, from);
             continue;
         }
         if now >= at {
-            if (now - at)
-                .to_std()
-                .is_ok_and(|late| late > STEP + STEP_TOLERANCE)
-            {
+            if stepped_forward {
                 tracing::info!(test = %name, missed_since = %at, "wall clock stepped forward past fire times; firing once and continuing from the new time");
             }
             runner.fire(test.clone());
