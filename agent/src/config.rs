@@ -17,9 +17,12 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono_tz::Tz;
 use edgeprobe_proto::bounds;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
+
+use crate::schedule::CronSchedule;
 
 /// Default byte cap of the result buffer.
 pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -46,6 +49,9 @@ pub struct AgentSection {
     pub state_dir: PathBuf,
     #[serde(default = "default_buffer_max", deserialize_with = "de_size")]
     pub buffer_max_bytes: u64,
+    /// IANA time zone that `schedule`s are read in, unless a test sets its own.
+    #[serde(default = "default_timezone", deserialize_with = "de_timezone")]
+    pub timezone: Tz,
 }
 
 impl Default for AgentSection {
@@ -55,6 +61,7 @@ impl Default for AgentSection {
             labels: BTreeMap::new(),
             state_dir: default_state_dir(),
             buffer_max_bytes: DEFAULT_BUFFER_MAX_BYTES,
+            timezone: default_timezone(),
         }
     }
 }
@@ -65,6 +72,10 @@ fn default_state_dir() -> PathBuf {
 
 fn default_buffer_max() -> u64 {
     DEFAULT_BUFFER_MAX_BYTES
+}
+
+fn default_timezone() -> Tz {
+    Tz::UTC
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,7 +170,10 @@ pub struct TestConfig {
     pub target: Spanned<String>,
     /// Cron with seconds: `sec min hour day-of-month month day-of-week`.
     #[serde(default, deserialize_with = "de_opt_cron")]
-    pub schedule: Option<String>,
+    pub schedule: Option<CronSchedule>,
+    /// Overrides `[agent] timezone` for this test's `schedule`.
+    #[serde(default, deserialize_with = "de_opt_timezone")]
+    pub timezone: Option<Tz>,
     /// Fixed interval, e.g. "30s" or "30m".
     #[serde(default, deserialize_with = "de_opt_duration")]
     pub every: Option<Duration>,
@@ -384,6 +398,12 @@ impl Config {
                 }
                 _ => {}
             }
+            if test.timezone.is_some() && test.schedule.is_none() {
+                return Err((
+                    Some(test.name.span()),
+                    format!("test `{name}`: `timezone` applies to `schedule` only, not `every`"),
+                ));
+            }
             if let Some(every) = test.every {
                 if every < Duration::from_millis(10) {
                     return Err((
@@ -549,22 +569,27 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     }
 }
 
-fn de_opt_cron<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+/// Parsed by the scheduler's own parser, so `check` and the run agree.
+fn de_opt_cron<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CronSchedule>, D::Error> {
     let s = String::deserialize(d)?;
-    validate_cron(&s).map_err(serde::de::Error::custom)?;
-    Ok(Some(s))
+    CronSchedule::parse(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
-/// Validates a cron expression with the parser the scheduler uses (seconds required).
-pub fn validate_cron(s: &str) -> Result<(), String> {
-    croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .build()
-        .parse(s)
-        .map(|_| ())
-        .map_err(|e| {
-            format!("invalid cron `{s}` ({e}); expected 6 fields: sec min hour day-of-month month day-of-week")
-        })
+/// An IANA time zone name ("Europe/Berlin", "UTC"), from chrono-tz's compiled-in database.
+pub fn parse_timezone(s: &str) -> Result<Tz, String> {
+    s.parse::<Tz>().map_err(|_| {
+        format!("unknown time zone `{s}`; use an IANA name such as \"Europe/Berlin\" or \"UTC\"")
+    })
+}
+
+fn de_timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Tz, D::Error> {
+    parse_timezone(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tz>, D::Error> {
+    de_timezone(d).map(Some)
 }
 
 fn de_opt_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -694,6 +719,40 @@ every = "30s"
     }
 
     #[test]
+    fn time_zones() {
+        let c = Config::parse(GOOD, "agent.toml").unwrap();
+        assert_eq!(c.agent.timezone, Tz::UTC, "the default");
+        assert_eq!(c.tests[0].timezone, None);
+        let text = GOOD
+            .replace(
+                "state_dir =",
+                "timezone = \"America/New_York\"\nstate_dir =",
+            )
+            .replace(
+                "schedule = \"0 */30 * * * *\"",
+                "schedule = \"0 */30 * * * *\"\ntimezone = \"Europe/Berlin\"",
+            );
+        let c = Config::parse(&text, "agent.toml").unwrap();
+        assert_eq!(c.agent.timezone, chrono_tz::America::New_York);
+        assert_eq!(c.tests[0].timezone, Some(chrono_tz::Europe::Berlin));
+        let e = err(&text.replace("Europe/Berlin", "Mars/Olympus"));
+        assert!(
+            e.starts_with("agent.toml:18:12: unknown time zone `Mars/Olympus`"),
+            "{e}"
+        );
+        let e = err(&text.replace("America/New_York", "CEST"));
+        assert!(
+            e.starts_with("agent.toml:5:12: unknown time zone `CEST`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("every = \"30s\"", "every = \"30s\"\ntimezone = \"UTC\""));
+        assert!(
+            e.starts_with("agent.toml:20:8: test `web`: `timezone` applies to `schedule` only"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn results_the_collector_would_refuse_are_refused_here() {
         let agent_labels: Vec<String> = (0..20).map(|i| format!("a{i} = \"x\"")).collect();
         let test_labels: Vec<String> = (0..20).map(|i| format!("t{i} = \"y\"")).collect();
@@ -763,6 +822,8 @@ mod proptests {
                 "\"256MiB\"",
                 "\"99999999999GiB\"",
                 "\"* * * * * *\"",
+                "\"* * * 30 * 2\"",
+                "\"Europe/Berlin\"",
                 "\"0 */30 * *\"",
                 "\"http://127.0.0.1:1\"",
                 "\"https://h:7443\"",
@@ -801,6 +862,7 @@ mod proptests {
                     "target",
                     "schedule",
                     "every",
+                    "timezone",
                     "options",
                     "timeout",
                     "bogus",

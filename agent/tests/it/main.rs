@@ -7,6 +7,7 @@ mod http;
 mod icmp;
 mod link;
 mod probes;
+mod schedule;
 mod speed;
 mod state;
 mod target;
