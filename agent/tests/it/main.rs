@@ -9,4 +9,5 @@ mod probes;
 mod speed;
 mod state;
 mod target;
+mod uplink;
 mod util;
