@@ -22,8 +22,8 @@
 //!   a real-time clock.
 //!
 //! Unsafe code: `kernel_synchronised` calls `libc::adjtimex` (read-only, `modes = 0`)
-//! because no dependency offers a safe wrapper for it (rustix has none); it is the only
-//! unsafe code of the agent.
+//! because no dependency offers a safe wrapper for it (rustix has none); the only other
+//! unsafe code of the agent reads TCP_INFO in `probe/speed/conn.rs`, for the same reason.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

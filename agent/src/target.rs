@@ -11,40 +11,61 @@
 //! - Garbage is one random buffer generated at start and sent as reference-counted slices
 //!   (as LibreSpeed's garbage.php repeats one random chunk): no per-request generation, no
 //!   copies in user space, so loopback runs at memory speed.
-//! - A speed test is a client IP with an active transfer (a garbage download or an upload
-//!   body being drained), kept for `LINGER` after its last transfer ends so the gap between
-//!   a test's download and upload phases does not give its slot away. At most `max_tests`
-//!   tests run at once (0 = no cap); a transfer from another IP beyond that is answered
-//!   503 and never shares the link. Pings (`/empty` without a body) and `/getIP` are never
-//!   refused.
+//! - A speed test is identified by the `test=<id>` query parameter our agent sends (1 to
+//!   64 of `A-Za-z0-9_-`), else by the client IP (stock LibreSpeed clients), so agents
+//!   behind one NAT are separate tests. A test is running while it has a transfer: a
+//!   garbage download, or any request with a body (`Content-Length` > 0 or
+//!   `Transfer-Encoding`) whatever its method or path, for as long as the request is
+//!   handled. It keeps its slot for `LINGER` after its last transfer ends so the gap
+//!   between a test's download and upload phases does not give it away. At most
+//!   `max_tests` tests run at once (0 = no cap); a transfer of another test beyond that
+//!   is answered 503 and never shares the link. Pings (`/empty` without a body) and
+//!   `/getIP` are never refused.
+//! - No test holds the target without moving data: every connection records when it last
+//!   read or wrote a byte (`Watched`), and a transfer whose connection made no progress
+//!   for `STALL` loses its slot at once (no linger) and its connection is closed (its I/O
+//!   fails), whether the client stalled, died or its link went half-open.
 //! - Shutdown: when `shutdown` resolves, stop accepting, let requests in flight finish for
 //!   up to `GRACE`, then return.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
+use axum::serve::IncomingStream;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use rand::RngCore;
-use tokio_util::sync::CancellationToken;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub const DEFAULT_MAX_TESTS: usize = 4;
 /// Time a finished test keeps its slot (covers the switch from download to upload).
 const LINGER: Duration = Duration::from_secs(3);
+/// A transfer whose connection moves no byte for this long loses its slot and connection.
+const STALL: Duration = Duration::from_secs(10);
+/// How often stalled transfers are looked for.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+/// Longest `test=` id taken; a longer or odd one falls back to the client address.
+const MAX_ID: usize = 64;
 /// Time given to requests in flight at shutdown.
 const GRACE: Duration = Duration::from_secs(5);
 const MIB: usize = 1 << 20;
@@ -56,7 +77,7 @@ pub async fn serve(
     max_tests: usize,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr().context("listening address")?;
@@ -64,16 +85,15 @@ pub async fn serve(
         garbage: random_chunk(),
         tests: Tests::new(max_tests),
     });
+    let reaper = tokio::spawn(reap(state.clone()));
+    let _reaper = scopeguard(move || reaper.abort());
     let app = router(state);
     tracing::info!(listen = %local, max_tests, "serve-target listening");
 
     let stop = CancellationToken::new();
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        WatchedListener(listener),
+        app.into_make_service_with_connect_info::<Peer>(),
     )
     .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
@@ -97,6 +117,28 @@ struct Target {
     tests: Tests,
 }
 
+/// Runs `f` when dropped.
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
+/// Takes the slots of stalled transfers away and closes their connections.
+async fn reap(target: Arc<Target>) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    loop {
+        tick.tick().await;
+        target.tests.reap(Instant::now());
+    }
+}
+
 fn router(state: Arc<Target>) -> Router {
     let mut app = Router::new();
     for prefix in ["", "/backend"] {
@@ -117,8 +159,39 @@ fn router(state: Arc<Target>) -> Router {
         }
     }
     app.fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cap_bodies,
+        ))
         .layer(axum::middleware::map_response(common_headers))
         .with_state(state)
+}
+
+/// Every request with a body is an upload: it counts against the cap for as long as it is
+/// handled, whatever its method or path (a GET with a body uploads as well as a POST).
+async fn cap_bodies(
+    State(target): State<Arc<Target>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !has_body(request.headers()) {
+        return next.run(request).await;
+    }
+    let key = TestKey::of(request.uri(), &peer);
+    let Some(_slot) = target.tests.begin(key.clone(), &peer.watch) else {
+        return busy(&key);
+    };
+    next.run(request).await
+}
+
+fn has_body(headers: &HeaderMap) -> bool {
+    let sized = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0);
+    sized || headers.contains_key(header::TRANSFER_ENCODING)
 }
 
 /// LibreSpeed's CORS headers and no caching, on every response.
@@ -150,8 +223,8 @@ async fn not_found() -> StatusCode {
     StatusCode::NOT_FOUND
 }
 
-fn busy(ip: IpAddr) -> Response {
-    tracing::info!(client = %ip, "speed test refused: at the cap of concurrent tests");
+fn busy(test: &TestKey) -> Response {
+    tracing::info!(%test, "speed test refused: at the cap of concurrent tests");
     (
         StatusCode::SERVICE_UNAVAILABLE,
         [(header::RETRY_AFTER, "30")],
@@ -162,13 +235,13 @@ fn busy(ip: IpAddr) -> Response {
 
 async fn garbage(
     State(target): State<Arc<Target>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     uri: Uri,
 ) -> Response {
     let chunks = chunks(uri.query().unwrap_or(""));
-    let ip = peer.ip().to_canonical();
-    let Some(slot) = target.tests.begin(ip) else {
-        return busy(ip);
+    let key = TestKey::of(&uri, &peer);
+    let Some(slot) = target.tests.begin(key.clone(), &peer.watch) else {
+        return busy(&key);
     };
     let body = Garbage {
         chunk: target.garbage.clone(),
@@ -193,28 +266,8 @@ async fn garbage(
         .into_response()
 }
 
-async fn empty(
-    State(target): State<Arc<Target>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let sized = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > 0);
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    let _slot = if method == Method::POST && (sized || chunked) {
-        let ip = peer.ip().to_canonical();
-        match target.tests.begin(ip) {
-            Some(slot) => Some(slot),
-            None => return busy(ip),
-        }
-    } else {
-        None
-    };
+/// Drains the body (its slot is held by `cap_bodies`).
+async fn empty(body: Body) -> Response {
     let mut body = body;
     while let Some(frame) = body.frame().await {
         if frame.is_err() {
@@ -225,8 +278,8 @@ async fn empty(
     ([(header::CONNECTION, "keep-alive")], StatusCode::OK).into_response()
 }
 
-async fn get_ip(ConnectInfo(peer): ConnectInfo<SocketAddr>) -> Response {
-    let ip = peer.ip().to_canonical().to_string();
+async fn get_ip(ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
+    let ip = peer.addr.ip().to_canonical().to_string();
     (
         [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
         serde_json::json!({ "processedString": ip, "rawIspInfo": "" }).to_string(),
@@ -284,69 +337,309 @@ impl hyper::body::Body for Garbage {
     }
 }
 
-/// The speed tests in progress, by client IP.
-struct Tests {
-    max: usize,
-    by_ip: Arc<Mutex<HashMap<IpAddr, Activity>>>,
+/// What identifies a speed test: the id our agent sends, else the client address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum TestKey {
+    Id(String),
+    Addr(IpAddr),
 }
 
-#[derive(Clone, Copy)]
+impl TestKey {
+    fn of(uri: &Uri, peer: &Peer) -> TestKey {
+        uri.query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("test="))
+            .filter(|id| {
+                (1..=MAX_ID).contains(&id.len())
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            .map(|id| TestKey::Id(id.to_string()))
+            .unwrap_or_else(|| TestKey::Addr(peer.addr.ip().to_canonical()))
+    }
+}
+
+impl fmt::Display for TestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TestKey::Id(id) => write!(f, "test {id}"),
+            TestKey::Addr(ip) => write!(f, "client {ip}"),
+        }
+    }
+}
+
+/// The speed tests in progress.
+struct Tests {
+    max: usize,
+    inner: Arc<Mutex<TestsInner>>,
+}
+
+#[derive(Default)]
+struct TestsInner {
+    by_key: HashMap<TestKey, Activity>,
+    next_transfer: u64,
+}
+
 struct Activity {
-    transfers: usize,
+    transfers: HashMap<u64, Transfer>,
     last_end: Instant,
+}
+
+/// A transfer in progress and the connection that carries it.
+struct Transfer {
+    watch: Arc<ConnWatch>,
+    started: Instant,
 }
 
 /// One transfer of a test; dropping it ends the transfer.
 struct Slot {
-    ip: IpAddr,
-    by_ip: Arc<Mutex<HashMap<IpAddr, Activity>>>,
+    key: TestKey,
+    id: u64,
+    inner: Arc<Mutex<TestsInner>>,
 }
 
 impl Tests {
     fn new(max: usize) -> Self {
         Tests {
             max,
-            by_ip: Arc::default(),
+            inner: Arc::default(),
         }
     }
 
-    /// Starts a transfer for `ip`: joins its running test, or starts a test if there is
-    /// room; `None` means busy.
-    fn begin(&self, ip: IpAddr) -> Option<Slot> {
-        let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, TestsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a transfer of test `key` on the connection `watch`: joins its running test,
+    /// or starts the test if there is room; `None` means busy.
+    fn begin(&self, key: TestKey, watch: &Arc<ConnWatch>) -> Option<Slot> {
+        let mut inner = self.lock();
         let now = Instant::now();
-        by_ip.retain(|_, a| a.transfers > 0 || now.duration_since(a.last_end) < LINGER);
-        let running = by_ip.len();
-        match by_ip.get_mut(&ip) {
-            Some(activity) => activity.transfers += 1,
+        inner
+            .by_key
+            .retain(|_, a| !a.transfers.is_empty() || now.duration_since(a.last_end) < LINGER);
+        let running = inner.by_key.len();
+        let id = inner.next_transfer;
+        inner.next_transfer += 1;
+        let transfer = Transfer {
+            watch: watch.clone(),
+            started: now,
+        };
+        match inner.by_key.get_mut(&key) {
+            Some(activity) => {
+                activity.transfers.insert(id, transfer);
+            }
             None if self.max > 0 && running >= self.max => return None,
             None => {
-                by_ip.insert(
-                    ip,
+                inner.by_key.insert(
+                    key.clone(),
                     Activity {
-                        transfers: 1,
+                        transfers: HashMap::from([(id, transfer)]),
                         last_end: now,
                     },
                 );
-                tracing::debug!(client = %ip, running = by_ip.len(), "speed test started");
+                tracing::debug!(%key, running = running + 1, "speed test started");
             }
         }
         Some(Slot {
-            ip,
-            by_ip: self.by_ip.clone(),
+            key,
+            id,
+            inner: self.inner.clone(),
         })
+    }
+
+    /// Ends every transfer whose connection moved nothing for `STALL` (counted from the
+    /// transfer's start at the earliest) and closes that connection; a test left without
+    /// transfers this way frees its slot at once.
+    fn reap(&self, now: Instant) {
+        let mut inner = self.lock();
+        inner.by_key.retain(|key, activity| {
+            let before = activity.transfers.len();
+            activity.transfers.retain(|_, t| {
+                let progress = t.watch.last_progress().max(t.started);
+                let stalled = now.saturating_duration_since(progress) >= STALL;
+                if stalled {
+                    t.watch.cancel.cancel();
+                }
+                !stalled
+            });
+            let reaped = before - activity.transfers.len();
+            if reaped > 0 {
+                tracing::info!(%key, reaped, stall = ?STALL, "stalled speed transfers closed");
+            }
+            reaped == 0 || !activity.transfers.is_empty()
+        });
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut by_ip = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(activity) = by_ip.get_mut(&self.ip) {
-            activity.transfers = activity.transfers.saturating_sub(1);
-            if activity.transfers == 0 {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(activity) = inner.by_key.get_mut(&self.key) {
+            if activity.transfers.remove(&self.id).is_some() && activity.transfers.is_empty() {
                 activity.last_end = Instant::now();
             }
         }
+    }
+}
+
+/// A connection's progress and the switch that closes it, shared by its I/O and the
+/// transfers it carries.
+struct ConnWatch {
+    born: Instant,
+    /// Milliseconds from `born` to the last byte read or written.
+    last_ms: AtomicU64,
+    cancel: CancellationToken,
+}
+
+impl ConnWatch {
+    fn new() -> Self {
+        ConnWatch {
+            born: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_progress(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// The client's address and its connection's watch, given to every handler.
+#[derive(Clone)]
+struct Peer {
+    addr: SocketAddr,
+    watch: Arc<ConnWatch>,
+}
+
+impl Connected<IncomingStream<'_, WatchedListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, WatchedListener>) -> Self {
+        Peer {
+            addr: *stream.remote_addr(),
+            watch: stream.io().watch.clone(),
+        }
+    }
+}
+
+/// Accepts connections as `Watched` streams (with `TCP_NODELAY`: answers are small).
+struct WatchedListener(TcpListener);
+
+impl axum::serve::Listener for WatchedListener {
+    type Io = Watched;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Watched, SocketAddr) {
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let _ = tcp.set_nodelay(true);
+        let watch = Arc::new(ConnWatch::new());
+        let cancelled = Box::pin(watch.cancel.clone().cancelled_owned());
+        (
+            Watched {
+                tcp,
+                watch,
+                cancelled,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// A TCP stream that records progress in its `ConnWatch` and fails every operation once
+/// the watch is cancelled (then hyper drops the connection and the socket closes).
+struct Watched {
+    tcp: TcpStream,
+    watch: Arc<ConnWatch>,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Watched {
+    /// After the inner operation: its result, unless the connection was closed by the
+    /// reaper (checked, and woken for, only while the operation waits).
+    fn settle<T>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let closed = match poll {
+            Poll::Pending => self.cancelled.as_mut().poll(cx).is_ready(),
+            Poll::Ready(_) => self.watch.cancel.is_cancelled(),
+        };
+        if closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no progress: closed by serve-target",
+            )));
+        }
+        poll
+    }
+
+    fn moved(&self, poll: &Poll<io::Result<usize>>) {
+        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) {
+            self.watch.touch();
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.watch.touch();
+        }
+        self.settle(cx, poll)
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.tcp).poll_write(cx, data);
+        self.moved(&poll);
+        self.settle(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.moved(&poll);
+        self.settle(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.tcp).poll_flush(cx);
+        self.settle(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.tcp).poll_shutdown(cx);
+        self.settle(cx, poll)
     }
 }
 
@@ -363,20 +656,61 @@ mod tests {
         assert_eq!(chunks("ckSize=lots"), 4);
     }
 
+    fn addr(ip: &str) -> TestKey {
+        TestKey::Addr(ip.parse().unwrap())
+    }
+
     #[test]
-    fn cap_counts_client_ips_not_connections() {
+    fn cap_counts_tests_not_connections() {
         let tests = Tests::new(1);
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let first = tests.begin(a).expect("room for one test");
-        let second = tests.begin(a).expect("same client, same test");
-        assert!(tests.begin(b).is_none(), "a second client is busy");
+        let conn = Arc::new(ConnWatch::new());
+        let (a, b) = (addr("192.0.2.1"), addr("192.0.2.2"));
+        let first = tests.begin(a.clone(), &conn).expect("room for one test");
+        let second = tests.begin(a, &conn).expect("same client, same test");
+        assert!(
+            tests.begin(b.clone(), &conn).is_none(),
+            "a second client is busy"
+        );
         drop(first);
         drop(second);
         assert!(
-            tests.begin(b).is_none(),
+            tests.begin(b.clone(), &conn).is_none(),
             "the slot lingers after the last transfer"
         );
-        assert!(Tests::new(0).begin(b).is_some(), "0 means no cap");
+        assert!(Tests::new(0).begin(b, &conn).is_some(), "0 means no cap");
+    }
+
+    #[test]
+    fn a_stalled_transfer_loses_its_slot_at_once() {
+        let tests = Tests::new(1);
+        let conn = Arc::new(ConnWatch::new());
+        let slot = tests.begin(addr("192.0.2.1"), &conn).unwrap();
+        tests.reap(Instant::now() + STALL / 2);
+        assert!(!conn.cancel.is_cancelled());
+        tests.reap(Instant::now() + STALL);
+        assert!(conn.cancel.is_cancelled(), "its connection is closed");
+        let other = Arc::new(ConnWatch::new());
+        assert!(
+            tests.begin(addr("192.0.2.2"), &other).is_some(),
+            "no linger"
+        );
+        drop(slot);
+    }
+
+    #[test]
+    fn test_id_before_address() {
+        let peer = Peer {
+            addr: "192.0.2.1:5000".parse().unwrap(),
+            watch: Arc::new(ConnWatch::new()),
+        };
+        let key = |uri: &str| TestKey::of(&uri.parse().unwrap(), &peer);
+        assert_eq!(key("/empty?r=1&test=ab-C_9"), TestKey::Id("ab-C_9".into()));
+        assert_eq!(key("/empty?r=1"), addr("192.0.2.1"));
+        assert_eq!(key("/empty?test="), addr("192.0.2.1"));
+        assert_eq!(key("/empty?test=a%20b"), addr("192.0.2.1"));
+        assert_eq!(
+            key(&format!("/e?test={}", "x".repeat(65))),
+            addr("192.0.2.1")
+        );
     }
 }

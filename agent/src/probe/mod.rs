@@ -137,6 +137,8 @@ pub struct SpeedFields {
     pub upload_loaded_latency_seconds: Option<f64>,
     pub bytes_downloaded: u64,
     pub bytes_uploaded: u64,
+    /// Streams that broke while the others carried on (JSON only: the wire has no field).
+    pub streams_failed: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

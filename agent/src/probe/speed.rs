@@ -9,9 +9,15 @@
 //! `POST empty` with an 8 MiB random body (upload), while the ping connection keeps
 //! timing round trips (loaded latency, median). Goodput counts payload bytes only between
 //! the end of the warm-up and the end of the direction: bits / seconds of that window.
+//! Download bytes are counted as read; upload bytes as the peer acknowledged them
+//! (`conn::Acked`). Every request carries `test=<random id of this run>`.
 //!
 //! Invariants: every stream and connection of a direction is gone before the next
-//! direction starts; a 503 anywhere is `busy`; a direction that moves no payload fails.
+//! direction starts; a 503 anywhere is `busy`; a download that ends short of what it asked
+//! for is `protocol` with no rate (the target does not send data); a stream that breaks
+//! is counted in `streams_failed` and the others carry on (the direction fails only when
+//! none is left); a lost ping is no sample, and idle latency needs at least half of its
+//! pings answered; a direction that moves no payload fails.
 
 mod conn;
 
@@ -42,12 +48,22 @@ pub const DEFAULT_WARMUP: Duration = Duration::from_secs(2);
 pub const DEFAULT_PINGS: u32 = 10;
 const MAX_PINGS: u32 = 1000;
 const MAX_STREAMS: u32 = 64;
-/// Time between loaded round trips.
+/// Time between loaded round trips, at least.
 const LOADED_PING_INTERVAL: Duration = Duration::from_millis(100);
+/// Time between loaded round trips, at most.
+const LOADED_PING_MAX_INTERVAL: Duration = Duration::from_secs(1);
+/// Wire bits of one round trip (request, answer and their ACKs with TCP/IP headers,
+/// rounded up): the load the pings add to the link.
+const PING_WIRE_BITS: f64 = 8.0 * 800.0;
+/// Share of the link the loaded pings may take: they are traffic iperf3 does not send,
+/// 10 per second would be over 2 % of a 1 Mbit/s link.
+const PING_SHARE: f64 = 0.002;
 /// One round trip longer than this is lost.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// `ckSize` of each download request, as LibreSpeed's client asks.
 const DOWNLOAD_MIB: u32 = 100;
+/// Bytes each download request asks for.
+const DOWNLOAD_BYTES: u64 = (DOWNLOAD_MIB as u64) << 20;
 /// Body of each upload request.
 const UPLOAD_REQUEST_BYTES: u64 = 8 << 20;
 /// Upload body frames, slices of one random buffer.
@@ -129,6 +145,7 @@ async fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<Endpoint, ProbeError> {
         host: bare,
         authority,
         insecure_tls: spec.options.insecure_tls.unwrap_or(false),
+        test_id: format!("{:016x}", rand::random::<u64>()),
     })
 }
 
@@ -163,12 +180,12 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
     tracing::debug!(target = %spec.target, ?layout, "speed endpoints");
 
     progress(format_args!("idle latency"));
-    let mut idle = Vec::with_capacity(pings as usize);
-    for _ in 0..pings {
-        idle.push(pinger.ping(&layout.empty).await?);
+    let idle = idle_pings(&mut pinger, &layout.empty, pings).await;
+    fields.idle_latency_seconds = median(&idle.rtts).map(secs);
+    fields.jitter_seconds = jitter(&idle.rtts).map(secs);
+    if let Some(e) = idle.error {
+        return Err(e);
     }
-    fields.idle_latency_seconds = median(&idle).map(secs);
-    fields.jitter_seconds = jitter(&idle).map(secs);
 
     let plan = Plan {
         endpoint: endpoint.clone(),
@@ -179,6 +196,7 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
         .direction(Direction::Download, down_streams, &layout, pinger)
         .await;
     pinger = back;
+    fields.streams_failed += down.streams_failed;
     fields.bytes_downloaded = down.bytes;
     fields.download_bits_per_second = down.bits_per_second;
     fields.download_loaded_latency_seconds = median(&down.loaded).map(secs);
@@ -189,6 +207,7 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
     let (up, error, _) = plan
         .direction(Direction::Upload, up_streams, &layout, pinger)
         .await;
+    fields.streams_failed += up.streams_failed;
     fields.bytes_uploaded = up.bytes;
     fields.upload_bits_per_second = up.bits_per_second;
     fields.upload_loaded_latency_seconds = median(&up.loaded).map(secs);
@@ -196,6 +215,58 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+struct Idle {
+    rtts: Vec<Duration>,
+    error: Option<ProbeError>,
+}
+
+/// `pings` idle round trips. A lost one (no answer in time, a broken connection) is no
+/// sample; fewer than half answered fails the run with what came back. An answer that is
+/// not 2xx (busy, wrong status) fails it at once.
+async fn idle_pings(pinger: &mut Pinger, empty: &str, pings: u32) -> Idle {
+    let floor = pings.div_ceil(2) as usize;
+    let mut rtts = Vec::with_capacity(pings as usize);
+    let mut lost = Vec::new();
+    for sent in 1..=pings as usize {
+        match pinger.ping(empty).await {
+            Ok(rtt) => rtts.push(rtt),
+            Err(e) if lost_ping(&e) => {
+                tracing::debug!(error = %e.message, "idle ping lost");
+                lost.push(e);
+            }
+            Err(e) => {
+                return Idle {
+                    rtts,
+                    error: Some(e),
+                }
+            }
+        }
+        if rtts.len() + (pings as usize - sent) < floor {
+            break;
+        }
+    }
+    let error = (rtts.len() < floor).then(|| {
+        let last = lost.pop().expect("pings were lost");
+        ProbeError::new(
+            last.class,
+            format!(
+                "only {} of {pings} idle pings answered (at least {floor} needed); last: {}",
+                rtts.len(),
+                last.message
+            ),
+        )
+    });
+    Idle { rtts, error }
+}
+
+/// A ping whose failure says nothing about the target's answer: a sample lost.
+fn lost_ping(e: &ProbeError) -> bool {
+    matches!(
+        e.class,
+        ErrorClass::Timeout | ErrorClass::Refused | ErrorClass::Protocol | ErrorClass::Other
+    )
 }
 
 /// Finds the layout whose `empty` endpoint answers; the answer also warms the ping
@@ -239,7 +310,7 @@ impl Pinger {
         let kept = self.conn.take().filter(|_| !self.interrupted);
         let mut conn = self.endpoint.reuse_or_open(kept, Use::Ping).await?;
         self.sent += 1;
-        let path = format!("{path}?r={}", self.sent);
+        let path = format!("{path}?test={}&r={}", self.endpoint.test_id, self.sent);
         self.interrupted = true;
         let start = Instant::now();
         let round_trip = async {
@@ -293,6 +364,44 @@ struct DirectionResult {
     bits_per_second: Option<f64>,
     bytes: u64,
     loaded: Vec<Duration>,
+    streams_failed: u32,
+}
+
+/// How a stream ended (streams run until aborted, so any end is a failure).
+enum StreamEnd {
+    /// This stream's connection broke (reset, cut body): the others carry on.
+    Broken(ProbeError),
+    /// The target answered something that ends the run (busy, a status, a short body).
+    Fatal(ProbeError),
+}
+
+impl StreamEnd {
+    /// A failure from a request: the target's answer is fatal, the connection's fate not.
+    fn of(e: ProbeError) -> StreamEnd {
+        match e.class {
+            ErrorClass::Busy | ErrorClass::HttpStatus | ErrorClass::Tls | ErrorClass::Local => {
+                StreamEnd::Fatal(e)
+            }
+            _ => StreamEnd::Broken(e),
+        }
+    }
+}
+
+/// Payload bytes of a direction so far: download bytes as read; upload bytes as the peer
+/// acknowledged them, or as handed to hyper where the kernel does not say.
+#[derive(Clone)]
+struct Meter {
+    counted: Arc<AtomicU64>,
+    acked: Option<Arc<conn::Acked>>,
+}
+
+impl Meter {
+    fn bytes(&self) -> u64 {
+        self.acked
+            .as_ref()
+            .and_then(|a| a.total())
+            .unwrap_or_else(|| self.counted.load(Ordering::Relaxed))
+    }
 }
 
 impl Plan {
@@ -306,22 +415,26 @@ impl Plan {
         pinger: Pinger,
     ) -> (DirectionResult, Option<ProbeError>, Pinger) {
         let counter = Arc::new(AtomicU64::new(0));
+        let meter = Meter {
+            counted: counter.clone(),
+            acked: (direction == Direction::Upload).then(Arc::default),
+        };
         let start = Instant::now();
         let warm_at = start + self.warmup;
         let end_at = start + self.duration;
         let payload = random_payload();
         let mut set = JoinSet::new();
-        for _ in 0..streams.clamp(1, MAX_STREAMS) {
+        let streams = streams.clamp(1, MAX_STREAMS);
+        for _ in 0..streams {
             let endpoint = self.endpoint.clone();
             let counter = counter.clone();
-            match direction {
-                Direction::Download => {
-                    set.spawn(download_stream(endpoint, layout.garbage.clone(), counter))
-                }
-                Direction::Upload => set.spawn(upload_stream(
+            match &meter.acked {
+                None => set.spawn(download_stream(endpoint, layout.garbage.clone(), counter)),
+                Some(acked) => set.spawn(upload_stream(
                     endpoint,
                     layout.empty.clone(),
                     counter,
+                    acked.clone(),
                     payload.clone(),
                 )),
             };
@@ -330,34 +443,50 @@ impl Plan {
         let mut pings = AbortOnDrop(tokio::spawn(loaded_pings(
             pinger,
             layout.empty.clone(),
-            warm_at,
+            (start, warm_at),
+            meter.clone(),
             stop_pings.clone(),
         )));
 
         let mut result = DirectionResult::default();
         let mut error = None;
+        let mut first_broken = None;
         let mut warm: Option<(Instant, u64)> = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         loop {
             tokio::select! {
-                joined = set.join_next() => {
-                    // Streams run until stopped, so one ending is a failure.
-                    error = Some(match joined {
-                        Some(Ok(e)) => e,
-                        Some(Err(join)) => ProbeError::new(
+                Some(joined) = set.join_next() => {
+                    let broken = match joined {
+                        Ok(StreamEnd::Fatal(e)) => {
+                            error = Some(e);
+                            break;
+                        }
+                        Ok(StreamEnd::Broken(e)) => e,
+                        Err(join) => ProbeError::new(
                             ErrorClass::Other,
                             format!("{} stream failed internally: {join}", direction.name()),
                         ),
-                        None => ProbeError::new(ErrorClass::Other, "no streams"),
-                    });
-                    break;
+                    };
+                    result.streams_failed += 1;
+                    tracing::info!(
+                        direction = direction.name(),
+                        error = %broken.message,
+                        failed = result.streams_failed,
+                        streams,
+                        "speed stream broke; the others carry on",
+                    );
+                    let first = first_broken.get_or_insert(broken);
+                    if result.streams_failed == streams {
+                        error = Some(first.clone());
+                        break;
+                    }
                 }
                 _ = sleep_until(warm_at), if warm.is_none() => {
-                    warm = Some((Instant::now(), counter.load(Ordering::Relaxed)));
+                    warm = Some((Instant::now(), meter.bytes()));
                 }
                 _ = sleep_until(end_at) => {
                     let (warm_t, warm_bytes) = warm.unwrap_or((start, 0));
-                    let bytes = counter.load(Ordering::Relaxed) - warm_bytes;
+                    let bytes = meter.bytes().saturating_sub(warm_bytes);
                     let window = secs(Instant::now() - warm_t);
                     result.bits_per_second = Some(bytes as f64 * 8.0 / window);
                     if bytes == 0 {
@@ -370,7 +499,7 @@ impl Plan {
                 }
                 _ = tick.tick(), if PROGRESS.load(Ordering::Relaxed) => {
                     let elapsed = secs(start.elapsed());
-                    let rate = counter.load(Ordering::Relaxed) as f64 * 8.0 / elapsed.max(1e-3);
+                    let rate = meter.bytes() as f64 * 8.0 / elapsed.max(1e-3);
                     progress(format_args!(
                         "{:<8} {:>9.2} Mbit/s  {:>4.1}/{:.0} s",
                         direction.name(),
@@ -384,7 +513,7 @@ impl Plan {
         // Stop the streams and wait until their connections are gone.
         set.abort_all();
         while set.join_next().await.is_some() {}
-        result.bytes = counter.load(Ordering::Relaxed);
+        result.bytes = meter.bytes();
         stop_pings.cancel();
         let (pinger, loaded) = match (&mut pings.0).await {
             Ok(done) => done,
@@ -406,52 +535,81 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Repeats `GET garbage` until aborted, counting payload bytes; returns only on failure.
+/// Each answer must carry the `ckSize` MiB asked for: a target that sends less (an HTML
+/// page from a broken install, a captive portal) is not a slow link.
 async fn download_stream(
     endpoint: Arc<Endpoint>,
     garbage: String,
     counter: Arc<AtomicU64>,
-) -> ProbeError {
+) -> StreamEnd {
     let mut conn: Option<Conn<Empty<Bytes>>> = None;
     for n in 0u64.. {
         let mut c = match endpoint.reuse_or_open(conn.take(), Use::Download).await {
             Ok(c) => c,
-            Err(e) => return e,
+            Err(e) => return StreamEnd::of(e),
         };
-        let path = format!("{garbage}?ckSize={DOWNLOAD_MIB}&r={n}");
-        let mut body = match c.send(&endpoint, Method::GET, &path, Empty::new()).await {
-            Ok(response) => response.into_body(),
-            Err(e) => return e,
+        let path = format!(
+            "{garbage}?ckSize={DOWNLOAD_MIB}&test={}&r={n}",
+            endpoint.test_id
+        );
+        let response = match c.send(&endpoint, Method::GET, &path, Empty::new()).await {
+            Ok(response) => response,
+            Err(e) => return StreamEnd::of(e),
         };
+        if let Some(length) = response.body().size_hint().exact() {
+            if length < DOWNLOAD_BYTES {
+                return StreamEnd::Fatal(short_download(&path, length, "announced"));
+            }
+        }
+        let mut body = response.into_body();
+        let mut got = 0u64;
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(frame) => {
                     if let Some(data) = frame.data_ref() {
+                        got += data.len() as u64;
                         counter.fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                 }
-                Err(e) => return conn::hyper_error(&path, e),
+                Err(e) => return StreamEnd::of(conn::hyper_error(&path, e)),
             }
+        }
+        if got < DOWNLOAD_BYTES {
+            return StreamEnd::Fatal(short_download(&path, got, "sent"));
         }
         conn = Some(c);
     }
     unreachable!("the request counter does not run out")
 }
 
-/// Repeats `POST empty` with a sized random body until aborted, counting payload bytes
-/// as hyper takes them; returns only on failure.
+fn short_download(path: &str, bytes: u64, how: &str) -> ProbeError {
+    ProbeError::new(
+        ErrorClass::Protocol,
+        format!(
+            "GET {path}: {how} {bytes} bytes, asked for {DOWNLOAD_MIB} MiB: \
+             the target does not serve test data"
+        ),
+    )
+}
+
+/// Repeats `POST empty` with a sized random body until aborted; its connections count
+/// into `acked`, and `counter` the bytes hyper took (where the kernel does not report
+/// acknowledged bytes); returns only on failure.
 async fn upload_stream(
     endpoint: Arc<Endpoint>,
     empty: String,
     counter: Arc<AtomicU64>,
+    acked: Arc<conn::Acked>,
     payload: Bytes,
-) -> ProbeError {
+) -> StreamEnd {
     let mut conn: Option<Conn<Upload>> = None;
     for n in 0u64.. {
-        let mut c = match endpoint.reuse_or_open(conn.take(), Use::Upload).await {
+        let purpose = Use::Upload(acked.clone());
+        let mut c = match endpoint.reuse_or_open(conn.take(), purpose).await {
             Ok(c) => c,
-            Err(e) => return e,
+            Err(e) => return StreamEnd::of(e),
         };
-        let path = format!("{empty}?r={n}");
+        let path = format!("{empty}?test={}&r={n}", endpoint.test_id);
         let body = Upload {
             payload: payload.clone(),
             remaining: UPLOAD_REQUEST_BYTES,
@@ -460,21 +618,23 @@ async fn upload_stream(
         match c.send(&endpoint, Method::POST, &path, body).await {
             Ok(response) => {
                 if let Err(e) = response.into_body().collect().await {
-                    return conn::hyper_error(&path, e);
+                    return StreamEnd::of(conn::hyper_error(&path, e));
                 }
             }
-            Err(e) => return e,
+            Err(e) => return StreamEnd::of(e),
         }
         conn = Some(c);
     }
     unreachable!("the request counter does not run out")
 }
 
-/// Loaded round trips from `warm_at` until stopped; hands the pinger back.
+/// Loaded round trips from the end of the warm-up until stopped, spaced so they take at
+/// most `PING_SHARE` of the rate seen during the warm-up; hands the pinger back.
 async fn loaded_pings(
     mut pinger: Pinger,
     empty: String,
-    warm_at: Instant,
+    (start, warm_at): (Instant, Instant),
+    meter: Meter,
     stop: CancellationToken,
 ) -> (Pinger, Vec<Duration>) {
     let mut samples = Vec::new();
@@ -482,8 +642,11 @@ async fn loaded_pings(
         _ = stop.cancelled() => return (pinger, samples),
         _ = sleep_until(warm_at) => {}
     }
+    let warmup_rate = meter.bytes() as f64 * 8.0 / secs(warm_at - start).max(1e-3);
+    let interval = Duration::from_secs_f64(PING_WIRE_BITS / (PING_SHARE * warmup_rate.max(1.0)))
+        .clamp(LOADED_PING_INTERVAL, LOADED_PING_MAX_INTERVAL);
     loop {
-        let next = Instant::now() + LOADED_PING_INTERVAL;
+        let next = Instant::now() + interval;
         tokio::select! {
             _ = stop.cancelled() => break,
             result = pinger.ping(&empty) => {

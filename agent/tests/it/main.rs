@@ -11,5 +11,6 @@ mod schedule;
 mod speed;
 mod state;
 mod target;
+mod uplink;
 mod util;
 mod zones;

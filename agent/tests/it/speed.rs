@@ -241,3 +241,133 @@ fn serve_cutting(stream: TcpStream) {
         let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
     }
 }
+
+/// A LibreSpeed-style server built from `garbage` (the handler for `/garbage`) and an
+/// `/empty` that answers pings and drains uploads, except that the `lose_ping`-th GET
+/// (1-based, 0 = none) is never answered.
+fn misbehaving_librespeed<H, T>(garbage: H, lose_ping: usize) -> SocketAddr
+where
+    H: axum::handler::Handler<T, ()> + Clone + Send + Sync + 'static,
+    T: 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let ping = move || {
+                let n = pings.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                async move {
+                    if n == lose_ping {
+                        std::future::pending::<()>().await;
+                    }
+                    ""
+                }
+            };
+            let app = Router::new()
+                .route("/garbage", get(garbage))
+                .route("/empty", get(ping).post(drain));
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    addr
+}
+
+/// Case 6: a garbage endpoint that answers a small HTML page (a broken PHP install, a
+/// captive portal) is a `protocol` failure without a download rate, not a slow link.
+#[test]
+fn speed_against_a_garbage_endpoint_that_sends_a_page_is_protocol() {
+    let page = "<!DOCTYPE html><html><head><title>garbage.php</title></head><body>\
+                <?php // the PHP module is not installed ?></body></html>\n";
+    let addr = misbehaving_librespeed(move || async move { page }, 0);
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "1s", "--streams", "2"],
+    );
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "protocol", "{v}");
+    assert!(v["download_bits_per_second"].is_null(), "no rate: {v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{} bytes", page.len())),
+        "{message}"
+    );
+}
+
+/// Case 9: one unanswered idle ping is a lost sample, not a failed test.
+#[test]
+fn speed_with_a_lost_idle_ping_still_measures() {
+    let chunk = Bytes::from(vec![0x5a; 1 << 20]);
+    let garbage = move |request: Request| {
+        let chunk = chunk.clone();
+        async move { Body::from_stream(mib_stream(chunk, ck_size(&request), usize::MAX)) }
+    };
+    // Ping 1 is spent on layout detection; the 3rd is the 2nd idle one.
+    let addr = misbehaving_librespeed(garbage, 3);
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "1s", "--streams", "2"],
+    );
+    assert_eq!(code, 0, "{v}");
+    let idle = f64_of(&v, "idle_latency_seconds");
+    assert!(idle < 0.05, "the lost ping is not a sample: {idle}");
+    assert!(f64_of(&v, "download_bits_per_second") > 10e6, "{v}");
+    assert!(f64_of(&v, "upload_bits_per_second") > 10e6, "{v}");
+}
+
+/// Case 9: one download stream that breaks lowers the stream count, is reported, and the
+/// rate comes from the others.
+#[test]
+fn speed_with_a_broken_stream_reports_it_and_measures_the_rest() {
+    let chunk = Bytes::from(vec![0x5a; 1 << 20]);
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let garbage = move |request: Request| {
+        let chunk = chunk.clone();
+        let n = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The first download breaks after 2 MiB; every other one is whole.
+        let cut = if n == 0 { 2 } else { usize::MAX };
+        async move { Body::from_stream(mib_stream(chunk, ck_size(&request), cut)) }
+    };
+    let addr = misbehaving_librespeed(garbage, 0);
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "1s", "--streams", "3"],
+    );
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["streams_failed"].as_u64(), Some(1), "{v}");
+    assert!(f64_of(&v, "download_bits_per_second") > 10e6, "{v}");
+    assert!(f64_of(&v, "upload_bits_per_second") > 10e6, "{v}");
+}
+
+fn ck_size(request: &Request) -> usize {
+    request
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("ckSize=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(4)
+}
+
+/// `n` MiB chunks, or an error (the connection is cut) after `cut` of them.
+fn mib_stream(
+    chunk: Bytes,
+    n: usize,
+    cut: usize,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::iter((0..n).map(move |i| {
+        if i < cut {
+            Ok(chunk.clone())
+        } else {
+            Err(std::io::Error::other("cut"))
+        }
+    }))
+}

@@ -184,3 +184,102 @@ fn shutdown_on_sigterm_is_graceful() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Case 8: four uploads that stall after one byte, from four addresses, hold every slot;
+/// each loses its slot and its connection after 10 s without progress, so the target
+/// answers a normal test again within about 12 s.
+#[test]
+fn stalled_uploads_lose_their_slots_and_connections() {
+    let target = Target::start("127.0.0.1:0", 4);
+    let mut stalled: Vec<TcpStream> = (2..=5)
+        .map(|i| {
+            let mut s = connect_from(&format!("127.0.0.{i}"), target.addr);
+            s.write_all(b"POST /empty HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\nx")
+                .unwrap();
+            s
+        })
+        .collect();
+    let upload =
+        b"POST /empty HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\nabcd";
+    // Let the four bodies reach their handlers, then the target is full.
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    assert_eq!(
+        http(target.addr, upload).0,
+        503,
+        "four stalled tests fill the cap"
+    );
+    loop {
+        if http(target.addr, upload).0 == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(14),
+            "stalled uploads still hold the target after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("target free again after {:?}", start.elapsed());
+    // And their connections are gone: the server closed them (EOF after any answer).
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("closed by the target, not left open");
+    }
+}
+
+/// Case 8: a GET with a body uploads too, so it counts against the cap.
+#[test]
+fn a_get_with_a_body_counts_against_the_cap() {
+    let target = Target::start("127.0.0.1:0", 1);
+    let mut holder = connect_from("127.0.0.2", target.addr);
+    holder
+        .write_all(b"GET /empty HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n")
+        .unwrap();
+    holder.write_all(&[0u8; 65536]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let upload =
+        b"POST /empty HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\nabcd";
+    assert_eq!(
+        http(target.addr, upload).0,
+        503,
+        "the GET upload holds the slot"
+    );
+}
+
+/// Case 8: tests are told apart by the id our agent sends, so two agents behind one NAT
+/// (one address) are two tests; a stock client without an id is its address.
+#[test]
+fn tests_are_identified_by_their_id_before_their_address() {
+    let target = Target::start("127.0.0.1:0", 1);
+    let mut holder = TcpStream::connect(target.addr).unwrap();
+    holder
+        .write_all(b"GET /garbage?ckSize=1024&test=agent-a HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 64];
+    let _ = holder.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("HTTP/1.1 200"));
+
+    let upload = |path: &str| {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\nabcd"
+        );
+        http(target.addr, request.as_bytes()).0
+    };
+    assert_eq!(
+        upload("/empty?test=agent-b"),
+        503,
+        "another agent, same address"
+    );
+    assert_eq!(upload("/empty?r=1&test=agent-a"), 200, "the same test");
+    // A stock client from another address is its own test too.
+    let mut other = connect_from("127.0.0.2", target.addr);
+    other
+        .write_all(b"POST /empty HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 4\r\n\r\nabcd")
+        .unwrap();
+    let mut answer = String::new();
+    other.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+}

@@ -3,11 +3,21 @@
 //! that dies with the `Conn`.
 //!
 //! Transfer sockets close with a reset (SO_LINGER 0), so data still queued in the kernel
-//! when a phase ends cannot leak into the next phase. Upload sockets keep at most
-//! `NOTSENT_LOWAT` unsent bytes in the kernel and hyper buffers at most `UPLOAD_BUF`, so
-//! the bytes the probe counts as handed over track the bytes on the wire closely.
+//! when a phase ends cannot leak into the next phase. Upload bytes are the bytes the peer
+//! acknowledged (`Acked`): the kernel's `tcpi_bytes_acked` of each upload socket, exact at
+//! any instant, where bytes handed to hyper or the kernel run ahead of the wire by whatever
+//! sits in buffers (at 1 Mbit/s a 64 KiB write alone is half a second). Upload sockets
+//! still keep at most `NOTSENT_LOWAT` unsent bytes in the kernel and hyper buffers at most
+//! `UPLOAD_BUF`: less queued data for the reset to throw away at the end.
+//!
+//! Unsafe code: `bytes_acked` calls `libc::getsockopt(TCP_INFO)` on a socket we own
+//! (a duplicate of the upload socket's descriptor, held as long as it is read) into a
+//! zeroed `libc::tcp_info`, checking the length the kernel wrote; neither socket2 nor
+//! rustix wraps TCP_INFO.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +25,7 @@ use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use socket2::SockRef;
+use socket2::{SockRef, Socket};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
@@ -36,19 +46,109 @@ pub struct Endpoint {
     pub authority: String,
     pub addr: SocketAddr,
     pub insecure_tls: bool,
+    /// Sent as `test=` with every request so `serve-target` tells this run from other
+    /// agents behind the same address (stock LibreSpeed servers ignore it).
+    pub test_id: String,
 }
 
 /// What a connection is for; decides its socket options.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Use {
     Ping,
     Download,
-    Upload,
+    /// Counts the connection's acknowledged bytes into the direction's total.
+    Upload(Arc<Acked>),
 }
 
 pub struct Conn<B> {
     sender: SendRequest<B>,
     task: JoinHandle<()>,
+    /// Upload connections: their socket in the acknowledged-bytes total.
+    _acked: Option<AckedSocket>,
+}
+
+/// The bytes the peer acknowledged on every upload socket of a direction: the sockets
+/// still open, read live, plus the final count of those already closed.
+#[derive(Debug, Default)]
+pub struct Acked {
+    inner: Mutex<AckedInner>,
+}
+
+#[derive(Debug, Default)]
+struct AckedInner {
+    closed: u64,
+    next_id: u64,
+    open: HashMap<u64, Socket>,
+    /// TCP_INFO could not be read (not Linux >= 4.1): the total means nothing.
+    unreadable: bool,
+}
+
+impl Acked {
+    /// Acknowledged bytes so far, or `None` when the kernel does not report them.
+    pub fn total(&self) -> Option<u64> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = inner.closed;
+        let mut unreadable = inner.unreadable;
+        for socket in inner.open.values() {
+            match bytes_acked(socket) {
+                Some(n) => total += n,
+                None => unreadable = true,
+            }
+        }
+        inner.unreadable = unreadable;
+        (!unreadable).then_some(total)
+    }
+
+    fn register(self: &Arc<Self>, socket: Socket) -> AckedSocket {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.open.insert(id, socket);
+        AckedSocket {
+            acked: self.clone(),
+            id,
+        }
+    }
+}
+
+/// One upload socket in an `Acked` total; on drop its final count moves to `closed`.
+struct AckedSocket {
+    acked: Arc<Acked>,
+    id: u64,
+}
+
+impl Drop for AckedSocket {
+    fn drop(&mut self) {
+        let mut inner = self.acked.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(socket) = inner.open.remove(&self.id) {
+            match bytes_acked(&socket) {
+                Some(n) => inner.closed += n,
+                None => inner.unreadable = true,
+            }
+        }
+    }
+}
+
+/// `tcpi_bytes_acked` (Linux >= 4.1) less the SYN it counts: bytes of this connection the
+/// peer acknowledged.
+#[allow(unsafe_code)]
+fn bytes_acked(socket: &Socket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open (owned by `socket`), `info` is a zeroed plain C
+    // struct of `len` bytes, and the kernel writes at most `len` bytes and updates it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (rc == 0 && len as usize >= needed).then(|| info.tcpi_bytes_acked.saturating_sub(1))
 }
 
 impl<B> Drop for Conn<B> {
@@ -84,21 +184,30 @@ impl Endpoint {
     {
         let stream = tcp::connect(self.addr).await?;
         let socket = SockRef::from(&stream);
-        if purpose != Use::Ping {
+        if !matches!(purpose, Use::Ping) {
             let _ = socket.set_linger(Some(Duration::ZERO));
         }
         let mut builder = Builder::new();
-        if purpose == Use::Upload {
+        let mut acked = None;
+        if let Use::Upload(total) = &purpose {
             let _ = socket.set_tcp_notsent_lowat(NOTSENT_LOWAT);
             builder.max_buf_size(UPLOAD_BUF);
+            // A second descriptor of the same socket, readable while hyper owns the
+            // stream; the socket closes (with its reset) when both are gone.
+            let dup = socket.try_clone().map_err(|e| {
+                ProbeError::new(ErrorClass::Local, format!("duplicate upload socket: {e}"))
+            })?;
+            acked = Some(total.register(dup));
         }
-        if self.https {
+        let mut conn = if self.https {
             let config = tls::client_config(self.insecure_tls, &[b"http/1.1"]);
             let (stream, _, _) = tls::handshake(stream, &self.host, config).await?;
-            handshake(&builder, stream).await
+            handshake(&builder, stream).await?
         } else {
-            handshake(&builder, stream).await
-        }
+            handshake(&builder, stream).await?
+        };
+        conn._acked = acked;
+        Ok(conn)
     }
 }
 
@@ -115,7 +224,11 @@ where
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });
-    Ok(Conn { sender, task })
+    Ok(Conn {
+        sender,
+        task,
+        _acked: None,
+    })
 }
 
 impl<B> Conn<B>
@@ -189,4 +302,31 @@ pub fn hyper_error(what: &str, e: hyper::Error) -> ProbeError {
         ErrorClass::Protocol
     };
     ProbeError::new(class, format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn bytes_acked_counts_what_the_peer_took() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let acked = Arc::new(Acked::default());
+        let registered = acked.register(SockRef::from(&client).try_clone().unwrap());
+        client.write_all(&[1u8; 100_000]).unwrap();
+        let mut got = vec![0u8; 100_000];
+        server.read_exact(&mut got).unwrap();
+        // The acknowledgement follows the data; loopback takes microseconds.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(acked.total(), Some(100_000));
+        drop(registered);
+        assert_eq!(
+            acked.total(),
+            Some(100_000),
+            "kept after the socket is gone"
+        );
+    }
 }
