@@ -64,6 +64,9 @@ const OVERHEAD: u64 = 9 + 8;
 const DELETE_CHUNK: usize = 1_000;
 /// Appends folded into one group commit at most.
 const GROUP_MAX: usize = 10_000;
+/// How long `open` waits for a lock to go away before reporting `Locked` (longer than
+/// sled's 500 ms flush interval, after which a closed buffer's file is released).
+const LOCK_GRACE: Duration = Duration::from_millis(1_500);
 /// Free space kept on the buffer's filesystem. Below it the buffer stops growing and drops
 /// its oldest results instead: sled cannot recover from a write that hits a full disk.
 const DISK_RESERVE: u64 = 16 << 20;
@@ -258,8 +261,14 @@ impl Buffer {
         // sled reports its lock as an ErrorKind::Other error with a formatted message, so
         // a running agent is detected here, with the same lock sled takes, before sled
         // could be mistaken for a corrupt directory.
-        if locked_by_another(&path.join("db")) {
-            return Err(BufferError::Locked { path: shown });
+        // A lock that goes away within LOCK_GRACE is this process's own buffer, closed a
+        // moment ago: sled's flusher thread holds the file until its next tick.
+        let since = std::time::Instant::now();
+        while locked_by_another(&path.join("db")) {
+            if since.elapsed() >= LOCK_GRACE {
+                return Err(BufferError::Locked { path: shown });
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         let db = sled_config(&path)
             .open()

@@ -253,7 +253,7 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
     let task = tokio::spawn(async move {
         let partial = &progress;
         match spec_owned.kind {
-            Kind::Speed => speed::run(&spec_owned).await,
+            Kind::Speed => speed::run(&spec_owned, partial).await,
             Kind::Icmp => icmp::run(&spec_owned, partial).await,
             Kind::Tcp => tcp::run(&spec_owned, partial).await,
             Kind::Http => http::run(&spec_owned, partial).await,

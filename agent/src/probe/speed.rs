@@ -37,7 +37,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::conn::{Conn, Endpoint, Use};
-use super::{secs, tcp, ErrorClass, Fields, Measured, ProbeError, ProbeSpec, SpeedFields};
+use super::{secs, tcp, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec, SpeedFields};
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub const DEFAULT_DOWNLOAD_STREAMS: u32 = 6;
@@ -77,9 +77,9 @@ pub fn show_progress(on: bool) {
     PROGRESS.store(on, Ordering::Relaxed);
 }
 
-pub async fn run(spec: &ProbeSpec) -> Measured {
+pub async fn run(spec: &ProbeSpec, partial: &Partial) -> Measured {
     let mut fields = SpeedFields::default();
-    let error = measure(spec, &mut fields).await.err();
+    let error = measure(spec, &mut fields, partial).await.err();
     if PROGRESS.load(Ordering::Relaxed) {
         eprint!("\r\x1b[2K");
     }
@@ -125,9 +125,11 @@ async fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<Endpoint, ProbeError> {
         .host()
         .ok_or_else(|| ProbeError::new(ErrorClass::Local, "URL has no host"))?;
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    // Host carries host[:port] only: userinfo (credentials) never goes into it.
     let authority = uri
         .authority()
         .map(|a| a.as_str())
+        .map(|a| a.rsplit_once('@').map_or(a, |(_, hostport)| hostport))
         .unwrap_or(host)
         .to_string();
     let bare = host
@@ -149,7 +151,13 @@ async fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<Endpoint, ProbeError> {
     })
 }
 
-async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), ProbeError> {
+/// Publishes each direction's figures to `partial` as it ends, so a run cut off by its
+/// whole-run limit keeps the idle latency and the download it measured.
+async fn measure(
+    spec: &ProbeSpec,
+    fields: &mut SpeedFields,
+    partial: &Partial,
+) -> Result<(), ProbeError> {
     let o = &spec.options;
     let duration = o
         .duration
@@ -186,6 +194,7 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
     if let Some(e) = idle.error {
         return Err(e);
     }
+    partial.publish(Fields::Speed(fields.clone()), "measuring the download");
 
     let plan = Plan {
         endpoint: endpoint.clone(),
@@ -203,6 +212,7 @@ async fn measure(spec: &ProbeSpec, fields: &mut SpeedFields) -> Result<(), Probe
     if let Some(e) = error {
         return Err(e);
     }
+    partial.publish(Fields::Speed(fields.clone()), "measuring the upload");
 
     let (up, error, _) = plan
         .direction(Direction::Upload, up_streams, &layout, pinger)

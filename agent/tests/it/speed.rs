@@ -44,6 +44,30 @@ fn speed_against_our_target_measures_both_directions_and_latency() {
     );
 }
 
+/// A run cut off by its whole-run limit during the upload keeps the idle latency and the
+/// download it measured (it used to report every field empty).
+#[test]
+fn speed_cut_off_by_its_limit_keeps_the_download() {
+    let _heavy = heavy_lock();
+    let target = Target::start("127.0.0.1:0", 4);
+    let (v, code) = probe(
+        "speed",
+        &target.url(),
+        &["--duration", "2s", "--timeout", "3500ms"],
+    );
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "timeout", "{v}");
+    assert!(f64_of(&v, "idle_latency_seconds") > 0.0, "{v}");
+    assert!(f64_of(&v, "download_bits_per_second") > 1e6, "{v}");
+    assert!(v["upload_bits_per_second"].is_null(), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("upload")),
+        "{v}"
+    );
+}
+
 /// A server with only LibreSpeed's stock layout (`/backend/*.php`, chunked garbage as
 /// garbage.php sends it), recording what was asked.
 fn stock_librespeed() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
