@@ -66,8 +66,9 @@ fn default_http_listen() -> SocketAddr {
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSection {
     pub url: Option<String>,
-    /// Results older than this are dropped with their daily partition.
-    #[serde(default = "default_retention", deserialize_with = "de_duration")]
+    /// Results older than this are dropped with their daily partition; at least
+    /// [`MIN_RETENTION`].
+    #[serde(default = "default_retention", deserialize_with = "de_retention")]
     pub retention: Duration,
     /// Concurrent Postgres writer connections.
     #[serde(default = "default_writers")]
@@ -231,13 +232,27 @@ fn line_col(text: &str, span: Range<usize>) -> (usize, usize) {
     (line, text[line_start..offset].chars().count() + 1)
 }
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+/// The shortest retention accepted: partitions are whole UTC days, so anything shorter
+/// would drop yesterday's partition while it still receives late results (an agent that
+/// was offline, a buffer drained after midnight), and the dashboards' "last 24 h" would
+/// lose rows at every upkeep.
+pub const MIN_RETENTION: Duration = Duration::from_secs(2 * 86_400);
+
+/// Parses a retention (`90d`), refusing one below [`MIN_RETENTION`]; the message says why.
+pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration `{s}` ({e}); use e.g. \"90d\""))?;
+    if d < MIN_RETENTION {
+        return Err(format!(
+            "retention `{s}` is below the minimum of 2d: partitions are whole days, and a shorter retention would drop yesterday's partition while late results still land in it"
+        ));
+    }
+    Ok(d)
+}
+
+fn de_retention<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "invalid duration `{s}` ({e}); use e.g. \"90d\", \"12h\""
-        ))
-    })
+    parse_retention(&s).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -273,6 +288,21 @@ site_label = "site"
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("c.toml:11:13: invalid duration"), "{e}");
+        // Below two days: refused, located, with the reason.
+        for short in ["12h", "1d", "47h 59m"] {
+            let e = Config::parse(
+                &text.replace("retention = \"90d\"", &format!("retention = \"{short}\"")),
+                "c.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("c.toml:11:13: retention") && e.contains("minimum of 2d"),
+                "{e}"
+            );
+        }
+        let c = Config::parse(&text.replace("\"90d\"", "\"2d\""), "c.toml").unwrap();
+        assert_eq!(c.database.retention, MIN_RETENTION);
         let e = Config::parse(&text.replace("site_label", "site_lable"), "c.toml")
             .unwrap_err()
             .to_string();

@@ -122,7 +122,7 @@ enum CertCommand {
 }
 
 fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration `{s}` ({e}); use e.g. 90d"))
+    config::parse_retention(s)
 }
 
 fn main() -> ExitCode {
