@@ -35,7 +35,7 @@ pub async fn migrate_once(url: &str, retention: Option<Duration>) -> anyhow::Res
     let applied = schema::migrate(&mut client)
         .await
         .context("migration failed")?;
-    schema::maintain_partitions(&client, retention)
+    schema::maintain_partitions(&client, retention, schema::ATTEMPTS)
         .await
         .context("creating partitions")?;
     Ok(applied)
@@ -103,7 +103,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         match tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = migrate_and_partition(&url, config.database.retention) => r,
+            r = migrate_once_at_start(&url, config.database.retention) => r,
         } {
             Ok(()) => break,
             Err(e) => {
@@ -186,7 +186,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result<()> {
+async fn migrate_once_at_start(url: &str, retention: Duration) -> anyhow::Result<()> {
     let mut client = store::connect(url)
         .await
         .context("cannot connect to postgres")?;
@@ -194,12 +194,21 @@ async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result
         .await
         .context("migration failed")?;
     warn_unless_utf8(&client).await;
-    // A least-privilege runtime role may not own `results`; then `migrate --retention`
-    // run by the owner keeps the partitions, and the default partition catches the rest.
-    if let Err(e) = schema::maintain_partitions(&client, Some(retention)).await {
-        tracing::warn!("cannot maintain partitions (run `edgeprobe-collector migrate --retention` as the owner): {}", store::describe(&e));
+    // One attempt per step: today's partitions exist before agents are accepted, but a long
+    // reader of `results` defers upkeep to the background rounds instead of delaying start.
+    if let Err(e) = schema::maintain_partitions(&client, Some(retention), 1).await {
+        warn_upkeep(&e);
     }
     Ok(())
+}
+
+/// A least-privilege runtime role may not own `results`; then `migrate --retention` run by
+/// the owner keeps the partitions, and the default partition catches the rest.
+fn warn_upkeep(e: &tokio_postgres::Error) {
+    tracing::warn!(
+        "cannot maintain partitions (run `edgeprobe-collector migrate --retention` as the owner): {}",
+        store::describe(e)
+    );
 }
 
 /// Agents send UTF-8; a database in another encoding refuses what it cannot hold (those
@@ -220,8 +229,9 @@ async fn warn_unless_utf8(client: &tokio_postgres::Client) {
 }
 
 async fn keep_partitions(url: String, retention: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(PARTITION_EVERY);
-    ticks.tick().await;
+    // The first round runs at once, to finish what start-up's single attempts deferred.
+    let mut ticks = tokio::time::interval(upkeep_interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -229,11 +239,11 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
         }
         let result = async {
             let client = store::connect(&url).await?;
-            schema::maintain_partitions(&client, Some(retention)).await
+            schema::maintain_partitions(&client, Some(retention), schema::ATTEMPTS).await
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!("partition maintenance failed: {}", store::describe(&e));
+            warn_upkeep(&e);
         }
     }
 }
@@ -249,6 +259,15 @@ fn server_tls(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Serv
         client_ca: path(&config.server.client_ca, "client_ca")?,
     };
     Ok(ServerTls::load(files, metrics)?)
+}
+
+/// How often partitions are kept. `EDGEPROBE_UPKEEP_INTERVAL_MS` overrides the hourly
+/// default for tests; it is not a knob.
+fn upkeep_interval() -> Duration {
+    std::env::var("EDGEPROBE_UPKEEP_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(PARTITION_EVERY, Duration::from_millis)
 }
 
 /// How long a new connection may take for its TLS handshake, and then its stream for the

@@ -1,5 +1,7 @@
 //! The database schema: versioned migrations embedded in the binary, and the daily
-//! partitions of `results` (created ahead, dropped past retention).
+//! partitions of `results` (created ahead, dropped past retention, the default partition
+//! drained into them) without ever stalling ingest: see [`maintain_partitions`] and
+//! docs/SCALING.md.
 //!
 //! Invariants: migrations are applied in order, each in its own transaction, under an
 //! advisory lock so several collectors starting together apply each exactly once; an
@@ -81,64 +83,185 @@ pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.0)
 }
 
-/// Creates the daily partitions from yesterday to `PARTITIONS_AHEAD` days ahead and, given
-/// a retention, drops those entirely older than it and deletes quarantined results
-/// received before it. Returns (created, dropped) counts.
+/// How long one upkeep statement waits for a lock before it gives up. While a DDL waits for
+/// its lock, every later lock request on the same table queues behind it (PostgreSQL grants
+/// locks in order), so this is also the longest stall one attempt can cause ingest: short.
+pub const LOCK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Attempts per upkeep step within one background round (backoff 1 s, 2 s, 4 s between
+/// them); a step still blocked after them is left for the next round. Start-up makes one
+/// attempt per step, so a long reader never delays the collector's readiness.
+pub const ATTEMPTS: u32 = 4;
+
+/// A session whose transaction has held a lock on a table this long is taken for a long
+/// reader (a dashboard query, a report): upkeep does not queue behind it at all.
+const LONG_HOLDER: &str = "1 second";
+
+/// What one round of partition upkeep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Upkeep {
+    /// Daily partitions created and attached.
+    pub created: usize,
+    /// Partitions detached and dropped past retention.
+    pub dropped: usize,
+    /// Rows moved from the default partition into their day's partition.
+    pub drained: u64,
+    /// Rows of the default partition deleted past retention.
+    pub purged_default: u64,
+    /// Steps left for the next round because a lock stayed taken.
+    pub deferred: usize,
+}
+
+/// One round of partition upkeep. Creates the daily partitions from yesterday to
+/// `PARTITIONS_AHEAD` days ahead, and a partition for every kept day that has rows in the
+/// default partition (the rows are moved into it); given a retention, detaches and drops
+/// partitions entirely older than it, deletes default-partition rows and quarantined
+/// results older than it.
+///
+/// Never stalls ingest: every DDL runs under `lock_timeout` ([`LOCK_TIMEOUT`]) and is
+/// retried with backoff; a step that needs a lock a long reader holds is not even queued.
+/// New partitions are built as standalone tables and then attached (SHARE UPDATE EXCLUSIVE
+/// on `results`, not ACCESS EXCLUSIVE). Detaching takes ACCESS EXCLUSIVE on `results`:
+/// `DETACH ... CONCURRENTLY` is refused by PostgreSQL while a default partition exists, so
+/// the detach is a short, lock-timed statement instead, tried only when no long reader
+/// holds `results`; the `DROP` then touches only the detached table.
 pub async fn maintain_partitions(
     client: &Client,
     retention: Option<Duration>,
-) -> Result<(usize, usize), tokio_postgres::Error> {
+    attempts: u32,
+) -> Result<Upkeep, tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "SET lock_timeout = '{}ms'",
+            LOCK_TIMEOUT.as_millis()
+        ))
+        .await?;
     let today = days_since_epoch(SystemTime::now());
-    let mut created = 0;
-    for day in (today - 1)..=(today + PARTITIONS_AHEAD) {
-        let name = partition_name(day);
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_class WHERE relname = $1", &[&name])
-            .await?
-            .is_some();
-        if exists {
-            continue;
-        }
-        let sql = format!(
-            "CREATE TABLE IF NOT EXISTS {name} PARTITION OF results \
-             FOR VALUES FROM ('{}') TO ('{}')",
-            day_start(day),
-            day_start(day + 1)
-        );
-        match client.batch_execute(&sql).await {
-            Ok(()) => created += 1,
-            // Rows for that day already sit in the default partition: leave them there.
-            Err(e) => tracing::warn!(partition = %name, "cannot create partition: {e}"),
+    let oldest_kept = retention.map(|r| today - (r.as_secs() / 86_400) as i64);
+    let mut up = Upkeep::default();
+    let columns: String = client
+        .query_one(
+            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+              WHERE attrelid = 'results'::regclass AND attnum > 0 AND NOT attisdropped",
+            &[],
+        )
+        .await?
+        .get(0);
+
+    // Days that need a partition: the window around today, and every kept day with rows in
+    // the default partition (they can land there only while their day has no partition).
+    let mut days: Vec<i64> = ((today - 1)..=(today + PARTITIONS_AHEAD)).collect();
+    for row in client
+        .query(
+            "SELECT DISTINCT floor(extract(epoch FROM started_at) / 86400)::int8
+               FROM results_default",
+            &[],
+        )
+        .await?
+    {
+        let day: i64 = row.get(0);
+        if day <= today + PARTITIONS_AHEAD && oldest_kept.is_none_or(|k| day >= k) {
+            days.push(day);
         }
     }
-    let Some(retention) = retention else {
-        return Ok((created, 0));
+    days.sort_unstable();
+    days.dedup();
+    for day in days {
+        let name = partition_name(day);
+        if is_partition(client, &name).await? {
+            continue;
+        }
+        let (from, to) = (day_start(day), day_start(day + 1));
+        // One transaction: the day's table is created (or a leftover reused), the day's
+        // rows move out of the default partition, and the table is attached; a reader
+        // sees the rows in exactly one place at any moment.
+        let sql = format!(
+            "BEGIN;
+             CREATE TABLE IF NOT EXISTS {name}
+                 (LIKE results INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+             ALTER TABLE {name} DROP CONSTRAINT IF EXISTS {name}_range;
+             ALTER TABLE {name} ADD CONSTRAINT {name}_range
+                 CHECK (started_at >= '{from}' AND started_at < '{to}');
+             WITH moved AS (
+                 DELETE FROM results_default
+                  WHERE started_at >= '{from}' AND started_at < '{to}'
+                 RETURNING {columns})
+             INSERT INTO {name} ({columns}) SELECT {columns} FROM moved;
+             ALTER TABLE results ATTACH PARTITION {name} FOR VALUES FROM ('{from}') TO ('{to}');
+             COMMIT;"
+        );
+        match with_retry(
+            client,
+            attempts,
+            &name,
+            &["results", "results_default"],
+            &sql,
+        )
+        .await?
+        {
+            true => {
+                let moved = client
+                    .query_one(&format!("SELECT count(*) FROM {name}"), &[])
+                    .await?
+                    .get::<_, i64>(0) as u64;
+                if moved > 0 {
+                    tracing::info!(partition = %name, rows = moved, "created partition, moved its rows out of the default partition");
+                }
+                up.drained += moved;
+                up.created += 1;
+            }
+            false => up.deferred += 1,
+        }
+    }
+
+    let Some(oldest_kept) = oldest_kept else {
+        return Ok(up);
     };
-    let oldest_kept = today - (retention.as_secs() / 86_400) as i64;
+    let retention = retention.unwrap_or_default();
+    // Partitions past retention, and tables a previous round detached but did not drop.
     let rows = client
         .query(
-            "SELECT c.relname FROM pg_inherits i
-               JOIN pg_class c ON c.oid = i.inhrelid
-               JOIN pg_class p ON p.oid = i.inhparent
-              WHERE p.relname = 'results' AND c.relname LIKE 'results_p%'",
+            "SELECT c.relname, c.relispartition FROM pg_class c
+              WHERE c.relkind = 'r' AND c.relname ~ '^results_p[0-9]{8}$'
+                AND c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = 'results'::regclass)",
             &[],
         )
         .await?;
-    let mut dropped = 0;
     for row in rows {
         let name: String = row.get(0);
+        let attached: bool = row.get(1);
         let Some(day) = parse_partition_day(&name) else {
             continue;
         };
-        if day < oldest_kept {
-            client
-                .batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
-                .await?;
+        if day >= oldest_kept {
+            continue;
+        }
+        if attached {
+            let sql = format!("ALTER TABLE results DETACH PARTITION {name}");
+            if !with_retry(client, attempts, &name, &["results", &name], &sql).await? {
+                up.deferred += 1;
+                continue;
+            }
+        }
+        let sql = format!("DROP TABLE IF EXISTS {name}");
+        if with_retry(client, attempts, &name, &[&name], &sql).await? {
             tracing::info!(partition = %name, "dropped partition past retention");
-            dropped += 1;
+            up.dropped += 1;
+        } else {
+            up.deferred += 1;
         }
     }
-    // The quarantine follows the same retention, by arrival.
+    // The default partition and the quarantine follow the same retention.
+    let purged = client
+        .execute(
+            "DELETE FROM results_default WHERE started_at < to_timestamp($1::float8)",
+            &[&((oldest_kept * 86_400) as f64)],
+        )
+        .await?;
+    if purged > 0 {
+        tracing::info!(purged, "deleted default-partition results past retention");
+    }
+    up.purged_default = purged;
     let purged = client
         .execute(
             "DELETE FROM rejected_results WHERE received_at < now() - make_interval(secs => $1)",
@@ -148,7 +271,85 @@ pub async fn maintain_partitions(
     if purged > 0 {
         tracing::info!(purged, "deleted quarantined results past retention");
     }
-    Ok((created, dropped))
+    if up.deferred > 0 {
+        tracing::warn!(
+            deferred = up.deferred,
+            "partition upkeep deferred steps: a long transaction holds results; retrying next round"
+        );
+    }
+    Ok(up)
+}
+
+async fn is_partition(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_class WHERE relname = $1 AND relispartition",
+            &[&name],
+        )
+        .await?
+        .is_some())
+}
+
+/// Runs one upkeep step (`sql`, one statement or a whole transaction) until it gets its
+/// locks: not while a long transaction holds any of `tables`, and each attempt bounded by
+/// `lock_timeout`. Ok(false): still blocked after `attempts`; other errors are returned.
+async fn with_retry(
+    client: &Client,
+    attempts: u32,
+    what: &str,
+    tables: &[&str],
+    sql: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let tables: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    let mut delay = Duration::from_secs(1);
+    for attempt in 1..=attempts.max(1) {
+        let busy = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                      WHERE l.granted AND l.pid <> pg_backend_pid()
+                        AND l.relation IN (SELECT oid FROM pg_class WHERE relname = ANY($1))
+                        AND a.xact_start < clock_timestamp() - interval '{LONG_HOLDER}'"
+                ),
+                &[&tables],
+            )
+            .await?
+            .get::<_, i64>(0)
+            > 0;
+        if !busy {
+            match client.batch_execute(sql).await {
+                Ok(()) => return Ok(true),
+                Err(e) if lock_contention(&e) => {
+                    // A failed statement leaves the transaction aborted.
+                    client.batch_execute("ROLLBACK").await?;
+                    tracing::debug!(step = what, attempt, "upkeep lock timed out: {e}");
+                }
+                Err(e) => {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(e);
+                }
+            }
+        } else {
+            tracing::debug!(
+                step = what,
+                attempt,
+                "a long transaction holds the table; upkeep waits"
+            );
+        }
+        if attempt < attempts {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    }
+    Ok(false)
+}
+
+/// lock_not_available (lock_timeout) or deadlock_detected: try again later.
+fn lock_contention(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::LOCK_NOT_AVAILABLE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    })
 }
 
 fn days_since_epoch(t: SystemTime) -> i64 {

@@ -11,3 +11,4 @@ mod spine;
 mod store_errors;
 mod storm;
 mod support;
+mod upkeep;
