@@ -273,3 +273,45 @@ fn upkeep_behind_a_long_reader_never_stalls_ingest() {
     );
     proc.stop();
 }
+
+/// `migrate --retention`, the owner's daily upkeep: rows of a day without a partition
+/// (here yesterday, whose partition the window includes, and five days ago, which it does
+/// not) get their day's partition, the rows moved there; below 2 days is refused. Before:
+/// the rows stayed in the default partition for good (and blocked yesterday's partition:
+/// its `CREATE … PARTITION OF` failed on them), and `--retention 12h` was accepted.
+#[test]
+fn migrate_drains_the_default_partition_and_refuses_a_short_retention() {
+    let db = TestDb::new();
+    migrate(&db);
+    let yesterday = partition(&db, -1);
+    let late = partition(&db, -5);
+    db.client()
+        .batch_execute(&format!(
+            "ALTER TABLE results DETACH PARTITION {yesterday}; DROP TABLE {yesterday};
+             INSERT INTO results (agent_id, seq, test, kind, target, started_at, duration_seconds, success)
+             VALUES ('late', 1, 'web', 'http', 't', (now() AT TIME ZONE 'UTC')::date - 5 + interval '1 hour', 0, true),
+                    ('late', 2, 'web', 'http', 't', (now() AT TIME ZONE 'UTC')::date - 1 + interval '1 hour', 0, true);"
+        ))
+        .unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM results_default"), 2);
+
+    let (code, _, stderr) =
+        collector_cmd(&["migrate", "--database-url", &db.url, "--retention", "12h"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("below the minimum of 2d"), "{stderr}");
+
+    let (code, _, stderr) =
+        collector_cmd(&["migrate", "--database-url", &db.url, "--retention", "90d"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        attached(&db, &late) && attached(&db, &yesterday),
+        "{stderr}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM results_default"), 0);
+    assert_eq!(db.scalar(&format!("SELECT count(*) FROM {late}")), 1);
+    assert_eq!(db.scalar(&format!("SELECT count(*) FROM {yesterday}")), 1);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM results WHERE agent_id = 'late'"),
+        2
+    );
+}
