@@ -93,8 +93,9 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_millis(500);
 /// attempt per step, so a long reader never delays the collector's readiness.
 pub const ATTEMPTS: u32 = 4;
 
-/// A session whose transaction has held a lock on a table this long is taken for a long
-/// reader (a dashboard query, a report): upkeep does not queue behind it at all.
+/// A client session whose transaction has held a lock on a table this long is taken for a
+/// long reader (a dashboard query, a report): upkeep does not queue behind it at all.
+/// Autovacuum is not counted: it cancels itself when a DDL waits for its table.
 const LONG_HOLDER: &str = "1 second";
 
 /// What one round of partition upkeep did.
@@ -308,6 +309,7 @@ async fn with_retry(
                 &format!(
                     "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                       WHERE l.granted AND l.pid <> pg_backend_pid()
+                        AND a.backend_type = 'client backend'
                         AND l.relation IN (SELECT oid FROM pg_class WHERE relname = ANY($1))
                         AND a.xact_start < clock_timestamp() - interval '{LONG_HOLDER}'"
                 ),
