@@ -16,6 +16,7 @@ mod ingest;
 mod listen;
 mod metrics;
 mod pgcopy;
+mod pgtls;
 mod run;
 mod schema;
 mod sessions;
@@ -182,12 +183,18 @@ fn main() -> ExitCode {
                         }
                     }
                 }
+                // The database URL's TLS settings and files, as `run` and `migrate` read them.
+                let url = match c.database.url.as_deref().map(pgtls::Target::parse) {
+                    Some(Ok(target)) => {
+                        format!("from the file, sslmode={}", target.mode().name())
+                    }
+                    Some(Err(e)) => {
+                        eprintln!("{}: {e}", config.display());
+                        return ExitCode::from(2);
+                    }
+                    None => "from --database-url or the environment".to_string(),
+                };
                 if missing.is_empty() {
-                    let url = if c.database.url.is_some() {
-                        "from the file"
-                    } else {
-                        "from --database-url or the environment"
-                    };
                     println!("{}: ok (database url {url})", config.display());
                     ExitCode::SUCCESS
                 } else {
@@ -215,7 +222,14 @@ fn main() -> ExitCode {
                 eprintln!("no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL");
                 return ExitCode::from(2);
             };
-            match runtime.block_on(run::migrate_once(&url, retention)) {
+            let target = match pgtls::Target::parse(&url) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("migrate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(run::migrate_once(&target, retention)) {
                 Ok(applied) => {
                     println!(
                         "schema at version {} (applied now: {:?})",

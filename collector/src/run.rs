@@ -17,6 +17,7 @@ use crate::http::{self, Readiness};
 use crate::ingest::IngestService;
 use crate::listen;
 use crate::metrics::Metrics;
+use crate::pgtls::Target;
 use crate::schema;
 use crate::store::{self, Store};
 use crate::tls::{self, ServerTls, TlsFiles};
@@ -28,8 +29,11 @@ const GRACE: Duration = Duration::from_secs(10);
 /// How often the TLS files are checked for changes (SIGHUP reloads at once).
 const TLS_POLL: Duration = Duration::from_secs(10);
 
-pub async fn migrate_once(url: &str, retention: Option<Duration>) -> anyhow::Result<Vec<i32>> {
-    let mut client = store::connect(url)
+pub async fn migrate_once(
+    target: &Target,
+    retention: Option<Duration>,
+) -> anyhow::Result<Vec<i32>> {
+    let mut client = store::connect(target)
         .await
         .context("cannot connect to postgres")?;
     let applied = schema::migrate(&mut client)
@@ -62,7 +66,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             &config.server.insecure.to_string(),
         ])
         .set(1);
-    let url = config.database_url().to_string();
+    // Checked by `Config::finish` already; parsed again here to load the TLS files.
+    let target = Target::parse(config.database_url())?;
+    tracing::info!(sslmode = target.mode().name(), "database tls");
     // TLS files are checked before anything starts: a typo fails fast, not on first agent.
     let tls = if config.server.insecure {
         tracing::warn!(
@@ -74,7 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let store = Store::start(
-        &url,
+        &target,
         config.database.writers,
         config.metrics.site_label.clone(),
         metrics.clone(),
@@ -103,7 +109,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         match tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = migrate_and_partition(&url, config.database.retention) => r,
+            r = migrate_and_partition(&target, config.database.retention) => r,
         } {
             Ok(()) => break,
             Err(e) => {
@@ -121,7 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     readiness.migrated.store(true, Ordering::Relaxed);
     tokio::spawn(keep_partitions(
-        url.clone(),
+        target.clone(),
         config.database.retention,
         shutdown.clone(),
     ));
@@ -186,8 +192,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_and_partition(url: &str, retention: Duration) -> anyhow::Result<()> {
-    let mut client = store::connect(url)
+async fn migrate_and_partition(target: &Target, retention: Duration) -> anyhow::Result<()> {
+    let mut client = store::connect(target)
         .await
         .context("cannot connect to postgres")?;
     schema::migrate(&mut client)
@@ -219,7 +225,7 @@ async fn warn_unless_utf8(client: &tokio_postgres::Client) {
     }
 }
 
-async fn keep_partitions(url: String, retention: Duration, shutdown: CancellationToken) {
+async fn keep_partitions(target: Target, retention: Duration, shutdown: CancellationToken) {
     let mut ticks = tokio::time::interval(PARTITION_EVERY);
     ticks.tick().await;
     loop {
@@ -228,7 +234,7 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
             _ = ticks.tick() => {}
         }
         let result = async {
-            let client = store::connect(&url).await?;
+            let client = store::connect(&target).await?;
             schema::maintain_partitions(&client, Some(retention)).await
         }
         .await;
