@@ -105,27 +105,28 @@ impl Target {
         let (rest, params) = split_params(url)?;
         let mut config = tokio_postgres::Config::from_str(&rest)
             .map_err(|e| PgTlsError::Url(crate::store::describe(&e)))?;
-        let mode = match params.mode.as_deref() {
-            None => match config.get_ssl_mode() {
-                PgSslMode::Disable => SslMode::Disable,
-                PgSslMode::Require => SslMode::Require,
-                _ => SslMode::Prefer,
-            },
-            Some("disable") => SslMode::Disable,
-            Some("prefer") => SslMode::Prefer,
-            Some("require") => SslMode::Require,
-            Some("verify-ca") => SslMode::VerifyCa,
-            Some("verify-full") => SslMode::VerifyFull,
-            Some("allow") => {
-                return Err(PgTlsError::Url(
+        let mode =
+            match params.mode.as_deref() {
+                None => match config.get_ssl_mode() {
+                    PgSslMode::Disable => SslMode::Disable,
+                    PgSslMode::Require => SslMode::Require,
+                    _ => SslMode::Prefer,
+                },
+                Some("disable") => SslMode::Disable,
+                Some("prefer") => SslMode::Prefer,
+                Some("require") => SslMode::Require,
+                Some("verify-ca") => SslMode::VerifyCa,
+                Some("verify-full") => SslMode::VerifyFull,
+                Some("allow") => return Err(PgTlsError::Url(
                     "sslmode=allow is not supported: use prefer, require, verify-ca or verify-full"
                         .into(),
-                ))
-            }
-            Some(other) => return Err(PgTlsError::Url(format!(
+                )),
+                Some(other) => {
+                    return Err(PgTlsError::Url(format!(
                 "unknown sslmode `{other}`: use disable, prefer, require, verify-ca or verify-full"
-            ))),
-        };
+            )))
+                }
+            };
         // A CA given with `require` is checked, as libpq does.
         let mode = if mode == SslMode::Require && params.rootcert.is_some() {
             SslMode::VerifyCa

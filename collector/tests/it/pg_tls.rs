@@ -292,7 +292,13 @@ fn each_sslmode_checks_what_libpq_checks() {
     let ca = pg.ca();
     let wrong = other_ca(dir.path());
 
-    // require: encrypted, the certificate unchecked (before pgtls: every connection failed).
+    // require, without a client certificate: before pgtls every such connection failed
+    // ("no TLS implementation configured").
+    let db = pg.db();
+    let url = format!("{}?sslmode=require", db.url);
+    let (code, _, err) = collector_cmd(&["migrate", "--database-url", &url]);
+    assert_eq!(code, Some(0), "plain require: {err}");
+    // require: encrypted, the certificate unchecked.
     let (code, err) = migrate("sslmode=require".into());
     assert_eq!(code, Some(0), "require: {err}");
     // verify-ca: our CA issued it, the name does not matter.
