@@ -183,15 +183,24 @@ fn main() -> ExitCode {
                         }
                     }
                 }
-                // The database URL's TLS settings and files, as `run` and `migrate` read them.
-                let url = match c.database.url.as_deref().map(pgtls::Target::parse) {
-                    Some(Ok(target)) => {
-                        format!("from the file, sslmode={}", target.mode().name())
-                    }
-                    Some(Err(e)) => {
-                        eprintln!("{}: {e}", config.display());
-                        return ExitCode::from(2);
-                    }
+                // The database URL's TLS settings and files, as `run` and `migrate` read
+                // them: the file's URL, else the environment's (the unit's EnvironmentFile).
+                let env = ["EDGEPROBE_DATABASE_URL", "DATABASE_URL"]
+                    .into_iter()
+                    .find_map(|v| std::env::var(v).ok().map(|url| (v, url)));
+                let source = match (&c.database.url, env) {
+                    (Some(url), _) => Some(("the file".to_string(), url.clone())),
+                    (None, Some((var, url))) => Some((format!("${var}"), url)),
+                    (None, None) => None,
+                };
+                let url = match source {
+                    Some((from, url)) => match pgtls::Target::parse(&url) {
+                        Ok(target) => format!("from {from}, sslmode={}", target.mode().name()),
+                        Err(e) => {
+                            eprintln!("{}: {e} (url from {from})", config.display());
+                            return ExitCode::from(2);
+                        }
+                    },
                     None => "from --database-url or the environment".to_string(),
                 };
                 if missing.is_empty() {

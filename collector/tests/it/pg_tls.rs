@@ -275,6 +275,19 @@ fn a_server_certificate_from_another_ca_is_refused_with_a_clear_message() {
     let (code, _, err) = collector_cmd(&["migrate", "--database-url", &url]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("cannot read"), "{err}");
+    // `check` reads the URL from the environment too, as the systemd unit passes it.
+    std::fs::write(&config, "[server]\ninsecure = true\n").unwrap();
+    let out = std::process::Command::new(collector_bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env("EDGEPROBE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("url from $EDGEPROBE_DATABASE_URL"),
+        "{err}"
+    );
 }
 
 #[test]
