@@ -23,6 +23,7 @@
 //!   server certificate not issued by `sslrootcert` says so in plain words.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -36,7 +37,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use tokio_postgres::config::SslMode as PgSslMode;
+use tokio_postgres::config::{Host, SslMode as PgSslMode};
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -147,6 +148,24 @@ impl Target {
 
     pub fn mode(&self) -> SslMode {
         self.mode
+    }
+
+    /// True when a host of the URL is not this machine and the mode does not check the
+    /// server's certificate: a man in the middle could pose as the database.
+    pub fn unverified_remote(&self) -> bool {
+        let local = |h: &Host| match h {
+            Host::Unix(_) => true,
+            Host::Tcp(name) => {
+                name == "localhost"
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        };
+        !matches!(self.mode, SslMode::VerifyCa | SslMode::VerifyFull)
+            && !self.config.get_hosts().iter().all(local)
     }
 
     /// Connects; the connection task runs until the client is dropped.
@@ -471,5 +490,13 @@ mod tests {
             mode("postgres://u@h/db?sslmode=verify-full&sslrootcert=system").unwrap(),
             SslMode::VerifyFull
         );
+        let remote = |url: &str| Target::parse(url).unwrap().unverified_remote();
+        assert!(remote("postgres://u@db.example.net/db?sslmode=require"));
+        assert!(remote("postgres://u@127.0.0.1,db.example.net/db"));
+        assert!(!remote("postgres://u@127.0.0.1:5432,localhost:5433/db"));
+        assert!(!remote("postgres://u@[::1]/db?sslmode=disable"));
+        assert!(!remote(
+            "postgres://u@db.example.net/db?sslmode=verify-full&sslrootcert=system"
+        ));
     }
 }

@@ -68,7 +68,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .set(1);
     // Checked by `Config::finish` already; parsed again here to load the TLS files.
     let target = Target::parse(config.database_url())?;
-    tracing::info!(sslmode = target.mode().name(), "database tls");
+    if target.unverified_remote() {
+        tracing::warn!(
+            sslmode = target.mode().name(),
+            "the database is on another host and its certificate is not checked: use sslmode=verify-full with sslrootcert (docs/SECURITY.md)"
+        );
+    } else {
+        tracing::info!(sslmode = target.mode().name(), "database tls");
+    }
     // TLS files are checked before anything starts: a typo fails fast, not on first agent.
     let tls = if config.server.insecure {
         tracing::warn!(
