@@ -16,6 +16,7 @@ mod ingest;
 mod listen;
 mod metrics;
 mod pgcopy;
+mod pgtls;
 mod run;
 mod schema;
 mod sessions;
@@ -182,12 +183,27 @@ fn main() -> ExitCode {
                         }
                     }
                 }
+                // The database URL's TLS settings and files, as `run` and `migrate` read
+                // them: the file's URL, else the environment's (the unit's EnvironmentFile).
+                let env = ["EDGEPROBE_DATABASE_URL", "DATABASE_URL"]
+                    .into_iter()
+                    .find_map(|v| std::env::var(v).ok().map(|url| (v, url)));
+                let source = match (&c.database.url, env) {
+                    (Some(url), _) => Some(("the file".to_string(), url.clone())),
+                    (None, Some((var, url))) => Some((format!("${var}"), url)),
+                    (None, None) => None,
+                };
+                let url = match source {
+                    Some((from, url)) => match pgtls::Target::parse(&url) {
+                        Ok(target) => format!("from {from}, sslmode={}", target.mode().name()),
+                        Err(e) => {
+                            eprintln!("{}: {e} (url from {from})", config.display());
+                            return ExitCode::from(2);
+                        }
+                    },
+                    None => "from --database-url or the environment".to_string(),
+                };
                 if missing.is_empty() {
-                    let url = if c.database.url.is_some() {
-                        "from the file"
-                    } else {
-                        "from --database-url or the environment"
-                    };
                     println!("{}: ok (database url {url})", config.display());
                     ExitCode::SUCCESS
                 } else {
@@ -215,7 +231,14 @@ fn main() -> ExitCode {
                 eprintln!("no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL");
                 return ExitCode::from(2);
             };
-            match runtime.block_on(run::migrate_once(&url, retention)) {
+            let target = match pgtls::Target::parse(&url) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("migrate: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match runtime.block_on(run::migrate_once(&target, retention)) {
                 Ok(applied) => {
                     println!(
                         "schema at version {} (applied now: {:?})",

@@ -17,6 +17,7 @@ use crate::http::{self, Readiness};
 use crate::ingest::IngestService;
 use crate::listen;
 use crate::metrics::Metrics;
+use crate::pgtls::Target;
 use crate::schema;
 use crate::store::{self, Store};
 use crate::tls::{self, ServerTls, TlsFiles};
@@ -28,8 +29,11 @@ const GRACE: Duration = Duration::from_secs(10);
 /// How often the TLS files are checked for changes (SIGHUP reloads at once).
 const TLS_POLL: Duration = Duration::from_secs(10);
 
-pub async fn migrate_once(url: &str, retention: Option<Duration>) -> anyhow::Result<Vec<i32>> {
-    let mut client = store::connect(url)
+pub async fn migrate_once(
+    target: &Target,
+    retention: Option<Duration>,
+) -> anyhow::Result<Vec<i32>> {
+    let mut client = store::connect(target)
         .await
         .context("cannot connect to postgres")?;
     let applied = schema::migrate(&mut client)
@@ -62,7 +66,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             &config.server.insecure.to_string(),
         ])
         .set(1);
-    let url = config.database_url().to_string();
+    // Checked by `Config::finish` already; parsed again here to load the TLS files.
+    let target = Target::parse(config.database_url())?;
+    if target.unverified_remote() {
+        tracing::warn!(
+            sslmode = target.mode().name(),
+            "the database is on another host and its certificate is not checked: use sslmode=verify-full with sslrootcert (docs/SECURITY.md)"
+        );
+    } else {
+        tracing::info!(sslmode = target.mode().name(), "database tls");
+    }
     // TLS files are checked before anything starts: a typo fails fast, not on first agent.
     let tls = if config.server.insecure {
         tracing::warn!(
@@ -74,7 +87,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let store = Store::start(
-        &url,
+        &target,
         config.database.writers,
         config.metrics.site_label.clone(),
         metrics.clone(),
@@ -103,7 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         match tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = migrate_once_at_start(&url, config.database.retention) => r,
+            r = migrate_once_at_start(&target, config.database.retention) => r,
         } {
             Ok(()) => break,
             Err(e) => {
@@ -121,7 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     readiness.migrated.store(true, Ordering::Relaxed);
     tokio::spawn(keep_partitions(
-        url.clone(),
+        target.clone(),
         config.database.retention,
         shutdown.clone(),
     ));
@@ -186,8 +199,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_once_at_start(url: &str, retention: Duration) -> anyhow::Result<()> {
-    let mut client = store::connect(url)
+async fn migrate_once_at_start(target: &Target, retention: Duration) -> anyhow::Result<()> {
+    let mut client = store::connect(target)
         .await
         .context("cannot connect to postgres")?;
     schema::migrate(&mut client)
@@ -228,7 +241,7 @@ async fn warn_unless_utf8(client: &tokio_postgres::Client) {
     }
 }
 
-async fn keep_partitions(url: String, retention: Duration, shutdown: CancellationToken) {
+async fn keep_partitions(target: Target, retention: Duration, shutdown: CancellationToken) {
     // The first round runs at once, to finish what start-up's single attempts deferred.
     let mut ticks = tokio::time::interval(upkeep_interval());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,7 +251,7 @@ async fn keep_partitions(url: String, retention: Duration, shutdown: Cancellatio
             _ = ticks.tick() => {}
         }
         let result = async {
-            let client = store::connect(&url).await?;
+            let client = store::connect(&target).await?;
             schema::maintain_partitions(&client, Some(retention), schema::ATTEMPTS).await
         }
         .await;

@@ -38,12 +38,13 @@ use bytes::Bytes;
 use futures::{pin_mut, SinkExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{AgentHello, Batch, BufferState, Rejected, ResultRow};
 use crate::metrics::Metrics;
 use crate::pgcopy;
+use crate::pgtls::Target;
 
 /// Rows per writer transaction at most.
 const MAX_ROWS: usize = 50_000;
@@ -150,9 +151,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Starts `writers` writer tasks and a health checker against `url`.
+    /// Starts `writers` writer tasks and a health checker against `target`.
     pub fn start(
-        url: &str,
+        target: &Target,
         writers: usize,
         site_label: String,
         metrics: Arc<Metrics>,
@@ -164,7 +165,7 @@ impl Store {
         for id in 0..writers {
             let writer = Writer {
                 id,
-                url: url.to_string(),
+                target: target.clone(),
                 jobs: rx.clone(),
                 metrics: metrics.clone(),
                 ready: ready.clone(),
@@ -172,7 +173,7 @@ impl Store {
             };
             tokio::spawn(writer.run(shutdown.clone()));
         }
-        tokio::spawn(health(url.to_string(), ready.clone(), metrics, shutdown));
+        tokio::spawn(health(target.clone(), ready.clone(), metrics, shutdown));
         Store { jobs: tx, ready }
     }
 
@@ -214,19 +215,14 @@ impl Store {
     }
 }
 
-/// Connects with the URL; the connection task runs until the client is dropped.
-pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("postgres connection ended: {}", describe(&e));
-        }
-    });
-    Ok(client)
+/// Connects to the target with its TLS settings (`pgtls`); the connection task runs until
+/// the client is dropped.
+pub async fn connect(target: &Target) -> Result<Client, tokio_postgres::Error> {
+    target.connect().await
 }
 
 async fn health(
-    url: String,
+    target: Target,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -239,7 +235,7 @@ async fn health(
             _ = ticks.tick() => {}
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = tokio::time::timeout(HEALTH_EVERY, connect(&url))
+            client = tokio::time::timeout(HEALTH_EVERY, connect(&target))
                 .await
                 .ok()
                 .and_then(|r| r.ok());
@@ -267,7 +263,7 @@ async fn health(
 
 struct Writer {
     id: usize,
-    url: String,
+    target: Target,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
@@ -280,7 +276,7 @@ impl Writer {
         loop {
             let client = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                c = connect(&self.url) => c,
+                c = connect(&self.target) => c,
             };
             let mut client = match client {
                 Ok(c) => {

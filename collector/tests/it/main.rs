@@ -6,6 +6,7 @@ mod dashboards;
 mod durability;
 mod fleet;
 mod never_stall;
+mod pg_tls;
 mod security;
 mod spine;
 mod store_errors;
