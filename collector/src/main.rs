@@ -21,6 +21,7 @@ mod schema;
 mod sessions;
 mod store;
 mod tls;
+mod wire;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
