@@ -1,6 +1,6 @@
 //! What one client can hold of a running collector (issue 16, gap 3), from outside over
-//! mTLS: streams of one certificate that send batches and never read their acks, and a
-//! 4 MiB message of near-empty results.
+//! mTLS: streams of one certificate that send batches and never read their acks, a
+//! 4 MiB message of near-empty results, and the cap on streams per HTTP/2 connection.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -350,4 +350,78 @@ fn streams_that_read_no_acks_hold_only_their_own_share() {
             .get(0);
         assert!(n >= 500, "{id}: {n} rows");
     }
+}
+
+/// The server's HTTP/2 SETTINGS as a client with `cert` sees them: (identifier, value).
+async fn server_settings(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Vec<(u16, u32)> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        PrivateKeyDer::from_pem_file(key).unwrap(),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    loop {
+        let mut header = [0u8; 9];
+        tls.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tls.read_exact(&mut payload).await.unwrap();
+        // SETTINGS (type 4) without the ACK flag.
+        if header[3] == 4 && header[4] & 1 == 0 {
+            return payload
+                .chunks(6)
+                .map(|e| {
+                    (
+                        u16::from_be_bytes([e[0], e[1]]),
+                        u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+                    )
+                })
+                .collect();
+        }
+    }
+}
+
+/// The collector announces its cap on concurrent streams per connection
+/// (SETTINGS_MAX_CONCURRENT_STREAMS, identifier 3); h2 clients honour it and h2 refuses
+/// the streams of one that does not.
+#[test]
+fn one_connection_may_hold_only_a_few_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let collector = Collector::start_tls(dir.path(), &db, &pki, &[]);
+    let (cert, key) = pki.agent("hoarder");
+    let settings = runtime().block_on(server_settings(collector.grpc, &pki.ca_pem(), &cert, &key));
+    eprintln!("server SETTINGS: {settings:?}");
+    let max_streams = settings.iter().find(|(id, _)| *id == 3).map(|(_, v)| *v);
+    assert_eq!(max_streams, Some(4), "{settings:?}");
 }
