@@ -22,7 +22,8 @@
 //!   when its peer reads no acks: the committer reserves the ack's place in the outbound
 //!   queue before it takes batches, so a full outbound queue stops only that stream's
 //!   committer (never a writer), and the reader waits for a place in its own queue before
-//!   it takes a share. A closed or replaced session lets go of everything at once.
+//!   it takes a share. A closed or replaced session lets go of everything at once, and a
+//!   peer that reads no ack for `ACK_STALL` has its stream closed (RESOURCE_EXHAUSTED).
 //! - What a message may cost decoded is bounded before it is decoded (`wire`).
 
 use std::pin::Pin;
@@ -42,6 +43,9 @@ use crate::sessions::{Registration, Sessions};
 use crate::store::Store;
 
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that reads no ack for this long has its stream closed. An agent reads its acks
+/// as they come; only a stuck or hostile one lets its receive window fill.
+pub const ACK_STALL: Duration = Duration::from_secs(60);
 /// Batches accepted from one stream and not yet committed, at most.
 const STREAM_QUEUE: usize = 4;
 /// Batches accepted from all streams and not yet committed, at most. With one decoded
@@ -64,6 +68,9 @@ pub struct IngestService {
     pub in_flight: Arc<Semaphore>,
     /// A stream that has not said hello by then is closed.
     pub hello_timeout: Duration,
+    /// A stream whose peer has read no ack for this long (its outbound queue stayed full)
+    /// is closed, and lets go of its share of the in-flight budget.
+    pub ack_stall: Duration,
     /// mTLS mode: a stream without a certificate identity is refused.
     pub require_identity: bool,
     pub sessions: Arc<Sessions>,
@@ -191,6 +198,8 @@ impl pb::ingest_server::Ingest for IngestService {
             shutdown: self.shutdown.clone(),
             in_flight: self.in_flight.clone(),
             registration,
+            ack_stall: self.ack_stall,
+            stalled: CancellationToken::new(),
         };
         tokio::spawn(session.run(inbound, out_tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -230,6 +239,9 @@ struct Session {
     in_flight: Arc<Semaphore>,
     /// Leaves the registry when the session ends.
     registration: Registration,
+    ack_stall: Duration,
+    /// Cancelled by the committer when the peer read no ack for `ack_stall`.
+    stalled: CancellationToken,
 }
 
 /// A batch on its way to the store, holding its share of the global in-flight bound and
@@ -279,9 +291,7 @@ impl Session {
         let end = loop {
             let msg = tokio::select! {
                 _ = this.shutdown.cancelled() => break None,
-                _ = this.registration.close.cancelled() => {
-                    break Some(Status::aborted("replaced by a newer session of the same agent"));
-                }
+                status = this.closing() => break Some(status),
                 m = inbound.message() => m,
             };
             this.registration.activity.touch();
@@ -306,9 +316,7 @@ impl Session {
                         // pushes back to the agents.
                         let slot = tokio::select! {
                             _ = this.shutdown.cancelled() => break None,
-                            _ = this.registration.close.cancelled() => {
-                                break Some(Status::aborted("replaced by a newer session of the same agent"));
-                            }
+                            status = this.closing() => break Some(status),
                             s = batch_tx.reserve() => match s {
                                 Ok(s) => s,
                                 Err(_) => break None,
@@ -316,9 +324,7 @@ impl Session {
                         };
                         let permit = tokio::select! {
                             _ = this.shutdown.cancelled() => break None,
-                            _ = this.registration.close.cancelled() => {
-                                break Some(Status::aborted("replaced by a newer session of the same agent"));
-                            }
+                            status = this.closing() => break Some(status),
                             p = this.in_flight.clone().acquire_owned() => match p {
                                 Ok(p) => p,
                                 Err(_) => break None,
@@ -368,6 +374,20 @@ impl Session {
         tracing::info!(agent_id = %this.agent_id, "agent disconnected");
     }
 
+    /// Resolves when the session must close although its peer is still there: a newer
+    /// session of the agent replaced it, or the peer stopped reading acks.
+    async fn closing(&self) -> Status {
+        tokio::select! {
+            _ = self.registration.close.cancelled() => {
+                Status::aborted("replaced by a newer session of the same agent")
+            }
+            _ = self.stalled.cancelled() => Status::resource_exhausted(format!(
+                "no ack read for {:?}: closing the stream",
+                self.ack_stall
+            )),
+        }
+    }
+
     /// A batch of this agent's results in seq order, its invalid ones set aside for the
     /// quarantine; or, from a bad peer, the status that closes the stream.
     fn validate(&self, batch: pb::ResultBatch) -> Result<Batch, Status> {
@@ -401,9 +421,9 @@ impl Session {
 
     /// Commits this stream's batches in order and acks each commit. An ack's place in the
     /// outbound queue is reserved before its batches are taken, so a peer that reads no
-    /// acks stops its own committer, never a writer, and the session's close (a newer
-    /// session of the agent) or shutdown ends the wait; the batches still queued then drop
-    /// with their shares of the budget.
+    /// acks stops its own committer, never a writer; the session's close (a newer session
+    /// of the agent), shutdown, or `ack_stall` without a place ends the wait, and the
+    /// batches still queued drop with their shares of the budget.
     async fn commit_loop(self: Arc<Self>, mut batches: mpsc::Receiver<Pending>, out: Out) {
         let mut burst = Burst::default();
         loop {
@@ -415,6 +435,11 @@ impl Session {
                 },
                 _ = self.registration.close.cancelled() => return,
                 _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.ack_stall) => {
+                    self.metrics.ingest_errors.with_label_values(&["ack_stall"]).inc();
+                    self.stalled.cancel();
+                    return;
+                }
             };
             let Some(first) = batches.recv().await else {
                 return;

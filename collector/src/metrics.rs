@@ -115,7 +115,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "edgeprobe_ingest_errors_total",
-                        "Ingest errors by stage (store, validate, permission, protocol).",
+                        "Ingest errors by stage (store, validate, permission, protocol, ack_stall: a stream closed because its peer read no ack for 60 s).",
                     ),
                     &["stage"],
                 )

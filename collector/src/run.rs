@@ -140,6 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 crate::ingest::MAX_IN_FLIGHT_BATCHES,
             )),
             hello_timeout,
+            ack_stall: ack_stall(),
             require_identity: tls.is_some(),
             sessions: Default::default(),
         },
@@ -265,6 +266,15 @@ fn hello_timeout() -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(crate::ingest::HELLO_TIMEOUT, Duration::from_millis)
+}
+
+/// How long a peer may read no ack before its stream is closed. `EDGEPROBE_ACK_STALL_MS`
+/// overrides the default for tests; it is not a knob.
+fn ack_stall() -> Duration {
+    std::env::var("EDGEPROBE_ACK_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(crate::ingest::ACK_STALL, Duration::from_millis)
 }
 
 /// Installs the SIGTERM and SIGINT handlers now, so that a signal arriving during start-up

@@ -425,3 +425,59 @@ fn one_connection_may_hold_only_a_few_streams() {
     let max_streams = settings.iter().find(|(id, _)| *id == 3).map(|(_, v)| *v);
     assert_eq!(max_streams, Some(4), "{settings:?}");
 }
+
+/// A stream whose peer reads no ack holds its share only until the ack stall (2 s here,
+/// 60 s by default): then it is closed and counted, and the budget is whole again.
+#[test]
+fn a_peer_that_reads_no_acks_is_closed_after_the_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let collector =
+        Collector::start_tls(dir.path(), &db, &pki, &[("EDGEPROBE_ACK_STALL_MS", "2000")]);
+    let (cert, key) = pki.agent("hoarder");
+    let in_flight = "edgeprobe_ingest_in_flight_batches";
+    let rt = runtime();
+    let (held, stuck_at) = rt.block_on(async {
+        let ch = channel(&collector.tls_endpoint(), &pki.ca_pem(), &cert, &key, 1024).await;
+        let (tx, rx) = mpsc::channel(2);
+        tx.send(hello("hoarder")).await.unwrap();
+        let inbound = raw_stream(ch, rx).await.unwrap();
+        let mut seq = 1;
+        let mut stuck_at = None;
+        for _ in 0..2000 {
+            let b = batch(quarantined("hoarder", seq));
+            seq += 16;
+            if tx
+                .send_timeout(b, Duration::from_millis(500))
+                .await
+                .is_err()
+            {
+                stuck_at = Some(Instant::now());
+                break;
+            }
+        }
+        (
+            (tx, inbound),
+            stuck_at.expect("the collector stopped reading the stream"),
+        )
+    });
+    // While stuck, the stream holds its share, and no more.
+    let holding = collector.metric(in_flight);
+    eprintln!("stuck stream holds {holding} batches");
+    assert!(
+        (1.0..=4.0).contains(&holding),
+        "{holding} batches in flight"
+    );
+    let freed = wait_for(
+        Duration::from_secs(20),
+        "the stalled stream to be closed",
+        || {
+            (collector.metric("edgeprobe_ingest_errors_total{stage=\"ack_stall\"}") == 1.0
+                && collector.metric(in_flight) == 0.0)
+                .then(|| stuck_at.elapsed())
+        },
+    );
+    eprintln!("closed {freed:?} after the stream stopped being read");
+    drop(held);
+}
