@@ -16,7 +16,15 @@
 //! - An ack names only seqs whose transaction committed.
 //! - One live session per agent id (`sessions`): a second incarnation of the id is
 //!   refused with FAILED_PRECONDITION naming the conflict; the same incarnation replaces
-//!   its previous session.
+//!   its previous session, which is closed (ABORTED) and counted
+//!   (`edgeprobe_agent_sessions_replaced_total`).
+//! - A stream holds at most `STREAM_QUEUE` batches of the shared in-flight budget, also
+//!   when its peer reads no acks: the committer reserves the ack's place in the outbound
+//!   queue before it takes batches, so a full outbound queue stops only that stream's
+//!   committer (never a writer), and the reader waits for a place in its own queue before
+//!   it takes a share. A closed or replaced session lets go of everything at once, and a
+//!   peer that reads no ack for `ACK_STALL` has its stream closed (RESOURCE_EXHAUSTED).
+//! - What a message may cost decoded is bounded before it is decoded (`wire`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +43,9 @@ use crate::sessions::{Registration, Sessions};
 use crate::store::Store;
 
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that reads no ack for this long has its stream closed. An agent reads its acks
+/// as they come; only a stuck or hostile one lets its receive window fill.
+pub const ACK_STALL: Duration = Duration::from_secs(60);
 /// Batches accepted from one stream and not yet committed, at most.
 const STREAM_QUEUE: usize = 4;
 /// Batches accepted from all streams and not yet committed, at most. With one decoded
@@ -57,6 +68,9 @@ pub struct IngestService {
     pub in_flight: Arc<Semaphore>,
     /// A stream that has not said hello by then is closed.
     pub hello_timeout: Duration,
+    /// A stream whose peer has read no ack for this long (its outbound queue stayed full)
+    /// is closed, and lets go of its share of the in-flight budget.
+    pub ack_stall: Duration,
     /// mTLS mode: a stream without a certificate identity is refused.
     pub require_identity: bool,
     pub sessions: Arc<Sessions>,
@@ -153,6 +167,7 @@ impl pb::ingest_server::Ingest for IngestService {
             }
         };
         if let Some(replaced) = &registration.replaced {
+            self.metrics.sessions_replaced.inc();
             tracing::info!(agent_id = %agent_id, %peer, replaced_peer = %replaced, "the agent reconnected; closing its previous session");
         }
         let committed = self
@@ -183,6 +198,8 @@ impl pb::ingest_server::Ingest for IngestService {
             shutdown: self.shutdown.clone(),
             in_flight: self.in_flight.clone(),
             registration,
+            ack_stall: self.ack_stall,
+            stalled: CancellationToken::new(),
         };
         tokio::spawn(session.run(inbound, out_tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
@@ -196,6 +213,11 @@ fn refused_input(status: &Status, metrics: &Metrics) -> Option<Status> {
     let what = match status.code() {
         Code::OutOfRange | Code::ResourceExhausted => "message too large",
         Code::Internal if status.message().contains("decode") => "malformed message",
+        // `wire::BoundedCodec` refused it before decoding.
+        Code::InvalidArgument => {
+            metrics.ingest_errors.with_label_values(&["validate"]).inc();
+            return Some(status.clone());
+        }
         _ => {
             tracing::debug!("stream ended: {status}");
             return None;
@@ -217,12 +239,34 @@ struct Session {
     in_flight: Arc<Semaphore>,
     /// Leaves the registry when the session ends.
     registration: Registration,
+    ack_stall: Duration,
+    /// Cancelled by the committer when the peer read no ack for `ack_stall`.
+    stalled: CancellationToken,
 }
 
-/// A batch on its way to the store, holding its share of the global in-flight bound.
+/// A batch on its way to the store, holding its share of the global in-flight bound and
+/// counted in the in-flight gauge until it drops, however the session ends.
 struct Pending {
     batch: Arc<Batch>,
+    metrics: Arc<Metrics>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    fn new(batch: Batch, metrics: Arc<Metrics>, permit: OwnedSemaphorePermit) -> Pending {
+        metrics.in_flight_batches.inc();
+        Pending {
+            batch: Arc::new(batch),
+            metrics,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.metrics.in_flight_batches.dec();
+    }
 }
 
 /// Decrements the connected gauge however the session ends.
@@ -247,9 +291,7 @@ impl Session {
         let end = loop {
             let msg = tokio::select! {
                 _ = this.shutdown.cancelled() => break None,
-                _ = this.registration.close.cancelled() => {
-                    break Some(Status::aborted("replaced by a newer session of the same agent"));
-                }
+                status = this.closing() => break Some(status),
                 m = inbound.message() => m,
             };
             this.registration.activity.touch();
@@ -265,26 +307,30 @@ impl Session {
                 Some(pb::agent_message::Msg::Batch(batch)) => match this.validate(batch) {
                     Ok(batch) if batch.len() == 0 => {}
                     Ok(batch) => {
-                        // A share of the global bound, taken after the read so an idle
-                        // stream holds none: when the store is behind, streams wait here
-                        // with one batch each, stop reading, and HTTP/2 flow control
+                        // A place in this stream's queue first, then a share of the global
+                        // bound: a stream whose queue is full (its agent reads no acks, so
+                        // its committer waits) waits here holding no share, so it never
+                        // holds more than STREAM_QUEUE of the budget. The share is taken
+                        // after the read so an idle stream holds none: when the store is
+                        // behind, streams wait here, stop reading, and HTTP/2 flow control
                         // pushes back to the agents.
+                        let slot = tokio::select! {
+                            _ = this.shutdown.cancelled() => break None,
+                            status = this.closing() => break Some(status),
+                            s = batch_tx.reserve() => match s {
+                                Ok(s) => s,
+                                Err(_) => break None,
+                            },
+                        };
                         let permit = tokio::select! {
                             _ = this.shutdown.cancelled() => break None,
+                            status = this.closing() => break Some(status),
                             p = this.in_flight.clone().acquire_owned() => match p {
                                 Ok(p) => p,
                                 Err(_) => break None,
                             },
                         };
-                        this.metrics.in_flight_batches.inc();
-                        let pending = Pending {
-                            batch: Arc::new(batch),
-                            _permit: permit,
-                        };
-                        if batch_tx.send(pending).await.is_err() {
-                            this.metrics.in_flight_batches.dec();
-                            break None;
-                        }
+                        slot.send(Pending::new(batch, this.metrics.clone(), permit));
                     }
                     Err(status) => break Some(status),
                 },
@@ -318,13 +364,28 @@ impl Session {
                 // by the committer, but nothing from this stream is read any more.
                 tracing::warn!(agent_id = %this.agent_id, code = ?status.code(), "closing stream: {}", status.message());
                 let _ = committer.await;
-                let _ = out.send(Err(status)).await;
+                // Never waits: a peer that reads nothing does not get to keep this task.
+                let _ = out.try_send(Err(status));
             }
             None => {
                 let _ = committer.await;
             }
         }
         tracing::info!(agent_id = %this.agent_id, "agent disconnected");
+    }
+
+    /// Resolves when the session must close although its peer is still there: a newer
+    /// session of the agent replaced it, or the peer stopped reading acks.
+    async fn closing(&self) -> Status {
+        tokio::select! {
+            _ = self.registration.close.cancelled() => {
+                Status::aborted("replaced by a newer session of the same agent")
+            }
+            _ = self.stalled.cancelled() => Status::resource_exhausted(format!(
+                "no ack read for {:?}: closing the stream",
+                self.ack_stall
+            )),
+        }
     }
 
     /// A batch of this agent's results in seq order, its invalid ones set aside for the
@@ -358,16 +419,37 @@ impl Session {
         }
     }
 
+    /// Commits this stream's batches in order and acks each commit. An ack's place in the
+    /// outbound queue is reserved before its batches are taken, so a peer that reads no
+    /// acks stops its own committer, never a writer; the session's close (a newer session
+    /// of the agent), shutdown, or `ack_stall` without a place ends the wait, and the
+    /// batches still queued drop with their shares of the budget.
     async fn commit_loop(self: Arc<Self>, mut batches: mpsc::Receiver<Pending>, out: Out) {
         let mut burst = Burst::default();
-        while let Some(first) = batches.recv().await {
+        loop {
+            let slot = tokio::select! {
+                biased;
+                s = out.reserve() => match s {
+                    Ok(s) => s,
+                    Err(_) => return,
+                },
+                _ = self.registration.close.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.ack_stall) => {
+                    self.metrics.ingest_errors.with_label_values(&["ack_stall"]).inc();
+                    self.stalled.cancel();
+                    return;
+                }
+            };
+            let Some(first) = batches.recv().await else {
+                return;
+            };
             // Batches already queued behind this one go into the same transaction: fewer,
             // larger commits while an agent drains a backlog, and still in seq order.
             let mut taken = vec![first];
             while let Ok(next) = batches.try_recv() {
                 taken.push(next);
             }
-            let n = taken.len() as i64;
             let job: Vec<Arc<Batch>> = taken.iter().map(|p| p.batch.clone()).collect();
             let last = job.last().map_or(0, |b| b.last_seq);
             let mut delay = Duration::from_millis(100);
@@ -381,24 +463,14 @@ impl Session {
                             seq: last as u64,
                             rejected,
                         }));
-                        self.metrics.in_flight_batches.sub(n);
                         drop(taken);
-                        if out.send(Ok(ack)).await.is_err() {
-                            // The agent left; what committed stays committed, the welcome
-                            // tells it next time.
-                            while batches.try_recv().is_ok() {
-                                self.metrics.in_flight_batches.dec();
-                            }
-                            return;
-                        }
+                        slot.send(Ok(ack));
                         break;
                     }
                     Err(e) => {
+                        // The agent left or we stop: what committed stays committed, the
+                        // welcome tells it next time.
                         if self.shutdown.is_cancelled() || out.is_closed() {
-                            self.metrics.in_flight_batches.sub(n);
-                            while batches.try_recv().is_ok() {
-                                self.metrics.in_flight_batches.dec();
-                            }
                             return;
                         }
                         tracing::warn!(agent_id = %self.agent_id, retry_in_ms = delay.as_millis() as u64, "batch not committed, retrying: {e}");

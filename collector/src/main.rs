@@ -22,6 +22,7 @@ mod schema;
 mod sessions;
 mod store;
 mod tls;
+mod wire;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;

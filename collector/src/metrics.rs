@@ -30,6 +30,8 @@ pub struct Metrics {
     /// Hellos refused because another incarnation of the same agent id was connected.
     /// No agent label (cardinality); the id is in the log and `agents.identity_conflicts`.
     pub identity_conflicts: IntCounter,
+    /// Sessions closed because a newer session of the same agent id replaced them.
+    pub sessions_replaced: IntCounter,
     pub commit_seconds: Histogram,
     pub rows_per_transaction: Histogram,
     pub in_flight_batches: IntGauge,
@@ -113,7 +115,7 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "edgeprobe_ingest_errors_total",
-                        "Ingest errors by stage (store, validate, permission, protocol).",
+                        "Ingest errors by stage (store, validate, permission, protocol, ack_stall: a stream closed because its peer read no ack for 60 s).",
                     ),
                     &["stage"],
                 )
@@ -135,6 +137,14 @@ impl Metrics {
                 IntCounter::new(
                     "edgeprobe_agent_identity_conflicts_total",
                     "Sessions refused because another incarnation of the same agent id was connected (two hosts with one id, e.g. a cloned image).",
+                )
+                .unwrap(),
+            ),
+            sessions_replaced: reg(
+                &registry,
+                IntCounter::new(
+                    "edgeprobe_agent_sessions_replaced_total",
+                    "Sessions closed because a newer session of the same agent id replaced them (one live session per agent id).",
                 )
                 .unwrap(),
             ),

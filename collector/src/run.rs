@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use edgeprobe_proto::v1::ingest_server::IngestServer;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -21,9 +20,14 @@ use crate::pgtls::Target;
 use crate::schema;
 use crate::store::{self, Store};
 use crate::tls::{self, ServerTls, TlsFiles};
+use crate::wire::IngestServer;
 
 /// Largest gRPC message accepted (a batch).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Concurrent gRPC streams one HTTP/2 connection may hold. An agent needs one; a few more
+/// let a reconnect overlap its half-dead predecessor. A client past this waits (its h2
+/// layer queues the stream) or, if it ignores the setting, has the stream refused.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
 const PARTITION_EVERY: Duration = Duration::from_secs(3600);
 const GRACE: Duration = Duration::from_secs(10);
 /// How often the TLS files are checked for changes (SIGHUP reloads at once).
@@ -140,25 +144,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let hello_timeout = hello_timeout();
-    let service = IngestServer::new(IngestService {
-        store,
-        metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
-        in_flight: Arc::new(tokio::sync::Semaphore::new(
-            crate::ingest::MAX_IN_FLIGHT_BATCHES,
-        )),
-        hello_timeout,
-        require_identity: tls.is_some(),
-        sessions: Default::default(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    // An ack may name up to 10,000 quarantined results with their reasons.
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = IngestServer::new(
+        IngestService {
+            store,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                crate::ingest::MAX_IN_FLIGHT_BATCHES,
+            )),
+            hello_timeout,
+            ack_stall: ack_stall(),
+            require_identity: tls.is_some(),
+            sessions: Default::default(),
+        },
+        MAX_MESSAGE_BYTES,
+        // An ack may name up to 10,000 quarantined results with their reasons.
+        MAX_MESSAGE_BYTES,
+    );
 
     // TCP_NODELAY is set by the accept thread (the builder's applies only to its own bind).
     let builder = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .add_service(service);
     let listener = listen::bind(config.server.grpc_listen, config.server.listen_backlog)
         .with_context(|| format!("cannot listen on {} (grpc)", config.server.grpc_listen))?;
@@ -290,6 +298,15 @@ fn hello_timeout() -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(crate::ingest::HELLO_TIMEOUT, Duration::from_millis)
+}
+
+/// How long a peer may read no ack before its stream is closed. `EDGEPROBE_ACK_STALL_MS`
+/// overrides the default for tests; it is not a knob.
+fn ack_stall() -> Duration {
+    std::env::var("EDGEPROBE_ACK_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(crate::ingest::ACK_STALL, Duration::from_millis)
 }
 
 /// Installs the SIGTERM and SIGINT handlers now, so that a signal arriving during start-up
