@@ -7,7 +7,11 @@
 //! directly. A real Prometheus (the Debian package) scrapes that collector every second
 //! with the shipped rule files loaded. Then every SQL panel query runs with Grafana's
 //! macros and variables expanded as Grafana does, and every PromQL expression (panels,
-//! variables, recording and alerting rules) runs through Prometheus' HTTP API.
+//! variables, recording and alerting rules) runs through Prometheus' HTTP API. The same
+//! Prometheus scrapes a real `prometheus-postgres-exporter` (the Debian package) pointed
+//! at the test's database, as `grafana/prometheus/prometheus.yml` scrapes it (job
+//! `edgeprobe-postgres`), so the dashboard's PostgreSQL row runs against real exporter
+//! series.
 //! promtool checks the shipped config and rules and runs the alert unit tests.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -102,6 +106,14 @@ fn rule_files() -> Vec<PathBuf> {
 fn prometheus_config_and_rules_pass_promtool() {
     let config = run_promtool(&["check", "config", "prometheus.yml"]);
     assert!(config.contains("3 rule files found"), "{config}");
+    // The job the dashboard's PostgreSQL row reads (its exporter series).
+    let shipped = std::fs::read_to_string(grafana_dir().join("prometheus/prometheus.yml")).unwrap();
+    for job in ["edgeprobe-collector", "edgeprobe-postgres"] {
+        assert!(
+            shipped.contains(&format!("- job_name: {job}\n")),
+            "prometheus.yml scrapes no job {job}"
+        );
+    }
     let files: Vec<String> = rule_files()
         .iter()
         .map(|p| p.display().to_string())
@@ -402,6 +414,41 @@ fn expand_prom_builtins(q: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// prometheus-postgres-exporter
+
+/// Debian's `prometheus-postgres-exporter` against the test's database, as the ansible
+/// role runs it next to PostgreSQL.
+struct PgExporter {
+    _proc: Proc,
+    addr: SocketAddr,
+}
+
+impl PgExporter {
+    fn start(dir: &Path, db: &TestDb) -> PgExporter {
+        let bin = PathBuf::from("/usr/bin/prometheus-postgres-exporter");
+        assert!(
+            bin.exists(),
+            "prometheus-postgres-exporter missing: apt-get install prometheus-postgres-exporter (scripts/setup does)"
+        );
+        // lib/pq, the exporter's driver, defaults to sslmode=require; the test server has
+        // no TLS.
+        let sep = if db.url.contains('?') { '&' } else { '?' };
+        let dsn = format!("{}{sep}sslmode=disable", db.url);
+        let addr = free_addr();
+        let mut cmd = Command::new(bin);
+        cmd.env("DATA_SOURCE_NAME", dsn)
+            .arg(format!("--web.listen-address={addr}"));
+        let proc = Proc::spawn(cmd, dir.join("postgres-exporter.log"));
+        let e = PgExporter { _proc: proc, addr };
+        wait_for(Duration::from_secs(30), "postgres exporter pg_up 1", || {
+            http10_get(addr, "/metrics")
+                .filter(|(s, body)| *s == 200 && body.lines().any(|l| l == "pg_up 1"))
+        });
+        e
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Prometheus
 
 struct Prometheus {
@@ -410,8 +457,9 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    /// Scrapes `collector` every second and evaluates the shipped rules every second.
-    fn start(dir: &Path, collector: SocketAddr) -> Prometheus {
+    /// Scrapes `collector` and `exporter` every second and evaluates the shipped rules
+    /// every second.
+    fn start(dir: &Path, collector: SocketAddr, exporter: SocketAddr) -> Prometheus {
         let bin = PathBuf::from("/usr/bin/prometheus");
         assert!(
             bin.exists(),
@@ -425,7 +473,7 @@ impl Prometheus {
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: edgeprobe-collector\n    static_configs:\n      - targets: [\"{collector}\"]\n",
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}scrape_configs:\n  - job_name: edgeprobe-collector\n    static_configs:\n      - targets: [\"{collector}\"]\n  - job_name: edgeprobe-postgres\n    static_configs:\n      - targets: [\"{exporter}\"]\n",
                 rules.concat()
             ),
         )
@@ -821,13 +869,16 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::new();
     let collector = Collector::start(dir.path(), &db);
-    let prometheus = Prometheus::start(dir.path(), collector.http);
-    wait_for(Duration::from_secs(30), "a first scrape", || {
-        prometheus
-            .query("up{job=\"edgeprobe-collector\"} == 1")
-            .ok()
-            .filter(|d| d["result"].as_array().is_some_and(|r| !r.is_empty()))
-    });
+    let exporter = PgExporter::start(dir.path(), &db);
+    let prometheus = Prometheus::start(dir.path(), collector.http, exporter.addr);
+    for job in ["edgeprobe-collector", "edgeprobe-postgres"] {
+        wait_for(Duration::from_secs(30), "a first scrape", || {
+            prometheus
+                .query(&format!("up{{job=\"{job}\"}} == 1"))
+                .ok()
+                .filter(|d| d["result"].as_array().is_some_and(|r| !r.is_empty()))
+        });
+    }
 
     let target = HttpTarget::start("edgeprobe dashboards");
     let mut agents = [
@@ -887,6 +938,8 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     let mut prom_checked = 0;
     let mut targets = 0;
     let mut report = Vec::new();
+    let mut ran: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut vars_seen: Vec<String> = Vec::new();
     for (file, dash) in dashboards() {
         // Variables first, as Grafana does, each with "All" selected; later variables
         // may use earlier ones.
@@ -915,6 +968,9 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
             };
             assert!(!values.is_empty(), "{file}: variable {name} has no values");
             report.push(format!("{file}: ${name} = {values:?}"));
+            if file == "collector.json" && name == "database" {
+                vars_seen.clone_from(&values);
+            }
             vars.insert(name, values);
         }
         for p in panels(&dash) {
@@ -922,6 +978,7 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
                 continue;
             }
             let title = p["title"].as_str().unwrap();
+            ran.insert((file.clone(), title.to_string()));
             for t in p["targets"].as_array().unwrap() {
                 targets += 1;
                 if let Some(raw) = t["rawSql"].as_str() {
@@ -1023,6 +1080,33 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     assert_eq!(below[0]["value"][1], "3", "{below:?}");
 
     eprintln!("{}", report.join("\n"));
+    // The database watched as the collector is: the PostgreSQL row ran against the
+    // exporter's series and the catalog.
+    // The exporter watches the test's own database, where the collector's writers are
+    // connected.
+    let datname = db.url.rsplit_once('/').unwrap().1;
+    assert!(
+        vars_seen.contains(&datname.to_string()),
+        "$database lacks {datname}: {vars_seen:?}"
+    );
+    let backends = prometheus.series(&format!(
+        "pg_stat_database_numbackends{{job=\"edgeprobe-postgres\",datname=\"{datname}\"}}"
+    ));
+    let backends: f64 = backends[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(backends >= 1.0, "{backends} backends on {datname}");
+    for title in [
+        "PostgreSQL connections",
+        "PostgreSQL transactions",
+        "PostgreSQL database size",
+        "Partitions of results",
+        "Default partition size",
+        "Quarantine size (rejected_results)",
+    ] {
+        assert!(
+            ran.contains(&("collector.json".to_string(), title.to_string())),
+            "collector.json: no panel {title:?} ran"
+        );
+    }
     assert_eq!(sql_checked + prom_checked, targets, "every query ran");
     assert!(
         sql_checked >= 25 && prom_checked >= 20,
