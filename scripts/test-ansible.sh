@@ -70,6 +70,11 @@ cleanup() {
     if getent passwd edgeprobe >/dev/null; then userdel edgeprobe 2>/dev/null || true; fi
     if getent group edgeprobe >/dev/null; then groupdel edgeprobe 2>/dev/null || true; fi
     psql "$pg/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+    # The collector role configured the PostgreSQL exporter (installed by scripts/setup):
+    # put its defaults file back as the package shipped it.
+    if [ -e "$work/exporter-defaults.orig" ]; then
+        cp -p "$work/exporter-defaults.orig" /etc/default/prometheus-postgres-exporter
+    fi
     # The playbook and process logs outlive the run, for a failure in CI.
     rm -rf "$logs" && mkdir -p "$logs" && cp "$work"/*.log "$logs"/ 2>/dev/null
     rm -rf "$work"
@@ -89,6 +94,9 @@ if getent passwd edgeprobe >/dev/null || [ -e /etc/edgeprobe ]; then
     echo "test-ansible.sh: user edgeprobe or /etc/edgeprobe exists; the test needs a clean machine" >&2; exit 1
 fi
 trap cleanup EXIT
+if [ -e /etc/default/prometheus-postgres-exporter ]; then
+    mkdir -p "$work" && cp -p /etc/default/prometheus-postgres-exporter "$work/exporter-defaults.orig"
+fi
 
 # ---------------------------------------------------------------------------------------
 log "tools"
