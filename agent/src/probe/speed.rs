@@ -30,14 +30,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, SizeHint};
-use hyper::{Method, Uri};
+use hyper::Method;
 use rand::RngCore;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::conn::{Conn, Endpoint, Use};
-use super::{secs, tcp, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec, SpeedFields};
+use super::{
+    addr, secs, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec, SpeedFields,
+};
 
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub const DEFAULT_DOWNLOAD_STREAMS: u32 = 6;
@@ -109,43 +111,23 @@ fn layouts(base: &str) -> [Layout; 3] {
     ]
 }
 
-/// The target URL's scheme, host and address (resolved once per run).
-async fn endpoint(spec: &ProbeSpec, uri: &Uri) -> Result<Endpoint, ProbeError> {
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => {
-            return Err(ProbeError::new(
-                ErrorClass::Local,
-                format!("target `{}` must be an http(s) URL", spec.target),
-            ))
-        }
-    };
-    let host = uri
-        .host()
-        .ok_or_else(|| ProbeError::new(ErrorClass::Local, "URL has no host"))?;
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    // Host carries host[:port] only: userinfo (credentials) never goes into it.
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str())
-        .map(|a| a.rsplit_once('@').map_or(a, |(_, hostport)| hostport))
-        .unwrap_or(host)
-        .to_string();
-    let bare = host
+/// The target URL's scheme, host and address (resolved once per run). Parsed like the http
+/// probe's targets (`addr::HttpUrl`): an IPv6 zone (`http://[fe80::2%25eth0]:8080`) is
+/// kept for the connect, and `Host` carries host[:port] only, never credentials or zone.
+async fn endpoint(spec: &ProbeSpec, url: &addr::HttpUrl) -> Result<Endpoint, ProbeError> {
+    let port = url.port();
+    let bare = url
+        .url
+        .host_str()
+        .unwrap_or_default()
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let host_port = if bare.contains(':') {
-        format!("[{bare}]:{port}")
-    } else {
-        format!("{bare}:{port}")
-    };
     Ok(Endpoint {
-        https,
-        addr: tcp::resolve(&host_port).await?,
+        https: url.https(),
+        addr: addr::resolve(&url.host(), port).await?,
         host: bare,
-        authority,
+        authority: url.authority(),
         insecure_tls: spec.options.insecure_tls.unwrap_or(false),
         test_id: format!("{:016x}", rand::random::<u64>()),
     })
@@ -177,14 +159,12 @@ async fn measure(
         .unwrap_or(DEFAULT_PINGS)
         .clamp(DEFAULT_PINGS, MAX_PINGS);
 
-    let uri: Uri = spec
-        .target
-        .parse()
-        .map_err(|e| ProbeError::new(ErrorClass::Local, format!("bad URL {}: {e}", spec.target)))?;
-    let endpoint = Arc::new(endpoint(spec, &uri).await?);
+    let url =
+        addr::HttpUrl::parse(&spec.target).map_err(|e| ProbeError::new(ErrorClass::Local, e))?;
+    let endpoint = Arc::new(endpoint(spec, &url).await?);
 
     let mut pinger = Pinger::new(endpoint.clone());
-    let layout = detect(&mut pinger, uri.path()).await?;
+    let layout = detect(&mut pinger, url.url.path()).await?;
     tracing::debug!(target = %spec.target, ?layout, "speed endpoints");
 
     progress(format_args!("idle latency"));

@@ -166,6 +166,27 @@ fn link_local_targets_with_zones_for_every_kind() {
     assert_eq!(code, 0, "http with a zone: {v}");
     assert_eq!(v["status_code"], 200);
 
+    // speed against our target in the server's namespace, through the same zoned URL.
+    let mut target = Command::new("ip")
+        .args(["netns", "exec", &link.server])
+        .arg(crate::util::BIN)
+        .args(["serve-target", "--listen", "[::]:8090"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve-target");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (v, code) = probe_in(
+        client,
+        "speed",
+        "http://[fe80::2%25ephA]:8090",
+        &["--duration", "1s"],
+    );
+    let _ = target.kill();
+    let _ = target.wait();
+    assert_eq!(code, 0, "speed with a zone: {v}");
+    assert!(f64_of(&v, "download_bits_per_second") > 1e6, "{v}");
+
     let (v, code) = probe_in(
         client,
         "icmp",
