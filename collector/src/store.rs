@@ -27,6 +27,13 @@
 //! - Backpressure: the queue is bounded; when Postgres is slow or down, writers stop
 //!   taking jobs, streams stop reading, agents keep buffering on disk.
 //! - Writers group jobs from many streams into one transaction (up to `MAX_ROWS` rows).
+//! - Failover (a multi-host URL with `target_session_attrs=read-write`, e.g. Patroni): a
+//!   writer whose connection closes, or whose server refuses a write as read-only (25006:
+//!   a demoted primary still answers), reconnects, and the URL picks the writable host.
+//!   The health check counts a server that answers `transaction_read_only = on` as down,
+//!   so `/readyz` says 503 until a primary is reached. The watermark commits with the rows,
+//!   so nothing is lost if the database acknowledges a commit only once a standby has it
+//!   (Patroni `synchronous_mode`).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -92,6 +99,11 @@ pub fn classify(e: &tokio_postgres::Error) -> ErrorClass {
         Some(code) if code.starts_with("22") || code.starts_with("23") => ErrorClass::Permanent,
         _ => ErrorClass::Transient,
     }
+}
+
+/// SQLSTATE 25006 (read_only_sql_transaction): the server is, or has become, a standby.
+pub fn is_read_only(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
 }
 
 /// The error with its SQLSTATE, message, detail and where, or the chain of causes of a
@@ -170,6 +182,7 @@ impl Store {
                 metrics: metrics.clone(),
                 ready: ready.clone(),
                 site_label: site_label.clone(),
+                stale: AtomicBool::new(false),
             };
             tokio::spawn(writer.run(shutdown.clone()));
         }
@@ -240,10 +253,14 @@ async fn health(
                 .ok()
                 .and_then(|r| r.ok());
         }
+        // Reachable is not enough: a demoted primary still answers but refuses writes.
         let ok = match &client {
             Some(c) => matches!(
-                tokio::time::timeout(HEALTH_EVERY, c.simple_query("SELECT 1")).await,
-                Ok(Ok(_))
+                tokio::time::timeout(HEALTH_EVERY, c.simple_query("SHOW transaction_read_only")).await,
+                Ok(Ok(rows)) if rows.iter().any(|m| matches!(
+                    m,
+                    tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("off")
+                ))
             ),
             None => false,
         };
@@ -268,6 +285,8 @@ struct Writer {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     site_label: String,
+    /// Set when the server refused a write as read-only: reconnect before the next group.
+    stale: AtomicBool,
 }
 
 impl Writer {
@@ -308,7 +327,7 @@ impl Writer {
                     return;
                 };
                 self.process(&mut client, group).await;
-                if client.is_closed() {
+                if client.is_closed() || self.stale.swap(false, Ordering::Relaxed) {
                     self.ready.store(false, Ordering::Relaxed);
                     break;
                 }
@@ -346,6 +365,11 @@ impl Writer {
             .with_label_values(&["store"])
             .inc();
         let sqlstate = e.code().map_or("", SqlState::code);
+        if is_read_only(e) {
+            // The server was demoted (a failover): only a new connection, which
+            // `target_session_attrs=read-write` sends to the new primary, can write again.
+            self.stale.store(true, Ordering::Relaxed);
+        }
         tracing::warn!(
             writer = self.id,
             sqlstate,

@@ -5,6 +5,7 @@ mod bounds;
 mod config_errors;
 mod dashboards;
 mod durability;
+mod failover;
 mod fleet;
 mod never_stall;
 mod pg_tls;

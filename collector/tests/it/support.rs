@@ -350,12 +350,16 @@ impl Collector {
     }
 
     pub fn start_at(dir: &Path, db: &TestDb, grpc: SocketAddr, http: SocketAddr) -> Collector {
+        Collector::start_url(dir, &db.url, grpc, http)
+    }
+
+    /// Starts an insecure collector on any database URL (e.g. several hosts).
+    pub fn start_url(dir: &Path, url: &str, grpc: SocketAddr, http: SocketAddr) -> Collector {
         let config = dir.join("collector.toml");
         std::fs::write(
             &config,
             format!(
-                "[server]\ninsecure = true\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[database]\nurl = \"{}\"\n",
-                db.url
+                "[server]\ninsecure = true\ngrpc_listen = \"{grpc}\"\nhttp_listen = \"{http}\"\n\n[database]\nurl = \"{url}\"\n",
             ),
         )
         .unwrap();
