@@ -3,7 +3,7 @@
 //! 4 MiB message of near-empty results, and the cap on streams per HTTP/2 connection.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes};
 use edgeprobe_proto::v1 as pb;
@@ -110,29 +110,8 @@ fn hello(id: &str) -> Bytes {
     }))
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
 fn result(id: &str, seq: u64) -> pb::Result {
-    pb::Result {
-        agent_id: id.to_string(),
-        seq,
-        test: "web".into(),
-        kind: pb::Kind::Http as i32,
-        target: "http://example.test/".into(),
-        started_at_unix_nanos: now_nanos() - 60_000_000_000,
-        duration_seconds: 0.05,
-        success: true,
-        fields: Some(pb::result::Fields::Http(pb::HttpFields {
-            status_code: Some(200),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    http_result(id, seq, now_nanos() - 60_000_000_000)
 }
 
 fn batch(results: Vec<pb::Result>) -> Bytes {

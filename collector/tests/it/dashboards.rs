@@ -715,10 +715,6 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
     out
 }
 
-fn agent_msg(msg: pb::agent_message::Msg) -> pb::AgentMessage {
-    pb::AgentMessage { msg: Some(msg) }
-}
-
 /// Sends `results` in `rounds` batches `pause` apart (so Prometheus scrapes between
 /// them and rates are not zero), waits for each ack, then re-sends the first batch (a
 /// lost-ack retry: duplicates) and reports a buffer with backlog and drops. Also opens

@@ -131,10 +131,6 @@ async fn client(
     Ok(IngestClient::new(channel).max_encoding_message_size(64 << 20))
 }
 
-fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
-    pb::AgentMessage { msg: Some(m) }
-}
-
 fn hello(id: &str) -> pb::Hello {
     pb::Hello {
         agent_id: id.to_string(),
@@ -144,31 +140,9 @@ fn hello(id: &str) -> pb::Hello {
     }
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
-/// A valid http result.
+/// A valid http result, started a minute ago.
 fn result(id: &str, seq: u64) -> pb::Result {
-    pb::Result {
-        agent_id: id.to_string(),
-        seq,
-        test: "web".into(),
-        kind: pb::Kind::Http as i32,
-        target: "http://example.test/".into(),
-        started_at_unix_nanos: now_nanos() - 60_000_000_000,
-        duration_seconds: 0.05,
-        success: true,
-        fields: Some(pb::result::Fields::Http(pb::HttpFields {
-            status_code: Some(200),
-            ttfb_seconds: Some(0.01),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    http_result(id, seq, now_nanos() - 60_000_000_000)
 }
 
 /// One open Ingest stream, past the welcome.
@@ -184,7 +158,7 @@ const REPLY_WAIT: Duration = Duration::from_secs(20);
 
 async fn open(client: &mut IngestClient<Channel>, hello: pb::Hello) -> Result<Session, Status> {
     let (tx, rx) = mpsc::channel(8);
-    tx.send(msg(pb::agent_message::Msg::Hello(hello)))
+    tx.send(agent_msg(pb::agent_message::Msg::Hello(hello)))
         .await
         .unwrap();
     let mut inbound = tokio::time::timeout(REPLY_WAIT, client.stream(ReceiverStream::new(rx)))
@@ -210,7 +184,7 @@ async fn open(client: &mut IngestClient<Channel>, hello: pb::Hello) -> Result<Se
 impl Session {
     /// Sends a batch; the ack's seq, or the status the stream ended with.
     async fn batch(&mut self, results: Vec<pb::Result>) -> Result<u64, Status> {
-        self.send(msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
+        self.send(agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
             results,
         })))
         .await

@@ -29,10 +29,6 @@ async fn client(c: &Collector) -> IngestClient<Channel> {
     IngestClient::connect(c.endpoint()).await.unwrap()
 }
 
-fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
-    pb::AgentMessage { msg: Some(m) }
-}
-
 fn hello(id: &str, incarnation: &str) -> pb::Hello {
     pb::Hello {
         agent_id: id.to_string(),
@@ -42,32 +38,12 @@ fn hello(id: &str, incarnation: &str) -> pb::Hello {
     }
 }
 
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
 /// A valid http result, started `seq` milliseconds after a fixed recent time (so a
 /// redelivery repeats its start time exactly).
 fn result(id: &str, seq: u64, base_nanos: i64) -> pb::Result {
     pb::Result {
-        agent_id: id.to_string(),
-        seq,
-        test: "web".into(),
-        kind: pb::Kind::Http as i32,
-        target: "http://example.test/".into(),
-        started_at_unix_nanos: base_nanos + seq as i64 * 1_000_000,
-        duration_seconds: 0.05,
-        success: true,
         labels: [("site".to_string(), "lab".to_string())].into(),
-        fields: Some(pb::result::Fields::Http(pb::HttpFields {
-            status_code: Some(200),
-            ttfb_seconds: Some(0.01),
-            ..Default::default()
-        })),
-        ..Default::default()
+        ..http_result(id, seq, base_nanos + seq as i64 * 1_000_000)
     }
 }
 
@@ -87,7 +63,7 @@ const REPLY_WAIT: Duration = Duration::from_secs(20);
 
 async fn open(client: &mut IngestClient<Channel>, hello: pb::Hello) -> Result<Session, Status> {
     let (tx, rx) = mpsc::channel(8);
-    tx.send(msg(pb::agent_message::Msg::Hello(hello)))
+    tx.send(agent_msg(pb::agent_message::Msg::Hello(hello)))
         .await
         .unwrap();
     let mut inbound = tokio::time::timeout(REPLY_WAIT, client.stream(ReceiverStream::new(rx)))
@@ -127,7 +103,7 @@ async fn open_when_free(client: &mut IngestClient<Channel>, hello: pb::Hello) ->
 impl Session {
     /// Sends a batch; the ack, or the status the stream ended with.
     async fn batch(&mut self, results: Vec<pb::Result>) -> Result<pb::Ack, Status> {
-        let m = msg(pb::agent_message::Msg::Batch(pb::ResultBatch { results }));
+        let m = agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch { results }));
         if self.tx.send(m).await.is_err() {
             return Err(Status::unknown("test: request stream already closed"));
         }

@@ -794,3 +794,41 @@ impl Agent {
         Agent { config, proc: None }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Hand-written wire messages for the tests that speak gRPC themselves.
+
+use edgeprobe_proto::v1 as pb;
+
+/// Unix nanoseconds now.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// An agent message holding `m`.
+pub fn agent_msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+/// A valid http result of agent `id` with `seq`, started at `started_at_unix_nanos`.
+pub fn http_result(id: &str, seq: u64, started_at_unix_nanos: i64) -> pb::Result {
+    pb::Result {
+        agent_id: id.to_string(),
+        seq,
+        test: "web".into(),
+        kind: pb::Kind::Http as i32,
+        target: "http://example.test/".into(),
+        started_at_unix_nanos,
+        duration_seconds: 0.05,
+        success: true,
+        fields: Some(pb::result::Fields::Http(pb::HttpFields {
+            status_code: Some(200),
+            ttfb_seconds: Some(0.01),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}

@@ -4,7 +4,7 @@
 //! partition past retention to drop; a hand-written gRPC agent keeps committing batches
 //! throughout, and once the reader is gone upkeep finishes its work.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use edgeprobe_proto::v1 as pb;
 use edgeprobe_proto::v1::ingest_client::IngestClient;
@@ -15,33 +15,8 @@ use crate::support::*;
 
 const HOLD: Duration = Duration::from_secs(60);
 
-fn msg(m: pb::agent_message::Msg) -> pb::AgentMessage {
-    pb::AgentMessage { msg: Some(m) }
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
 fn result(id: &str, seq: u64) -> pb::Result {
-    pb::Result {
-        agent_id: id.to_string(),
-        seq,
-        test: "web".into(),
-        kind: pb::Kind::Http as i32,
-        target: "http://example.test/".into(),
-        started_at_unix_nanos: now_nanos() - 1_000_000_000,
-        duration_seconds: 0.05,
-        success: true,
-        fields: Some(pb::result::Fields::Http(pb::HttpFields {
-            status_code: Some(200),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    http_result(id, seq, now_nanos() - 1_000_000_000)
 }
 
 /// `results_pYYYYMMDD` of the UTC day `days` from today, via PostgreSQL's calendar.
@@ -82,7 +57,7 @@ async fn commit_until(
 ) -> Vec<(f64, f64)> {
     let mut client = IngestClient::connect(endpoint).await.unwrap();
     let (tx, rx) = mpsc::channel(8);
-    tx.send(msg(pb::agent_message::Msg::Hello(pb::Hello {
+    tx.send(agent_msg(pb::agent_message::Msg::Hello(pb::Hello {
         agent_id: id.clone(),
         version: "test".into(),
         labels: Default::default(),
@@ -113,7 +88,7 @@ async fn commit_until(
             result(&id, seq)
         });
         let sent = Instant::now();
-        tx.send(msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
+        tx.send(agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
             results: results.collect(),
         })))
         .await
