@@ -2,9 +2,7 @@
 //! 100 Mbit/s with tbf on both sides. iperf3 measures the link, then the speed probe runs
 //! against `serve-target` on the same link; then icmp against iputils ping.
 
-use serde_json::Value;
-
-use crate::util::{f64_of, heavy_lock, probe_in, Netns, Target};
+use crate::util::{f64_of, heavy_lock, iperf3_goodput, probe_in, Netns, Target};
 
 /// iperf3's receiver goodput in bits/s (`reverse`: the server sends, i.e. download).
 fn iperf3(ns: &Netns, reverse: bool) -> f64 {
@@ -12,25 +10,7 @@ fn iperf3(ns: &Netns, reverse: bool) -> f64 {
     if reverse {
         args.push("-R");
     }
-    // The server may still be starting: retry a few times.
-    for attempt in 0.. {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.names[0], "iperf3"])
-            .args(&args)
-            .output()
-            .expect("iperf3");
-        if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J");
-            return f64_of(&v["end"]["sum_received"], "bits_per_second");
-        }
-        assert!(
-            attempt < 20,
-            "iperf3 failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    unreachable!()
+    iperf3_goodput(ns, &args)
 }
 
 #[test]

@@ -6,9 +6,7 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use serde_json::Value;
-
-use crate::util::{f64_of, probe_in, sh, Netns, Target};
+use crate::util::{f64_of, iperf3_goodput, probe_in, sh, Netns, Target};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -63,25 +61,7 @@ fn shaped_pair(rate: &str) -> Option<Netns> {
 /// iperf3's upload goodput (client in namespace 0 sends) in bits/s, the slow-start and
 /// tbf burst left out.
 fn iperf3_upload(ns: &Netns) -> f64 {
-    let args = ["-c", "10.78.0.2", "-t", "10", "-O", "2", "-J"];
-    for attempt in 0.. {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &ns.names[0], "iperf3"])
-            .args(args)
-            .output()
-            .expect("iperf3");
-        if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J");
-            return f64_of(&v["end"]["sum_received"], "bits_per_second");
-        }
-        assert!(
-            attempt < 20,
-            "iperf3 failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    unreachable!()
+    iperf3_goodput(ns, &["-c", "10.78.0.2", "-t", "10", "-O", "2", "-J"])
 }
 
 #[test]

@@ -263,3 +263,26 @@ impl Drop for Netns {
         }
     }
 }
+
+/// iperf3's goodput in bits/s (`end.sum_received`), run as a client in the pair's first
+/// namespace with `args`; retried while the server in the other one is still starting.
+pub fn iperf3_goodput(ns: &Netns, args: &[&str]) -> f64 {
+    for attempt in 0.. {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.names[0], "iperf3"])
+            .args(args)
+            .output()
+            .expect("iperf3");
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("iperf3 -J");
+            return f64_of(&v["end"]["sum_received"], "bits_per_second");
+        }
+        assert!(
+            attempt < 20,
+            "iperf3 failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    unreachable!()
+}
