@@ -185,6 +185,12 @@ pub struct TestConfig {
     pub labels: Spanned<BTreeMap<String, String>>,
     #[serde(default = "default_options")]
     pub options: Spanned<TestOptions>,
+    /// Fleet tests only (`FleetFile`): the agents whose `[agent] labels` hold all of these.
+    #[serde(default, deserialize_with = "de_opt_spanned_labels")]
+    pub select: Option<Spanned<BTreeMap<String, String>>>,
+    /// Fleet tests only (`FleetFile`): the agent ids this test runs on.
+    #[serde(default)]
+    pub agents: Option<Spanned<Vec<String>>>,
 }
 
 fn default_labels() -> Spanned<BTreeMap<String, String>> {
@@ -323,26 +329,17 @@ impl Config {
 
     /// Parses and checks config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let locate = |span: Option<Range<usize>>, reason: String| match span {
-            Some(span) => {
-                let (line, col) = line_col(text, span.start);
-                ConfigError::Invalid {
-                    path: origin.to_string(),
-                    line,
-                    col,
-                    reason,
-                }
-            }
-            None => ConfigError::Unlocated {
-                path: origin.to_string(),
-                reason,
-            },
-        };
-        let config: Config = toml::from_str(text)
-            .map_err(|e| locate(e.span(), e.message().trim().replace('\n', " ").to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| {
+            locate(
+                text,
+                origin,
+                e.span(),
+                e.message().trim().replace('\n', " "),
+            )
+        })?;
         config
             .check()
-            .map_err(|(span, reason)| locate(span, reason))?;
+            .map_err(|(span, reason)| locate(text, origin, span, reason))?;
         Ok(config)
     }
 
@@ -375,72 +372,19 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         for test in &self.tests {
+            if let Some(select) = &test.select {
+                return Err((Some(select.span()), FLEET_ONLY.replace("{key}", "select")));
+            }
+            if let Some(agents) = &test.agents {
+                return Err((Some(agents.span()), FLEET_ONLY.replace("{key}", "agents")));
+            }
+            check_test(test, Some(&self.agent.labels), Schedule::Required)?;
             let name = test.name.get_ref();
-            bounds::test_name(name).map_err(|e| (Some(test.name.span()), e.to_string()))?;
             if !names.insert(name.clone()) {
                 return Err((
                     Some(test.name.span()),
                     format!("duplicate test name `{name}`"),
                 ));
-            }
-            match (&test.schedule, &test.every) {
-                (Some(_), Some(_)) => {
-                    return Err((
-                        Some(test.name.span()),
-                        format!("test `{name}` sets both `schedule` and `every`; choose one"),
-                    ))
-                }
-                (None, None) => {
-                    return Err((
-                        Some(test.name.span()),
-                        format!("test `{name}` needs `schedule` (cron with seconds) or `every`"),
-                    ))
-                }
-                _ => {}
-            }
-            if test.timezone.is_some() && test.schedule.is_none() {
-                return Err((
-                    Some(test.name.span()),
-                    format!("test `{name}`: `timezone` applies to `schedule` only, not `every`"),
-                ));
-            }
-            if let Some(every) = test.every {
-                if every < Duration::from_millis(10) {
-                    return Err((
-                        Some(test.name.span()),
-                        format!("test `{name}`: `every` must be at least 10ms"),
-                    ));
-                }
-            }
-            check_target(test.kind, test.target.get_ref())
-                .map_err(|reason| (Some(test.target.span()), reason))?;
-            let own = test.labels.get_ref();
-            let merged = self.agent.labels.len()
-                + own
-                    .keys()
-                    .filter(|k| !self.agent.labels.contains_key(*k))
-                    .count();
-            if merged > bounds::MAX_LABELS {
-                return Err((
-                    Some(test.labels.span()),
-                    format!(
-                        "test `{name}`: {merged} labels after merging [agent] labels, at most {}",
-                        bounds::MAX_LABELS
-                    ),
-                ));
-            }
-            let allowed = TestOptions::allowed(test.kind);
-            for key in test.options.get_ref().set_keys() {
-                if !allowed.contains(&key) {
-                    return Err((
-                        Some(test.options.span()),
-                        format!(
-                            "option `{key}` does not apply to kind {}; it takes: {}",
-                            test.kind,
-                            allowed.join(", ")
-                        ),
-                    ));
-                }
             }
         }
         Ok(())
@@ -450,6 +394,312 @@ impl Config {
     pub fn agent_id(&self) -> String {
         self.agent.id.clone().unwrap_or_else(hostname)
     }
+}
+
+const FLEET_ONLY: &str = "`{key}` chooses agents for a fleet test (`edgeprobe-collector tests \
+     apply`); a test in the agent's own file runs on that agent only: remove `{key}`";
+
+/// Whether a test must have `schedule` or `every` (ad-hoc run-now tests have neither).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    Required,
+    Forbidden,
+}
+
+/// The checks of one test that need more than one field, shared by the agent's file,
+/// fleet tests files and ad-hoc tests. `agent_labels` is `None` where the agent is not
+/// known (the collector checking a fleet file): the merged label count is then checked by
+/// the agent when the test reaches it.
+fn check_test(
+    test: &TestConfig,
+    agent_labels: Option<&BTreeMap<String, String>>,
+    schedule: Schedule,
+) -> Result<(), (Option<Range<usize>>, String)> {
+    let name = test.name.get_ref();
+    bounds::test_name(name).map_err(|e| (Some(test.name.span()), e.to_string()))?;
+    match (schedule, &test.schedule, &test.every) {
+        (Schedule::Required, Some(_), Some(_)) => {
+            return Err((
+                Some(test.name.span()),
+                format!("test `{name}` sets both `schedule` and `every`; choose one"),
+            ))
+        }
+        (Schedule::Required, None, None) => {
+            return Err((
+                Some(test.name.span()),
+                format!("test `{name}` needs `schedule` (cron with seconds) or `every`"),
+            ))
+        }
+        (Schedule::Forbidden, Some(_), _) | (Schedule::Forbidden, _, Some(_)) => {
+            return Err((
+                Some(test.name.span()),
+                format!("test `{name}` runs once, now: leave out `schedule` and `every`"),
+            ))
+        }
+        _ => {}
+    }
+    if test.timezone.is_some() && test.schedule.is_none() {
+        return Err((
+            Some(test.name.span()),
+            format!("test `{name}`: `timezone` applies to `schedule` only, not `every`"),
+        ));
+    }
+    if let Some(every) = test.every {
+        if every < Duration::from_millis(10) {
+            return Err((
+                Some(test.name.span()),
+                format!("test `{name}`: `every` must be at least 10ms"),
+            ));
+        }
+    }
+    check_target(test.kind, test.target.get_ref())
+        .map_err(|reason| (Some(test.target.span()), reason))?;
+    if let Some(agent_labels) = agent_labels {
+        let own = test.labels.get_ref();
+        let merged = agent_labels.len()
+            + own
+                .keys()
+                .filter(|k| !agent_labels.contains_key(*k))
+                .count();
+        if merged > bounds::MAX_LABELS {
+            return Err((
+                Some(test.labels.span()),
+                format!(
+                    "test `{name}`: {merged} labels after merging [agent] labels, at most {}",
+                    bounds::MAX_LABELS
+                ),
+            ));
+        }
+    }
+    let allowed = TestOptions::allowed(test.kind);
+    for key in test.options.get_ref().set_keys() {
+        if !allowed.contains(&key) {
+            return Err((
+                Some(test.options.span()),
+                format!(
+                    "option `{key}` does not apply to kind {}; it takes: {}",
+                    test.kind,
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Turns a checker's (span, reason) into an error located in `text`.
+fn locate(text: &str, origin: &str, span: Option<Range<usize>>, reason: String) -> ConfigError {
+    match span {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                line,
+                col,
+                reason,
+            }
+        }
+        None => ConfigError::Unlocated {
+            path: origin.to_string(),
+            reason,
+        },
+    }
+}
+
+/// Only `[[test]]` blocks: the syntax of a fleet tests file and of what the collector
+/// pushes to an agent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestsOnly {
+    #[serde(default, rename = "test")]
+    tests: Vec<TestConfig>,
+}
+
+/// The `test` array of the same text as plain TOML tables, for re-serialising each test.
+#[derive(Deserialize)]
+struct TestTables {
+    #[serde(default, rename = "test")]
+    tests: Vec<toml::Table>,
+}
+
+#[derive(serde::Serialize)]
+struct OneTest<'a> {
+    test: [&'a toml::Table; 1],
+}
+
+/// One test of a fleet tests file.
+#[derive(Debug, Clone)]
+pub struct FleetTest {
+    pub config: TestConfig,
+    /// Labels an agent must all carry; empty with `agents` unset selects every agent.
+    pub select: BTreeMap<String, String>,
+    /// Agent ids the test runs on, instead of a label selection.
+    pub agents: Option<Vec<String>>,
+    /// The test as one `[[test]]` block without `select` / `agents`: what an agent gets.
+    pub spec_toml: String,
+}
+
+impl FleetTest {
+    /// Whether this test runs on the agent `agent_id` with `labels`.
+    pub fn selects(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> bool {
+        match &self.agents {
+            Some(ids) => ids.iter().any(|id| id == agent_id),
+            None => self.select.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        }
+    }
+}
+
+/// A fleet tests file (`edgeprobe-collector tests apply --file`): the agent config's
+/// `[[test]]` blocks, each with an optional `select = { label = "value" }` or
+/// `agents = ["id", ...]`, checked by the same code as the agent's own file.
+#[derive(Debug, Clone, Default)]
+pub struct FleetFile {
+    pub tests: Vec<FleetTest>,
+}
+
+impl FleetFile {
+    /// Parses and checks a fleet tests file; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<FleetFile, ConfigError> {
+        let located = |(span, reason)| locate(text, origin, span, reason);
+        let parsed: TestsOnly = toml::from_str(text).map_err(|e| {
+            locate(
+                text,
+                origin,
+                e.span(),
+                e.message().trim().replace('\n', " "),
+            )
+        })?;
+        let tables: TestTables = toml::from_str(text).map_err(|e| {
+            locate(
+                text,
+                origin,
+                e.span(),
+                e.message().trim().replace('\n', " "),
+            )
+        })?;
+        let mut names = std::collections::HashSet::new();
+        let mut tests = Vec::with_capacity(parsed.tests.len());
+        for (config, mut table) in parsed.tests.into_iter().zip(tables.tests) {
+            check_test(&config, None, Schedule::Required).map_err(located)?;
+            let name = config.name.get_ref();
+            if !names.insert(name.clone()) {
+                return Err(located((
+                    Some(config.name.span()),
+                    format!("duplicate test name `{name}`"),
+                )));
+            }
+            if let (Some(_), Some(agents)) = (&config.select, &config.agents) {
+                return Err(located((
+                    Some(agents.span()),
+                    format!("test `{name}` sets both `select` and `agents`; choose one"),
+                )));
+            }
+            if let Some(agents) = &config.agents {
+                if agents.get_ref().is_empty() {
+                    return Err(located((
+                        Some(agents.span()),
+                        format!(
+                            "test `{name}`: `agents` is empty; leave it out to select every agent"
+                        ),
+                    )));
+                }
+                for id in agents.get_ref() {
+                    bounds::agent_id(id).map_err(|e| {
+                        located((Some(agents.span()), format!("test `{name}`: agents: {e}")))
+                    })?;
+                }
+            }
+            table.remove("select");
+            table.remove("agents");
+            let spec_toml = toml::to_string(&OneTest { test: [&table] })
+                .map_err(|e| located((Some(config.name.span()), format!("test `{name}`: {e}"))))?;
+            tests.push(FleetTest {
+                select: config
+                    .select
+                    .as_ref()
+                    .map(|s| s.get_ref().clone())
+                    .unwrap_or_default(),
+                agents: config.agents.as_ref().map(|a| a.get_ref().clone()),
+                spec_toml,
+                config,
+            });
+        }
+        Ok(FleetFile { tests })
+    }
+
+    /// The tests that run on agent `agent_id` with `labels`, as the `tests_toml` of a push.
+    pub fn tests_toml_for(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> String {
+        self.tests
+            .iter()
+            .filter(|t| t.selects(agent_id, labels))
+            .map(|t| t.spec_toml.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Parses the fleet tests pushed to this agent (`FleetTests.tests_toml`) and checks them
+/// against the agent's own config: the merged label bound, and no name of a local test.
+pub fn parse_pushed_tests(
+    text: &str,
+    origin: &str,
+    config: &Config,
+) -> Result<Vec<TestConfig>, ConfigError> {
+    let file = FleetFile::parse(text, origin)?;
+    let local: std::collections::HashSet<&str> = config
+        .tests
+        .iter()
+        .map(|t| t.name.get_ref().as_str())
+        .collect();
+    let mut tests = Vec::with_capacity(file.tests.len());
+    for t in file.tests {
+        let located = |(span, reason)| locate(text, origin, span, reason);
+        if t.config.select.is_some() || t.config.agents.is_some() {
+            return Err(located((
+                Some(t.config.name.span()),
+                "a pushed test carries no `select` or `agents`".to_string(),
+            )));
+        }
+        check_test(&t.config, Some(&config.agent.labels), Schedule::Required).map_err(located)?;
+        let name = t.config.name.get_ref();
+        if local.contains(name.as_str()) {
+            return Err(located((
+                Some(t.config.name.span()),
+                format!("fleet test `{name}` has the name of a test in this agent's own config file; rename one of them"),
+            )));
+        }
+        tests.push(t.config);
+    }
+    Ok(tests)
+}
+
+/// Parses one ad-hoc `[[test]]` block for run-now: name, kind, target, options and labels,
+/// without `schedule` or `every`.
+pub fn parse_adhoc_test(text: &str, origin: &str) -> Result<TestConfig, ConfigError> {
+    let parsed: TestsOnly = toml::from_str(text).map_err(|e| {
+        locate(
+            text,
+            origin,
+            e.span(),
+            e.message().trim().replace('\n', " "),
+        )
+    })?;
+    let mut tests = parsed.tests.into_iter();
+    let (Some(test), None) = (tests.next(), tests.next()) else {
+        return Err(ConfigError::Unlocated {
+            path: origin.to_string(),
+            reason: "an ad-hoc test is exactly one [[test]] block".to_string(),
+        });
+    };
+    let located = |(span, reason)| locate(text, origin, span, reason);
+    if test.select.is_some() || test.agents.is_some() {
+        return Err(located((
+            Some(test.name.span()),
+            "an ad-hoc test carries no `select` or `agents`".to_string(),
+        )));
+    }
+    check_test(&test, None, Schedule::Forbidden).map_err(located)?;
+    Ok(test)
 }
 
 /// Checks a target's syntax for its kind (reachability is the probe's business). Messages
@@ -610,6 +860,12 @@ fn de_spanned_labels<'de, D: Deserializer<'de>>(
     let labels = Spanned::<BTreeMap<String, String>>::deserialize(d)?;
     bounds::labels(labels.get_ref().iter()).map_err(serde::de::Error::custom)?;
     Ok(labels)
+}
+
+fn de_opt_spanned_labels<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<BTreeMap<String, String>>>, D::Error> {
+    de_spanned_labels(d).map(Some)
 }
 
 fn de_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -803,6 +1059,144 @@ every = "30s"
         assert_eq!(parse_size("4096").unwrap(), 4096);
         assert!(parse_size("4 parsecs").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
+    }
+
+    const FLEET: &str = r#"
+[[test]]
+name = "berlin-speed"
+kind = "speed"
+target = "http://speed.example.net:8080"
+schedule = "0 */30 * * * *"
+select = { site = "berlin" }
+options = { duration = "10s", streams = 4 }
+
+[[test]]
+name = "dns"
+kind = "dns"
+target = "example.net"
+every = "1m"
+agents = ["branch-042", "branch-043"]
+
+[[test]]
+name = "everywhere"
+kind = "tcp"
+target = "example.net:443"
+every = "30s"
+"#;
+
+    #[test]
+    fn a_fleet_file_selects_by_labels_or_ids_and_pushes_plain_tests() {
+        let f = FleetFile::parse(FLEET, "fleet.toml").unwrap();
+        assert_eq!(f.tests.len(), 3);
+        let berlin: BTreeMap<_, _> = [("site".to_string(), "berlin".to_string())].into();
+        let paris: BTreeMap<_, _> = [("site".to_string(), "paris".to_string())].into();
+        let names = |id: &str, labels: &BTreeMap<String, String>| {
+            let pushed = f.tests_toml_for(id, labels);
+            let agent = Config::parse(&format!("[collector]\nendpoints = [\"http://c:1\"]\ninsecure = true\n[agent]\nid = \"{id}\"\n"), "a").unwrap();
+            parse_pushed_tests(&pushed, "pushed", &agent)
+                .unwrap()
+                .iter()
+                .map(|t| t.name.get_ref().clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names("branch-042", &berlin),
+            ["berlin-speed", "dns", "everywhere"]
+        );
+        assert_eq!(names("branch-044", &paris), ["everywhere"]);
+        assert_eq!(names("branch-043", &paris), ["dns", "everywhere"]);
+        // The pushed block keeps the options and drops the selection.
+        let spec = &f.tests[0].spec_toml;
+        assert!(
+            spec.contains("streams = 4") && !spec.contains("select"),
+            "{spec}"
+        );
+    }
+
+    #[test]
+    fn fleet_file_errors_are_located_like_checks() {
+        let err = |text: &str| {
+            FleetFile::parse(text, "fleet.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        let both = FLEET.replace(
+            "every = \"1m\"\nagents",
+            "every = \"1m\"\nselect = { a = \"b\" }\nagents",
+        );
+        assert!(
+            err(&both).starts_with("fleet.toml:16:10: test `dns` sets both"),
+            "{}",
+            err(&both)
+        );
+        let bad_kind = FLEET.replace("kind = \"tcp\"", "kind = \"tcpx\"");
+        assert!(
+            err(&bad_kind).starts_with("fleet.toml:19:8:"),
+            "{}",
+            err(&bad_kind)
+        );
+        let no_schedule = FLEET.replace("every = \"30s\"\n", "");
+        assert!(
+            err(&no_schedule).contains("needs `schedule`"),
+            "{}",
+            err(&no_schedule)
+        );
+        assert!(err("[agent]\nid = \"x\"\n").contains("unknown field `agent`"));
+        let dup = format!("{FLEET}\n[[test]]\nname = \"dns\"\nkind = \"dns\"\ntarget = \"x.net\"\nevery = \"1m\"\n");
+        assert!(
+            err(&dup).contains("duplicate test name `dns`"),
+            "{}",
+            err(&dup)
+        );
+    }
+
+    #[test]
+    fn a_pushed_test_may_not_take_a_local_name_or_bust_the_label_bound() {
+        let agent = Config::parse(GOOD, "agent.toml").unwrap();
+        let clash = "[[test]]\nname = \"internet-speed\"\nkind = \"tcp\"\ntarget = \"a:1\"\nevery = \"1m\"\n";
+        let e = parse_pushed_tests(clash, "fleet v3", &agent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("fleet v3:2:8: fleet test `internet-speed` has the name of a test in this agent's own config file"), "{e}");
+        let labels: Vec<String> = (0..31).map(|i| format!("l{i} = \"v\"")).collect();
+        let many = format!("[[test]]\nname = \"t\"\nkind = \"tcp\"\ntarget = \"a:1\"\nevery = \"1m\"\nlabels = {{ {} }}\n", labels.join(", "));
+        let e = parse_pushed_tests(&many, "fleet v3", &agent)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("33 labels after merging [agent] labels"), "{e}");
+    }
+
+    #[test]
+    fn select_in_an_agent_file_points_to_the_fleet() {
+        let text = GOOD.replace(
+            "options = { duration",
+            "select = { site = \"x\" }\noptions = { duration",
+        );
+        let e = Config::parse(&text, "agent.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("`select` chooses agents for a fleet test"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_adhoc_test_has_no_schedule() {
+        let t = parse_adhoc_test("[[test]]\nname = \"run-now\"\nkind = \"tcp\"\ntarget = \"a:1\"\noptions = { timeout = \"2s\" }\n", "run-now").unwrap();
+        assert_eq!(t.kind, Kind::Tcp);
+        let e = parse_adhoc_test(
+            "[[test]]\nname = \"x\"\nkind = \"tcp\"\ntarget = \"a:1\"\nevery = \"1m\"\n",
+            "run-now",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("runs once, now"), "{e}");
+        let e = parse_adhoc_test(
+            "[[test]]\nname = \"x\"\nkind = \"tcp\"\ntarget = \"nope\"\n",
+            "run-now",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("run-now:4:10:"), "{e}");
     }
 }
 

@@ -191,6 +191,8 @@ impl Uplink {
             version: env!("CARGO_PKG_VERSION").to_string(),
             labels: self.labels.clone().into_iter().collect(),
             incarnation: self.buffer.incarnation().to_string(),
+            features: Vec::new(),
+            local_tests: Vec::new(),
         };
         tx.send(message(pb::agent_message::Msg::Hello(hello)))
             .await

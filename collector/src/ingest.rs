@@ -186,6 +186,7 @@ impl pb::ingest_server::Ingest for IngestService {
                 pb::Welcome {
                     committed_seq: committed as u64,
                     collector_unix_nanos: now,
+                    features: Vec::new(),
                 },
             ))))
             .await;
@@ -348,6 +349,13 @@ impl Session {
                     }
                     Err(e) => break Some(Status::invalid_argument(format!("heartbeat: {e}"))),
                 },
+                Some(
+                    pb::agent_message::Msg::TestsApplied(_) | pb::agent_message::Msg::RunStatus(_),
+                ) => {
+                    // Only sent to a collector whose welcome listed the feature; this one
+                    // lists none yet. Ignored, like any message kind a peer does not use.
+                    tracing::debug!(agent_id = %this.agent_id, "ignoring a controller message");
+                }
                 Some(pb::agent_message::Msg::Hello(_)) | None => {
                     this.metrics
                         .ingest_errors

@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "never_stall",
         include_str!("../migrations/0003_never_stall.sql"),
     ),
+    (
+        4,
+        "fleet_controller",
+        include_str!("../migrations/0004_fleet_controller.sql"),
+    ),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.

@@ -35,6 +35,7 @@ fn hello(id: &str, incarnation: &str) -> pb::Hello {
         version: "test".into(),
         labels: [("site".to_string(), "lab".to_string())].into(),
         incarnation: incarnation.to_string(),
+        ..Default::default()
     }
 }
 

@@ -62,6 +62,7 @@ async fn commit_until(
         version: "test".into(),
         labels: Default::default(),
         incarnation: "upkeep".into(),
+        ..Default::default()
     })))
     .await
     .unwrap();
