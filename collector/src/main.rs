@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod ca;
 mod config;
+mod controller;
 mod domain;
 mod http;
 mod identity;
