@@ -572,7 +572,7 @@ impl Controller {
             *speed_at = Some(now);
         }
         // Forget agents whose limits have all passed, so the map follows the live fleet.
-        if self.last_run.len() > 4 * self.sessions.controls().len().max(1024) {
+        if self.last_run.len() > 4 * self.sessions.len().max(1024) {
             let keep = self.limit.run_every.max(self.limit.speed_every);
             self.last_run.retain(|_, (a, s)| {
                 [a, s]

@@ -230,6 +230,16 @@ impl Sessions {
     }
 }
 
+impl Sessions {
+    /// How many sessions are live.
+    pub fn len(&self) -> usize {
+        self.live
+            .lock()
+            .expect("the registry lock is never poisoned")
+            .len()
+    }
+}
+
 impl Registration {
     /// Makes the session reachable by the controller, while it is the registered one.
     pub fn attach(&self, control: Arc<Control>) {

@@ -364,6 +364,8 @@ fn an_old_protocol_client_gets_no_controller_message_and_keeps_delivering() {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             let states = tokio::task::block_in_place(|| states(&db, run));
             assert_eq!(states, [("old-1".to_string(), "refused".to_string())]);
+            // A message of a kind this collector does not know is ignored, not fatal.
+            tx.send(pb::AgentMessage { msg: None }).await.unwrap();
             seq += 1;
             tx.send(agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
                 results: vec![http_result("old-1", seq, base + seq as i64)],
