@@ -44,6 +44,8 @@ pub const RUNS_CHANNEL: &str = "edgeprobe_runs";
 const POLL: Duration = Duration::from_secs(5);
 /// Answers are written this often.
 const FLUSH: Duration = Duration::from_millis(200);
+/// Dispatches triggered by new sessions are this far apart at least.
+const DISPATCH_EVERY: Duration = Duration::from_secs(1);
 /// A run request older than this is not sent any more.
 const RUN_WINDOW_SECONDS: f64 = 60.0;
 /// Answers waiting to be written, at most; more are dropped (and logged).
@@ -128,6 +130,8 @@ enum Event {
         agent_id: String,
         run_id: i64,
     },
+    /// A session attached: a run waiting for its agent can go now.
+    SessionStarted,
 }
 
 /// The sessions' side of the controller; cheap to clone, never waits.
@@ -142,6 +146,9 @@ impl Handle {
     /// A new session, attached to the registry: gets the current version now if it
     /// speaks fleet-tests (a version loaded later reaches it through the registry).
     pub fn session_started(&self, control: &Control) {
+        if control.run_now {
+            self.event(Event::SessionStarted);
+        }
         if !control.fleet_tests {
             return;
         }
@@ -244,6 +251,8 @@ struct Pending {
     applied: HashMap<String, (u64, String)>,
     status: HashMap<(u64, String), (&'static str, String)>,
     done: Vec<(i64, String)>,
+    /// A session started since the last dispatch.
+    dispatch: bool,
 }
 
 impl Pending {
@@ -265,6 +274,7 @@ impl Pending {
                 self.status.insert((run_id, agent_id), (state, reason));
             }
             Event::Done { agent_id, run_id } => self.done.push((run_id, agent_id)),
+            Event::SessionStarted => self.dispatch = true,
         }
     }
 
@@ -335,6 +345,7 @@ impl Controller {
         self.dispatch_runs(client).await.map_err(describe)?;
         let mut poll = tokio::time::interval(POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_dispatch = Instant::now();
         let mut flush = tokio::time::interval(FLUSH);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -355,7 +366,16 @@ impl Controller {
                     self.dispatch_runs(client).await.map_err(describe)?;
                     self.count_behind();
                 }
-                _ = flush.tick() => self.flush(client).await.map_err(describe)?,
+                _ = flush.tick() => {
+                    self.flush(client).await.map_err(describe)?;
+                    // Runs for agents that just connected go at the next flush, once per
+                    // second at most while a fleet reconnects.
+                    if self.pending.dispatch && last_dispatch.elapsed() >= DISPATCH_EVERY {
+                        self.pending.dispatch = false;
+                        last_dispatch = Instant::now();
+                        self.dispatch_runs(client).await.map_err(describe)?;
+                    }
+                }
                 e = self.events.recv() => {
                     if let Some(e) = e {
                         self.pending.add(e);
@@ -594,7 +614,10 @@ impl Controller {
         let had_applied = !self.pending.applied.is_empty();
         // Kept for the next connection when the write fails.
         write(client, &self.pending).await?;
-        self.pending = Pending::default();
+        self.pending = Pending {
+            dispatch: self.pending.dispatch,
+            ..Pending::default()
+        };
         if had_applied {
             self.count_behind();
         }

@@ -553,3 +553,30 @@ fn a_version_reaches_hundreds_of_sessions_within_seconds() {
     assert!(!collector.proc.log_text().contains("controller: database"));
     drop(rt);
 }
+
+#[test]
+fn a_run_waits_for_its_agent_to_connect_within_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let local = spec("slow", &target.url()).replace("100ms", "1h");
+    let mut a = Agent::new(dir.path(), "late-1", &collector.endpoint(), &local);
+    a.start();
+    connected(&db, &["late-1"]);
+    assert_eq!(a.stop(), Some(0));
+    let run = run_now(&db, "slow", &["late-1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        states(&db, run),
+        [("late-1".to_string(), "pending".to_string())]
+    );
+    a.start();
+    wait_for(WAIT, "the run done once the agent is back", || {
+        (states(&db, run) == [("late-1".to_string(), "done".to_string())]).then_some(())
+    });
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM results WHERE on_demand AND agent_id = 'late-1'"),
+        1
+    );
+}
