@@ -2,7 +2,10 @@
 //! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
 //! stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
 //! rescheduled, the uplink restarts if its settings changed, and a file that does not
-//! check keeps the running configuration. A clock watch asks the kernel every
+//! check keeps the running configuration, and so does one whose tests clash with the applied
+//! fleet tests; unchanged tests keep their schedule (`Scheduler::apply`). Fleet pushes and
+//! run-now requests arrive from the uplink (`fleet::Inbound`) and are answered on the
+//! session that asked. A clock watch asks the kernel every
 //! `CLOCK_CHECK_EVERY` whether its clock is synchronised and corrects buffered results
 //! when something vouches for the clock.
 

@@ -34,6 +34,11 @@
 //!   reads, so nothing overlaps it on this agent.
 //! - A run that is still going when its next tick comes makes that tick skip (logged),
 //!   so a slow target cannot pile up runs.
+//! - `Scheduler::apply` (reload, fleet push) keeps the trigger of a test whose settings
+//!   did not change, so `every` keeps its phase; changed and removed tests stop firing,
+//!   their runs in progress finish.
+//! - Run-now (`Scheduler::run_now`) runs a test once beside its schedule, without spread,
+//!   under the same lock, rate-limited ([`RUN_NOW_EVERY`], [`SPEED_RUN_NOW_EVERY`]).
 //! - Every run yields exactly one result; when the buffer refuses it, the failure is
 //!   logged with the test name.
 //! - A result recorded while nothing vouches for the clock marks the clock "dirty" once it
