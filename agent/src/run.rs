@@ -2,7 +2,10 @@
 //! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
 //! stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
 //! rescheduled, the uplink restarts if its settings changed, and a file that does not
-//! check keeps the running configuration. A clock watch asks the kernel every
+//! check keeps the running configuration, and so does one whose tests clash with the applied
+//! fleet tests; unchanged tests keep their schedule (`Scheduler::apply`). Fleet pushes and
+//! run-now requests arrive from the uplink (`fleet::Inbound`) and are answered on the
+//! session that asked. A clock watch asks the kernel every
 //! `CLOCK_CHECK_EVERY` whether its clock is synchronised and corrects buffered results
 //! when something vouches for the clock.
 
@@ -162,6 +165,11 @@ fn apply_fleet(
     fleet: &mut Option<Fleet>,
     scheduler: &mut Scheduler,
 ) -> Option<String> {
+    if push.version == 0 {
+        let reason = "fleet tests version 0 is never pushed".to_string();
+        tracing::warn!("fleet tests refused: {reason}");
+        return Some(reason);
+    }
     let same = fleet
         .as_ref()
         .is_some_and(|f| f.tests_toml == push.tests_toml)
@@ -335,5 +343,99 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[agent]
+id = "a1"
+[collector]
+endpoints = ["http://127.0.0.1:1"]
+insecure = true
+[[test]]
+name = "local"
+kind = "tcp"
+target = "127.0.0.1:1"
+every = "1h"
+"#;
+
+    fn push(version: u64, name: &str) -> pb::FleetTests {
+        pb::FleetTests {
+            version,
+            tests_toml: format!(
+                "[[test]]\nname = \"{name}\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\nevery = \"1h\"\n"
+            ),
+        }
+    }
+
+    fn persisted_version(dir: &Path) -> u64 {
+        fleet::read(&fleet::path(dir)).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn pushes_are_applied_persisted_or_refused_keeping_the_previous_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = CONFIG.replace(
+            "id = \"a1\"",
+            &format!("id = \"a1\"\nstate_dir = \"{}\"", dir.path().display()),
+        );
+        let config = Config::parse(&text, "agent.toml").unwrap();
+        let buffer = Buffer::open(dir.path(), 1 << 20).unwrap();
+        let mut scheduler =
+            Scheduler::start(&config, &[], buffer, Clock::new(), CancellationToken::new())
+                .await
+                .unwrap();
+        let mut fleet = None;
+
+        assert_eq!(
+            apply_fleet(&push(1, "f1"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(scheduler.test_names(), ["f1", "local"]);
+        assert_eq!(persisted_version(dir.path()), 1);
+
+        // The same set as a new version: applied, persisted with the version.
+        assert_eq!(
+            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(fleet.as_ref().unwrap().version, 2);
+        assert_eq!(persisted_version(dir.path()), 2);
+        // The same version again (a reconnect): applied again.
+        assert_eq!(
+            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+
+        // A clash with a local test, and version 0: refused, version 2 runs on.
+        let e = apply_fleet(&push(3, "local"), &config, &mut fleet, &mut scheduler).unwrap();
+        assert!(e.contains("own config file"), "{e}");
+        let e = apply_fleet(&push(0, "f9"), &config, &mut fleet, &mut scheduler).unwrap();
+        assert!(e.contains("version 0"), "{e}");
+        assert_eq!(fleet.as_ref().unwrap().version, 2);
+        assert_eq!(persisted_version(dir.path()), 2);
+        assert_eq!(scheduler.test_names(), ["f1", "local"]);
+
+        // A new set replaces the old one; an empty one removes them all.
+        assert_eq!(
+            apply_fleet(&push(4, "f2"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(scheduler.test_names(), ["f2", "local"]);
+        let empty = pb::FleetTests {
+            version: 5,
+            tests_toml: String::new(),
+        };
+        assert_eq!(
+            apply_fleet(&empty, &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(scheduler.test_names(), ["local"]);
+        assert_eq!(persisted_version(dir.path()), 5);
+        scheduler.stop(Duration::from_secs(1)).await;
     }
 }

@@ -34,6 +34,11 @@
 //!   reads, so nothing overlaps it on this agent.
 //! - A run that is still going when its next tick comes makes that tick skip (logged),
 //!   so a slow target cannot pile up runs.
+//! - `Scheduler::apply` (reload, fleet push) keeps the trigger of a test whose settings
+//!   did not change, so `every` keeps its phase; changed and removed tests stop firing,
+//!   their runs in progress finish.
+//! - Run-now (`Scheduler::run_now`) runs a test once beside its schedule, without spread,
+//!   under the same lock, rate-limited ([`RUN_NOW_EVERY`], [`SPEED_RUN_NOW_EVERY`]).
 //! - Every run yields exactly one result; when the buffer refuses it, the failure is
 //!   logged with the test name.
 //! - A result recorded while nothing vouches for the clock marks the clock "dirty" once it
@@ -161,7 +166,9 @@ struct Test {
     info: TestInfo,
     spec: ProbeSpec,
     spread: Option<Duration>,
-    running: AtomicBool,
+    /// A scheduled run is in progress. Shared by the old and new version of a test a
+    /// reload changed, so the new one does not overlap the old one's last run.
+    running: Arc<AtomicBool>,
 }
 
 /// Shared by all runs of all tests.
@@ -253,6 +260,7 @@ impl Scheduler {
             .map(|tc| (tc.name.get_ref().as_str(), tc))
             .collect();
         let mut applied = Applied::default();
+        let mut running = BTreeMap::new();
         let names: Vec<String> = self.entries.keys().cloned().collect();
         for name in names {
             let keep = wanted
@@ -261,6 +269,7 @@ impl Scheduler {
             if !keep {
                 let entry = self.entries.remove(&name).expect("listed");
                 entry.trigger.abort();
+                running.insert(name.clone(), entry.test.running.clone());
                 applied.stopped.push(name);
             }
         }
@@ -269,7 +278,11 @@ impl Scheduler {
                 applied.kept.push(name.to_string());
                 continue;
             }
-            let test = Arc::new(make_test(&config.agent.labels, tc));
+            let mut test = make_test(&config.agent.labels, tc);
+            if let Some(flag) = running.remove(name) {
+                test.running = flag;
+            }
+            let test = Arc::new(test);
             let trigger = self.spawn_trigger(config, tc, test.clone());
             self.entries.insert(
                 name.to_string(),
@@ -347,7 +360,7 @@ impl Scheduler {
                     info: entry.test.info.clone(),
                     spec: entry.test.spec.clone(),
                     spread: None,
-                    running: AtomicBool::new(false),
+                    running: Arc::new(AtomicBool::new(false)),
                 },
                 None if run.test.is_empty() => {
                     return refused("run-now names no test and carries no ad-hoc test".into())
@@ -506,7 +519,7 @@ fn make_test(agent_labels: &BTreeMap<String, String>, tc: &TestConfig) -> Test {
             options: tc.options.get_ref().clone(),
         },
         spread: tc.spread,
-        running: AtomicBool::new(false),
+        running: Arc::new(AtomicBool::new(false)),
     }
 }
 
@@ -673,6 +686,7 @@ mod tests {
         let (mut s, _buffer, _dir) = scheduler(&old, &fleet).await;
         let before = trigger_ids(&s);
         assert_eq!(s.test_names(), ["a", "b", "f", "gone"]);
+        let b_running = s.entries["b"].test.running.clone();
 
         // `a` moves to another line (other spans) but is the same test; `b` changes its
         // interval; `gone` goes; `c` comes; the fleet test stays.
@@ -693,6 +707,10 @@ mod tests {
         );
         assert_eq!(after["f"], before["f"]);
         assert_ne!(after["b"], before["b"]);
+        assert!(
+            Arc::ptr_eq(&s.entries["b"].test.running, &b_running),
+            "a changed test does not overlap its old version's run"
+        );
         // Applying the same again changes nothing.
         let again = s.apply(&new, &fleet);
         assert!(!again.changed(), "{again:?}");

@@ -6,6 +6,12 @@
 //! Heartbeats carry backlog and drop counts. On any error the session ends and the uplink
 //! reconnects to the next endpoint with exponential backoff and full jitter.
 //!
+//! Controller (docs/ARCHITECTURE.md, "Fleet tests on the agent"): the hello lists the
+//! features `fleet-tests` and `run-now` and the local test names; FleetTests and RunNow go
+//! to `run.rs` (`fleet::Inbound`) only when the welcome listed their feature, with the
+//! session's sender for the answer. A message of a kind this agent does not know is
+//! logged and ignored; only the end of the stream ends the session.
+//!
 //! Storms: when a collector restarts, every agent of the fleet loses its session at the same
 //! moment, and with the backoff alone (250 ms first step) all of them would reconnect
 //! within a quarter of a second. So the first reconnect after a session that was welcomed
