@@ -30,6 +30,10 @@ fn spec(name: &str, target: &str) -> String {
 
 /// Inserts version `version` with `tests`, then notifies, as `tests apply` does.
 fn apply(db: &TestDb, version: i64, target: &str, tests: &[T]) {
+    insert_version(db, version, target, tests, true)
+}
+
+fn insert_version(db: &TestDb, version: i64, target: &str, tests: &[T], notify: bool) {
     let mut c = db.client();
     let mut tx = c.transaction().unwrap();
     tx.execute(
@@ -47,8 +51,10 @@ fn apply(db: &TestDb, version: i64, target: &str, tests: &[T]) {
         )
         .unwrap();
     }
-    tx.execute(&format!("NOTIFY edgeprobe_fleet, '{version}'"), &[])
-        .unwrap();
+    if notify {
+        tx.execute(&format!("NOTIFY edgeprobe_fleet, '{version}'"), &[])
+            .unwrap();
+    }
     tx.commit().unwrap();
 }
 
@@ -579,4 +585,62 @@ fn a_run_waits_for_its_agent_to_connect_within_the_window() {
         db.scalar("SELECT count(*) FROM results WHERE on_demand AND agent_id = 'late-1'"),
         1
     );
+}
+
+#[test]
+fn a_lost_listener_connection_and_a_lost_notification_still_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let url = target.url();
+    let mut a = agent(dir.path(), "lost-1", "lab", &collector.endpoint());
+    connected(&db, &["lost-1"]);
+    wait_for(WAIT, "the controller listening", || {
+        collector
+            .proc
+            .log_text()
+            .contains("controller: listening")
+            .then_some(())
+    });
+    // The controller's connection is the one that LISTENs.
+    let killed = db.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND (query LIKE 'LISTEN%' OR query LIKE '%fleet_versions%' OR query LIKE '%run_agents%')",
+    );
+    assert_eq!(killed, 1);
+    // No NOTIFY at all: the poll finds the version.
+    let tests = [T {
+        name: "found-by-poll",
+        select: "{}",
+        agents: None,
+    }];
+    insert_version(&db, 1, &url, &tests, false);
+    wait_for(WAIT, "the version applied without a notification", || {
+        (fleet_version(&db, "lost-1") == Some(1) && count(&db, "lost-1", "found-by-poll") > 0)
+            .then_some(())
+    });
+    let log = collector.proc.log_text();
+    assert!(
+        log.contains("controller: database connection lost, reconnecting"),
+        "{log}"
+    );
+    // A notification lost on a healthy connection: the next poll (5 s) finds the version.
+    let tests = [T {
+        name: "found-by-poll-2",
+        select: "{}",
+        agents: None,
+    }];
+    insert_version(&db, 2, &url, &tests, false);
+    let start = std::time::Instant::now();
+    wait_for(WAIT, "version 2 applied without a notification", || {
+        (fleet_version(&db, "lost-1") == Some(2)).then_some(())
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(a.stop(), Some(0));
 }
