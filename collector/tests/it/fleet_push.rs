@@ -644,3 +644,71 @@ fn a_lost_listener_connection_and_a_lost_notification_still_push() {
     );
     assert_eq!(a.stop(), Some(0));
 }
+
+/// The same agent id with a live session on each of two collectors (a half-dead session
+/// left behind on the first): a run is claimed by one collector and sent once.
+#[test]
+fn two_collectors_never_both_send_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let db = TestDb::new();
+    let a = Collector::start(&dir_a, &db);
+    let b = Collector::start(&dir_b, &db);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    rt.block_on(async {
+        for endpoint in [a.endpoint(), b.endpoint()] {
+            let mut client = IngestClient::connect(endpoint).await.unwrap();
+            let (tx, rx) = mpsc::channel(8);
+            let hello = pb::Hello {
+                agent_id: "twice-1".into(),
+                version: "sim".into(),
+                incarnation: "7777".into(),
+                features: vec!["fleet-tests".into(), "run-now".into()],
+                ..Default::default()
+            };
+            tx.send(agent_msg(pb::agent_message::Msg::Hello(hello)))
+                .await
+                .unwrap();
+            let mut inbound = client
+                .stream(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(matches!(
+                next(&mut inbound).await,
+                pb::collector_message::Msg::Welcome(_)
+            ));
+            let runs = runs.clone();
+            tokio::spawn(async move {
+                let _tx = tx;
+                while let Ok(Some(m)) = inbound.message().await {
+                    if let Some(pb::collector_message::Msg::RunNow(_)) = m.msg {
+                        runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let run = run_now(&db, "anything", &["twice-1"]);
+    wait_for(WAIT, "the run sent", || {
+        (states(&db, run) == [("twice-1".to_string(), "sent".to_string())]).then_some(())
+    });
+    // Both collectors heard the notification; give the loser time to (wrongly) send.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let sent = |c: &Collector| {
+        metric(
+            &c.metrics(),
+            "edgeprobe_run_now_requests_total{state=\"sent\"}",
+        )
+    };
+    assert_eq!(sent(&a) + sent(&b), 1.0);
+    drop(rt);
+}
