@@ -52,14 +52,25 @@ impl From<tokio_postgres::Error> for FleetError {
 
 /// Refuses clearly when the schema predates the controller (older than migration 4).
 pub async fn check_schema(client: &impl GenericClient) -> Result<(), FleetError> {
-    let row = client
+    // Two statements: a query naming a missing table fails at planning.
+    let exists: bool = client
         .query_one(
-            "SELECT CASE WHEN to_regclass('edgeprobe_migrations') IS NULL THEN 0
-                    ELSE (SELECT coalesce(max(version), 0) FROM edgeprobe_migrations) END",
+            "SELECT to_regclass('edgeprobe_migrations') IS NOT NULL",
             &[],
         )
-        .await?;
-    let version: i32 = row.get(0);
+        .await?
+        .get(0);
+    let version: i32 = if exists {
+        client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM edgeprobe_migrations",
+                &[],
+            )
+            .await?
+            .get(0)
+    } else {
+        0
+    };
     if version < SCHEMA_NEEDED {
         return Err(FleetError::Db(format!(
             "the schema is at version {version}, fleet tests need {SCHEMA_NEEDED}: run `edgeprobe-collector migrate` (or start an upgraded collector) first"
