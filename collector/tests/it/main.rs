@@ -7,6 +7,7 @@ mod dashboards;
 mod durability;
 mod failover;
 mod fleet;
+mod fleet_cli;
 mod fleet_push;
 mod never_stall;
 mod pg_tls;
