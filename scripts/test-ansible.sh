@@ -183,6 +183,15 @@ psql "$pg/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>
 check "create database $db" psql "$pg/postgres" -qc "CREATE DATABASE $db"
 # One host that is both the collector and an agent, the site.yml of the example, and
 # the CA on the "controller" in $work/pki.
+# A fleet test for the agents of site testsite, applied by the collector role.
+cat >"$work/fleet-tests.toml" <<EOF
+[[test]]
+name = "fleet-port"
+kind = "tcp"
+target = "127.0.0.1:$http_port"
+every = "1s"
+select = { site = "testsite" }
+EOF
 inventory=$work/inventory.yml
 cat >"$inventory" <<EOF
 all:
@@ -207,6 +216,7 @@ all:
           edgeprobe_collector_http_listen: 127.0.0.1:$http_port
           edgeprobe_collector_database_url: $pg/$db
           edgeprobe_collector_migrate: true
+          edgeprobe_collector_fleet_tests_file: $work/fleet-tests.toml
           edgeprobe_collector_environment: { RUST_LOG: info }
     edgeprobe_agents:
       children:
@@ -281,6 +291,9 @@ check "edgeprobe-agent check --config /etc/edgeprobe/agent.toml as edgeprobe" \
 contains "collector.env: database URL" "$(cat /etc/edgeprobe/collector.env)" "EDGEPROBE_DATABASE_URL=$pg/$db"
 contains "collector.toml: grpc_listen" "$(cat /etc/edgeprobe/collector.toml)" "grpc_listen = \"127.0.0.1:$grpc_port\""
 check "migrate ran: schema in $db" test "$(psql_db "SELECT count(*) FROM pg_tables WHERE tablename = 'agents'")" = 1
+expect "fleet tests applied: one version, by ansible, from the placed file" \
+    "$(psql_db "SELECT count(*) || ' ' || min(split_part(created_by, ' ', 1)) || ' ' || min(origin) FROM fleet_versions")" \
+    "1 ansible /etc/edgeprobe/fleet-tests.toml"
 if grep -qF "$pg/$db" "$work/run1.log"; then fail "database URL printed in the playbook output"; else ok "database URL not in the playbook output"; fi
 if grep -q 'PRIVATE KEY' "$work/run1.log"; then fail "a private key in the playbook output"; else ok "no private key in the playbook output"; fi
 
@@ -291,6 +304,7 @@ sed -n '/^PLAY RECAP/,$p' "$work/run2.log" | sed 's/^/       /'
 expect "second run: changed" "$(recap changed "$work/run2.log")" 0
 expect "second run: failed" "$(recap failed "$work/run2.log")" 0
 check "second run: something was checked" test "$(recap ok "$work/run2.log")" -gt 10
+expect "second run: no new fleet tests version" "$(psql_db "SELECT count(*) FROM fleet_versions")" 1
 grep -E '^changed:' "$work/run2.log" | sed 's/^/       changed by run 2: /'
 
 # ---------------------------------------------------------------------------------------
@@ -321,14 +335,16 @@ per_test=""
 for _ in $(seq 1 60); do
     per_test=$(psql_db "SELECT string_agg(test || '=' || n, ' ' ORDER BY test) FROM
         (SELECT test, count(*) n FROM results WHERE agent_id = 'ansible-test-agent' AND success GROUP BY test) t")
-    [ "$(wc -w <<<"$per_test")" = 3 ] && break
+    [ "$(wc -w <<<"$per_test")" = 4 ] && break
     sleep 0.5
 done
 printf '       successful results per test: %s\n' "${per_test:-none}"
-for t in collector-port gateway-ping collector-health; do
+for t in collector-port gateway-ping collector-health fleet-port; do
     check "successful $t results from ansible-test-agent reached PostgreSQL over mTLS" \
         grep -qE "(^| )$t=[1-9]" <<<"$per_test"
 done
+expect "the agent reports the fleet version it applied" \
+    "$(psql_db "SELECT fleet_version FROM agents WHERE agent_id = 'ansible-test-agent'")" 1
 expect "agent row with the templated site label" \
     "$(psql_db "SELECT labels->>'site' FROM agents WHERE agent_id = 'ansible-test-agent'")" testsite
 if [ "$failures" != 0 ]; then

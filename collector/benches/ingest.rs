@@ -8,9 +8,18 @@
 //!     scripts/bench-ingest                                 # throughput: 8 agents, as fast as possible
 //!     scripts/bench-ingest --agents 10000 --rate 1 --seconds 60   # fleet: 10,000 streams
 //!
+//!     scripts/bench-ingest --agents 10000 --rate 1 --seconds 90 --apply-at 20 --no-reference
+//!                                                  # controller: a fleet tests apply
+//!
 //! Flags: --agents N, --rate R (results per second per agent; 0 = as fast as possible),
-//! --batch B (results per batch), --seconds S, --no-reference. DATABASE_URL names the
-//! server (default postgres://postgres@127.0.0.1:5432/postgres).
+//! --batch B (results per batch), --seconds S, --no-reference, --apply-at S (S seconds
+//! after the last agent joined, `edgeprobe-collector tests apply` a fleet tests file for
+//! every agent; reports when every simulated agent got the push and when PostgreSQL shows
+//! every agent's applied version, and the committed results/s in the 10 s before the
+//! apply against the time until all applied). The simulated agents list the
+//! "fleet-tests" feature and answer each push with TestsApplied at once, as an agent does
+//! when the set checks. DATABASE_URL names the server (default
+//! postgres://postgres@127.0.0.1:5432/postgres).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,6 +44,8 @@ struct Args {
     spread: f64,
     /// Restart the collector once every agent is in: SIGTERM or SIGKILL.
     restart: Option<&'static str>,
+    /// Apply a fleet tests file this many seconds after every agent joined.
+    apply_at: Option<f64>,
 }
 
 fn args() -> Args {
@@ -46,6 +57,7 @@ fn args() -> Args {
         reference: true,
         spread: 30.0,
         restart: None,
+        apply_at: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +82,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = value() as u64,
             "--spread" => a.spread = value(),
             "--no-reference" => a.reference = false,
+            "--apply-at" => a.apply_at = Some(value()),
             "--bench" => {}
             other => panic!("unknown flag {other}"),
         }
@@ -136,6 +149,8 @@ struct Progress {
     acked_ms: AtomicU64,
     /// Highest seq generated once the agent stops.
     last_seq: AtomicU64,
+    /// Highest fleet tests version pushed to it.
+    fleet_version: AtomicU64,
 }
 
 /// The agent's backoff (agent/src/uplink.rs): full jitter up to min(30 s, 250 ms x 2^n),
@@ -310,6 +325,7 @@ async fn session(
             agent_id: gen.id.clone(),
             version: "loadgen".into(),
             labels: Default::default(),
+            features: vec![edgeprobe_proto::FEATURE_FLEET_TESTS.to_string()],
             ..Default::default()
         })),
     })
@@ -378,10 +394,113 @@ async fn session(
                             .push(at.elapsed().as_micros() as u64);
                     }
                 }
+                Some(pb::collector_message::Msg::FleetTests(f)) => {
+                    progress.fleet_version.fetch_max(f.version, Ordering::Relaxed);
+                    tx.send(pb::AgentMessage {
+                        msg: Some(pb::agent_message::Msg::TestsApplied(pb::TestsApplied {
+                            version: f.version,
+                            error: String::new(),
+                        })),
+                    })
+                    .await
+                    .map_err(|_| anyhow::anyhow!("stream closed"))?;
+                }
                 Some(_) => {}
                 None => anyhow::bail!("the collector closed the stream"),
             },
         }
+    }
+}
+
+/// A fleet tests apply during the run, and when its version reached the agents.
+struct Apply {
+    at_ms: u64,
+    version: u64,
+    /// The apply command's own time and output.
+    command_ms: u64,
+    output: String,
+    /// Every simulated agent got the push / PostgreSQL shows every agent applied.
+    pushed_ms: Option<u64>,
+    recorded_ms: Option<u64>,
+}
+
+impl Apply {
+    async fn run(dir: &Path, url: &str, at_ms: u64) -> Apply {
+        let file = dir.join("fleet-tests.toml");
+        std::fs::write(
+            &file,
+            "# every agent\n[[test]]\nname = \"fleet-web\"\nkind = \"http\"\ntarget = \"https://www.example.net/health\"\nevery = \"1m\"\n\n[[test]]\nname = \"fleet-dns\"\nkind = \"dns\"\ntarget = \"example.net\"\nschedule = \"0 */5 * * * *\"\n",
+        )
+        .unwrap();
+        let (url, file) = (url.to_string(), file.clone());
+        let started = Instant::now();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(collector_bin())
+                .args(["tests", "apply", "--file"])
+                .arg(&file)
+                .args(["--database-url", &url])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "tests apply failed: {output}");
+        Apply {
+            at_ms,
+            version: 1,
+            command_ms: started.elapsed().as_millis() as u64,
+            output: output.trim().to_string(),
+            pushed_ms: None,
+            recorded_ms: None,
+        }
+    }
+
+    async fn observe(&mut self, now_ms: u64, progress: &[Arc<Progress>], db: &tokio_postgres::Client) {
+        if self.pushed_ms.is_none()
+            && progress
+                .iter()
+                .all(|p| p.fleet_version.load(Ordering::Relaxed) >= self.version)
+        {
+            self.pushed_ms = Some(now_ms - self.at_ms);
+        }
+        if self.recorded_ms.is_none() {
+            let applied: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM agents WHERE fleet_version >= $1",
+                    &[&(self.version as i64)],
+                )
+                .await
+                .map_or(0, |r| r.get(0));
+            if applied as usize == progress.len() {
+                self.recorded_ms = Some(now_ms - self.at_ms);
+            }
+        }
+    }
+
+    fn report(&self, agents: usize, committed_at: &[(u64, u64)]) {
+        let secs = |t: Option<u64>| t.map_or("not within the run".into(), |t| format!("{:.1} s", t as f64 / 1e3));
+        // Committed results/s over [from, to) ms.
+        let rate = |from: u64, to: u64| {
+            let at = |t: u64| committed_at.iter().find(|(ms, _)| *ms >= t).or(committed_at.last()).copied();
+            match (at(from), at(to)) {
+                (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => (c1 - c0) as f64 * 1e3 / (t1 - t0) as f64,
+                _ => 0.0,
+            }
+        };
+        let until = self.at_ms + self.recorded_ms.unwrap_or(10_000).max(5_000);
+        println!("| fleet tests apply at {:.1} s: `tests apply` took | {:.2} s ({}) |", self.at_ms as f64 / 1e3, self.command_ms as f64 / 1e3, self.output.replace('\n', "; "));
+        println!("| every one of {agents} agents got the push after | {} |", secs(self.pushed_ms));
+        println!("| PostgreSQL shows all {agents} applied after | {} |", secs(self.recorded_ms));
+        let (before, during) = (rate(self.at_ms.saturating_sub(10_000), self.at_ms), rate(self.at_ms, until));
+        println!(
+            "| committed results/s: 10 s before the apply / from the apply until all applied | {before:.0} / {during:.0} ({:.2}) |",
+            if before > 0.0 { during / before } else { 0.0 }
+        );
     }
 }
 
@@ -612,8 +731,25 @@ async fn main() {
     let mut peak_rss = 0.0f64;
     let mut joined_ms = None;
     let mut restart: Option<Restart> = None;
+    let mut apply: Option<Apply> = None;
+    // (ms since start, results committed so far), every tick: the ingest around an apply.
+    let mut committed_at: Vec<(u64, u64)> = Vec::new();
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(250)).await;
+        committed_at.push((ms(), stats.committed.load(Ordering::Relaxed)));
+        if let (Some(after), Some(joined)) = (args.apply_at, joined_ms) {
+            match &mut apply {
+                None if ms() as f64 >= joined as f64 + after * 1e3 => {
+                    apply = Some(Apply::run(tmp.path(), &url, ms()).await);
+                }
+                Some(a) => a.observe(ms(), &progress, &db).await,
+                None => {}
+            }
+        }
         let rss = rss_mib(collector.id());
         peak_rss = peak_rss.max(rss);
         let last_join = progress
@@ -664,6 +800,7 @@ async fn main() {
             _ => {}
         }
     }
+    drop(db);
     let mut failed = 0;
     for t in tasks {
         if !t.await.unwrap_or(false) {
@@ -751,6 +888,9 @@ async fn main() {
         "| kernel: listen overflows / SYN cookies sent during the run (host-wide) | {overflows} / {syncookies} |"
     );
     println!("| collector peak RSS | {peak_rss:.0} MiB |");
+    if let Some(a) = &apply {
+        a.report(args.agents, &committed_at);
+    }
     if let Some(r) = &restart {
         let secs = |t: Option<u64>| {
             t.map_or("not within the run".into(), |t| {

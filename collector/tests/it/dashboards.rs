@@ -922,6 +922,18 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
             && per_kind("speed") + per_kind("icmp") + per_kind("dns") == synthetic_count / 4 * 3;
         ready.then_some(())
     });
+    // The speed dashboard's annotations: a fleet tests version and an on-demand run.
+    let fleet = dir.path().join("fleet-tests.toml");
+    std::fs::write(
+        &fleet,
+        format!("[[test]]\nname = \"fleet-tcp\"\nkind = \"tcp\"\ntarget = \"{}\"\nevery = \"1h\"\nselect = {{ site = \"berlin\" }}\n", target.addr),
+    )
+    .unwrap();
+    let (code, out, err) = collector_cmd(&["tests", "apply", "--file", fleet.to_str().unwrap(), "--database-url", &db.url]);
+    assert_eq!(code, Some(0), "tests apply: {out}{err}");
+    let addr = target.addr.to_string();
+    let (code, out, err) = collector_cmd(&["run-now", "--agent", "edge-berlin-2", "--kind", "tcp", "--target", &addr, "--json", "--database-url", &db.url]);
+    assert_eq!(code, Some(0), "run-now: {out}{err}");
 
     let now = SystemTime::now();
     let range = TimeRange {
@@ -968,6 +980,19 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
                 vars_seen.clone_from(&values);
             }
             vars.insert(name, values);
+        }
+        for a in dash["annotations"]["list"].as_array().unwrap() {
+            let name = a["name"].as_str().unwrap();
+            assert_eq!(a["datasource"]["uid"], POSTGRES_UID, "{file}: annotation {name}");
+            let raw = a["target"]["rawSql"].as_str().unwrap();
+            let sql = expand_sql_macros(&interpolate_vars(raw, &vars, Flavor::Sql), &range);
+            assert!(!sql.contains('$'), "{file}: annotation {name}: unexpanded: {sql}");
+            let cols = columns(&mut client, &sql);
+            let rows = json_rows(&mut client, &sql);
+            assert!(!rows.is_empty(), "{file}: annotation {name}: no rows\n{sql}");
+            let names: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
+            assert!(names.contains(&"time") && names.contains(&"text"), "{file}: annotation {name}: columns {names:?}");
+            report.push(format!("{file}: annotation {name}: {:?}", rows[0]["text"]));
         }
         for p in panels(&dash) {
             if p["type"] == "row" {

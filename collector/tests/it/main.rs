@@ -2,6 +2,7 @@
 //! real sockets. One test binary for the crate (see STYLE.md).
 
 mod bounds;
+mod compat;
 mod config_errors;
 mod dashboards;
 mod durability;
