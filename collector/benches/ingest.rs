@@ -460,7 +460,12 @@ impl Apply {
         }
     }
 
-    async fn observe(&mut self, now_ms: u64, progress: &[Arc<Progress>], db: &tokio_postgres::Client) {
+    async fn observe(
+        &mut self,
+        now_ms: u64,
+        progress: &[Arc<Progress>],
+        db: &tokio_postgres::Client,
+    ) {
         if self.pushed_ms.is_none()
             && progress
                 .iter()
@@ -483,20 +488,46 @@ impl Apply {
     }
 
     fn report(&self, agents: usize, committed_at: &[(u64, u64)]) {
-        let secs = |t: Option<u64>| t.map_or("not within the run".into(), |t| format!("{:.1} s", t as f64 / 1e3));
+        let secs = |t: Option<u64>| {
+            t.map_or("not within the run".into(), |t| {
+                format!("{:.1} s", t as f64 / 1e3)
+            })
+        };
         // Committed results/s over [from, to) ms.
         let rate = |from: u64, to: u64| {
-            let at = |t: u64| committed_at.iter().find(|(ms, _)| *ms >= t).or(committed_at.last()).copied();
+            let at = |t: u64| {
+                committed_at
+                    .iter()
+                    .find(|(ms, _)| *ms >= t)
+                    .or(committed_at.last())
+                    .copied()
+            };
             match (at(from), at(to)) {
-                (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => (c1 - c0) as f64 * 1e3 / (t1 - t0) as f64,
+                (Some((t0, c0)), Some((t1, c1))) if t1 > t0 => {
+                    (c1 - c0) as f64 * 1e3 / (t1 - t0) as f64
+                }
                 _ => 0.0,
             }
         };
         let until = self.at_ms + self.recorded_ms.unwrap_or(10_000).max(5_000);
-        println!("| fleet tests apply at {:.1} s: `tests apply` took | {:.2} s ({}) |", self.at_ms as f64 / 1e3, self.command_ms as f64 / 1e3, self.output.replace('\n', "; "));
-        println!("| every one of {agents} agents got the push after | {} |", secs(self.pushed_ms));
-        println!("| PostgreSQL shows all {agents} applied after | {} |", secs(self.recorded_ms));
-        let (before, during) = (rate(self.at_ms.saturating_sub(10_000), self.at_ms), rate(self.at_ms, until));
+        println!(
+            "| fleet tests apply at {:.1} s: `tests apply` took | {:.2} s ({}) |",
+            self.at_ms as f64 / 1e3,
+            self.command_ms as f64 / 1e3,
+            self.output.replace('\n', "; ")
+        );
+        println!(
+            "| every one of {agents} agents got the push after | {} |",
+            secs(self.pushed_ms)
+        );
+        println!(
+            "| PostgreSQL shows all {agents} applied after | {} |",
+            secs(self.recorded_ms)
+        );
+        let (before, during) = (
+            rate(self.at_ms.saturating_sub(10_000), self.at_ms),
+            rate(self.at_ms, until),
+        );
         println!(
             "| committed results/s: 10 s before the apply / from the apply until all applied | {before:.0} / {during:.0} ({:.2}) |",
             if before > 0.0 { during / before } else { 0.0 }

@@ -75,9 +75,11 @@ fn compat_an_old_agent_keeps_delivering_to_a_new_collector() {
     });
     apply_fleet(dir.path(), &db, &target.url(), "200ms");
     let before = results_of(&db, "old-agent", "web");
-    wait_for(Duration::from_secs(30), "more results after the apply", || {
-        (results_of(&db, "old-agent", "web") >= before + 20).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "more results after the apply",
+        || (results_of(&db, "old-agent", "web") >= before + 20).then_some(()),
+    );
     let log = agent.proc.as_ref().unwrap().log_text();
     assert_eq!(
         log.matches("connected to collector").count(),

@@ -929,10 +929,28 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         format!("[[test]]\nname = \"fleet-tcp\"\nkind = \"tcp\"\ntarget = \"{}\"\nevery = \"1h\"\nselect = {{ site = \"berlin\" }}\n", target.addr),
     )
     .unwrap();
-    let (code, out, err) = collector_cmd(&["tests", "apply", "--file", fleet.to_str().unwrap(), "--database-url", &db.url]);
+    let (code, out, err) = collector_cmd(&[
+        "tests",
+        "apply",
+        "--file",
+        fleet.to_str().unwrap(),
+        "--database-url",
+        &db.url,
+    ]);
     assert_eq!(code, Some(0), "tests apply: {out}{err}");
     let addr = target.addr.to_string();
-    let (code, out, err) = collector_cmd(&["run-now", "--agent", "edge-berlin-2", "--kind", "tcp", "--target", &addr, "--json", "--database-url", &db.url]);
+    let (code, out, err) = collector_cmd(&[
+        "run-now",
+        "--agent",
+        "edge-berlin-2",
+        "--kind",
+        "tcp",
+        "--target",
+        &addr,
+        "--json",
+        "--database-url",
+        &db.url,
+    ]);
     assert_eq!(code, Some(0), "run-now: {out}{err}");
 
     let now = SystemTime::now();
@@ -983,15 +1001,27 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         }
         for a in dash["annotations"]["list"].as_array().unwrap() {
             let name = a["name"].as_str().unwrap();
-            assert_eq!(a["datasource"]["uid"], POSTGRES_UID, "{file}: annotation {name}");
+            assert_eq!(
+                a["datasource"]["uid"], POSTGRES_UID,
+                "{file}: annotation {name}"
+            );
             let raw = a["target"]["rawSql"].as_str().unwrap();
             let sql = expand_sql_macros(&interpolate_vars(raw, &vars, Flavor::Sql), &range);
-            assert!(!sql.contains('$'), "{file}: annotation {name}: unexpanded: {sql}");
+            assert!(
+                !sql.contains('$'),
+                "{file}: annotation {name}: unexpanded: {sql}"
+            );
             let cols = columns(&mut client, &sql);
             let rows = json_rows(&mut client, &sql);
-            assert!(!rows.is_empty(), "{file}: annotation {name}: no rows\n{sql}");
+            assert!(
+                !rows.is_empty(),
+                "{file}: annotation {name}: no rows\n{sql}"
+            );
             let names: Vec<&str> = cols.iter().map(|c| c.0.as_str()).collect();
-            assert!(names.contains(&"time") && names.contains(&"text"), "{file}: annotation {name}: columns {names:?}");
+            assert!(
+                names.contains(&"time") && names.contains(&"text"),
+                "{file}: annotation {name}: columns {names:?}"
+            );
             report.push(format!("{file}: annotation {name}: {:?}", rows[0]["text"]));
         }
         for p in panels(&dash) {

@@ -4,6 +4,7 @@
 mod bounds;
 mod compat;
 mod config_errors;
+mod controller;
 mod dashboards;
 mod durability;
 mod failover;
