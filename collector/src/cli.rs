@@ -108,12 +108,19 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
         TestsCommand::Apply {
             file,
             dry_run,
+            by,
             json,
         } => {
             let text = read_file(&file)?;
             let origin = file.display().to_string();
-            let applied =
-                fleet::apply(&mut client, &text, &origin, &operator_name(), dry_run).await?;
+            let applied = fleet::apply(
+                &mut client,
+                &text,
+                &origin,
+                &by.unwrap_or_else(operator_name),
+                dry_run,
+            )
+            .await?;
             if json {
                 print_json(&applied);
                 return Ok(ExitCode::SUCCESS);
@@ -228,8 +235,9 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 .collect();
             print_table(["VERSION", "CREATED", "BY", "TESTS", "ORIGIN"], &rows);
         }
-        TestsCommand::Rollback { version, json } => {
-            let applied = fleet::rollback(&mut client, version, &operator_name()).await?;
+        TestsCommand::Rollback { version, by, json } => {
+            let applied =
+                fleet::rollback(&mut client, version, &by.unwrap_or_else(operator_name)).await?;
             if json {
                 print_json(&applied);
                 return Ok(ExitCode::SUCCESS);

@@ -125,6 +125,10 @@ enum TestsCommand {
         /// Check and show what would change; store nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
+        /// automation acting for a person.
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -150,6 +154,10 @@ enum TestsCommand {
     /// Make a new version holding the tests of VERSION (origin "rollback").
     Rollback {
         version: i64,
+        /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
+        /// automation acting for a person.
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
         #[arg(long)]
         json: bool,
     },

@@ -155,8 +155,27 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
         ),
     )
     .unwrap();
-    let (code, out, err) = cli(&db, &["tests", "apply", "--file", v2.to_str().unwrap()]);
+    let (code, out, err) = cli(
+        &db,
+        &[
+            "tests",
+            "apply",
+            "--file",
+            v2.to_str().unwrap(),
+            "--by",
+            "alice (via ansible)",
+        ],
+    );
     assert_eq!(code, Some(0), "{out}{err}");
+    let by: String = db
+        .client()
+        .query_one(
+            "SELECT created_by FROM fleet_versions WHERE version = 2",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(by, "alice (via ansible)");
     wait_for(WAIT, "paris-web results", || {
         (count(&db, "paris-1", "paris-web") >= 3).then_some(())
     });
