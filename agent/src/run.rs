@@ -21,7 +21,7 @@ use crate::buffer::Buffer;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::fleet::{self, Fleet, Inbound};
-use crate::schedule::Scheduler;
+use crate::schedule::{FirstFire, Scheduler};
 use crate::uplink::Uplink;
 
 /// Time given to runs in progress at shutdown.
@@ -133,7 +133,11 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
                     uplink = start_uplink(&new, &buffer, &clock, &inbound_tx, &shutdown);
                 }
                 fleet = refit;
-                let applied = scheduler.apply(&new, fleet.as_ref().map_or(&[][..], |f| &f.tests));
+                let applied = scheduler.apply(
+                    &new,
+                    fleet.as_ref().map_or(&[][..], |f| &f.tests),
+                    FirstFire::AtOnce,
+                );
                 tracing::info!(
                     tests = new.tests.len(),
                     kept = applied.kept.len(),
@@ -214,7 +218,8 @@ fn apply_fleet(
     if same {
         tracing::info!(version = next.version, tests = ?next.names(), unchanged = true, "fleet tests applied");
     } else {
-        let applied = scheduler.apply(config, &next.tests);
+        // Staggered: the push reaches the whole fleet at once.
+        let applied = scheduler.apply(config, &next.tests, FirstFire::Staggered);
         tracing::info!(
             version = next.version,
             tests = ?next.names(),

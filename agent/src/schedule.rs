@@ -37,6 +37,10 @@
 //! - `Scheduler::apply` (reload, fleet push) keeps the trigger of a test whose settings
 //!   did not change, so `every` keeps its phase; changed and removed tests stop firing,
 //!   their runs in progress finish.
+//! - A new `every` test fires at once at agent start and on a reload of the local file,
+//!   but one a fleet push starts (new or changed) first fires after a random delay in
+//!   [0, every) ([`FirstFire`]): a push reaches the whole fleet in the same second, and
+//!   must not make every agent run the test in that second.
 //! - Run-now (`Scheduler::run_now`) runs a test once beside its schedule, without spread,
 //!   under the same lock, rate-limited ([`RUN_NOW_EVERY`], [`SPEED_RUN_NOW_EVERY`]).
 //! - Every run yields exactly one result; when the buffer refuses it, the failure is
@@ -198,6 +202,29 @@ pub struct Applied {
     pub stopped: Vec<String>,
 }
 
+/// When an `every` test that [`Scheduler::apply`] starts fires first. Cron tests fire at
+/// their schedule's times either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstFire {
+    /// At once, then every interval: agent start, reload of the local file.
+    AtOnce,
+    /// After a uniformly random delay in [0, every), then every interval: a fleet push,
+    /// which reaches all agents at once.
+    Staggered,
+}
+
+impl FirstFire {
+    /// The delay before the first fire of a test with interval `every`.
+    fn delay(self, every: Duration) -> Duration {
+        match self {
+            FirstFire::Staggered if !every.is_zero() => {
+                rand::rng().random_range(Duration::ZERO..every)
+            }
+            _ => Duration::ZERO,
+        }
+    }
+}
+
 impl Applied {
     pub fn changed(&self) -> bool {
         !self.started.is_empty() || !self.stopped.is_empty()
@@ -237,7 +264,7 @@ impl Scheduler {
             agent_labels: config.agent.labels.clone(),
             limit: RateLimit::default(),
         };
-        scheduler.apply(config, fleet);
+        scheduler.apply(config, fleet, FirstFire::AtOnce);
         tracing::info!(
             tests = config.tests.len(),
             fleet_tests = fleet.len(),
@@ -249,8 +276,8 @@ impl Scheduler {
     /// Reschedules to the local tests of `config` plus `fleet` (SIGHUP, a fleet push):
     /// a test with the same name and settings keeps its trigger (and so its phase);
     /// removed and changed ones stop firing, their runs in progress finish and record;
-    /// new ones start.
-    pub fn apply(&mut self, config: &Config, fleet: &[TestConfig]) -> Applied {
+    /// new and changed ones start, an `every` one firing first as `first` says.
+    pub fn apply(&mut self, config: &Config, fleet: &[TestConfig], first: FirstFire) -> Applied {
         while self.triggers.try_join_next().is_some() {}
         self.agent_labels = config.agent.labels.clone();
         let wanted: BTreeMap<&str, &TestConfig> = config
@@ -283,7 +310,7 @@ impl Scheduler {
                 test.running = flag;
             }
             let test = Arc::new(test);
-            let trigger = self.spawn_trigger(config, tc, test.clone());
+            let trigger = self.spawn_trigger(config, tc, test.clone(), first);
             self.entries.insert(
                 name.to_string(),
                 Entry {
@@ -297,12 +324,28 @@ impl Scheduler {
         applied
     }
 
-    fn spawn_trigger(&mut self, config: &Config, tc: &TestConfig, test: Arc<Test>) -> AbortHandle {
+    fn spawn_trigger(
+        &mut self,
+        config: &Config,
+        tc: &TestConfig,
+        test: Arc<Test>,
+        first: FirstFire,
+    ) -> AbortHandle {
         let runner = self.runner.clone();
         let shutdown = self.runner.shutdown.clone();
         if let Some(every) = tc.every {
+            let delay = first.delay(every);
+            if first == FirstFire::Staggered {
+                tracing::debug!(
+                    test = %test.info.name,
+                    ?every,
+                    first_run_in = ?delay,
+                    "fleet push: first run at a random point of the first interval"
+                );
+            }
+            let start = Instant::now() + delay;
             self.triggers.spawn(async move {
-                let mut ticks = tokio::time::interval(every);
+                let mut ticks = tokio::time::interval_at(start, every);
                 ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
                     tokio::select! {
@@ -696,7 +739,7 @@ mod tests {
             tcp("a", 1, "1h"),
             tcp("c", 1, "1h")
         ));
-        let applied = s.apply(&new, &fleet);
+        let applied = s.apply(&new, &fleet, FirstFire::AtOnce);
         assert_eq!(applied.kept, ["a", "f"]);
         assert_eq!(applied.started, ["b", "c"]);
         assert_eq!(applied.stopped, ["b", "gone"]);
@@ -712,7 +755,7 @@ mod tests {
             "a changed test does not overlap its old version's run"
         );
         // Applying the same again changes nothing.
-        let again = s.apply(&new, &fleet);
+        let again = s.apply(&new, &fleet, FirstFire::AtOnce);
         assert!(!again.changed(), "{again:?}");
         assert_eq!(trigger_ids(&s), after);
         // New agent labels change every test's result labels: all restart.
@@ -723,10 +766,98 @@ mod tests {
             tcp("c", 1, "1h")
         ))
         .tap_labels();
-        let applied = s.apply(&relabelled, &[]);
+        let applied = s.apply(&relabelled, &[], FirstFire::AtOnce);
         assert!(applied.kept.is_empty(), "{applied:?}");
         assert_eq!(applied.stopped, ["a", "b", "c", "f"]);
         s.stop(Duration::from_secs(1)).await;
+    }
+
+    /// Names of the tests that fired. With the speed-test lock held by the caller, a run
+    /// waits for it, so a test that fired once stays `running`.
+    fn fired(s: &Scheduler) -> Vec<String> {
+        s.entries
+            .iter()
+            .filter(|(_, e)| e.test.running.load(Ordering::Acquire))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[test]
+    fn a_staggered_first_fire_is_a_random_point_of_the_interval() {
+        let every = Duration::from_secs(60);
+        let delays: Vec<Duration> = (0..1000)
+            .map(|_| FirstFire::Staggered.delay(every))
+            .collect();
+        assert!(delays.iter().all(|d| *d < every), "within [0, every)");
+        let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
+        assert!(
+            *min < every / 10 && *max > every * 9 / 10,
+            "spread over the interval: {min:?}..{max:?}"
+        );
+        assert_eq!(FirstFire::AtOnce.delay(every), Duration::ZERO);
+        assert_eq!(FirstFire::Staggered.delay(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn every_tests_new_in_a_fleet_push_fire_first_at_a_random_point_of_their_interval() {
+        let c = config(&tcp("local", 1, "1h"));
+        let (mut s, _buffer, _dir) = scheduler(&c, &[]).await;
+        // Taken before the triggers first run: every run waits, `fired` shows who fired.
+        let held = s.runner.exclusive.clone().write_owned().await;
+        // At agent start, at once (the interval is an hour).
+        wait_for("local fires at start", || fired(&s) == ["local"]).await;
+
+        // A push of ten tests: not all at once, each within its first interval, at
+        // different times.
+        let every = Duration::from_secs(3);
+        let names: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+        let blocks: String = names.iter().map(|n| tcp(n, 1, "3s")).collect();
+        let fleet = config(&blocks).tests;
+        let pushed = std::time::Instant::now();
+        let applied = s.apply(&c, &fleet, FirstFire::Staggered);
+        assert_eq!(applied.started, names);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let at_once = fired(&s).len() - 1;
+        assert!(
+            at_once < names.len(),
+            "all {at_once} pushed tests fired at once"
+        );
+        let mut first: BTreeMap<String, Duration> = BTreeMap::new();
+        wait_for("every pushed test fires", || {
+            for n in fired(&s) {
+                first.entry(n).or_insert_with(|| pushed.elapsed());
+            }
+            first.len() == names.len() + 1
+        })
+        .await;
+        first.remove("local");
+        let times: Vec<Duration> = first.values().copied().collect();
+        let (min, max) = (times.iter().min().unwrap(), times.iter().max().unwrap());
+        assert!(
+            *max < every + Duration::from_secs(1),
+            "within the first interval: {first:?}"
+        );
+        assert!(*max - *min > every / 10, "spread: {first:?}");
+
+        // A reload of the local file starts a new test at once; the pushed ones are kept.
+        let reloaded = config(&format!("{}{}", tcp("local", 1, "1h"), tcp("b", 1, "1h")));
+        let applied = s.apply(&reloaded, &fleet, FirstFire::AtOnce);
+        assert_eq!(applied.started, ["b"]);
+        assert_eq!(applied.kept.len(), names.len() + 1);
+        wait_for("b fires at once on reload", || {
+            fired(&s).contains(&"b".to_string())
+        })
+        .await;
+        drop(held);
+        s.stop(Duration::from_secs(5)).await;
     }
 
     trait TapLabels {
