@@ -93,8 +93,10 @@ fn compat_an_old_agent_keeps_delivering_to_a_new_collector() {
         "run-now",
         "--agent",
         "old-agent",
-        "--test",
-        "web",
+        "--kind",
+        "tcp",
+        "--target",
+        &collector.http.to_string(),
         "--json",
         "--timeout",
         "10s",
@@ -104,7 +106,13 @@ fn compat_an_old_agent_keeps_delivering_to_a_new_collector() {
     assert_ne!(code, Some(0), "{out}{err}");
     assert!(out.contains("too old"), "run-now output: {out}{err}");
 
-    agent.stop();
+    let log_path = agent.config.with_extension("log");
+    assert_eq!(
+        agent.stop(),
+        Some(0),
+        "the old agent stops cleanly: {}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     let row = db
         .client()
         .query_one(
@@ -115,6 +123,19 @@ fn compat_an_old_agent_keeps_delivering_to_a_new_collector() {
     assert!(row.get::<_, Vec<String>>(0).is_empty());
     assert_eq!(row.get::<_, Option<i64>>(1), None);
     assert_eq!(results_of(&db, "old-agent", "fleet-web"), 0);
+    // The drain runs this release's agent on the old buffer: an empty fleet set keeps it
+    // from adding fleet results of its own.
+    let empty = dir.path().join("fleet-empty.toml");
+    std::fs::write(&empty, "# no fleet tests\n").unwrap();
+    let (code, out, err) = collector_cmd(&[
+        "tests",
+        "apply",
+        "--file",
+        empty.to_str().unwrap(),
+        "--database-url",
+        &db.url,
+    ]);
+    assert_eq!(code, Some(0), "tests apply: {out}{err}");
     let last = drain(&mut agent, &db, "old-agent");
     assert_exactly_once(&db, "old-agent", last);
 }
