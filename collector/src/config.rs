@@ -20,6 +20,16 @@ pub struct Config {
     pub database: DatabaseSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The operators' HTTP API (`api.rs`); absent: no API listener at all.
+    pub api: Option<ApiSection>,
+}
+
+/// `[api]`: the HTTP API's own listener. It uses `[server]`'s certificate and key and
+/// requires a client certificate from `client_ca` with the operator role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +149,7 @@ impl Config {
                 server: ServerSection::default(),
                 database: DatabaseSection::default(),
                 metrics: MetricsSection::default(),
+                api: None,
             });
         };
         let origin = path.display().to_string();
@@ -201,6 +212,12 @@ impl Config {
         if self.server.listen_backlog == Some(0) {
             return Err(ConfigError::Other(
                 "[server] listen_backlog must be at least 1".into(),
+            ));
+        }
+        if self.server.insecure && self.api.is_some() {
+            return Err(ConfigError::Other(
+                "[api] needs mTLS (operator certificates): it cannot run with `insecure = true`; remove [api] or the insecure mode"
+                    .into(),
             ));
         }
         if !self.server.insecure {
@@ -331,6 +348,31 @@ site_label = "site"
         .unwrap_err()
         .to_string();
         assert!(e.contains("listen_backlog must be at least 1"), "{e}");
+
+        // [api]: absent by default, an address when given, never beside insecure mode.
+        assert!(Config::parse(text, "c.toml").unwrap().api.is_none());
+        let with_api = format!("{text}\n[api]\nlisten = \"127.0.0.1:9443\"\n");
+        let c = Config::parse(&with_api, "c.toml")
+            .unwrap()
+            .finish(None, None, None)
+            .unwrap();
+        assert_eq!(
+            c.api.unwrap().listen,
+            "127.0.0.1:9443".parse::<SocketAddr>().unwrap()
+        );
+        let e = Config::parse(&with_api.replace("listen =", "listn ="), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml:17:1: unknown field `listn`"), "{e}");
+        let e = Config::parse(
+            &with_api.replace("[server]\n", "[server]\ninsecure = true\n"),
+            "c.toml",
+        )
+        .unwrap()
+        .finish(None, None, None)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[api] needs mTLS"), "{e}");
     }
 }
 
@@ -345,6 +387,7 @@ mod proptests {
             Just("[server]\n".to_string()),
             Just("[database]\n".to_string()),
             Just("[metrics]\n".to_string()),
+            Just("[api]\n".to_string()),
             Just("[[server]]\n".to_string()),
             prop::sample::select(vec![
                 "grpc_listen",
@@ -358,6 +401,7 @@ mod proptests {
                 "retention",
                 "writers",
                 "site_label",
+                "listen",
                 "bogus",
             ])
             .prop_flat_map(|k| {
