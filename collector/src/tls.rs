@@ -11,7 +11,8 @@
 //! stays, and the error is logged and counted. Handshakes run off the accept loop (which
 //! never waits for them, `listen.rs`), each within a timeout, at most `MAX_HANDSHAKES` at
 //! once, so a slow or silent client delays nobody. Connections already open keep the
-//! config they were accepted with.
+//! config they were accepted with. The operators' API (`api.rs`) takes the same config with
+//! ALPN http/1.1 (`api_config`), so it is reloaded with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
