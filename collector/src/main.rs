@@ -9,8 +9,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
 mod ca;
+mod cli;
 mod config;
 mod domain;
+mod fleet;
 mod http;
 mod identity;
 mod ingest;
@@ -19,6 +21,7 @@ mod metrics;
 mod pgcopy;
 mod pgtls;
 mod run;
+mod runs;
 mod schema;
 mod sessions;
 mod store;
@@ -85,6 +88,114 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Fleet tests: tests kept in PostgreSQL, versioned, pushed to every connected agent
+    /// they select (agents that speak "fleet-tests"), beside the agents' own tests.
+    Tests {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(subcommand)]
+        command: TestsCommand,
+    },
+    /// Run a test now on some agents and print their results as they land. Exit 0 when
+    /// every agent reached returned a result, 1 otherwise, 2 for a bad request.
+    RunNow(RunNowArgs),
+}
+
+/// How `tests` and `run-now` reach PostgreSQL: --database-url, else the [database] url of
+/// --config, else EDGEPROBE_DATABASE_URL or DATABASE_URL.
+#[derive(clap::Args)]
+struct DbArgs {
+    /// PostgreSQL URL.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// A collector configuration whose [database] url to use.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TestsCommand {
+    /// Check FILE ([[test]] blocks, each with `select = { label = "value" }` or
+    /// `agents = ["id", ...]`, neither = every agent) and make it the new version. Refused
+    /// (exit 2, file:line:col) when bad, or when a test has the name of a local test of an
+    /// agent it selects. The same set as the current version makes no new version.
+    Apply {
+        #[arg(long)]
+        file: PathBuf,
+        /// Check and show what would change; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what applying FILE would add, change and remove, and how many known agents each
+    /// test selects. Changes nothing.
+    Diff {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The current version (who, when), its tests and the agents selected, and how many
+    /// agents applied it, are behind, or refused it (with the reason).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every version, newest first.
+    Versions {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new version holding the tests of VERSION (origin "rollback").
+    Rollback {
+        version: i64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["select", "agent"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["test", "kind"])))]
+struct RunNowArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Agents whose labels include LABEL=VALUE (repeatable: all must match).
+    #[arg(long, value_name = "LABEL=VALUE", value_parser = parse_pair)]
+    select: Vec<(String, String)>,
+    /// An agent by id (repeatable).
+    #[arg(long, value_name = "ID")]
+    agent: Vec<String>,
+    /// A test the agents know: a fleet test or one of their own.
+    #[arg(long, value_name = "NAME")]
+    test: Option<String>,
+    /// An ad-hoc test of this kind (speed, icmp, tcp, http, dns), with --target.
+    #[arg(long, requires = "target")]
+    kind: Option<String>,
+    /// The ad-hoc test's target, as in the agent config.
+    #[arg(long, requires = "kind")]
+    target: Option<String>,
+    /// An option of the ad-hoc test, as in [test.options] (repeatable); the value is an
+    /// integer, true|false, or else a string ("10s", "GET").
+    #[arg(long = "option", value_name = "KEY=VALUE", value_parser = parse_pair, requires = "kind")]
+    options: Vec<(String, String)>,
+    /// The ad-hoc test's name in the results (default run-now).
+    #[arg(long, requires = "kind")]
+    name: Option<String>,
+    /// Print one JSON document at the end instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for results (default 30s; a speed test 2 x duration + 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -265,6 +376,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Tests { db, command } => runtime.block_on(cli::tests(db, command)),
+        Command::RunNow(args) => runtime.block_on(cli::run_now(args)),
         Command::Ca { .. } | Command::Cert { .. } => unreachable!("dispatched above"),
     }
 }

@@ -8,6 +8,7 @@ mod dashboards;
 mod durability;
 mod failover;
 mod fleet;
+mod fleet_cli;
 mod never_stall;
 mod pg_tls;
 mod security;

@@ -1,0 +1,545 @@
+//! The operator commands `tests ...` and `run-now`: reach PostgreSQL like `migrate`, call
+//! fleet.rs / runs.rs, print tables (or JSON) and map errors to exit codes: 2 for a bad
+//! file, request or unknown version, 1 for a database failure (or a run-now that did not
+//! get every reached agent's result).
+
+use std::collections::BTreeSet;
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::fleet::{self, Change, FleetError, Selection};
+use crate::runs::{self, RunRequest, RunResult, RunTest};
+use crate::{pgtls, store, DbArgs, RunNowArgs, TestsCommand};
+
+/// How often run-now reads the run's state.
+const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// The operator as `created_by`: $SUDO_USER (the person behind sudo), else $USER, else
+/// the uid.
+pub fn operator_name() -> String {
+    use std::os::unix::fs::MetadataExt;
+    ["SUDO_USER", "USER"]
+        .into_iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| match std::fs::metadata("/proc/self") {
+            Ok(m) => format!("uid {}", m.uid()),
+            Err(_) => "unknown".to_string(),
+        })
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+impl From<FleetError> for Failure {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::Invalid(m) | FleetError::NotFound(m) => Failure::Usage(m),
+            e @ FleetError::Db(_) => Failure::Runtime(e.to_string()),
+        }
+    }
+}
+
+fn exit(r: Result<ExitCode, Failure>) -> ExitCode {
+    match r {
+        Ok(code) => code,
+        Err(Failure::Usage(m)) => {
+            eprintln!("{m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(db: &DbArgs) -> Result<Client, Failure> {
+    let url = match (&db.database_url, &db.config) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(path)) => {
+            let config = Config::load(Some(path)).map_err(|e| Failure::Usage(e.to_string()))?;
+            config.database.url.clone()
+        }
+        (None, None) => None,
+    }
+    .or_else(|| std::env::var("EDGEPROBE_DATABASE_URL").ok())
+    .or_else(|| std::env::var("DATABASE_URL").ok())
+    .ok_or_else(|| {
+        Failure::Usage(
+            "no database URL: pass --database-url or --config, or set EDGEPROBE_DATABASE_URL or DATABASE_URL"
+                .into(),
+        )
+    })?;
+    let target = pgtls::Target::parse(&url).map_err(|e| Failure::Usage(e.to_string()))?;
+    store::connect(&target)
+        .await
+        .map_err(|e| Failure::Runtime(format!("cannot connect to postgres: {e}")))
+}
+
+fn read_file(path: &std::path::Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("{}: cannot read: {e}", path.display())))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("plain structs serialize")
+    );
+}
+
+pub async fn tests(db: DbArgs, command: TestsCommand) -> ExitCode {
+    exit(tests_inner(db, command).await)
+}
+
+async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failure> {
+    // A bad file is reported without a database.
+    if let TestsCommand::Apply { file, .. } | TestsCommand::Diff { file, .. } = &command {
+        fleet::parse_file(&read_file(file)?, &file.display().to_string())?;
+    }
+    let mut client = connect(&db).await?;
+    match command {
+        TestsCommand::Apply {
+            file,
+            dry_run,
+            json,
+        } => {
+            let text = read_file(&file)?;
+            let origin = file.display().to_string();
+            let applied =
+                fleet::apply(&mut client, &text, &origin, &operator_name(), dry_run).await?;
+            if json {
+                print_json(&applied);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let d = &applied.diff;
+            let counts = format!(
+                "+{} ~{} -{} tests; selects {} of {} known agents",
+                d.added, d.changed, d.removed, d.agents_selected, d.agents_known
+            );
+            match (applied.version, d.current) {
+                (Some(v), _) => println!("version {v} applied: {counts}"),
+                (None, Some(cur)) if d.is_empty() => {
+                    println!("no change, version {cur} stays")
+                }
+                (None, cur) => {
+                    print_changes(d);
+                    let next = cur.unwrap_or(0) + 1;
+                    println!("dry run: would make version {next}: {counts}");
+                }
+            }
+        }
+        TestsCommand::Diff { file, json } => {
+            let text = read_file(&file)?;
+            let d = fleet::diff(&client, &text, &file.display().to_string()).await?;
+            if json {
+                print_json(&d);
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_changes(&d);
+            let against = match d.current {
+                Some(v) => format!("version {v}"),
+                None => "no fleet tests".to_string(),
+            };
+            println!(
+                "against {against}: +{} ~{} -{} tests ({} unchanged); the file selects {} of {} known agents",
+                d.added,
+                d.changed,
+                d.removed,
+                d.tests.len() - d.added - d.changed - d.removed,
+                d.agents_selected,
+                d.agents_known
+            );
+        }
+        TestsCommand::List { json } => {
+            let l = fleet::list(&client).await?;
+            if json {
+                print_json(&l);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let Some(v) = &l.current else {
+                println!(
+                    "no fleet tests yet ({} known agents); make some with `tests apply --file F`",
+                    l.agents_known
+                );
+                return Ok(ExitCode::SUCCESS);
+            };
+            println!(
+                "version {} by {} at {} from {}",
+                v.version,
+                v.created_by,
+                v.created_at,
+                origin_of(v)
+            );
+            let rows: Vec<[String; 6]> = l
+                .tests
+                .iter()
+                .map(|t| {
+                    [
+                        t.test.name.clone(),
+                        t.test.kind.clone(),
+                        t.test.target.clone(),
+                        t.timing.clone(),
+                        t.test.selection.describe(),
+                        t.agents_selected.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                ["NAME", "KIND", "TARGET", "WHEN", "SELECTION", "AGENTS"],
+                &rows,
+            );
+            println!(
+                "agents: {} known, {} applied, {} behind, {} refused, {} too old for fleet tests",
+                l.agents_known,
+                l.applied,
+                l.behind,
+                l.refused.len(),
+                l.too_old
+            );
+            for r in &l.refused {
+                println!("  refused by {}: {}", r.agent_id, r.error);
+            }
+        }
+        TestsCommand::Versions { json } => {
+            let vs = fleet::versions(&client).await?;
+            if json {
+                print_json(&vs);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<[String; 5]> = vs
+                .iter()
+                .map(|v| {
+                    [
+                        v.version.to_string(),
+                        v.created_at.clone(),
+                        v.created_by.clone(),
+                        v.tests.to_string(),
+                        origin_of(v),
+                    ]
+                })
+                .collect();
+            print_table(["VERSION", "CREATED", "BY", "TESTS", "ORIGIN"], &rows);
+        }
+        TestsCommand::Rollback { version, json } => {
+            let applied = fleet::rollback(&mut client, version, &operator_name()).await?;
+            if json {
+                print_json(&applied);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let d = &applied.diff;
+            println!(
+                "version {} applied (the tests of version {version}): +{} ~{} -{} tests; selects {} of {} known agents",
+                applied.version.unwrap_or_default(),
+                d.added,
+                d.changed,
+                d.removed,
+                d.agents_selected,
+                d.agents_known
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn origin_of(v: &fleet::VersionInfo) -> String {
+    match v.rolled_back_to {
+        Some(to) => format!("rollback to {to}"),
+        None => v.origin.clone(),
+    }
+}
+
+fn print_changes(d: &fleet::Diff) {
+    let rows: Vec<[String; 6]> = d
+        .tests
+        .iter()
+        .filter(|t| t.change != Change::Unchanged)
+        .map(|t| {
+            let mark = match t.change {
+                Change::Added => "+ added",
+                Change::Changed => "~ changed",
+                Change::Removed => "- removed",
+                Change::Unchanged => "",
+            };
+            [
+                mark.to_string(),
+                t.name.clone(),
+                t.kind.clone(),
+                t.target.clone(),
+                t.selection.clone(),
+                t.agents_selected.to_string(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        print_table(
+            ["CHANGE", "NAME", "KIND", "TARGET", "SELECTION", "AGENTS"],
+            &rows,
+        );
+    }
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub async fn run_now(args: RunNowArgs) -> ExitCode {
+    exit(run_now_inner(args).await)
+}
+
+async fn run_now_inner(args: RunNowArgs) -> Result<ExitCode, Failure> {
+    let test = match (args.test, args.kind, args.target) {
+        (Some(name), None, None) => RunTest::Named(name),
+        (None, Some(kind), Some(target)) => {
+            // Checked before the database: a typo is exit 2 without touching anything.
+            runs::adhoc_block(&kind, &target, &args.options, args.name.as_deref())?;
+            RunTest::Adhoc {
+                kind,
+                target,
+                options: args.options,
+                name: args.name,
+            }
+        }
+        _ => {
+            return Err(Failure::Usage(
+                "give --test NAME, or --kind K --target T for an ad-hoc test".into(),
+            ))
+        }
+    };
+    let selection = if args.agent.is_empty() {
+        Selection {
+            select: args.select.into_iter().collect(),
+            agents: None,
+        }
+    } else {
+        Selection {
+            select: Default::default(),
+            agents: Some(args.agent),
+        }
+    };
+    let mut client = connect(&args.db).await?;
+    let created = runs::create(
+        &mut client,
+        &RunRequest { selection, test },
+        &operator_name(),
+    )
+    .await?;
+    if !created.unknown.is_empty() {
+        eprintln!(
+            "unknown agents (never seen by a collector, not asked): {}",
+            created.unknown.join(", ")
+        );
+    }
+    let timeout = args.timeout.unwrap_or(created.timeout);
+    if !args.json {
+        println!(
+            "run {}: test {} on {} agent{} (waiting up to {})",
+            created.run_id,
+            created.test,
+            created.agents.len(),
+            if created.agents.len() == 1 { "" } else { "s" },
+            humantime::format_duration(timeout)
+        );
+    }
+    let progress = !args.json && std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut printed = BTreeSet::new();
+    let mut header = false;
+    let status = loop {
+        let status = runs::status(&client, created.run_id).await?;
+        let summary = status.summary();
+        if !args.json {
+            for r in &status.results {
+                if printed.insert(r.agent_id.clone()) {
+                    if !header {
+                        println!("{:<20}  {:<4}  RESULT", "AGENT", "OK");
+                        header = true;
+                    }
+                    println!("{}", result_row(r));
+                }
+            }
+        }
+        if progress {
+            eprint!(
+                "\r\x1b[K{}/{} done, {} running, {} waiting, {} pending, {} offline, {} refused",
+                summary.done.len(),
+                created.agents.len(),
+                summary.running.len(),
+                summary.busy.len(),
+                summary.pending.len(),
+                summary.offline.len(),
+                summary.refused.len()
+            );
+            let _ = std::io::stderr().flush();
+        }
+        if summary.finished() || start.elapsed() >= timeout {
+            break status;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    };
+    if progress {
+        eprintln!();
+    }
+    let s = status.summary();
+    let timed_out: Vec<String> = s
+        .running
+        .iter()
+        .chain(&s.pending)
+        .cloned()
+        .collect::<Vec<_>>();
+    if args.json {
+        print_json(&serde_json::json!({
+            "run_id": created.run_id,
+            "test": created.test,
+            "results": status.results,
+            "offline": s.offline,
+            "busy": s.busy,
+            "refused": s.refused,
+            "timed_out": timed_out,
+            "unknown": created.unknown,
+        }));
+    } else {
+        if !s.offline.is_empty() {
+            println!(
+                "offline (no session within {}s): {}",
+                runs::DISPATCH_WINDOW.as_secs(),
+                s.offline.join(", ")
+            );
+        }
+        if !s.busy.is_empty() {
+            println!("busy (a speed test holds them): {}", s.busy.join(", "));
+        }
+        for r in &s.refused {
+            println!("refused by {}: {}", r.agent_id, r.reason);
+        }
+        if !timed_out.is_empty() {
+            println!(
+                "no result within {}: {}",
+                humantime::format_duration(timeout),
+                timed_out.join(", ")
+            );
+        }
+        println!(
+            "{} of {} agents returned a result",
+            s.done.len(),
+            created.agents.len()
+        );
+    }
+    // Every agent reached (all but the offline ones) returned a result, and at least one.
+    let reached = created.agents.len() - s.offline.len();
+    Ok(if !s.done.is_empty() && s.done.len() == reached {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `branch-042  ok    down 93.2 Mbit/s  up 11.0 Mbit/s ...`
+fn result_row(r: &RunResult) -> String {
+    let f = |k: &str| r.figures.get(k).and_then(|v| v.as_f64());
+    let secs = |k: &str, label: &str| f(k).map(|v| format!("{label} {}", human_seconds(v)));
+    let mut parts: Vec<String> = Vec::new();
+    match r.kind.as_str() {
+        "speed" => {
+            parts.extend(f("download_bits_per_second").map(|v| format!("down {}", human_bps(v))));
+            parts.extend(f("upload_bits_per_second").map(|v| format!("up {}", human_bps(v))));
+            parts.extend(secs("idle_latency_seconds", "latency"));
+            parts.extend(secs("jitter_seconds", "jitter"));
+        }
+        "icmp" => {
+            parts.extend(secs("rtt_avg_seconds", "rtt avg"));
+            parts.extend(secs("rtt_max_seconds", "max"));
+            parts.extend(f("loss_ratio").map(|v| format!("loss {:.0}%", v * 100.0)));
+        }
+        "tcp" => {
+            parts.extend(secs("connect_seconds", "connect"));
+            parts.extend(secs("tls_seconds", "tls"));
+        }
+        "http" => {
+            parts.extend(f("status_code").map(|v| format!("status {v}")));
+            parts.extend(secs("ttfb_seconds", "ttfb"));
+            parts.push(format!("total {}", human_seconds(r.duration_seconds)));
+        }
+        "dns" => {
+            parts.extend(secs("resolve_seconds", "resolve"));
+            parts.extend(
+                r.figures
+                    .get("rcode")
+                    .and_then(|v| v.as_str())
+                    .map(|c| c.to_string()),
+            );
+            parts.extend(f("answers").map(|v| format!("{v} answers")));
+        }
+        _ => {}
+    }
+    if !r.success {
+        parts.push(format!(
+            "error {}: {}",
+            r.error_class.as_deref().unwrap_or("?"),
+            r.error_message.as_deref().unwrap_or("")
+        ));
+    }
+    format!(
+        "{:<20}  {:<4}  {}",
+        r.agent_id,
+        if r.success { "ok" } else { "FAIL" },
+        parts.join("  ")
+    )
+}
+
+fn human_seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn human_bps(b: f64) -> String {
+    if b >= 1e9 {
+        format!("{:.2} Gbit/s", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} Mbit/s", b / 1e6)
+    } else {
+        format!("{:.0} kbit/s", b / 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bps(93_200_000.0), "93.2 Mbit/s");
+        assert_eq!(human_bps(1_500_000_000.0), "1.50 Gbit/s");
+        assert_eq!(human_seconds(0.0123), "12.3 ms");
+        assert_eq!(human_seconds(2.5), "2.50 s");
+    }
+}

@@ -1,0 +1,694 @@
+//! Fleet tests in PostgreSQL (SPEC section 13): apply a fleet tests file as a new version,
+//! diff a file against the current version, list the current set and the agents' state,
+//! the version history, and rollback. The `tests` CLI and the HTTP API both call these.
+//!
+//! Invariants: the current set is the highest version in `fleet_versions`; a version is
+//! never edited (a rollback is a new version). Every insert takes the transaction-level
+//! advisory lock [`FLEET_LOCK`], so two concurrent applies make two consecutive versions,
+//! and sends `NOTIFY edgeprobe_fleet, '<version>'` in the same transaction (delivered at
+//! commit, never for a rolled-back insert). An apply identical to the current set makes no
+//! version. A file is checked by the agent's own parser (`FleetFile::parse`), so whatever
+//! is stored an agent accepts, bar its own local names and label bound.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use edgeprobe_agent::config::{FleetFile, FleetTest};
+use serde::Serialize;
+use tokio_postgres::types::Json;
+use tokio_postgres::{Client, GenericClient};
+
+/// Arbitrary constant identifying the fleet version lock (pg_advisory_xact_lock).
+const FLEET_LOCK: i64 = 0x6570_666c_6565_7401;
+
+/// The schema version that holds the controller's tables.
+const SCHEMA_NEEDED: i32 = 4;
+
+/// Agent ids named in a refusal (the rest are counted).
+const IDS_SHOWN: usize = 5;
+
+/// What went wrong, so the CLI maps it to an exit code and the API to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Bad input; the message is located (`file:line:col: reason`) where it can be. CLI
+    /// exit 2, API 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// A version or run that does not exist. CLI exit 2, API 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The database failed or is not ready. CLI exit 1, API 500.
+    #[error("database: {0}")]
+    Db(String),
+}
+
+impl From<tokio_postgres::Error> for FleetError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        match e.as_db_error() {
+            Some(db) => FleetError::Db(db.message().to_string()),
+            None => FleetError::Db(e.to_string()),
+        }
+    }
+}
+
+/// Refuses clearly when the schema predates the controller (older than migration 4).
+pub async fn check_schema(client: &impl GenericClient) -> Result<(), FleetError> {
+    // Two statements: a query naming a missing table fails at planning.
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('edgeprobe_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let version: i32 = if exists {
+        client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM edgeprobe_migrations",
+                &[],
+            )
+            .await?
+            .get(0)
+    } else {
+        0
+    };
+    if version < SCHEMA_NEEDED {
+        return Err(FleetError::Db(format!(
+            "the schema is at version {version}, fleet tests need {SCHEMA_NEEDED}: run `edgeprobe-collector migrate` (or start an upgraded collector) first"
+        )));
+    }
+    Ok(())
+}
+
+/// Which agents a test (or a run) selects: ids, else labels that must all match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Selection {
+    pub select: BTreeMap<String, String>,
+    pub agents: Option<Vec<String>>,
+}
+
+impl Selection {
+    pub fn selects(&self, agent: &KnownAgent) -> bool {
+        match &self.agents {
+            Some(ids) => ids.contains(&agent.agent_id),
+            None => self
+                .select
+                .iter()
+                .all(|(k, v)| agent.labels.get(k) == Some(v)),
+        }
+    }
+
+    /// `site=berlin,role=edge`, `agents a, b`, or `all agents`.
+    pub fn describe(&self) -> String {
+        match &self.agents {
+            Some(ids) => format!("agents {}", ids.join(", ")),
+            None if self.select.is_empty() => "all agents".to_string(),
+            None => self
+                .select
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+/// An agent in the `agents` table, as far as the controller cares.
+#[derive(Debug, Clone, Serialize)]
+pub struct KnownAgent {
+    pub agent_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub features: Vec<String>,
+    pub local_tests: Vec<String>,
+    pub fleet_version: Option<i64>,
+    pub fleet_refused_version: Option<i64>,
+    pub fleet_error: Option<String>,
+}
+
+/// Every agent the collectors have seen (10,000 rows are a few hundred kB).
+pub async fn known_agents(client: &impl GenericClient) -> Result<Vec<KnownAgent>, FleetError> {
+    let rows = client
+        .query(
+            "SELECT agent_id, labels, features, local_tests, fleet_version,
+                    fleet_refused_version, fleet_error
+             FROM agents ORDER BY agent_id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| KnownAgent {
+            agent_id: r.get(0),
+            labels: labels_of(r.get::<_, Json<serde_json::Value>>(1).0),
+            features: r.get(2),
+            local_tests: r.get(3),
+            fleet_version: r.get(4),
+            fleet_refused_version: r.get(5),
+            fleet_error: r.get(6),
+        })
+        .collect())
+}
+
+/// A jsonb label map; non-string values (never written by a collector) compare as JSON.
+pub(crate) fn labels_of(v: serde_json::Value) -> BTreeMap<String, String> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => (k, s),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// One stored fleet test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredTest {
+    pub name: String,
+    pub kind: String,
+    pub target: String,
+    #[serde(flatten)]
+    pub selection: Selection,
+    /// The `[[test]]` block an agent gets.
+    pub spec_toml: String,
+}
+
+impl StoredTest {
+    fn from_file(t: &FleetTest) -> StoredTest {
+        StoredTest {
+            name: t.config.name.get_ref().clone(),
+            kind: t.config.kind.name().to_string(),
+            target: t.config.target.get_ref().clone(),
+            selection: Selection {
+                select: t.select.clone(),
+                agents: t.agents.clone(),
+            },
+            spec_toml: t.spec_toml.clone(),
+        }
+    }
+
+    /// `schedule "0 */5 * * * *"` or `every 30s`, read back from the block.
+    pub fn timing(&self) -> String {
+        let table: toml::Table = toml::from_str(&self.spec_toml).unwrap_or_default();
+        let block = table
+            .get("test")
+            .and_then(|t| t.as_array())
+            .and_then(|a| a.first())
+            .and_then(|t| t.as_table());
+        let get = |k: &str| block.and_then(|b| b.get(k)).and_then(|v| v.as_str());
+        match (get("schedule"), get("every")) {
+            (Some(s), _) => format!("schedule \"{s}\""),
+            (None, Some(e)) => format!("every {e}"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// A row of `fleet_versions`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionInfo {
+    pub version: i64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub created_by: String,
+    pub origin: String,
+    pub rolled_back_to: Option<i64>,
+    pub tests: i64,
+}
+
+const VERSION_COLUMNS: &str = "v.version,
+    to_char(v.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+    v.created_by, v.origin, v.rolled_back_to,
+    (SELECT count(*) FROM fleet_tests t WHERE t.version = v.version)";
+
+fn version_info(r: &tokio_postgres::Row) -> VersionInfo {
+    VersionInfo {
+        version: r.get(0),
+        created_at: r.get(1),
+        created_by: r.get(2),
+        origin: r.get(3),
+        rolled_back_to: r.get(4),
+        tests: r.get(5),
+    }
+}
+
+/// The current version, if any.
+pub async fn current_version(
+    client: &impl GenericClient,
+) -> Result<Option<VersionInfo>, FleetError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {VERSION_COLUMNS} FROM fleet_versions v ORDER BY v.version DESC LIMIT 1"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(row.as_ref().map(version_info))
+}
+
+/// Every version, newest first.
+pub async fn versions(client: &impl GenericClient) -> Result<Vec<VersionInfo>, FleetError> {
+    check_schema(client).await?;
+    let rows = client
+        .query(
+            &format!("SELECT {VERSION_COLUMNS} FROM fleet_versions v ORDER BY v.version DESC"),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(version_info).collect())
+}
+
+/// The tests of `version`, by name.
+pub async fn tests_of(
+    client: &impl GenericClient,
+    version: i64,
+) -> Result<Vec<StoredTest>, FleetError> {
+    let rows = client
+        .query(
+            "SELECT name, kind, target, select_labels, agents, spec_toml
+             FROM fleet_tests WHERE version = $1 ORDER BY name",
+            &[&version],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| StoredTest {
+            name: r.get(0),
+            kind: r.get(1),
+            target: r.get(2),
+            selection: Selection {
+                select: labels_of(r.get::<_, Json<serde_json::Value>>(3).0),
+                agents: r.get(4),
+            },
+            spec_toml: r.get(5),
+        })
+        .collect())
+}
+
+/// How one test differs from the current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Added,
+    Changed,
+    Removed,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TestChange {
+    pub name: String,
+    pub change: Change,
+    pub kind: String,
+    pub target: String,
+    pub selection: String,
+    /// Known agents (the `agents` table) the test selects; for a removed test, selected.
+    pub agents_selected: usize,
+}
+
+/// A file compared with the current version: what `tests diff` prints and `tests apply`
+/// would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diff {
+    /// The current version (None: no fleet tests yet).
+    pub current: Option<i64>,
+    /// Every test of the file and every removed one, by name.
+    pub tests: Vec<TestChange>,
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    /// Known agents that at least one test of the new set selects.
+    pub agents_selected: usize,
+    pub agents_known: usize,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.added + self.changed + self.removed == 0
+    }
+}
+
+fn compare(
+    current: Option<i64>,
+    old: &[StoredTest],
+    new: &[StoredTest],
+    agents: &[KnownAgent],
+) -> Diff {
+    let count = |s: &Selection| agents.iter().filter(|a| s.selects(a)).count();
+    let old_by: BTreeMap<&str, &StoredTest> = old.iter().map(|t| (t.name.as_str(), t)).collect();
+    let new_names: BTreeSet<&str> = new.iter().map(|t| t.name.as_str()).collect();
+    let mut tests = Vec::new();
+    for t in new {
+        let change = match old_by.get(t.name.as_str()) {
+            None => Change::Added,
+            Some(o) if *o == t => Change::Unchanged,
+            Some(_) => Change::Changed,
+        };
+        tests.push(TestChange {
+            name: t.name.clone(),
+            change,
+            kind: t.kind.clone(),
+            target: t.target.clone(),
+            selection: t.selection.describe(),
+            agents_selected: count(&t.selection),
+        });
+    }
+    for t in old.iter().filter(|t| !new_names.contains(t.name.as_str())) {
+        tests.push(TestChange {
+            name: t.name.clone(),
+            change: Change::Removed,
+            kind: t.kind.clone(),
+            target: t.target.clone(),
+            selection: t.selection.describe(),
+            agents_selected: count(&t.selection),
+        });
+    }
+    tests.sort_by(|a, b| a.name.cmp(&b.name));
+    let n = |c: Change| tests.iter().filter(|t| t.change == c).count();
+    Diff {
+        current,
+        added: n(Change::Added),
+        changed: n(Change::Changed),
+        removed: n(Change::Removed),
+        agents_selected: agents
+            .iter()
+            .filter(|a| new.iter().any(|t| t.selection.selects(a)))
+            .count(),
+        agents_known: agents.len(),
+        tests,
+    }
+}
+
+/// Parses a fleet tests file; errors are located `origin:line:col: reason`.
+pub fn parse_file(text: &str, origin: &str) -> Result<FleetFile, FleetError> {
+    FleetFile::parse(text, origin).map_err(|e| FleetError::Invalid(e.to_string()))
+}
+
+/// `tests diff`: the file against the current version; changes nothing.
+pub async fn diff(
+    client: &impl GenericClient,
+    text: &str,
+    origin: &str,
+) -> Result<Diff, FleetError> {
+    let file = parse_file(text, origin)?;
+    check_schema(client).await?;
+    let new: Vec<StoredTest> = file.tests.iter().map(StoredTest::from_file).collect();
+    let current = current_version(client).await?.map(|v| v.version);
+    let old = match current {
+        Some(v) => tests_of(client, v).await?,
+        None => Vec::new(),
+    };
+    Ok(compare(current, &old, &new, &known_agents(client).await?))
+}
+
+/// What an apply or rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    /// The new version; None when nothing changed (or a dry run).
+    pub version: Option<i64>,
+    pub dry_run: bool,
+    #[serde(flatten)]
+    pub diff: Diff,
+}
+
+/// `tests apply`: checks the file, refuses a test named like a local test of an agent it
+/// selects, and stores a new version (unless identical to the current one or `dry_run`).
+pub async fn apply(
+    client: &mut Client,
+    text: &str,
+    origin: &str,
+    created_by: &str,
+    dry_run: bool,
+) -> Result<Applied, FleetError> {
+    let file = parse_file(text, origin)?;
+    check_schema(&*client).await?;
+    let new: Vec<StoredTest> = file.tests.iter().map(StoredTest::from_file).collect();
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FLEET_LOCK])
+        .await?;
+    let agents = known_agents(&tx).await?;
+    for (t, stored) in file.tests.iter().zip(&new) {
+        let clashing: Vec<&str> = agents
+            .iter()
+            .filter(|a| a.local_tests.contains(&stored.name) && stored.selection.selects(a))
+            .map(|a| a.agent_id.as_str())
+            .collect();
+        if !clashing.is_empty() {
+            let (line, col) = line_col(text, t.config.name.span().start);
+            let more = match clashing.len().saturating_sub(IDS_SHOWN) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            return Err(FleetError::Invalid(format!(
+                "{origin}:{line}:{col}: fleet test `{}` has the name of a local test of agent {}{more}; rename the fleet test or narrow its selection",
+                stored.name,
+                clashing[..clashing.len().min(IDS_SHOWN)].join(", "),
+            )));
+        }
+    }
+    let current = current_version(&tx).await?.map(|v| v.version);
+    let old = match current {
+        Some(v) => tests_of(&tx, v).await?,
+        None => Vec::new(),
+    };
+    let diff = compare(current, &old, &new, &agents);
+    if dry_run || (diff.is_empty() && current.is_some()) {
+        return Ok(Applied {
+            version: None,
+            dry_run,
+            diff,
+        });
+    }
+    let version = insert_version(&tx, created_by, origin, text, None, &new).await?;
+    tx.commit().await?;
+    Ok(Applied {
+        version: Some(version),
+        dry_run,
+        diff,
+    })
+}
+
+/// `tests rollback V`: a new version holding V's tests (origin `rollback`).
+pub async fn rollback(
+    client: &mut Client,
+    version: i64,
+    created_by: &str,
+) -> Result<Applied, FleetError> {
+    check_schema(&*client).await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FLEET_LOCK])
+        .await?;
+    let exists = tx
+        .query_opt(
+            "SELECT 1 FROM fleet_versions WHERE version = $1",
+            &[&version],
+        )
+        .await?;
+    if exists.is_none() {
+        return Err(FleetError::NotFound(format!(
+            "no fleet version {version} (see `edgeprobe-collector tests versions`)"
+        )));
+    }
+    let old_tests = tests_of(&tx, version).await?;
+    let current = current_version(&tx).await?.map(|v| v.version);
+    let current_tests = match current {
+        Some(v) => tests_of(&tx, v).await?,
+        None => Vec::new(),
+    };
+    let agents = known_agents(&tx).await?;
+    let diff = compare(current, &current_tests, &old_tests, &agents);
+    let new = insert_version(&tx, created_by, "rollback", "", Some(version), &old_tests).await?;
+    tx.commit().await?;
+    Ok(Applied {
+        version: Some(new),
+        dry_run: false,
+        diff,
+    })
+}
+
+async fn insert_version(
+    tx: &tokio_postgres::Transaction<'_>,
+    created_by: &str,
+    origin: &str,
+    source: &str,
+    rolled_back_to: Option<i64>,
+    tests: &[StoredTest],
+) -> Result<i64, FleetError> {
+    let version: i64 = tx
+        .query_one(
+            "INSERT INTO fleet_versions (version, created_by, origin, source, rolled_back_to)
+             SELECT coalesce(max(version), 0) + 1, $1, $2, $3, $4 FROM fleet_versions
+             RETURNING version",
+            &[&created_by, &origin, &source, &rolled_back_to],
+        )
+        .await?
+        .get(0);
+    let insert = tx
+        .prepare(
+            "INSERT INTO fleet_tests (version, name, kind, target, select_labels, agents, spec_toml)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .await?;
+    for t in tests {
+        let select = Json(&t.selection.select);
+        tx.execute(
+            &insert,
+            &[
+                &version,
+                &t.name,
+                &t.kind,
+                &t.target,
+                &select,
+                &t.selection.agents,
+                &t.spec_toml,
+            ],
+        )
+        .await?;
+    }
+    tx.execute(
+        "SELECT pg_notify('edgeprobe_fleet', $1)",
+        &[&version.to_string()],
+    )
+    .await?;
+    Ok(version)
+}
+
+/// One test of the current set, as `tests list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListedTest {
+    #[serde(flatten)]
+    pub test: StoredTest,
+    /// `schedule "..."` or `every ...`.
+    pub timing: String,
+    pub agents_selected: usize,
+}
+
+/// An agent that refused the current version.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    pub agent_id: String,
+    pub error: String,
+}
+
+/// `tests list`: the current version and where the fleet stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub current: Option<VersionInfo>,
+    pub tests: Vec<ListedTest>,
+    pub agents_known: usize,
+    /// Agents that applied the current version (or a later one).
+    pub applied: usize,
+    /// Agents speaking fleet-tests that have not applied or refused it (yet).
+    pub behind: usize,
+    /// Agents that refused the current version, with the reason.
+    pub refused: Vec<Refusal>,
+    /// Agents whose last hello did not list "fleet-tests": they get no fleet tests.
+    pub too_old: usize,
+}
+
+pub async fn list(client: &impl GenericClient) -> Result<Listing, FleetError> {
+    check_schema(client).await?;
+    let current = current_version(client).await?;
+    let agents = known_agents(client).await?;
+    let tests = match &current {
+        Some(v) => tests_of(client, v.version).await?,
+        None => Vec::new(),
+    };
+    let tests = tests
+        .into_iter()
+        .map(|t| ListedTest {
+            timing: t.timing(),
+            agents_selected: agents.iter().filter(|a| t.selection.selects(a)).count(),
+            test: t,
+        })
+        .collect();
+    let cur = current.as_ref().map_or(0, |v| v.version);
+    let (mut applied, mut behind, mut too_old, mut refused) = (0, 0, 0, Vec::new());
+    for a in &agents {
+        if !a.features.iter().any(|f| f == "fleet-tests") {
+            too_old += 1;
+        } else if a.fleet_version.is_some_and(|v| v >= cur) {
+            applied += 1;
+        } else if a.fleet_refused_version == Some(cur) && cur > 0 {
+            refused.push(Refusal {
+                agent_id: a.agent_id.clone(),
+                error: a.fleet_error.clone().unwrap_or_default(),
+            });
+        } else if cur > 0 {
+            behind += 1;
+        } else {
+            applied += 1;
+        }
+    }
+    Ok(Listing {
+        current,
+        tests,
+        agents_known: agents.len(),
+        applied,
+        behind,
+        refused,
+        too_old,
+    })
+}
+
+/// 1-based line and column (in characters) of a byte offset, as the agent's errors count.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(id: &str, labels: &[(&str, &str)]) -> KnownAgent {
+        KnownAgent {
+            agent_id: id.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            features: vec!["fleet-tests".into()],
+            local_tests: vec![],
+            fleet_version: None,
+            fleet_refused_version: None,
+            fleet_error: None,
+        }
+    }
+
+    #[test]
+    fn compare_counts_changes_and_selected_agents() {
+        let file = |s: &str| {
+            parse_file(s, "f.toml")
+                .unwrap()
+                .tests
+                .iter()
+                .map(StoredTest::from_file)
+                .collect::<Vec<_>>()
+        };
+        let old = file(
+            "[[test]]\nname = \"a\"\nkind = \"tcp\"\ntarget = \"x:1\"\nevery = \"30s\"\n\
+             [[test]]\nname = \"b\"\nkind = \"tcp\"\ntarget = \"x:1\"\nevery = \"30s\"\n",
+        );
+        let new = file(
+            "[[test]]\nname = \"a\"\nkind = \"tcp\"\ntarget = \"x:2\"\nevery = \"30s\"\n\
+             [[test]]\nname = \"c\"\nkind = \"tcp\"\ntarget = \"x:1\"\nevery = \"30s\"\nselect = { site = \"berlin\" }\n",
+        );
+        let agents = [agent("a1", &[("site", "berlin")]), agent("a2", &[])];
+        let d = compare(Some(1), &old, &new, &agents);
+        assert_eq!((d.added, d.changed, d.removed), (1, 1, 1));
+        assert_eq!(d.tests[2].name, "c");
+        assert_eq!(d.tests[2].agents_selected, 1);
+        assert_eq!(d.agents_selected, 2);
+        assert_eq!(new[0].timing(), "every 30s");
+        assert!(compare(Some(1), &new, &new, &agents).is_empty());
+    }
+}

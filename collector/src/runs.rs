@@ -1,0 +1,473 @@
+//! run-now requests in PostgreSQL (SPEC section 13): [`create`] resolves the selected agents
+//! from `agents`, inserts `runs` + `run_agents` (pending) and notifies `edgeprobe_runs`;
+//! [`status`] reads the agents' states and the results that carry the run id, and
+//! [`Status::summary`] sorts the agents into done / offline / busy / refused. The collector
+//! holding an agent's session moves `run_agents` on (sessions.rs); the `run-now` CLI and
+//! the HTTP API both call these.
+//!
+//! Invariants: a run names a test every selected agent may know (a current fleet test or a
+//! local test of one of them) or carries an ad-hoc block checked by the agent's own parser;
+//! the run and its agents are inserted and notified in one transaction.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use edgeprobe_agent::config::parse_adhoc_test;
+use serde::Serialize;
+use tokio_postgres::types::Json;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::fleet::{self, FleetError, Selection};
+
+/// An agent still `pending` this long after the run was made has no live session: offline.
+pub const DISPATCH_WINDOW: Duration = Duration::from_secs(5);
+
+/// The whole-run wait unless given: a speed test waits 2 x its duration + 30 s.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A speed test's per-direction duration when its block does not set one (the agent's).
+const SPEED_DEFAULT_DURATION: Duration = Duration::from_secs(10);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum RunTest {
+    /// A fleet test or a test of the agents' own files, by name.
+    Named(String),
+    /// A one-off test: kind, target, options (`k=v`, the value an integer, true|false, or a
+    /// string), and a name (default `run-now`).
+    Adhoc {
+        kind: String,
+        target: String,
+        options: Vec<(String, String)>,
+        name: Option<String>,
+    },
+}
+
+/// A run-now request: agents by labels (all must match) or by ids, and the test.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub selection: Selection,
+    pub test: RunTest,
+}
+
+/// A run as created.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub run_id: i64,
+    pub test: String,
+    pub kind: Option<String>,
+    /// The ad-hoc block sent to the agents ('' for a named test).
+    pub spec_toml: String,
+    /// The agents asked, by id.
+    pub agents: Vec<String>,
+    /// Requested ids not in `agents` (never seen by a collector): not asked.
+    pub unknown: Vec<String>,
+    /// How long a client should wait for the results, by default.
+    #[serde(skip)]
+    pub timeout: Duration,
+}
+
+/// Builds the `[[test]]` block of an ad-hoc test and checks it as the agent will.
+pub fn adhoc_block(
+    kind: &str,
+    target: &str,
+    options: &[(String, String)],
+    name: Option<&str>,
+) -> Result<String, FleetError> {
+    let mut test = toml::Table::new();
+    test.insert("name".into(), name.unwrap_or("run-now").into());
+    test.insert("kind".into(), kind.into());
+    test.insert("target".into(), target.into());
+    if !options.is_empty() {
+        let mut opts = toml::Table::new();
+        for (k, v) in options {
+            let value = if let Ok(i) = v.parse::<i64>() {
+                toml::Value::Integer(i)
+            } else if let Ok(b) = v.parse::<bool>() {
+                toml::Value::Boolean(b)
+            } else {
+                toml::Value::String(v.clone())
+            };
+            opts.insert(k.clone(), value);
+        }
+        test.insert("options".into(), toml::Value::Table(opts));
+    }
+    let mut doc = toml::Table::new();
+    doc.insert(
+        "test".into(),
+        toml::Value::Array(vec![toml::Value::Table(test)]),
+    );
+    let text = toml::to_string(&doc).map_err(|e| FleetError::Invalid(e.to_string()))?;
+    parse_adhoc_test(&text, "run-now").map_err(|e| {
+        FleetError::Invalid(format!(
+            "{e} (the ad-hoc test, as built from the flags:\n{text})"
+        ))
+    })?;
+    Ok(text)
+}
+
+/// The default wait for a test block: speed 2 x duration + 30 s, else [`DEFAULT_TIMEOUT`].
+fn timeout_of(kind: Option<&str>, spec_toml: &str) -> Duration {
+    if kind != Some("speed") {
+        return DEFAULT_TIMEOUT;
+    }
+    let table: toml::Table = toml::from_str(spec_toml).unwrap_or_default();
+    let duration = table
+        .get("test")
+        .and_then(|t| t.as_array())
+        .and_then(|a| a.first())
+        .and_then(|t| t.get("options"))
+        .and_then(|o| o.get("duration"))
+        .and_then(|d| match d {
+            toml::Value::String(s) => humantime::parse_duration(s.trim()).ok(),
+            toml::Value::Integer(i) => u64::try_from(*i).ok().map(Duration::from_secs),
+            _ => None,
+        })
+        .unwrap_or(SPEED_DEFAULT_DURATION);
+    duration * 2 + Duration::from_secs(30)
+}
+
+/// Resolves the agents, checks the test, inserts the run and notifies the collectors.
+pub async fn create(
+    client: &mut Client,
+    req: &RunRequest,
+    created_by: &str,
+) -> Result<Created, FleetError> {
+    fleet::check_schema(&*client).await?;
+    if req.selection.agents.as_ref().is_some_and(|a| a.is_empty()) {
+        return Err(FleetError::Invalid("no agent ids given".into()));
+    }
+    let known = fleet::known_agents(&*client).await?;
+    let chosen: Vec<&fleet::KnownAgent> =
+        known.iter().filter(|a| req.selection.selects(a)).collect();
+    let unknown: Vec<String> = match &req.selection.agents {
+        Some(ids) => ids
+            .iter()
+            .filter(|id| !known.iter().any(|a| a.agent_id == **id))
+            .cloned()
+            .collect(),
+        None => Vec::new(),
+    };
+    if chosen.is_empty() {
+        return Err(FleetError::Invalid(match &req.selection.agents {
+            Some(_) => format!("no known agent among {}", unknown.join(", ")),
+            None => format!(
+                "no known agent carries the labels {}",
+                req.selection.describe()
+            ),
+        }));
+    }
+    let (test, kind, spec_toml) = match &req.test {
+        RunTest::Named(name) => {
+            let fleet_kind = match fleet::current_version(&*client).await? {
+                Some(v) => fleet::tests_of(&*client, v.version)
+                    .await?
+                    .into_iter()
+                    .find(|t| t.name == *name)
+                    .map(|t| (t.kind, t.spec_toml)),
+                None => None,
+            };
+            let local = chosen.iter().any(|a| a.local_tests.contains(name));
+            if fleet_kind.is_none() && !local {
+                return Err(FleetError::Invalid(format!(
+                    "no test named `{name}`: neither a current fleet test nor a local test of the selected agents (see `edgeprobe-collector tests list`)"
+                )));
+            }
+            match fleet_kind {
+                Some((kind, spec)) => (name.clone(), Some(kind), spec),
+                None => (name.clone(), None, String::new()),
+            }
+        }
+        RunTest::Adhoc {
+            kind,
+            target,
+            options,
+            name,
+        } => {
+            let block = adhoc_block(kind, target, options, name.as_deref())?;
+            (
+                name.clone().unwrap_or_else(|| "run-now".into()),
+                Some(kind.clone()),
+                block,
+            )
+        }
+    };
+    let timeout = timeout_of(kind.as_deref(), &spec_toml);
+    // A named test is sent by name: the agent runs its own copy.
+    let stored_spec = match &req.test {
+        RunTest::Named(_) => String::new(),
+        RunTest::Adhoc { .. } => spec_toml,
+    };
+    let target = match &req.test {
+        RunTest::Adhoc { target, .. } => Some(target.clone()),
+        RunTest::Named(_) => None,
+    };
+    let ids: Vec<String> = chosen.iter().map(|a| a.agent_id.clone()).collect();
+    let tx = client.transaction().await?;
+    let run_id: i64 = tx
+        .query_one(
+            "INSERT INTO runs (created_by, test, kind, target, spec_toml, select_labels, agents)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING run_id",
+            &[
+                &created_by,
+                &test,
+                &kind,
+                &target,
+                &stored_spec,
+                &Json(&req.selection.select),
+                &req.selection.agents,
+            ],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "INSERT INTO run_agents (run_id, agent_id) SELECT $1, unnest($2::text[])",
+        &[&run_id, &ids],
+    )
+    .await?;
+    tx.execute(
+        "SELECT pg_notify('edgeprobe_runs', $1)",
+        &[&run_id.to_string()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Created {
+        run_id,
+        test,
+        kind,
+        spec_toml: stored_spec,
+        agents: ids,
+        unknown,
+        timeout,
+    })
+}
+
+/// One agent's state in a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentState {
+    pub agent_id: String,
+    /// pending, sent, started, waiting, refused, rate_limited, done
+    pub state: String,
+    pub reason: Option<String>,
+}
+
+/// One result of a run. Figures are in SI units: seconds, bits per second, bytes, ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub agent_id: String,
+    pub test: String,
+    pub kind: String,
+    pub target: String,
+    pub success: bool,
+    pub duration_seconds: f64,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    /// The kind's non-null figures, named like the columns of `results`.
+    #[serde(flatten)]
+    pub figures: BTreeMap<String, serde_json::Value>,
+}
+
+/// A run as it stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub run_id: i64,
+    pub test: String,
+    /// Seconds since the run was made (the database's clock).
+    pub age_seconds: f64,
+    pub agents: Vec<AgentState>,
+    pub results: Vec<RunResult>,
+}
+
+/// The numeric columns of `results` a run result may carry.
+const FIGURES: &[&str] = &[
+    "download_bits_per_second",
+    "upload_bits_per_second",
+    "idle_latency_seconds",
+    "jitter_seconds",
+    "download_loaded_latency_seconds",
+    "upload_loaded_latency_seconds",
+    "bytes_downloaded",
+    "bytes_uploaded",
+    "sent",
+    "received",
+    "loss_ratio",
+    "rtt_min_seconds",
+    "rtt_avg_seconds",
+    "rtt_max_seconds",
+    "rtt_mdev_seconds",
+    "connect_seconds",
+    "tls_seconds",
+    "status_code",
+    "dns_seconds",
+    "ttfb_seconds",
+    "transfer_seconds",
+    "body_bytes",
+    "tls_cert_expiry_seconds",
+    "resolve_seconds",
+    "answers",
+    "rcode",
+];
+
+/// The run's agents and the results that landed so far.
+pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, FleetError> {
+    let run = client
+        .query_opt(
+            "SELECT test, extract(epoch FROM now() - created_at)::float8 FROM runs WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await?
+        .ok_or_else(|| FleetError::NotFound(format!("no run {run_id}")))?;
+    let agents = client
+        .query(
+            "SELECT agent_id, state, reason FROM run_agents WHERE run_id = $1 ORDER BY agent_id",
+            &[&run_id],
+        )
+        .await?
+        .iter()
+        .map(|r| AgentState {
+            agent_id: r.get(0),
+            state: r.get(1),
+            reason: r.get(2),
+        })
+        .collect();
+    // to_jsonb keeps each figure's own type (integer, float, text) without a column list
+    // per kind.
+    let rows = client
+        .query(
+            "SELECT agent_id, test, kind, target, success, duration_seconds, error_class,
+                    error_message, to_jsonb(r)
+             FROM results r WHERE run_id = $1 ORDER BY agent_id, started_at",
+            &[&run_id],
+        )
+        .await?;
+    let results = rows
+        .iter()
+        .map(|r| {
+            let all = r.get::<_, Json<serde_json::Value>>(8).0;
+            let figures = FIGURES
+                .iter()
+                .filter_map(|f| {
+                    all.get(*f)
+                        .filter(|v| !v.is_null())
+                        .map(|v| (f.to_string(), v.clone()))
+                })
+                .collect();
+            RunResult {
+                agent_id: r.get(0),
+                test: r.get(1),
+                kind: r.get(2),
+                target: r.get(3),
+                success: r.get(4),
+                duration_seconds: r.get(5),
+                error_class: r.get(6),
+                error_message: r.get(7),
+                figures,
+            }
+        })
+        .collect();
+    Ok(Status {
+        run_id,
+        test: run.get(0),
+        age_seconds: run.get(1),
+        agents,
+        results,
+    })
+}
+
+/// A refused or rate-limited agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refused {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+/// Where each agent of a run stands.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// Agents whose result landed.
+    pub done: Vec<String>,
+    /// Still pending after the dispatch window: no live session.
+    pub offline: Vec<String>,
+    /// Waiting: a speed test holds the agent.
+    pub busy: Vec<String>,
+    /// Sent or started, result not here yet.
+    pub running: Vec<String>,
+    /// Pending within the dispatch window.
+    pub pending: Vec<String>,
+    /// Refused by the agent or the collector, or rate limited.
+    pub refused: Vec<Refused>,
+}
+
+impl Summary {
+    /// Nothing left to wait for (busy agents may still answer, so they count as open).
+    pub fn finished(&self) -> bool {
+        self.running.is_empty() && self.pending.is_empty() && self.busy.is_empty()
+    }
+}
+
+impl Status {
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        let window = self.age_seconds >= DISPATCH_WINDOW.as_secs_f64();
+        for a in &self.agents {
+            let has_result = self.results.iter().any(|r| r.agent_id == a.agent_id);
+            let id = a.agent_id.clone();
+            match a.state.as_str() {
+                _ if has_result => s.done.push(id),
+                "done" => s.done.push(id),
+                "refused" | "rate_limited" => s.refused.push(Refused {
+                    agent_id: id,
+                    reason: match &a.reason {
+                        Some(r) if !r.is_empty() => format!("{}: {r}", a.state),
+                        _ => a.state.clone(),
+                    },
+                }),
+                "waiting" => s.busy.push(id),
+                "pending" if window => s.offline.push(id),
+                "pending" => s.pending.push(id),
+                _ => s.running.push(id),
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adhoc_blocks_are_checked_and_typed() {
+        let block = adhoc_block(
+            "icmp",
+            "192.0.2.1",
+            &[
+                ("count".into(), "3".into()),
+                ("interval".into(), "200ms".into()),
+            ],
+            None,
+        )
+        .unwrap();
+        assert!(block.contains("count = 3"), "{block}");
+        assert!(block.contains("interval = \"200ms\""), "{block}");
+        assert!(block.contains("name = \"run-now\""), "{block}");
+        let e =
+            adhoc_block("icmp", "192.0.2.1", &[("streams".into(), "4".into())], None).unwrap_err();
+        assert!(e.to_string().contains("streams"), "{e}");
+        assert!(adhoc_block("smoke", "x", &[], None).is_err());
+    }
+
+    #[test]
+    fn speed_waits_for_both_directions() {
+        let block = adhoc_block(
+            "speed",
+            "https://speed.example/",
+            &[("duration".into(), "20s".into())],
+            None,
+        )
+        .unwrap();
+        assert_eq!(timeout_of(Some("speed"), &block), Duration::from_secs(70));
+        assert_eq!(timeout_of(Some("speed"), ""), Duration::from_secs(50));
+        assert_eq!(timeout_of(Some("tcp"), ""), DEFAULT_TIMEOUT);
+    }
+}
