@@ -11,6 +11,7 @@
 //! each within `HANDSHAKE_TIMEOUT`. Errors are JSON `{"error": ..}`, with `line` and `col`
 //! when they point into a submitted file.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
 use axum::Router;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -31,8 +33,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::fleet::{self, FleetError, Selection};
 use crate::identity::{self, Operator};
 use crate::pgtls::Target;
+use crate::runs::{self, RunRequest, RunTest};
 use crate::tls::ServerTls;
 
 /// TLS handshakes in progress at most; operators are few, scanners are not.
@@ -314,66 +318,253 @@ async fn db(api: &Api) -> Result<tokio_postgres::Client, ApiError> {
     })
 }
 
-// ---------------------------------------------------------------------------------------
-// Endpoints
-
-fn not_yet() -> Answer {
-    Err(ApiError::new(StatusCode::NOT_IMPLEMENTED, "not yet"))
+/// A library error as an answer. `origin` is what the submitted text was called, so a
+/// located message (`origin:line:col: reason`) becomes 422 with `line` and `col`.
+fn fleet_error(e: FleetError, origin: &str) -> ApiError {
+    match e {
+        FleetError::Invalid(message) => {
+            let at = message
+                .strip_prefix(origin)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .and_then(|rest| {
+                    let mut parts = rest.splitn(3, ':');
+                    let line = parts.next()?.parse().ok()?;
+                    let col = parts.next()?.parse().ok()?;
+                    Some((line, col, parts.next()?.trim_start().to_string()))
+                });
+            match at {
+                Some((line, col, reason)) => ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    message: reason,
+                    at: Some((line, col)),
+                },
+                None => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message),
+            }
+        }
+        FleetError::NotFound(message) => ApiError::new(StatusCode::NOT_FOUND, message),
+        FleetError::Db(message) => {
+            tracing::warn!("api: database: {message}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("database: {message}"),
+            )
+        }
+    }
 }
 
+/// What a submitted file is called in `fleet_versions.origin` and in located errors.
+const ORIGIN: &str = "api";
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// `GET /api/v1/tests`: the current set, its version and where the agents stand.
 async fn tests_current(State(api): State<Api>) -> Answer {
-    let _client = db(&api).await?;
-    not_yet()
+    let client = db(&api).await?;
+    let listing = fleet::list(&client)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(StatusCode::OK, &to_json(&listing)))
 }
 
+/// `GET /api/v1/tests/versions`: every version, newest first.
 async fn tests_versions(State(api): State<Api>) -> Answer {
-    let _client = db(&api).await?;
-    not_yet()
+    let client = db(&api).await?;
+    let versions = fleet::versions(&client)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(
+        StatusCode::OK,
+        &json!({ "versions": to_json(&versions) }),
+    ))
 }
 
+/// `POST /api/v1/tests[?dry_run=true]`: the body is a fleet tests file.
 async fn tests_apply(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Answer {
-    let _dry_run = query_flag(&query, "dry_run")?;
-    let _text = body_text(&body)?;
-    let _client = db(&api).await?;
-    let _ = operator;
-    not_yet()
+    let dry_run = query_flag(&query, "dry_run")?;
+    let text = body_text(&body)?;
+    let mut client = db(&api).await?;
+    let applied = fleet::apply(&mut client, text, ORIGIN, &operator, dry_run)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    if let Some(version) = applied.version {
+        tracing::info!(%operator, version, "api: fleet tests applied");
+    }
+    let status = if applied.version.is_some() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(ok(status, &to_json(&applied)))
 }
 
+/// `POST /api/v1/tests/diff`: the body is a fleet tests file; nothing changes.
 async fn tests_diff(State(api): State<Api>, body: Bytes) -> Answer {
-    let _text = body_text(&body)?;
-    let _client = db(&api).await?;
-    not_yet()
+    let text = body_text(&body)?;
+    let client = db(&api).await?;
+    let diff = fleet::diff(&client, text, ORIGIN)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(StatusCode::OK, &to_json(&diff)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: i64,
+}
+
+/// `POST /api/v1/tests/rollback {"version": N}`: a new version with N's tests.
 async fn tests_rollback(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
     body: Bytes,
 ) -> Answer {
-    let _v: Value = body_json(&body)?;
-    let _client = db(&api).await?;
-    let _ = operator;
-    not_yet()
+    let RollbackBody { version } = body_json(&body)?;
+    let mut client = db(&api).await?;
+    let applied = fleet::rollback(&mut client, version, &operator)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    if let Some(new) = applied.version {
+        tracing::info!(%operator, to = version, version = new, "api: fleet tests rolled back");
+    }
+    let status = if applied.version.is_some() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(ok(status, &to_json(&applied)))
 }
 
+/// The body of `POST /api/v1/runs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    select: Option<BTreeMap<String, String>>,
+    agents: Option<Vec<String>>,
+    test: Option<String>,
+    kind: Option<String>,
+    target: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, Value>,
+    name: Option<String>,
+}
+
+impl RunBody {
+    fn request(self) -> Result<RunRequest, ApiError> {
+        let invalid = |m: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+        let selection = match (self.select, self.agents) {
+            (Some(select), None) => Selection {
+                select,
+                agents: None,
+            },
+            (None, Some(agents)) => Selection {
+                select: BTreeMap::new(),
+                agents: Some(agents),
+            },
+            (Some(_), Some(_)) => return Err(invalid("give `select` or `agents`, not both")),
+            (None, None) => {
+                return Err(invalid(
+                    "give `select` (labels; {} for every agent) or `agents` (ids)",
+                ))
+            }
+        };
+        let test = match (self.test, self.kind, self.target) {
+            (Some(test), None, None) => {
+                if !self.options.is_empty() || self.name.is_some() {
+                    return Err(invalid(
+                        "`options` and `name` go with an ad-hoc test (`kind`, `target`), not with `test`",
+                    ));
+                }
+                RunTest::Named(test)
+            }
+            (None, Some(kind), Some(target)) => {
+                let mut options = Vec::with_capacity(self.options.len());
+                for (key, value) in self.options {
+                    let value = match value {
+                        Value::String(s) => s,
+                        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        other => {
+                            return Err(invalid(&format!(
+                                "option `{key}`: {other} is not a string, an integer or a boolean"
+                            )))
+                        }
+                    };
+                    options.push((key, value));
+                }
+                RunTest::Adhoc {
+                    kind,
+                    target,
+                    options,
+                    name: self.name,
+                }
+            }
+            (None, None, None) => {
+                return Err(invalid(
+                    "give `test` (a name) or `kind` and `target` (an ad-hoc test)",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "give either `test` alone or both `kind` and `target`",
+                ))
+            }
+        };
+        Ok(RunRequest { selection, test })
+    }
+}
+
+/// `POST /api/v1/runs`: asks the selected agents to run a test now; 202 with the run id.
 async fn runs_create(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
     body: Bytes,
 ) -> Answer {
-    let _v: Value = body_json(&body)?;
-    let _client = db(&api).await?;
-    let _ = operator;
-    not_yet()
+    let request = body_json::<RunBody>(&body)?.request()?;
+    let mut client = db(&api).await?;
+    let created = runs::create(&mut client, &request, &operator)
+        .await
+        .map_err(|e| fleet_error(e, "run-now"))?;
+    tracing::info!(%operator, run_id = created.run_id, test = %created.test, agents = created.agents.len(), "api: run-now");
+    let mut answer = to_json(&created);
+    if let Value::Object(map) = &mut answer {
+        map.insert(
+            "timeout_seconds".into(),
+            json!(created.timeout.as_secs_f64()),
+        );
+        map.insert(
+            "dispatch_window_seconds".into(),
+            json!(runs::DISPATCH_WINDOW.as_secs_f64()),
+        );
+        map.insert(
+            "status".into(),
+            json!(format!("/api/v1/runs/{}", created.run_id)),
+        );
+    }
+    Ok(ok(StatusCode::ACCEPTED, &answer))
 }
 
+/// `GET /api/v1/runs/{id}`: each agent's state, the results so far and the summary.
 async fn runs_get(State(api): State<Api>, Path(id): Path<String>) -> Answer {
-    let _client = db(&api).await?;
-    let _ = id;
-    not_yet()
+    let run_id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")))?;
+    let client = db(&api).await?;
+    let status = runs::status(&client, run_id)
+        .await
+        .map_err(|e| fleet_error(e, "run-now"))?;
+    let summary = status.summary();
+    let mut answer = to_json(&status);
+    if let Value::Object(map) = &mut answer {
+        map.insert("finished".into(), json!(summary.finished()));
+        map.insert("summary".into(), to_json(&summary));
+    }
+    Ok(ok(StatusCode::OK, &answer))
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::json;
+
 use crate::support::*;
 
 /// A collector in mTLS mode with the API on its own port.
@@ -203,4 +205,239 @@ fn api_refuses_every_certificate_but_an_operators_and_the_ingest_refuses_an_oper
         db.scalar("SELECT count(*) FROM results WHERE agent_id = 'alice'"),
         0
     );
+}
+
+const FLEET_FILE: &str = r#"# what every Berlin agent measures
+[[test]]
+name = "gateway"
+kind = "tcp"
+target = "127.0.0.1:9"
+every = "30s"
+select = { site = "berlin" }
+"#;
+
+/// An agent row as a collector writes it at a hello (labels, features, local tests).
+fn known_agent(db: &TestDb, id: &str, site: &str, local_tests: &[&str]) {
+    let local: Vec<String> = local_tests.iter().map(|s| s.to_string()).collect();
+    db.client()
+        .execute(
+            "INSERT INTO agents (agent_id, labels, features, local_tests)
+             VALUES ($1, jsonb_build_object('site', $2::text), '{fleet-tests,run-now}', $3)",
+            &[&id, &site, &local],
+        )
+        .unwrap();
+}
+
+#[test]
+fn api_applies_lists_diffs_rolls_back_and_runs_now_as_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    known_agent(&db, "branch-007", "berlin", &["web"]);
+    known_agent(&db, "branch-042", "berlin", &[]);
+    known_agent(&db, "branch-100", "paris", &[]);
+    let versions = || db.scalar("SELECT count(*) FROM fleet_versions");
+
+    // Nothing applied yet.
+    let a = curl(&c, Some(&alice), "GET", "/api/v1/tests", None);
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    assert!(a.json()["current"].is_null(), "{}", a.body);
+
+    // A bad file: 422 at its line and column, nothing stored.
+    let bad = FLEET_FILE.replace("target =", "targt =");
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(&bad));
+    assert_eq!(a.status, Some(422), "{}", a.body);
+    let e = a.json();
+    assert_eq!(
+        (e["line"].as_u64(), e["col"].as_u64()),
+        (Some(5), Some(1)),
+        "{e}"
+    );
+    assert!(e["error"].as_str().unwrap().contains("targt"), "{e}");
+    assert_eq!(versions(), 0);
+
+    // A dry run shows the change and stores nothing.
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/tests?dry_run=true",
+        Some(FLEET_FILE),
+    );
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    let d = a.json();
+    assert_eq!(d["dry_run"], true, "{d}");
+    assert!(d["version"].is_null(), "{d}");
+    assert_eq!(d["added"], 1, "{d}");
+    assert_eq!(d["agents_selected"], 2, "{d}");
+    assert_eq!(versions(), 0);
+
+    // Applied: version 1, made by alice.
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(FLEET_FILE));
+    assert_eq!(a.status, Some(201), "{}", a.body);
+    assert_eq!(a.json()["version"], 1, "{}", a.body);
+    let a = curl(&c, Some(&alice), "GET", "/api/v1/tests", None);
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    let l = a.json();
+    assert_eq!(l["current"]["version"], 1, "{l}");
+    assert_eq!(l["current"]["created_by"], "alice", "{l}");
+    assert_eq!(l["current"]["origin"], "api", "{l}");
+    assert_eq!(l["tests"][0]["name"], "gateway", "{l}");
+    assert_eq!(l["tests"][0]["agents_selected"], 2, "{l}");
+    assert_eq!(l["agents_known"], 3, "{l}");
+    let mut sql = db.client();
+    let row = sql
+        .query_one(
+            "SELECT created_by, origin, source FROM fleet_versions WHERE version = 1",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "alice");
+    assert_eq!(row.get::<_, String>(1), "api");
+    assert_eq!(row.get::<_, String>(2), FLEET_FILE);
+
+    // The same file again: no new version.
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(FLEET_FILE));
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    assert!(a.json()["version"].is_null(), "{}", a.body);
+    assert_eq!(versions(), 1);
+
+    // A fleet test named like a local test of an agent it selects: refused at the name.
+    let clash = format!("{FLEET_FILE}\n[[test]]\nname = \"web\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:9\"\nevery = \"1m\"\n");
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(&clash));
+    assert_eq!(a.status, Some(422), "{}", a.body);
+    let e = a.json();
+    assert_eq!(
+        (e["line"].as_u64(), e["col"].as_u64()),
+        (Some(10), Some(8)),
+        "{e}"
+    );
+    assert!(e["error"].as_str().unwrap().contains("branch-007"), "{e}");
+    assert_eq!(versions(), 1);
+
+    // Diff, then apply a second version for the Paris agent.
+    let second = FLEET_FILE.replace("berlin", "paris");
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/tests/diff",
+        Some(&second),
+    );
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    let d = a.json();
+    assert_eq!(
+        (d["current"].as_i64(), d["changed"].as_i64()),
+        (Some(1), Some(1)),
+        "{d}"
+    );
+    assert_eq!(d["tests"][0]["agents_selected"], 1, "{d}");
+    assert_eq!(versions(), 1);
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(&second));
+    assert_eq!(a.json()["version"], 2, "{}", a.body);
+
+    // Rollback to 1 is version 3 with version 1's tests; a version that never was is 404.
+    let bob = operator(&pki, "bob");
+    let a = curl(
+        &c,
+        Some(&bob),
+        "POST",
+        "/api/v1/tests/rollback",
+        Some(r#"{"version": 1}"#),
+    );
+    assert_eq!(a.status, Some(201), "{}", a.body);
+    assert_eq!(a.json()["version"], 3, "{}", a.body);
+    let a = curl(&c, Some(&bob), "GET", "/api/v1/tests/versions", None);
+    let v = a.json();
+    let newest = &v["versions"][0];
+    assert_eq!(
+        (
+            &newest["version"],
+            &newest["created_by"],
+            &newest["origin"],
+            &newest["rolled_back_to"]
+        ),
+        (&json!(3), &json!("bob"), &json!("rollback"), &json!(1)),
+        "{v}"
+    );
+    assert_eq!(v["versions"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM fleet_tests WHERE version = 3 AND select_labels = '{\"site\": \"berlin\"}'"),
+        1
+    );
+    let a = curl(
+        &c,
+        Some(&bob),
+        "POST",
+        "/api/v1/tests/rollback",
+        Some(r#"{"version": 99}"#),
+    );
+    assert_eq!(a.status, Some(404), "{}", a.body);
+    let a = curl(
+        &c,
+        Some(&bob),
+        "POST",
+        "/api/v1/tests/rollback",
+        Some(r#"{"versoin": 1}"#),
+    );
+    assert_eq!(a.status, Some(400), "{}", a.body);
+    assert!(a.json()["line"].is_u64(), "{}", a.body);
+
+    // Run now: a request of the wrong shape is 422; an ad-hoc tcp test to one agent is
+    // 202 with its run id, recorded with the operator's name. The agent has no session
+    // here, so after the dispatch window it is offline and the run is finished.
+    for body in [
+        r#"{"test": "gateway"}"#,
+        r#"{"select": {}, "agents": ["branch-042"], "test": "gateway"}"#,
+        r#"{"agents": ["branch-042"], "kind": "tcp"}"#,
+        r#"{"agents": ["branch-042"], "test": "no-such-test"}"#,
+        r#"{"select": {"site": "tokyo"}, "test": "gateway"}"#,
+        r#"{"agents": ["branch-042"], "kind": "tcp", "target": "127.0.0.1:9", "options": {"streams": 4}}"#,
+    ] {
+        let a = curl(&c, Some(&alice), "POST", "/api/v1/runs", Some(body));
+        assert_eq!(a.status, Some(422), "{body}: {}", a.body);
+        assert!(a.json()["error"].is_string());
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM runs"), 0);
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/runs",
+        Some(r#"{"agents": ["branch-042", "ghost"], "kind": "tcp", "target": "127.0.0.1:9"}"#),
+    );
+    assert_eq!(a.status, Some(202), "{}", a.body);
+    let r = a.json();
+    assert_eq!(r["agents"], json!(["branch-042"]), "{r}");
+    assert_eq!(r["unknown"], json!(["ghost"]), "{r}");
+    let run_id = r["run_id"].as_i64().unwrap();
+    assert_eq!(r["status"], format!("/api/v1/runs/{run_id}"), "{r}");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM runs WHERE run_id = {run_id} AND created_by = 'alice'"
+        )),
+        1
+    );
+    let status = wait_for(Duration::from_secs(15), "the run to finish", || {
+        let a = curl(
+            &c,
+            Some(&alice),
+            "GET",
+            &format!("/api/v1/runs/{run_id}"),
+            None,
+        );
+        assert_eq!(a.status, Some(200), "{}", a.body);
+        let s = a.json();
+        (s["finished"] == true).then_some(s)
+    });
+    assert_eq!(
+        status["summary"]["offline"],
+        json!(["branch-042"]),
+        "{status}"
+    );
+    assert_eq!(status["results"], json!([]), "{status}");
+    let a = curl(&c, Some(&alice), "GET", "/api/v1/runs/4711", None);
+    assert_eq!(a.status, Some(404), "{}", a.body);
 }
