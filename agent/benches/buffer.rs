@@ -27,6 +27,7 @@ fn payload(i: u64) -> Vec<u8> {
         kind: Kind::Http,
         target: "https://www.example.net/health".into(),
         labels: [("site".to_string(), "berlin".to_string())].into(),
+        run_id: 0,
     };
     let outcome = Outcome {
         started_at: SystemTime::now(),

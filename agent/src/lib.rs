@@ -7,6 +7,7 @@
 pub mod buffer;
 pub mod clock;
 pub mod config;
+pub mod fleet;
 pub mod probe;
 pub mod record;
 pub mod report;

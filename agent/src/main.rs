@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 
 use edgeprobe_agent::config::{self, Config, Kind, TestOptions};
 use edgeprobe_agent::probe::{self, ProbeSpec};
-use edgeprobe_agent::{buffer, report, run, target};
+use edgeprobe_agent::{buffer, fleet, report, run, target};
 
 /// Runs scheduled network tests, keeps every result in a durable local buffer and streams
 /// the results to an edgeprobe collector.
@@ -25,7 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: schedule the configured tests and ship their results.
+    /// Run the agent: schedule the configured tests and the fleet tests a collector pushed
+    /// (kept in <state_dir>/fleet-tests.toml), run tests on demand (run-now), and ship
+    /// the results. SIGHUP reloads the configuration file.
     Run {
         /// Agent configuration (TOML).
         #[arg(long, short, default_value = "/etc/edgeprobe/agent.toml")]
@@ -94,7 +96,8 @@ enum Command {
         #[arg(long, default_value_t = target::DEFAULT_MAX_TESTS)]
         max_tests: usize,
     },
-    /// Show the local result buffer: backlog, oldest result, size on disk, dropped.
+    /// Show the local result buffer (backlog, oldest result, size on disk, dropped) and
+    /// the fleet tests version this agent runs.
     Buffer {
         #[arg(long, short, default_value = "/etc/edgeprobe/agent.toml")]
         config: PathBuf,
@@ -160,6 +163,7 @@ fn main() -> ExitCode {
             match buffer::Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes) {
                 Ok(buffer) => {
                     print!("{}", buffer.stats().render(&config.agent.state_dir));
+                    print!("{}", fleet::describe(&config.agent.state_dir));
                     ExitCode::SUCCESS
                 }
                 Err(buffer::BufferError::Locked { .. }) => {
@@ -175,6 +179,7 @@ fn main() -> ExitCode {
                                 .and_then(|t| t.elapsed().ok())
                                 .map_or(0, |d| d.as_secs());
                             print!("{text}");
+                            print!("{}", fleet::describe(&config.agent.state_dir));
                             println!("(published by the running agent {age}s ago)");
                             return ExitCode::SUCCESS;
                         }

@@ -29,6 +29,8 @@ pub struct TestInfo {
     pub target: String,
     /// Agent labels overlaid with the test's own.
     pub labels: BTreeMap<String, String>,
+    /// Non-zero for a run asked by run-now: the result carries it (stored as on_demand).
+    pub run_id: u64,
 }
 
 pub fn kind_to_wire(kind: Kind) -> pb::Kind {
@@ -77,6 +79,7 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result 
             .collect(),
         fields: Some(fields_to_wire(&outcome.fields)),
         boottime_nanos: outcome.boottime_nanos,
+        run_id: test.run_id,
         ..Default::default()
     };
     clock.stamp(&mut r);
@@ -182,6 +185,7 @@ mod tests {
             kind: Kind::Dns,
             target: "example.net".into(),
             labels: [("site".to_string(), "berlin".to_string())].into(),
+            run_id: 0,
         }
     }
 

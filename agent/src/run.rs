@@ -2,7 +2,10 @@
 //! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
 //! stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
 //! rescheduled, the uplink restarts if its settings changed, and a file that does not
-//! check keeps the running configuration. A clock watch asks the kernel every
+//! check keeps the running configuration, and so does one whose tests clash with the applied
+//! fleet tests; unchanged tests keep their schedule (`Scheduler::apply`). Fleet pushes and
+//! run-now requests arrive from the uplink (`fleet::Inbound`) and are answered on the
+//! session that asked. A clock watch asks the kernel every
 //! `CLOCK_CHECK_EVERY` whether its clock is synchronised and corrects buffered results
 //! when something vouches for the clock.
 
@@ -10,11 +13,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeprobe_proto::v1 as pb;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::Buffer;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::fleet::{self, Fleet, Inbound};
 use crate::schedule::Scheduler;
 use crate::uplink::Uplink;
 
@@ -29,6 +35,8 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let buffer = open_buffer(&config).await?;
     let stats = buffer.stats();
     let clock = Clock::new();
+    // The last fleet tests a collector pushed, before any collector is reached.
+    let mut fleet = fleet::load(&config.agent.state_dir, &config);
     tracing::info!(
         agent_id = %agent_id,
         version = env!("CARGO_PKG_VERSION"),
@@ -36,6 +44,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         backlog = stats.backlog,
         next_seq = stats.next_seq,
         tests = config.tests.len(),
+        fleet_version = fleet.as_ref().map_or(0, |f| f.version),
         clock_synchronised = clock.base().is_some(),
         "edgeprobe-agent starting"
     );
@@ -46,15 +55,20 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         buffer.clone(),
         shutdown.child_token(),
     ));
-    let mut uplink = start_uplink(&config, &buffer, &clock, &shutdown);
+    let (inbound_tx, mut inbound) = mpsc::channel::<Inbound>(16);
+    let mut uplink = start_uplink(&config, &buffer, &clock, &inbound_tx, &shutdown);
     let mut scheduler = Scheduler::start(
         &config,
+        fleet.as_ref().map_or(&[][..], |f| &f.tests),
         buffer.clone(),
         clock.clone(),
         shutdown.child_token(),
     )
     .await
     .context("starting the scheduler")?;
+    if let Some(f) = &fleet {
+        tracing::info!(version = f.version, tests = ?f.names(), source = "persisted", "fleet tests applied");
+    }
     tokio::spawn(publish_status(
         buffer.clone(),
         config.agent.state_dir.clone(),
@@ -66,6 +80,22 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut stop => break,
+            Some(msg) = inbound.recv() => match msg {
+                Inbound::FleetTests { push, reply } => {
+                    let error = apply_fleet(&push, &config, &mut fleet, &mut scheduler);
+                    answer(reply, pb::agent_message::Msg::TestsApplied(pb::TestsApplied {
+                        version: push.version,
+                        error: error.unwrap_or_default(),
+                    }));
+                }
+                Inbound::RunNow { run, reply } => {
+                    let status = scheduler.run_now(&run);
+                    if status.state == pb::run_status::State::Refused as i32 {
+                        tracing::warn!(run_id = run.run_id, test = %run.test, "run-now refused: {}", status.reason);
+                    }
+                    answer(reply, pb::agent_message::Msg::RunStatus(status));
+                }
+            },
             _ = hangups.recv() => {
                 // Reload: a bad file keeps the running configuration.
                 let new = match Config::load(&path) {
@@ -75,24 +105,42 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
                         continue;
                     }
                 };
+                // The applied fleet tests must still fit beside the new local tests.
+                let refit = match fleet.as_ref().map(|f| f.recheck(&new)).transpose() {
+                    Ok(refit) => refit,
+                    Err(e) => {
+                        tracing::error!(
+                            fleet_version = fleet.as_ref().map_or(0, |f| f.version),
+                            "reload refused, keeping the running configuration: the applied fleet tests do not fit beside {}: {e}",
+                            path.display()
+                        );
+                        continue;
+                    }
+                };
                 if new.agent.state_dir != config.agent.state_dir
                     || new.agent.buffer_max_bytes != config.agent.buffer_max_bytes
                 {
                     tracing::warn!("state_dir and buffer_max_bytes take effect at the next restart");
                 }
-                scheduler.stop(GRACE).await;
                 if new.agent_id() != config.agent_id()
                     || new.agent.labels != config.agent.labels
+                    || local_tests(&new) != local_tests(&config)
                     || format!("{:?}", new.collector) != format!("{:?}", config.collector)
                 {
+                    // The hello carries id, labels and local test names: a new session.
                     uplink.0.cancel();
                     let _ = tokio::time::timeout(GRACE, uplink.1).await;
-                    uplink = start_uplink(&new, &buffer, &clock, &shutdown);
+                    uplink = start_uplink(&new, &buffer, &clock, &inbound_tx, &shutdown);
                 }
-                scheduler = Scheduler::start(&new, buffer.clone(), clock.clone(), shutdown.child_token())
-                    .await
-                    .context("restarting the scheduler")?;
-                tracing::info!(tests = new.tests.len(), "configuration reloaded");
+                fleet = refit;
+                let applied = scheduler.apply(&new, fleet.as_ref().map_or(&[][..], |f| &f.tests));
+                tracing::info!(
+                    tests = new.tests.len(),
+                    kept = applied.kept.len(),
+                    started = ?applied.started,
+                    stopped = ?applied.stopped,
+                    "configuration reloaded"
+                );
                 config = new;
             }
         }
@@ -106,6 +154,93 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         .context("closing the buffer")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Applies a push: checked against the running configuration, persisted, rescheduled.
+/// `Some(reason)` when refused (the previous set runs on). A push identical to what runs
+/// (a reconnect) is applied without touching the schedule.
+fn apply_fleet(
+    push: &pb::FleetTests,
+    config: &Config,
+    fleet: &mut Option<Fleet>,
+    scheduler: &mut Scheduler,
+) -> Option<String> {
+    if push.version == 0 {
+        let reason = "fleet tests version 0 is never pushed".to_string();
+        tracing::warn!("fleet tests refused: {reason}");
+        return Some(reason);
+    }
+    let same = fleet
+        .as_ref()
+        .is_some_and(|f| f.tests_toml == push.tests_toml)
+        || (fleet.is_none() && push.tests_toml.trim().is_empty());
+    let next = if same {
+        let mut f = fleet.clone().unwrap_or(Fleet {
+            version: push.version,
+            tests_toml: push.tests_toml.clone(),
+            tests: Vec::new(),
+        });
+        f.version = push.version;
+        f
+    } else {
+        match Fleet::parse(push.version, &push.tests_toml, config) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    version = push.version,
+                    running_version = fleet.as_ref().map_or(0, |f| f.version),
+                    "fleet tests refused, keeping the running set: {e}"
+                );
+                return Some(e.to_string());
+            }
+        }
+    };
+    let unchanged_file = fleet.as_ref().is_some_and(|f| f.version == push.version) && same;
+    if !unchanged_file {
+        if let Err(e) = fleet::save(
+            &config.agent.state_dir,
+            next.version,
+            &next.tests_toml,
+            chrono::Utc::now(),
+        ) {
+            let reason = format!(
+                "cannot persist the fleet tests in {}: {e}",
+                fleet::path(&config.agent.state_dir).display()
+            );
+            tracing::error!(version = push.version, "fleet tests refused: {reason}");
+            return Some(reason);
+        }
+    }
+    if same {
+        tracing::info!(version = next.version, tests = ?next.names(), unchanged = true, "fleet tests applied");
+    } else {
+        let applied = scheduler.apply(config, &next.tests);
+        tracing::info!(
+            version = next.version,
+            tests = ?next.names(),
+            started = ?applied.started,
+            stopped = ?applied.stopped,
+            "fleet tests applied"
+        );
+    }
+    *fleet = Some(next);
+    None
+}
+
+/// Sends an answer on the session that asked, without holding up the scheduler side (a
+/// session that ended drops it).
+fn answer(reply: mpsc::Sender<pb::AgentMessage>, msg: pb::agent_message::Msg) {
+    tokio::spawn(async move {
+        let _ = reply.send(pb::AgentMessage { msg: Some(msg) }).await;
+    });
+}
+
+fn local_tests(config: &Config) -> Vec<String> {
+    config
+        .tests
+        .iter()
+        .map(|t| t.name.get_ref().clone())
+        .collect()
 }
 
 /// Opens the buffer, waiting up to `LOCK_WAIT` while another process holds its lock: an
@@ -129,6 +264,7 @@ fn start_uplink(
     config: &Config,
     buffer: &Buffer,
     clock: &Clock,
+    inbound: &mpsc::Sender<Inbound>,
     shutdown: &CancellationToken,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let token = shutdown.child_token();
@@ -138,6 +274,8 @@ fn start_uplink(
         collector: config.collector.clone(),
         buffer: buffer.clone(),
         clock: clock.clone(),
+        local_tests: local_tests(config),
+        inbound: inbound.clone(),
     };
     (token.clone(), tokio::spawn(uplink.run(token)))
 }
@@ -205,5 +343,99 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[agent]
+id = "a1"
+[collector]
+endpoints = ["http://127.0.0.1:1"]
+insecure = true
+[[test]]
+name = "local"
+kind = "tcp"
+target = "127.0.0.1:1"
+every = "1h"
+"#;
+
+    fn push(version: u64, name: &str) -> pb::FleetTests {
+        pb::FleetTests {
+            version,
+            tests_toml: format!(
+                "[[test]]\nname = \"{name}\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\nevery = \"1h\"\n"
+            ),
+        }
+    }
+
+    fn persisted_version(dir: &Path) -> u64 {
+        fleet::read(&fleet::path(dir)).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn pushes_are_applied_persisted_or_refused_keeping_the_previous_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = CONFIG.replace(
+            "id = \"a1\"",
+            &format!("id = \"a1\"\nstate_dir = \"{}\"", dir.path().display()),
+        );
+        let config = Config::parse(&text, "agent.toml").unwrap();
+        let buffer = Buffer::open(dir.path(), 1 << 20).unwrap();
+        let mut scheduler =
+            Scheduler::start(&config, &[], buffer, Clock::new(), CancellationToken::new())
+                .await
+                .unwrap();
+        let mut fleet = None;
+
+        assert_eq!(
+            apply_fleet(&push(1, "f1"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(scheduler.test_names(), ["f1", "local"]);
+        assert_eq!(persisted_version(dir.path()), 1);
+
+        // The same set as a new version: applied, persisted with the version.
+        assert_eq!(
+            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(fleet.as_ref().unwrap().version, 2);
+        assert_eq!(persisted_version(dir.path()), 2);
+        // The same version again (a reconnect): applied again.
+        assert_eq!(
+            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+
+        // A clash with a local test, and version 0: refused, version 2 runs on.
+        let e = apply_fleet(&push(3, "local"), &config, &mut fleet, &mut scheduler).unwrap();
+        assert!(e.contains("own config file"), "{e}");
+        let e = apply_fleet(&push(0, "f9"), &config, &mut fleet, &mut scheduler).unwrap();
+        assert!(e.contains("version 0"), "{e}");
+        assert_eq!(fleet.as_ref().unwrap().version, 2);
+        assert_eq!(persisted_version(dir.path()), 2);
+        assert_eq!(scheduler.test_names(), ["f1", "local"]);
+
+        // A new set replaces the old one; an empty one removes them all.
+        assert_eq!(
+            apply_fleet(&push(4, "f2"), &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(scheduler.test_names(), ["f2", "local"]);
+        let empty = pb::FleetTests {
+            version: 5,
+            tests_toml: String::new(),
+        };
+        assert_eq!(
+            apply_fleet(&empty, &config, &mut fleet, &mut scheduler),
+            None
+        );
+        assert_eq!(scheduler.test_names(), ["local"]);
+        assert_eq!(persisted_version(dir.path()), 5);
+        scheduler.stop(Duration::from_secs(1)).await;
     }
 }

@@ -34,11 +34,17 @@
 //!   reads, so nothing overlaps it on this agent.
 //! - A run that is still going when its next tick comes makes that tick skip (logged),
 //!   so a slow target cannot pile up runs.
+//! - `Scheduler::apply` (reload, fleet push) keeps the trigger of a test whose settings
+//!   did not change, so `every` keeps its phase; changed and removed tests stop firing,
+//!   their runs in progress finish.
+//! - Run-now (`Scheduler::run_now`) runs a test once beside its schedule, without spread,
+//!   under the same lock, rate-limited ([`RUN_NOW_EVERY`], [`SPEED_RUN_NOW_EVERY`]).
 //! - Every run yields exactly one result; when the buffer refuses it, the failure is
 //!   logged with the test name.
 //! - A result recorded while nothing vouches for the clock marks the clock "dirty" once it
 //!   is stored, so the next correction pass finds it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,9 +52,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Offset, TimeZone, Utc};
 use chrono_tz::Tz;
+use edgeprobe_proto::bounds;
+use edgeprobe_proto::v1 as pb;
 use rand::Rng;
-use tokio::sync::RwLock;
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -158,28 +166,59 @@ struct Test {
     info: TestInfo,
     spec: ProbeSpec,
     spread: Option<Duration>,
-    running: AtomicBool,
+    /// A scheduled run is in progress. Shared by the old and new version of a test a
+    /// reload changed, so the new one does not overlap the old one's last run.
+    running: Arc<AtomicBool>,
 }
 
 /// Shared by all runs of all tests.
 struct Runner {
     buffer: Buffer,
     clock: Clock,
-    exclusive: RwLock<()>,
+    exclusive: Arc<RwLock<()>>,
     shutdown: CancellationToken,
     runs: std::sync::Mutex<JoinSet<()>>,
+}
+
+/// One scheduled test: what it was started from and its trigger task.
+struct Entry {
+    fingerprint: String,
+    test: Arc<Test>,
+    trigger: AbortHandle,
+}
+
+/// What [`Scheduler::apply`] did, by test name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Same name and same settings: the trigger runs on, `every` keeps its phase.
+    pub kept: Vec<String>,
+    /// New, or changed (then also in `stopped`).
+    pub started: Vec<String>,
+    /// Removed or changed: no more firing; a run in progress records its result.
+    pub stopped: Vec<String>,
+}
+
+impl Applied {
+    pub fn changed(&self) -> bool {
+        !self.started.is_empty() || !self.stopped.is_empty()
+    }
 }
 
 pub struct Scheduler {
     /// One task per test: its cron timer or its interval.
     triggers: JoinSet<()>,
+    entries: BTreeMap<String, Entry>,
     runner: Arc<Runner>,
+    /// `[agent] labels` of the applied configuration: merged into ad-hoc run-now tests.
+    agent_labels: BTreeMap<String, String>,
+    limit: RateLimit,
 }
 
 impl Scheduler {
-    /// Starts every test of `config`.
+    /// Starts every test of `config` and the fleet tests `fleet` (checked against it).
     pub async fn start(
         config: &Config,
+        fleet: &[TestConfig],
         buffer: Buffer,
         clock: Clock,
         shutdown: CancellationToken,
@@ -187,39 +226,161 @@ impl Scheduler {
         let runner = Arc::new(Runner {
             buffer,
             clock,
-            exclusive: RwLock::new(()),
-            shutdown: shutdown.clone(),
+            exclusive: Arc::new(RwLock::new(())),
+            shutdown,
             runs: std::sync::Mutex::new(JoinSet::new()),
         });
-        let mut triggers = JoinSet::new();
-        for tc in &config.tests {
-            let test = Arc::new(make_test(config, tc));
-            let runner = runner.clone();
-            let shutdown = shutdown.clone();
-            if let Some(every) = tc.every {
-                triggers.spawn(async move {
-                    let mut ticks = tokio::time::interval(every);
-                    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = ticks.tick() => runner.fire(test.clone()),
-                        }
-                    }
-                });
-            } else if let Some(schedule) = &tc.schedule {
-                let schedule = schedule.clone();
-                let tz = tc.timezone.unwrap_or(config.agent.timezone);
-                triggers.spawn(async move {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = cron_timer(&schedule, tz, &test, &runner) => {}
-                    }
-                });
+        let mut scheduler = Scheduler {
+            triggers: JoinSet::new(),
+            entries: BTreeMap::new(),
+            runner,
+            agent_labels: config.agent.labels.clone(),
+            limit: RateLimit::default(),
+        };
+        scheduler.apply(config, fleet);
+        tracing::info!(
+            tests = config.tests.len(),
+            fleet_tests = fleet.len(),
+            "scheduler started"
+        );
+        Ok(scheduler)
+    }
+
+    /// Reschedules to the local tests of `config` plus `fleet` (SIGHUP, a fleet push):
+    /// a test with the same name and settings keeps its trigger (and so its phase);
+    /// removed and changed ones stop firing, their runs in progress finish and record;
+    /// new ones start.
+    pub fn apply(&mut self, config: &Config, fleet: &[TestConfig]) -> Applied {
+        while self.triggers.try_join_next().is_some() {}
+        self.agent_labels = config.agent.labels.clone();
+        let wanted: BTreeMap<&str, &TestConfig> = config
+            .tests
+            .iter()
+            .chain(fleet)
+            .map(|tc| (tc.name.get_ref().as_str(), tc))
+            .collect();
+        let mut applied = Applied::default();
+        let mut running = BTreeMap::new();
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        for name in names {
+            let keep = wanted
+                .get(name.as_str())
+                .is_some_and(|tc| fingerprint(config, tc) == self.entries[&name].fingerprint);
+            if !keep {
+                let entry = self.entries.remove(&name).expect("listed");
+                entry.trigger.abort();
+                running.insert(name.clone(), entry.test.running.clone());
+                applied.stopped.push(name);
             }
         }
-        tracing::info!(tests = config.tests.len(), "scheduler started");
-        Ok(Scheduler { triggers, runner })
+        for (name, tc) in wanted {
+            if self.entries.contains_key(name) {
+                applied.kept.push(name.to_string());
+                continue;
+            }
+            let mut test = make_test(&config.agent.labels, tc);
+            if let Some(flag) = running.remove(name) {
+                test.running = flag;
+            }
+            let test = Arc::new(test);
+            let trigger = self.spawn_trigger(config, tc, test.clone());
+            self.entries.insert(
+                name.to_string(),
+                Entry {
+                    fingerprint: fingerprint(config, tc),
+                    test,
+                    trigger,
+                },
+            );
+            applied.started.push(name.to_string());
+        }
+        applied
+    }
+
+    fn spawn_trigger(&mut self, config: &Config, tc: &TestConfig, test: Arc<Test>) -> AbortHandle {
+        let runner = self.runner.clone();
+        let shutdown = self.runner.shutdown.clone();
+        if let Some(every) = tc.every {
+            self.triggers.spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = ticks.tick() => runner.fire(test.clone()),
+                    }
+                }
+            })
+        } else if let Some(schedule) = &tc.schedule {
+            let schedule = schedule.clone();
+            let tz = tc.timezone.unwrap_or(config.agent.timezone);
+            self.triggers.spawn(async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = cron_timer(&schedule, tz, &test, &runner) => {}
+                }
+            })
+        } else {
+            // `check` requires one of them; nothing to fire.
+            self.triggers.spawn(async {})
+        }
+    }
+
+    /// Names of the scheduled tests.
+    pub fn test_names(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    /// Runs a test at once for run-now: the scheduled test `run.test`, or the ad-hoc
+    /// block `run.test_toml`. Started, waiting (a speed test holds the exclusive lock, or
+    /// this speed test waits for the tests running), or refused with the reason.
+    pub fn run_now(&mut self, run: &pb::RunNow) -> pb::RunStatus {
+        let status = |state: pb::run_status::State, reason: String| pb::RunStatus {
+            run_id: run.run_id,
+            state: state as i32,
+            reason,
+        };
+        let refused = |reason: String| status(pb::run_status::State::Refused, reason);
+        let test = if !run.test_toml.is_empty() {
+            let origin = format!("run-now {} ad-hoc test", run.run_id);
+            let tc = match crate::config::parse_adhoc_test(&run.test_toml, &origin) {
+                Ok(tc) => tc,
+                Err(e) => return refused(format!("invalid ad-hoc test: {e}")),
+            };
+            let test = make_test(&self.agent_labels, &tc);
+            if let Err(e) = bounds::labels(test.info.labels.iter()) {
+                return refused(format!(
+                    "invalid ad-hoc test: {e} after merging [agent] labels"
+                ));
+            }
+            test
+        } else {
+            match self.entries.get(&run.test) {
+                Some(entry) => Test {
+                    info: entry.test.info.clone(),
+                    spec: entry.test.spec.clone(),
+                    spread: None,
+                    running: Arc::new(AtomicBool::new(false)),
+                },
+                None if run.test.is_empty() => {
+                    return refused("run-now names no test and carries no ad-hoc test".into())
+                }
+                None => return refused(format!("unknown test `{}`", run.test)),
+            }
+        };
+        if let Err(reason) = self
+            .limit
+            .admit(test.spec.kind == Kind::Speed, std::time::Instant::now())
+        {
+            return refused(reason);
+        }
+        let mut test = test;
+        test.info.run_id = run.run_id;
+        if self.runner.fire_now(Arc::new(test)) {
+            status(pb::run_status::State::Started, String::new())
+        } else {
+            status(pb::run_status::State::Waiting, String::new())
+        }
     }
 
     /// Stops firing and waits up to `grace` for runs in progress to record their results.
@@ -232,6 +393,64 @@ impl Scheduler {
             tracing::warn!("runs still in progress after {grace:?}; abandoning them");
             runs.abort_all();
         }
+    }
+}
+
+/// What a test was scheduled from, without source positions: equal fingerprints mean the
+/// same runs (so a reload keeps the trigger).
+fn fingerprint(config: &Config, tc: &TestConfig) -> String {
+    let mut labels = config.agent.labels.clone();
+    labels.extend(tc.labels.get_ref().clone());
+    format!(
+        "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        tc.kind,
+        tc.target.get_ref(),
+        tc.schedule.as_ref().map(|s| s.to_string()),
+        tc.schedule
+            .as_ref()
+            .map(|_| tc.timezone.unwrap_or(config.agent.timezone)),
+        tc.every,
+        tc.spread,
+        labels,
+        tc.options.get_ref(),
+    )
+}
+
+/// Run-now requests admitted per agent, at most: one per [`RUN_NOW_EVERY`], a speed test
+/// one per [`SPEED_RUN_NOW_EVERY`]. The agent enforces it too, so a buggy collector
+/// cannot turn it into a traffic cannon.
+pub const RUN_NOW_EVERY: Duration = Duration::from_secs(10);
+pub const SPEED_RUN_NOW_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct RateLimit {
+    last: Option<std::time::Instant>,
+    last_speed: Option<std::time::Instant>,
+}
+
+impl RateLimit {
+    /// Admits a run-now at `now` (counted), or says why not (not counted).
+    fn admit(&mut self, speed: bool, now: std::time::Instant) -> Result<(), String> {
+        let within = |last: Option<std::time::Instant>, every: Duration| {
+            last.is_some_and(|t| now.saturating_duration_since(t) < every)
+        };
+        if speed && within(self.last_speed, SPEED_RUN_NOW_EVERY) {
+            return Err(format!(
+                "rate limited: at most 1 speed run-now per {} s on this agent",
+                SPEED_RUN_NOW_EVERY.as_secs()
+            ));
+        }
+        if within(self.last, RUN_NOW_EVERY) {
+            return Err(format!(
+                "rate limited: at most 1 run-now per {} s on this agent",
+                RUN_NOW_EVERY.as_secs()
+            ));
+        }
+        self.last = Some(now);
+        if speed {
+            self.last_speed = Some(now);
+        }
+        Ok(())
     }
 }
 
@@ -283,8 +502,8 @@ async fn cron_timer(schedule: &CronSchedule, tz: Tz, test: &Arc<Test>, runner: &
     }
 }
 
-fn make_test(config: &Config, tc: &TestConfig) -> Test {
-    let mut labels = config.agent.labels.clone();
+fn make_test(agent_labels: &BTreeMap<String, String>, tc: &TestConfig) -> Test {
+    let mut labels = agent_labels.clone();
     labels.extend(tc.labels.get_ref().clone());
     Test {
         info: TestInfo {
@@ -292,6 +511,7 @@ fn make_test(config: &Config, tc: &TestConfig) -> Test {
             kind: tc.kind,
             target: tc.target.get_ref().clone(),
             labels,
+            run_id: 0,
         },
         spec: ProbeSpec {
             kind: tc.kind,
@@ -299,8 +519,15 @@ fn make_test(config: &Config, tc: &TestConfig) -> Test {
             options: tc.options.get_ref().clone(),
         },
         spread: tc.spread,
-        running: AtomicBool::new(false),
+        running: Arc::new(AtomicBool::new(false)),
     }
+}
+
+/// The lock a run holds: a speed test runs alone, the others together.
+#[allow(dead_code)] // Held for its drop, never read.
+enum Hold {
+    Shared(OwnedRwLockReadGuard<()>),
+    Exclusive(OwnedRwLockWriteGuard<()>),
 }
 
 impl Runner {
@@ -314,13 +541,60 @@ impl Runner {
             return;
         }
         let runner = self.clone();
-        let mut runs = self.runs.lock().unwrap();
-        // Reap finished runs so the set stays small.
-        while runs.try_join_next().is_some() {}
-        runs.spawn(async move {
+        self.spawn_run(async move {
             runner.run_once(&test).await;
             test.running.store(false, Ordering::Release);
         });
+    }
+
+    /// Starts one run of `test` now (run-now: no spread, beside its schedule). True when
+    /// it got its lock at once, false when it waits for it.
+    fn fire_now(self: &Arc<Self>, test: Arc<Test>) -> bool {
+        let speed = test.spec.kind == Kind::Speed;
+        let held = if speed {
+            self.exclusive
+                .clone()
+                .try_write_owned()
+                .ok()
+                .map(Hold::Exclusive)
+        } else {
+            self.exclusive
+                .clone()
+                .try_read_owned()
+                .ok()
+                .map(Hold::Shared)
+        };
+        let started = held.is_some();
+        tracing::info!(
+            test = %test.info.name,
+            run_id = test.info.run_id,
+            waiting = !started,
+            "run-now"
+        );
+        let runner = self.clone();
+        self.spawn_run(async move {
+            let _held = match held {
+                Some(held) => held,
+                None => runner.hold(speed).await,
+            };
+            runner.probe_and_record(&test).await;
+        });
+        started
+    }
+
+    fn spawn_run(&self, run: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut runs = self.runs.lock().unwrap();
+        // Reap finished runs so the set stays small.
+        while runs.try_join_next().is_some() {}
+        runs.spawn(run);
+    }
+
+    async fn hold(&self, speed: bool) -> Hold {
+        if speed {
+            Hold::Exclusive(self.exclusive.clone().write_owned().await)
+        } else {
+            Hold::Shared(self.exclusive.clone().read_owned().await)
+        }
     }
 
     async fn run_once(&self, test: &Test) {
@@ -331,13 +605,12 @@ impl Runner {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        let outcome = if test.spec.kind == Kind::Speed {
-            let _exclusive = self.exclusive.write().await;
-            probe::run(&test.spec).await
-        } else {
-            let _shared = self.exclusive.read().await;
-            probe::run(&test.spec).await
-        };
+        let _held = self.hold(test.spec.kind == Kind::Speed).await;
+        self.probe_and_record(test).await;
+    }
+
+    async fn probe_and_record(&self, test: &Test) {
+        let outcome = probe::run(&test.spec).await;
         let result = record::to_wire(&test.info, &outcome, &self.clock);
         let payload = prost::Message::encode_to_vec(&result);
         match self.buffer.append(payload).await {
@@ -348,6 +621,7 @@ impl Runner {
                 tracing::debug!(
                     test = %test.info.name,
                     seq,
+                    run_id = test.info.run_id,
                     success = outcome.success(),
                     clock_unsynced = result.clock_unsynced,
                     "recorded"
@@ -362,6 +636,211 @@ impl Runner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(tests: &str) -> Config {
+        let text = format!(
+            "[agent]\nid = \"a1\"\nlabels = {{ site = \"berlin\" }}\n\
+             [collector]\nendpoints = [\"http://127.0.0.1:1\"]\ninsecure = true\n{tests}"
+        );
+        Config::parse(&text, "agent.toml").unwrap()
+    }
+
+    fn tcp(name: &str, port: u16, every: &str) -> String {
+        format!("[[test]]\nname = \"{name}\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:{port}\"\nevery = \"{every}\"\n")
+    }
+
+    async fn scheduler(
+        config: &Config,
+        fleet: &[TestConfig],
+    ) -> (Scheduler, Buffer, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = Buffer::open(dir.path(), 1 << 20).unwrap();
+        let s = Scheduler::start(
+            config,
+            fleet,
+            buffer.clone(),
+            Clock::new(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        (s, buffer, dir)
+    }
+
+    fn trigger_ids(s: &Scheduler) -> BTreeMap<String, tokio::task::Id> {
+        s.entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.trigger.id()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn apply_keeps_unchanged_tests_and_restarts_changed_ones() {
+        let old = config(&format!(
+            "{}{}{}",
+            tcp("a", 1, "1h"),
+            tcp("b", 1, "1h"),
+            tcp("gone", 1, "1h")
+        ));
+        let fleet = config(&tcp("f", 1, "1h")).tests;
+        let (mut s, _buffer, _dir) = scheduler(&old, &fleet).await;
+        let before = trigger_ids(&s);
+        assert_eq!(s.test_names(), ["a", "b", "f", "gone"]);
+        let b_running = s.entries["b"].test.running.clone();
+
+        // `a` moves to another line (other spans) but is the same test; `b` changes its
+        // interval; `gone` goes; `c` comes; the fleet test stays.
+        let new = config(&format!(
+            "\n\n{}{}{}",
+            tcp("b", 1, "2h"),
+            tcp("a", 1, "1h"),
+            tcp("c", 1, "1h")
+        ));
+        let applied = s.apply(&new, &fleet);
+        assert_eq!(applied.kept, ["a", "f"]);
+        assert_eq!(applied.started, ["b", "c"]);
+        assert_eq!(applied.stopped, ["b", "gone"]);
+        let after = trigger_ids(&s);
+        assert_eq!(
+            after["a"], before["a"],
+            "the same trigger task: `every` keeps its phase"
+        );
+        assert_eq!(after["f"], before["f"]);
+        assert_ne!(after["b"], before["b"]);
+        assert!(
+            Arc::ptr_eq(&s.entries["b"].test.running, &b_running),
+            "a changed test does not overlap its old version's run"
+        );
+        // Applying the same again changes nothing.
+        let again = s.apply(&new, &fleet);
+        assert!(!again.changed(), "{again:?}");
+        assert_eq!(trigger_ids(&s), after);
+        // New agent labels change every test's result labels: all restart.
+        let relabelled = config(&format!(
+            "{}{}{}",
+            tcp("b", 1, "2h"),
+            tcp("a", 1, "1h"),
+            tcp("c", 1, "1h")
+        ))
+        .tap_labels();
+        let applied = s.apply(&relabelled, &[]);
+        assert!(applied.kept.is_empty(), "{applied:?}");
+        assert_eq!(applied.stopped, ["a", "b", "c", "f"]);
+        s.stop(Duration::from_secs(1)).await;
+    }
+
+    trait TapLabels {
+        fn tap_labels(self) -> Self;
+    }
+    impl TapLabels for Config {
+        fn tap_labels(mut self) -> Self {
+            self.agent.labels.insert("site".into(), "hamburg".into());
+            self
+        }
+    }
+
+    #[test]
+    fn run_now_is_rate_limited_per_agent() {
+        let t0 = std::time::Instant::now();
+        let mut limit = RateLimit::default();
+        assert!(limit.admit(false, t0).is_ok());
+        let e = limit.admit(false, t0 + Duration::from_secs(9)).unwrap_err();
+        assert!(e.contains("1 run-now per 10 s"), "{e}");
+        // A refusal does not count: 10 s after the first, one more.
+        assert!(limit.admit(false, t0 + Duration::from_secs(10)).is_ok());
+        assert!(limit.admit(true, t0 + Duration::from_secs(20)).is_ok());
+        let e = limit.admit(true, t0 + Duration::from_secs(50)).unwrap_err();
+        assert!(e.contains("1 speed run-now per 60 s"), "{e}");
+        assert!(
+            limit.admit(false, t0 + Duration::from_secs(50)).is_ok(),
+            "other kinds go on"
+        );
+        assert!(limit.admit(true, t0 + Duration::from_secs(80)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn run_now_runs_a_named_or_ad_hoc_test_with_its_run_id() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let c = config(&tcp("a", port, "1h"));
+        let (mut s, buffer, _dir) = scheduler(&c, &[]).await;
+        let run = |run_id, test: &str, test_toml: &str| pb::RunNow {
+            run_id,
+            test: test.into(),
+            test_toml: test_toml.into(),
+        };
+        use pb::run_status::State;
+        let st = s.run_now(&run(1, "nope", ""));
+        assert_eq!(
+            (st.state, st.reason.as_str()),
+            (State::Refused as i32, "unknown test `nope`")
+        );
+        let st = s.run_now(&run(
+            2,
+            "",
+            "[[test]]\nname = \"x\"\nkind = \"tcp\"\ntarget = \"no port\"\n",
+        ));
+        assert_eq!(st.state, State::Refused as i32);
+        assert!(
+            st.reason
+                .starts_with("invalid ad-hoc test: run-now 2 ad-hoc test:4:10:"),
+            "{}",
+            st.reason
+        );
+        let st = s.run_now(&run(3, "a", ""));
+        assert_eq!((st.run_id, st.state), (3, State::Started as i32), "{st:?}");
+        let st = s.run_now(&run(4, "a", ""));
+        assert_eq!(st.state, State::Refused as i32);
+        assert!(st.reason.starts_with("rate limited"), "{}", st.reason);
+        s.limit = RateLimit::default();
+        let adhoc = format!("[[test]]\nname = \"adhoc\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:{port}\"\nlabels = {{ why = \"debug\" }}\n");
+        let st = s.run_now(&run(5, "", &adhoc));
+        assert_eq!(st.state, State::Started as i32, "{st:?}");
+
+        // Both land in the buffer with their run ids, beside the scheduled run of `a`.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let results = loop {
+            let results: Vec<pb::Result> = buffer
+                .read_after(0, 100, 1 << 20)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| prost::Message::decode(e.payload.as_slice()).unwrap())
+                .collect();
+            if results.iter().filter(|r| r.run_id != 0).count() == 2 {
+                break results;
+            }
+            assert!(std::time::Instant::now() < deadline, "{results:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let a = results.iter().find(|r| r.run_id == 3).unwrap();
+        assert_eq!(a.test, "a");
+        let adhoc = results.iter().find(|r| r.run_id == 5).unwrap();
+        assert_eq!(adhoc.test, "adhoc");
+        assert_eq!(
+            adhoc.labels.get("site").map(String::as_str),
+            Some("berlin"),
+            "agent labels merged"
+        );
+        assert_eq!(adhoc.labels.get("why").map(String::as_str), Some("debug"));
+        s.stop(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn a_run_now_waits_while_a_speed_test_runs() {
+        let c = config(&tcp("a", 1, "1h"));
+        let (mut s, _buffer, _dir) = scheduler(&c, &[]).await;
+        let held = s.runner.exclusive.clone().write_owned().await;
+        let st = s.run_now(&pb::RunNow {
+            run_id: 9,
+            test: "a".into(),
+            test_toml: String::new(),
+        });
+        assert_eq!(st.state, pb::run_status::State::Waiting as i32, "{st:?}");
+        drop(held);
+        s.stop(Duration::from_secs(5)).await;
+    }
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()

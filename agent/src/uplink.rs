@@ -6,6 +6,12 @@
 //! Heartbeats carry backlog and drop counts. On any error the session ends and the uplink
 //! reconnects to the next endpoint with exponential backoff and full jitter.
 //!
+//! Controller (docs/ARCHITECTURE.md, "Fleet tests on the agent"): the hello lists the
+//! features `fleet-tests` and `run-now` and the local test names; FleetTests and RunNow go
+//! to `run.rs` (`fleet::Inbound`) only when the welcome listed their feature, with the
+//! session's sender for the answer. A message of a kind this agent does not know is
+//! logged and ignored; only the end of the stream ends the session.
+//!
 //! Storms: when a collector restarts, every agent of the fleet loses its session at the same
 //! moment, and with the backoff alone (250 ms first step) all of them would reconnect
 //! within a quarter of a second. So the first reconnect after a session that was welcomed
@@ -44,6 +50,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::buffer::{Buffer, Deletion};
 use crate::clock::{self, Clock};
 use crate::config::CollectorSection;
+use crate::fleet::Inbound;
 use crate::record;
 
 /// Results per batch at most.
@@ -69,6 +76,10 @@ pub struct Uplink {
     pub collector: CollectorSection,
     pub buffer: Buffer,
     pub clock: Clock,
+    /// Names of the tests of the agent's own file (`Hello.local_tests`).
+    pub local_tests: Vec<String>,
+    /// Where FleetTests and RunNow go (the scheduler side, `run.rs`).
+    pub inbound: mpsc::Sender<Inbound>,
 }
 
 impl Uplink {
@@ -191,8 +202,11 @@ impl Uplink {
             version: env!("CARGO_PKG_VERSION").to_string(),
             labels: self.labels.clone().into_iter().collect(),
             incarnation: self.buffer.incarnation().to_string(),
-            features: Vec::new(),
-            local_tests: Vec::new(),
+            features: vec![
+                edgeprobe_proto::FEATURE_FLEET_TESTS.to_string(),
+                edgeprobe_proto::FEATURE_RUN_NOW.to_string(),
+            ],
+            local_tests: self.local_tests.clone(),
         };
         tx.send(message(pb::agent_message::Msg::Hello(hello)))
             .await
@@ -209,9 +223,9 @@ impl Uplink {
             .await
             .map_err(|_| anyhow!("no welcome within {WELCOME_TIMEOUT:?}"))??;
         let rtt = hello_sent.elapsed();
-        let (committed, collector_time) = match welcome.and_then(|m| m.msg) {
+        let (committed, collector_time, features) = match welcome.and_then(|m| m.msg) {
             Some(pb::collector_message::Msg::Welcome(w)) => {
-                (w.committed_seq, w.collector_unix_nanos)
+                (w.committed_seq, w.collector_unix_nanos, w.features)
             }
             other => bail!("expected welcome, got {other:?}"),
         };
@@ -229,7 +243,13 @@ impl Uplink {
             endpoint,
             committed_seq = committed,
             incarnation = self.buffer.incarnation(),
+            features = ?features,
             "connected to collector"
+        );
+        let speaks = |f: &str| features.iter().any(|g| g == f);
+        let (fleet_tests, run_now) = (
+            speaks(edgeprobe_proto::FEATURE_FLEET_TESTS),
+            speaks(edgeprobe_proto::FEATURE_RUN_NOW),
         );
 
         let mut appended = self.buffer.subscribe();
@@ -298,7 +318,10 @@ impl Uplink {
                     .map_err(|_| anyhow!("stream closed"))?;
                 }
                 msg = inbound.message() => {
-                    match msg?.and_then(|m| m.msg) {
+                    let Some(msg) = msg? else {
+                        bail!("collector closed the stream");
+                    };
+                    match msg.msg {
                         Some(pb::collector_message::Msg::Ack(ack)) => {
                             if ack.seq > last_sent {
                                 bail!("collector acked seq {} beyond the last sent {last_sent}", ack.seq);
@@ -311,12 +334,54 @@ impl Uplink {
                             let quarantined = ack.rejected.len() as u64;
                             deletions.push_back(self.buffer.ack(ack.seq, quarantined)?);
                         }
-                        Some(other) => bail!("unexpected message from collector: {other:?}"),
-                        None => bail!("collector closed the stream"),
+                        Some(pb::collector_message::Msg::FleetTests(push)) if fleet_tests => {
+                            self.forward(Inbound::FleetTests { push, reply: tx.clone() }, shutdown).await;
+                        }
+                        Some(pb::collector_message::Msg::RunNow(run)) if run_now => {
+                            self.forward(Inbound::RunNow { run, reply: tx.clone() }, shutdown).await;
+                        }
+                        Some(msg @ (pb::collector_message::Msg::FleetTests(_)
+                        | pb::collector_message::Msg::RunNow(_))) => {
+                            // Its welcome did not list the feature: no answer may be sent.
+                            tracing::warn!(
+                                "ignoring a controller message the collector's welcome did not announce: {}",
+                                kind_name(&msg)
+                            );
+                        }
+                        Some(other @ pb::collector_message::Msg::Welcome(_)) => {
+                            bail!("unexpected message from collector: {other:?}")
+                        }
+                        // A message kind newer than this agent: the negotiation should
+                        // keep it away, and it is no reason to drop the session.
+                        None => tracing::warn!("ignoring a message of a kind this agent does not know"),
                     }
                 }
             }
         }
+    }
+}
+
+impl Uplink {
+    /// Hands a controller message to the scheduler side; waits while it is busy, never
+    /// past shutdown.
+    async fn forward(&self, msg: Inbound, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            sent = self.inbound.send(msg) => {
+                if sent.is_err() {
+                    tracing::debug!("the scheduler side has stopped; dropping a controller message");
+                }
+            }
+        }
+    }
+}
+
+fn kind_name(msg: &pb::collector_message::Msg) -> &'static str {
+    match msg {
+        pb::collector_message::Msg::Welcome(_) => "Welcome",
+        pb::collector_message::Msg::Ack(_) => "Ack",
+        pb::collector_message::Msg::FleetTests(_) => "FleetTests",
+        pb::collector_message::Msg::RunNow(_) => "RunNow",
     }
 }
 

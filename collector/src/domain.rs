@@ -79,6 +79,10 @@ pub struct AgentHello {
     pub labels: BTreeMap<String, String>,
     /// The buffer's incarnation id; '' from agents and buffers older than incarnations.
     pub incarnation: String,
+    /// Controller features the agent speaks ("fleet-tests", "run-now"); empty from old agents.
+    pub features: Vec<String>,
+    /// Names of the tests in the agent's own config.
+    pub local_tests: Vec<String>,
 }
 
 /// Agent buffer state from a heartbeat.
@@ -113,6 +117,8 @@ pub struct ResultRow {
     pub clock_unsynced: bool,
     pub clock_corrected: bool,
     pub error_truncated: bool,
+    /// The run-now request that asked for this result (stored with on_demand = true).
+    pub run_id: Option<i64>,
 }
 
 /// A result's validated labels with their JSON rendering, made once per distinct label
@@ -381,6 +387,11 @@ fn unix_nanos(t: SystemTime) -> i128 {
     }
 }
 
+/// Bounds on a hello's controller fields (features, local test names).
+const MAX_HELLO_FEATURES: usize = 32;
+const MAX_HELLO_LOCAL_TESTS: usize = 4096;
+const MAX_HELLO_NAME_LEN: usize = 256;
+
 impl TryFrom<pb::Hello> for AgentHello {
     type Error = Invalid;
     fn try_from(h: pb::Hello) -> Result<Self, Invalid> {
@@ -390,11 +401,31 @@ impl TryFrom<pb::Hello> for AgentHello {
         if !h.incarnation.is_empty() {
             bounds::name("incarnation", &h.incarnation, bounds::MAX_INCARNATION_LEN)?;
         }
+        if h.features.len() > MAX_HELLO_FEATURES {
+            return invalid(format!(
+                "{} features, at most {MAX_HELLO_FEATURES}",
+                h.features.len()
+            ));
+        }
+        for f in &h.features {
+            bounds::text("feature", f, MAX_HELLO_NAME_LEN)?;
+        }
+        if h.local_tests.len() > MAX_HELLO_LOCAL_TESTS {
+            return invalid(format!(
+                "{} local tests, at most {MAX_HELLO_LOCAL_TESTS}",
+                h.local_tests.len()
+            ));
+        }
+        for t in &h.local_tests {
+            bounds::text("local test name", t, MAX_HELLO_NAME_LEN)?;
+        }
         Ok(AgentHello {
             agent_id: h.agent_id,
             version: h.version,
             labels: h.labels.into_iter().collect(),
             incarnation: h.incarnation,
+            features: h.features,
+            local_tests: h.local_tests,
         })
     }
 }
@@ -564,6 +595,7 @@ impl ResultRow {
             clock_unsynced,
             clock_corrected: r.clock_corrected,
             error_truncated: r.error_truncated,
+            run_id: (r.run_id > 0).then_some(r.run_id.min(i64::MAX as u64) as i64),
         }
     }
 
@@ -588,6 +620,7 @@ impl ResultRow {
             "clock_unsynced": self.clock_unsynced,
             "clock_corrected": self.clock_corrected,
             "error_truncated": self.error_truncated,
+            "run_id": self.run_id,
         });
         serde_json::to_vec(&value).expect("a JSON value serializes")
     }

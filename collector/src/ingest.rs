@@ -25,6 +25,10 @@
 //!   it takes a share. A closed or replaced session lets go of everything at once, and a
 //!   peer that reads no ack for `ACK_STALL` has its stream closed (RESOURCE_EXHAUSTED).
 //! - What a message may cost decoded is bounded before it is decoded (`wire`).
+//! - Controller messages (FleetTests, RunNow) join the outbound stream from the session's
+//!   `Control` after the welcome and never take an ack's place: the acks' queue comes
+//!   first, and the controller never waits on a session (`controller`). A message kind
+//!   this collector does not know is logged and ignored.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,13 +37,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use edgeprobe_proto::v1 as pb;
 use futures::Stream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::controller;
 use crate::domain::{AgentHello, Batch, BatchRefused, BufferState};
 use crate::metrics::Metrics;
-use crate::sessions::{Registration, Sessions};
+use crate::sessions::{Control, ControlRx, Registration, Sessions};
 use crate::store::Store;
 
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,6 +78,7 @@ pub struct IngestService {
     /// mTLS mode: a stream without a certificate identity is refused.
     pub require_identity: bool,
     pub sessions: Arc<Sessions>,
+    pub controller: controller::Handle,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -171,6 +176,7 @@ impl pb::ingest_server::Ingest for IngestService {
         }
         let agent_id = hello.agent_id.clone();
         let version = hello.version.clone();
+        let control = Control::channel(agent_id.clone(), hello.labels.clone(), &hello.features);
         let incarnation: Arc<str> = Arc::from(hello.incarnation.as_str());
         let registration = match self.sessions.admit(&agent_id, &incarnation, &peer) {
             Ok(r) => r,
@@ -208,10 +214,17 @@ impl pb::ingest_server::Ingest for IngestService {
                 pb::Welcome {
                     committed_seq: committed as u64,
                     collector_unix_nanos: now,
-                    features: Vec::new(),
+                    features: vec![
+                        edgeprobe_proto::FEATURE_FLEET_TESTS.to_string(),
+                        edgeprobe_proto::FEATURE_RUN_NOW.to_string(),
+                    ],
                 },
             ))))
             .await;
+        // Reachable by the controller from now on; then the current version, if any (a
+        // version loaded meanwhile reaches it through the registry).
+        registration.attach(control.control.clone());
+        self.controller.session_started(&control.control);
         self.metrics.seen(&agent_id);
         let session = Session {
             agent_id,
@@ -223,10 +236,51 @@ impl pb::ingest_server::Ingest for IngestService {
             registration,
             ack_stall: self.ack_stall,
             stalled: CancellationToken::new(),
+            control: control.control.clone(),
+            controller: self.controller.clone(),
         };
         tokio::spawn(session.run(inbound, out_tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(Response::new(outbound(out_rx, control)))
     }
+}
+
+/// The session's outbound stream: the welcome, acks and the closing status from `main`
+/// (first, and its end ends the stream), then what the controller queued: the latest
+/// FleetTests and RunNow messages.
+fn outbound(
+    main: mpsc::Receiver<Result<pb::CollectorMessage, Status>>,
+    control: ControlRx,
+) -> Outbound {
+    struct State {
+        main: mpsc::Receiver<Result<pb::CollectorMessage, Status>>,
+        control: ControlRx,
+        queue_open: bool,
+    }
+    let state = State {
+        main,
+        control,
+        queue_open: true,
+    };
+    Box::pin(futures::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Ok(m) = s.main.try_recv() {
+                return Some((m, s));
+            }
+            if let Some(tests) = s.control.control.take_fleet() {
+                let m = message(pb::collector_message::Msg::FleetTests(tests));
+                return Some((Ok(m), s));
+            }
+            tokio::select! {
+                biased;
+                m = s.main.recv() => return m.map(|m| (m, s)),
+                _ = s.control.control.fleet_pushed() => {}
+                m = s.control.queue.recv(), if s.queue_open => match m {
+                    Some(m) => return Some((Ok(m), s)),
+                    None => s.queue_open = false,
+                },
+            }
+        }
+    }))
 }
 
 /// A read error that is the peer's input (too large, undecodable) becomes
@@ -265,6 +319,8 @@ struct Session {
     ack_stall: Duration,
     /// Cancelled by the committer when the peer read no ack for `ack_stall`.
     stalled: CancellationToken,
+    control: Arc<Control>,
+    controller: controller::Handle,
 }
 
 /// A batch on its way to the store, holding its share of the global in-flight bound and
@@ -371,14 +427,18 @@ impl Session {
                     }
                     Err(e) => break Some(Status::invalid_argument(format!("heartbeat: {e}"))),
                 },
-                Some(
-                    pb::agent_message::Msg::TestsApplied(_) | pb::agent_message::Msg::RunStatus(_),
-                ) => {
-                    // Only sent to a collector whose welcome listed the feature; this one
-                    // lists none yet. Ignored, like any message kind a peer does not use.
-                    tracing::debug!(agent_id = %this.agent_id, "ignoring a controller message");
+                Some(pb::agent_message::Msg::TestsApplied(applied)) => {
+                    this.controller.tests_applied(&this.control, applied);
                 }
-                Some(pb::agent_message::Msg::Hello(_)) | None => {
+                Some(pb::agent_message::Msg::RunStatus(status)) => {
+                    this.controller.run_status(&this.agent_id, status);
+                }
+                None => {
+                    // A kind added after this collector: the agent sends it only when
+                    // our welcome listed its feature, so this is a newer peer's extra.
+                    tracing::debug!(agent_id = %this.agent_id, "ignoring a message of unknown kind");
+                }
+                Some(pb::agent_message::Msg::Hello(_)) => {
                     this.metrics
                         .ingest_errors
                         .with_label_values(&["protocol"])
@@ -495,6 +555,11 @@ impl Session {
                         }));
                         drop(taken);
                         slot.send(Ok(ack));
+                        for row in job.iter().flat_map(|b| b.rows.iter()) {
+                            if let Some(run_id) = row.run_id {
+                                self.controller.run_done(&self.agent_id, run_id);
+                            }
+                        }
                         break;
                     }
                     Err(e) => {

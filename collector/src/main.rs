@@ -11,6 +11,7 @@ mod api;
 mod ca;
 mod cli;
 mod config;
+mod controller;
 mod domain;
 mod fleet;
 mod http;

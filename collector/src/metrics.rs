@@ -32,6 +32,15 @@ pub struct Metrics {
     pub identity_conflicts: IntCounter,
     /// Sessions closed because a newer session of the same agent id replaced them.
     pub sessions_replaced: IntCounter,
+    /// The current fleet tests version (0: none applied yet).
+    pub fleet_version: IntGauge,
+    /// Connected agents speaking fleet-tests whose applied version is below the current.
+    pub fleet_agents_behind: IntGauge,
+    /// Fleet versions refused by an agent (TestsApplied with an error).
+    pub fleet_refused: IntCounter,
+    /// Run-now requests by the state this collector set: sent, refused, rate_limited,
+    /// undeliverable, and the agents' answers started, waiting, refused, done.
+    pub run_now_requests: IntCounterVec,
     pub commit_seconds: Histogram,
     pub rows_per_transaction: Histogram,
     pub in_flight_batches: IntGauge,
@@ -145,6 +154,41 @@ impl Metrics {
                 IntCounter::new(
                     "edgeprobe_agent_sessions_replaced_total",
                     "Sessions closed because a newer session of the same agent id replaced them (one live session per agent id).",
+                )
+                .unwrap(),
+            ),
+            fleet_version: reg(
+                &registry,
+                IntGauge::new(
+                    "edgeprobe_fleet_version",
+                    "The current fleet tests version (0: none yet).",
+                )
+                .unwrap(),
+            ),
+            fleet_agents_behind: reg(
+                &registry,
+                IntGauge::new(
+                    "edgeprobe_fleet_agents_behind",
+                    "Agents connected here that speak fleet-tests and have not applied the current version.",
+                )
+                .unwrap(),
+            ),
+            fleet_refused: reg(
+                &registry,
+                IntCounter::new(
+                    "edgeprobe_fleet_refused_total",
+                    "Fleet tests versions refused by an agent (the reason is in agents.fleet_error and the log).",
+                )
+                .unwrap(),
+            ),
+            run_now_requests: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_run_now_requests_total",
+                        "Run-now requests for agents connected here, by state.",
+                    ),
+                    &["state"],
                 )
                 .unwrap(),
             ),

@@ -23,10 +23,11 @@ pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, sta
     sent, received, loss_ratio, rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, \
     connect_seconds, tls_seconds, status_code, dns_seconds, ttfb_seconds, transfer_seconds, body_bytes, \
     tls_cert_expiry_seconds, resolve_seconds, answers, rcode, \
-    incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at) \
+    incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at, \
+    on_demand, run_id) \
     FROM STDIN (FORMAT binary)";
 
-const COLUMNS: i16 = 42;
+const COLUMNS: i16 = 44;
 /// Bytes handed to the connection at a time.
 const CHUNK: usize = 256 * 1024;
 /// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
@@ -101,6 +102,9 @@ impl Encoder {
         boolean(b, r.clock_corrected);
         boolean(b, r.error_truncated);
         timestamptz(b, r.reported_started_at);
+        // run-now
+        boolean(b, r.run_id.is_some());
+        int8(b, r.run_id);
         (b.len() >= CHUNK).then(|| b.split().freeze())
     }
 
@@ -205,6 +209,7 @@ mod tests {
             clock_unsynced: true,
             clock_corrected: false,
             error_truncated: true,
+            run_id: Some(9),
         }
     }
 
@@ -225,7 +230,7 @@ mod tests {
         let out = e.finish();
         assert_eq!(&out[..11], b"PGCOPY\n\xff\r\n\0");
         let body = &out[19..];
-        assert_eq!(&body[..2], &42i16.to_be_bytes());
+        assert_eq!(&body[..2], &COLUMNS.to_be_bytes());
         // agent_id: length 2, "a1"; seq: length 8, 7.
         assert_eq!(&body[2..8], b"\0\0\0\x02a1");
         assert_eq!(&body[8..20], b"\0\0\0\x08\0\0\0\0\0\0\0\x07");
@@ -262,16 +267,19 @@ mod tests {
         assert_eq!(at + 2, out.len());
         // The columns added by schema 3, last in the list and in the row.
         let epoch_micros = -(PG_EPOCH_UNIX_SECONDS as i64) * 1_000_000;
-        let tail: [Option<&[u8]>; 5] = [
+        let tail: [Option<&[u8]>; 7] = [
             Some(b"c0ffee"),
             Some(&[1]),
             Some(&[0]),
             Some(&[1]),
             Some(&epoch_micros.to_be_bytes()),
+            Some(&[1]),
+            Some(&9i64.to_be_bytes()),
         ];
-        assert_eq!(columns[COLUMNS as usize - 5..], tail);
+        assert_eq!(columns[COLUMNS as usize - 7..], tail);
         assert!(COPY_SQL.contains(
-            "rcode, incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at)"
+            "rcode, incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at, \
+    on_demand, run_id)"
         ));
     }
 

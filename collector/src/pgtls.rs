@@ -190,6 +190,57 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Connects, and hands on the server's notifications (LISTEN) through the receiver;
+    /// it closes when the connection ends.
+    pub async fn connect_notifying(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        tokio_postgres::Error,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                tokio::spawn(forward_notifications(connection, tx));
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await?;
+                tokio::spawn(forward_notifications(connection, tx));
+                client
+            }
+        };
+        Ok((client, rx))
+    }
+}
+
+async fn forward_notifications<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(m) = futures::StreamExt::next(&mut messages).await {
+        match m {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                let _ = tx.send(n);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!("postgres connection ended: {}", crate::store::describe(&e));
+                return;
+            }
+        }
+    }
+}
+
 /// Takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a URL's query and returns
 /// the URL without them. A `key=value` string is returned as it is (tokio-postgres reads
 /// its `sslmode`; the file parameters are URL-only and it refuses them by name).

@@ -163,6 +163,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
 
     let hello_timeout = hello_timeout();
+    let sessions: Arc<crate::sessions::Sessions> = Default::default();
+    let controller = crate::controller::start(
+        target.clone(),
+        sessions.clone(),
+        metrics.clone(),
+        crate::controller::RateLimit::default(),
+        shutdown.clone(),
+    );
     let service = IngestServer::new(
         IngestService {
             store,
@@ -174,7 +182,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             hello_timeout,
             ack_stall: ack_stall(),
             require_identity: tls.is_some(),
-            sessions: Default::default(),
+            sessions,
+            controller,
         },
         MAX_MESSAGE_BYTES,
         // An ack may name up to 10,000 quarantined results with their reasons.

@@ -13,12 +13,18 @@
 //!   keepalive timeout is not refused for the connection its previous life left behind.
 //! - A session leaves the registry when its `Registration` drops, only if it is still the
 //!   registered one (a replaced session never removes its successor).
+//! - A live session carries its `Control` (once attached after the welcome): what the
+//!   controller needs to reach it (hello features, labels) and its control queue. Control
+//!   messages never wait: RunNow goes through a small bounded queue (`try_send`), and
+//!   FleetTests through a one-message slot that keeps only the latest version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgeprobe_proto::v1 as pb;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Silence after which a live session no longer counts against a new incarnation.
@@ -36,6 +42,77 @@ struct Live {
     peer: String,
     activity: Arc<Activity>,
     close: CancellationToken,
+    control: Option<Arc<Control>>,
+}
+
+/// RunNow messages queued for one session and not yet taken by its outbound stream.
+pub const CONTROL_QUEUE: usize = 16;
+
+/// How the controller reaches one live session.
+pub struct Control {
+    pub agent_id: String,
+    pub labels: BTreeMap<String, String>,
+    /// The hello listed "fleet-tests" / "run-now".
+    pub fleet_tests: bool,
+    pub run_now: bool,
+    /// The fleet version the agent last said it applied (0: none yet on this session).
+    pub applied: AtomicU64,
+    /// The latest FleetTests not yet taken by the outbound stream.
+    latest: Mutex<Option<pb::FleetTests>>,
+    wake: Notify,
+    queue: mpsc::Sender<pb::CollectorMessage>,
+}
+
+/// The receiving end of a session's control messages, merged into its outbound stream.
+pub struct ControlRx {
+    pub control: Arc<Control>,
+    pub queue: mpsc::Receiver<pb::CollectorMessage>,
+}
+
+impl Control {
+    /// A session's control and the receiving end for its outbound stream.
+    pub fn channel(
+        agent_id: String,
+        labels: BTreeMap<String, String>,
+        features: &[String],
+    ) -> ControlRx {
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUE);
+        let has = |f: &str| features.iter().any(|x| x == f);
+        let control = Arc::new(Control {
+            agent_id,
+            labels,
+            fleet_tests: has(edgeprobe_proto::FEATURE_FLEET_TESTS),
+            run_now: has(edgeprobe_proto::FEATURE_RUN_NOW),
+            applied: AtomicU64::new(0),
+            latest: Mutex::new(None),
+            wake: Notify::new(),
+            queue: tx,
+        });
+        ControlRx { control, queue: rx }
+    }
+
+    /// Replaces the FleetTests waiting to go out (if any) with `tests`; never waits.
+    pub fn push_fleet(&self, tests: pb::FleetTests) {
+        *self.latest.lock().expect("never poisoned") = Some(tests);
+        self.wake.notify_one();
+    }
+
+    /// Queues a message without waiting; false when the queue is full or the session gone.
+    pub fn send(&self, msg: pb::collector_message::Msg) -> bool {
+        self.queue
+            .try_send(pb::CollectorMessage { msg: Some(msg) })
+            .is_ok()
+    }
+
+    /// Takes the waiting FleetTests, if any.
+    pub fn take_fleet(&self) -> Option<pb::FleetTests> {
+        self.latest.lock().expect("never poisoned").take()
+    }
+
+    /// Resolves when a FleetTests may be waiting (check with `take_fleet`).
+    pub async fn fleet_pushed(&self) {
+        self.wake.notified().await
+    }
 }
 
 /// When a session last received a message.
@@ -128,6 +205,7 @@ impl Sessions {
                 peer: peer.to_string(),
                 activity: activity.clone(),
                 close: close.clone(),
+                control: None,
             },
         );
         Ok(Registration {
@@ -138,6 +216,41 @@ impl Sessions {
             close,
             replaced,
         })
+    }
+}
+
+impl Sessions {
+    /// The controls of every live session that has one.
+    pub fn controls(&self) -> Vec<Arc<Control>> {
+        let live = self
+            .live
+            .lock()
+            .expect("the registry lock is never poisoned");
+        live.values().filter_map(|l| l.control.clone()).collect()
+    }
+}
+
+impl Sessions {
+    /// How many sessions are live.
+    pub fn len(&self) -> usize {
+        self.live
+            .lock()
+            .expect("the registry lock is never poisoned")
+            .len()
+    }
+}
+
+impl Registration {
+    /// Makes the session reachable by the controller, while it is the registered one.
+    pub fn attach(&self, control: Arc<Control>) {
+        let mut live = self
+            .sessions
+            .live
+            .lock()
+            .expect("the registry lock is never poisoned");
+        if let Some(l) = live.get_mut(&self.agent_id).filter(|l| l.id == self.id) {
+            l.control = Some(control);
+        }
     }
 }
 

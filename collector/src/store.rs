@@ -641,30 +641,51 @@ async fn hello_agents(
         })
         .collect();
     let versions: Vec<&str> = latest.values().map(|h| h.version.as_str()).collect();
+    // Arrays of arrays of different lengths do not unnest: each list travels as JSON.
+    let features: Vec<serde_json::Value> = latest
+        .values()
+        .map(|h| serde_json::json!(h.features))
+        .collect();
+    let local_tests: Vec<serde_json::Value> = latest
+        .values()
+        .map(|h| serde_json::json!(h.local_tests))
+        .collect();
     // The incarnation first (its row lock orders this statement after a writer holding
     // it, so the committed seq read is the committed one), then the agent's row, which
     // follows its latest incarnation.
     let rows = client
         .query(
             "WITH v AS (
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[])
-                     AS v(agent_id, incarnation, labels, version)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[],
+                                      $5::jsonb[], $6::jsonb[])
+                     AS v(agent_id, incarnation, labels, version, features, local_tests)
              ), inc AS (
                  INSERT INTO agent_incarnations (agent_id, incarnation)
                  SELECT agent_id, incarnation FROM v ORDER BY agent_id
                  ON CONFLICT (agent_id, incarnation) DO UPDATE SET last_seen = now()
                  RETURNING agent_id, incarnation, committed_seq
              ), agent AS (
-                 INSERT INTO agents (agent_id, labels, version, incarnation, committed_seq)
-                 SELECT v.agent_id, v.labels, v.version, v.incarnation, inc.committed_seq
+                 INSERT INTO agents (agent_id, labels, version, incarnation, committed_seq,
+                                     features, local_tests)
+                 SELECT v.agent_id, v.labels, v.version, v.incarnation, inc.committed_seq,
+                        ARRAY(SELECT jsonb_array_elements_text(v.features)),
+                        ARRAY(SELECT jsonb_array_elements_text(v.local_tests))
                    FROM v JOIN inc USING (agent_id, incarnation)
                  ON CONFLICT (agent_id) DO UPDATE
                     SET labels = EXCLUDED.labels, version = EXCLUDED.version,
+                        features = EXCLUDED.features, local_tests = EXCLUDED.local_tests,
                         incarnation = EXCLUDED.incarnation,
                         committed_seq = EXCLUDED.committed_seq, last_seen = now()
              )
              SELECT agent_id, incarnation, committed_seq FROM inc",
-            &[&ids, &incarnations, &labels, &versions],
+            &[
+                &ids,
+                &incarnations,
+                &labels,
+                &versions,
+                &features,
+                &local_tests,
+            ],
         )
         .await?;
     Ok(rows

@@ -28,3 +28,9 @@ pub mod v1 {
 
 /// Version of the agent/collector protocol carried in `Hello.version` alongside the build version.
 pub const PROTOCOL: &str = "edgeprobe.v1";
+
+/// Controller feature in `Hello.features` / `Welcome.features`: FleetTests / TestsApplied.
+pub const FEATURE_FLEET_TESTS: &str = "fleet-tests";
+/// Controller feature in `Hello.features` / `Welcome.features`: RunNow / RunStatus, and
+/// `Result.run_id`.
+pub const FEATURE_RUN_NOW: &str = "run-now";

@@ -3,6 +3,7 @@
 //! printed reason only when `ip netns add` fails).
 
 mod dns;
+mod fleet;
 mod http;
 mod icmp;
 mod link;

@@ -441,3 +441,109 @@ fn api_applies_lists_diffs_rolls_back_and_runs_now_as_the_operator() {
     let a = curl(&c, Some(&alice), "GET", "/api/v1/runs/4711", None);
     assert_eq!(a.status, Some(404), "{}", a.body);
 }
+
+/// A real agent over mTLS with the label site = `site`, started.
+fn site_agent(dir: &Path, pki: &Pki, id: &str, site: &str, c: &ApiCollector) -> Agent {
+    let mut a = Agent::new_tls(
+        dir,
+        id,
+        &format!("https://localhost:{}", c.grpc.port()),
+        "",
+        pki,
+    );
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        text.replace("site = \"lab\"", &format!("site = \"{site}\"")),
+    )
+    .unwrap();
+    a.start();
+    a
+}
+
+#[test]
+fn api_pushes_a_file_to_the_selected_agent_and_a_run_now_returns_its_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    let target = HttpTarget::start("ok");
+    let _berlin = site_agent(dir.path(), &pki, "berlin-1", "berlin", &c);
+    let _paris = site_agent(dir.path(), &pki, "paris-1", "paris", &c);
+    wait_for(
+        Duration::from_secs(30),
+        "both agents known with their features",
+        || {
+            (db.scalar("SELECT count(*) FROM agents WHERE 'run-now' = ANY(features)") == 2)
+                .then_some(())
+        },
+    );
+
+    // A fleet test for Berlin, every hour. Both agents apply version 1 (Paris's is empty);
+    // only berlin-1 runs the test (an `every` test runs once at once).
+    let file = format!(
+        "[[test]]\nname = \"portal\"\nkind = \"http\"\ntarget = \"{}\"\nevery = \"1h\"\nselect = {{ site = \"berlin\" }}\n",
+        target.url()
+    );
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(&file));
+    assert_eq!(a.status, Some(201), "{}", a.body);
+    let listing = wait_for(
+        Duration::from_secs(20),
+        "both agents to apply version 1",
+        || {
+            let l = curl(&c, Some(&alice), "GET", "/api/v1/tests", None).json();
+            (l["applied"] == 2 && l["behind"] == 0).then_some(l)
+        },
+    );
+    assert_eq!(listing["tests"][0]["agents_selected"], 1, "{listing}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM agents WHERE fleet_version = 1"),
+        2
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "berlin-1's scheduled run of the fleet test",
+        || {
+            (db.scalar("SELECT count(*) FROM results WHERE test = 'portal' AND agent_id = 'berlin-1' AND NOT on_demand") >= 1).then_some(())
+        },
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM results WHERE test = 'portal' AND agent_id = 'paris-1'"),
+        0
+    );
+
+    // Run the fleet test now in Berlin: one on-demand result, from berlin-1.
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/runs",
+        Some(r#"{"select": {"site": "berlin"}, "test": "portal"}"#),
+    );
+    assert_eq!(a.status, Some(202), "{}", a.body);
+    let run_id = a.json()["run_id"].as_i64().unwrap();
+    let status = wait_for(Duration::from_secs(20), "the run's result", || {
+        let s = curl(
+            &c,
+            Some(&alice),
+            "GET",
+            &format!("/api/v1/runs/{run_id}"),
+            None,
+        )
+        .json();
+        (s["finished"] == true).then_some(s)
+    });
+    assert_eq!(status["summary"]["done"], json!(["berlin-1"]), "{status}");
+    let results = status["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{status}");
+    assert_eq!(results[0]["agent_id"], "berlin-1", "{status}");
+    assert_eq!(results[0]["success"], true, "{status}");
+    assert_eq!(results[0]["status_code"], 200, "{status}");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM results WHERE run_id = {run_id} AND on_demand AND agent_id = 'berlin-1'"
+        )),
+        1
+    );
+}

@@ -9,6 +9,7 @@ mod durability;
 mod failover;
 mod fleet;
 mod fleet_cli;
+mod fleet_push;
 mod never_stall;
 mod pg_tls;
 mod security;
