@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -299,6 +300,17 @@ fn query_flag(query: &Option<String>, name: &str) -> Result<bool, ApiError> {
     Ok(false)
 }
 
+/// The body, or the reason it could not be read (over `MAX_BODY_BYTES`: 413) as JSON.
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {MAX_BODY_BYTES} bytes"),
+        ),
+        status => ApiError::new(status, e.body_text()),
+    })
+}
+
 fn body_text(body: &Bytes) -> Result<&str, ApiError> {
     std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))
 }
@@ -385,8 +397,9 @@ async fn tests_apply(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
     RawQuery(query): RawQuery,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let body = body_of(body)?;
     let dry_run = query_flag(&query, "dry_run")?;
     let text = body_text(&body)?;
     let mut client = db(&api).await?;
@@ -405,7 +418,8 @@ async fn tests_apply(
 }
 
 /// `POST /api/v1/tests/diff`: the body is a fleet tests file; nothing changes.
-async fn tests_diff(State(api): State<Api>, body: Bytes) -> Answer {
+async fn tests_diff(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Answer {
+    let body = body_of(body)?;
     let text = body_text(&body)?;
     let client = db(&api).await?;
     let diff = fleet::diff(&client, text, ORIGIN)
@@ -424,8 +438,9 @@ struct RollbackBody {
 async fn tests_rollback(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let body = body_of(body)?;
     let RollbackBody { version } = body_json(&body)?;
     let mut client = db(&api).await?;
     let applied = fleet::rollback(&mut client, version, &operator)
@@ -525,8 +540,9 @@ impl RunBody {
 async fn runs_create(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let body = body_of(body)?;
     let request = body_json::<RunBody>(&body)?.request()?;
     let mut client = db(&api).await?;
     let created = runs::create(&mut client, &request, &operator)

@@ -161,7 +161,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
+        let config: Config = toml::from_str(text).map_err(|e| {
             let (line, col) = line_col(text, e.span().unwrap_or(0..0));
             ConfigError::Invalid {
                 path: origin.to_string(),
@@ -169,7 +169,14 @@ impl Config {
                 col,
                 reason: e.message().trim().replace('\n', " "),
             }
-        })
+        })?;
+        // Here rather than in `finish`, so `check` refuses it too.
+        if config.server.insecure && config.api.is_some() {
+            return Err(ConfigError::Other(format!(
+                "{origin}: [api] needs mTLS (operator certificates) and cannot run with `insecure = true`; remove [api] or the insecure mode"
+            )));
+        }
+        Ok(config)
     }
 
     /// Applies overrides and fills the database URL from the environment, then checks the
@@ -212,12 +219,6 @@ impl Config {
         if self.server.listen_backlog == Some(0) {
             return Err(ConfigError::Other(
                 "[server] listen_backlog must be at least 1".into(),
-            ));
-        }
-        if self.server.insecure && self.api.is_some() {
-            return Err(ConfigError::Other(
-                "[api] needs mTLS (operator certificates): it cannot run with `insecure = true`; remove [api] or the insecure mode"
-                    .into(),
             ));
         }
         if !self.server.insecure {
@@ -368,8 +369,6 @@ site_label = "site"
             &with_api.replace("[server]\n", "[server]\ninsecure = true\n"),
             "c.toml",
         )
-        .unwrap()
-        .finish(None, None, None)
         .unwrap_err()
         .to_string();
         assert!(e.contains("[api] needs mTLS"), "{e}");

@@ -166,6 +166,11 @@ fn api_refuses_every_certificate_but_an_operators_and_the_ingest_refuses_an_oper
     let a = curl(&c, Some(&alice), "DELETE", "/api/v1/tests", None);
     assert_eq!(a.status, Some(405), "{}", a.body);
     assert!(a.json()["error"].is_string());
+    let huge = "#".repeat(5 << 20);
+    let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(&huge));
+    assert_eq!(a.status, Some(413), "{}", a.body);
+    assert!(a.json()["error"].as_str().unwrap().contains("4194304"));
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 0);
 
     // An operator certificate cannot deliver results as an agent: the agent named like
     // the operator is refused with PERMISSION_DENIED and nothing is stored for it.
