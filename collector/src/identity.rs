@@ -78,3 +78,52 @@ pub fn operator_of(der: &[u8]) -> Operator {
         _ => Operator::Inconsistent("several operator markers".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    fn cert(cn: Option<&str>, uris: &[&str]) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_operator_marker_must_agree_with_the_common_name() {
+        assert_eq!(operator_of(&cert(Some("branch-042"), &[])), Operator::None);
+        assert_eq!(
+            operator_of(&cert(Some("x"), &["https://example.net/"])),
+            Operator::None
+        );
+        assert_eq!(
+            operator_of(&cert(Some("alice"), &["urn:edgeprobe:operator:alice"])),
+            Operator::Named("alice".into())
+        );
+        for bad in [
+            cert(Some("mallory"), &["urn:edgeprobe:operator:alice"]),
+            cert(None, &["urn:edgeprobe:operator:alice"]),
+            cert(Some(""), &["urn:edgeprobe:operator:"]),
+            cert(
+                Some("alice"),
+                &["urn:edgeprobe:operator:alice", "urn:edgeprobe:operator:bob"],
+            ),
+        ] {
+            assert!(
+                matches!(operator_of(&bad), Operator::Inconsistent(_)),
+                "{:?}",
+                operator_of(&bad)
+            );
+        }
+        assert_eq!(operator_of(b"not a certificate"), Operator::None);
+    }
+}
