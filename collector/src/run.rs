@@ -149,12 +149,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     readiness.migrated.store(true, Ordering::Relaxed);
     if let Some((listener, tls)) = api {
         tracing::info!(addr = %listener.local_addr()?, "serving the operators' api (mTLS, operator certificates only)");
-        tokio::spawn(crate::api::serve(
-            listener,
-            tls,
-            target.clone(),
-            shutdown.clone(),
-        ));
+        let (target, shutdown) = (target.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::serve(listener, tls, target, shutdown).await {
+                tracing::error!("api server: {e}");
+            }
+        });
     }
     tokio::spawn(keep_partitions(
         target.clone(),
