@@ -552,3 +552,61 @@ fn api_pushes_a_file_to_the_selected_agent_and_a_run_now_returns_its_result() {
         1
     );
 }
+
+/// The PEM certificate the API serves now (curl's `%{certs}`), as one line of base64.
+fn served_cert(c: &ApiCollector, alice: &(PathBuf, PathBuf)) -> String {
+    let out = Command::new("curl")
+        .args(["--silent", "--max-time", "10", "--output", "/dev/null"])
+        .arg("--cacert")
+        .arg(&c.pki_ca)
+        .arg("--cert")
+        .arg(&alice.0)
+        .arg("--key")
+        .arg(&alice.1)
+        .args(["--write-out", "%{certs}"])
+        .arg(format!("https://localhost:{}/api/v1/tests", c.api.port()))
+        .output()
+        .unwrap();
+    pem_body(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The base64 of the first PEM certificate in `text`, without line breaks.
+fn pem_body(text: &str) -> String {
+    text.split("-----BEGIN CERTIFICATE-----")
+        .nth(1)
+        .and_then(|rest| rest.split("-----END CERTIFICATE-----").next())
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect()
+}
+
+#[test]
+fn api_serves_a_renewed_certificate_after_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    let (cert, _) = pki.server();
+    let first = pem_body(&std::fs::read_to_string(&cert).unwrap());
+    assert_eq!(served_cert(&c, &alice), first);
+
+    pki.issue(&[
+        "--name",
+        "localhost",
+        "--server",
+        "--san",
+        "127.0.0.1",
+        "--force",
+    ]);
+    let renewed = pem_body(&std::fs::read_to_string(&cert).unwrap());
+    assert_ne!(renewed, first);
+    c.proc.signal("HUP");
+    wait_for(
+        Duration::from_secs(10),
+        "the renewed certificate on the api",
+        || (served_cert(&c, &alice) == renewed).then_some(()),
+    );
+    let a = curl(&c, Some(&alice), "GET", "/api/v1/tests/versions", None);
+    assert_eq!(a.status, Some(200), "{}", a.body);
+}
