@@ -170,12 +170,13 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 );
                 return Ok(ExitCode::SUCCESS);
             };
+            let from = match v.rolled_back_to {
+                Some(_) => origin_of(v),
+                None => format!("from {}", v.origin),
+            };
             println!(
-                "version {} by {} at {} from {}",
-                v.version,
-                v.created_by,
-                v.created_at,
-                origin_of(v)
+                "version {} by {} at {} ({from})",
+                v.version, v.created_by, v.created_at
             );
             let rows: Vec<[String; 6]> = l
                 .tests
@@ -250,7 +251,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
 
 fn origin_of(v: &fleet::VersionInfo) -> String {
     match v.rolled_back_to {
-        Some(to) => format!("rollback to {to}"),
+        Some(to) => format!("rollback to version {to}"),
         None => v.origin.clone(),
     }
 }

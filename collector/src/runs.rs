@@ -417,8 +417,13 @@ impl Status {
                 "done" => s.done.push(id),
                 "refused" | "rate_limited" => s.refused.push(Refused {
                     agent_id: id,
-                    reason: match &a.reason {
-                        Some(r) if !r.is_empty() => format!("{}: {r}", a.state),
+                    // "agent too old", or "rate_limited: ..." (the state says which limit).
+                    reason: match (&a.reason, a.state.as_str()) {
+                        (Some(r), "refused") if !r.is_empty() => r.clone(),
+                        (Some(r), state) if !r.is_empty() && !r.starts_with(state) => {
+                            format!("{state}: {r}")
+                        }
+                        (Some(r), _) if !r.is_empty() => r.clone(),
                         _ => a.state.clone(),
                     },
                 }),
@@ -455,6 +460,59 @@ mod tests {
             adhoc_block("icmp", "192.0.2.1", &[("streams".into(), "4".into())], None).unwrap_err();
         assert!(e.to_string().contains("streams"), "{e}");
         assert!(adhoc_block("smoke", "x", &[], None).is_err());
+    }
+
+    #[test]
+    fn summary_sorts_agents_by_state_and_the_dispatch_window() {
+        let agent = |id: &str, state: &str, reason: Option<&str>| AgentState {
+            agent_id: id.into(),
+            state: state.into(),
+            reason: reason.map(String::from),
+        };
+        let mut status = Status {
+            run_id: 1,
+            test: "web".into(),
+            age_seconds: 1.0,
+            agents: vec![
+                agent("a", "pending", None),
+                agent("b", "started", None),
+                agent("c", "waiting", None),
+                agent("d", "refused", Some("agent too old")),
+                agent("e", "rate_limited", Some("at most one run-now per 10s")),
+                agent("f", "sent", None),
+            ],
+            results: vec![RunResult {
+                agent_id: "f".into(),
+                test: "web".into(),
+                kind: "tcp".into(),
+                target: "x:1".into(),
+                success: true,
+                duration_seconds: 0.1,
+                error_class: None,
+                error_message: None,
+                figures: BTreeMap::new(),
+            }],
+        };
+        let s = status.summary();
+        assert_eq!(s.done, ["f"]);
+        assert_eq!((s.pending.len(), s.offline.len()), (1, 0));
+        assert_eq!(
+            (s.running.as_slice(), s.busy.as_slice()),
+            (&["b".to_string()][..], &["c".to_string()][..])
+        );
+        assert_eq!(s.refused[0].reason, "agent too old");
+        assert_eq!(
+            s.refused[1].reason,
+            "rate_limited: at most one run-now per 10s"
+        );
+        assert!(!s.finished());
+        status.age_seconds = 6.0;
+        status
+            .agents
+            .retain(|a| a.state != "started" && a.state != "waiting");
+        let s = status.summary();
+        assert_eq!(s.offline, ["a"]);
+        assert!(s.finished());
     }
 
     #[test]
