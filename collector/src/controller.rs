@@ -376,7 +376,7 @@ impl Controller {
                         self.dispatch_runs(client).await.map_err(describe)?;
                     }
                 }
-                e = self.events.recv() => {
+                e = self.events.recv(), if !self.events.is_closed() || !self.events.is_empty() => {
                     if let Some(e) = e {
                         self.pending.add(e);
                     }

@@ -805,5 +805,10 @@ mod tests {
         assert!(
             hello(|h| h.labels = (0..33).map(|i| (i.to_string(), "v".into())).collect()).is_err()
         );
+        let features = hello(|h| h.features = vec!["fleet-tests".into(), "run-now".into()]);
+        assert_eq!(features.unwrap().features, ["fleet-tests", "run-now"]);
+        assert!(hello(|h| h.features = vec!["f".into(); 33]).is_err());
+        assert!(hello(|h| h.local_tests = vec!["x".repeat(257)]).is_err());
+        assert!(hello(|h| h.local_tests = vec!["t".into(); 4097]).is_err());
     }
 }

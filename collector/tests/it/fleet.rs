@@ -199,7 +199,7 @@ fn migration_2_keeps_version_1_rows_and_still_refuses_duplicates() {
     migrate(&db);
     assert_eq!(
         db.scalar("SELECT max(version)::int8 FROM edgeprobe_migrations"),
-        3
+        4
     );
     assert_eq!(
         db.scalar("SELECT count(DISTINCT seq) FROM results WHERE agent_id = 'old-agent'"),
@@ -226,12 +226,18 @@ fn migration_2_keeps_version_1_rows_and_still_refuses_duplicates() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(indexes.len(), 2, "{indexes:?}");
+    // Version 4 adds a partial index on run_id: only on-demand rows (run_id set) enter it.
+    assert_eq!(indexes.len(), 3, "{indexes:?}");
     assert!(indexes[0].starts_with("brin:") && indexes[0].contains("(started_at)"));
     assert!(
         indexes[1].starts_with("btree:")
-            && indexes[1].contains("UNIQUE")
-            && indexes[1].contains("(agent_id, test, started_at, seq)"),
+            && indexes[1].contains("(run_id) WHERE (run_id IS NOT NULL)"),
+        "{indexes:?}"
+    );
+    assert!(
+        indexes[2].starts_with("btree:")
+            && indexes[2].contains("UNIQUE")
+            && indexes[2].contains("(agent_id, test, started_at, seq)"),
         "{indexes:?}"
     );
     // The same result again is refused by the key, the watermark aside.

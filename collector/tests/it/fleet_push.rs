@@ -30,6 +30,10 @@ fn spec(name: &str, target: &str) -> String {
 
 /// Inserts version `version` with `tests`, then notifies, as `tests apply` does.
 fn apply(db: &TestDb, version: i64, target: &str, tests: &[T]) {
+    insert_version(db, version, target, tests, true)
+}
+
+fn insert_version(db: &TestDb, version: i64, target: &str, tests: &[T], notify: bool) {
     let mut c = db.client();
     let mut tx = c.transaction().unwrap();
     tx.execute(
@@ -47,8 +51,10 @@ fn apply(db: &TestDb, version: i64, target: &str, tests: &[T]) {
         )
         .unwrap();
     }
-    tx.execute(&format!("NOTIFY edgeprobe_fleet, '{version}'"), &[])
-        .unwrap();
+    if notify {
+        tx.execute(&format!("NOTIFY edgeprobe_fleet, '{version}'"), &[])
+            .unwrap();
+    }
     tx.commit().unwrap();
 }
 
@@ -579,4 +585,130 @@ fn a_run_waits_for_its_agent_to_connect_within_the_window() {
         db.scalar("SELECT count(*) FROM results WHERE on_demand AND agent_id = 'late-1'"),
         1
     );
+}
+
+#[test]
+fn a_lost_listener_connection_and_a_lost_notification_still_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let url = target.url();
+    let mut a = agent(dir.path(), "lost-1", "lab", &collector.endpoint());
+    connected(&db, &["lost-1"]);
+    wait_for(WAIT, "the controller listening", || {
+        collector
+            .proc
+            .log_text()
+            .contains("controller: listening")
+            .then_some(())
+    });
+    // The controller's connection is the one that LISTENs.
+    let killed = db.scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid()
+            AND (query LIKE 'LISTEN%' OR query LIKE '%fleet_versions%' OR query LIKE '%run_agents%')",
+    );
+    assert_eq!(killed, 1);
+    // No NOTIFY at all: the poll finds the version.
+    let tests = [T {
+        name: "found-by-poll",
+        select: "{}",
+        agents: None,
+    }];
+    insert_version(&db, 1, &url, &tests, false);
+    wait_for(WAIT, "the version applied without a notification", || {
+        (fleet_version(&db, "lost-1") == Some(1) && count(&db, "lost-1", "found-by-poll") > 0)
+            .then_some(())
+    });
+    let log = collector.proc.log_text();
+    assert!(
+        log.contains("controller: database connection lost, reconnecting"),
+        "{log}"
+    );
+    // A notification lost on a healthy connection: the next poll (5 s) finds the version.
+    let tests = [T {
+        name: "found-by-poll-2",
+        select: "{}",
+        agents: None,
+    }];
+    insert_version(&db, 2, &url, &tests, false);
+    let start = std::time::Instant::now();
+    wait_for(WAIT, "version 2 applied without a notification", || {
+        (fleet_version(&db, "lost-1") == Some(2)).then_some(())
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(a.stop(), Some(0));
+}
+
+/// The same agent id with a live session on each of two collectors (a half-dead session
+/// left behind on the first): a run is claimed by one collector and sent once.
+#[test]
+fn two_collectors_never_both_send_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let db = TestDb::new();
+    let a = Collector::start(&dir_a, &db);
+    let b = Collector::start(&dir_b, &db);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    rt.block_on(async {
+        for endpoint in [a.endpoint(), b.endpoint()] {
+            let mut client = IngestClient::connect(endpoint).await.unwrap();
+            let (tx, rx) = mpsc::channel(8);
+            let hello = pb::Hello {
+                agent_id: "twice-1".into(),
+                version: "sim".into(),
+                incarnation: "7777".into(),
+                features: vec!["fleet-tests".into(), "run-now".into()],
+                ..Default::default()
+            };
+            tx.send(agent_msg(pb::agent_message::Msg::Hello(hello)))
+                .await
+                .unwrap();
+            let mut inbound = client
+                .stream(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(matches!(
+                next(&mut inbound).await,
+                pb::collector_message::Msg::Welcome(_)
+            ));
+            let runs = runs.clone();
+            tokio::spawn(async move {
+                let _tx = tx;
+                while let Ok(Some(m)) = inbound.message().await {
+                    if let Some(pb::collector_message::Msg::RunNow(_)) = m.msg {
+                        runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let run = run_now(&db, "anything", &["twice-1"]);
+    wait_for(WAIT, "the run sent", || {
+        (states(&db, run) == [("twice-1".to_string(), "sent".to_string())]).then_some(())
+    });
+    // Both collectors heard the notification; give the loser time to (wrongly) send.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let sent = |c: &Collector| {
+        metric(
+            &c.metrics(),
+            "edgeprobe_run_now_requests_total{state=\"sent\"}",
+        )
+    };
+    assert_eq!(sent(&a) + sent(&b), 1.0);
+    drop(rt);
 }
