@@ -1,10 +1,14 @@
 //! The fleet CA: `ca init` and `cert issue`, so an operator needs no openssl recipe.
 //!
-//! One self-signed ECDSA P-256 CA (10 years, path length 0) signs two kinds of leaf:
+//! One self-signed ECDSA P-256 CA (10 years, path length 0) signs three kinds of leaf:
 //! agent certificates (client-auth EKU only, CN = agent id: the collector takes the agent's
-//! identity from it) and collector certificates (server-auth EKU only, the name and every
-//! `--san` as subject alternative names). The EKUs keep the kinds apart: a collector's
-//! certificate cannot log in as an agent and an agent's cannot serve as the collector.
+//! identity from it), collector certificates (server-auth EKU only, the name and every
+//! `--san` as subject alternative names) and operator certificates for the HTTP API
+//! (client-auth EKU only, CN = the operator's name and the URI SAN
+//! `urn:edgeprobe:operator:NAME`, the role marker `identity::operator_of` reads). The EKUs
+//! keep servers and clients apart: a collector's certificate cannot log in as an agent or
+//! an operator and an agent's cannot serve as the collector; the URI SAN keeps agents and
+//! operators apart (the API refuses a certificate without it, the ingest one with it).
 //!
 //! Invariants: private keys are created 0600 and never overwritten without `--force`; the
 //! CA is never overwritten at all; with `--force` a new pair replaces the old one by rename,
@@ -66,13 +70,31 @@ fn cert_err(what: &str) -> impl FnOnce(rcgen::Error) -> CaError + '_ {
     }
 }
 
+/// The kind of leaf certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Agent,
+    Server,
+    Operator,
+}
+
+impl Role {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Server => "collector",
+            Role::Operator => "operator",
+        }
+    }
+}
+
 /// What `cert issue` is asked for.
 #[derive(Debug, Clone)]
 pub struct IssueRequest {
     pub ca_dir: PathBuf,
     pub name: String,
     pub out: PathBuf,
-    pub server: bool,
+    pub role: Role,
     pub sans: Vec<String>,
     pub days: i64,
     pub force: bool,
@@ -132,7 +154,7 @@ pub fn init(dir: &Path) -> Result<Written, CaError> {
     })
 }
 
-/// Issues an agent or collector certificate signed by the CA in `req.ca_dir`.
+/// Issues an agent, collector or operator certificate signed by the CA in `req.ca_dir`.
 pub fn issue(req: &IssueRequest) -> Result<Written, CaError> {
     check_name(&req.name)?;
     if !(1..=MAX_LEAF_DAYS).contains(&req.days) {
@@ -141,7 +163,7 @@ pub fn issue(req: &IssueRequest) -> Result<Written, CaError> {
         )));
     }
     let mut sans = Vec::new();
-    if req.server {
+    if req.role == Role::Server {
         for name in std::iter::once(&req.name).chain(&req.sans) {
             let san = san(name)?;
             if !sans.contains(&san) {
@@ -150,8 +172,14 @@ pub fn issue(req: &IssueRequest) -> Result<Written, CaError> {
         }
     } else if !req.sans.is_empty() {
         return Err(CaError::Usage(
-            "--san applies to --server certificates; an agent is named by --name alone".into(),
+            "--san applies to --server certificates; an agent or operator is named by its name alone".into(),
         ));
+    }
+    if req.role == Role::Operator {
+        let urn = format!("{}{}", crate::identity::OPERATOR_URN, req.name);
+        sans.push(SanType::URI(urn.as_str().try_into().map_err(|e| {
+            CaError::Usage(format!("`{}`: {e}", req.name.escape_debug()))
+        })?));
     }
 
     let ca_cert_path = req.ca_dir.join(CA_CERT);
@@ -189,7 +217,7 @@ pub fn issue(req: &IssueRequest) -> Result<Written, CaError> {
     params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![if req.server {
+    params.extended_key_usages = vec![if req.role == Role::Server {
         ExtendedKeyUsagePurpose::ServerAuth
     } else {
         ExtendedKeyUsagePurpose::ClientAuth
@@ -348,7 +376,7 @@ mod tests {
             ca_dir: ca.clone(),
             name: "branch-042".into(),
             out: out.clone(),
-            server: false,
+            role: Role::Agent,
             sans: vec![],
             days: LEAF_DAYS,
             force: false,
@@ -372,7 +400,30 @@ mod tests {
 
         req.sans = vec!["x".into()];
         assert!(issue(&req).unwrap_err().is_usage(), "--san needs --server");
-        req.server = true;
+        req.role = Role::Operator;
+        assert!(
+            issue(&req).unwrap_err().is_usage(),
+            "no --san for an operator"
+        );
+        req.sans.clear();
+        req.name = "alice".into();
+        let w = issue(&req).unwrap();
+        let der = rustls::pki_types::pem::PemObject::from_pem_file(&w.cert)
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c)
+            .unwrap();
+        assert_eq!(
+            crate::identity::operator_of(&der),
+            crate::identity::Operator::Named("alice".into())
+        );
+        // An agent's certificate carries no operator role.
+        let agent = rustls::pki_types::pem::PemObject::from_pem_slice(&first)
+            .map(|c: rustls::pki_types::CertificateDer<'static>| c)
+            .unwrap();
+        assert_eq!(
+            crate::identity::operator_of(&agent),
+            crate::identity::Operator::None
+        );
+        req.role = Role::Server;
         req.name = "collector.example.net".into();
         req.sans = vec!["127.0.0.1".into(), "localhost".into()];
         issue(&req).unwrap();

@@ -20,6 +20,16 @@ pub struct Config {
     pub database: DatabaseSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The operators' HTTP API (`api.rs`); absent: no API listener at all.
+    pub api: Option<ApiSection>,
+}
+
+/// `[api]`: the HTTP API's own listener. It uses `[server]`'s certificate and key and
+/// requires a client certificate from `client_ca` with the operator role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +149,7 @@ impl Config {
                 server: ServerSection::default(),
                 database: DatabaseSection::default(),
                 metrics: MetricsSection::default(),
+                api: None,
             });
         };
         let origin = path.display().to_string();
@@ -150,7 +161,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| {
+        let config: Config = toml::from_str(text).map_err(|e| {
             let (line, col) = line_col(text, e.span().unwrap_or(0..0));
             ConfigError::Invalid {
                 path: origin.to_string(),
@@ -158,7 +169,14 @@ impl Config {
                 col,
                 reason: e.message().trim().replace('\n', " "),
             }
-        })
+        })?;
+        // Here rather than in `finish`, so `check` refuses it too.
+        if config.server.insecure && config.api.is_some() {
+            return Err(ConfigError::Other(format!(
+                "{origin}: [api] needs mTLS (operator certificates) and cannot run with `insecure = true`; remove [api] or the insecure mode"
+            )));
+        }
+        Ok(config)
     }
 
     /// Applies overrides and fills the database URL from the environment, then checks the
@@ -331,6 +349,29 @@ site_label = "site"
         .unwrap_err()
         .to_string();
         assert!(e.contains("listen_backlog must be at least 1"), "{e}");
+
+        // [api]: absent by default, an address when given, never beside insecure mode.
+        assert!(Config::parse(text, "c.toml").unwrap().api.is_none());
+        let with_api = format!("{text}\n[api]\nlisten = \"127.0.0.1:9443\"\n");
+        let c = Config::parse(&with_api, "c.toml")
+            .unwrap()
+            .finish(None, None, None)
+            .unwrap();
+        assert_eq!(
+            c.api.unwrap().listen,
+            "127.0.0.1:9443".parse::<SocketAddr>().unwrap()
+        );
+        let e = Config::parse(&with_api.replace("listen =", "listn ="), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("c.toml:17:1: unknown field `listn`"), "{e}");
+        let e = Config::parse(
+            &with_api.replace("[server]\n", "[server]\ninsecure = true\n"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("[api] needs mTLS"), "{e}");
     }
 }
 
@@ -345,6 +386,7 @@ mod proptests {
             Just("[server]\n".to_string()),
             Just("[database]\n".to_string()),
             Just("[metrics]\n".to_string()),
+            Just("[api]\n".to_string()),
             Just("[[server]]\n".to_string()),
             prop::sample::select(vec![
                 "grpc_listen",
@@ -358,6 +400,7 @@ mod proptests {
                 "retention",
                 "writers",
                 "site_label",
+                "listen",
                 "bogus",
             ])
             .prop_flat_map(|k| {

@@ -94,6 +94,20 @@ fn peer_identity<T>(request: &Request<T>) -> Option<String> {
     crate::identity::agent_id_of(leaf.as_ref())
 }
 
+/// Why the client certificate may not act as an agent: it carries the operator role.
+fn operator_refusal<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    match crate::identity::operator_of(certs.first()?.as_ref()) {
+        crate::identity::Operator::None => None,
+        crate::identity::Operator::Named(name) => Some(format!(
+            "`{name}` holds an operator certificate (for the HTTP API), which cannot act as an agent"
+        )),
+        crate::identity::Operator::Inconsistent(why) => {
+            Some(format!("not an agent certificate: {why}"))
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::ingest_server::Ingest for IngestService {
     type StreamStream = Outbound;
@@ -107,6 +121,14 @@ impl pb::ingest_server::Ingest for IngestService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        if let Some(why) = operator_refusal(&request) {
+            self.metrics
+                .ingest_errors
+                .with_label_values(&["permission"])
+                .inc();
+            tracing::warn!(%peer, "{why}");
+            return Err(Status::permission_denied(why));
+        }
         let mut inbound = request.into_inner();
         if self.require_identity && identity.is_none() {
             self.metrics

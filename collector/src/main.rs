@@ -7,6 +7,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod api;
 mod ca;
 mod cli;
 mod config;
@@ -217,15 +218,25 @@ enum CaCommand {
 
 #[derive(Subcommand)]
 enum CertCommand {
-    /// Issue an agent certificate (client auth, CN = ID) or, with --server, a collector
-    /// certificate (server auth, SANs = ID and every --san). Writes OUT/ID.pem and OUT/ID.key.
+    /// Issue an agent certificate (client auth, CN = ID), with --server a collector
+    /// certificate (server auth, SANs = ID and every --san), or with --operator an operator
+    /// certificate for the HTTP API (client auth, CN = NAME, URI SAN
+    /// urn:edgeprobe:operator:NAME). Writes OUT/NAME.pem and OUT/NAME.key.
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         ca: PathBuf,
         /// The agent id, or the collector's DNS name.
-        #[arg(long)]
-        name: String,
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        name: Option<String>,
+        /// An operator certificate for the HTTP API, named NAME (recorded as who made each
+        /// change); agents' certificates never carry the operator role.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["server", "sans"])]
+        operator: Option<String>,
         #[arg(long)]
         out: PathBuf,
         /// A collector (server) certificate instead of an agent (client) one.
@@ -411,17 +422,23 @@ fn cert_command(command: CertCommand) -> ExitCode {
         CertCommand::Issue {
             ca,
             name,
+            operator,
             out,
             server,
             sans,
             days,
             force,
         } => {
+            let (name, role) = match (operator, server) {
+                (Some(op), _) => (op, ca::Role::Operator),
+                (None, true) => (name.unwrap_or_default(), ca::Role::Server),
+                (None, false) => (name.unwrap_or_default(), ca::Role::Agent),
+            };
             let req = ca::IssueRequest {
                 ca_dir: ca,
                 name,
                 out,
-                server,
+                role,
                 sans,
                 days,
                 force,
@@ -430,7 +447,7 @@ fn cert_command(command: CertCommand) -> ExitCode {
                 Ok(w) => {
                     println!(
                         "{} certificate {} and key {} for `{}` (valid until {})",
-                        if req.server { "collector" } else { "agent" },
+                        req.role.describe(),
                         w.cert.display(),
                         w.key.display(),
                         req.name,

@@ -114,6 +114,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tracing::info!(addr = %config.server.http_listen, "serving /metrics, /healthz, /readyz");
+    // The operators' API: bound now so a taken port fails the start, served once migrated.
+    let api = match (&config.api, &tls) {
+        (Some(section), Some(tls)) => Some((
+            crate::api::bind(section.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (api)", section.listen))?,
+            tls.clone(),
+        )),
+        _ => None,
+    };
 
     // Migrate before accepting agents; wait for Postgres if it is not up yet.
     let mut delay = Duration::from_millis(500);
@@ -137,6 +147,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     readiness.migrated.store(true, Ordering::Relaxed);
+    if let Some((listener, tls)) = api {
+        tracing::info!(addr = %listener.local_addr()?, "serving the operators' api (mTLS, operator certificates only)");
+        let (target, shutdown) = (target.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::serve(listener, tls, target, shutdown).await {
+                tracing::error!("api server: {e}");
+            }
+        });
+    }
     tokio::spawn(keep_partitions(
         target.clone(),
         config.database.retention,

@@ -11,7 +11,8 @@
 //! stays, and the error is logged and counted. Handshakes run off the accept loop (which
 //! never waits for them, `listen.rs`), each within a timeout, at most `MAX_HANDSHAKES` at
 //! once, so a slow or silent client delays nobody. Connections already open keep the
-//! config they were accepted with.
+//! config they were accepted with. The operators' API (`api.rs`) takes the same config with
+//! ALPN http/1.1 (`api_config`), so it is reloaded with it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -61,8 +62,22 @@ pub enum TlsError {
 
 struct Loaded {
     config: Arc<ServerConfig>,
+    /// The same config for the operators' HTTP API (`api.rs`): ALPN http/1.1 instead of h2.
+    api: Arc<ServerConfig>,
     /// The files' bytes the config was built from: a reload with equal bytes is a no-op.
     contents: Vec<u8>,
+}
+
+impl Loaded {
+    fn new(config: ServerConfig, contents: Vec<u8>) -> Loaded {
+        let mut api = config.clone();
+        api.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Loaded {
+            config: Arc::new(config),
+            api: Arc::new(api),
+            contents,
+        }
+    }
 }
 
 /// The current server config and how to renew it.
@@ -82,10 +97,7 @@ impl ServerTls {
         metrics.tls_cert_expiry.set(not_after);
         Ok(Arc::new(ServerTls {
             files,
-            current: RwLock::new(Loaded {
-                config: Arc::new(config),
-                contents,
-            }),
+            current: RwLock::new(Loaded::new(config, contents)),
             last_failed: Mutex::new(None),
             metrics,
         }))
@@ -96,6 +108,15 @@ impl ServerTls {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .config
+            .clone()
+    }
+
+    /// The config of the HTTP API's listener: the same files, ALPN http/1.1.
+    pub fn api_config(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .api
             .clone()
     }
 
@@ -119,10 +140,8 @@ impl ServerTls {
         }
         match build(&self.files, &contents) {
             Ok((config, not_after)) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Loaded {
-                    config: Arc::new(config),
-                    contents,
-                };
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) =
+                    Loaded::new(config, contents);
                 *last_failed = None;
                 self.metrics.tls_cert_expiry.set(not_after);
                 self.metrics.tls_reloads.with_label_values(&["ok"]).inc();
@@ -356,7 +375,7 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
-fn classify(e: &std::io::Error) -> &'static str {
+pub fn classify(e: &std::io::Error) -> &'static str {
     match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
         Some(rustls::Error::InvalidCertificate(_)) => "bad_client_cert",

@@ -1,6 +1,7 @@
 //! Integration tests of edgeprobe: real collector and agent processes, a real PostgreSQL,
 //! real sockets. One test binary for the crate (see STYLE.md).
 
+mod api;
 mod bounds;
 mod compat;
 mod config_errors;

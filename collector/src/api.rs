@@ -1,0 +1,586 @@
+//! The operators' HTTP API (`[api] listen`, docs/API.md): the fleet tests and run-now
+//! over HTTPS with JSON, for what `tests` and `run-now` do on the command line.
+//!
+//! Invariants: there is no API unless `[api]` is configured, and never in insecure mode.
+//! Its listener is its own (not the metrics one), TLS 1.3 with `[server]`'s certificate
+//! (reloaded with it, `tls.rs`), and every connection presents a client certificate of the
+//! fleet CA allowing client auth, or the handshake fails. Every request is then checked for
+//! the operator role (`identity::operator_of`): an agent's certificate gets 403 before any
+//! handler runs. The operator's name (the certificate's CN) is what each change records as
+//! `created_by`. Handshakes run off the accept loop, at most `MAX_HANDSHAKES` at once and
+//! each within `HANDSHAKE_TIMEOUT`. Errors are JSON `{"error": ..}`, with `line` and `col`
+//! when they point into a submitted file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::IncomingStream;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{self, FleetError, Selection};
+use crate::identity::{self, Operator};
+use crate::pgtls::Target;
+use crate::runs::{self, RunRequest, RunTest};
+use crate::tls::ServerTls;
+
+/// TLS handshakes in progress at most; operators are few, scanners are not.
+const MAX_HANDSHAKES: usize = 64;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body: a fleet tests file of a few thousand tests fits.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Binds the API's listener (before the collector starts taking agents, so a taken port
+/// fails the start).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Api {
+    target: Target,
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    target: Target,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(Api { target });
+    let listener = ApiListener::start(listener, tls, shutdown.clone())?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<Caller>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+fn router(api: Api) -> Router {
+    Router::new()
+        .route("/api/v1/tests", get(tests_current).post(tests_apply))
+        .route("/api/v1/tests/versions", get(tests_versions))
+        .route("/api/v1/tests/diff", post(tests_diff))
+        .route("/api/v1/tests/rollback", post(tests_rollback))
+        .route("/api/v1/runs", post(runs_create))
+        .route("/api/v1/runs/{id}", get(runs_get))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (docs/API.md)") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed here (docs/API.md)",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(require_operator))
+        .with_state(api)
+}
+
+// ---------------------------------------------------------------------------------------
+// The listener: TLS connections, handshaken off the accept loop
+
+/// TLS connections accepted and handshaken in the background.
+struct ApiListener {
+    local: SocketAddr,
+    connections: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+}
+
+impl ApiListener {
+    fn start(
+        listener: TcpListener,
+        tls: Arc<ServerTls>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<ApiListener> {
+        let local = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(16);
+        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors, say: wait instead of spinning.
+                            tracing::warn!("api: accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = TlsAcceptor::from(tls.api_config());
+                let (tx, permits, shutdown) = (tx.clone(), permits.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let _permit = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        p = permits.acquire_owned() => p.expect("the semaphore is never closed"),
+                    };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            let reason = crate::tls::classify(&e);
+                            if reason == "bad_client_cert" || reason == "no_client_cert" {
+                                tracing::info!(%peer, reason, "api: tls handshake refused: {e}");
+                            } else {
+                                tracing::debug!(%peer, reason, "api: tls handshake failed: {e}");
+                            }
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "api: no tls handshake within {HANDSHAKE_TIMEOUT:?}")
+                        }
+                    }
+                });
+            }
+        });
+        Ok(ApiListener {
+            local,
+            connections: rx,
+        })
+    }
+}
+
+impl axum::serve::Listener for ApiListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.connections.recv().await {
+            Some(c) => c,
+            // The accept task ended (shutdown): serve's graceful shutdown ends us.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// Who is on a connection: its address and its certificate's operator role.
+#[derive(Clone, Debug)]
+struct Caller {
+    addr: SocketAddr,
+    operator: Operator,
+}
+
+impl Connected<IncomingStream<'_, ApiListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, ApiListener>) -> Caller {
+        let (_, conn) = stream.io().get_ref();
+        let operator = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map_or(Operator::None, |leaf| identity::operator_of(leaf.as_ref()));
+        Caller {
+            addr: *stream.remote_addr(),
+            operator,
+        }
+    }
+}
+
+/// The operator's name, for handlers (set by `require_operator`).
+#[derive(Clone, Debug)]
+struct OperatorName(String);
+
+/// 403 for any certificate without the operator role, before routing.
+async fn require_operator(
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match caller.operator {
+        Operator::Named(name) => {
+            tracing::debug!(operator = %name, addr = %caller.addr, method = %request.method(), path = %request.uri().path(), "api request");
+            request.extensions_mut().insert(OperatorName(name));
+            next.run(request).await
+        }
+        Operator::None => {
+            tracing::info!(addr = %caller.addr, path = %request.uri().path(), "api: refused a certificate without the operator role");
+            error(
+                StatusCode::FORBIDDEN,
+                "this client certificate has no operator role (an agent's certificate?); use one from `edgeprobe-collector cert issue --operator NAME`",
+            )
+        }
+        Operator::Inconsistent(why) => {
+            tracing::warn!(addr = %caller.addr, "api: refused an inconsistent operator certificate: {why}");
+            error(
+                StatusCode::FORBIDDEN,
+                &format!("not a valid operator certificate: {why}"),
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Responses
+
+/// An error answer: its status and `{"error": message}`, with `line`/`col` when it points
+/// into the submitted text.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    at: Option<(usize, usize)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            at: None,
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.at {
+            Some((line, col)) => json!({ "error": self.message, "line": line, "col": col }),
+            None => json!({ "error": self.message }),
+        };
+        ok(self.status, &body)
+    }
+}
+
+type Answer = Result<Response, ApiError>;
+
+fn error(status: StatusCode, message: &str) -> Response {
+    ApiError::new(status, message).into_response()
+}
+
+fn ok(status: StatusCode, value: &Value) -> Response {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+/// A boolean query parameter (`?dry_run=true`, `?dry_run=1`, `?dry_run`).
+fn query_flag(query: &Option<String>, name: &str) -> Result<bool, ApiError> {
+    let Some(query) = query else {
+        return Ok(false);
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
+        if key == name {
+            return match value {
+                "true" | "1" | "yes" | "" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                other => Err(ApiError::bad_request(format!(
+                    "{name}={other}: use true or false"
+                ))),
+            };
+        }
+    }
+    Ok(false)
+}
+
+/// The body, or the reason it could not be read (over `MAX_BODY_BYTES`: 413) as JSON.
+fn body_of(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {MAX_BODY_BYTES} bytes"),
+        ),
+        status => ApiError::new(status, e.body_text()),
+    })
+}
+
+fn body_text(body: &Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the body is not UTF-8 text"))
+}
+
+fn body_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("the body is not the JSON expected: {e}"),
+        at: Some((e.line(), e.column())),
+    })
+}
+
+async fn db(api: &Api) -> Result<tokio_postgres::Client, ApiError> {
+    crate::store::connect(&api.target).await.map_err(|e| {
+        tracing::warn!("api: database unavailable: {}", crate::store::describe(&e));
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+    })
+}
+
+/// A library error as an answer. `origin` is what the submitted text was called, so a
+/// located message (`origin:line:col: reason`) becomes 422 with `line` and `col`.
+fn fleet_error(e: FleetError, origin: &str) -> ApiError {
+    match e {
+        FleetError::Invalid(message) => {
+            let at = message
+                .strip_prefix(origin)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .and_then(|rest| {
+                    let mut parts = rest.splitn(3, ':');
+                    let line = parts.next()?.parse().ok()?;
+                    let col = parts.next()?.parse().ok()?;
+                    Some((line, col, parts.next()?.trim_start().to_string()))
+                });
+            match at {
+                Some((line, col, reason)) => ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    message: reason,
+                    at: Some((line, col)),
+                },
+                None => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message),
+            }
+        }
+        FleetError::NotFound(message) => ApiError::new(StatusCode::NOT_FOUND, message),
+        FleetError::Db(message) => {
+            tracing::warn!("api: database: {message}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("database: {message}"),
+            )
+        }
+    }
+}
+
+/// What a submitted file is called in `fleet_versions.origin` and in located errors.
+const ORIGIN: &str = "api";
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// `GET /api/v1/tests`: the current set, its version and where the agents stand.
+async fn tests_current(State(api): State<Api>) -> Answer {
+    let client = db(&api).await?;
+    let listing = fleet::list(&client)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(StatusCode::OK, &to_json(&listing)))
+}
+
+/// `GET /api/v1/tests/versions`: every version, newest first.
+async fn tests_versions(State(api): State<Api>) -> Answer {
+    let client = db(&api).await?;
+    let versions = fleet::versions(&client)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(
+        StatusCode::OK,
+        &json!({ "versions": to_json(&versions) }),
+    ))
+}
+
+/// `POST /api/v1/tests[?dry_run=true]`: the body is a fleet tests file.
+async fn tests_apply(
+    State(api): State<Api>,
+    axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let body = body_of(body)?;
+    let dry_run = query_flag(&query, "dry_run")?;
+    let text = body_text(&body)?;
+    let mut client = db(&api).await?;
+    let applied = fleet::apply(&mut client, text, ORIGIN, &operator, dry_run)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    if let Some(version) = applied.version {
+        tracing::info!(%operator, version, "api: fleet tests applied");
+    }
+    let status = if applied.version.is_some() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(ok(status, &to_json(&applied)))
+}
+
+/// `POST /api/v1/tests/diff`: the body is a fleet tests file; nothing changes.
+async fn tests_diff(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Answer {
+    let body = body_of(body)?;
+    let text = body_text(&body)?;
+    let client = db(&api).await?;
+    let diff = fleet::diff(&client, text, ORIGIN)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(StatusCode::OK, &to_json(&diff)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: i64,
+}
+
+/// `POST /api/v1/tests/rollback {"version": N}`: a new version with N's tests.
+async fn tests_rollback(
+    State(api): State<Api>,
+    axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let body = body_of(body)?;
+    let RollbackBody { version } = body_json(&body)?;
+    let mut client = db(&api).await?;
+    let applied = fleet::rollback(&mut client, version, &operator)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    if let Some(new) = applied.version {
+        tracing::info!(%operator, to = version, version = new, "api: fleet tests rolled back");
+    }
+    let status = if applied.version.is_some() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(ok(status, &to_json(&applied)))
+}
+
+/// The body of `POST /api/v1/runs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    select: Option<BTreeMap<String, String>>,
+    agents: Option<Vec<String>>,
+    test: Option<String>,
+    kind: Option<String>,
+    target: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, Value>,
+    name: Option<String>,
+}
+
+impl RunBody {
+    fn request(self) -> Result<RunRequest, ApiError> {
+        let invalid = |m: &str| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m);
+        let selection = match (self.select, self.agents) {
+            (Some(select), None) => Selection {
+                select,
+                agents: None,
+            },
+            (None, Some(agents)) => Selection {
+                select: BTreeMap::new(),
+                agents: Some(agents),
+            },
+            (Some(_), Some(_)) => return Err(invalid("give `select` or `agents`, not both")),
+            (None, None) => {
+                return Err(invalid(
+                    "give `select` (labels; {} for every agent) or `agents` (ids)",
+                ))
+            }
+        };
+        let test = match (self.test, self.kind, self.target) {
+            (Some(test), None, None) => {
+                if !self.options.is_empty() || self.name.is_some() {
+                    return Err(invalid(
+                        "`options` and `name` go with an ad-hoc test (`kind`, `target`), not with `test`",
+                    ));
+                }
+                RunTest::Named(test)
+            }
+            (None, Some(kind), Some(target)) => {
+                let mut options = Vec::with_capacity(self.options.len());
+                for (key, value) in self.options {
+                    let value = match value {
+                        Value::String(s) => s,
+                        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        other => {
+                            return Err(invalid(&format!(
+                                "option `{key}`: {other} is not a string, an integer or a boolean"
+                            )))
+                        }
+                    };
+                    options.push((key, value));
+                }
+                RunTest::Adhoc {
+                    kind,
+                    target,
+                    options,
+                    name: self.name,
+                }
+            }
+            (None, None, None) => {
+                return Err(invalid(
+                    "give `test` (a name) or `kind` and `target` (an ad-hoc test)",
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    "give either `test` alone or both `kind` and `target`",
+                ))
+            }
+        };
+        Ok(RunRequest { selection, test })
+    }
+}
+
+/// `POST /api/v1/runs`: asks the selected agents to run a test now; 202 with the run id.
+async fn runs_create(
+    State(api): State<Api>,
+    axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let body = body_of(body)?;
+    let request = body_json::<RunBody>(&body)?.request()?;
+    let mut client = db(&api).await?;
+    let created = runs::create(&mut client, &request, &operator)
+        .await
+        .map_err(|e| fleet_error(e, "run-now"))?;
+    tracing::info!(%operator, run_id = created.run_id, test = %created.test, agents = created.agents.len(), "api: run-now");
+    let mut answer = to_json(&created);
+    if let Value::Object(map) = &mut answer {
+        map.insert(
+            "timeout_seconds".into(),
+            json!(created.timeout.as_secs_f64()),
+        );
+        map.insert(
+            "dispatch_window_seconds".into(),
+            json!(runs::DISPATCH_WINDOW.as_secs_f64()),
+        );
+        map.insert(
+            "status".into(),
+            json!(format!("/api/v1/runs/{}", created.run_id)),
+        );
+    }
+    Ok(ok(StatusCode::ACCEPTED, &answer))
+}
+
+/// `GET /api/v1/runs/{id}`: each agent's state, the results so far and the summary.
+async fn runs_get(State(api): State<Api>, Path(id): Path<String>) -> Answer {
+    let run_id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")))?;
+    let client = db(&api).await?;
+    let status = runs::status(&client, run_id)
+        .await
+        .map_err(|e| fleet_error(e, "run-now"))?;
+    let summary = status.summary();
+    let mut answer = to_json(&status);
+    if let Value::Object(map) = &mut answer {
+        map.insert("finished".into(), json!(summary.finished()));
+        map.insert("summary".into(), to_json(&summary));
+    }
+    Ok(ok(StatusCode::OK, &answer))
+}
