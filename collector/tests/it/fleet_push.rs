@@ -244,6 +244,11 @@ fn run_now_reaches_three_agents_once_and_a_second_request_is_rate_limited() {
         })
         .collect();
     connected(&db, &ids);
+    // An `every` test fires once at agent start: wait for those three scheduled results,
+    // or one landing late would count as a scheduled result taken on demand.
+    wait_for(WAIT, "the three start-up runs of `slow`", || {
+        (db.scalar("SELECT count(*) FROM results WHERE test = 'slow'") == 3).then_some(())
+    });
     let before = db.scalar("SELECT count(*) FROM results WHERE test = 'slow'");
 
     let run = run_now(&db, "slow", &ids);
