@@ -485,10 +485,11 @@ fn api_pushes_a_file_to_the_selected_agent_and_a_run_now_returns_its_result() {
         },
     );
 
-    // A fleet test for Berlin, every hour. Both agents apply version 1 (Paris's is empty);
-    // only berlin-1 runs the test (an `every` test runs once at once).
+    // A fleet test for Berlin, every 2 s. Both agents apply version 1 (Paris's is empty);
+    // only berlin-1 runs the test (a pushed `every` test first runs at a random point of
+    // its first interval).
     let file = format!(
-        "[[test]]\nname = \"portal\"\nkind = \"http\"\ntarget = \"{}\"\nevery = \"1h\"\nselect = {{ site = \"berlin\" }}\n",
+        "[[test]]\nname = \"portal\"\nkind = \"http\"\ntarget = \"{}\"\nevery = \"2s\"\nselect = {{ site = \"berlin\" }}\n",
         target.url()
     );
     let a = curl(&c, Some(&alice), "POST", "/api/v1/tests", Some(&file));
