@@ -126,6 +126,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 return Ok(ExitCode::SUCCESS);
             }
             let d = &applied.diff;
+            warn_unselecting(d);
             let counts = format!(
                 "+{} ~{} -{} tests; selects {} of {} known agents",
                 d.added, d.changed, d.removed, d.agents_selected, d.agents_known
@@ -150,6 +151,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 return Ok(ExitCode::SUCCESS);
             }
             print_changes(&d);
+            warn_unselecting(&d);
             let against = match d.current {
                 Some(v) => format!("version {v}"),
                 None => "no fleet tests".to_string(),
@@ -318,6 +320,20 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     }
 }
 
+/// Warns (stderr) about tests that select none of the known agents: a typo in an id or a
+/// label value is otherwise applied without a word. Not an error: the agent may not have
+/// connected yet.
+fn warn_unselecting(d: &fleet::Diff) {
+    for t in &d.tests {
+        if t.agents_selected == 0 && !matches!(t.change, fleet::Change::Removed) {
+            eprintln!(
+                "warning: test `{}` ({}) selects none of the {} known agents; check the ids or labels",
+                t.name, t.selection, d.agents_known
+            );
+        }
+    }
+}
+
 pub async fn run_now(args: RunNowArgs) -> ExitCode {
     exit(run_now_inner(args).await)
 }
@@ -386,6 +402,10 @@ async fn run_now_inner(args: RunNowArgs) -> Result<ExitCode, Failure> {
         if !args.json {
             for r in &status.results {
                 if printed.insert(r.agent_id.clone()) {
+                    if progress {
+                        // The progress line stays at the bottom: clear it before a row.
+                        eprint!("\r\x1b[K");
+                    }
                     if !header {
                         println!("{:<20}  {:<4}  RESULT", "AGENT", "OK");
                         header = true;

@@ -143,6 +143,29 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("paris-1"), "the clash names the agent: {err}");
     assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 1);
+    // A typo in an agent id is warned about (the dry run stores nothing).
+    let typo = dir.path().join("fleet-typo.toml");
+    std::fs::write(
+        &typo,
+        format!("[[test]]\nname = \"t\"\nkind = \"tcp\"\ntarget = \"{}\"\nevery = \"1s\"\nagents = [\"berlin-l\"]\n", collector.http),
+    )
+    .unwrap();
+    let (code, _, err) = cli(
+        &db,
+        &[
+            "tests",
+            "apply",
+            "--dry-run",
+            "--file",
+            typo.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: test `t`") && err.contains("selects none of the 3 known agents"),
+        "{err}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 1);
 
     // Version 2 adds a test for Paris; a rollback to 1 takes it away again.
     let v2 = dir.path().join("fleet-v2.toml");
