@@ -156,7 +156,12 @@ pub fn init(dir: &Path) -> Result<Written, CaError> {
 
 /// Issues an agent, collector or operator certificate signed by the CA in `req.ca_dir`.
 pub fn issue(req: &IssueRequest) -> Result<Written, CaError> {
-    check_name(&req.name)?;
+    check_name(&req.name).map_err(|e| match (e, &req.role) {
+        (CaError::Usage(m), Role::Operator) => {
+            CaError::Usage(m.replacen("--name", "--operator", 1))
+        }
+        (e, _) => e,
+    })?;
     if !(1..=MAX_LEAF_DAYS).contains(&req.days) {
         return Err(CaError::Usage(format!(
             "--days must be 1..={MAX_LEAF_DAYS}"

@@ -87,8 +87,22 @@ fn read_file(path: &std::path::Path) -> Result<String, Failure> {
         .map_err(|e| Failure::Usage(format!("{}: cannot read: {e}", path.display())))
 }
 
+/// `println!` that ends the process quietly when stdout is a closed pipe (`| head`), as
+/// command line tools do, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("writing to stdout: {e}");
+        }
+    }};
+}
+
 fn print_json<T: serde::Serialize>(value: &T) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("plain structs serialize")
     );
@@ -132,14 +146,14 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 d.added, d.changed, d.removed, d.agents_selected, d.agents_known
             );
             match (applied.version, d.current) {
-                (Some(v), _) => println!("version {v} applied: {counts}"),
+                (Some(v), _) => outln!("version {v} applied: {counts}"),
                 (None, Some(cur)) if d.is_empty() => {
-                    println!("no change, version {cur} stays")
+                    outln!("no change, version {cur} stays")
                 }
                 (None, cur) => {
                     print_changes(d);
                     let next = cur.unwrap_or(0) + 1;
-                    println!("dry run: would make version {next}: {counts}");
+                    outln!("dry run: would make version {next}: {counts}");
                 }
             }
         }
@@ -156,7 +170,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 Some(v) => format!("version {v}"),
                 None => "no fleet tests".to_string(),
             };
-            println!(
+            outln!(
                 "against {against}: +{} ~{} -{} tests ({} unchanged); the file selects {} of {} known agents",
                 d.added,
                 d.changed,
@@ -173,7 +187,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 return Ok(ExitCode::SUCCESS);
             }
             let Some(v) = &l.current else {
-                println!(
+                outln!(
                     "no fleet tests yet ({} known agents); make some with `tests apply --file F`",
                     l.agents_known
                 );
@@ -183,9 +197,11 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 Some(_) => origin_of(v),
                 None => format!("from {}", v.origin),
             };
-            println!(
+            outln!(
                 "version {} by {} at {} ({from})",
-                v.version, v.created_by, v.created_at
+                v.version,
+                v.created_by,
+                v.created_at
             );
             let rows: Vec<[String; 6]> = l
                 .tests
@@ -205,7 +221,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 ["NAME", "KIND", "TARGET", "WHEN", "SELECTION", "AGENTS"],
                 &rows,
             );
-            println!(
+            outln!(
                 "agents: {} known, {} applied, {} behind, {} refused, {} too old for fleet tests",
                 l.agents_known,
                 l.applied,
@@ -214,7 +230,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 l.too_old
             );
             for r in &l.refused {
-                println!("  refused by {}: {}", r.agent_id, r.error);
+                outln!("  refused by {}: {}", r.agent_id, r.error);
             }
         }
         TestsCommand::Versions { json } => {
@@ -245,7 +261,7 @@ async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Fail
                 return Ok(ExitCode::SUCCESS);
             }
             let d = &applied.diff;
-            println!(
+            outln!(
                 "version {} applied (the tests of version {version}): +{} ~{} -{} tests; selects {} of {} known agents",
                 applied.version.unwrap_or_default(),
                 d.added,
@@ -312,7 +328,7 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -383,7 +399,7 @@ async fn run_now_inner(args: RunNowArgs) -> Result<ExitCode, Failure> {
     }
     let timeout = args.timeout.unwrap_or(created.timeout);
     if !args.json {
-        println!(
+        outln!(
             "run {}: test {} on {} agent{} (waiting up to {})",
             created.run_id,
             created.test,
@@ -407,10 +423,10 @@ async fn run_now_inner(args: RunNowArgs) -> Result<ExitCode, Failure> {
                         eprint!("\r\x1b[K");
                     }
                     if !header {
-                        println!("{:<20}  {:<4}  RESULT", "AGENT", "OK");
+                        outln!("{:<20}  {:<4}  RESULT", "AGENT", "OK");
                         header = true;
                     }
-                    println!("{}", result_row(r));
+                    outln!("{}", result_row(r));
                 }
             }
         }
@@ -455,26 +471,26 @@ async fn run_now_inner(args: RunNowArgs) -> Result<ExitCode, Failure> {
         }));
     } else {
         if !s.offline.is_empty() {
-            println!(
+            outln!(
                 "offline (no session within {}s): {}",
                 runs::DISPATCH_WINDOW.as_secs(),
                 s.offline.join(", ")
             );
         }
         if !s.busy.is_empty() {
-            println!("busy (a speed test holds them): {}", s.busy.join(", "));
+            outln!("busy (a speed test holds them): {}", s.busy.join(", "));
         }
         for r in &s.refused {
-            println!("refused by {}: {}", r.agent_id, r.reason);
+            outln!("refused by {}: {}", r.agent_id, r.reason);
         }
         if !timed_out.is_empty() {
-            println!(
+            outln!(
                 "no result within {}: {}",
                 humantime::format_duration(timeout),
                 timed_out.join(", ")
             );
         }
-        println!(
+        outln!(
             "{} of {} agents returned a result",
             s.done.len(),
             created.agents.len()

@@ -121,6 +121,7 @@ enum TestsCommand {
     /// (exit 2, file:line:col) when bad, or when a test has the name of a local test of an
     /// agent it selects. The same set as the current version makes no new version.
     Apply {
+        /// The fleet tests file: [[test]] blocks with `select` or `agents`.
         #[arg(long)]
         file: PathBuf,
         /// Check and show what would change; store nothing.
@@ -130,35 +131,42 @@ enum TestsCommand {
         /// automation acting for a person.
         #[arg(long, value_name = "NAME")]
         by: Option<String>,
+        /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Show what applying FILE would add, change and remove, and how many known agents each
     /// test selects. Changes nothing.
     Diff {
+        /// The fleet tests file: [[test]] blocks with `select` or `agents`.
         #[arg(long)]
         file: PathBuf,
+        /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// The current version (who, when), its tests and the agents selected, and how many
     /// agents applied it, are behind, or refused it (with the reason).
     List {
+        /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Every version, newest first.
     Versions {
+        /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Make a new version holding the tests of VERSION (origin "rollback").
     Rollback {
+        /// The version whose tests become current again (see `tests versions`).
         version: i64,
         /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
         /// automation acting for a person.
         #[arg(long, value_name = "NAME")]
         by: Option<String>,
+        /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
     },

@@ -308,3 +308,22 @@ fn run_now_on_three_agents_prints_three_on_demand_results() {
         3
     );
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() {
+    let db = TestDb::new();
+    migrate(&db);
+    // `edgeprobe-collector tests versions --json | head -c 0`: the reader is gone before
+    // the first write.
+    let mut child = std::process::Command::new(collector_bin())
+        .args(["tests", "versions", "--json", "--database-url", &db.url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
