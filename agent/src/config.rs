@@ -329,14 +329,7 @@ impl Config {
 
     /// Parses and checks config text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            locate(
-                text,
-                origin,
-                e.span(),
-                e.message().trim().replace('\n', " "),
-            )
-        })?;
+        let config: Config = from_toml(text, origin)?;
         config
             .check()
             .map_err(|(span, reason)| locate(text, origin, span, reason))?;
@@ -487,6 +480,18 @@ fn check_test(
     Ok(())
 }
 
+/// Deserializes `text`, locating a syntax or type error in it.
+fn from_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        locate(
+            text,
+            origin,
+            e.span(),
+            e.message().trim().replace('\n', " "),
+        )
+    })
+}
+
 /// Turns a checker's (span, reason) into an error located in `text`.
 fn locate(text: &str, origin: &str, span: Option<Range<usize>>, reason: String) -> ConfigError {
     match span {
@@ -542,10 +547,22 @@ pub struct FleetTest {
 impl FleetTest {
     /// Whether this test runs on the agent `agent_id` with `labels`.
     pub fn selects(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> bool {
-        match &self.agents {
-            Some(ids) => ids.iter().any(|id| id == agent_id),
-            None => self.select.iter().all(|(k, v)| labels.get(k) == Some(v)),
-        }
+        selects(&self.select, self.agents.as_deref(), agent_id, labels)
+    }
+}
+
+/// The selection rule of fleet tests and run-now, one for the agent's parser and the
+/// collector's push, apply and run: `agents` names the agent, else every `select` label
+/// equals one of the agent's (an empty `select` selects every agent).
+pub fn selects(
+    select: &BTreeMap<String, String>,
+    agents: Option<&[String]>,
+    agent_id: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    match agents {
+        Some(ids) => ids.iter().any(|id| id == agent_id),
+        None => select.iter().all(|(k, v)| labels.get(k) == Some(v)),
     }
 }
 
@@ -561,22 +578,8 @@ impl FleetFile {
     /// Parses and checks a fleet tests file; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<FleetFile, ConfigError> {
         let located = |(span, reason)| locate(text, origin, span, reason);
-        let parsed: TestsOnly = toml::from_str(text).map_err(|e| {
-            locate(
-                text,
-                origin,
-                e.span(),
-                e.message().trim().replace('\n', " "),
-            )
-        })?;
-        let tables: TestTables = toml::from_str(text).map_err(|e| {
-            locate(
-                text,
-                origin,
-                e.span(),
-                e.message().trim().replace('\n', " "),
-            )
-        })?;
+        let parsed: TestsOnly = from_toml(text, origin)?;
+        let tables: TestTables = from_toml(text, origin)?;
         let mut names = std::collections::HashSet::new();
         let mut tests = Vec::with_capacity(parsed.tests.len());
         for (config, mut table) in parsed.tests.into_iter().zip(tables.tests) {
@@ -676,14 +679,7 @@ pub fn parse_pushed_tests(
 /// Parses one ad-hoc `[[test]]` block for run-now: name, kind, target, options and labels,
 /// without `schedule` or `every`.
 pub fn parse_adhoc_test(text: &str, origin: &str) -> Result<TestConfig, ConfigError> {
-    let parsed: TestsOnly = toml::from_str(text).map_err(|e| {
-        locate(
-            text,
-            origin,
-            e.span(),
-            e.message().trim().replace('\n', " "),
-        )
-    })?;
+    let parsed: TestsOnly = from_toml(text, origin)?;
     let mut tests = parsed.tests.into_iter();
     let (Some(test), None) = (tests.next(), tests.next()) else {
         return Err(ConfigError::Unlocated {

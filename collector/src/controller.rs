@@ -79,10 +79,7 @@ pub struct FleetTest {
 
 impl FleetTest {
     pub fn selects(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> bool {
-        match &self.agents {
-            Some(ids) => ids.iter().any(|a| a == agent_id),
-            None => self.select.iter().all(|(k, v)| labels.get(k) == Some(v)),
-        }
+        edgeprobe_agent::config::selects(&self.select, self.agents.as_deref(), agent_id, labels)
     }
 }
 

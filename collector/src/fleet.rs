@@ -88,13 +88,12 @@ pub struct Selection {
 
 impl Selection {
     pub fn selects(&self, agent: &KnownAgent) -> bool {
-        match &self.agents {
-            Some(ids) => ids.contains(&agent.agent_id),
-            None => self
-                .select
-                .iter()
-                .all(|(k, v)| agent.labels.get(k) == Some(v)),
-        }
+        edgeprobe_agent::config::selects(
+            &self.select,
+            self.agents.as_deref(),
+            &agent.agent_id,
+            &agent.labels,
+        )
     }
 
     /// `site=berlin,role=edge`, `agents a, b`, or `all agents`.
