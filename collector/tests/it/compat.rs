@@ -21,16 +21,6 @@ fn old_binary(var: &str) -> PathBuf {
     path
 }
 
-fn results_of(db: &TestDb, agent: &str, test: &str) -> i64 {
-    db.client()
-        .query_one(
-            "SELECT count(*) FROM results WHERE agent_id = $1 AND test = $2",
-            &[&agent, &test],
-        )
-        .unwrap()
-        .get(0)
-}
-
 /// A fleet tests file selecting every agent, applied with this collector's CLI.
 fn apply_fleet(dir: &std::path::Path, db: &TestDb, target: &str, every: &str) {
     let file = dir.join(format!("fleet-{every}.toml"));

@@ -2,39 +2,16 @@
 //! `tests rollback` and `run-now` (the real CLI) against a real collector, real agents and
 //! a real PostgreSQL.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn agent_at(dir: &Path, id: &str, site: &str, endpoint: &str, tests: &str) -> Agent {
-    let mut a = Agent::new(dir, id, endpoint, tests);
-    let text = std::fs::read_to_string(&a.config).unwrap();
-    std::fs::write(
-        &a.config,
-        text.replace("site = \"lab\"", &format!("site = \"{site}\"")),
-    )
-    .unwrap();
-    a.start();
-    a
-}
-
 fn cli(db: &TestDb, args: &[&str]) -> (Option<i32>, String, String) {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--database-url", &db.url]);
     collector_cmd(&all)
-}
-
-fn count(db: &TestDb, agent: &str, test: &str) -> i64 {
-    db.client()
-        .query_one(
-            "SELECT count(*) FROM results WHERE agent_id = $1 AND test = $2",
-            &[&agent, &test],
-        )
-        .unwrap()
-        .get(0)
 }
 
 fn versions_applied(db: &TestDb) -> Vec<(String, Option<i64>)> {
@@ -69,10 +46,10 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
     let mut collector = Collector::start(dir.path(), &db);
     let target = HttpTarget::start("ok");
     let endpoint = collector.endpoint();
-    let mut b1 = agent_at(dir.path(), "berlin-1", "berlin", &endpoint, "");
-    let _b2 = agent_at(dir.path(), "berlin-2", "berlin", &endpoint, "");
+    let mut b1 = agent_at_site(dir.path(), "berlin-1", "berlin", &endpoint, "");
+    let _b2 = agent_at_site(dir.path(), "berlin-2", "berlin", &endpoint, "");
     // paris-1 has a test of its own named `web`.
-    let _p1 = agent_at(
+    let _p1 = agent_at_site(
         dir.path(),
         "paris-1",
         "paris",
@@ -100,7 +77,8 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
     assert!(out.contains("version 1"), "{out}");
     let applied_at = Instant::now();
     wait_for(WAIT, "berlin-tcp results from both Berlin agents", || {
-        (count(&db, "berlin-1", "berlin-tcp") >= 3 && count(&db, "berlin-2", "berlin-tcp") >= 3)
+        (results_of(&db, "berlin-1", "berlin-tcp") >= 3
+            && results_of(&db, "berlin-2", "berlin-tcp") >= 3)
             .then_some(())
     });
     wait_applied(&db, &all, 1);
@@ -109,7 +87,7 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
         applied_at.elapsed()
     );
     assert_eq!(
-        count(&db, "paris-1", "berlin-tcp"),
+        results_of(&db, "paris-1", "berlin-tcp"),
         0,
         "Paris is not selected"
     );
@@ -200,7 +178,7 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
         .get(0);
     assert_eq!(by, "alice (via ansible)");
     wait_for(WAIT, "paris-web results", || {
-        (count(&db, "paris-1", "paris-web") >= 3).then_some(())
+        (results_of(&db, "paris-1", "paris-web") >= 3).then_some(())
     });
     wait_applied(&db, &all, 2);
     let (code, out, err) = cli(&db, &["tests", "rollback", "1"]);
@@ -244,9 +222,9 @@ fn run_now_on_three_agents_prints_three_on_demand_results() {
     let endpoint = collector.endpoint();
     let _agents: Vec<Agent> = ["lab-1", "lab-2", "lab-3"]
         .iter()
-        .map(|id| agent_at(dir.path(), id, "lab", &endpoint, ""))
+        .map(|id| agent_at_site(dir.path(), id, "lab", &endpoint, ""))
         .collect();
-    let _other = agent_at(dir.path(), "elsewhere-1", "elsewhere", &endpoint, "");
+    let _other = agent_at_site(dir.path(), "elsewhere-1", "elsewhere", &endpoint, "");
     wait_for(WAIT, "four agents with their features", || {
         (db.scalar("SELECT count(*) FROM agents WHERE 'run-now' = ANY(features)") == 4)
             .then_some(())

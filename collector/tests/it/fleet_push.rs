@@ -3,7 +3,6 @@
 //! Versions and runs are inserted with SQL plus NOTIFY, exactly what `tests apply` and
 //! `run-now` do.
 
-use std::path::Path;
 use std::time::Duration;
 
 use edgeprobe_proto::v1 as pb;
@@ -81,28 +80,6 @@ fn run_now(db: &TestDb, test: &str, agents: &[&str]) -> i64 {
     run_id
 }
 
-fn agent(dir: &Path, id: &str, site: &str, endpoint: &str) -> Agent {
-    let mut a = Agent::new(dir, id, endpoint, "");
-    let text = std::fs::read_to_string(&a.config).unwrap();
-    std::fs::write(
-        &a.config,
-        text.replace("site = \"lab\"", &format!("site = \"{site}\"")),
-    )
-    .unwrap();
-    a.start();
-    a
-}
-
-fn count(db: &TestDb, agent: &str, test: &str) -> i64 {
-    db.client()
-        .query_one(
-            "SELECT count(*) FROM results WHERE agent_id = $1 AND test = $2",
-            &[&agent, &test],
-        )
-        .unwrap()
-        .get(0)
-}
-
 fn fleet_version(db: &TestDb, agent: &str) -> Option<i64> {
     db.client()
         .query_opt(
@@ -154,7 +131,7 @@ fn selected_agents_run_a_pushed_version_and_a_new_version_replaces_it() {
             } else {
                 "paris"
             };
-            agent(dir.path(), id, site, &collector.endpoint())
+            agent_at_site(dir.path(), id, site, &collector.endpoint(), "")
         })
         .collect();
     connected(&db, &ids);
@@ -180,16 +157,20 @@ fn selected_agents_run_a_pushed_version_and_a_new_version_replaces_it() {
         WAIT,
         "version 1 applied and run by the selected agents",
         || {
-            let ran = count(&db, "b-1", "berlin-web") > 0
-                && count(&db, "b-2", "berlin-web") > 0
-                && count(&db, "p-1", "only-p1") > 0;
+            let ran = results_of(&db, "b-1", "berlin-web") > 0
+                && results_of(&db, "b-2", "berlin-web") > 0
+                && results_of(&db, "p-1", "only-p1") > 0;
             let applied = ids.iter().all(|id| fleet_version(&db, id) == Some(1));
             (ran && applied).then_some(())
         },
     );
-    assert_eq!(count(&db, "p-1", "berlin-web"), 0, "paris is not selected");
-    assert_eq!(count(&db, "b-1", "only-p1"), 0);
-    assert_eq!(count(&db, "b-2", "only-p1"), 0);
+    assert_eq!(
+        results_of(&db, "p-1", "berlin-web"),
+        0,
+        "paris is not selected"
+    );
+    assert_eq!(results_of(&db, "b-1", "only-p1"), 0);
+    assert_eq!(results_of(&db, "b-2", "only-p1"), 0);
     let metrics = collector.metrics();
     assert_eq!(metric(&metrics, "edgeprobe_fleet_version"), 1.0);
 
@@ -204,15 +185,15 @@ fn selected_agents_run_a_pushed_version_and_a_new_version_replaces_it() {
         }],
     );
     wait_for(WAIT, "version 2 replaces version 1 everywhere", || {
-        let ran = ids.iter().all(|id| count(&db, id, "everyone") > 0);
+        let ran = ids.iter().all(|id| results_of(&db, id, "everyone") > 0);
         let applied = ids.iter().all(|id| fleet_version(&db, id) == Some(2));
         (ran && applied).then_some(())
     });
     // The tests of version 1 stopped: no new results once in-flight ones landed.
     std::thread::sleep(Duration::from_millis(1500));
-    let before = count(&db, "b-1", "berlin-web") + count(&db, "p-1", "only-p1");
+    let before = results_of(&db, "b-1", "berlin-web") + results_of(&db, "p-1", "only-p1");
     std::thread::sleep(Duration::from_millis(1500));
-    let after = count(&db, "b-1", "berlin-web") + count(&db, "p-1", "only-p1");
+    let after = results_of(&db, "b-1", "berlin-web") + results_of(&db, "p-1", "only-p1");
     assert_eq!(before, after, "version 1's tests are no longer run");
     let metrics = collector.metrics();
     assert_eq!(metric(&metrics, "edgeprobe_fleet_version"), 2.0);
@@ -599,7 +580,7 @@ fn a_lost_listener_connection_and_a_lost_notification_still_push() {
     let collector = Collector::start(dir.path(), &db);
     let target = HttpTarget::start("ok");
     let url = target.url();
-    let mut a = agent(dir.path(), "lost-1", "lab", &collector.endpoint());
+    let mut a = agent_at_site(dir.path(), "lost-1", "lab", &collector.endpoint(), "");
     connected(&db, &["lost-1"]);
     wait_for(WAIT, "the controller listening", || {
         collector
@@ -623,7 +604,7 @@ fn a_lost_listener_connection_and_a_lost_notification_still_push() {
     }];
     insert_version(&db, 1, &url, &tests, false);
     wait_for(WAIT, "the version applied without a notification", || {
-        (fleet_version(&db, "lost-1") == Some(1) && count(&db, "lost-1", "found-by-poll") > 0)
+        (fleet_version(&db, "lost-1") == Some(1) && results_of(&db, "lost-1", "found-by-poll") > 0)
             .then_some(())
     });
     let log = collector.proc.log_text();

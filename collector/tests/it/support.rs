@@ -832,3 +832,27 @@ pub fn http_result(id: &str, seq: u64, started_at_unix_nanos: i64) -> pb::Result
         ..Default::default()
     }
 }
+
+/// Rows in `results` of test `test` from agent `agent`.
+pub fn results_of(db: &TestDb, agent: &str, test: &str) -> i64 {
+    db.client()
+        .query_one(
+            "SELECT count(*) FROM results WHERE agent_id = $1 AND test = $2",
+            &[&agent, &test],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// An agent like `Agent::new` with `[agent] labels = { site = SITE }`, started.
+pub fn agent_at_site(dir: &Path, id: &str, site: &str, endpoint: &str, tests: &str) -> Agent {
+    let mut a = Agent::new(dir, id, endpoint, tests);
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        text.replace("site = \"lab\"", &format!("site = \"{site}\"")),
+    )
+    .unwrap();
+    a.start();
+    a
+}
