@@ -170,7 +170,7 @@ pub struct TestConfig {
     pub target: Spanned<String>,
     /// Cron with seconds: `sec min hour day-of-month month day-of-week`.
     #[serde(default, deserialize_with = "de_opt_cron")]
-    pub schedule: Option<CronSchedule>,
+    pub schedule: Option<Spanned<CronSchedule>>,
     /// Overrides `[agent] timezone` for this test's `schedule`.
     #[serde(default, deserialize_with = "de_opt_timezone")]
     pub timezone: Option<Tz>,
@@ -371,7 +371,7 @@ impl Config {
             if let Some(agents) = &test.agents {
                 return Err((Some(agents.span()), FLEET_ONLY.replace("{key}", "agents")));
             }
-            check_test(test, Some(&self.agent.labels), Schedule::Required)?;
+            check_test(test, Some(&self.agent), Schedule::Required)?;
             let name = test.name.get_ref();
             if !names.insert(name.clone()) {
                 return Err((
@@ -400,14 +400,15 @@ enum Schedule {
 }
 
 /// The checks of one test that need more than one field, shared by the agent's file,
-/// fleet tests files and ad-hoc tests. `agent_labels` is `None` where the agent is not
-/// known (the collector checking a fleet file): the merged label count is then checked by
-/// the agent when the test reaches it.
+/// fleet tests files and ad-hoc tests. `agent` is `None` where the agent is not known (the
+/// collector checking a fleet file): the merged label count is then checked by the agent
+/// when the test reaches it, and a schedule without its own `timezone` is read in UTC.
 fn check_test(
     test: &TestConfig,
-    agent_labels: Option<&BTreeMap<String, String>>,
+    agent: Option<&AgentSection>,
     schedule: Schedule,
 ) -> Result<(), (Option<Range<usize>>, String)> {
+    let agent_labels = agent.map(|a| &a.labels);
     let name = test.name.get_ref();
     bounds::test_name(name).map_err(|e| (Some(test.name.span()), e.to_string()))?;
     match (schedule, &test.schedule, &test.every) {
@@ -436,6 +437,15 @@ fn check_test(
             Some(test.name.span()),
             format!("test `{name}`: `timezone` applies to `schedule` only, not `every`"),
         ));
+    }
+    if let Some(cron) = &test.schedule {
+        let tz = test
+            .timezone
+            .or(agent.map(|a| a.timezone))
+            .unwrap_or(chrono_tz::UTC);
+        cron.get_ref()
+            .check_fires(tz, chrono::Utc::now())
+            .map_err(|reason| (Some(cron.span()), format!("test `{name}`: {reason}")))?;
     }
     if let Some(every) = test.every {
         if every < Duration::from_millis(10) {
@@ -663,7 +673,7 @@ pub fn parse_pushed_tests(
                 "a pushed test carries no `select` or `agents`".to_string(),
             )));
         }
-        check_test(&t.config, Some(&config.agent.labels), Schedule::Required).map_err(located)?;
+        check_test(&t.config, Some(&config.agent), Schedule::Required).map_err(located)?;
         let name = t.config.name.get_ref();
         if local.contains(name.as_str()) {
             return Err(located((
@@ -816,10 +826,11 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 }
 
 /// Parsed by the scheduler's own parser, so `check` and the run agree.
-fn de_opt_cron<'de, D: Deserializer<'de>>(d: D) -> Result<Option<CronSchedule>, D::Error> {
-    let s = String::deserialize(d)?;
-    CronSchedule::parse(&s)
-        .map(Some)
+fn de_opt_cron<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<CronSchedule>>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let span = s.span();
+    CronSchedule::parse(s.get_ref())
+        .map(|c| Some(Spanned::new(span, c)))
         .map_err(serde::de::Error::custom)
 }
 
@@ -1002,6 +1013,54 @@ every = "30s"
             e.starts_with("agent.toml:20:8: test `web`: `timezone` applies to `schedule` only"),
             "{e}"
         );
+    }
+
+    /// Issue 28 case 6: schedules that can never fire passed `check` and fleet apply, and
+    /// the running agent never ran them.
+    #[test]
+    fn a_schedule_that_can_never_fire_is_refused_at_its_location() {
+        let never = [
+            ("0 0 6 31 4,6,9,11 *", "can never fire"),
+            ("0 0 0 30 2 *", "can never fire"),
+            ("0 0 12 29 2 * 2027", "can never fire"),
+            (
+                "0 0 0 1 1 * 2019",
+                "never fires again: its last time was 2019-01-01",
+            ),
+        ];
+        for (cron, why) in never {
+            let text = GOOD.replace("0 */30 * * * *", cron);
+            let e = err(&text);
+            assert!(
+                e.starts_with(&format!(
+                    "agent.toml:16:12: test `internet-speed`: schedule `{cron}` {why}"
+                )),
+                "{cron}: {e}"
+            );
+            let fleet = FLEET.replace("0 */30 * * * *", cron);
+            let e = FleetFile::parse(&fleet, "fleet.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "fleet.toml:6:12: test `berlin-speed`: schedule `{cron}` {why}"
+                )),
+                "{cron}: {e}"
+            );
+        }
+        // Rare but real: every one of these fires (29 February every four years, the 31st
+        // of the months that have one, a weekday or the 1st).
+        for cron in [
+            "0 0 0 29 2 *",
+            "0 0 0 31 * *",
+            "0 0 8 1 * MON",
+            "0 0 12 29 2 * 2028",
+            "0 0 0 29 2 MON",
+            "0 0 0 L 2 *",
+        ] {
+            let text = GOOD.replace("0 */30 * * * *", cron);
+            Config::parse(&text, "agent.toml").unwrap_or_else(|e| panic!("{cron}: {e}"));
+        }
     }
 
     #[test]

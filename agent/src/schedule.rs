@@ -160,6 +160,40 @@ impl CronSchedule {
     }
 }
 
+impl CronSchedule {
+    /// `Ok` when the schedule fires at some time after `now` on the wall clock of `tz`;
+    /// otherwise why it never will: no date matches it at all (the 31st of a 30-day month,
+    /// 30 February, 29 February of a year that is not a leap year), or its year field
+    /// lies in the past. `check` refuses both (the running agent would never fire them).
+    pub fn check_fires(&self, tz: Tz, now: DateTime<Utc>) -> Result<(), String> {
+        if self.next_after(tz, now).is_some() {
+            return Ok(());
+        }
+        // Only a year field can put every run in the past; without one the calendar has
+        // no matching date at all (and searching back through the centuries is slow).
+        let with_year = self.text.split_whitespace().count() == 7;
+        let before = with_year
+            .then(|| {
+                self.cron
+                    .find_previous_occurrence(&now.with_timezone(&tz), false)
+                    .ok()
+            })
+            .flatten();
+        Err(match before {
+            Some(last) => format!(
+                "schedule `{}` never fires again: its last time was {} (a year in the past)",
+                self.text,
+                last.format("%Y-%m-%d %H:%M:%S %Z")
+            ),
+            None => format!(
+                "schedule `{}` can never fire: no date matches it (e.g. the 31st of a 30-day \
+                 month, 30 February, or 29 February of a year that is not a leap year)",
+                self.text
+            ),
+        })
+    }
+}
+
 impl fmt::Display for CronSchedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -355,7 +389,7 @@ impl Scheduler {
                 }
             })
         } else if let Some(schedule) = &tc.schedule {
-            let schedule = schedule.clone();
+            let schedule = schedule.get_ref().clone();
             let tz = tc.timezone.unwrap_or(config.agent.timezone);
             self.triggers.spawn(async move {
                 tokio::select! {
@@ -448,7 +482,7 @@ fn fingerprint(config: &Config, tc: &TestConfig) -> String {
         "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
         tc.kind,
         tc.target.get_ref(),
-        tc.schedule.as_ref().map(|s| s.to_string()),
+        tc.schedule.as_ref().map(|s| s.get_ref().to_string()),
         tc.schedule
             .as_ref()
             .map(|_| tc.timezone.unwrap_or(config.agent.timezone)),
@@ -506,7 +540,7 @@ async fn cron_timer(schedule: &CronSchedule, tz: Tz, test: &Arc<Test>, runner: &
     let mut last_fired: Option<DateTime<Utc>> = None;
     loop {
         let Some(at) = next else {
-            tracing::warn!(test = %name, schedule = %schedule, "schedule has no run within a year; not firing");
+            tracing::warn!(test = %name, schedule = %schedule, "schedule has no run ahead (its year field is past); not firing");
             return;
         };
         let wait = (at - now).to_std().unwrap_or(Duration::ZERO).min(STEP);

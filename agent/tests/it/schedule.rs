@@ -359,3 +359,35 @@ timezone = "Mars/Olympus"
         "{stderr}"
     );
 }
+
+/// Issue 28 case 6: a schedule that can never fire passed `check` ("ok") and the running
+/// agent never ran it. `check` now refuses it at the schedule's place, exit 2.
+#[test]
+fn check_refuses_a_schedule_that_can_never_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    for (cron, why) in [
+        ("0 0 6 31 4,6,9,11 *", "can never fire: no date matches it"),
+        (
+            "0 0 0 1 1 * 2019",
+            "never fires again: its last time was 2019-01-01 00:00:00 UTC",
+        ),
+    ] {
+        let tests = format!(
+            "\n[[test]]\nname = \"never\"\nkind = \"tcp\"\ntarget = \"TARGET\"\nschedule = \"{cron}\"\n"
+        );
+        let config = write_config(dir.path(), "", &tests);
+        let out = Command::new(BIN)
+            .args(["check", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cron}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "{}:14:12: test `never`: schedule `{cron}` {why}",
+                config.display()
+            )),
+            "{stderr}"
+        );
+    }
+}

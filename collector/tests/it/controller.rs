@@ -108,6 +108,21 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
     let (code, _, err) = cli(&db, &["tests", "apply", "--file", bad.to_str().unwrap()]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(&format!("{}:4:10:", bad.display())), "{err}");
+    // A schedule that can never fire (issue 28 case 6) is refused at its place.
+    std::fs::write(
+        &bad,
+        "[[test]]\nname = \"x\"\nkind = \"tcp\"\ntarget = \"127.0.0.1:1\"\nschedule = \"0 0 0 30 2 *\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(&db, &["tests", "apply", "--file", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:5:12: test `x`: schedule `0 0 0 30 2 *` can never fire",
+            bad.display()
+        )),
+        "{err}"
+    );
     let clash = dir.path().join("fleet-clash.toml");
     std::fs::write(
         &clash,
