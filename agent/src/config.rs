@@ -12,17 +12,20 @@
 //! over the agent's.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono_tz::Tz;
 use edgeprobe_proto::bounds;
+use edgeprobe_proto::testdef::units::{de_labels, de_opt_name, de_timezone};
+use edgeprobe_proto::testdef::{
+    check_test, from_toml, locate, parse_duration, AgentContext, FleetFile, Scheduling,
+};
 use serde::{Deserialize, Deserializer};
-use toml::Spanned;
 
-use crate::schedule::CronSchedule;
+/// The test definition is shared with the collector (`edgeprobe_proto::testdef`).
+pub use edgeprobe_proto::testdef::{ConfigError, Kind, TestConfig, TestOptions};
 
 /// Default byte cap of the result buffer.
 pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 256 * 1024 * 1024;
@@ -52,6 +55,16 @@ pub struct AgentSection {
     /// IANA time zone that `schedule`s are read in, unless a test sets its own.
     #[serde(default = "default_timezone", deserialize_with = "de_timezone")]
     pub timezone: Tz,
+}
+
+impl AgentSection {
+    /// What the test checks know of this agent.
+    pub fn context(&self) -> AgentContext<'_> {
+        AgentContext {
+            labels: &self.labels,
+            timezone: self.timezone,
+        }
+    }
 }
 
 impl Default for AgentSection {
@@ -117,206 +130,6 @@ fn de_reconnect_spread<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     Ok(spread)
 }
 
-/// The kinds of test an agent can run (SPEC section 3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Speed,
-    Icmp,
-    Tcp,
-    Http,
-    Dns,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Speed => "speed",
-            Kind::Icmp => "icmp",
-            Kind::Tcp => "tcp",
-            Kind::Http => "http",
-            Kind::Dns => "dns",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "speed" => Ok(Kind::Speed),
-            "icmp" => Ok(Kind::Icmp),
-            "tcp" => Ok(Kind::Tcp),
-            "http" => Ok(Kind::Http),
-            "dns" => Ok(Kind::Dns),
-            other => Err(format!(
-                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns"
-            )),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TestConfig {
-    pub name: Spanned<String>,
-    pub kind: Kind,
-    pub target: Spanned<String>,
-    /// Cron with seconds: `sec min hour day-of-month month day-of-week`.
-    #[serde(default, deserialize_with = "de_opt_cron")]
-    pub schedule: Option<Spanned<CronSchedule>>,
-    /// Overrides `[agent] timezone` for this test's `schedule`.
-    #[serde(default, deserialize_with = "de_opt_timezone")]
-    pub timezone: Option<Tz>,
-    /// Fixed interval, e.g. "30s" or "30m".
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub every: Option<Duration>,
-    /// Each run starts after a random delay in [0, spread).
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub spread: Option<Duration>,
-    /// Merged over the agent's labels; the span locates a merged count over the bound.
-    #[serde(default = "default_labels", deserialize_with = "de_spanned_labels")]
-    pub labels: Spanned<BTreeMap<String, String>>,
-    #[serde(default = "default_options")]
-    pub options: Spanned<TestOptions>,
-    /// Fleet tests only (`FleetFile`): the agents whose `[agent] labels` hold all of these.
-    #[serde(default, deserialize_with = "de_opt_spanned_labels")]
-    pub select: Option<Spanned<BTreeMap<String, String>>>,
-    /// Fleet tests only (`FleetFile`): the agent ids this test runs on.
-    #[serde(default)]
-    pub agents: Option<Spanned<Vec<String>>>,
-}
-
-fn default_labels() -> Spanned<BTreeMap<String, String>> {
-    Spanned::new(0..0, BTreeMap::new())
-}
-
-fn default_options() -> Spanned<TestOptions> {
-    Spanned::new(0..0, TestOptions::default())
-}
-
-/// Options of a test. One struct for all kinds so unknown keys are located by the parser;
-/// `Config::check` then refuses options that do not apply to the test's kind.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TestOptions {
-    /// Whole-run limit (all kinds).
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub timeout: Option<Duration>,
-    // speed
-    /// Measurement time per direction.
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub duration: Option<Duration>,
-    /// Parallel streams for both directions (overridden by the per-direction keys).
-    pub streams: Option<u32>,
-    pub download_streams: Option<u32>,
-    pub upload_streams: Option<u32>,
-    /// Start of each direction excluded from the rate (TCP slow start).
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub warmup: Option<Duration>,
-    /// Idle latency round trips.
-    pub pings: Option<u32>,
-    // icmp
-    pub count: Option<u32>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub interval: Option<Duration>,
-    // tcp
-    /// Also time a TLS handshake after connecting.
-    pub tls: Option<bool>,
-    // http
-    pub method: Option<String>,
-    pub expect_status: Option<u16>,
-    pub body_match: Option<String>,
-    /// Redirects followed, at most (default 0: a 3xx is the answer).
-    pub follow_redirects: Option<u32>,
-    // tcp, http
-    /// Accept any server certificate (still measured and reported).
-    pub insecure_tls: Option<bool>,
-    // dns
-    pub record_type: Option<String>,
-    pub server: Option<String>,
-}
-
-impl TestOptions {
-    /// The option keys that are set, for the per-kind applicability check.
-    fn set_keys(&self) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        macro_rules! key {
-            ($($f:ident),*) => { $( if self.$f.is_some() { keys.push(stringify!($f)); } )* };
-        }
-        key!(
-            timeout,
-            duration,
-            streams,
-            download_streams,
-            upload_streams,
-            warmup,
-            pings,
-            count,
-            interval,
-            tls,
-            method,
-            expect_status,
-            body_match,
-            follow_redirects,
-            insecure_tls,
-            record_type,
-            server
-        );
-        keys
-    }
-
-    fn allowed(kind: Kind) -> &'static [&'static str] {
-        match kind {
-            Kind::Speed => &[
-                "timeout",
-                "duration",
-                "streams",
-                "download_streams",
-                "upload_streams",
-                "warmup",
-                "pings",
-            ],
-            Kind::Icmp => &["timeout", "count", "interval"],
-            Kind::Tcp => &["timeout", "tls", "insecure_tls"],
-            Kind::Http => &[
-                "timeout",
-                "method",
-                "expect_status",
-                "body_match",
-                "follow_redirects",
-                "insecure_tls",
-            ],
-            Kind::Dns => &["timeout", "record_type", "server"],
-        }
-    }
-}
-
-/// A configuration error, located in its file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}:{col}: {reason}")]
-    Invalid {
-        path: String,
-        line: usize,
-        col: usize,
-        reason: String,
-    },
-    #[error("{path}: {reason}")]
-    Unlocated { path: String, reason: String },
-}
-
 impl Config {
     /// Reads, parses and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -371,7 +184,7 @@ impl Config {
             if let Some(agents) = &test.agents {
                 return Err((Some(agents.span()), FLEET_ONLY.replace("{key}", "agents")));
             }
-            check_test(test, Some(&self.agent), Schedule::Required)?;
+            check_test(test, Some(self.agent.context()), Scheduling::Required)?;
             let name = test.name.get_ref();
             if !names.insert(name.clone()) {
                 return Err((
@@ -391,265 +204,6 @@ impl Config {
 
 const FLEET_ONLY: &str = "`{key}` chooses agents for a fleet test (`edgeprobe-collector tests \
      apply`); a test in the agent's own file runs on that agent only: remove `{key}`";
-
-/// Whether a test must have `schedule` or `every` (ad-hoc run-now tests have neither).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Schedule {
-    Required,
-    Forbidden,
-}
-
-/// The checks of one test that need more than one field, shared by the agent's file,
-/// fleet tests files and ad-hoc tests. `agent` is `None` where the agent is not known (the
-/// collector checking a fleet file): the merged label count is then checked by the agent
-/// when the test reaches it, and a schedule without its own `timezone` is read in UTC.
-fn check_test(
-    test: &TestConfig,
-    agent: Option<&AgentSection>,
-    schedule: Schedule,
-) -> Result<(), (Option<Range<usize>>, String)> {
-    let agent_labels = agent.map(|a| &a.labels);
-    let name = test.name.get_ref();
-    bounds::test_name(name).map_err(|e| (Some(test.name.span()), e.to_string()))?;
-    match (schedule, &test.schedule, &test.every) {
-        (Schedule::Required, Some(_), Some(_)) => {
-            return Err((
-                Some(test.name.span()),
-                format!("test `{name}` sets both `schedule` and `every`; choose one"),
-            ))
-        }
-        (Schedule::Required, None, None) => {
-            return Err((
-                Some(test.name.span()),
-                format!("test `{name}` needs `schedule` (cron with seconds) or `every`"),
-            ))
-        }
-        (Schedule::Forbidden, Some(_), _) | (Schedule::Forbidden, _, Some(_)) => {
-            return Err((
-                Some(test.name.span()),
-                format!("test `{name}` runs once, now: leave out `schedule` and `every`"),
-            ))
-        }
-        _ => {}
-    }
-    if test.timezone.is_some() && test.schedule.is_none() {
-        return Err((
-            Some(test.name.span()),
-            format!("test `{name}`: `timezone` applies to `schedule` only, not `every`"),
-        ));
-    }
-    if let Some(cron) = &test.schedule {
-        let tz = test
-            .timezone
-            .or(agent.map(|a| a.timezone))
-            .unwrap_or(chrono_tz::UTC);
-        cron.get_ref()
-            .check_fires(tz, chrono::Utc::now())
-            .map_err(|reason| (Some(cron.span()), format!("test `{name}`: {reason}")))?;
-    }
-    if let Some(every) = test.every {
-        if every < Duration::from_millis(10) {
-            return Err((
-                Some(test.name.span()),
-                format!("test `{name}`: `every` must be at least 10ms"),
-            ));
-        }
-    }
-    check_target(test.kind, test.target.get_ref())
-        .map_err(|reason| (Some(test.target.span()), reason))?;
-    if let Some(agent_labels) = agent_labels {
-        let own = test.labels.get_ref();
-        let merged = agent_labels.len()
-            + own
-                .keys()
-                .filter(|k| !agent_labels.contains_key(*k))
-                .count();
-        if merged > bounds::MAX_LABELS {
-            return Err((
-                Some(test.labels.span()),
-                format!(
-                    "test `{name}`: {merged} labels after merging [agent] labels, at most {}",
-                    bounds::MAX_LABELS
-                ),
-            ));
-        }
-    }
-    let allowed = TestOptions::allowed(test.kind);
-    for key in test.options.get_ref().set_keys() {
-        if !allowed.contains(&key) {
-            return Err((
-                Some(test.options.span()),
-                format!(
-                    "option `{key}` does not apply to kind {}; it takes: {}",
-                    test.kind,
-                    allowed.join(", ")
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Deserializes `text`, locating a syntax or type error in it.
-fn from_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        locate(
-            text,
-            origin,
-            e.span(),
-            e.message().trim().replace('\n', " "),
-        )
-    })
-}
-
-/// Turns a checker's (span, reason) into an error located in `text`.
-fn locate(text: &str, origin: &str, span: Option<Range<usize>>, reason: String) -> ConfigError {
-    match span {
-        Some(span) => {
-            let (line, col) = line_col(text, span.start);
-            ConfigError::Invalid {
-                path: origin.to_string(),
-                line,
-                col,
-                reason,
-            }
-        }
-        None => ConfigError::Unlocated {
-            path: origin.to_string(),
-            reason,
-        },
-    }
-}
-
-/// Only `[[test]]` blocks: the syntax of a fleet tests file and of what the collector
-/// pushes to an agent.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TestsOnly {
-    #[serde(default, rename = "test")]
-    tests: Vec<TestConfig>,
-}
-
-/// The `test` array of the same text as plain TOML tables, for re-serialising each test.
-#[derive(Deserialize)]
-struct TestTables {
-    #[serde(default, rename = "test")]
-    tests: Vec<toml::Table>,
-}
-
-#[derive(serde::Serialize)]
-struct OneTest<'a> {
-    test: [&'a toml::Table; 1],
-}
-
-/// One test of a fleet tests file.
-#[derive(Debug, Clone)]
-pub struct FleetTest {
-    pub config: TestConfig,
-    /// Labels an agent must all carry; empty with `agents` unset selects every agent.
-    pub select: BTreeMap<String, String>,
-    /// Agent ids the test runs on, instead of a label selection.
-    pub agents: Option<Vec<String>>,
-    /// The test as one `[[test]]` block without `select` / `agents`: what an agent gets.
-    pub spec_toml: String,
-}
-
-impl FleetTest {
-    /// Whether this test runs on the agent `agent_id` with `labels`.
-    pub fn selects(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> bool {
-        selects(&self.select, self.agents.as_deref(), agent_id, labels)
-    }
-}
-
-/// The selection rule of fleet tests and run-now, one for the agent's parser and the
-/// collector's push, apply and run: `agents` names the agent, else every `select` label
-/// equals one of the agent's (an empty `select` selects every agent).
-pub fn selects(
-    select: &BTreeMap<String, String>,
-    agents: Option<&[String]>,
-    agent_id: &str,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    match agents {
-        Some(ids) => ids.iter().any(|id| id == agent_id),
-        None => select.iter().all(|(k, v)| labels.get(k) == Some(v)),
-    }
-}
-
-/// A fleet tests file (`edgeprobe-collector tests apply --file`): the agent config's
-/// `[[test]]` blocks, each with an optional `select = { label = "value" }` or
-/// `agents = ["id", ...]`, checked by the same code as the agent's own file.
-#[derive(Debug, Clone, Default)]
-pub struct FleetFile {
-    pub tests: Vec<FleetTest>,
-}
-
-impl FleetFile {
-    /// Parses and checks a fleet tests file; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &str) -> Result<FleetFile, ConfigError> {
-        let located = |(span, reason)| locate(text, origin, span, reason);
-        let parsed: TestsOnly = from_toml(text, origin)?;
-        let tables: TestTables = from_toml(text, origin)?;
-        let mut names = std::collections::HashSet::new();
-        let mut tests = Vec::with_capacity(parsed.tests.len());
-        for (config, mut table) in parsed.tests.into_iter().zip(tables.tests) {
-            check_test(&config, None, Schedule::Required).map_err(located)?;
-            let name = config.name.get_ref();
-            if !names.insert(name.clone()) {
-                return Err(located((
-                    Some(config.name.span()),
-                    format!("duplicate test name `{name}`"),
-                )));
-            }
-            if let (Some(_), Some(agents)) = (&config.select, &config.agents) {
-                return Err(located((
-                    Some(agents.span()),
-                    format!("test `{name}` sets both `select` and `agents`; choose one"),
-                )));
-            }
-            if let Some(agents) = &config.agents {
-                if agents.get_ref().is_empty() {
-                    return Err(located((
-                        Some(agents.span()),
-                        format!(
-                            "test `{name}`: `agents` is empty; leave it out to select every agent"
-                        ),
-                    )));
-                }
-                for id in agents.get_ref() {
-                    bounds::agent_id(id).map_err(|e| {
-                        located((Some(agents.span()), format!("test `{name}`: agents: {e}")))
-                    })?;
-                }
-            }
-            table.remove("select");
-            table.remove("agents");
-            let spec_toml = toml::to_string(&OneTest { test: [&table] })
-                .map_err(|e| located((Some(config.name.span()), format!("test `{name}`: {e}"))))?;
-            tests.push(FleetTest {
-                select: config
-                    .select
-                    .as_ref()
-                    .map(|s| s.get_ref().clone())
-                    .unwrap_or_default(),
-                agents: config.agents.as_ref().map(|a| a.get_ref().clone()),
-                spec_toml,
-                config,
-            });
-        }
-        Ok(FleetFile { tests })
-    }
-
-    /// The tests that run on agent `agent_id` with `labels`, as the `tests_toml` of a push.
-    pub fn tests_toml_for(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> String {
-        self.tests
-            .iter()
-            .filter(|t| t.selects(agent_id, labels))
-            .map(|t| t.spec_toml.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
 
 /// Parses the fleet tests pushed to this agent (`FleetTests.tests_toml`) and checks them
 /// against the agent's own config: the merged label bound, and no name of a local test.
@@ -673,7 +227,12 @@ pub fn parse_pushed_tests(
                 "a pushed test carries no `select` or `agents`".to_string(),
             )));
         }
-        check_test(&t.config, Some(&config.agent), Schedule::Required).map_err(located)?;
+        check_test(
+            &t.config,
+            Some(config.agent.context()),
+            Scheduling::Required,
+        )
+        .map_err(located)?;
         let name = t.config.name.get_ref();
         if local.contains(name.as_str()) {
             return Err(located((
@@ -686,97 +245,12 @@ pub fn parse_pushed_tests(
     Ok(tests)
 }
 
-/// Parses one ad-hoc `[[test]]` block for run-now: name, kind, target, options and labels,
-/// without `schedule` or `every`.
-pub fn parse_adhoc_test(text: &str, origin: &str) -> Result<TestConfig, ConfigError> {
-    let parsed: TestsOnly = from_toml(text, origin)?;
-    let mut tests = parsed.tests.into_iter();
-    let (Some(test), None) = (tests.next(), tests.next()) else {
-        return Err(ConfigError::Unlocated {
-            path: origin.to_string(),
-            reason: "an ad-hoc test is exactly one [[test]] block".to_string(),
-        });
-    };
-    let located = |(span, reason)| locate(text, origin, span, reason);
-    if test.select.is_some() || test.agents.is_some() {
-        return Err(located((
-            Some(test.name.span()),
-            "an ad-hoc test carries no `select` or `agents`".to_string(),
-        )));
-    }
-    check_test(&test, None, Schedule::Forbidden).map_err(located)?;
-    Ok(test)
-}
-
-/// Checks a target's syntax for its kind (reachability is the probe's business). Messages
-/// show the target with its password redacted.
-pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
-    bounds::target(target).map_err(|e| e.to_string())?;
-    let shown = crate::probe::addr::redact(target);
-    match kind {
-        Kind::Http => {
-            crate::probe::addr::HttpUrl::parse(target)?;
-        }
-        Kind::Speed => {
-            let uri: hyper::Uri = target
-                .parse()
-                .map_err(|e| format!("target `{shown}` is not a URL: {e}"))?;
-            match uri.scheme_str() {
-                Some("http") | Some("https") => {}
-                _ => {
-                    return Err(format!(
-                        "target `{shown}` must start with http:// or https://"
-                    ))
-                }
-            }
-            if uri.host().is_none() {
-                return Err(format!("target `{shown}` has no host"));
-            }
-        }
-        Kind::Tcp => {
-            let (host, port) = target
-                .rsplit_once(':')
-                .ok_or_else(|| format!("target `{target}` must be host:port"))?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(format!("target `{target}` must be host:port"));
-            }
-        }
-        Kind::Icmp | Kind::Dns => {
-            if target.contains(char::is_whitespace) || target.contains('/') {
-                return Err(format!("target `{target}` must be a host name or address"));
-            }
-        }
-    }
-    Ok(())
-}
-
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let mut offset = offset.min(text.len());
-    // A span inside a multi-byte char would panic the slice below.
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let col = text[line_start..offset].chars().count() + 1;
-    (line, col)
-}
-
-/// Parses "250ms", "30s", "5m", "1h", "1d", or combinations like "1m30s".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("invalid duration `{s}` ({e}); use e.g. \"500ms\", \"30s\", \"5m\", \"1h\"")
-    })
 }
 
 /// Parses "1048576", "512KiB", "256MiB", "1GiB", "10MB", "1kB".
@@ -805,13 +279,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{s}` is too large"))
 }
 
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -823,56 +290,6 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         Size::Int(n) => Ok(n),
         Size::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
     }
-}
-
-/// Parsed by the scheduler's own parser, so `check` and the run agree.
-fn de_opt_cron<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<CronSchedule>>, D::Error> {
-    let s = Spanned::<String>::deserialize(d)?;
-    let span = s.span();
-    CronSchedule::parse(s.get_ref())
-        .map(|c| Some(Spanned::new(span, c)))
-        .map_err(serde::de::Error::custom)
-}
-
-/// An IANA time zone name ("Europe/Berlin", "UTC"), from chrono-tz's compiled-in database.
-pub fn parse_timezone(s: &str) -> Result<Tz, String> {
-    s.parse::<Tz>().map_err(|_| {
-        format!("unknown time zone `{s}`; use an IANA name such as \"Europe/Berlin\" or \"UTC\"")
-    })
-}
-
-fn de_timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Tz, D::Error> {
-    parse_timezone(&String::deserialize(d)?).map_err(serde::de::Error::custom)
-}
-
-fn de_opt_timezone<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tz>, D::Error> {
-    de_timezone(d).map(Some)
-}
-
-fn de_opt_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let s = String::deserialize(d)?;
-    bounds::agent_id(&s).map_err(serde::de::Error::custom)?;
-    Ok(Some(s))
-}
-
-fn de_labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    let labels = BTreeMap::<String, String>::deserialize(d)?;
-    bounds::labels(labels.iter()).map_err(serde::de::Error::custom)?;
-    Ok(labels)
-}
-
-fn de_spanned_labels<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Spanned<BTreeMap<String, String>>, D::Error> {
-    let labels = Spanned::<BTreeMap<String, String>>::deserialize(d)?;
-    bounds::labels(labels.get_ref().iter()).map_err(serde::de::Error::custom)?;
-    Ok(labels)
-}
-
-fn de_opt_spanned_labels<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Spanned<BTreeMap<String, String>>>, D::Error> {
-    de_spanned_labels(d).map(Some)
 }
 
 fn de_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -895,6 +312,8 @@ fn de_endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error
 
 #[cfg(test)]
 mod tests {
+    use edgeprobe_proto::testdef::parse_adhoc_test;
+
     use super::*;
 
     const GOOD: &str = r#"
@@ -1258,6 +677,7 @@ every = "30s"
 #[cfg(test)]
 mod proptests {
     use super::*;
+    use edgeprobe_proto::testdef::line_col;
     use proptest::prelude::*;
 
     /// Fragments of real agent config, so random files get past the TOML parser often

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use edgeprobe_agent::config::{self, Config, Kind, TestOptions};
+use edgeprobe_agent::config::{Config, Kind, TestOptions};
 use edgeprobe_agent::probe::{self, ProbeSpec};
 use edgeprobe_agent::{buffer, fleet, report, run, target};
 
@@ -105,7 +105,7 @@ enum Command {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    config::parse_duration(s)
+    edgeprobe_proto::testdef::parse_duration(s)
 }
 
 fn main() -> ExitCode {
@@ -228,7 +228,7 @@ fn main() -> ExitCode {
             record_type,
             server,
         } => {
-            if let Err(reason) = config::check_target(kind, &target) {
+            if let Err(reason) = edgeprobe_proto::testdef::check_target(kind, &target) {
                 eprintln!("edgeprobe-agent probe: {reason}");
                 return ExitCode::from(2);
             }

@@ -79,7 +79,7 @@ pub struct FleetTest {
 
 impl FleetTest {
     pub fn selects(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> bool {
-        edgeprobe_agent::config::selects(&self.select, self.agents.as_deref(), agent_id, labels)
+        edgeprobe_proto::testdef::selects(&self.select, self.agents.as_deref(), agent_id, labels)
     }
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use edgeprobe_agent::config::{FleetFile, FleetTest};
+use edgeprobe_proto::testdef::{FleetFile, FleetTest};
 use serde::Serialize;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient};
@@ -88,7 +88,7 @@ pub struct Selection {
 
 impl Selection {
     pub fn selects(&self, agent: &KnownAgent) -> bool {
-        edgeprobe_agent::config::selects(
+        edgeprobe_proto::testdef::selects(
             &self.select,
             self.agents.as_deref(),
             &agent.agent_id,

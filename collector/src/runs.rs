@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use edgeprobe_agent::config::parse_adhoc_test;
+use edgeprobe_proto::testdef::parse_adhoc_test;
 use serde::Serialize;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient};

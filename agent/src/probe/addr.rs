@@ -1,5 +1,6 @@
-//! Targets as addresses: `host:port` and URL parsing with IPv6 zones, resolution to a
-//! socket address, and the one redaction of credentials in a target.
+//! Targets as addresses: `host:port` with IPv6 zones and resolution to a socket address.
+//! The syntax of URLs and IP literals, and `redact`, are the test definition's
+//! (`edgeprobe_proto::testdef`).
 //!
 //! - Zones: `fe80::2%eth0` (RFC 4007) in every kind's target and in dns `server`, written
 //!   `[fe80::2%eth0]:8080` with a port and `http://[fe80::2%25eth0]:8080/` in a URL (RFC
@@ -12,27 +13,12 @@
 //! - `redact` is the only place that hides a URL's password; every target that leaves a
 //!   probe (result, output, logs, `check`) goes through it.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
-use super::{ErrorClass, ProbeError};
+/// Target syntax is part of the test definition, shared with the collector.
+pub use edgeprobe_proto::testdef::{parse_ip, redact, HttpUrl};
 
-/// An IP literal and its zone, if any (`fe80::2%eth0`, `[fe80::2%eth0]`, `192.0.2.1`).
-pub fn parse_ip(host: &str) -> Option<(IpAddr, Option<&str>)> {
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    let (ip, zone) = match host.split_once('%') {
-        Some((ip, zone)) => (ip, Some(zone)),
-        None => (host, None),
-    };
-    let ip: IpAddr = ip.parse().ok()?;
-    match zone {
-        Some(z) if z.is_empty() || ip.is_ipv4() => None,
-        _ => Some((ip, zone)),
-    }
-}
+use super::{ErrorClass, ProbeError};
 
 /// The socket address of an IP literal: the zone resolved to a scope id; a link-local
 /// address without one is refused with a message that says how to write it.
@@ -132,176 +118,9 @@ pub async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ProbeError> {
     }
 }
 
-/// An http(s) URL parsed, its IPv6 zone kept apart (the URL parser knows none).
-#[derive(Debug, Clone)]
-pub struct HttpUrl {
-    pub url: url::Url,
-    pub zone: Option<String>,
-}
-
-impl HttpUrl {
-    pub fn parse(target: &str) -> Result<HttpUrl, String> {
-        let bad = |why: &dyn std::fmt::Display| {
-            format!("target `{}` is not a URL: {why}", redact(target))
-        };
-        let (plain, zone) = take_zone(target.trim());
-        let url = url::Url::parse(&plain).map_err(|e| bad(&e))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
-                "target `{}` must start with http:// or https://",
-                redact(target)
-            ));
-        }
-        match (url.host(), &zone) {
-            (None, _) => return Err(bad(&"no host")),
-            (Some(url::Host::Ipv6(_)), _) | (_, None) => {}
-            (Some(_), Some(_)) => return Err(bad(&"a zone is only for an IPv6 address")),
-        }
-        Ok(HttpUrl { url, zone })
-    }
-
-    pub fn https(&self) -> bool {
-        self.url.scheme() == "https"
-    }
-
-    pub fn port(&self) -> u16 {
-        self.url
-            .port_or_known_default()
-            .unwrap_or(if self.https() { 443 } else { 80 })
-    }
-
-    /// The host for resolving: a name, or an IP literal with its zone.
-    pub fn host(&self) -> String {
-        match (self.url.host(), &self.zone) {
-            (Some(url::Host::Ipv6(ip)), Some(zone)) => format!("{ip}%{zone}"),
-            (Some(url::Host::Ipv6(ip)), None) => ip.to_string(),
-            (Some(host), _) => host.to_string(),
-            (None, _) => String::new(),
-        }
-    }
-
-    /// The `Host` header: host and non-default port, no userinfo, no zone.
-    pub fn authority(&self) -> String {
-        let host = self.url.host_str().unwrap_or_default();
-        match self.url.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_string(),
-        }
-    }
-
-    /// The request target: path and query.
-    pub fn path_and_query(&self) -> String {
-        match self.url.query() {
-            Some(q) => format!("{}?{q}", self.url.path()),
-            None => self.url.path().to_string(),
-        }
-    }
-
-    /// `user` and `password` percent-decoded, when the URL carries a user.
-    pub fn credentials(&self) -> Option<(String, String)> {
-        if self.url.username().is_empty() && self.url.password().is_none() {
-            return None;
-        }
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        Some((
-            decode(self.url.username()),
-            decode(self.url.password().unwrap_or_default()),
-        ))
-    }
-
-    /// Same scheme, host (and zone) and port: where credentials may go again.
-    pub fn same_origin(&self, other: &HttpUrl) -> bool {
-        self.url.origin() == other.url.origin() && self.zone == other.zone
-    }
-
-    /// A `Location` resolved against this URL; a relative one keeps this URL's zone.
-    pub fn join(&self, location: &str) -> Result<HttpUrl, String> {
-        if location.contains("://") {
-            return HttpUrl::parse(location);
-        }
-        let url = self
-            .url
-            .join(location)
-            .map_err(|e| format!("bad Location `{location}`: {e}"))?;
-        let zone = (url.host() == self.url.host()).then(|| self.zone.clone());
-        Ok(HttpUrl {
-            url,
-            zone: zone.flatten(),
-        })
-    }
-}
-
-/// Takes the zone out of a URL's bracketed host: `http://[fe80::2%25eth0]:80/` is
-/// `http://[fe80::2]:80/` and `eth0`. `%25` is RFC 6874's form; a bare `%` is taken too
-/// when what follows is not an escape.
-fn take_zone(target: &str) -> (Cow<'_, str>, Option<String>) {
-    let Some(open) = target.find("://").map(|i| i + 3) else {
-        return (Cow::Borrowed(target), None);
-    };
-    let authority_end = target[open..]
-        .find(['/', '?', '#'])
-        .map_or(target.len(), |i| open + i);
-    let authority = &target[open..authority_end];
-    let (Some(lb), Some(rb)) = (authority.find('['), authority.find(']')) else {
-        return (Cow::Borrowed(target), None);
-    };
-    let Some(pct) = authority[lb..rb].find('%').map(|i| lb + i) else {
-        return (Cow::Borrowed(target), None);
-    };
-    let raw = &authority[pct + 1..rb];
-    let raw = raw.strip_prefix("25").unwrap_or(raw);
-    let zone = percent_encoding::percent_decode_str(raw)
-        .decode_utf8_lossy()
-        .into_owned();
-    let plain = format!(
-        "{}{}{}",
-        &target[..open + pct],
-        &authority[rb..],
-        &target[authority_end..]
-    );
-    (Cow::Owned(plain), Some(zone))
-}
-
-/// The target with a URL's password replaced by `***` (`user:***@host`): the only form of
-/// a target that is stored, shown or logged.
-pub fn redact(target: &str) -> Cow<'_, str> {
-    let Some(open) = target.find("://").map(|i| i + 3) else {
-        return Cow::Borrowed(target);
-    };
-    let authority_end = target[open..]
-        .find(['/', '?', '#'])
-        .map_or(target.len(), |i| open + i);
-    let Some(at) = target[open..authority_end].rfind('@').map(|i| open + i) else {
-        return Cow::Borrowed(target);
-    };
-    match target[open..at].find(':').map(|i| open + i) {
-        Some(colon) => Cow::Owned(format!("{}:***{}", &target[..colon], &target[at..])),
-        None => Cow::Borrowed(target),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted_and_nothing_else() {
-        assert_eq!(
-            redact("http://user:secret@127.0.0.1:8081/echo"),
-            "http://user:***@127.0.0.1:8081/echo"
-        );
-        assert_eq!(
-            redact("https://u:p%40ss:w@h/x?next=a@b"),
-            "https://u:***@h/x?next=a@b"
-        );
-        assert_eq!(redact("http://user@h/"), "http://user@h/");
-        assert_eq!(redact("http://h/a:b@c"), "http://h/a:b@c");
-        assert_eq!(redact("[fe80::1%eth0]:80"), "[fe80::1%eth0]:80");
-    }
 
     #[test]
     fn ip_literals_with_zones() {
@@ -329,23 +148,5 @@ mod tests {
             scope_id("nonexistent0").unwrap_err().class,
             ErrorClass::Local
         );
-    }
-
-    #[test]
-    fn urls_with_zones_and_credentials() {
-        let u = HttpUrl::parse("http://al%20ice:p%3Ass@[fe80::2%25vA]:8080/p?q=1").unwrap();
-        assert_eq!(u.zone.as_deref(), Some("vA"));
-        assert_eq!(u.host(), "fe80::2%vA");
-        assert_eq!(u.authority(), "[fe80::2]:8080");
-        assert_eq!(u.path_and_query(), "/p?q=1");
-        assert_eq!(u.credentials(), Some(("al ice".into(), "p:ss".into())));
-        let bare = HttpUrl::parse("http://[fe80::2%vA]/").unwrap();
-        assert_eq!((bare.zone.as_deref(), bare.port()), (Some("vA"), 80));
-        let next = u.join("/other").unwrap();
-        assert_eq!(next.zone.as_deref(), Some("vA"));
-        assert!(u.same_origin(&next));
-        assert!(HttpUrl::parse("http://h%25x/").is_err());
-        assert!(HttpUrl::parse("ftp://h/").is_err());
-        assert_eq!(HttpUrl::parse("https://h/").unwrap().credentials(), None);
     }
 }
