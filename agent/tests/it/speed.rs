@@ -497,3 +497,46 @@ fn speed_upload_with_one_early_answer_counts_a_failed_stream() {
     assert_eq!(v["streams_failed"].as_u64(), Some(1), "{v}");
     assert!(f64_of(&v, "upload_bits_per_second") > 10e6, "{v}");
 }
+
+/// A garbage endpoint whose chunked body cannot be parsed is `protocol` at once, saying
+/// so (it was `other`: hyper reports it as invalid data).
+#[test]
+fn speed_with_a_malformed_chunked_download_is_protocol() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request = String::new();
+                    while !request.ends_with("\r\n\r\n") {
+                        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    if request.contains("/garbage") {
+                        let _ = writer.write_all(
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+                        );
+                        std::thread::sleep(Duration::from_secs(10));
+                        return;
+                    }
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "2s", "--streams", "2"],
+    );
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "protocol", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("chunk size"), "{message}");
+    assert!(f64_of(&v, "duration_seconds") < 1.5, "{v}");
+}

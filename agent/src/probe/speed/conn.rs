@@ -320,8 +320,11 @@ pub fn hyper_error(what: &str, e: hyper::Error) -> ProbeError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // hyper reports a body it cannot parse (a bad chunk size) as invalid data.
             let class = match io.kind() {
-                std::io::ErrorKind::UnexpectedEof => ErrorClass::Protocol,
+                std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::InvalidData
+                | std::io::ErrorKind::InvalidInput => ErrorClass::Protocol,
                 _ => ErrorClass::of_io(io),
             };
             return ProbeError::new(class, format!("{what}: {e}: {io}"));
