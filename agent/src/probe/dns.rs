@@ -12,6 +12,10 @@
 //!   the run's deadline, and is repeated over TCP when the answer is truncated.
 //! - An answer counts only if its id, QR bit and question match the query; anything else
 //!   arriving on the socket is ignored, so a confused or hostile server cannot end the run.
+//! - An answer whose header and question match but whose rest cannot be parsed (a record
+//!   with a wrong RDLENGTH, SVCB keys out of order, ...) is the server's answer all the
+//!   same: a `protocol` failure at once, naming the record that could not be parsed and
+//!   keeping `resolve_seconds`, not a wait for an answer that already came.
 //! - NOERROR is success, also with an empty answer section (NODATA), like
 //!   blackbox-exporter's default; any other rcode is a failure of class `dns` that keeps
 //!   the rcode and the answer count.
@@ -20,8 +24,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, Record, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout_at;
@@ -101,10 +106,19 @@ async fn measure(
         format!("waiting for an answer from {server}"),
     );
     let start = Instant::now();
-    let mut answer = ask_udp(server, &wire, &query, deadline).await?;
-    if answer.truncated() {
-        answer = ask_tcp(server, &wire, &query, deadline).await?;
-    }
+    let exchange = async {
+        let answer = ask_udp(server, &wire, &query, deadline).await?;
+        if answer.truncated() {
+            return ask_tcp(server, &wire, &query, deadline).await;
+        }
+        Ok(answer)
+    };
+    let answer = exchange.await.inspect_err(|e| {
+        // A malformed answer is an answer: its time counts.
+        if e.class == ErrorClass::Protocol {
+            fields.resolve_seconds = Some(secs(start.elapsed()));
+        }
+    })?;
     fields.resolve_seconds = Some(secs(start.elapsed()));
     fields.answers = answer.answers().len() as u32;
     let rcode = answer.response_code();
@@ -244,7 +258,7 @@ async fn ask_udp(
                 Ok(Err(e)) => return Err(io_error(server, "no answer from", e)),
                 Ok(Ok(n)) => {
                     if let Some(answer) = matching(query, &buf[..n]) {
-                        return Ok(answer);
+                        return answer.map_err(|why| malformed(server, why));
                     }
                 }
             }
@@ -280,7 +294,7 @@ async fn ask_tcp(
                 .await
                 .map_err(|e| io_error(server, "short answer (TCP) from", e))?;
             if let Some(answer) = matching(query, &buf) {
-                return Ok(answer);
+                return answer.map_err(|why| malformed(server, why));
             }
         }
     };
@@ -289,17 +303,49 @@ async fn ask_tcp(
         .unwrap_or_else(|_| Err(timeout(server)))
 }
 
-/// The datagram parsed, if it answers this query.
-fn matching(query: &Message, datagram: &[u8]) -> Option<Message> {
-    let answer = Message::from_vec(datagram).ok()?;
-    let same_question = answer.queries().len() == query.queries().len()
-        && answer
-            .queries()
+/// The datagram parsed, if it answers this query (its id, QR bit and question match);
+/// `Err` saying what could not be parsed when it answers but is malformed.
+fn matching(query: &Message, datagram: &[u8]) -> Option<Result<Message, String>> {
+    let mut decoder = BinDecoder::new(datagram);
+    let header = Header::read(&mut decoder).ok()?;
+    if header.id() != query.id() || header.message_type() != MessageType::Response {
+        return None;
+    }
+    let questions = (0..header.query_count())
+        .map(|_| Query::read(&mut decoder))
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    let same_question = questions.len() == query.queries().len()
+        && questions
             .iter()
             .zip(query.queries())
             .all(|(a, q)| a.query_type() == q.query_type() && a.name() == q.name());
-    (answer.id() == query.id() && answer.message_type() == MessageType::Response && same_question)
-        .then_some(answer)
+    if !same_question {
+        return None;
+    }
+    Some(Message::from_vec(datagram).map_err(|e| {
+        // Say which record, where hickory's own error does not.
+        let sections = [
+            ("answer", header.answer_count()),
+            ("authority", header.name_server_count()),
+            ("additional", header.additional_count()),
+        ];
+        for (section, count) in sections {
+            for i in 1..=count {
+                if let Err(e) = Record::read(&mut decoder) {
+                    return format!("{section} record {i} of {count}: {e}");
+                }
+            }
+        }
+        e.to_string()
+    }))
+}
+
+fn malformed(server: SocketAddr, why: String) -> ProbeError {
+    ProbeError::new(
+        ErrorClass::Protocol,
+        format!("malformed answer from {server}: {why}"),
+    )
 }
 
 /// The rcode as dig prints it: NOERROR, NXDOMAIN, SERVFAIL, ...

@@ -141,8 +141,10 @@ impl Probe<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        // hyper's own words are general ("error reading a body from connection"); what
+        // could not be parsed is in its sources.
         let protocol =
-            |e: hyper::Error| ProbeError::new(ErrorClass::Protocol, format!("HTTP: {e}"));
+            |e: hyper::Error| ProbeError::new(ErrorClass::Protocol, format!("HTTP: {}", chain(&e)));
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(protocol)?;
@@ -260,4 +262,19 @@ impl Probe<'_> {
 /// Adds a phase's time to its field (phases add up over redirect hops).
 fn add(field: &mut Option<f64>, took: std::time::Duration) {
     *field = Some(field.unwrap_or(0.0) + secs(took));
+}
+
+/// An error and its sources, each said once: `a: b: c`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            said.push_str(": ");
+            said.push_str(&text);
+        }
+        source = cause.source();
+    }
+    said
 }

@@ -8,17 +8,29 @@
 //! - A reply counts when its type, identifier (raw sockets; the kernel demultiplexes
 //!   datagram sockets), sequence and a per-run random token in the payload match, so other
 //!   pingers on the host and duplicates cannot skew the figures.
+//! - Each request waits for its reply until its own deadline, the same for every request:
+//!   what the whole-run limit (`timeout`) leaves after the sending schedule,
+//!   `timeout - margin - (count - 1) * interval` (at least `MIN_REPLY_WAIT`). A reply
+//!   after its request's deadline is lost. So how long a reply may take does not depend on
+//!   the request's position, and a longer `timeout` waits longer for every reply.
 //! - The exchange runs on a blocking thread (a blocked `recvfrom` wakes straight from the
 //!   kernel; an async task would add the runtime's wake-up to every round trip). It ends
-//!   when every reply is in, or `REPLY_WAIT` after the last request, or just before the
-//!   whole-run limit, so a partial run still reports what it measured.
+//!   when every request has its reply (or an error from the network), or when the last
+//!   request's deadline passes, and always just before the whole-run limit, so a partial
+//!   run still reports what it measured.
 //! - The target is an IP literal (IPv6 with a zone: `fe80::1%eth0`) or a name whose first
 //!   address is used; a link-local address needs its zone (`addr.rs`).
 //! - All replies lost is a failure: `unreachable` when the network said so (a send error
-//!   or an ICMP destination-unreachable), `loss` otherwise.
+//!   or an ICMP destination-unreachable), `loss` otherwise. A raw socket reads the
+//!   destination-unreachable itself; a ping socket gets it from its error queue
+//!   (IP_RECVERR / IPV6_RECVERR, `sock_extended_err` with the offender's address), and
+//!   both report it in the same words (`unreachable_error`).
+//!
+//! Unsafe code: `set_recverr` calls `libc::setsockopt` with a `c_int` on a socket we own;
+//! neither socket2 nor rustix wraps IP_RECVERR.
 
 use std::io::ErrorKind;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -29,8 +41,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 pub const DEFAULT_COUNT: u32 = 5;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
-/// How long to wait for replies after the last request.
-const REPLY_WAIT: Duration = Duration::from_secs(2);
+/// The shortest wait for a reply, when `timeout` leaves less after the sending schedule
+/// (the requests sent last are then cut off by the run's end instead).
+const MIN_REPLY_WAIT: Duration = Duration::from_secs(1);
+/// The longest single blocking receive: the kernel keeps short timeouts to a tick.
+const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// Sequence numbers are 16 bits and each request keeps its send time.
 const MAX_COUNT: u32 = 10_000;
 /// ICMP payload after the header, as `ping`'s default 56 bytes.
@@ -66,18 +81,20 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
         .options
         .timeout
         .unwrap_or_else(|| default_timeout(spec));
-    let deadline = start + limit.saturating_sub((limit / 10).min(Duration::from_millis(200)));
+    let usable = limit.saturating_sub((limit / 10).min(Duration::from_millis(200)));
+    let deadline = start + usable;
     let count = spec
         .options
         .count
         .unwrap_or(DEFAULT_COUNT)
         .clamp(1, MAX_COUNT);
     let interval = spec.options.interval.unwrap_or(DEFAULT_INTERVAL);
+    let reply_wait = reply_wait(usable, count, interval);
 
     let dest = resolve(&spec.target).await?;
     let ip = dest.ip();
     let (socket, mode) = open(ip.is_ipv6())?;
-    tracing::debug!(target = %spec.target, %ip, ?mode, "icmp socket open");
+    tracing::debug!(target = %spec.target, %ip, ?mode, ?reply_wait, "icmp socket open");
     let session = Session {
         socket,
         mode,
@@ -85,12 +102,18 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
         ident: rand::random(),
         token: rand::random(),
     };
+    let plan = Plan {
+        count,
+        interval,
+        reply_wait,
+        start,
+        deadline,
+    };
     // A blocked thread wakes straight from the kernel; an async task would add the
     // runtime's wake-up latency to every round trip.
-    let (rtts, network_said) =
-        tokio::task::spawn_blocking(move || session.run(count, interval, start, deadline))
-            .await
-            .map_err(|e| ProbeError::new(ErrorClass::Other, format!("icmp session failed: {e}")))?;
+    let (rtts, network_said) = tokio::task::spawn_blocking(move || session.run(plan))
+        .await
+        .map_err(|e| ProbeError::new(ErrorClass::Other, format!("icmp session failed: {e}")))?;
 
     let sent = rtts.len() as u32;
     let samples: Vec<f64> = rtts.iter().flatten().map(|d| secs(*d)).collect();
@@ -111,11 +134,43 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
         return Err(network_said.unwrap_or_else(|| {
             ProbeError::new(
                 ErrorClass::Loss,
-                format!("no echo reply from {ip} ({sent} requests sent)"),
+                format!(
+                    "no echo reply from {ip} ({sent} requests sent, each waited {})",
+                    humantime::format_duration(reply_wait)
+                ),
             )
         }));
     }
     Ok(())
+}
+
+/// How long each request waits for its reply: what the run's usable time leaves after
+/// the sending schedule, so the last request waits as long as the first.
+fn reply_wait(usable: Duration, count: u32, interval: Duration) -> Duration {
+    let schedule = interval.saturating_mul(count.saturating_sub(1));
+    usable.saturating_sub(schedule).max(MIN_REPLY_WAIT)
+}
+
+/// When to send and how long to wait.
+struct Plan {
+    count: u32,
+    interval: Duration,
+    /// Each request's deadline is its send time plus this.
+    reply_wait: Duration,
+    start: Instant,
+    /// The end of the whole exchange, whatever is still awaited.
+    deadline: Instant,
+}
+
+/// Where one request stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slot {
+    /// Sent at this instant, no answer yet.
+    Waiting(Instant),
+    /// Answered after this round trip.
+    Replied(Duration),
+    /// The network said it will not be answered (send error, destination unreachable).
+    Failed,
 }
 
 /// One run's echo exchange on a blocking socket.
@@ -131,33 +186,30 @@ struct Session {
 impl Session {
     /// Sends `count` requests `interval` apart from `start`; returns each request's round
     /// trip (`None`: lost) and what the network said about failures.
-    fn run(
-        self,
-        count: u32,
-        interval: Duration,
-        start: Instant,
-        deadline: Instant,
-    ) -> (Vec<Option<Duration>>, Option<ProbeError>) {
+    fn run(self, plan: Plan) -> (Vec<Option<Duration>>, Option<ProbeError>) {
         let ip = self.dest.ip();
         let v6 = ip.is_ipv6();
         let dest = self.dest;
-        let mut sent_at: Vec<Instant> = Vec::with_capacity(count as usize);
-        let mut rtts: Vec<Option<Duration>> = Vec::with_capacity(count as usize);
-        let mut received = 0u32;
+        let mut slots: Vec<Slot> = Vec::with_capacity(plan.count as usize);
         let mut network_said: Option<ProbeError> = None;
         let mut buf = vec![0u8; 2048];
-        let mut next_send = start;
+        let mut next_send = plan.start;
         loop {
-            let sent = sent_at.len() as u32;
-            if sent == count && received == sent {
+            let sent = slots.len() as u32;
+            // Requests go out in order, so the last one still waiting has the latest
+            // deadline.
+            let last_waiting = slots.iter().rev().find_map(|slot| match slot {
+                Slot::Waiting(at) => Some(*at),
+                _ => None,
+            });
+            let sending = sent < plan.count && next_send < plan.deadline;
+            if !sending && last_waiting.is_none() {
                 break;
             }
-            let sending = sent < count && next_send < deadline;
             let now = Instant::now();
             if sending && now >= next_send {
                 let packet = echo_request(v6, self.ident, sent as u16, self.token);
-                sent_at.push(Instant::now());
-                rtts.push(None);
+                slots.push(Slot::Waiting(Instant::now()));
                 if let Err(e) = self.socket.send_to(&packet, dest) {
                     // EINVAL for a valid request means a blackhole route.
                     let class = match e.kind() {
@@ -168,14 +220,15 @@ impl Session {
                         class,
                         format!("cannot send echo request to {ip}: {e}"),
                     ));
+                    slots[sent as usize] = Slot::Failed;
                 }
-                next_send += interval;
+                next_send += plan.interval;
                 continue;
             }
-            let wake = match sent_at.last() {
+            let wake = match last_waiting {
                 _ if sending => next_send,
-                Some(last) => (*last + REPLY_WAIT).min(deadline),
-                None => deadline,
+                Some(at) => (at + plan.reply_wait).min(plan.deadline),
+                None => plan.deadline,
             };
             if now >= wake {
                 if sending {
@@ -183,8 +236,10 @@ impl Session {
                 }
                 break;
             }
-            // A zero timeout means "block forever" to the kernel, so never pass one.
-            let wait = (wake - now).max(Duration::from_micros(1));
+            // A zero timeout means "block forever" to the kernel, so never pass one; a long
+            // one fires late (the timer wheel's slack grows with the timeout, 70 ms on 4 s
+            // here), so wait in short slices.
+            let wait = (wake - now).clamp(Duration::from_micros(1), WAIT_SLICE);
             if self.socket.set_read_timeout(Some(wait)).is_err() {
                 break;
             }
@@ -194,34 +249,101 @@ impl Session {
                     continue
                 }
                 Err(e) => {
-                    // A pending socket error (e.g. unreachable): keep it, don't spin on it.
-                    network_said = Some(ProbeError::new(
-                        ErrorClass::of_io(&e),
-                        format!("echo to {ip}: {e}"),
-                    ));
-                    std::thread::sleep(Duration::from_millis(1));
+                    // A pending socket error (e.g. unreachable). A ping socket queues the
+                    // ICMP error behind it, with the router's address and our request.
+                    let mut said =
+                        ProbeError::new(ErrorClass::of_io(&e), format!("echo to {ip}: {e}"));
+                    if self.mode == Mode::Datagram {
+                        while let Some(queued) = errqueue::read(&self.socket, v6) {
+                            let Some(seq) =
+                                ours(&queued.request, self.mode, self.ident, self.token, true)
+                            else {
+                                continue;
+                            };
+                            if let Some(code) = queued.unreachable {
+                                said = unreachable_error(queued.offender, ip, v6, code);
+                                fail(&mut slots, seq);
+                            }
+                        }
+                    }
+                    network_said = Some(said);
                     continue;
                 }
             };
             let now = Instant::now();
             match parse(&buf[..n], v6, self.mode, self.ident, self.token) {
                 Some(Reply::Echo(seq)) if from.ip() == ip => {
-                    let seq = usize::from(seq);
-                    if let (Some(slot @ None), Some(at)) = (rtts.get_mut(seq), sent_at.get(seq)) {
-                        *slot = Some(now - *at);
-                        received += 1;
+                    if let Some(slot) = slots.get_mut(usize::from(seq)) {
+                        if let Slot::Waiting(at) = *slot {
+                            let rtt = now - at;
+                            // A reply after its request's deadline is lost, whenever the
+                            // run happens to end.
+                            if rtt <= plan.reply_wait {
+                                *slot = Slot::Replied(rtt);
+                            }
+                        }
                     }
                 }
-                Some(Reply::Unreachable(code)) => {
-                    network_said = Some(ProbeError::new(
-                        ErrorClass::Unreachable,
-                        format!("{from} reports {ip} unreachable (code {code})"),
-                    ));
+                Some(Reply::Unreachable { seq, code }) => {
+                    network_said = Some(unreachable_error(Some(from.ip()), ip, v6, code));
+                    fail(&mut slots, seq);
                 }
                 _ => {}
             }
         }
+        let rtts = slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Replied(rtt) => Some(rtt),
+                _ => None,
+            })
+            .collect();
         (rtts, network_said)
+    }
+}
+
+/// A request the network answered with an error: nothing more to wait for.
+fn fail(slots: &mut [Slot], seq: u16) {
+    if let Some(slot @ Slot::Waiting(_)) = slots.get_mut(usize::from(seq)) {
+        *slot = Slot::Failed;
+    }
+}
+
+/// An ICMP destination-unreachable about our request, in the same words whichever socket
+/// saw it.
+fn unreachable_error(router: Option<IpAddr>, target: IpAddr, v6: bool, code: u8) -> ProbeError {
+    let router = router.map_or_else(|| "the network".to_string(), |r| r.to_string());
+    ProbeError::new(
+        ErrorClass::Unreachable,
+        format!(
+            "{router} reports {target} unreachable: {} (code {code})",
+            unreachable_reason(v6, code)
+        ),
+    )
+}
+
+/// The name of a destination-unreachable code (RFC 792 and 1812; RFC 4443 for ICMPv6).
+fn unreachable_reason(v6: bool, code: u8) -> &'static str {
+    match (v6, code) {
+        (false, 0) => "network unreachable",
+        (false, 1) => "host unreachable",
+        (false, 2) => "protocol unreachable",
+        (false, 3) => "port unreachable",
+        (false, 4) => "fragmentation needed",
+        (false, 5) => "source route failed",
+        (false, 6) => "destination network unknown",
+        (false, 7) => "destination host unknown",
+        (false, 9 | 10 | 13) => "administratively prohibited",
+        (false, 11) => "network unreachable for the type of service",
+        (false, 12) => "host unreachable for the type of service",
+        (true, 0) => "no route to destination",
+        (true, 1) => "administratively prohibited",
+        (true, 2) => "beyond scope of source address",
+        (true, 3) => "address unreachable",
+        (true, 4) => "port unreachable",
+        (true, 5) => "source address failed policy",
+        (true, 6) => "reject route",
+        _ => "unreachable",
     }
 }
 
@@ -263,6 +385,10 @@ fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
         )
     };
     socket.set_nonblocking(false).map_err(local)?;
+    if mode == Mode::Datagram {
+        // Without it a ping socket drops the ICMP errors about its requests.
+        errqueue::set_recverr(&socket, v6).map_err(local)?;
+    }
     // std's UdpSocket is only a safe handle here: its send_to/recv_from/read timeout map to
     // sendto/recvfrom/SO_RCVTIMEO, which is what both kinds of ICMP socket take.
     Ok((std::net::UdpSocket::from(socket), mode))
@@ -302,8 +428,8 @@ fn checksum(data: &[u8]) -> u16 {
 enum Reply {
     /// An echo reply to our request with this sequence number.
     Echo(u16),
-    /// Destination unreachable about one of our requests, with its code.
-    Unreachable(u8),
+    /// Destination unreachable about our request with this sequence number.
+    Unreachable { seq: u16, code: u8 },
 }
 
 /// Parses what the socket returned; `None` for anything not about our requests.
@@ -321,13 +447,8 @@ fn parse(packet: &[u8], v6: bool, mode: Mode, ident: u16, token: u64) -> Option<
         (ECHO_REPLY_V4, UNREACHABLE_V4)
     };
     let kind = *icmp.first()?;
-    let ours = |echo: &[u8], with_token: bool| {
-        let id_ok = mode == Mode::Datagram || echo.get(4..6)? == ident.to_be_bytes();
-        let token_ok = !with_token || echo.get(8..16)? == token.to_be_bytes();
-        (id_ok && token_ok).then(|| u16::from_be_bytes([echo[6], echo[7]]))
-    };
     if kind == echo_reply {
-        return ours(icmp, true).map(Reply::Echo);
+        return ours(icmp, mode, ident, token, true).map(Reply::Echo);
     }
     if kind == unreachable && mode == Mode::Raw {
         // The error quotes our request: its IP header, then at least 8 bytes of ICMP.
@@ -337,9 +458,178 @@ fn parse(packet: &[u8], v6: bool, mode: Mode, ident: u16, token: u64) -> Option<
         } else {
             quoted.get(usize::from(quoted.first()? & 0x0f) * 4..)?
         };
-        return ours(quoted_icmp, false).map(|_| Reply::Unreachable(icmp[1]));
+        let seq = ours(quoted_icmp, mode, ident, token, false)?;
+        return Some(Reply::Unreachable { seq, code: icmp[1] });
     }
     None
+}
+
+/// The sequence number of an echo message (a reply, or our request quoted in an error)
+/// if it is ours: its identifier (raw sockets; ping sockets set their own) and, when the
+/// payload is there, the run's token.
+fn ours(echo: &[u8], mode: Mode, ident: u16, token: u64, with_token: bool) -> Option<u16> {
+    let id_ok = mode == Mode::Datagram || echo.get(4..6)? == ident.to_be_bytes();
+    let token_ok = !with_token || echo.get(8..16)? == token.to_be_bytes();
+    (id_ok && token_ok).then(|| u16::from_be_bytes([echo[6], echo[7]]))
+}
+
+/// The error queue of a ping socket (IP_RECVERR, IPV6_RECVERR): the ICMP errors about
+/// our requests, which a ping socket without it drops.
+mod errqueue {
+    use std::io;
+    use std::mem::{offset_of, size_of};
+    use std::os::fd::AsRawFd;
+
+    use super::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// `sock_extended_err.ee_origin` of an ICMP (ICMPv6) error.
+    const ORIGIN_ICMP: u8 = 2;
+    const ORIGIN_ICMP6: u8 = 3;
+
+    /// One ICMP error from the queue.
+    #[derive(Debug, PartialEq)]
+    pub struct Queued {
+        /// The request it is about: ICMP header and payload as sent.
+        pub request: Vec<u8>,
+        /// The code of a destination-unreachable; `None` for other errors.
+        pub unreachable: Option<u8>,
+        /// Who sent the error (`SO_EE_OFFENDER`).
+        pub offender: Option<IpAddr>,
+    }
+
+    #[allow(unsafe_code)]
+    pub fn set_recverr(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
+        let (level, name) = if v6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_RECVERR)
+        };
+        let on: libc::c_int = 1;
+        // SAFETY: the descriptor is open (borrowed from `socket`) and the option value is
+        // a live c_int whose size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Takes one error from the queue without blocking; `None` when it is empty.
+    #[allow(unsafe_code)]
+    pub fn read(socket: &impl AsRawFd, v6: bool) -> Option<Queued> {
+        let mut data = [0u8; 2048];
+        // u64s: aligned for the kernel's cmsghdr, read back as bytes.
+        let mut control = [0u64; 64];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        };
+        // SAFETY: msghdr is a plain C struct for which all zeroes is valid (no name, no
+        // buffers); the iovec and control buffer it then points to outlive the call, and
+        // their lengths are the buffers' sizes.
+        let (n, control_len) = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = size_of::<[u64; 64]>() as _;
+            let n = libc::recvmsg(
+                socket.as_raw_fd(),
+                &mut msg,
+                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+            );
+            (n, msg.msg_controllen as usize)
+        };
+        let n = usize::try_from(n).ok()?;
+        let control: Vec<u8> = control.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let control = control.get(..control_len)?;
+        let (unreachable, offender) = extended_error(control, v6)?;
+        Some(Queued {
+            request: data[..n.min(data.len())].to_vec(),
+            unreachable,
+            offender,
+        })
+    }
+
+    /// The `sock_extended_err` in the control messages: the unreachable code (if it is a
+    /// destination-unreachable) and the offender's address.
+    pub fn extended_error(control: &[u8], v6: bool) -> Option<(Option<u8>, Option<IpAddr>)> {
+        let (level, kind) = if v6 {
+            (libc::SOL_IPV6, libc::IPV6_RECVERR)
+        } else {
+            (libc::SOL_IP, libc::IP_RECVERR)
+        };
+        let header = size_of::<libc::cmsghdr>();
+        let align = |len: usize| len.div_ceil(size_of::<usize>()) * size_of::<usize>();
+        let mut rest = control;
+        while rest.len() >= header {
+            let len = uint(rest, offset_of!(libc::cmsghdr, cmsg_len), cmsg_len_size())?;
+            let cmsg_level = uint(rest, offset_of!(libc::cmsghdr, cmsg_level), 4)? as i32;
+            let cmsg_type = uint(rest, offset_of!(libc::cmsghdr, cmsg_type), 4)? as i32;
+            if len < header || len > rest.len() {
+                return None;
+            }
+            if cmsg_level == level && cmsg_type == kind {
+                return Some(sock_extended_err(&rest[align(header)..len], v6));
+            }
+            rest = rest.get(align(len)..)?;
+        }
+        None
+    }
+
+    /// `struct sock_extended_err` (errno u32, origin, type, code, pad, info u32, data u32)
+    /// followed by the offender's `sockaddr_in`/`sockaddr_in6`.
+    fn sock_extended_err(ee: &[u8], v6: bool) -> (Option<u8>, Option<IpAddr>) {
+        let (origin, kind, code) = match ee.get(4..7) {
+            Some(&[origin, kind, code]) => (origin, kind, code),
+            _ => return (None, None),
+        };
+        let unreachable = match (origin, v6) {
+            (ORIGIN_ICMP, false) if kind == super::UNREACHABLE_V4 => Some(code),
+            (ORIGIN_ICMP6, true) if kind == super::UNREACHABLE_V6 => Some(code),
+            _ => None,
+        };
+        let offender = ee.get(16..).and_then(|sa| {
+            let family = i32::from(u16::from_ne_bytes([*sa.first()?, *sa.get(1)?]));
+            if family == libc::AF_INET {
+                let octets: [u8; 4] = sa.get(4..8)?.try_into().ok()?;
+                Some(IpAddr::V4(Ipv4Addr::from(octets)))
+            } else if family == libc::AF_INET6 {
+                let octets: [u8; 16] = sa.get(8..24)?.try_into().ok()?;
+                Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            } else {
+                None
+            }
+        });
+        (unreachable, offender)
+    }
+
+    /// The size of `cmsg_len`: size_t with glibc, socklen_t with musl.
+    fn cmsg_len_size() -> usize {
+        fn size_of_field<T, F>(_: fn(&T) -> &F) -> usize {
+            size_of::<F>()
+        }
+        size_of_field(|h: &libc::cmsghdr| &h.cmsg_len)
+    }
+
+    /// A native-endian unsigned integer of `size` bytes at `at`.
+    fn uint(bytes: &[u8], at: usize, size: usize) -> Option<usize> {
+        let b = bytes.get(at..at + size)?;
+        Some(match size {
+            4 => u32::from_ne_bytes(b.try_into().ok()?) as usize,
+            8 => u64::from_ne_bytes(b.try_into().ok()?) as usize,
+            _ => return None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -387,7 +677,55 @@ mod tests {
         raw.extend_from_slice(&error);
         assert_eq!(
             parse(&raw, false, Mode::Raw, 5, 1),
-            Some(Reply::Unreachable(1))
+            Some(Reply::Unreachable { seq: 0, code: 1 })
+        );
+    }
+
+    #[test]
+    fn queued_unreachable_names_the_router() {
+        let header = std::mem::size_of::<libc::cmsghdr>();
+        let mut control = Vec::new();
+        let len = header + 16 + 16;
+        if header == 16 {
+            control.extend_from_slice(&(len as u64).to_ne_bytes());
+        } else {
+            control.extend_from_slice(&(len as u32).to_ne_bytes());
+        }
+        control.extend_from_slice(&libc::SOL_IP.to_ne_bytes());
+        control.extend_from_slice(&libc::IP_RECVERR.to_ne_bytes());
+        control.resize(header, 0);
+        // errno, origin ICMP, type 3, code 1, pad, info, data.
+        control.extend_from_slice(&113u32.to_ne_bytes());
+        control.extend_from_slice(&[2, UNREACHABLE_V4, 1, 0]);
+        control.extend_from_slice(&[0; 8]);
+        control.extend_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        control.extend_from_slice(&[0, 0, 10, 77, 0, 2]);
+        control.extend_from_slice(&[0; 8]);
+        assert_eq!(
+            errqueue::extended_error(&control, false),
+            Some((Some(1), Some("10.77.0.2".parse().unwrap())))
+        );
+        assert_eq!(errqueue::extended_error(&control, true), None, "v6 level");
+        assert_eq!(
+            errqueue::extended_error(&control[..header + 3], false),
+            None,
+            "cut short"
+        );
+    }
+
+    #[test]
+    fn every_request_waits_as_long_as_the_last() {
+        let s = Duration::from_secs;
+        // 5 x 1 s in the default limit (10 s less 0.2 s): 5.8 s each.
+        assert_eq!(
+            reply_wait(Duration::from_millis(9800), 5, s(1)),
+            Duration::from_millis(5800)
+        );
+        assert_eq!(reply_wait(s(30), 1, s(1)), s(30));
+        assert_eq!(
+            reply_wait(s(3), 10, s(1)),
+            MIN_REPLY_WAIT,
+            "schedule over limit"
         );
     }
 }

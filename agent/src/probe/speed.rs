@@ -16,7 +16,9 @@
 //! direction starts; a 503 anywhere is `busy`; a download that ends short of what it asked
 //! for is `protocol` with no rate (the target does not send data); a stream that breaks
 //! is counted in `streams_failed` and the others carry on (the direction fails only when
-//! none is left); a lost ping is no sample, and idle latency needs at least half of its
+//! none is left); an upload answered before its body was sent, whose connection then does
+//! not take the rest, is such a broken stream (`protocol`), and its bytes after the
+//! request began are not counted; a lost ping is no sample, and idle latency needs at least half of its
 //! pings answered; a direction that moves no payload fails.
 
 mod conn;
@@ -600,22 +602,49 @@ async fn upload_stream(
             Err(e) => return StreamEnd::of(e),
         };
         let path = format!("{empty}?test={}&r={n}", endpoint.test_id);
+        let taken = Arc::new(AtomicU64::new(0));
         let body = Upload {
             payload: payload.clone(),
             remaining: UPLOAD_REQUEST_BYTES,
             counter: counter.clone(),
+            taken: taken.clone(),
         };
-        match c.send(&endpoint, Method::POST, &path, body).await {
-            Ok(response) => {
-                if let Err(e) = response.into_body().collect().await {
-                    return StreamEnd::of(conn::hyper_error(&path, e));
-                }
-            }
+        let mark = c.acked();
+        let response = match c.send(&endpoint, Method::POST, &path, body).await {
+            Ok(response) => response,
             Err(e) => return StreamEnd::of(e),
+        };
+        let status = response.status();
+        let taken_at_answer = taken.load(Ordering::Relaxed);
+        if let Err(e) = response.into_body().collect().await {
+            return StreamEnd::of(conn::hyper_error(&path, e));
+        }
+        if taken_at_answer < UPLOAD_REQUEST_BYTES {
+            // Answered before the body was sent. A target may still read the rest (the
+            // request then completes on the connection); one that drops it has not
+            // measured anything, whatever its kernel acknowledged.
+            c.idle().await;
+            if taken.load(Ordering::Relaxed) < UPLOAD_REQUEST_BYTES {
+                if let Some(mark) = mark {
+                    c.forfeit_after(mark);
+                }
+                return StreamEnd::Broken(early_answer(&path, status, taken_at_answer));
+            }
         }
         conn = Some(c);
     }
     unreachable!("the request counter does not run out")
+}
+
+fn early_answer(path: &str, status: hyper::StatusCode, taken: u64) -> ProbeError {
+    ProbeError::new(
+        ErrorClass::Protocol,
+        format!(
+            "POST {path}: the target answered the upload before reading its body \
+             ({status} after {taken} of {UPLOAD_REQUEST_BYTES} bytes) and did not take \
+             the rest"
+        ),
+    )
 }
 
 /// Loaded round trips from the end of the warm-up until stopped, spaced so they take at
@@ -665,7 +694,10 @@ fn random_payload() -> Bytes {
 struct Upload {
     payload: Bytes,
     remaining: u64,
+    /// The direction's bytes handed to hyper.
     counter: Arc<AtomicU64>,
+    /// This request's bytes handed to hyper.
+    taken: Arc<AtomicU64>,
 }
 
 impl Body for Upload {
@@ -685,6 +717,7 @@ impl Body for Upload {
             .min(self.remaining as usize);
         self.remaining -= len as u64;
         self.counter.fetch_add(len as u64, Ordering::Relaxed);
+        self.taken.fetch_add(len as u64, Ordering::Relaxed);
         Poll::Ready(Some(Ok(Frame::data(
             self.payload.slice(offset..offset + len),
         ))))
@@ -771,6 +804,7 @@ mod tests {
             payload: random_payload(),
             remaining: UPLOAD_REQUEST_BYTES,
             counter: counter.clone(),
+            taken: Arc::default(),
         };
         assert_eq!(body.size_hint().exact(), Some(UPLOAD_REQUEST_BYTES));
         let collected = futures::executor::block_on(body.collect())

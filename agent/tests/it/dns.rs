@@ -209,3 +209,72 @@ fn dns_without_a_server_uses_the_system_resolver_and_its_hosts_file() {
     assert_eq!(code, 1, "{v}");
     assert_eq!(class(&v), "dns", "{v}");
 }
+
+/// A server whose answers match the query (id, question) but whose answer record cannot
+/// be parsed: `rdlen.test` gets an A record with RDLENGTH 5, `svcb.test` an HTTPS record
+/// with its SvcParamKeys out of order (port before alpn).
+fn malformed_responder() -> SocketAddr {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = udp.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((n, from)) = udp.recv_from(&mut buf) else {
+                return;
+            };
+            let query = &buf[..n];
+            // The question: the name's labels up to the root, then type and class.
+            let mut end = 12;
+            while query[end] != 0 {
+                end += 1 + usize::from(query[end]);
+            }
+            let question = &query[12..end + 5];
+            let name = Message::from_vec(query).unwrap().queries()[0]
+                .name()
+                .to_ascii();
+            let (rtype, rdata): (u16, Vec<u8>) = match name.as_str() {
+                "rdlen.test." => (1, vec![192, 0, 2, 1, 7]),
+                "svcb.test." => {
+                    let mut rdata = vec![0, 1, 0]; // priority 1, target "."
+                    rdata.extend_from_slice(&[0, 3, 0, 2, 1, 187]); // port=443
+                    rdata.extend_from_slice(&[0, 1, 0, 3, 2, b'h', b'2']); // alpn=h2
+                    (65, rdata)
+                }
+                _ => continue,
+            };
+            let mut reply = query[..2].to_vec();
+            reply.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]);
+            reply.extend_from_slice(question);
+            reply.extend_from_slice(&[0xc0, 12]);
+            reply.extend_from_slice(&rtype.to_be_bytes());
+            reply.extend_from_slice(&[0, 1, 0, 0, 0, 60]);
+            reply.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            reply.extend_from_slice(&rdata);
+            let _ = udp.send_to(&reply, from);
+        }
+    });
+    addr
+}
+
+/// An answer that cannot be parsed is the server's answer: `protocol` at once, naming
+/// the record, with its time; not "no answer" after the whole timeout.
+#[test]
+fn dns_malformed_answer_is_protocol_at_once() {
+    let server = malformed_responder().to_string();
+    for (name, rtype) in [("rdlen.test", "A"), ("svcb.test", "HTTPS")] {
+        let (v, code) = probe("dns", name, &["--server", &server, "--record-type", rtype]);
+        eprintln!("{name}: {v}");
+        assert_eq!(code, 1, "{v}");
+        assert_eq!(class(&v), "protocol", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "malformed answer from {server}: answer record 1 of 1"
+            )),
+            "{message}"
+        );
+        let took = f64_of(&v, "resolve_seconds");
+        assert!(took < 0.5, "{v}");
+        assert!(f64_of(&v, "duration_seconds") < 1.0, "{v}");
+    }
+}

@@ -242,3 +242,53 @@ fn a_closed_pipe_ends_the_probe_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.code(), Some(0), "{stderr}");
 }
+
+/// A server that sends `answer` to every connection and then holds it open, so only
+/// parsing can end the probe early.
+fn holding_server(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                read_head(&mut stream);
+                let _ = stream.write_all(answer);
+                std::thread::sleep(Duration::from_secs(15));
+            });
+        }
+    });
+    addr
+}
+
+/// An answer that is not HTTP is `protocol` at once, saying what could not be parsed.
+#[test]
+fn malformed_http_answers_are_protocol_at_once() {
+    let cases: [(&[u8], &str); 4] = [
+        (
+            b"HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n",
+            "invalid HTTP status-code",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nNo Colon Here\r\nContent-Length: 0\r\n\r\n",
+            "invalid HTTP header",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+            "invalid content-length",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+            "chunk size",
+        ),
+    ];
+    for (answer, reason) in cases {
+        let addr = holding_server(answer);
+        let (v, code) = probe("http", &format!("http://{addr}/"), &["--timeout", "5s"]);
+        assert_eq!(code, 1, "{v}");
+        assert_eq!(class(&v), "protocol", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(reason), "{reason}: {message}");
+        assert!(f64_of(&v, "duration_seconds") < 1.0, "{v}");
+    }
+}

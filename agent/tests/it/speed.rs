@@ -1,7 +1,7 @@
 //! The speed probe against real servers on 127.0.0.1: our target, a stock LibreSpeed URL
 //! layout, and targets that misbehave.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -394,4 +394,149 @@ fn mib_stream(
             Err(std::io::Error::other("cut"))
         }
     }))
+}
+
+/// A LibreSpeed-style target on plain threads: `/empty` answers, `/garbage` sends what is
+/// asked; a POST is answered `200` at once, before its body is read, when `early(n)` holds
+/// for the n-th POST (0-based) — that connection then takes nothing more and closes after
+/// 300 ms — else its body is read whole first.
+fn early_answering_target(early: fn(usize) -> bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let posts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let posts = posts.clone();
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0usize;
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if header == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:")
+                        {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                    if request_line.starts_with("POST") {
+                        if early(posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst)) {
+                            let _ = writer.write_all(ok);
+                            std::thread::sleep(Duration::from_millis(300));
+                            return;
+                        }
+                        let mut body = (&mut reader).take(length as u64);
+                        let _ = std::io::copy(&mut body, &mut std::io::sink());
+                        let _ = writer.write_all(ok);
+                    } else if request_line.contains("/garbage") {
+                        let mib = 100;
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", mib << 20);
+                        let _ = writer.write_all(head.as_bytes());
+                        let chunk = vec![0x5a; 1 << 20];
+                        for _ in 0..mib {
+                            if writer.write_all(&chunk).is_err() {
+                                return;
+                            }
+                        }
+                    } else {
+                        let _ = writer.write_all(ok);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upload answered before its body was read is no measurement: every stream answered
+/// so fails the upload as `protocol`, naming what the target did.
+#[test]
+fn speed_upload_answered_before_its_body_is_protocol() {
+    let addr = early_answering_target(|_| true);
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "2s", "--streams", "3"],
+    );
+    eprintln!("every POST answered early: {v}");
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "protocol", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the target answered the upload before reading its body"),
+        "{message}"
+    );
+    assert_eq!(v["streams_failed"].as_u64(), Some(3), "{v}");
+    assert!(f64_of(&v, "download_bits_per_second") > 10e6, "{v}");
+}
+
+/// One stream answered early is a broken stream; the others measure.
+#[test]
+fn speed_upload_with_one_early_answer_counts_a_failed_stream() {
+    let addr = early_answering_target(|n| n == 0);
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "2s", "--streams", "3"],
+    );
+    eprintln!("first POST answered early: {v}");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["streams_failed"].as_u64(), Some(1), "{v}");
+    assert!(f64_of(&v, "upload_bits_per_second") > 10e6, "{v}");
+}
+
+/// A garbage endpoint whose chunked body cannot be parsed is `protocol` at once, saying
+/// so (it was `other`: hyper reports it as invalid data).
+#[test]
+fn speed_with_a_malformed_chunked_download_is_protocol() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut request = String::new();
+                    while !request.ends_with("\r\n\r\n") {
+                        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                            return;
+                        }
+                    }
+                    if request.contains("/garbage") {
+                        let _ = writer.write_all(
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+                        );
+                        std::thread::sleep(Duration::from_secs(10));
+                        return;
+                    }
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    let (v, code) = probe(
+        "speed",
+        &format!("http://{addr}"),
+        &["--duration", "2s", "--streams", "2"],
+    );
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "protocol", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("chunk size"), "{message}");
+    assert!(f64_of(&v, "duration_seconds") < 1.5, "{v}");
 }

@@ -79,6 +79,8 @@ struct AckedInner {
     closed: u64,
     next_id: u64,
     open: HashMap<u64, Socket>,
+    /// Open sockets whose count stops at a mark (`Conn::forfeit_after`).
+    caps: HashMap<u64, u64>,
     /// TCP_INFO could not be read (not Linux >= 4.1): the total means nothing.
     unreadable: bool,
 }
@@ -89,9 +91,9 @@ impl Acked {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = inner.closed;
         let mut unreadable = inner.unreadable;
-        for socket in inner.open.values() {
+        for (id, socket) in &inner.open {
             match bytes_acked(socket) {
-                Some(n) => total += n,
+                Some(n) => total += inner.caps.get(id).map_or(n, |cap| n.min(*cap)),
                 None => unreadable = true,
             }
         }
@@ -117,12 +119,25 @@ struct AckedSocket {
     id: u64,
 }
 
+impl AckedSocket {
+    fn acked(&self) -> Option<u64> {
+        let inner = self.acked.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.open.get(&self.id).and_then(bytes_acked)
+    }
+
+    fn cap(&self, mark: u64) {
+        let mut inner = self.acked.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.caps.insert(self.id, mark);
+    }
+}
+
 impl Drop for AckedSocket {
     fn drop(&mut self) {
         let mut inner = self.acked.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let cap = inner.caps.remove(&self.id).unwrap_or(u64::MAX);
         if let Some(socket) = inner.open.remove(&self.id) {
             match bytes_acked(&socket) {
-                Some(n) => inner.closed += n,
+                Some(n) => inner.closed += n.min(cap),
                 None => inner.unreadable = true,
             }
         }
@@ -170,7 +185,7 @@ impl Endpoint {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         if let Some(mut conn) = kept {
-            if !conn.sender.is_closed() && conn.sender.ready().await.is_ok() {
+            if conn.idle().await {
                 return Ok(conn);
             }
         }
@@ -236,6 +251,25 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    /// Waits until the connection can take another request (hyper has written the last
+    /// request's body) or is gone; true when it can.
+    pub async fn idle(&mut self) -> bool {
+        !self.sender.is_closed() && self.sender.ready().await.is_ok()
+    }
+
+    /// Upload connections: the bytes the peer acknowledged on this socket so far.
+    pub fn acked(&self) -> Option<u64> {
+        self._acked.as_ref().and_then(AckedSocket::acked)
+    }
+
+    /// Upload connections: counts no byte this socket's peer acknowledges past `mark`
+    /// (bytes its kernel took that the target never read).
+    pub fn forfeit_after(&self, mark: u64) {
+        if let Some(socket) = &self._acked {
+            socket.cap(mark);
+        }
+    }
+
     /// Sends a request and waits for the response head; non-2xx is an error (503: busy).
     pub async fn send(
         &mut self,
@@ -286,8 +320,11 @@ pub fn hyper_error(what: &str, e: hyper::Error) -> ProbeError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // hyper reports a body it cannot parse (a bad chunk size) as invalid data.
             let class = match io.kind() {
-                std::io::ErrorKind::UnexpectedEof => ErrorClass::Protocol,
+                std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::InvalidData
+                | std::io::ErrorKind::InvalidInput => ErrorClass::Protocol,
                 _ => ErrorClass::of_io(io),
             };
             return ProbeError::new(class, format!("{what}: {e}: {io}"));
