@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use edgeprobe_proto::testdef::{FleetFile, FleetTest};
+use edgeprobe_proto::testdef::{from_toml, FleetFile, FleetTest, TestsOnly};
 use serde::Serialize;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient};
@@ -189,17 +189,13 @@ impl StoredTest {
 
     /// `schedule "0 */5 * * * *"` or `every 30s`, read back from the block.
     pub fn timing(&self) -> String {
-        let table: toml::Table = toml::from_str(&self.spec_toml).unwrap_or_default();
-        let block = table
-            .get("test")
-            .and_then(|t| t.as_array())
-            .and_then(|a| a.first())
-            .and_then(|t| t.as_table());
-        let get = |k: &str| block.and_then(|b| b.get(k)).and_then(|v| v.as_str());
-        match (get("schedule"), get("every")) {
-            (Some(s), _) => format!("schedule \"{s}\""),
-            (None, Some(e)) => format!("every {e}"),
-            (None, None) => String::new(),
+        let test = from_toml::<TestsOnly>(&self.spec_toml, "fleet test")
+            .ok()
+            .and_then(|t| t.tests.into_iter().next());
+        match test.map(|t| (t.schedule, t.every)) {
+            Some((Some(s), _)) => format!("schedule \"{}\"", s.get_ref()),
+            Some((None, Some(e))) => format!("every {}", humantime::format_duration(e)),
+            _ => String::new(),
         }
     }
 }

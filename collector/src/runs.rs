@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use edgeprobe_proto::testdef::parse_adhoc_test;
+use edgeprobe_proto::testdef::{from_toml, parse_adhoc_test, Kind, TestOptions, TestsOnly};
 use serde::Serialize;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient};
@@ -24,9 +24,6 @@ pub const DISPATCH_WINDOW: Duration = Duration::from_secs(5);
 
 /// The whole-run wait unless given: a speed test waits 2 x its duration + 30 s.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A speed test's per-direction duration when its block does not set one (the agent's).
-const SPEED_DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -106,25 +103,19 @@ pub fn adhoc_block(
     Ok(text)
 }
 
-/// The default wait for a test block: speed 2 x duration + 30 s, else [`DEFAULT_TIMEOUT`].
+/// The default wait for a test block: the test's whole-run limit (the agent's, from the
+/// test definition: speed 2 x duration + 30 s), and never less than [`DEFAULT_TIMEOUT`].
+/// `spec_toml` is empty for a test the agents run by name from their own files.
 fn timeout_of(kind: Option<&str>, spec_toml: &str) -> Duration {
-    if kind != Some("speed") {
-        return DEFAULT_TIMEOUT;
-    }
-    let table: toml::Table = toml::from_str(spec_toml).unwrap_or_default();
-    let duration = table
-        .get("test")
-        .and_then(|t| t.as_array())
-        .and_then(|a| a.first())
-        .and_then(|t| t.get("options"))
-        .and_then(|o| o.get("duration"))
-        .and_then(|d| match d {
-            toml::Value::String(s) => humantime::parse_duration(s.trim()).ok(),
-            toml::Value::Integer(i) => u64::try_from(*i).ok().map(Duration::from_secs),
-            _ => None,
-        })
-        .unwrap_or(SPEED_DEFAULT_DURATION);
-    duration * 2 + Duration::from_secs(30)
+    let test = from_toml::<TestsOnly>(spec_toml, "run-now")
+        .ok()
+        .and_then(|t| t.tests.into_iter().next());
+    let limit = match (test, kind.and_then(|k| k.parse::<Kind>().ok())) {
+        (Some(test), _) => test.timeout(),
+        (None, Some(kind)) => TestOptions::default().timeout_for(kind),
+        (None, None) => DEFAULT_TIMEOUT,
+    };
+    limit.max(DEFAULT_TIMEOUT)
 }
 
 /// Resolves the agents, checks the test, inserts the run and notifies the collectors.

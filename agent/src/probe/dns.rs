@@ -31,10 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::timeout_at;
 
-use super::{
-    addr, default_timeout, secs, DnsFields, ErrorClass, Fields, Measured, Partial, ProbeError,
-    ProbeSpec,
-};
+use super::{addr, secs, DnsFields, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec};
 
 /// Time between UDP retransmissions of the query.
 const RESEND: Duration = Duration::from_secs(1);
@@ -53,10 +50,7 @@ async fn measure(
     partial: &Partial,
 ) -> Result<(), ProbeError> {
     // Finish a little before the outer limit so a timeout is reported here, with context.
-    let limit = spec
-        .options
-        .timeout
-        .unwrap_or_else(|| default_timeout(spec));
+    let limit = spec.options.timeout_for(spec.kind);
     let deadline = tokio::time::Instant::now()
         + limit.saturating_sub((limit / 10).min(Duration::from_millis(500)));
 

@@ -33,14 +33,11 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::{
-    addr, default_timeout, secs, ErrorClass, Fields, IcmpFields, Measured, Partial, ProbeError,
-    ProbeSpec,
-};
+use super::{addr, secs, ErrorClass, Fields, IcmpFields, Measured, Partial, ProbeError, ProbeSpec};
 use socket2::{Domain, Protocol, Socket, Type};
 
-pub const DEFAULT_COUNT: u32 = 5;
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_COUNT: u32 = edgeprobe_proto::testdef::defaults::ICMP_COUNT;
+pub const DEFAULT_INTERVAL: Duration = edgeprobe_proto::testdef::defaults::ICMP_INTERVAL;
 /// The shortest wait for a reply, when `timeout` leaves less after the sending schedule
 /// (the requests sent last are then cut off by the run's end instead).
 const MIN_REPLY_WAIT: Duration = Duration::from_secs(1);
@@ -77,10 +74,7 @@ enum Mode {
 
 async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeError> {
     let start = Instant::now();
-    let limit = spec
-        .options
-        .timeout
-        .unwrap_or_else(|| default_timeout(spec));
+    let limit = spec.options.timeout_for(spec.kind);
     let usable = limit.saturating_sub((limit / 10).min(Duration::from_millis(200)));
     let deadline = start + usable;
     let count = spec

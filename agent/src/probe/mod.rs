@@ -222,30 +222,11 @@ impl Partial {
     }
 }
 
-/// The default whole-run limit of a kind.
-pub fn default_timeout(spec: &ProbeSpec) -> Duration {
-    match spec.kind {
-        Kind::Speed => {
-            let per_direction = spec.options.duration.unwrap_or(speed::DEFAULT_DURATION);
-            per_direction * 2 + Duration::from_secs(30)
-        }
-        Kind::Icmp => {
-            let count = spec.options.count.unwrap_or(icmp::DEFAULT_COUNT);
-            let interval = spec.options.interval.unwrap_or(icmp::DEFAULT_INTERVAL);
-            interval * count + Duration::from_secs(5)
-        }
-        Kind::Tcp | Kind::Http | Kind::Dns => Duration::from_secs(10),
-    }
-}
-
 /// Runs one probe. Never fails and never panics outward: every failure is in the outcome.
 pub async fn run(spec: &ProbeSpec) -> Outcome {
     let (started_at, boottime_nanos) = crate::clock::now();
     let start = Instant::now();
-    let limit = spec
-        .options
-        .timeout
-        .unwrap_or_else(|| default_timeout(spec));
+    let limit = spec.options.timeout_for(spec.kind);
     let spec_owned = spec.clone();
     let partial = Partial::new(spec.kind);
     let progress = partial.clone();

@@ -43,7 +43,7 @@ use super::{
     addr, secs, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec, SpeedFields,
 };
 
-pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+pub const DEFAULT_DURATION: Duration = edgeprobe_proto::testdef::defaults::SPEED_DURATION;
 pub const DEFAULT_DOWNLOAD_STREAMS: u32 = 6;
 pub const DEFAULT_UPLOAD_STREAMS: u32 = 3;
 /// Start of each direction excluded from the rate; at most half the duration.
