@@ -204,7 +204,6 @@ impl Store {
                 target: writing.clone(),
                 jobs: rx.clone(),
                 metrics: metrics.clone(),
-                ready: ready.clone(),
                 site_label: site_label.clone(),
                 stale: AtomicBool::new(false),
             };
@@ -385,7 +384,6 @@ struct Writer {
     target: Target,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
     site_label: String,
     /// Set when the server refused a write as read-only: reconnect before the next group.
     stale: AtomicBool,
@@ -405,7 +403,6 @@ impl Writer {
                     c
                 }
                 Err(e) => {
-                    self.ready.store(false, Ordering::Relaxed);
                     let delay =
                         Duration::from_millis(200 * (1 << attempt.min(6))).min(RECONNECT_CAP);
                     attempt += 1;
@@ -429,8 +426,9 @@ impl Writer {
                     return;
                 };
                 self.process(&mut client, group).await;
+                // Readiness is the health check's alone: one writer's lost connection says
+                // nothing about the host the URL reaches now.
                 if client.is_closed() || self.stale.swap(false, Ordering::Relaxed) {
-                    self.ready.store(false, Ordering::Relaxed);
                     break;
                 }
             }
