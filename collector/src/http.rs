@@ -1,6 +1,6 @@
 //! The collector's HTTP endpoints: `/metrics` (Prometheus text format), `/healthz`
-//! (the process is up) and `/readyz` (migrated and Postgres reachable: safe to send
-//! agents here).
+//! (the process is up) and `/readyz` (migrated and a writable PostgreSQL reached: safe to
+//! send agents here; the body names the host reached).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 /// What `/readyz` looks at.
 pub struct Readiness {
     pub migrated: AtomicBool,
-    pub postgres: Box<dyn Fn() -> bool + Send + Sync>,
+    /// The writable PostgreSQL host reached (`host:port`), none when none is.
+    pub postgres: Box<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 #[derive(Clone)]
@@ -59,13 +60,14 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let migrated = s.readiness.migrated.load(Ordering::Relaxed);
-    let postgres = (s.readiness.postgres)();
-    if migrated && postgres {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
+    match (s.readiness.postgres)() {
+        Some(host) if migrated => (StatusCode::OK, format!("ready: postgres primary {host}\n")),
+        host => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: migrated={migrated} postgres={postgres}\n"),
-        )
+            format!(
+                "not ready: migrated={migrated} postgres={}\n",
+                host.as_deref().unwrap_or("no writable host reached")
+            ),
+        ),
     }
 }

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub in_flight_batches: IntGauge,
     pub agents_connected: IntGauge,
     pub postgres_up: IntGauge,
+    /// 1 for the host (`host:port`) the health check found writable; no series when none.
+    pub postgres_primary: IntGaugeVec,
     /// Results committed, by test, kind, site and outcome (success/failure).
     pub results: IntCounterVec,
     pub info: IntGaugeVec,
@@ -235,6 +237,17 @@ impl Metrics {
                 IntGauge::new(
                     "edgeprobe_postgres_up",
                     "1 when the last PostgreSQL health check succeeded.",
+                )
+                .unwrap(),
+            ),
+            postgres_primary: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "edgeprobe_postgres_primary_info",
+                        "1 for the database host (host:port) the health check reached as writable, the first in the URL's order.",
+                    ),
+                    &["host"],
                 )
                 .unwrap(),
             ),
@@ -563,6 +576,14 @@ impl Metrics {
     }
 
     /// The text exposition format.
+    /// The writable host the health check reached, or none.
+    pub fn set_postgres_primary(&self, host: Option<&str>) {
+        self.postgres_primary.reset();
+        if let Some(host) = host {
+            self.postgres_primary.with_label_values(&[host]).set(1);
+        }
+    }
+
     pub fn render(&self) -> String {
         self.read_listen_counters();
         let mut buf = Vec::new();

@@ -21,12 +21,30 @@
 //!   restart.
 //! - Errors name the parameter and the file, never the URL (it may carry a password). A
 //!   server certificate not issued by `sslrootcert` says so in plain words.
+//!
+//! Liveness (issue 28): every connection of the collector is bounded, so a server whose
+//! host vanishes (power, uplink: no RST, no ICMP) is given up within seconds instead of
+//! after the kernel's `tcp_retries2` (about 15 minutes). libpq's parameters are honoured
+//! when the URL gives them (`connect_timeout`, `keepalives`, `keepalives_idle`,
+//! `keepalives_interval`, `keepalives_count`, `tcp_user_timeout`); absent or 0, these
+//! defaults apply:
+//! - `connect_timeout=2` ([`CONNECT_TIMEOUT`]): per host, so a dead first host of a
+//!   multi-host URL costs 2 s before the next is tried (two SYNs; Linux resends at 1 s).
+//! - keepalives on, `keepalives_idle=5`, `keepalives_interval=2`, `keepalives_count=3`: an
+//!   idle connection (a writer waiting for jobs, the controller's LISTEN, a COMMIT waiting
+//!   for its reply) whose peer is gone is closed within 5 + 3 x 2 = 11 s. A probe every
+//!   2 s after 5 s of silence is a few bytes per idle connection.
+//! - `tcp_user_timeout=10` (TCP_USER_TIMEOUT): data sent and not acknowledged for 10 s
+//!   closes the connection (a query to a host that vanished). Ten seconds is far above a
+//!   live path's retransmissions and well inside the 30 s that ingest may stop in a
+//!   failover; it also caps the keepalive probing above.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -37,9 +55,18 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
-use tokio_postgres::config::{Host, SslMode as PgSslMode};
+use tokio_postgres::config::{Host, SslMode as PgSslMode, TargetSessionAttrs};
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// `connect_timeout` when the URL gives none: per host (see the module's doc).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// `keepalives_idle`, `keepalives_interval` and `keepalives_count` when the URL gives none.
+pub const KEEPALIVES_IDLE: Duration = Duration::from_secs(5);
+pub const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVES_COUNT: u32 = 3;
+/// `tcp_user_timeout` when the URL gives none.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// libpq's `sslmode` values that edgeprobe supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +166,7 @@ impl Target {
             SslMode::Prefer => PgSslMode::Prefer,
             _ => PgSslMode::Require,
         });
+        bound_liveness(&mut config);
         let tls = match mode {
             SslMode::Disable => None,
             _ => Some(MakeRustlsConnect::new(client_config(mode, &params)?)),
@@ -148,6 +176,103 @@ impl Target {
 
     pub fn mode(&self) -> SslMode {
         self.mode
+    }
+
+    /// The same target whose sessions cancel any statement running longer than `limit`
+    /// (`statement_timeout`, sent in the startup packet's `options`), unless the URL's
+    /// `options` set a `statement_timeout` of their own.
+    pub fn with_statement_timeout(&self, limit: Duration) -> Target {
+        let mut t = self.clone();
+        let options = t.config.get_options().unwrap_or("");
+        if !options.contains("statement_timeout") {
+            let ours = format!("-c statement_timeout={}", limit.as_millis());
+            t.config.options(match options.trim() {
+                "" => ours,
+                theirs => format!("{theirs} {ours}"),
+            });
+        }
+        t
+    }
+
+    /// One target per host of the URL, in the URL's order, each named `host:port` (no
+    /// credentials), with the same settings and `target_session_attrs=any`: the health
+    /// check connects to each on its own, under its own bound, and judges writability
+    /// itself.
+    pub fn hosts(&self) -> Vec<(String, Target)> {
+        let c = &self.config;
+        let hosts = c.get_hosts();
+        let addrs = c.get_hostaddrs();
+        let ports = c.get_ports();
+        let n = hosts.len().max(addrs.len());
+        (0..n)
+            .map(|i| {
+                let mut one = tokio_postgres::Config::new();
+                if let Some(user) = c.get_user() {
+                    one.user(user);
+                }
+                if let Some(password) = c.get_password() {
+                    one.password(password);
+                }
+                if let Some(db) = c.get_dbname() {
+                    one.dbname(db);
+                }
+                if let Some(options) = c.get_options() {
+                    one.options(options);
+                }
+                if let Some(name) = c.get_application_name() {
+                    one.application_name(name);
+                }
+                one.ssl_mode(c.get_ssl_mode())
+                    .ssl_negotiation(c.get_ssl_negotiation())
+                    .channel_binding(c.get_channel_binding())
+                    .keepalives(c.get_keepalives())
+                    .keepalives_idle(c.get_keepalives_idle())
+                    .target_session_attrs(TargetSessionAttrs::Any);
+                if let Some(t) = c.get_connect_timeout() {
+                    one.connect_timeout(*t);
+                }
+                if let Some(t) = c.get_tcp_user_timeout() {
+                    one.tcp_user_timeout(*t);
+                }
+                if let Some(t) = c.get_keepalives_interval() {
+                    one.keepalives_interval(t);
+                }
+                if let Some(n) = c.get_keepalives_retries() {
+                    one.keepalives_retries(n);
+                }
+                let mut name = match hosts.get(i) {
+                    Some(Host::Tcp(h)) => {
+                        one.host(h);
+                        h.clone()
+                    }
+                    Some(Host::Unix(p)) => {
+                        one.host_path(p);
+                        p.display().to_string()
+                    }
+                    None => String::new(),
+                };
+                if let Some(addr) = addrs.get(i) {
+                    one.hostaddr(*addr);
+                    if name.is_empty() {
+                        name = addr.to_string();
+                    }
+                }
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                one.port(port);
+                let name = match name.parse::<std::net::Ipv6Addr>() {
+                    Ok(_) => format!("[{name}]:{port}"),
+                    Err(_) => format!("{name}:{port}"),
+                };
+                (
+                    name,
+                    Target {
+                        config: one,
+                        mode: self.mode,
+                        tls: self.tls.clone(),
+                    },
+                )
+            })
+            .collect()
     }
 
     /// True when a host of the URL is not this machine and the mode does not check the
@@ -219,6 +344,28 @@ impl Target {
     }
 }
 
+/// The liveness defaults (see the module's doc) where the URL gave none. tokio-postgres
+/// has parsed what it gave: `connect_timeout`, `tcp_user_timeout`, `keepalives_interval`
+/// and `keepalives_count` are unset when absent (or 0), `keepalives_idle` is its own
+/// default of two hours.
+fn bound_liveness(config: &mut tokio_postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if config.get_keepalives_idle() == tokio_postgres::Config::new().get_keepalives_idle() {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVES_COUNT);
+    }
+}
+
 async fn forward_notifications<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
     tx: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
@@ -248,9 +395,10 @@ fn split_params(url: &str) -> Result<(String, Params), PgTlsError> {
     let mut params = Params::default();
     let is_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
     let Some((base, query)) = url.split_once('?').filter(|_| is_url) else {
-        return Ok((url.to_string(), params));
+        return Ok((keyword_renamed(url), params));
     };
     let mut kept = Vec::new();
+    let mut renamed = Vec::new();
     for part in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
         let decode = |s: &str| {
@@ -260,6 +408,11 @@ fn split_params(url: &str) -> Result<(String, Params), PgTlsError> {
                 .map_err(|_| PgTlsError::Url(format!("`{k}` is not valid UTF-8")))
         };
         let slot = match decode(k)?.as_str() {
+            // libpq's name; tokio-postgres calls it keepalives_retries.
+            "keepalives_count" => {
+                renamed.push(format!("keepalives_retries={v}"));
+                continue;
+            }
             "sslmode" => &mut params.mode,
             "sslrootcert" => &mut params.rootcert,
             "sslcert" => &mut params.cert,
@@ -271,12 +424,34 @@ fn split_params(url: &str) -> Result<(String, Params), PgTlsError> {
         };
         *slot = Some(decode(v)?);
     }
+    let kept: Vec<&str> = kept
+        .into_iter()
+        .chain(renamed.iter().map(String::as_str))
+        .collect();
     let rest = if kept.is_empty() {
         base.to_string()
     } else {
         format!("{base}?{}", kept.join("&"))
     };
     Ok((rest, params))
+}
+
+/// libpq's `keepalives_count` in the `key=value` form, under tokio-postgres's name.
+fn keyword_renamed(s: &str) -> String {
+    const KEY: &str = "keepalives_count";
+    let mut out = String::with_capacity(s.len());
+    let mut from = 0;
+    for (at, _) in s.match_indices(KEY) {
+        let starts = s[..at].chars().next_back().is_none_or(char::is_whitespace);
+        let assigns = s[at + KEY.len()..].trim_start().starts_with('=');
+        if starts && assigns {
+            out.push_str(&s[from..at]);
+            out.push_str("keepalives_retries");
+            from = at + KEY.len();
+        }
+    }
+    out.push_str(&s[from..]);
+    out
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -499,6 +674,77 @@ mod tests {
         let (rest, p) = split_params("host=h dbname=d sslmode=require").unwrap();
         assert_eq!(rest, "host=h dbname=d sslmode=require");
         assert_eq!(p, Params::default());
+    }
+
+    #[test]
+    fn liveness_is_bounded_by_default_and_the_url_wins() {
+        let t = Target::parse("postgres://u@h1,h2/db?target_session_attrs=read-write").unwrap();
+        let c = &t.config;
+        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(c.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(c.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+
+        let t = Target::parse(
+            "postgres://u@h/db?connect_timeout=7&tcp_user_timeout=30&keepalives_idle=60&keepalives_interval=9&keepalives_count=4",
+        )
+        .unwrap();
+        let c = &t.config;
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(7)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(c.get_keepalives_interval(), Some(Duration::from_secs(9)));
+        assert_eq!(c.get_keepalives_retries(), Some(4));
+        assert!(!Target::parse("postgres://u@h/db?keepalives=0")
+            .unwrap()
+            .config
+            .get_keepalives());
+
+        let t = Target::parse("host=h user=u keepalives_count=6 tcp_user_timeout=20").unwrap();
+        assert_eq!(t.config.get_keepalives_retries(), Some(6));
+        assert_eq!(
+            t.config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(20))
+        );
+        assert_eq!(
+            keyword_renamed("application_name=my_keepalives_count keepalives_count =2"),
+            "application_name=my_keepalives_count keepalives_retries =2"
+        );
+    }
+
+    #[test]
+    fn hosts_are_split_for_the_health_check() {
+        let t = Target::parse(
+            "postgres://u:pw@10.0.0.1:5441,db2,[::1]:5443/edgeprobe?target_session_attrs=read-write&options=-c%20work_mem%3D4MB",
+        )
+        .unwrap()
+        .with_statement_timeout(Duration::from_secs(20));
+        assert_eq!(
+            t.config.get_options(),
+            Some("-c work_mem=4MB -c statement_timeout=20000")
+        );
+        let hosts = t.hosts();
+        let names: Vec<&str> = hosts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["10.0.0.1:5441", "db2:5432", "[::1]:5443"]);
+        let (_, one) = &hosts[1];
+        assert_eq!(one.config.get_hosts(), [Host::Tcp("db2".into())]);
+        assert_eq!(one.config.get_ports(), [5432]);
+        assert_eq!(one.config.get_password(), Some(&b"pw"[..]));
+        assert_eq!(one.config.get_dbname(), Some("edgeprobe"));
+        assert_eq!(
+            one.config.get_target_session_attrs(),
+            TargetSessionAttrs::Any
+        );
+        assert_eq!(one.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert_eq!(one.config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(one.config.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+        // The URL's own statement_timeout stands.
+        let t = Target::parse("postgres://u@h/db?options=-c%20statement_timeout%3D5s")
+            .unwrap()
+            .with_statement_timeout(Duration::from_secs(20));
+        assert_eq!(t.config.get_options(), Some("-c statement_timeout=5s"));
     }
 
     #[test]

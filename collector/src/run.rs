@@ -101,7 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         migrated: false.into(),
         postgres: Box::new({
             let store = store.clone();
-            move || store.ready()
+            move || store.primary()
         }),
     });
     let http_listener = http::bind(config.server.http_listen)

@@ -34,6 +34,19 @@
 //!   so `/readyz` says 503 until a primary is reached. The watermark commits with the rows,
 //!   so nothing is lost if the database acknowledges a commit only once a standby has it
 //!   (Patroni `synchronous_mode`).
+//! - A host that vanishes (no RST, no ICMP) is given up within seconds: every connection
+//!   has TCP keepalive and TCP_USER_TIMEOUT (`pgtls`), so a writer's query or COMMIT on
+//!   it fails within about 11 s and the writer reconnects through the URL. Writers'
+//!   statements are also cancelled by the server past [`WRITE_STATEMENT_TIMEOUT`] (a
+//!   server that answers but does not progress), except COMMIT: a cancelled wait for the
+//!   synchronous standby would report a commit the standby may not have, and the ack would
+//!   follow it; a COMMIT is bounded by the TCP liveness only.
+//! - The health check connects to each host of the URL on its own, all at once, each
+//!   within [`HEALTH_BOUND`] (connect and `SHOW transaction_read_only`), every
+//!   [`HEALTH_EVERY`]; the first host in the URL's order that is writable is the primary
+//!   it reports (`/readyz`, `edgeprobe_postgres_primary_info`, the log when it changes).
+//!   A dead first host does not hide a live second one, and either change (primary gone,
+//!   new primary up) is seen within HEALTH_EVERY + HEALTH_BOUND = 3 s.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -58,7 +71,14 @@ const MAX_ROWS: usize = 50_000;
 /// Jobs waiting for a writer at most (the backpressure bound).
 const QUEUE: usize = 256;
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
-const HEALTH_EVERY: Duration = Duration::from_secs(2);
+/// Health checks start this often (a round that takes longer delays the next).
+pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// A host's health check (connect when needed, then the query) at most.
+pub const HEALTH_BOUND: Duration = Duration::from_secs(2);
+/// A writer's statement at most (server side; not COMMIT, see the module's doc). The
+/// largest group (MAX_ROWS rows) is COPYed in about a second; 20 s leaves room for a slow
+/// disk and for upkeep's short locks.
+pub const WRITE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -160,6 +180,8 @@ enum Job {
 pub struct Store {
     jobs: mpsc::Sender<Job>,
     ready: Arc<AtomicBool>,
+    /// The host the health check last found writable (`host:port`).
+    primary: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Store {
@@ -174,25 +196,42 @@ impl Store {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         let ready = Arc::new(AtomicBool::new(false));
+        let primary = Arc::new(std::sync::Mutex::new(None));
+        let writing = target.with_statement_timeout(WRITE_STATEMENT_TIMEOUT);
         for id in 0..writers {
             let writer = Writer {
                 id,
-                target: target.clone(),
+                target: writing.clone(),
                 jobs: rx.clone(),
                 metrics: metrics.clone(),
-                ready: ready.clone(),
                 site_label: site_label.clone(),
                 stale: AtomicBool::new(false),
             };
             tokio::spawn(writer.run(shutdown.clone()));
         }
-        tokio::spawn(health(target.clone(), ready.clone(), metrics, shutdown));
-        Store { jobs: tx, ready }
+        tokio::spawn(health(
+            target.clone(),
+            ready.clone(),
+            primary.clone(),
+            metrics,
+            shutdown,
+        ));
+        Store {
+            jobs: tx,
+            ready,
+            primary,
+        }
     }
 
-    /// True while Postgres answers.
+    /// True while a writable PostgreSQL answers.
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The writable host (`host:port`) while ready.
+    pub fn primary(&self) -> Option<String> {
+        let host = self.primary.lock().expect("not poisoned").clone();
+        host.filter(|_| self.ready())
     }
 
     /// Registers (or updates) an agent and its incarnation; returns the committed seq of
@@ -234,46 +273,108 @@ pub async fn connect(target: &Target) -> Result<Client, tokio_postgres::Error> {
     target.connect().await
 }
 
+/// What one host answered to the health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostHealth {
+    Writable,
+    ReadOnly,
+    Down(String),
+}
+
+/// Connects to `target` when `slot` holds no open connection, then asks whether it takes
+/// writes; all within HEALTH_BOUND. A connection that fails or does not answer is dropped.
+async fn check_host(target: &Target, slot: &mut Option<Client>) -> HostHealth {
+    let answer = tokio::time::timeout(HEALTH_BOUND, async {
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            *slot = None;
+            *slot = Some(connect(target).await?);
+        }
+        let client = slot.as_ref().expect("connected above");
+        client.simple_query("SHOW transaction_read_only").await
+    })
+    .await;
+    let health = match answer {
+        Ok(Ok(rows)) => {
+            let off = rows.iter().any(|m| {
+                matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("off"))
+            });
+            if off {
+                HostHealth::Writable
+            } else {
+                HostHealth::ReadOnly
+            }
+        }
+        Ok(Err(e)) => HostHealth::Down(describe(&e)),
+        Err(_) => HostHealth::Down(format!("no answer within {} s", HEALTH_BOUND.as_secs_f64())),
+    };
+    if matches!(health, HostHealth::Down(_)) {
+        *slot = None;
+    }
+    health
+}
+
 async fn health(
     target: Target,
     ready: Arc<AtomicBool>,
+    primary: Arc<std::sync::Mutex<Option<String>>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut client: Option<Client> = None;
+    let hosts = target.hosts();
+    // One connection per host, kept while it answers.
+    let mut clients: Vec<Option<Client>> = hosts.iter().map(|_| None).collect();
+    let mut last: Option<String> = None;
     let mut ticks = tokio::time::interval(HEALTH_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = tokio::time::timeout(HEALTH_EVERY, connect(&target))
-                .await
-                .ok()
-                .and_then(|r| r.ok());
-        }
-        // Reachable is not enough: a demoted primary still answers but refuses writes.
-        let ok = match &client {
-            Some(c) => matches!(
-                tokio::time::timeout(HEALTH_EVERY, c.simple_query("SHOW transaction_read_only")).await,
-                Ok(Ok(rows)) if rows.iter().any(|m| matches!(
-                    m,
-                    tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("off")
-                ))
-            ),
-            None => false,
+        // Every host at once, each under its own bound: a dead first host costs its bound,
+        // not the whole round, and never hides a live one behind it.
+        let round = futures::future::join_all(
+            hosts
+                .iter()
+                .zip(clients.iter_mut())
+                .map(|((_, t), slot)| check_host(t, slot)),
+        );
+        let answers = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = round => a,
         };
-        if !ok {
-            client = None;
-        }
-        if ready.swap(ok, Ordering::Relaxed) != ok {
-            if ok {
-                tracing::info!("postgres is reachable; ready");
-            } else {
-                tracing::warn!("postgres is unreachable; not ready, holding acks");
+        // The first writable host in the URL's order, as target_session_attrs=read-write
+        // picks it for the writers.
+        let reached = hosts
+            .iter()
+            .zip(&answers)
+            .find(|(_, h)| **h == HostHealth::Writable)
+            .map(|((name, _), _)| name.clone());
+        let ok = reached.is_some();
+        if reached != last {
+            match &reached {
+                Some(host) => tracing::info!(host = %host, "postgres primary reached; ready"),
+                None => {
+                    let why: Vec<String> = hosts
+                        .iter()
+                        .zip(&answers)
+                        .map(|((name, _), h)| match h {
+                            HostHealth::Writable => format!("{name}: writable"),
+                            HostHealth::ReadOnly => format!("{name}: read-only"),
+                            HostHealth::Down(e) => format!("{name}: {e}"),
+                        })
+                        .collect();
+                    tracing::warn!(
+                        "no writable postgres reachable; not ready, holding acks ({})",
+                        why.join("; ")
+                    )
+                }
             }
+            metrics.set_postgres_primary(reached.as_deref());
+            *primary.lock().expect("not poisoned") = reached.clone();
+            last = reached;
         }
+        ready.store(ok, Ordering::Relaxed);
         metrics.postgres_up.set(ok as i64);
     }
 }
@@ -283,7 +384,6 @@ struct Writer {
     target: Target,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
     site_label: String,
     /// Set when the server refused a write as read-only: reconnect before the next group.
     stale: AtomicBool,
@@ -303,7 +403,6 @@ impl Writer {
                     c
                 }
                 Err(e) => {
-                    self.ready.store(false, Ordering::Relaxed);
                     let delay =
                         Duration::from_millis(200 * (1 << attempt.min(6))).min(RECONNECT_CAP);
                     attempt += 1;
@@ -327,8 +426,9 @@ impl Writer {
                     return;
                 };
                 self.process(&mut client, group).await;
+                // Readiness is the health check's alone: one writer's lost connection says
+                // nothing about the host the URL reaches now.
                 if client.is_closed() || self.stale.swap(false, Ordering::Relaxed) {
-                    self.ready.store(false, Ordering::Relaxed);
                     break;
                 }
             }
@@ -859,6 +959,9 @@ async fn write_group(
     if !moved.is_empty() {
         raise_watermarks(&tx, &moved).await?;
     }
+    // COMMIT runs without the writers' statement_timeout: a cancelled wait for the
+    // synchronous standby still commits (with a warning) and would be acknowledged.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.commit().await?;
     Ok(outcomes)
 }

@@ -856,3 +856,22 @@ pub fn agent_at_site(dir: &Path, id: &str, site: &str, endpoint: &str, tests: &s
     a.start();
     a
 }
+
+/// A PostgreSQL server program (`initdb`, `pg_ctl`, `pg_basebackup`...), as `PgCluster`
+/// finds it.
+pub fn pg_program(name: &str) -> PathBuf {
+    pg_bin(name)
+}
+
+impl TestDb {
+    /// An existing database at `url` (e.g. on a throwaway cluster), for the helpers that
+    /// take a `TestDb`; dropping it tries to drop the database, which fails harmlessly
+    /// while the helper's own connection is on it.
+    pub fn existing(url: &str) -> TestDb {
+        TestDb {
+            url: url.to_string(),
+            name: url.rsplit('/').next().unwrap_or_default().to_string(),
+            server: url.to_string(),
+        }
+    }
+}
