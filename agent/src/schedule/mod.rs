@@ -1,7 +1,7 @@
 //! The scheduler: fires each configured test on its cron schedule or fixed interval, runs
 //! the probe and appends the result to the buffer.
 //!
-//! - `schedule` is a cron expression with seconds, parsed by [`CronSchedule::parse`], the
+//! - `schedule` is a cron expression with seconds, parsed by `edgeprobe_proto::testdef::CronSchedule`, the
 //!   one parser `check` (config.rs) and the run share. croner does the calendar
 //!   arithmetic; on top of it we apply Vixie cron's day rule: when day-of-month and
 //!   day-of-week are both restricted (neither starts with `*` or `?`), a day matches if
@@ -49,59 +49,34 @@
 //! - A result recorded while nothing vouches for the clock marks the clock "dirty" once it
 //!   is stored, so the next correction pass finds it.
 
+//!
+//! Files: `timer.rs` (the cron timer on the monotonic clock), `runner.rs` (firing, the
+//! exclusivity lock, spread, probe and record), `run_now.rs` (run-now and its rate limit);
+//! the calendar itself is `edgeprobe_proto::testdef::CronSchedule`.
+
+mod run_now;
+mod runner;
+mod timer;
+
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use edgeprobe_proto::bounds;
-use edgeprobe_proto::v1 as pb;
 use rand::Rng;
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::sync::RwLock;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::Buffer;
 use crate::clock::Clock;
-use crate::config::{Config, Kind, TestConfig};
-use crate::probe::{self, ProbeSpec};
-use crate::record::{self, TestInfo};
-use edgeprobe_proto::testdef::run_now::{LastRuns, RunNowLimit};
-use edgeprobe_proto::testdef::CronSchedule;
+use crate::config::{Config, TestConfig};
+use edgeprobe_proto::testdef::run_now::LastRuns;
 
-/// Longest wait on the monotonic clock before the wall clock is read again: a step of the
-/// wall clock is noticed within this time.
-pub const STEP: Duration = Duration::from_secs(1);
-
-/// A wall clock that moved this much more or less than the monotonic clock over one wait
-/// was stepped. Timer lateness shows in both clocks alike; NTP slewing (at most 500 ppm)
-/// stays far below it.
-const STEP_TOLERANCE: Duration = Duration::from_millis(500);
-
-/// After a step back shorter than this, a fixed-time job does not run again at a time it
-/// already ran (Vixie cron's rule for steps under three hours).
-pub const RERUN_GUARD: Duration = Duration::from_secs(3 * 3600);
-
-struct Test {
-    info: TestInfo,
-    spec: ProbeSpec,
-    spread: Option<Duration>,
-    /// A scheduled run is in progress. Shared by the old and new version of a test a
-    /// reload changed, so the new one does not overlap the old one's last run.
-    running: Arc<AtomicBool>,
-}
-
-/// Shared by all runs of all tests.
-struct Runner {
-    buffer: Buffer,
-    clock: Clock,
-    exclusive: Arc<RwLock<()>>,
-    shutdown: CancellationToken,
-    runs: std::sync::Mutex<JoinSet<()>>,
-}
+use runner::{make_test, Runner, Test};
+use timer::cron_timer;
+pub use timer::{RERUN_GUARD, STEP};
 
 /// One scheduled test: what it was started from and its trigger task.
 struct Entry {
@@ -294,59 +269,6 @@ impl Scheduler {
         self.entries.keys().cloned().collect()
     }
 
-    /// Runs a test at once for run-now: the scheduled test `run.test`, or the ad-hoc
-    /// block `run.test_toml`. Started, waiting (a speed test holds the exclusive lock, or
-    /// this speed test waits for the tests running), or refused with the reason.
-    pub fn run_now(&mut self, run: &pb::RunNow) -> pb::RunStatus {
-        let status = |state: pb::run_status::State, reason: String| pb::RunStatus {
-            run_id: run.run_id,
-            state: state as i32,
-            reason,
-        };
-        let refused = |reason: String| status(pb::run_status::State::Refused, reason);
-        let test = if !run.test_toml.is_empty() {
-            let origin = format!("run-now {} ad-hoc test", run.run_id);
-            let tc = match edgeprobe_proto::testdef::parse_adhoc_test(&run.test_toml, &origin) {
-                Ok(tc) => tc,
-                Err(e) => return refused(format!("invalid ad-hoc test: {e}")),
-            };
-            let test = make_test(&self.agent_labels, &tc);
-            if let Err(e) = bounds::labels(test.info.labels.iter()) {
-                return refused(format!(
-                    "invalid ad-hoc test: {e} after merging [agent] labels"
-                ));
-            }
-            test
-        } else {
-            match self.entries.get(&run.test) {
-                Some(entry) => Test {
-                    info: entry.test.info.clone(),
-                    spec: entry.test.spec.clone(),
-                    spread: None,
-                    running: Arc::new(AtomicBool::new(false)),
-                },
-                None if run.test.is_empty() => {
-                    return refused("run-now names no test and carries no ad-hoc test".into())
-                }
-                None => return refused(format!("unknown test `{}`", run.test)),
-            }
-        };
-        if let Err(reason) = RunNowLimit::default().admit(
-            &mut self.last_runs,
-            test.spec.kind == Kind::Speed,
-            std::time::Instant::now(),
-        ) {
-            return refused(reason);
-        }
-        let mut test = test;
-        test.info.run_id = run.run_id;
-        if self.runner.fire_now(Arc::new(test)) {
-            status(pb::run_status::State::Started, String::new())
-        } else {
-            status(pb::run_status::State::Waiting, String::new())
-        }
-    }
-
     /// Stops firing and waits up to `grace` for runs in progress to record their results.
     pub async fn stop(mut self, grace: Duration) {
         self.triggers.abort_all();
@@ -384,187 +306,12 @@ fn settings(config: &Config, tc: &TestConfig) -> Settings {
     }
 }
 
-/// Fires `test` at each time of `schedule` on the wall clock of `tz`, waiting on the
-/// monotonic clock in steps of at most [`STEP`] (module doc: wall-clock steps).
-async fn cron_timer(schedule: &CronSchedule, tz: Tz, test: &Arc<Test>, runner: &Arc<Runner>) {
-    let name = &test.info.name;
-    let mut now = Utc::now();
-    let mut next = schedule.next_after(tz, now);
-    let mut last_fired: Option<DateTime<Utc>> = None;
-    loop {
-        let Some(at) = next else {
-            tracing::warn!(test = %name, schedule = %schedule, "schedule has no run ahead (its year field is past); not firing");
-            return;
-        };
-        let wait = (at - now).to_std().unwrap_or(Duration::ZERO).min(STEP);
-        let slept_from = Instant::now();
-        tokio::time::sleep(wait).await;
-        let expected = now + slept_from.elapsed();
-        now = Utc::now();
-        let stepped_back = (expected - now).to_std().is_ok_and(|d| d > STEP_TOLERANCE);
-        let stepped_forward = (now - expected).to_std().is_ok_and(|d| d > STEP_TOLERANCE);
-        if stepped_back {
-            // Recompute from the new time, or the schedule would stall for the step. A
-            // fixed-time job that already ran at a time now ahead does not run it again.
-            let from = match last_fired {
-                Some(fired)
-                    if schedule.fixed_time()
-                        && (fired - now).to_std().is_ok_and(|d| d < RERUN_GUARD) =>
-                {
-                    fired
-                }
-                _ => now,
-            };
-            tracing::info!(test = %name, from = %expected, to = %now, "wall clock stepped back; rescheduling from the new time");
-            next = schedule.next_after(tz, from);
-            continue;
-        }
-        if now >= at {
-            if stepped_forward {
-                tracing::info!(test = %name, missed_since = %at, "wall clock stepped forward past fire times; firing once and continuing from the new time");
-            }
-            runner.fire(test.clone());
-            last_fired = Some(at);
-            // From now, not from `at`: fire times skipped by a step forward are not
-            // caught up one by one.
-            next = schedule.next_after(tz, now.max(at));
-        }
-    }
-}
-
-fn make_test(agent_labels: &BTreeMap<String, String>, tc: &TestConfig) -> Test {
-    let mut labels = agent_labels.clone();
-    labels.extend(tc.labels.get_ref().clone());
-    Test {
-        info: TestInfo {
-            name: tc.name.get_ref().clone(),
-            kind: tc.kind,
-            target: tc.target.get_ref().clone(),
-            labels,
-            run_id: 0,
-        },
-        spec: ProbeSpec {
-            kind: tc.kind,
-            target: tc.target.get_ref().clone(),
-            options: tc.options.get_ref().clone(),
-        },
-        spread: tc.spread,
-        running: Arc::new(AtomicBool::new(false)),
-    }
-}
-
-/// The lock a run holds: a speed test runs alone, the others together.
-#[allow(dead_code)] // Held for its drop, never read.
-enum Hold {
-    Shared(OwnedRwLockReadGuard<()>),
-    Exclusive(OwnedRwLockWriteGuard<()>),
-}
-
-impl Runner {
-    /// Starts one run of `test` unless it is still running.
-    fn fire(self: &Arc<Self>, test: Arc<Test>) {
-        if self.shutdown.is_cancelled() {
-            return;
-        }
-        if test.running.swap(true, Ordering::AcqRel) {
-            tracing::debug!(test = %test.info.name, "previous run still in progress; skipping this tick");
-            return;
-        }
-        let runner = self.clone();
-        self.spawn_run(async move {
-            runner.run_once(&test).await;
-            test.running.store(false, Ordering::Release);
-        });
-    }
-
-    /// Starts one run of `test` now (run-now: no spread, beside its schedule). True when
-    /// it got its lock at once, false when it waits for it.
-    fn fire_now(self: &Arc<Self>, test: Arc<Test>) -> bool {
-        let speed = test.spec.kind == Kind::Speed;
-        let held = if speed {
-            self.exclusive
-                .clone()
-                .try_write_owned()
-                .ok()
-                .map(Hold::Exclusive)
-        } else {
-            self.exclusive
-                .clone()
-                .try_read_owned()
-                .ok()
-                .map(Hold::Shared)
-        };
-        let started = held.is_some();
-        tracing::info!(
-            test = %test.info.name,
-            run_id = test.info.run_id,
-            waiting = !started,
-            "run-now"
-        );
-        let runner = self.clone();
-        self.spawn_run(async move {
-            let _held = match held {
-                Some(held) => held,
-                None => runner.hold(speed).await,
-            };
-            runner.probe_and_record(&test).await;
-        });
-        started
-    }
-
-    fn spawn_run(&self, run: impl std::future::Future<Output = ()> + Send + 'static) {
-        let mut runs = self.runs.lock().unwrap();
-        // Reap finished runs so the set stays small.
-        while runs.try_join_next().is_some() {}
-        runs.spawn(run);
-    }
-
-    async fn hold(&self, speed: bool) -> Hold {
-        if speed {
-            Hold::Exclusive(self.exclusive.clone().write_owned().await)
-        } else {
-            Hold::Shared(self.exclusive.clone().read_owned().await)
-        }
-    }
-
-    async fn run_once(&self, test: &Test) {
-        if let Some(spread) = test.spread.filter(|s| !s.is_zero()) {
-            let delay = rand::rng().random_range(Duration::ZERO..spread);
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        let _held = self.hold(test.spec.kind == Kind::Speed).await;
-        self.probe_and_record(test).await;
-    }
-
-    async fn probe_and_record(&self, test: &Test) {
-        let outcome = probe::run(&test.spec).await;
-        let result = record::to_wire(&test.info, &outcome, &self.clock);
-        let payload = prost::Message::encode_to_vec(&result);
-        match self.buffer.append(payload).await {
-            Ok(seq) => {
-                if result.clock_unsynced {
-                    self.clock.mark_dirty();
-                }
-                tracing::debug!(
-                    test = %test.info.name,
-                    seq,
-                    run_id = test.info.run_id,
-                    success = outcome.success(),
-                    clock_unsynced = result.clock_unsynced,
-                    "recorded"
-                )
-            }
-            // The buffer logs write failures once per burst and counts the loss.
-            Err(e) => tracing::debug!(test = %test.info.name, "result not recorded: {e}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use edgeprobe_proto::v1 as pb;
+
     use super::*;
 
     fn config(tests: &str) -> Config {
