@@ -172,6 +172,20 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A test that needs network namespaces (root) cannot run here. It fails: a test that
+/// passes without running proves nothing. Outside CI (`CI` is not `true`) a developer may
+/// set `EDGEPROBE_ALLOW_SKIP=1` to skip it instead, with a `SKIPPED` line.
+pub fn cannot_run(why: &str) {
+    let allowed = std::env::var("EDGEPROBE_ALLOW_SKIP").as_deref() == Ok("1")
+        && std::env::var("CI").as_deref() != Ok("true");
+    assert!(
+        allowed,
+        "this test needs network namespaces (run it as root), but {why}; \
+         EDGEPROBE_ALLOW_SKIP=1 skips it on a machine without them"
+    );
+    eprintln!("SKIPPED: {why}");
+}
+
 /// Network namespaces deleted when dropped (which also removes their veths).
 pub struct Netns {
     pub names: Vec<String>,
@@ -180,17 +194,10 @@ pub struct Netns {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 impl Netns {
-    /// Creates `n` namespaces with unique names, loopback up; `None` (after printing why)
-    /// when this host cannot create namespaces, and a failed test when `CI=true`: CI must
-    /// run them.
+    /// Creates `n` namespaces with unique names, loopback up; `None` only where
+    /// [`cannot_run`] allows a skip.
     pub fn create(n: usize) -> Option<Netns> {
-        let skip = |why: String| {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and this test needs network namespaces, but {why}"
-            );
-            eprintln!("SKIPPED: {why}");
-        };
+        let skip = |why: String| cannot_run(&why);
         let mut ns = Netns { names: Vec::new() };
         for _ in 0..n {
             let name = format!(

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use crate::util::{class, f64_of, probe_in, sh, Proc};
+use crate::util::{cannot_run, class, f64_of, probe_in, sh, Proc};
 
 const SERVER: &str = r#"
 import socket, threading
@@ -67,12 +67,12 @@ impl Link {
             let out = Command::new("ip")
                 .args(["netns", "add", ns])
                 .output()
-                .ok()?;
+                .expect("cannot run `ip` (iproute2)");
             if !out.status.success() {
-                eprintln!(
-                    "SKIPPED: `ip netns add` failed: {}",
+                cannot_run(&format!(
+                    "`ip netns add` failed: {}",
                     String::from_utf8_lossy(&out.stderr).trim()
-                );
+                ));
                 return None;
             }
             sh("ip", &["-n", ns, "link", "set", "lo", "up"]);

@@ -17,13 +17,46 @@ pub fn collector_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_edgeprobe-collector"))
 }
 
-/// The agent binary sits next to the collector's in the same target dir.
+/// The newest modification time among the sources the agent binary is built from.
+fn newest_agent_source() -> std::time::SystemTime {
+    fn walk(path: &Path, newest: &mut std::time::SystemTime) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Ok(modified) = meta.modified() {
+            *newest = (*newest).max(modified);
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for part in [
+        "agent/src",
+        "agent/Cargo.toml",
+        "proto",
+        "Cargo.lock",
+        "Cargo.toml",
+    ] {
+        walk(&root.join(part), &mut newest);
+    }
+    newest
+}
+
+/// The agent binary next to the collector's in the same target dir, built first when it is
+/// missing or older than its sources (running only the collector's tests after changing
+/// the agent must not test the old agent).
 pub fn agent_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
             let path = collector_bin().with_file_name("edgeprobe-agent");
-            if !path.exists() {
+            let stale = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|built| built < newest_agent_source());
+            if !path.exists() || stale {
                 let target_dir = path.parent().and_then(Path::parent).expect("target dir");
                 let status = Command::new(env!("CARGO"))
                     .args(["build", "-p", "edgeprobe-agent", "--target-dir"])

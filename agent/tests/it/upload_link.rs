@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::util::{f64_of, iperf3_goodput, probe_in, sh, Netns, Target};
+use crate::util::{cannot_run, f64_of, iperf3_goodput, probe_in, sh, Netns, Target};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -25,12 +25,12 @@ fn shaped_pair(rate: &str) -> Option<Netns> {
         let out = Command::new("ip")
             .args(["netns", "add", &name])
             .output()
-            .ok()?;
+            .expect("cannot run `ip` (iproute2)");
         if !out.status.success() {
-            eprintln!(
-                "SKIPPED: `ip netns add` failed: {}",
+            cannot_run(&format!(
+                "`ip netns add` failed: {}",
                 String::from_utf8_lossy(&out.stderr)
-            );
+            ));
             return None;
         }
         ns.names.push(name.clone());
