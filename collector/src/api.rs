@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{self, FleetError, Selection};
 use crate::identity::{self, Operator};
-use crate::pgtls::Target;
+use crate::pg::Target;
 use crate::runs::{self, RunRequest, RunTest};
 use crate::tls::ServerTls;
 
@@ -324,8 +324,8 @@ fn body_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError
 }
 
 async fn db(api: &Api) -> Result<tokio_postgres::Client, ApiError> {
-    crate::store::connect(&api.target).await.map_err(|e| {
-        tracing::warn!("api: database unavailable: {}", crate::store::describe(&e));
+    api.target.connect().await.map_err(|e| {
+        tracing::warn!("api: database unavailable: {}", crate::pg::describe(&e));
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
     })
 }

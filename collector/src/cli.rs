@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::fleet::{self, Change, FleetError, Selection};
 use crate::runs::{self, RunRequest, RunResult, RunTest};
-use crate::{pgtls, store, DbArgs, RunNowArgs, TestsCommand};
+use crate::{pg, DbArgs, RunNowArgs, TestsCommand};
 
 /// How often run-now reads the run's state.
 const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -76,8 +76,9 @@ async fn connect(db: &DbArgs) -> Result<Client, Failure> {
                 .into(),
         )
     })?;
-    let target = pgtls::Target::parse(&url).map_err(|e| Failure::Usage(e.to_string()))?;
-    store::connect(&target)
+    let target = pg::Target::parse(&url).map_err(|e| Failure::Usage(e.to_string()))?;
+    target
+        .connect()
         .await
         .map_err(|e| Failure::Runtime(format!("cannot connect to postgres: {e}")))
 }

@@ -209,7 +209,7 @@ impl Config {
         }
         // The TLS settings of the URL and the files they name are checked here, so a typo
         // fails at start-up with exit 2.
-        crate::pgtls::Target::parse(self.database_url())
+        crate::pg::Target::parse(self.database_url())
             .map_err(|e| ConfigError::Other(e.to_string()))?;
         if self.database.writers == 0 || self.database.writers > 64 {
             return Err(ConfigError::Other(

@@ -35,7 +35,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::pgtls::Target;
+use crate::pg::Target;
 use crate::sessions::{Control, Sessions};
 
 pub const FLEET_CHANNEL: &str = "edgeprobe_fleet";
@@ -313,7 +313,7 @@ impl Controller {
                 Err(e) => tracing::warn!(
                     retry_in_ms = delay.as_millis() as u64,
                     "controller: cannot connect to postgres: {}",
-                    crate::store::describe(&e)
+                    crate::pg::describe(&e)
                 ),
             }
             tokio::select! {
@@ -331,7 +331,7 @@ impl Controller {
         mut notes: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
         shutdown: &CancellationToken,
     ) -> Result<(), String> {
-        let describe = |e: tokio_postgres::Error| crate::store::describe(&e);
+        let describe = |e: tokio_postgres::Error| crate::pg::describe(&e);
         client
             .batch_execute(&format!("LISTEN {FLEET_CHANNEL}; LISTEN {RUNS_CHANNEL}"))
             .await

@@ -19,8 +19,7 @@ mod identity;
 mod ingest;
 mod listen;
 mod metrics;
-mod pgcopy;
-mod pgtls;
+mod pg;
 mod run;
 mod runs;
 mod schema;
@@ -334,7 +333,7 @@ fn main() -> ExitCode {
                     (None, None) => None,
                 };
                 let url = match source {
-                    Some((from, url)) => match pgtls::Target::parse(&url) {
+                    Some((from, url)) => match pg::Target::parse(&url) {
                         Ok(target) => format!("from {from}, sslmode={}", target.mode().name()),
                         Err(e) => {
                             eprintln!("{}: {e} (url from {from})", config.display());
@@ -371,7 +370,7 @@ fn main() -> ExitCode {
                 eprintln!("no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL");
                 return ExitCode::from(2);
             };
-            let target = match pgtls::Target::parse(&url) {
+            let target = match pg::Target::parse(&url) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("migrate: {e}");

@@ -16,9 +16,10 @@ use crate::http::{self, Readiness};
 use crate::ingest::IngestService;
 use crate::listen;
 use crate::metrics::Metrics;
-use crate::pgtls::Target;
+use crate::pg;
+use crate::pg::Target;
 use crate::schema;
-use crate::store::{self, Store};
+use crate::store::Store;
 use crate::tls::{self, ServerTls, TlsFiles};
 use crate::wire::IngestServer;
 
@@ -37,7 +38,8 @@ pub async fn migrate_once(
     target: &Target,
     retention: Option<Duration>,
 ) -> anyhow::Result<Vec<i32>> {
-    let mut client = store::connect(target)
+    let mut client = target
+        .connect()
         .await
         .context("cannot connect to postgres")?;
     let applied = schema::migrate(&mut client)
@@ -236,7 +238,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn migrate_once_at_start(target: &Target, retention: Duration) -> anyhow::Result<()> {
-    let mut client = store::connect(target)
+    let mut client = target
+        .connect()
         .await
         .context("cannot connect to postgres")?;
     schema::migrate(&mut client)
@@ -256,7 +259,7 @@ async fn migrate_once_at_start(target: &Target, retention: Duration) -> anyhow::
 fn warn_upkeep(e: &tokio_postgres::Error) {
     tracing::warn!(
         "cannot maintain partitions (run `edgeprobe-collector migrate --retention` as the owner): {}",
-        store::describe(e)
+        pg::describe(e)
     );
 }
 
@@ -273,7 +276,7 @@ async fn warn_unless_utf8(client: &tokio_postgres::Client) {
                 );
             }
         }
-        Err(e) => tracing::warn!("cannot read server_encoding: {}", store::describe(&e)),
+        Err(e) => tracing::warn!("cannot read server_encoding: {}", pg::describe(&e)),
     }
 }
 
@@ -287,7 +290,7 @@ async fn keep_partitions(target: Target, retention: Duration, shutdown: Cancella
             _ = ticks.tick() => {}
         }
         let result = async {
-            let client = store::connect(&target).await?;
+            let client = target.connect().await?;
             schema::maintain_partitions(&client, Some(retention), schema::ATTEMPTS).await
         }
         .await;

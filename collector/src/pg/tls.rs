@@ -132,7 +132,7 @@ impl Target {
     pub fn parse(url: &str) -> Result<Target, PgTlsError> {
         let (rest, params) = split_params(url)?;
         let mut config = tokio_postgres::Config::from_str(&rest)
-            .map_err(|e| PgTlsError::Url(crate::store::describe(&e)))?;
+            .map_err(|e| PgTlsError::Url(crate::pg::describe(&e)))?;
         let mode =
             match params.mode.as_deref() {
                 None => match config.get_ssl_mode() {
@@ -297,7 +297,7 @@ impl Target {
     pub async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
         fn ended(r: Result<(), tokio_postgres::Error>) {
             if let Err(e) = r {
-                tracing::debug!("postgres connection ended: {}", crate::store::describe(&e));
+                tracing::debug!("postgres connection ended: {}", crate::pg::describe(&e));
             }
         }
         match &self.tls {
@@ -381,7 +381,7 @@ async fn forward_notifications<S, T>(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::debug!("postgres connection ended: {}", crate::store::describe(&e));
+                tracing::debug!("postgres connection ended: {}", crate::pg::describe(&e));
                 return;
             }
         }
