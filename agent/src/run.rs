@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -83,13 +84,27 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             Some(msg) = inbound.recv() => match msg {
                 Inbound::FleetTests { push, reply } => {
                     let error = apply_fleet(&push, &config, &mut fleet, &mut scheduler);
+                    // The collector stores the reason: it fits the error bound.
+                    let error = error.map_or_else(String::new, |e| bounds::fit_error_message(&e).0);
                     answer(reply, pb::agent_message::Msg::TestsApplied(pb::TestsApplied {
                         version: push.version,
-                        error: error.unwrap_or_default(),
+                        error,
                     }));
                 }
                 Inbound::RunNow { run, reply } => {
-                    let status = scheduler.run_now(&run);
+                    let status = if run.test_toml.len() > bounds::MAX_RUN_NOW_BYTES {
+                        pb::RunStatus {
+                            run_id: run.run_id,
+                            state: pb::run_status::State::Refused as i32,
+                            reason: format!(
+                                "the ad-hoc test is {} bytes, at most {}",
+                                run.test_toml.len(),
+                                bounds::MAX_RUN_NOW_BYTES
+                            ),
+                        }
+                    } else {
+                        scheduler.run_now(&run)
+                    };
                     if status.state == pb::run_status::State::Refused as i32 {
                         tracing::warn!(run_id = run.run_id, test = %run.test, "run-now refused: {}", status.reason);
                     }
@@ -174,6 +189,14 @@ fn apply_fleet(
         tracing::warn!("fleet tests refused: {reason}");
         return Some(reason);
     }
+    // The bounds first: a push over them is refused before it is parsed.
+    if let Err(e) = bounds::fleet_push(push.tests_toml.len()) {
+        tracing::warn!(
+            version = push.version,
+            "fleet tests refused, keeping the running set: {e}"
+        );
+        return Some(e.to_string());
+    }
     let same = fleet
         .as_ref()
         .is_some_and(|f| f.tests_toml == push.tests_toml)
@@ -188,7 +211,16 @@ fn apply_fleet(
         f
     } else {
         match Fleet::parse(push.version, &push.tests_toml, config) {
-            Ok(f) => f,
+            Ok(f) => {
+                if let Err(e) = bounds::agent_tests(config.tests.len(), f.tests.len()) {
+                    tracing::warn!(
+                        version = push.version,
+                        "fleet tests refused, keeping the running set: {e}"
+                    );
+                    return Some(e.to_string());
+                }
+                f
+            }
             Err(e) => {
                 tracing::warn!(
                     version = push.version,

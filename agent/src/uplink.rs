@@ -37,6 +37,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use edgeprobe_proto::v1::ingest_client::IngestClient;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -55,8 +56,8 @@ use crate::record;
 
 /// Results per batch at most.
 const BATCH_MAX_RESULTS: usize = 5_000;
-/// Encoded bytes per batch at most (well under the collector's message limit).
-const BATCH_MAX_BYTES: usize = 2 << 20;
+/// Encoded bytes per batch at most: half the message bound both peers apply.
+const BATCH_MAX_BYTES: usize = bounds::MAX_MESSAGE_BYTES / 2;
 /// Unacknowledged batches at most.
 const MAX_IN_FLIGHT: usize = 8;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(15);
@@ -193,9 +194,10 @@ impl Uplink {
         acked: &mut bool,
     ) -> anyhow::Result<()> {
         let channel = self.connect(endpoint).await?;
+        // The collector's bound too: this agent decodes whatever a collector may send.
         let mut client = IngestClient::new(channel)
-            .max_decoding_message_size(1 << 20)
-            .max_encoding_message_size(4 << 20);
+            .max_decoding_message_size(bounds::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(bounds::MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
         let hello = pb::Hello {
             agent_id: self.agent_id.clone(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeprobe_proto::bounds::MAX_MESSAGE_BYTES;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -22,8 +23,6 @@ use crate::store::{self, Store};
 use crate::tls::{self, ServerTls, TlsFiles};
 use crate::wire::IngestServer;
 
-/// Largest gRPC message accepted (a batch).
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Concurrent gRPC streams one HTTP/2 connection may hold. An agent needs one; a few more
 /// let a reconnect overlap its half-dead predecessor. A client past this waits (its h2
 /// layer queues the stream) or, if it ignores the setting, has the stream refused.
@@ -185,8 +184,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             sessions,
             controller,
         },
+        // One bound for both directions, the one the agent's client applies: nothing is
+        // sent that an agent refuses to decode (which would end its stream). An ack may
+        // name up to 10,000 quarantined results with their reasons.
         MAX_MESSAGE_BYTES,
-        // An ack may name up to 10,000 quarantined results with their reasons.
         MAX_MESSAGE_BYTES,
     );
 
