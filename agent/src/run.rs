@@ -473,6 +473,28 @@ every = "1h"
         );
         assert_eq!(scheduler.test_names(), ["local"]);
         assert_eq!(persisted_version(dir.path()), 5);
+
+        // Over the bounds: refused (before parsing when too big), version 5 runs on.
+        let big = pb::FleetTests {
+            version: 6,
+            tests_toml: "#".repeat(bounds::MAX_PUSH_BYTES + 1),
+        };
+        let e = apply_fleet(&big, &config, &mut fleet, &mut scheduler).unwrap();
+        assert!(e.ends_with("at most 1000000 in one push"), "{e}");
+        let many = pb::FleetTests {
+            version: 7,
+            tests_toml: (0..bounds::MAX_AGENT_TESTS)
+                .map(|i| push(7, &format!("f{i}")).tests_toml)
+                .collect(),
+        };
+        let e = apply_fleet(&many, &config, &mut fleet, &mut scheduler).unwrap();
+        assert_eq!(
+            e,
+            "4096 fleet tests beside 1 local tests, at most 4096 tests on one agent"
+        );
+        assert_eq!(fleet.as_ref().unwrap().version, 5);
+        assert_eq!(persisted_version(dir.path()), 5);
+        assert_eq!(scheduler.test_names(), ["local"]);
         scheduler.stop(Duration::from_secs(1)).await;
     }
 }

@@ -830,3 +830,57 @@ fn two_collectors_never_both_send_a_run() {
     assert_eq!(sent(&a) + sent(&b), 1.0);
     drop(rt);
 }
+
+#[test]
+fn an_agent_refuses_more_tests_than_it_may_run_once_and_keeps_delivering() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let mut a = Agent::new(
+        dir.path(),
+        "many-1",
+        &collector.endpoint(),
+        &http_test(&target.url(), "1s"),
+    );
+    a.start();
+    connected(&db, &["many-1"]);
+    // 4,100 small tests: under the push's byte bound, so the collector sends them; over
+    // the tests one agent may run, so the agent refuses them.
+    insert_mesh(&db, 1, 4_100);
+    let error: String = wait_for(WAIT, "the agent's refusal recorded", || {
+        db.client()
+            .query_one(
+                "SELECT fleet_error FROM agents WHERE agent_id = 'many-1' AND fleet_refused_version = 1",
+                &[],
+            )
+            .ok()
+            .and_then(|r| r.get(0))
+    });
+    assert_eq!(
+        error,
+        "4100 fleet tests beside 1 local tests, at most 4096 tests on one agent"
+    );
+    let delivered = results_of(&db, "many-1", "web");
+    wait_for(WAIT, "the local test still delivering", || {
+        (results_of(&db, "many-1", "web") >= delivered + 5).then_some(())
+    });
+    assert_eq!(results_of(&db, "many-1", "mesh-0001"), 0);
+    // A reconnect is not pushed the refused version again.
+    a.stop();
+    a.start();
+    wait_for(WAIT, "the agent's second session", || {
+        (collector.proc.log_text().matches("agent connected").count() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let log = collector.proc.log_text();
+    assert_eq!(
+        log.matches("the agent refused the fleet tests").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        metric(&collector.metrics(), "edgeprobe_fleet_refused_total"),
+        1.0
+    );
+}
