@@ -105,6 +105,11 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
                     } else {
                         scheduler.run_now(&run)
                     };
+                    // The collector stores the reason: it fits the error bound.
+                    let status = pb::RunStatus {
+                        reason: bounds::fit_error_message(&status.reason).0,
+                        ..status
+                    };
                     if status.state == pb::run_status::State::Refused as i32 {
                         tracing::warn!(run_id = run.run_id, test = %run.test, "run-now refused: {}", status.reason);
                     }

@@ -463,4 +463,21 @@ fn a_version_over_what_one_push_may_carry_is_refused_located_and_nothing_applied
         "{err}"
     );
     assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 1);
+
+    // A stored version over the bound (made past apply, by an older collector): a
+    // rollback to it is refused the same way.
+    db.client()
+        .batch_execute(
+            "INSERT INTO fleet_versions (version, created_by, origin) VALUES (2, 'it', 'old');
+             INSERT INTO fleet_tests (version, name, kind, target, select_labels, agents, spec_toml)
+             VALUES (2, 'huge', 'tcp', 'h:1', '{}', NULL, repeat('#', 1100000));",
+        )
+        .unwrap();
+    let (code, out, err) = cli(&db, &["tests", "rollback", "2"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.starts_with("fleet version 2, test `huge`: the fleet tests selecting agent b1 are 1100000 bytes (1 tests), over the 1000000 bytes"),
+        "{err}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 2);
 }
