@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -83,13 +84,32 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
             Some(msg) = inbound.recv() => match msg {
                 Inbound::FleetTests { push, reply } => {
                     let error = apply_fleet(&push, &config, &mut fleet, &mut scheduler);
+                    // The collector stores the reason: it fits the error bound.
+                    let error = error.map_or_else(String::new, |e| bounds::fit_error_message(&e).0);
                     answer(reply, pb::agent_message::Msg::TestsApplied(pb::TestsApplied {
                         version: push.version,
-                        error: error.unwrap_or_default(),
+                        error,
                     }));
                 }
                 Inbound::RunNow { run, reply } => {
-                    let status = scheduler.run_now(&run);
+                    let status = if run.test_toml.len() > bounds::MAX_RUN_NOW_BYTES {
+                        pb::RunStatus {
+                            run_id: run.run_id,
+                            state: pb::run_status::State::Refused as i32,
+                            reason: format!(
+                                "the ad-hoc test is {} bytes, at most {}",
+                                run.test_toml.len(),
+                                bounds::MAX_RUN_NOW_BYTES
+                            ),
+                        }
+                    } else {
+                        scheduler.run_now(&run)
+                    };
+                    // The collector stores the reason: it fits the error bound.
+                    let status = pb::RunStatus {
+                        reason: bounds::fit_error_message(&status.reason).0,
+                        ..status
+                    };
                     if status.state == pb::run_status::State::Refused as i32 {
                         tracing::warn!(run_id = run.run_id, test = %run.test, "run-now refused: {}", status.reason);
                     }
@@ -174,6 +194,14 @@ fn apply_fleet(
         tracing::warn!("fleet tests refused: {reason}");
         return Some(reason);
     }
+    // The bounds first: a push over them is refused before it is parsed.
+    if let Err(e) = bounds::fleet_push(push.tests_toml.len()) {
+        tracing::warn!(
+            version = push.version,
+            "fleet tests refused, keeping the running set: {e}"
+        );
+        return Some(e.to_string());
+    }
     let same = fleet
         .as_ref()
         .is_some_and(|f| f.tests_toml == push.tests_toml)
@@ -188,7 +216,16 @@ fn apply_fleet(
         f
     } else {
         match Fleet::parse(push.version, &push.tests_toml, config) {
-            Ok(f) => f,
+            Ok(f) => {
+                if let Err(e) = bounds::agent_tests(config.tests.len(), f.tests.len()) {
+                    tracing::warn!(
+                        version = push.version,
+                        "fleet tests refused, keeping the running set: {e}"
+                    );
+                    return Some(e.to_string());
+                }
+                f
+            }
             Err(e) => {
                 tracing::warn!(
                     version = push.version,
@@ -441,6 +478,28 @@ every = "1h"
         );
         assert_eq!(scheduler.test_names(), ["local"]);
         assert_eq!(persisted_version(dir.path()), 5);
+
+        // Over the bounds: refused (before parsing when too big), version 5 runs on.
+        let big = pb::FleetTests {
+            version: 6,
+            tests_toml: "#".repeat(bounds::MAX_PUSH_BYTES + 1),
+        };
+        let e = apply_fleet(&big, &config, &mut fleet, &mut scheduler).unwrap();
+        assert!(e.ends_with("at most 1000000 in one push"), "{e}");
+        let many = pb::FleetTests {
+            version: 7,
+            tests_toml: (0..bounds::MAX_AGENT_TESTS)
+                .map(|i| push(7, &format!("f{i}")).tests_toml)
+                .collect(),
+        };
+        let e = apply_fleet(&many, &config, &mut fleet, &mut scheduler).unwrap();
+        assert_eq!(
+            e,
+            "4096 fleet tests beside 1 local tests, at most 4096 tests on one agent"
+        );
+        assert_eq!(fleet.as_ref().unwrap().version, 5);
+        assert_eq!(persisted_version(dir.path()), 5);
+        assert_eq!(scheduler.test_names(), ["local"]);
         scheduler.stop(Duration::from_secs(1)).await;
     }
 }

@@ -23,13 +23,23 @@
 //!   per `speed_every`; over it the row becomes rate_limited and nothing is sent.
 //! - Agents' answers (TestsApplied, RunStatus, results with a run id) are written in
 //!   batches, one statement per kind every `FLUSH`, latest answer per agent.
+//! - Nothing is sent that an agent cannot take: a push whose blocks pass
+//!   `bounds::MAX_PUSH_BYTES` (or a message past `bounds::MAX_MESSAGE_BYTES`, or a run-now
+//!   block past `bounds::MAX_RUN_NOW_BYTES`) is not sent and is recorded as refused with
+//!   the reason, like an agent's own refusal; an oversized message would end the agent's
+//!   whole stream, results and all.
+//! - A version an agent refused (or that could not be sent to it) is not pushed to it
+//!   again: the refusal is kept per agent for the current version (in memory, from
+//!   `agents.fleet_refused_version` on every poll), and only a new version reaches it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -93,20 +103,62 @@ pub struct FleetSet {
 impl FleetSet {
     /// The `[[test]]` blocks of the tests selecting the agent, joined by a blank line.
     pub fn tests_toml(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> String {
-        self.tests
-            .iter()
-            .filter(|t| t.selects(agent_id, labels))
-            .map(|t| t.spec_toml.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
+        join_blocks(
+            self.tests
+                .iter()
+                .filter(|t| t.selects(agent_id, labels))
+                .map(|t| t.spec_toml.as_str()),
+        )
     }
 
-    fn message(&self, control: &Control) -> pb::FleetTests {
-        pb::FleetTests {
+    /// The push for `control`, or why it cannot be sent (its size passes the bounds).
+    fn message(&self, control: &Control) -> Result<pb::FleetTests, String> {
+        let push = pb::FleetTests {
             version: self.version,
             tests_toml: self.tests_toml(&control.agent_id, &control.labels),
-        }
+        };
+        bounds::fleet_push(push.tests_toml.len())
+            .map_err(|e| e.to_string())
+            .and_then(|()| fits(pb::collector_message::Msg::FleetTests(push.clone())))
+            .map(|()| push)
+            .map_err(|e| {
+                format!(
+                    "not sent by the collector: {e} (a larger message would cut the agent off; \
+                     narrow the selection or split the tests, then apply a new version)"
+                )
+            })
     }
+}
+
+/// A push's `tests_toml`: the blocks joined by a newline (each ends with one). `tests
+/// apply` measures a push as `push_len` of the same blocks.
+pub fn join_blocks<'a>(blocks: impl Iterator<Item = &'a str>) -> String {
+    blocks.collect::<Vec<_>>().join("\n")
+}
+
+/// The length of `join_blocks` of blocks of these lengths, without building it.
+pub fn push_len(block_lens: impl Iterator<Item = usize>) -> usize {
+    let (bytes, n) = block_lens.fold((0usize, 0usize), |(b, n), l| (b + l, n + 1));
+    bytes + n.saturating_sub(1)
+}
+
+/// Whether a message to an agent fits the message bound both peers apply.
+fn fits(msg: pb::collector_message::Msg) -> Result<(), String> {
+    let len = pb::CollectorMessage { msg: Some(msg) }.encoded_len();
+    if len > bounds::MAX_MESSAGE_BYTES {
+        return Err(format!(
+            "the message is {len} bytes, at most {}",
+            bounds::MAX_MESSAGE_BYTES
+        ));
+    }
+    Ok(())
+}
+
+/// The current version and the agents that refused it (or could not be sent it).
+#[derive(Default)]
+struct Current {
+    set: Option<Arc<FleetSet>>,
+    refused: HashSet<String>,
 }
 
 /// What a session hands to the controller.
@@ -135,7 +187,7 @@ enum Event {
 #[derive(Clone)]
 pub struct Handle {
     events: mpsc::Sender<Event>,
-    current: Arc<Mutex<Option<Arc<FleetSet>>>>,
+    current: Arc<Mutex<Current>>,
     metrics: Arc<Metrics>,
 }
 
@@ -149,10 +201,43 @@ impl Handle {
         if !control.fleet_tests {
             return;
         }
-        let current = self.current.lock().expect("never poisoned").clone();
-        if let Some(set) = current {
-            control.push_fleet(set.message(control));
+        let set = {
+            let current = self.current.lock().expect("never poisoned");
+            match &current.set {
+                // A refused version is not pushed again to the agent that refused it.
+                Some(set) if !current.refused.contains(&control.agent_id) => set.clone(),
+                _ => return,
+            }
+        };
+        self.push(control, &set);
+    }
+
+    /// Pushes `set` to a session, or records why it cannot be sent.
+    fn push(&self, control: &Control, set: &FleetSet) {
+        match set.message(control) {
+            Ok(m) => control.push_fleet(m),
+            Err(reason) => {
+                tracing::warn!(agent_id = %control.agent_id, version = set.version, "fleet tests not sent to the agent: {reason}");
+                self.refused(&control.agent_id, set.version, reason);
+            }
         }
+    }
+
+    /// Records a refusal of `version` by (or for) an agent: counted, written to its
+    /// agents row, and remembered so the version is not pushed to it again.
+    fn refused(&self, agent_id: &str, version: u64, reason: String) {
+        self.metrics.fleet_refused.inc();
+        {
+            let mut current = self.current.lock().expect("never poisoned");
+            if current.set.as_ref().is_some_and(|s| s.version == version) {
+                current.refused.insert(agent_id.to_string());
+            }
+        }
+        self.event(Event::Applied {
+            agent_id: agent_id.to_string(),
+            version,
+            error: reason,
+        });
     }
 
     pub fn tests_applied(&self, control: &Control, applied: pb::TestsApplied) {
@@ -160,15 +245,17 @@ impl Handle {
             control
                 .applied
                 .fetch_max(applied.version, Ordering::Relaxed);
+            self.event(Event::Applied {
+                agent_id: control.agent_id.clone(),
+                version: applied.version,
+                error: String::new(),
+            });
         } else {
-            self.metrics.fleet_refused.inc();
-            tracing::warn!(agent_id = %control.agent_id, version = applied.version, "the agent refused the fleet tests: {}", applied.error);
+            // Stored as text: no NUL, at most the error bound.
+            let (reason, _) = bounds::fit_error_message(&applied.error);
+            tracing::warn!(agent_id = %control.agent_id, version = applied.version, "the agent refused the fleet tests: {reason}");
+            self.refused(&control.agent_id, applied.version, reason);
         }
-        self.event(Event::Applied {
-            agent_id: control.agent_id.clone(),
-            version: applied.version,
-            error: applied.error,
-        });
     }
 
     pub fn run_status(&self, agent_id: &str, status: pb::RunStatus) {
@@ -185,14 +272,16 @@ impl Handle {
             .run_now_requests
             .with_label_values(&[state])
             .inc();
+        // Stored as text: no NUL, at most the error bound.
+        let (reason, _) = bounds::fit_error_message(&status.reason);
         if state == "refused" {
-            tracing::info!(%agent_id, run_id = status.run_id, "the agent refused a run-now: {}", status.reason);
+            tracing::info!(%agent_id, run_id = status.run_id, "the agent refused a run-now: {reason}");
         }
         self.event(Event::Status {
             agent_id: agent_id.to_string(),
             run_id: status.run_id,
             state,
-            reason: status.reason,
+            reason,
         });
     }
 
@@ -234,6 +323,7 @@ pub fn start(
         sessions,
         metrics,
         limit,
+        handle: handle.clone(),
         current: handle.current.clone(),
         events: rx,
         last_run: HashMap::new(),
@@ -285,7 +375,9 @@ struct Controller {
     sessions: Arc<Sessions>,
     metrics: Arc<Metrics>,
     limit: RateLimit,
-    current: Arc<Mutex<Option<Arc<FleetSet>>>>,
+    /// Records refusals found while pushing.
+    handle: Handle,
+    current: Arc<Mutex<Current>>,
     events: mpsc::Receiver<Event>,
     /// Per agent: when this collector last sent it a run-now, and a speed run-now.
     last_run: HashMap<String, (Option<Instant>, Option<Instant>)>,
@@ -360,6 +452,7 @@ impl Controller {
                 },
                 _ = poll.tick() => {
                     self.check_version(client).await.map_err(describe)?;
+                    self.load_refusals(client).await.map_err(describe)?;
                     self.dispatch_runs(client).await.map_err(describe)?;
                     self.count_behind();
                 }
@@ -383,7 +476,29 @@ impl Controller {
     }
 
     fn current(&self) -> Option<Arc<FleetSet>> {
-        self.current.lock().expect("never poisoned").clone()
+        self.current.lock().expect("never poisoned").set.clone()
+    }
+
+    /// Adds the refusals of the current version recorded by any collector (this one's
+    /// are in memory already): an agent that refused it is not pushed it again here
+    /// either, after a reconnect to this collector or a restart of it.
+    async fn load_refusals(&mut self, client: &Client) -> Result<(), tokio_postgres::Error> {
+        let Some(version) = self.current().map(|c| c.version) else {
+            return Ok(());
+        };
+        let rows = client
+            .query(
+                "SELECT agent_id FROM agents WHERE fleet_refused_version = $1",
+                &[&(version as i64)],
+            )
+            .await?;
+        let mut current = self.current.lock().expect("never poisoned");
+        if current.set.as_ref().is_some_and(|s| s.version == version) {
+            current
+                .refused
+                .extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        }
+        Ok(())
     }
 
     async fn check_version(&mut self, client: &Client) -> Result<(), tokio_postgres::Error> {
@@ -422,13 +537,19 @@ impl Controller {
         });
         // Current first, then the registry: a session attached meanwhile is reached by
         // one or the other (`Handle::session_started` reads current after attaching).
-        *self.current.lock().expect("never poisoned") = Some(set.clone());
+        *self.current.lock().expect("never poisoned") = Current {
+            set: Some(set.clone()),
+            refused: HashSet::new(),
+        };
+        // Refusals recorded before this collector loaded the version (it restarted).
+        self.load_refusals(client).await?;
+        let refused = self.current.lock().expect("never poisoned").refused.clone();
         self.metrics.fleet_version.set(latest as i64);
         let started = Instant::now();
         let mut pushed = 0usize;
         for control in self.sessions.controls() {
-            if control.fleet_tests {
-                control.push_fleet(set.message(&control));
+            if control.fleet_tests && !refused.contains(&control.agent_id) {
+                self.handle.push(&control, &set);
                 pushed += 1;
             }
         }
@@ -448,6 +569,7 @@ impl Controller {
             self.metrics.fleet_agents_behind.set(0);
             return;
         };
+        // A refused version counts as not applied (`tests list` tells the two apart).
         let behind = self
             .sessions
             .controls()
@@ -495,8 +617,15 @@ impl Controller {
             let spec_toml: String = r.get(3);
             let kind: String = r.get(4);
             let control = &controls[&agent_id];
+            let run = pb::RunNow {
+                run_id: run_id as u64,
+                test,
+                test_toml: spec_toml,
+            };
             let (state, reason) = if !control.run_now {
                 ("refused", Some("agent too old for run-now".to_string()))
+            } else if let Err(e) = sendable(&run) {
+                ("refused", Some(e))
             } else if !self.allow(&agent_id, kind == "speed", now) {
                 (
                     "rate_limited",
@@ -506,14 +635,7 @@ impl Controller {
                     )),
                 )
             } else {
-                messages.insert(
-                    (run_id, agent_id.clone()),
-                    pb::RunNow {
-                        run_id: run_id as u64,
-                        test,
-                        test_toml: spec_toml,
-                    },
-                );
+                messages.insert((run_id, agent_id.clone()), run);
                 ("sent", None)
             };
             decided.push((run_id, agent_id, state, reason));
@@ -622,6 +744,20 @@ impl Controller {
     }
 }
 
+/// Whether a run-now may be sent: its ad-hoc block within `MAX_RUN_NOW_BYTES` and the
+/// message within the message bound.
+fn sendable(run: &pb::RunNow) -> Result<(), String> {
+    if run.test_toml.len() > bounds::MAX_RUN_NOW_BYTES {
+        return Err(format!(
+            "not sent by the collector: the ad-hoc test is {} bytes, at most {}",
+            run.test_toml.len(),
+            bounds::MAX_RUN_NOW_BYTES
+        ));
+    }
+    fits(pb::collector_message::Msg::RunNow(run.clone()))
+        .map_err(|e| format!("not sent by the collector: {e}"))
+}
+
 async fn write(client: &Client, p: &Pending) -> Result<(), tokio_postgres::Error> {
     if !p.applied.is_empty() {
         let ids: Vec<&str> = p.applied.keys().map(String::as_str).collect();
@@ -727,14 +863,106 @@ mod tests {
     }
 
     #[test]
+    fn push_len_measures_the_joined_blocks() {
+        for blocks in [vec![], vec!["a\n"], vec!["a\n", "bb\n", "ccc\n"]] {
+            assert_eq!(
+                push_len(blocks.iter().map(|b| b.len())),
+                join_blocks(blocks.iter().copied()).len()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_over_the_bound_is_not_sent_and_a_refused_version_not_pushed_again() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let metrics = Arc::new(Metrics::new());
+        let handle = Handle {
+            events: tx,
+            current: Default::default(),
+            metrics: metrics.clone(),
+        };
+        let features = [edgeprobe_proto::FEATURE_FLEET_TESTS.to_string()];
+        let session = |id: &str| Control::channel(id.into(), BTreeMap::new(), &features);
+        // One block of a little over the push bound, for agent "big" only.
+        let mut huge = test("huge", &[], Some(&["big"]));
+        huge.spec_toml
+            .push_str(&"# x\n".repeat(bounds::MAX_PUSH_BYTES / 4 + 1));
+        let set = FleetSet {
+            version: 7,
+            tests: vec![test("small", &[], None), huge],
+        };
+        handle.current.lock().unwrap().set = Some(Arc::new(set));
+
+        let small = session("small-agent");
+        handle.session_started(&small.control);
+        assert_eq!(small.control.take_fleet().map(|m| m.version), Some(7));
+
+        let big = session("big");
+        handle.session_started(&big.control);
+        assert!(
+            big.control.take_fleet().is_none(),
+            "nothing over the bound is sent"
+        );
+        match rx.try_recv().unwrap() {
+            Event::Applied {
+                agent_id,
+                version,
+                error,
+            } => {
+                assert_eq!((agent_id.as_str(), version), ("big", 7));
+                assert!(error.contains("at most 1000000 in one push"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(metrics.fleet_refused.get(), 1);
+        // Reconnects: not pushed, not counted again.
+        handle.session_started(&big.control);
+        assert!(big.control.take_fleet().is_none());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(metrics.fleet_refused.get(), 1);
+
+        // An agent's own refusal is remembered the same way.
+        handle.tests_applied(
+            &small.control,
+            pb::TestsApplied {
+                version: 7,
+                error: "bad\0reason".into(),
+            },
+        );
+        match rx.try_recv().unwrap() {
+            Event::Applied { error, .. } => assert_eq!(error, "bad\u{fffd}reason"),
+            other => panic!("{other:?}"),
+        }
+        handle.session_started(&small.control);
+        assert!(small.control.take_fleet().is_none());
+    }
+
+    #[test]
+    fn a_run_now_that_cannot_be_sent_is_refused() {
+        let run = |toml: String| pb::RunNow {
+            run_id: 1,
+            test: "t".into(),
+            test_toml: toml,
+        };
+        assert!(sendable(&run("[[test]]\n".into())).is_ok());
+        let e = sendable(&run("#".repeat(bounds::MAX_RUN_NOW_BYTES + 1))).unwrap_err();
+        assert!(e.contains("at most 65536"), "{e}");
+    }
+
+    #[test]
     fn rate_limit_per_agent_and_for_speed() {
         let (tx, rx) = mpsc::channel(1);
-        drop(tx);
+        let handle = Handle {
+            events: tx,
+            current: Default::default(),
+            metrics: Arc::new(Metrics::new()),
+        };
         let mut c = Controller {
             target: Target::parse("postgres://localhost/x").unwrap(),
             sessions: Default::default(),
             metrics: Arc::new(Metrics::new()),
             limit: RateLimit::default(),
+            handle,
             current: Default::default(),
             events: rx,
             last_run: HashMap::new(),

@@ -389,7 +389,8 @@ fn unix_nanos(t: SystemTime) -> i128 {
 
 /// Bounds on a hello's controller fields (features, local test names).
 const MAX_HELLO_FEATURES: usize = 32;
-const MAX_HELLO_LOCAL_TESTS: usize = 4096;
+/// An agent runs at most this many tests, local ones included.
+const MAX_HELLO_LOCAL_TESTS: usize = bounds::MAX_AGENT_TESTS;
 const MAX_HELLO_NAME_LEN: usize = 256;
 
 impl TryFrom<pb::Hello> for AgentHello {

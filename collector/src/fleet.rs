@@ -8,10 +8,14 @@
 //! and sends `NOTIFY edgeprobe_fleet, '<version>'` in the same transaction (delivered at
 //! commit, never for a rolled-back insert). An apply identical to the current set makes no
 //! version. A file is checked by the agent's own parser (`FleetFile::parse`), so whatever
-//! is stored an agent accepts, bar its own local names and label bound.
+//! is stored an agent accepts, bar its own local names and label bound. A version whose
+//! push to a known agent would pass `bounds::MAX_PUSH_BYTES`, or give it more than
+//! `bounds::MAX_AGENT_TESTS` tests, is refused (apply, diff and rollback alike): the
+//! collector would not send it and the agent would not take it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use edgeprobe_proto::bounds;
 use edgeprobe_proto::testdef::{from_toml, FleetFile, FleetTest, TestsOnly};
 use serde::Serialize;
 use tokio_postgres::types::Json;
@@ -376,6 +380,123 @@ fn compare(
     }
 }
 
+/// A known agent for which a set of tests breaks a bound of what it can be pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Over {
+    agent_id: String,
+    /// The encoded length of its push (`tests_toml`), and its fleet and local tests.
+    bytes: usize,
+    tests: usize,
+    local: usize,
+    /// Index in `tests` of the test at which the push passes the bound.
+    at: usize,
+    /// Known agents over a bound, this one included.
+    agents: usize,
+}
+
+/// The worst known agent whose push of `tests` would pass `MAX_PUSH_BYTES` or give it more
+/// than `MAX_AGENT_TESTS` tests; measured as the controller builds the push.
+fn over_bounds(tests: &[StoredTest], agents: &[KnownAgent]) -> Option<Over> {
+    let mut worst: Option<Over> = None;
+    let mut count = 0;
+    for a in agents {
+        let selected: Vec<usize> = (0..tests.len())
+            .filter(|&i| tests[i].selection.selects(a))
+            .collect();
+        let bytes = crate::controller::push_len(selected.iter().map(|&i| tests[i].spec_toml.len()));
+        let over_bytes = bounds::fleet_push(bytes).is_err();
+        let over_count = bounds::agent_tests(a.local_tests.len(), selected.len()).is_err();
+        if !over_bytes && !over_count {
+            continue;
+        }
+        count += 1;
+        // Where it passes: the first test past the byte bound, else past the count.
+        let at = if over_bytes {
+            let mut sum = 0usize;
+            let mut at = *selected.last().expect("over the bound with no test");
+            for (k, &i) in selected.iter().enumerate() {
+                sum += tests[i].spec_toml.len() + usize::from(k > 0);
+                if sum > bounds::MAX_PUSH_BYTES {
+                    at = i;
+                    break;
+                }
+            }
+            at
+        } else {
+            selected[bounds::MAX_AGENT_TESTS
+                .saturating_sub(a.local_tests.len())
+                .min(selected.len() - 1)]
+        };
+        let over = Over {
+            agent_id: a.agent_id.clone(),
+            bytes,
+            tests: selected.len(),
+            local: a.local_tests.len(),
+            at,
+            agents: 0,
+        };
+        if worst
+            .as_ref()
+            .is_none_or(|w| (over.bytes, over.tests) > (w.bytes, w.tests))
+        {
+            worst = Some(over);
+        }
+    }
+    worst.map(|w| Over { agents: count, ..w })
+}
+
+impl Over {
+    /// The refusal: `where` locates it (`file:line:col` of the test at which the push
+    /// passes the bound, or the version).
+    fn refusal(&self, location: &str) -> FleetError {
+        let more = match self.agents.saturating_sub(1) {
+            0 => String::new(),
+            n => format!(" ({n} more known agents are over it too)"),
+        };
+        let what = if self.bytes > bounds::MAX_PUSH_BYTES {
+            format!(
+                "the fleet tests selecting agent {} are {} bytes ({} tests), over the {} bytes one push may carry",
+                self.agent_id,
+                self.bytes,
+                self.tests,
+                bounds::MAX_PUSH_BYTES
+            )
+        } else {
+            format!(
+                "agent {} would run {} fleet tests beside its {} local tests, over the {} tests one agent may run",
+                self.agent_id,
+                self.tests,
+                self.local,
+                bounds::MAX_AGENT_TESTS
+            )
+        };
+        FleetError::Invalid(format!(
+            "{location}: {what}{more}; the collector would not send it and the agent would not take it: narrow the selections or split the tests across agents"
+        ))
+    }
+}
+
+/// Refuses a file's tests that would pass a push bound for a known agent, located at the
+/// test where the push passes it.
+fn check_pushes(
+    file: &FleetFile,
+    new: &[StoredTest],
+    agents: &[KnownAgent],
+    text: &str,
+    origin: &str,
+) -> Result<(), FleetError> {
+    match over_bounds(new, agents) {
+        None => Ok(()),
+        Some(over) => {
+            let (line, col) = line_col(text, file.tests[over.at].config.name.span().start);
+            Err(over.refusal(&format!(
+                "{origin}:{line}:{col}: test `{}`",
+                new[over.at].name
+            )))
+        }
+    }
+}
+
 /// Parses a fleet tests file; errors are located `origin:line:col: reason`.
 pub fn parse_file(text: &str, origin: &str) -> Result<FleetFile, FleetError> {
     FleetFile::parse(text, origin).map_err(|e| FleetError::Invalid(e.to_string()))
@@ -395,7 +516,9 @@ pub async fn diff(
         Some(v) => tests_of(client, v).await?,
         None => Vec::new(),
     };
-    Ok(compare(current, &old, &new, &known_agents(client).await?))
+    let agents = known_agents(client).await?;
+    check_pushes(&file, &new, &agents, text, origin)?;
+    Ok(compare(current, &old, &new, &agents))
 }
 
 /// What an apply or rollback did.
@@ -443,6 +566,7 @@ pub async fn apply(
             )));
         }
     }
+    check_pushes(&file, &new, &agents, text, origin)?;
     let current = current_version(&tx).await?.map(|v| v.version);
     let old = match current {
         Some(v) => tests_of(&tx, v).await?,
@@ -493,6 +617,12 @@ pub async fn rollback(
         None => Vec::new(),
     };
     let agents = known_agents(&tx).await?;
+    if let Some(over) = over_bounds(&old_tests, &agents) {
+        return Err(over.refusal(&format!(
+            "fleet version {version}, test `{}`",
+            old_tests[over.at].name
+        )));
+    }
     let diff = compare(current, &current_tests, &old_tests, &agents);
     let new = insert_version(&tx, created_by, "rollback", "", Some(version), &old_tests).await?;
     tx.commit().await?;
@@ -657,6 +787,55 @@ mod tests {
             fleet_refused_version: None,
             fleet_error: None,
         }
+    }
+
+    #[test]
+    fn a_set_over_a_push_bound_is_found_with_its_agent_and_place() {
+        let stored = |name: &str, bytes: usize, agents: Option<&[&str]>| StoredTest {
+            name: name.into(),
+            kind: "tcp".into(),
+            target: "x:1".into(),
+            selection: Selection {
+                select: BTreeMap::new(),
+                agents: agents.map(|a| a.iter().map(|s| s.to_string()).collect()),
+            },
+            spec_toml: "#".repeat(bytes),
+        };
+        let half = bounds::MAX_PUSH_BYTES / 2;
+        let tests = [
+            stored("a", half, None),
+            stored("b", half, Some(&["big", "big2"])),
+            stored("c", 10, Some(&["big"])),
+        ];
+        let agents = [agent("big", &[]), agent("big2", &[]), agent("small", &[])];
+        // a + b is exactly the bound plus one separator: over, from b on.
+        let over = over_bounds(&tests, &agents).unwrap();
+        assert_eq!(over.agent_id, "big");
+        assert_eq!(
+            (over.bytes, over.tests, over.at, over.agents),
+            (2 * half + 12, 3, 1, 2)
+        );
+        let e = over.refusal("f.toml:7:8: test `b`").to_string();
+        assert!(
+            e.starts_with(&format!(
+                "f.toml:7:8: test `b`: the fleet tests selecting agent big are {} bytes (3 tests), over the 1000000 bytes one push may carry (1 more known agents",
+                2 * half + 12
+            )),
+            "{e}"
+        );
+        assert!(over_bounds(&tests[..1], &agents).is_none());
+
+        // The count bound, with the agent's local tests.
+        let mut many = agent("many", &[]);
+        many.local_tests = (0..bounds::MAX_AGENT_TESTS)
+            .map(|i| i.to_string())
+            .collect();
+        let over = over_bounds(&tests[2..], &[many.clone()]).is_none();
+        assert!(over, "test c selects only big");
+        let over = over_bounds(&tests[..1], &[many]).unwrap();
+        assert!(over.refusal("v").to_string().contains(
+            "agent many would run 1 fleet tests beside its 4096 local tests, over the 4096 tests"
+        ));
     }
 
     #[test]

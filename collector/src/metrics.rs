@@ -36,7 +36,8 @@ pub struct Metrics {
     pub fleet_version: IntGauge,
     /// Connected agents speaking fleet-tests whose applied version is below the current.
     pub fleet_agents_behind: IntGauge,
-    /// Fleet versions refused by an agent (TestsApplied with an error).
+    /// Fleet versions refused by an agent (TestsApplied with an error), or not sent to it
+    /// because its push passes the bounds.
     pub fleet_refused: IntCounter,
     /// Run-now requests by the state this collector set: sent, refused, rate_limited,
     /// undeliverable, and the agents' answers started, waiting, refused, done.
@@ -179,7 +180,7 @@ impl Metrics {
                 &registry,
                 IntCounter::new(
                     "edgeprobe_fleet_refused_total",
-                    "Fleet tests versions refused by an agent (the reason is in agents.fleet_error and the log).",
+                    "Fleet tests versions refused by an agent, or not sent to it for passing the push bounds (the reason is in agents.fleet_error and the log).",
                 )
                 .unwrap(),
             ),

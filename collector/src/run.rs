@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgeprobe_proto::bounds::MAX_MESSAGE_BYTES;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
@@ -23,8 +24,6 @@ use crate::store::Store;
 use crate::tls::{self, ServerTls, TlsFiles};
 use crate::wire::IngestServer;
 
-/// Largest gRPC message accepted (a batch).
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 /// Concurrent gRPC streams one HTTP/2 connection may hold. An agent needs one; a few more
 /// let a reconnect overlap its half-dead predecessor. A client past this waits (its h2
 /// layer queues the stream) or, if it ignores the setting, has the stream refused.
@@ -173,24 +172,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::controller::RateLimit::default(),
         shutdown.clone(),
     );
-    let service = IngestServer::new(
-        IngestService {
-            store,
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(
-                crate::ingest::MAX_IN_FLIGHT_BATCHES,
-            )),
-            hello_timeout,
-            ack_stall: ack_stall(),
-            require_identity: tls.is_some(),
-            sessions,
-            controller,
-        },
-        MAX_MESSAGE_BYTES,
-        // An ack may name up to 10,000 quarantined results with their reasons.
-        MAX_MESSAGE_BYTES,
-    );
+    let service = ingest_route(IngestService {
+        store,
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(
+            crate::ingest::MAX_IN_FLIGHT_BATCHES,
+        )),
+        hello_timeout,
+        ack_stall: ack_stall(),
+        require_identity: tls.is_some(),
+        sessions,
+        controller,
+    });
 
     // TCP_NODELAY is set by the accept thread (the builder's applies only to its own bind).
     let builder = Server::builder()
@@ -235,6 +229,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(GRACE, http_task).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The Ingest route with one message bound for both directions, the one the agent's
+/// client applies (`bounds::MAX_MESSAGE_BYTES`): nothing is sent that an agent refuses to
+/// decode, which would end its stream. An ack may name up to 10,000 quarantined results
+/// with their reasons.
+pub fn ingest_route<T: edgeprobe_proto::v1::ingest_server::Ingest>(service: T) -> IngestServer<T> {
+    IngestServer::new(service, MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
 }
 
 async fn migrate_once_at_start(target: &Target, retention: Duration) -> anyhow::Result<()> {
@@ -352,5 +354,90 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use edgeprobe_proto::v1 as pb;
+    use futures::Stream;
+    use prost::Message;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    /// Answers every stream with `messages`, whatever the agent sends.
+    struct Sends(Vec<pb::CollectorMessage>);
+
+    #[tonic::async_trait]
+    impl edgeprobe_proto::v1::ingest_server::Ingest for Sends {
+        type StreamStream =
+            Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send + 'static>>;
+
+        async fn stream(
+            &self,
+            _: Request<Streaming<pb::AgentMessage>>,
+        ) -> Result<Response<Self::StreamStream>, Status> {
+            let messages = self.0.clone().into_iter().map(Ok);
+            Ok(Response::new(Box::pin(futures::stream::iter(messages))))
+        }
+    }
+
+    /// A push whose whole message encodes to `bytes`.
+    fn push_of(bytes: usize) -> pb::CollectorMessage {
+        let mut len = bytes - 16;
+        loop {
+            let m = pb::CollectorMessage {
+                msg: Some(pb::collector_message::Msg::FleetTests(pb::FleetTests {
+                    version: 1,
+                    tests_toml: "#".repeat(len),
+                })),
+            };
+            match m.encoded_len().cmp(&bytes) {
+                std::cmp::Ordering::Equal => return m,
+                std::cmp::Ordering::Less => len += 1,
+                std::cmp::Ordering::Greater => len -= 1,
+            }
+        }
+    }
+
+    /// The collector's route (this module's `ingest_route`) sends up to the shared bound,
+    /// `bounds::MAX_MESSAGE_BYTES`, and never more; the agent's client decodes up to the
+    /// same bound (its own test in `uplink.rs`).
+    #[tokio::test]
+    async fn the_route_sends_the_largest_message_the_bound_allows_and_no_larger() {
+        let largest = push_of(MAX_MESSAGE_BYTES);
+        let over = push_of(MAX_MESSAGE_BYTES + 1);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            Server::builder()
+                .add_service(ingest_route(Sends(vec![largest.clone(), over])))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+        let mut inbound = pb::ingest_client::IngestClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        match inbound.message().await {
+            Ok(Some(m)) => assert_eq!(m, largest),
+            other => panic!("the largest message did not arrive: {other:?}"),
+        }
+        // One byte more is refused by the collector's encoder: it never leaves.
+        let e = inbound.message().await.unwrap_err();
+        assert!(
+            e.message().contains("too large") || e.message().contains("exceed"),
+            "{e}"
+        );
     }
 }

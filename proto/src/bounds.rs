@@ -1,9 +1,17 @@
-//! The bounds of everything an agent sends, defined once.
+//! The bounds of everything an agent sends, and of what a collector sends it, defined once.
 //!
 //! `edgeprobe-agent check` refuses a configuration whose results would break them, the
 //! agent makes every result it records fit them (an over-long error message is cut and
 //! marked), and the collector validates what arrives against the same functions. A result
 //! that still fails at the collector is quarantined, never a reason to stall a stream.
+//!
+//! The wire has one message bound for both directions (`MAX_MESSAGE_BYTES`): the
+//! collector's server and the agent's client encode and decode up to it, so neither peer
+//! sends a message the other refuses (a message over the decoder's limit ends the whole
+//! stream, results and all). What one fleet push may carry (`MAX_PUSH_BYTES`) and how many
+//! tests an agent may run (`MAX_AGENT_TESTS`) are bounded well inside it; `tests apply`
+//! refuses a version that breaks them for an agent it selects, the collector checks a push
+//! before it sends it, and the agent refuses (answers, keeps its stream) one that breaks them.
 //!
 //! Start times are not bounds: a result is never refused for its time. `plausible_start`
 //! only says whether a start time can be stored as the time of the measurement.
@@ -32,6 +40,18 @@ pub const MAX_VERSION_LEN: usize = 64;
 pub const MAX_INCARNATION_LEN: usize = 64;
 /// Results in one batch.
 pub const MAX_BATCH_RESULTS: usize = 10_000;
+/// One gRPC message, either direction, encoded: the collector's server and the agent's
+/// client both encode and decode up to this.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// The `[[test]]` blocks of one fleet push (`FleetTests.tests_toml`, the tests selecting
+/// one agent): under a quarter of a message, so a push always fits with room to spare,
+/// also in the 1 MiB that agents before this bound decode.
+pub const MAX_PUSH_BYTES: usize = 1_000_000;
+/// Tests one agent runs: its local tests (`Hello.local_tests`) plus the fleet tests that
+/// select it.
+pub const MAX_AGENT_TESTS: usize = 4096;
+/// One run-now ad-hoc `[[test]]` block (`RunNow.test_toml`).
+pub const MAX_RUN_NOW_BYTES: usize = 64 << 10;
 /// Longest run of one test (`duration_seconds`).
 pub const MAX_DURATION_SECONDS: f64 = 86_400.0;
 /// Earliest start time taken as a real measurement time (2020-01-01): earlier ones come
@@ -119,6 +139,31 @@ pub fn agent_id(value: &str) -> Result<(), OutOfBounds> {
     name("agent id", value, MAX_ID_LEN)
 }
 
+/// What one fleet push carries for one agent: its `tests_toml` at most `MAX_PUSH_BYTES`.
+pub fn fleet_push(tests_toml_bytes: usize) -> Result<(), OutOfBounds> {
+    if tests_toml_bytes > MAX_PUSH_BYTES {
+        return out(format!(
+            "the fleet tests for this agent are {tests_toml_bytes} bytes, at most {MAX_PUSH_BYTES} in one push"
+        ));
+    }
+    Ok(())
+}
+
+/// The tests one agent runs: local plus fleet, at most `MAX_AGENT_TESTS`.
+pub fn agent_tests(local: usize, fleet: usize) -> Result<(), OutOfBounds> {
+    if local.saturating_add(fleet) > MAX_AGENT_TESTS {
+        return out(format!(
+            "{fleet} fleet tests beside {local} local tests, at most {MAX_AGENT_TESTS} tests on one agent"
+        ));
+    }
+    Ok(())
+}
+
+// A push (its blocks plus the version and framing) always fits in a message.
+const _: () =
+    assert!(MAX_PUSH_BYTES + 64 <= MAX_MESSAGE_BYTES / 2 && MAX_PUSH_BYTES + 64 <= 1 << 20);
+const _: () = assert!(MAX_RUN_NOW_BYTES + MAX_NAME_LEN + 64 <= MAX_MESSAGE_BYTES / 2);
+
 /// Makes an error message fit: NUL becomes U+FFFD and a message longer than
 /// `MAX_ERROR_LEN` is cut at a character boundary. Returns the message and whether it was
 /// cut.
@@ -176,6 +221,18 @@ mod tests {
         let (m, cut) = fit_error_message(&long);
         assert!(cut && m.len() <= MAX_ERROR_LEN && m.len() >= MAX_ERROR_LEN - 1);
         assert!(text("error message", &m, MAX_ERROR_LEN).is_ok());
+    }
+
+    #[test]
+    fn pushes_and_test_counts() {
+        assert!(fleet_push(MAX_PUSH_BYTES).is_ok());
+        let e = fleet_push(1_114_409).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the fleet tests for this agent are 1114409 bytes, at most 1000000 in one push"
+        );
+        assert!(agent_tests(96, 4000).is_ok());
+        assert!(agent_tests(1, MAX_AGENT_TESTS).is_err());
     }
 
     #[test]

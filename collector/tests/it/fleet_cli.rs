@@ -388,3 +388,96 @@ fn run_now_reports_offline_agents_and_exits() {
     }
     assert_eq!(db.scalar("SELECT count(*) FROM runs"), runs);
 }
+
+/// `n` mesh tests selecting Berlin, each block about 200 bytes (as in the field report:
+/// 5,600 of them encode to 1.1 MB for one agent).
+fn mesh(n: usize) -> String {
+    let zone = format!("{}.{}.example.net", "a".repeat(60), "b".repeat(40));
+    (1..=n)
+        .map(|i| {
+            format!(
+                "[[test]]\nname = \"mesh-{i:04}\"\nkind = \"icmp\"\ntarget = \"mesh-{i:04}.{zone}\"\nevery = \"1m\"\nselect = {{ site = \"berlin\" }}\n\n"
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_version_over_what_one_push_may_carry_is_refused_located_and_nothing_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fleet_db();
+    let text = mesh(5_600);
+    let file = write(dir.path(), "mesh.toml", &text);
+    for args in [
+        &["tests", "apply", "--file", &file][..],
+        &["tests", "apply", "--file", &file, "--dry-run"],
+        &["tests", "diff", "--file", &file],
+    ] {
+        let (code, out, err) = cli(&db, args);
+        eprintln!("{args:?}: exit {code:?}: {err}");
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+        // Located at the test where the push passes the bound, naming agent, size, limit.
+        let rest = err.strip_prefix(&format!("{file}:")).expect(&err);
+        let (line, rest) = rest.split_once(':').unwrap();
+        let name = rest.split('`').nth(1).unwrap();
+        let line: usize = line.parse().unwrap();
+        assert_eq!(
+            text.lines().nth(line - 1),
+            Some(format!("name = \"{name}\"").as_str()),
+            "{err}"
+        );
+        assert!(
+            err.contains("the fleet tests selecting agent b")
+                && err.contains(" bytes (5600 tests), over the 1000000 bytes one push may carry")
+                && err.contains("(1 more known agents are over it too)"),
+            "{err}"
+        );
+        let bytes: usize = err
+            .split(" bytes (5600 tests)")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .expect(&err);
+        assert!(bytes > 1_000_000, "{err}");
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_tests"), 0);
+
+    // Half of it fits: applied.
+    let half = write(dir.path(), "half.toml", &mesh(2_800));
+    let (code, out, err) = cli(&db, &["tests", "apply", "--file", &half]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // More tests than one agent may run (small blocks, under the byte bound): refused too.
+    let many: String = (1..=4_100)
+        .map(|i| {
+            format!("[[test]]\nname = \"t{i}\"\nkind = \"tcp\"\ntarget = \"h:1\"\nevery = \"1m\"\n")
+        })
+        .collect();
+    let many = write(dir.path(), "many.toml", &many);
+    let (code, out, err) = cli(&db, &["tests", "apply", "--file", &many]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("would run 4100 fleet tests beside its")
+            && err.contains("over the 4096 tests one agent may run"),
+        "{err}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 1);
+
+    // A stored version over the bound (made past apply, by an older collector): a
+    // rollback to it is refused the same way.
+    db.client()
+        .batch_execute(
+            "INSERT INTO fleet_versions (version, created_by, origin) VALUES (2, 'it', 'old');
+             INSERT INTO fleet_tests (version, name, kind, target, select_labels, agents, spec_toml)
+             VALUES (2, 'huge', 'tcp', 'h:1', '{}', NULL, repeat('#', 1100000));",
+        )
+        .unwrap();
+    let (code, out, err) = cli(&db, &["tests", "rollback", "2"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.starts_with("fleet version 2, test `huge`: the fleet tests selecting agent b1 are 1100000 bytes (1 tests), over the 1000000 bytes"),
+        "{err}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 2);
+}

@@ -424,6 +424,138 @@ fn a_refused_version_is_recorded_with_the_agents_reason() {
         .contains("the agent refused the fleet tests"));
 }
 
+/// Inserts version `version` selecting every agent: `n` mesh tests of about 200 bytes
+/// each (5,600 encode to 1.1 MB, as in the field report), straight into the tables, as an
+/// older collector or a bug past `tests apply` would, then notifies.
+fn insert_mesh(db: &TestDb, version: i64, n: i32) {
+    let mut c = db.client();
+    let mut tx = c.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO fleet_versions (version, created_by, origin) VALUES ($1, 'it', 'test')",
+        &[&version],
+    )
+    .unwrap();
+    let zone = format!("{}.{}.example.net", "a".repeat(60), "b".repeat(40));
+    tx.execute(
+        "INSERT INTO fleet_tests (version, name, kind, target, select_labels, agents, spec_toml)
+         SELECT $1, name, 'icmp', target, '{}'::jsonb, NULL,
+                format(E'[[test]]\\nname = \"%s\"\\nkind = \"icmp\"\\ntarget = \"%s\"\\nevery = \"1m\"\\n', name, target)
+           FROM (SELECT format('mesh-%s', lpad(i::text, 4, '0')) AS name,
+                        format('mesh-%s.%s', lpad(i::text, 4, '0'), $3::text) AS target
+                   FROM generate_series(1, $2) AS i) AS t",
+        &[&version, &n, &zone],
+    )
+    .unwrap();
+    tx.execute(&format!("NOTIFY edgeprobe_fleet, '{version}'"), &[])
+        .unwrap();
+    tx.commit().unwrap();
+}
+
+#[test]
+fn a_push_too_big_for_the_agent_is_refused_and_its_results_keep_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let url = target.url();
+    let mut a = Agent::new(
+        dir.path(),
+        "mesh-1",
+        &collector.endpoint(),
+        &http_test(&url, "1s"),
+    );
+    a.start();
+    connected(&db, &["mesh-1"]);
+    wait_for(WAIT, "the local test delivering", || {
+        (results_of(&db, "mesh-1", "web") > 0).then_some(())
+    });
+
+    insert_mesh(&db, 1, 5_600);
+    let pushed: i64 =
+        db.scalar("SELECT sum(length(spec_toml) + 1) - 1 FROM fleet_tests WHERE version = 1");
+    let before = results_of(&db, "mesh-1", "web");
+    std::thread::sleep(Duration::from_secs(30));
+    let landed = results_of(&db, "mesh-1", "web") - before;
+    let log = collector.proc.log_text();
+    let sessions = log.matches("agent connected").count();
+    let not_sent = log.matches("fleet tests not sent to the agent").count();
+    eprintln!(
+        "a push of {pushed} bytes: {landed} rows of the local test in 30 s, {sessions} sessions, {not_sent} refusals logged"
+    );
+    assert!(pushed > 1_000_000, "{pushed}");
+    assert!(landed >= 20, "only {landed} rows in 30 s");
+    assert_eq!(sessions, 1, "the session never ended");
+
+    // Recorded as refused, with the reason, counted and listed.
+    let (refused, error): (Option<i64>, Option<String>) = {
+        let r = db
+            .client()
+            .query_one(
+                "SELECT fleet_refused_version, fleet_error FROM agents WHERE agent_id = 'mesh-1'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let error = error.unwrap_or_default();
+    assert_eq!(refused, Some(1), "{error}");
+    assert!(
+        error.starts_with(&format!(
+            "not sent by the collector: the fleet tests for this agent are {pushed} bytes, at most 1000000 in one push"
+        )),
+        "{error}"
+    );
+    assert_eq!(
+        metric(&collector.metrics(), "edgeprobe_fleet_refused_total"),
+        1.0
+    );
+    let (code, out, err) = collector_cmd(&["tests", "list", "--database-url", &db.url]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("0 behind, 1 refused"), "{out}");
+    assert!(
+        out.contains("refused by mesh-1: not sent by the collector"),
+        "{out}"
+    );
+
+    // A reconnect is not pushed the refused version again.
+    a.stop();
+    a.start();
+    wait_for(WAIT, "the agent's second session", || {
+        (collector.proc.log_text().matches("agent connected").count() == 2).then_some(())
+    });
+    let delivered = results_of(&db, "mesh-1", "web");
+    wait_for(WAIT, "results after the reconnect", || {
+        (results_of(&db, "mesh-1", "web") > delivered + 3).then_some(())
+    });
+    let log = collector.proc.log_text();
+    assert_eq!(log.matches("fleet tests not sent to the agent").count(), 1);
+    assert_eq!(log.matches("agent connected").count(), 2);
+    assert_eq!(
+        metric(&collector.metrics(), "edgeprobe_fleet_refused_total"),
+        1.0
+    );
+
+    // A version that fits reaches it.
+    apply(
+        &db,
+        2,
+        &url,
+        &[T {
+            name: "small",
+            select: "{}",
+            agents: None,
+        }],
+    );
+    wait_for(WAIT, "version 2 applied and run", || {
+        (fleet_version(&db, "mesh-1") == Some(2) && results_of(&db, "mesh-1", "small") > 0)
+            .then_some(())
+    });
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM agents WHERE fleet_error IS NOT NULL"),
+        0
+    );
+}
+
 /// Simulated agents (raw streams, as many per connection as the collector allows) that
 /// answer every FleetTests with TestsApplied and count what they got.
 /// `EDGEPROBE_IT_SIM_AGENTS` sets how many (default 600; 10,000 took 0.8 s to push and
@@ -697,4 +829,58 @@ fn two_collectors_never_both_send_a_run() {
     };
     assert_eq!(sent(&a) + sent(&b), 1.0);
     drop(rt);
+}
+
+#[test]
+fn an_agent_refuses_more_tests_than_it_may_run_once_and_keeps_delivering() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let mut a = Agent::new(
+        dir.path(),
+        "many-1",
+        &collector.endpoint(),
+        &http_test(&target.url(), "1s"),
+    );
+    a.start();
+    connected(&db, &["many-1"]);
+    // 4,100 small tests: under the push's byte bound, so the collector sends them; over
+    // the tests one agent may run, so the agent refuses them.
+    insert_mesh(&db, 1, 4_100);
+    let error: String = wait_for(WAIT, "the agent's refusal recorded", || {
+        db.client()
+            .query_one(
+                "SELECT fleet_error FROM agents WHERE agent_id = 'many-1' AND fleet_refused_version = 1",
+                &[],
+            )
+            .ok()
+            .and_then(|r| r.get(0))
+    });
+    assert_eq!(
+        error,
+        "4100 fleet tests beside 1 local tests, at most 4096 tests on one agent"
+    );
+    let delivered = results_of(&db, "many-1", "web");
+    wait_for(WAIT, "the local test still delivering", || {
+        (results_of(&db, "many-1", "web") >= delivered + 5).then_some(())
+    });
+    assert_eq!(results_of(&db, "many-1", "mesh-0001"), 0);
+    // A reconnect is not pushed the refused version again.
+    a.stop();
+    a.start();
+    wait_for(WAIT, "the agent's second session", || {
+        (collector.proc.log_text().matches("agent connected").count() == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let log = collector.proc.log_text();
+    assert_eq!(
+        log.matches("the agent refused the fleet tests").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        metric(&collector.metrics(), "edgeprobe_fleet_refused_total"),
+        1.0
+    );
 }
