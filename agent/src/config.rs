@@ -176,6 +176,19 @@ impl Config {
                 )
             })?;
         }
+        if bounds::agent_tests(self.tests.len(), 0).is_err() {
+            // The collector refuses the hello of an agent over the bound, and the agent
+            // would never deliver a result: refuse the file at the first test too many.
+            let first_over = &self.tests[bounds::MAX_AGENT_TESTS];
+            return Err((
+                Some(first_over.name.span()),
+                format!(
+                    "{} tests, at most {} on one agent (the collector refuses the hello of an agent with more)",
+                    self.tests.len(),
+                    bounds::MAX_AGENT_TESTS
+                ),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for test in &self.tests {
             if let Some(select) = &test.select {
@@ -430,6 +443,27 @@ every = "30s"
         let e = err(&GOOD.replace("every = \"30s\"", "every = \"30s\"\ntimezone = \"UTC\""));
         assert!(
             e.starts_with("agent.toml:20:8: test `web`: `timezone` applies to `schedule` only"),
+            "{e}"
+        );
+    }
+
+    /// An agent file with more tests than one agent may run passed `check`, and then the
+    /// collector refused every hello and nothing was ever delivered (issue 21).
+    #[test]
+    fn more_tests_than_an_agent_may_run_are_refused_at_the_first_too_many() {
+        let block = |i: usize| {
+            format!("[[test]]\nname = \"t{i}\"\nkind = \"tcp\"\ntarget = \"h:1\"\nevery = \"1h\"\n")
+        };
+        let head =
+            "[agent]\nid = \"a\"\n[collector]\nendpoints = [\"http://c:1\"]\ninsecure = true\n";
+        let all: String = (0..bounds::MAX_AGENT_TESTS).map(block).collect();
+        Config::parse(&format!("{head}{all}"), "agent.toml").unwrap();
+        let e = err(&format!("{head}{all}{}", block(bounds::MAX_AGENT_TESTS)));
+        let line = 6 + 5 * bounds::MAX_AGENT_TESTS + 1;
+        assert!(
+            e.starts_with(&format!(
+                "agent.toml:{line}:8: 4097 tests, at most 4096 on one agent"
+            )),
             "{e}"
         );
     }

@@ -33,16 +33,6 @@ pub struct TestInfo {
     pub run_id: u64,
 }
 
-pub fn kind_to_wire(kind: Kind) -> pb::Kind {
-    match kind {
-        Kind::Speed => pb::Kind::Speed,
-        Kind::Icmp => pb::Kind::Icmp,
-        Kind::Tcp => pb::Kind::Tcp,
-        Kind::Http => pb::Kind::Http,
-        Kind::Dns => pb::Kind::Dns,
-    }
-}
-
 /// The encoded payload for the buffer.
 pub fn encode(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> Vec<u8> {
     to_wire(test, outcome, clock).encode_to_vec()
@@ -60,7 +50,7 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result 
         agent_id: String::new(),
         seq: 0,
         test: test.name.clone(),
-        kind: kind_to_wire(test.kind) as i32,
+        kind: pb::Kind::from(test.kind) as i32,
         // A URL's password never reaches the buffer, the collector or its database.
         target: crate::probe::addr::redact(&test.target).into_owned(),
         started_at_unix_nanos: clock::unix_nanos(outcome.started_at),

@@ -50,26 +50,8 @@ pub enum BatchRefused {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Speed,
-    Icmp,
-    Tcp,
-    Http,
-    Dns,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Speed => "speed",
-            Kind::Icmp => "icmp",
-            Kind::Tcp => "tcp",
-            Kind::Http => "http",
-            Kind::Dns => "dns",
-        }
-    }
-}
+/// The kinds of test: the one enum of the test definition.
+pub use edgeprobe_proto::testdef::Kind;
 
 /// An agent's introduction.
 #[derive(Debug, Clone)]
@@ -387,11 +369,7 @@ fn unix_nanos(t: SystemTime) -> i128 {
     }
 }
 
-/// Bounds on a hello's controller fields (features, local test names).
-const MAX_HELLO_FEATURES: usize = 32;
-/// An agent runs at most this many tests, local ones included.
-const MAX_HELLO_LOCAL_TESTS: usize = bounds::MAX_AGENT_TESTS;
-const MAX_HELLO_NAME_LEN: usize = 256;
+use bounds::{MAX_AGENT_TESTS as MAX_HELLO_LOCAL_TESTS, MAX_HELLO_FEATURES, MAX_HELLO_NAME_LEN};
 
 impl TryFrom<pb::Hello> for AgentHello {
     type Error = Invalid;
@@ -458,13 +436,8 @@ impl ResultRow {
     /// without taking it apart. Its start time is never a reason to refuse.
     pub fn check(r: &pb::Result) -> Result<Checked, Invalid> {
         use pb::result::Fields as F;
-        let kind = match pb::Kind::try_from(r.kind) {
-            Ok(pb::Kind::Speed) => Kind::Speed,
-            Ok(pb::Kind::Icmp) => Kind::Icmp,
-            Ok(pb::Kind::Tcp) => Kind::Tcp,
-            Ok(pb::Kind::Http) => Kind::Http,
-            Ok(pb::Kind::Dns) => Kind::Dns,
-            _ => return invalid(format!("kind {} is not a known kind", r.kind)),
+        let Ok(kind) = Kind::try_from(r.kind) else {
+            return invalid(format!("kind {} is not a known kind", r.kind));
         };
         bounds::test_name(&r.test)?;
         bounds::target(&r.target)?;

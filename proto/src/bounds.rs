@@ -50,6 +50,10 @@ pub const MAX_PUSH_BYTES: usize = 1_000_000;
 /// Tests one agent runs: its local tests (`Hello.local_tests`) plus the fleet tests that
 /// select it.
 pub const MAX_AGENT_TESTS: usize = 4096;
+/// Features one hello lists (`Hello.features`).
+pub const MAX_HELLO_FEATURES: usize = 32;
+/// A feature or local test name in a hello.
+pub const MAX_HELLO_NAME_LEN: usize = 256;
 /// One run-now ad-hoc `[[test]]` block (`RunNow.test_toml`).
 pub const MAX_RUN_NOW_BYTES: usize = 64 << 10;
 /// Longest run of one test (`duration_seconds`).
