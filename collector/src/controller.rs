@@ -62,21 +62,9 @@ const RUN_WINDOW_SECONDS: f64 = 60.0;
 const EVENT_QUEUE: usize = 65_536;
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
 
-/// The collector-side run-now rate limit, per agent.
-#[derive(Debug, Clone, Copy)]
-pub struct RateLimit {
-    pub run_every: Duration,
-    pub speed_every: Duration,
-}
-
-impl Default for RateLimit {
-    fn default() -> RateLimit {
-        RateLimit {
-            run_every: Duration::from_secs(10),
-            speed_every: Duration::from_secs(60),
-        }
-    }
-}
+use edgeprobe_proto::testdef::run_now::LastRuns;
+/// The run-now rate limit, per agent: the rule the agent applies too.
+pub use edgeprobe_proto::testdef::run_now::RunNowLimit as RateLimit;
 
 /// One test of a fleet version, as pushed.
 #[derive(Debug, Clone, PartialEq)]
@@ -380,7 +368,7 @@ struct Controller {
     current: Arc<Mutex<Current>>,
     events: mpsc::Receiver<Event>,
     /// Per agent: when this collector last sent it a run-now, and a speed run-now.
-    last_run: HashMap<String, (Option<Instant>, Option<Instant>)>,
+    last_run: HashMap<String, LastRuns>,
     pending: Pending,
 }
 
@@ -698,26 +686,14 @@ impl Controller {
 
     /// The collector-side rate limit: true (and counted) when the agent may get a run now.
     fn allow(&mut self, agent_id: &str, speed: bool, now: Instant) -> bool {
-        let (any, speed_at) = self.last_run.entry(agent_id.to_string()).or_default();
-        let recent = |at: &Option<Instant>, every: Duration| {
-            at.is_some_and(|at| now.duration_since(at) < every)
-        };
-        if recent(any, self.limit.run_every) || (speed && recent(speed_at, self.limit.speed_every))
-        {
+        let last = self.last_run.entry(agent_id.to_string()).or_default();
+        if self.limit.admit(last, speed, now).is_err() {
             return false;
-        }
-        *any = Some(now);
-        if speed {
-            *speed_at = Some(now);
         }
         // Forget agents whose limits have all passed, so the map follows the live fleet.
         if self.last_run.len() > 4 * self.sessions.len().max(1024) {
-            let keep = self.limit.run_every.max(self.limit.speed_every);
-            self.last_run.retain(|_, (a, s)| {
-                [a, s]
-                    .iter()
-                    .any(|t| t.is_some_and(|t| now.duration_since(t) < keep))
-            });
+            let limit = self.limit;
+            self.last_run.retain(|_, last| !limit.expired(last, now));
         }
         true
     }

@@ -95,6 +95,13 @@ pub fn adhoc_block(
         toml::Value::Array(vec![toml::Value::Table(test)]),
     );
     let text = toml::to_string(&doc).map_err(|e| FleetError::Invalid(e.to_string()))?;
+    if text.len() > edgeprobe_proto::bounds::MAX_RUN_NOW_BYTES {
+        return Err(FleetError::Invalid(format!(
+            "the ad-hoc test is {} bytes, at most {} in one run-now",
+            text.len(),
+            edgeprobe_proto::bounds::MAX_RUN_NOW_BYTES
+        )));
+    }
     parse_adhoc_test(&text, "run-now").map_err(|e| {
         FleetError::Invalid(format!(
             "{e} (the ad-hoc test, as built from the flags:\n{text})"
@@ -504,6 +511,16 @@ mod tests {
         let s = status.summary();
         assert_eq!(s.offline, ["a"]);
         assert!(s.finished());
+    }
+
+    #[test]
+    fn an_adhoc_block_over_the_run_now_bound_is_refused_when_made() {
+        let huge = "x".repeat(edgeprobe_proto::bounds::MAX_RUN_NOW_BYTES);
+        let e = adhoc_block("http", "http://h/", &[("body_match".into(), huge)], None).unwrap_err();
+        assert!(
+            e.to_string().contains("at most 65536 in one run-now"),
+            "{e}"
+        );
     }
 
     #[test]
