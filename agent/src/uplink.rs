@@ -39,11 +39,14 @@
 //!   INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION, ALREADY_EXISTS,
 //!   UNAUTHENTICATED or RESOURCE_EXHAUSTED status) grows it even if it was welcomed; it
 //!   resets only after a session that got an ack or lasted `STABLE_SESSION`.
+//! - A session ends with a typed `SessionEnd`, classified once where the status arrives
+//!   (`SessionEnd::from_status`): a refusal, an identity conflict (known by the status
+//!   metadata `edgeprobe_proto::REASON_KEY`, never by the message's words), a lost
+//!   session, or shutdown.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
 use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -54,7 +57,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::buffer::{Buffer, Deletion};
+use crate::buffer::{Buffer, BufferError, Deletion};
 use crate::clock::{self, Clock};
 use crate::config::CollectorSection;
 use crate::fleet::Inbound;
@@ -116,80 +119,82 @@ impl Uplink {
         while !shutdown.is_cancelled() {
             let endpoint = &self.collector.endpoints[index % self.collector.endpoints.len()];
             let started = Instant::now();
-            match self.session(endpoint, &shutdown).await {
-                Ok(()) => return,
-                Err(SessionError {
-                    welcomed,
-                    acked,
-                    error,
-                }) => {
-                    let refused = refusal(&error);
-                    if refused.is_none() && (acked || started.elapsed() >= STABLE_SESSION) {
-                        attempt = 0;
-                    }
-                    let delay = reconnect_delay(attempt, welcomed, spread);
-                    attempt = attempt.saturating_add(1);
-                    index += 1;
-                    match refused {
-                        Some(status) if is_identity_conflict(status) => tracing::error!(
-                            endpoint = %endpoint,
-                            agent_id = %self.agent_id,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "another host is using this agent id (a cloned image?); the \
-                             collector refused this one: {}",
-                            status.message()
-                        ),
-                        Some(status) => tracing::warn!(
-                            endpoint = %endpoint,
-                            code = ?status.code(),
-                            retry_in_ms = delay.as_millis() as u64,
-                            "the collector refused the session: {error:#}"
-                        ),
-                        None => tracing::warn!(
-                            endpoint = %endpoint,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "collector session ended: {error:#}"
-                        ),
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+            let Ended {
+                welcomed,
+                acked,
+                end,
+            } = self.session(endpoint, &shutdown).await;
+            if !end.is_refusal() && (acked || started.elapsed() >= STABLE_SESSION) {
+                attempt = 0;
+            }
+            let delay = reconnect_delay(attempt, welcomed, spread);
+            attempt = attempt.saturating_add(1);
+            index += 1;
+            match &end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::IdentityConflict(status) => tracing::error!(
+                    endpoint = %endpoint,
+                    agent_id = %self.agent_id,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "another host is using this agent id (a cloned image?); the \
+                     collector refused this one: {}",
+                    status.message()
+                ),
+                SessionEnd::Refused(status) => tracing::warn!(
+                    endpoint = %endpoint,
+                    code = ?status.code(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "the collector refused the session: {}",
+                    with_sources(&end)
+                ),
+                _ => tracing::warn!(
+                    endpoint = %endpoint,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "collector session ended: {}",
+                    with_sources(&end)
+                ),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    async fn connect(&self, endpoint: &str) -> anyhow::Result<Channel> {
+    async fn connect(&self, endpoint: &str) -> Result<Channel, SessionEnd> {
+        let transport = |source| SessionEnd::Transport {
+            endpoint: endpoint.to_string(),
+            source,
+        };
         let mut ep = Endpoint::from_shared(endpoint.to_string())
-            .with_context(|| format!("bad endpoint {endpoint}"))?
+            .map_err(transport)?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         if !self.collector.insecure {
-            ep = ep.tls_config(tls_config(&self.collector)?)?;
+            ep = ep
+                .tls_config(tls_config(&self.collector)?)
+                .map_err(transport)?;
         }
-        ep.connect()
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))
+        ep.connect().await.map_err(transport)
     }
 
-    /// One session. `Ok` only on shutdown.
-    async fn session(
-        &self,
-        endpoint: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<(), SessionError> {
+    /// One session, until it ends (`SessionEnd::Shutdown` on shutdown).
+    async fn session(&self, endpoint: &str, shutdown: &CancellationToken) -> Ended {
         let (mut welcomed, mut acked) = (false, false);
-        let result = self
+        let end = match self
             .session_inner(endpoint, shutdown, &mut welcomed, &mut acked)
-            .await;
-        result.map_err(|error| SessionError {
+            .await
+        {
+            Ok(()) => SessionEnd::Shutdown,
+            Err(end) => end,
+        };
+        Ended {
             welcomed,
             acked,
-            error,
-        })
+            end,
+        }
     }
 
     async fn session_inner(
@@ -198,7 +203,7 @@ impl Uplink {
         shutdown: &CancellationToken,
         welcomed: &mut bool,
         acked: &mut bool,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionEnd> {
         let channel = self.connect(endpoint).await?;
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
         let hello = pb::Hello {
@@ -214,29 +219,34 @@ impl Uplink {
         };
         tx.send(message(pb::agent_message::Msg::Hello(hello)))
             .await
-            .map_err(|_| anyhow!("stream closed before hello"))?;
+            .map_err(|_| SessionEnd::Closed)?;
         // The hello leaves with the stream request: the welcome's round trip starts here.
         let hello_sent = Instant::now();
         let mut inbound = open_stream(channel, ReceiverStream::new(rx))
             .await
-            .context("collector refused the stream")?
+            .map_err(SessionEnd::from_status)?
             .into_inner();
 
         let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| anyhow!("no welcome within {WELCOME_TIMEOUT:?}"))??;
+            .map_err(|_| SessionEnd::Protocol(format!("no welcome within {WELCOME_TIMEOUT:?}")))?
+            .map_err(SessionEnd::from_status)?;
         let rtt = hello_sent.elapsed();
         let (committed, collector_time, features) = match welcome {
             Some(Incoming::Message(pb::CollectorMessage {
                 msg: Some(pb::collector_message::Msg::Welcome(w)),
             })) => (w.committed_seq, w.collector_unix_nanos, w.features),
-            other => bail!("expected welcome, got {other:?}"),
+            other => {
+                return Err(SessionEnd::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
         };
         *welcomed = true;
         self.buffer
             .reconcile(committed)
             .await
-            .context("applying the welcome to the buffer")?;
+            .map_err(SessionEnd::Buffer)?;
         self.clock.observe_collector(collector_time, rtt);
         tokio::spawn(correct_in_background(
             self.clock.clone(),
@@ -295,7 +305,7 @@ impl Uplink {
                     results,
                 })))
                 .await
-                .map_err(|_| anyhow!("stream closed"))?;
+                .map_err(|_| SessionEnd::Closed)?;
                 last_sent = last;
                 in_flight.push_back(last);
             }
@@ -308,27 +318,27 @@ impl Uplink {
                     }
                 }
                 Some(deleted) = deletions.next() => {
-                    deleted.map_err(|_| anyhow!("the buffer closed"))??;
+                    deleted.map_err(|_| BufferError::Closed)??;
                 }
                 _ = heartbeat.tick() => {
-                    let stats = self.buffer.stats();
+                    let stats = self.buffer.stats_async().await?;
                     tx.send(message(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                         backlog: stats.backlog,
                         dropped: stats.dropped,
                         oldest_unix_seconds: stats.oldest_unix_seconds,
                     })))
                     .await
-                    .map_err(|_| anyhow!("stream closed"))?;
+                    .map_err(|_| SessionEnd::Closed)?;
                 }
                 msg = inbound.message() => {
-                    let msg = match msg? {
-                        None => bail!("collector closed the stream"),
+                    let msg = match msg.map_err(SessionEnd::from_status)? {
+                        None => return Err(SessionEnd::Protocol("collector closed the stream".into())),
                         Some(Incoming::Message(msg)) => msg,
                         Some(Incoming::Undecodable { what, error }) => {
                             if let Some(answer) = refuse_undecodable(what, &error, fleet_tests, run_now) {
                                 tx.send(message(answer))
                                     .await
-                                    .map_err(|_| anyhow!("stream closed"))?;
+                                    .map_err(|_| SessionEnd::Closed)?;
                             }
                             continue;
                         }
@@ -336,7 +346,10 @@ impl Uplink {
                     match msg.msg {
                         Some(pb::collector_message::Msg::Ack(ack)) => {
                             if ack.seq > last_sent {
-                                bail!("collector acked seq {} beyond the last sent {last_sent}", ack.seq);
+                                return Err(SessionEnd::Protocol(format!(
+                                    "collector acked seq {} beyond the last sent {last_sent}",
+                                    ack.seq
+                                )));
                             }
                             while in_flight.front().is_some_and(|&s| s <= ack.seq) {
                                 in_flight.pop_front();
@@ -361,7 +374,9 @@ impl Uplink {
                             );
                         }
                         Some(other @ pb::collector_message::Msg::Welcome(_)) => {
-                            bail!("unexpected message from collector: {other:?}")
+                            return Err(SessionEnd::Protocol(format!(
+                                "unexpected message from collector: {other:?}"
+                            )));
                         }
                         // A message kind newer than this agent: the negotiation should
                         // keep it away, and it is no reason to drop the session.
@@ -603,13 +618,97 @@ fn kind_name(msg: &pb::collector_message::Msg) -> &'static str {
     }
 }
 
-struct SessionError {
+/// A session that ended, and how far it got.
+struct Ended {
     /// The collector welcomed the session: losing it may be losing the collector, which
     /// the whole fleet then does at once.
     welcomed: bool,
     /// The session got at least one ack.
     acked: bool,
-    error: anyhow::Error,
+    end: SessionEnd,
+}
+
+/// Why a session ended. A status from the collector is classified once, where it
+/// arrives (`from_status`); the reconnect loop matches the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// The uplink is shutting down (or the buffer stopped): not an error.
+    #[error("shutting down")]
+    Shutdown,
+    /// Another incarnation of this agent id is connected: the collector's status carries
+    /// `edgeprobe_proto::REASON_IDENTITY_CONFLICT` in its metadata. A refusal too.
+    #[error("identity conflict: {}", .0.message())]
+    IdentityConflict(tonic::Status),
+    /// The collector refused the session with a status it will give again
+    /// (`is_refusal_code`): reconnecting at once would only loop.
+    #[error("{}", status_text(.0))]
+    Refused(tonic::Status),
+    /// Any other status: the stream or the collector went away.
+    #[error("{}", status_text(.0))]
+    Lost(tonic::Status),
+    /// The endpoint could not be set up or reached.
+    #[error("cannot connect to {endpoint}")]
+    Transport {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The mTLS files of `[collector]` are missing or unreadable.
+    #[error("[collector] {what} is not set")]
+    CredentialUnset { what: &'static str },
+    #[error("cannot read {what} {}", path.display())]
+    Credential {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The outbound stream closed under the uplink.
+    #[error("stream closed")]
+    Closed,
+    /// The collector broke the protocol (no welcome, an unexpected message, an ack past
+    /// what was sent) or ended the stream.
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the buffer failed")]
+    Buffer(#[from] BufferError),
+}
+
+impl SessionEnd {
+    /// Classifies a status from the collector.
+    pub fn from_status(status: tonic::Status) -> SessionEnd {
+        if is_identity_conflict(&status) {
+            SessionEnd::IdentityConflict(status)
+        } else if is_refusal_code(status.code()) {
+            SessionEnd::Refused(status)
+        } else {
+            SessionEnd::Lost(status)
+        }
+    }
+
+    /// The collector refused the session and will refuse the same again.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::Refused(_) | SessionEnd::IdentityConflict(_)
+        )
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// An error and its sources, ": "-separated, for one log line.
+fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// Corrects the buffered results once a base is known (logged, never fatal: the uplink
@@ -620,33 +719,29 @@ pub async fn correct_in_background(clock: Clock, buffer: Buffer) {
     }
 }
 
-/// The gRPC status that refused the session, when it ended with a refusal: the collector
-/// will refuse the same again, so reconnecting at once would only loop.
-fn refusal(error: &anyhow::Error) -> Option<&tonic::Status> {
+/// Codes with which the collector refuses a session it will refuse again.
+fn is_refusal_code(code: tonic::Code) -> bool {
     use tonic::Code;
-    error
-        .chain()
-        .find_map(|e| e.downcast_ref::<tonic::Status>())
-        .filter(|s| {
-            matches!(
-                s.code(),
-                Code::InvalidArgument
-                    | Code::PermissionDenied
-                    | Code::FailedPrecondition
-                    | Code::AlreadyExists
-                    | Code::Unauthenticated
-                    | Code::ResourceExhausted
-            )
-        })
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::Unauthenticated
+            | Code::ResourceExhausted
+    )
 }
 
 /// Two live incarnations of this agent id: the collector refuses the second session with
-/// FAILED_PRECONDITION and a message naming the conflict ("two hosts use the agent id ...:
-/// incarnation ... is refused while incarnation ... is connected").
+/// FAILED_PRECONDITION and `edgeprobe-reason: identity-conflict` in the status metadata.
+/// The message is prose for people and is not read.
 fn is_identity_conflict(status: &tonic::Status) -> bool {
-    let message = status.message().to_ascii_lowercase();
     status.code() == tonic::Code::FailedPrecondition
-        && (message.contains("conflict") || message.contains("incarnation"))
+        && status
+            .metadata()
+            .get(edgeprobe_proto::REASON_KEY)
+            .is_some_and(|v| v.as_bytes() == edgeprobe_proto::REASON_IDENTITY_CONFLICT.as_bytes())
 }
 
 /// Logs quarantined results once per burst (a run of acks that carry rejections), not
@@ -692,12 +787,14 @@ fn message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
 }
 
-fn tls_config(c: &CollectorSection) -> anyhow::Result<ClientTlsConfig> {
-    let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
-        let p = p
-            .as_ref()
-            .ok_or_else(|| anyhow!("[collector] {what} is not set"))?;
-        std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
+fn tls_config(c: &CollectorSection) -> Result<ClientTlsConfig, SessionEnd> {
+    let read = |p: &Option<std::path::PathBuf>, what: &'static str| {
+        let p = p.as_ref().ok_or(SessionEnd::CredentialUnset { what })?;
+        std::fs::read(p).map_err(|source| SessionEnd::Credential {
+            what,
+            path: p.clone(),
+            source,
+        })
     };
     let ca = read(&c.ca, "ca")?;
     let cert = read(&c.cert, "cert")?;
@@ -870,29 +967,104 @@ mod tests {
         assert_eq!(start_delay(Duration::ZERO, Duration::ZERO), Duration::ZERO);
     }
 
+    /// The status the collector refuses a cloned host with (`sessions::Conflict::status`).
+    fn conflict_status(message: &str) -> tonic::Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            edgeprobe_proto::REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(edgeprobe_proto::REASON_IDENTITY_CONFLICT),
+        );
+        tonic::Status::with_metadata(tonic::Code::FailedPrecondition, message, metadata)
+    }
+
     #[test]
     fn refusals_are_told_from_trouble() {
-        let refused: anyhow::Error = tonic::Status::invalid_argument("result seq 1: bad").into();
-        assert!(refusal(&refused).is_some());
-        let wrapped = anyhow::Error::from(tonic::Status::permission_denied("not yours"))
-            .context("collector refused the stream");
-        assert!(refusal(&wrapped).is_some());
-        let down: anyhow::Error = tonic::Status::unavailable("connection reset").into();
-        assert!(refusal(&down).is_none());
-        assert!(refusal(&anyhow!("collector closed the stream")).is_none());
+        let refused = SessionEnd::from_status(tonic::Status::invalid_argument("result seq 1: bad"));
+        assert!(matches!(refused, SessionEnd::Refused(_)) && refused.is_refusal());
+        let denied = SessionEnd::from_status(tonic::Status::permission_denied("not yours"));
+        assert!(denied.is_refusal());
+        let down = SessionEnd::from_status(tonic::Status::unavailable("connection reset"));
+        assert!(matches!(down, SessionEnd::Lost(_)) && !down.is_refusal());
+        assert!(!SessionEnd::Protocol("collector closed the stream".into()).is_refusal());
+        assert!(!SessionEnd::Closed.is_refusal());
 
-        let clone = tonic::Status::failed_precondition(
+        // The identity conflict is the metadata's reason, whatever the message says.
+        let clone = SessionEnd::from_status(conflict_status("refused"));
+        assert!(matches!(clone, SessionEnd::IdentityConflict(_)) && clone.is_refusal());
+        // A FAILED_PRECONDITION whose words merely mention a conflict is a plain refusal.
+        for words in [
             "identity conflict: agent r1 is connected with another incarnation",
-        );
-        assert!(is_identity_conflict(&clone));
-        let collectors_words = tonic::Status::failed_precondition(
             "two hosts use the agent id `r1` (a cloned image?): incarnation `bb` from \
              10.0.0.2:1 is refused while incarnation `aa` from 10.0.0.1:1 is connected",
+            "migrating",
+        ] {
+            let end = SessionEnd::from_status(tonic::Status::failed_precondition(words));
+            assert!(matches!(end, SessionEnd::Refused(_)), "{words}: {end:?}");
+        }
+        // The reason on another code is not a conflict either.
+        let mut other = tonic::Status::unavailable("restarting");
+        other.metadata_mut().insert(
+            edgeprobe_proto::REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(edgeprobe_proto::REASON_IDENTITY_CONFLICT),
         );
-        assert!(is_identity_conflict(&collectors_words));
-        assert!(!is_identity_conflict(&tonic::Status::failed_precondition(
-            "migrating"
-        )));
+        assert!(matches!(
+            SessionEnd::from_status(other),
+            SessionEnd::Lost(_)
+        ));
+    }
+
+    /// A server that refuses every stream with `status`.
+    struct Refuses(tonic::Status);
+
+    #[tonic::async_trait]
+    impl pb::ingest_server::Ingest for Refuses {
+        type StreamStream = <Sends as pb::ingest_server::Ingest>::StreamStream;
+
+        async fn stream(
+            &self,
+            _: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            Err(self.0.clone())
+        }
+    }
+
+    /// How a real stream refused with `status` ends.
+    async fn refused_with(status: tonic::Status) -> SessionEnd {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::ingest_server::IngestServer::new(Refuses(status)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
+        match open_stream(channel, tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(_) => panic!("the stream was not refused"),
+            Err(status) => SessionEnd::from_status(status),
+        }
+    }
+
+    /// The reason crosses the wire in the status metadata; the message alone does not
+    /// make a conflict.
+    #[tokio::test]
+    async fn the_identity_conflict_is_read_from_the_status_metadata() {
+        let end = refused_with(conflict_status("two hosts use the agent id `r1`")).await;
+        match end {
+            SessionEnd::IdentityConflict(status) => {
+                assert_eq!(status.message(), "two hosts use the agent id `r1`")
+            }
+            other => panic!("{other:?}"),
+        }
+        let end = refused_with(tonic::Status::failed_precondition(
+            "identity conflict: incarnation bb is refused",
+        ))
+        .await;
+        assert!(matches!(end, SessionEnd::Refused(_)), "{end:?}");
     }
 
     #[test]
