@@ -30,6 +30,9 @@
 //!   one chunk per batch with the byte count in the same batch, and the caller's function
 //!   is idempotent, so an interrupted rewrite loses and duplicates nothing.
 //! - The buffer does not know its payloads: rewrites take a function from the caller.
+//! - No sled call runs on an async worker: mutations go to the writer thread, and reads
+//!   from async code take `spawn_blocking` (`read_after`, `stats_async`). The buffer
+//!   keeps counters, not their presentation (`report::buffer_status`).
 //!
 //! Test hooks (test-only, documented for the end-to-end chaos tests):
 //! `EDGEPROBE_TEST_CHUNK_PAUSE_MS` makes renumbering and rewriting sleep that long after
