@@ -1,7 +1,25 @@
 //! The edgeprobe agent: scheduled network tests, a durable result buffer and the uplink
-//! to a collector. `main.rs` is the command line; everything else lives here so that
-//! benchmarks can drive the same code.
-// Unsafe code is allowed in exactly one function, `clock::kernel_synchronised` (adjtimex).
+//! to a collector. `main.rs` (with `commands.rs`) is the command line; everything else
+//! lives here so that tests and benchmarks can drive the same code, a whole agent
+//! included (`run::run(config, path, shutdown)`).
+//!
+//! Layout, in the order data flows (the only edge back is the collector's ack):
+//! - `config`: the agent's file, parsed and checked once, then immutable; `fleet` holds
+//!   the tests a collector pushed, checked against it.
+//! - `schedule`: fires each test on its cron calendar or interval.
+//! - `probe`: one run of one test, an `Outcome` whatever happens (`clock` says whether
+//!   its start time can be trusted).
+//! - `record`: the outcome as the wire `Result`, within the shared bounds.
+//! - `buffer`: the durable result store; the only module that touches sled.
+//! - `uplink`: ships the buffer to a collector and deletes what it acks.
+//!
+//! Around them: `run` wires and stops them in order, `report` renders outcomes and buffer
+//! counters for people, and `target` is the `serve-target` speed target.
+//!
+//! Unsafe code is denied except in four functions, each `#[allow(unsafe_code)]` with a
+//! SAFETY comment: `clock::kernel_synchronised` (adjtimex), `bytes_acked` in
+//! `probe::speed::conn` (getsockopt TCP_INFO), and `errqueue::set_recverr` and
+//! `errqueue::read` in `probe::icmp` (setsockopt IP_RECVERR, recvmsg MSG_ERRQUEUE).
 #![deny(unsafe_code)]
 
 pub mod buffer;

@@ -1,9 +1,53 @@
-//! Renders one probe outcome for people (`probe`) or machines (`probe --json`), with the
-//! field names of SPEC section 9. The target is shown redacted (`user:***@`).
+//! What the agent shows people: one probe outcome for people (`probe`) or machines
+//! (`probe --json`), with the field names of SPEC section 9 and the target redacted
+//! (`user:***@`); and the buffer's counters (`buffer`, and the status file a running
+//! agent publishes for it). Presentation only: nothing here reads or changes state.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
+use crate::buffer::{buffer_dir, Stats};
 use crate::probe::{addr, Outcome, ProbeSpec};
+
+/// The buffer's counters as `edgeprobe-agent buffer` prints them, one per line.
+pub fn buffer_status(stats: &Stats, state_dir: &Path) -> String {
+    let oldest = if stats.oldest_unix_seconds == 0 {
+        "-".to_string()
+    } else {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let age = Duration::from_secs((now - stats.oldest_unix_seconds).max(0) as u64);
+        format!("{} ago", humantime::format_duration(age))
+    };
+    let incarnation = if stats.incarnation.is_empty() {
+        "- (created before incarnations)"
+    } else {
+        &stats.incarnation
+    };
+    format!(
+        "buffer        {}\n\
+         incarnation   {incarnation}\n\
+         backlog       {} results\n\
+         oldest        {oldest}\n\
+         stored bytes  {}\n\
+         size on disk  {}\n\
+         dropped       {}\n\
+         quarantined   {}\n\
+         acked seq     {}\n\
+         next seq      {}\n",
+        buffer_dir(state_dir).display(),
+        stats.backlog,
+        stats.bytes,
+        stats.size_on_disk,
+        stats.dropped,
+        stats.quarantined,
+        stats.acked,
+        stats.next_seq
+    )
+}
 
 /// One JSON object: kind, target, success, error, started_at, duration_seconds and the
 /// kind's fields.

@@ -1,6 +1,7 @@
 //! `edgeprobe-agent run`: wires buffer, scheduler and uplink together and shuts them down
-//! in order on SIGTERM or SIGINT: stop firing, let runs in progress record their results,
-//! stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
+//! in order when the caller's `shutdown` token is cancelled (main cancels it on SIGTERM or
+//! SIGINT; tests and benchmarks can drive a whole agent in process): stop firing, let runs
+//! in progress record their results, stop the uplink, close the buffer. SIGHUP reloads the configuration file: tests are
 //! rescheduled, the uplink restarts if its settings changed, and a file that does not
 //! check keeps the running configuration, and so does one whose tests clash with the applied
 //! fleet tests; unchanged tests keep their schedule (`Scheduler::apply`). Fleet pushes and
@@ -8,17 +9,20 @@
 //! session that asked. A clock watch asks the kernel every
 //! `CLOCK_CHECK_EVERY` whether its clock is synchronised and corrects buffered results
 //! when something vouches for the clock.
+//!
+//! Blocking work stays off the async workers: opening the buffer (sled, a journal to
+//! finish, waits for its lock), persisting a fleet push (fsync, rename, directory fsync),
+//! the published status (sled reads) and closing the buffer run on `spawn_blocking`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, BufferError};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::fleet::{self, Fleet, Inbound};
@@ -28,13 +32,29 @@ use crate::uplink::Uplink;
 /// Time given to runs in progress at shutdown.
 const GRACE: Duration = Duration::from_secs(5);
 
-pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
-    let stop = shutdown_signal();
+/// Why the agent could not start or stop cleanly (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("installing the SIGHUP handler")]
+    Hangup(#[source] std::io::Error),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("the buffer's {0} task failed")]
+    Task(&'static str, #[source] tokio::task::JoinError),
+}
+
+/// Runs the agent of `config` (read from `path`, which SIGHUP reloads) until `shutdown`
+/// is cancelled, then stops in order.
+pub async fn run(
+    config: Config,
+    path: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
+        .map_err(RunError::Hangup)?;
     let agent_id = config.agent_id();
     let buffer = open_buffer(&config).await?;
-    let stats = buffer.stats();
+    let stats = buffer.stats_async().await?;
     let clock = Clock::new();
     // The last fleet tests a collector pushed, before any collector is reached.
     let mut fleet = fleet::load(&config.agent.state_dir, &config);
@@ -50,6 +70,8 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         "edgeprobe-agent starting"
     );
 
+    // The caller's token stops the main loop; this one stops the tasks, in order, after it.
+    let stop = shutdown;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_clock(
         clock.clone(),
@@ -64,9 +86,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
         buffer.clone(),
         clock.clone(),
         shutdown.child_token(),
-    )
-    .await
-    .context("starting the scheduler")?;
+    );
     if let Some(f) = &fleet {
         tracing::info!(version = f.version, tests = ?f.names(), source = "persisted", "fleet tests applied");
     }
@@ -77,13 +97,12 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     ));
 
     let mut config = config;
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = stop.cancelled() => break,
             Some(msg) = inbound.recv() => match msg {
                 Inbound::FleetTests { push, reply } => {
-                    let error = apply_fleet(&push, &config, &mut fleet, &mut scheduler);
+                    let error = apply_fleet(&push, &config, &mut fleet, &mut scheduler).await;
                     // The collector stores the reason: it fits the error bound.
                     let error = error.map_or_else(String::new, |e| bounds::fit_error_message(&e).0);
                     answer(reply, pb::agent_message::Msg::TestsApplied(pb::TestsApplied {
@@ -175,7 +194,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(GRACE, uplink.1).await;
     tokio::task::spawn_blocking(move || buffer.close())
         .await
-        .context("closing the buffer")?;
+        .map_err(|e| RunError::Task("close", e))?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -183,7 +202,7 @@ pub async fn run(config: Config, path: PathBuf) -> anyhow::Result<()> {
 /// Applies a push: checked against the running configuration, persisted, rescheduled.
 /// `Some(reason)` when refused (the previous set runs on). A push identical to what runs
 /// (a reconnect) is applied without touching the schedule.
-fn apply_fleet(
+async fn apply_fleet(
     push: &pb::FleetTests,
     config: &Config,
     fleet: &mut Option<Fleet>,
@@ -238,12 +257,17 @@ fn apply_fleet(
     };
     let unchanged_file = fleet.as_ref().is_some_and(|f| f.version == push.version) && same;
     if !unchanged_file {
-        if let Err(e) = fleet::save(
-            &config.agent.state_dir,
+        let (state_dir, version, tests_toml) = (
+            config.agent.state_dir.clone(),
             next.version,
-            &next.tests_toml,
-            chrono::Utc::now(),
-        ) {
+            next.tests_toml.clone(),
+        );
+        let saved = tokio::task::spawn_blocking(move || {
+            fleet::save(&state_dir, version, &tests_toml, chrono::Utc::now())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = saved {
             let reason = format!(
                 "cannot persist the fleet tests in {}: {e}",
                 fleet::path(&config.agent.state_dir).display()
@@ -285,18 +309,27 @@ fn local_tests(config: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Opens the buffer, waiting up to `LOCK_WAIT` while another process holds its lock: an
-/// `edgeprobe-agent buffer` run at the moment the agent starts holds it for a moment, and
-/// must not make the start fail. Another running agent still fails the start after that.
-async fn open_buffer(config: &Config) -> Result<Buffer, crate::buffer::BufferError> {
+/// Opens the buffer on a blocking thread (sled's open, a renumbering journal to finish and
+/// its own waits can take seconds), waiting up to `LOCK_WAIT` while another process holds
+/// its lock: an `edgeprobe-agent buffer` run at the moment the agent starts holds it for a
+/// moment, and must not make the start fail. Another running agent still fails the start
+/// after that.
+async fn open_buffer(config: &Config) -> Result<Buffer, RunError> {
     const LOCK_WAIT: Duration = Duration::from_secs(10);
     let start = std::time::Instant::now();
     loop {
-        match Buffer::open(&config.agent.state_dir, config.agent.buffer_max_bytes) {
-            Err(crate::buffer::BufferError::Locked { .. }) if start.elapsed() < LOCK_WAIT => {
+        let (dir, max_bytes) = (
+            config.agent.state_dir.clone(),
+            config.agent.buffer_max_bytes,
+        );
+        let opened = tokio::task::spawn_blocking(move || Buffer::open(&dir, max_bytes))
+            .await
+            .map_err(|e| RunError::Task("open", e))?;
+        match opened {
+            Err(BufferError::Locked { .. }) if start.elapsed() < LOCK_WAIT => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            other => return other,
+            other => return Ok(other?),
         }
     }
 }
@@ -359,7 +392,10 @@ async fn publish_status(buffer: Buffer, state_dir: PathBuf, shutdown: Cancellati
             _ = shutdown.cancelled() => break,
             _ = ticks.tick() => {}
         }
-        let text = buffer.stats().render(&state_dir);
+        let Ok(stats) = buffer.stats_async().await else {
+            break;
+        };
+        let text = crate::report::buffer_status(&stats, &state_dir);
         let written = async {
             tokio::fs::write(&tmp, text).await?;
             tokio::fs::rename(&tmp, &path).await
@@ -371,21 +407,6 @@ async fn publish_status(buffer: Buffer, state_dir: PathBuf, shutdown: Cancellati
     }
     // Stale once the agent stops: the buffer itself can be opened then.
     let _ = tokio::fs::remove_file(&path).await;
-}
-
-/// Installs the SIGTERM and SIGINT handlers now, so that a signal arriving during start-up
-/// is handled rather than fatal, and returns a future that resolves on the first of them.
-/// Must be called inside the runtime.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
-    async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    }
 }
 
 #[cfg(test)]
@@ -428,13 +449,11 @@ every = "1h"
         let config = Config::parse(&text, "agent.toml").unwrap();
         let buffer = Buffer::open(dir.path(), 1 << 20).unwrap();
         let mut scheduler =
-            Scheduler::start(&config, &[], buffer, Clock::new(), CancellationToken::new())
-                .await
-                .unwrap();
+            Scheduler::start(&config, &[], buffer, Clock::new(), CancellationToken::new());
         let mut fleet = None;
 
         assert_eq!(
-            apply_fleet(&push(1, "f1"), &config, &mut fleet, &mut scheduler),
+            apply_fleet(&push(1, "f1"), &config, &mut fleet, &mut scheduler).await,
             None
         );
         assert_eq!(scheduler.test_names(), ["f1", "local"]);
@@ -442,21 +461,25 @@ every = "1h"
 
         // The same set as a new version: applied, persisted with the version.
         assert_eq!(
-            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler),
+            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler).await,
             None
         );
         assert_eq!(fleet.as_ref().unwrap().version, 2);
         assert_eq!(persisted_version(dir.path()), 2);
         // The same version again (a reconnect): applied again.
         assert_eq!(
-            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler),
+            apply_fleet(&push(2, "f1"), &config, &mut fleet, &mut scheduler).await,
             None
         );
 
         // A clash with a local test, and version 0: refused, version 2 runs on.
-        let e = apply_fleet(&push(3, "local"), &config, &mut fleet, &mut scheduler).unwrap();
+        let e = apply_fleet(&push(3, "local"), &config, &mut fleet, &mut scheduler)
+            .await
+            .unwrap();
         assert!(e.contains("own config file"), "{e}");
-        let e = apply_fleet(&push(0, "f9"), &config, &mut fleet, &mut scheduler).unwrap();
+        let e = apply_fleet(&push(0, "f9"), &config, &mut fleet, &mut scheduler)
+            .await
+            .unwrap();
         assert!(e.contains("version 0"), "{e}");
         assert_eq!(fleet.as_ref().unwrap().version, 2);
         assert_eq!(persisted_version(dir.path()), 2);
@@ -464,7 +487,7 @@ every = "1h"
 
         // A new set replaces the old one; an empty one removes them all.
         assert_eq!(
-            apply_fleet(&push(4, "f2"), &config, &mut fleet, &mut scheduler),
+            apply_fleet(&push(4, "f2"), &config, &mut fleet, &mut scheduler).await,
             None
         );
         assert_eq!(scheduler.test_names(), ["f2", "local"]);
@@ -473,7 +496,7 @@ every = "1h"
             tests_toml: String::new(),
         };
         assert_eq!(
-            apply_fleet(&empty, &config, &mut fleet, &mut scheduler),
+            apply_fleet(&empty, &config, &mut fleet, &mut scheduler).await,
             None
         );
         assert_eq!(scheduler.test_names(), ["local"]);
@@ -484,7 +507,9 @@ every = "1h"
             version: 6,
             tests_toml: "#".repeat(bounds::MAX_PUSH_BYTES + 1),
         };
-        let e = apply_fleet(&big, &config, &mut fleet, &mut scheduler).unwrap();
+        let e = apply_fleet(&big, &config, &mut fleet, &mut scheduler)
+            .await
+            .unwrap();
         assert!(e.ends_with("at most 1000000 in one push"), "{e}");
         let many = pb::FleetTests {
             version: 7,
@@ -492,7 +517,9 @@ every = "1h"
                 .map(|i| push(7, &format!("f{i}")).tests_toml)
                 .collect(),
         };
-        let e = apply_fleet(&many, &config, &mut fleet, &mut scheduler).unwrap();
+        let e = apply_fleet(&many, &config, &mut fleet, &mut scheduler)
+            .await
+            .unwrap();
         assert_eq!(
             e,
             "4096 fleet tests beside 1 local tests, at most 4096 tests on one agent"

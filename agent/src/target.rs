@@ -39,7 +39,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use axum::body::Body;
 use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
@@ -72,15 +71,33 @@ const MIB: usize = 1 << 20;
 const DEFAULT_CHUNKS: u64 = 4;
 const MAX_CHUNKS: u64 = 1024;
 
+/// Why `serve` stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("serving")]
+    Serve(#[source] io::Error),
+}
+
 pub async fn serve(
     listen: SocketAddr,
     max_tests: usize,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    let local = listener.local_addr().context("listening address")?;
+) -> Result<(), ServeError> {
+    let bound = async {
+        let listener = TcpListener::bind(listen).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    let (listener, local) = bound.await.map_err(|source| ServeError::Listen {
+        addr: listen,
+        source,
+    })?;
     let state = Arc::new(Target {
         garbage: random_chunk(),
         tests: Tests::new(max_tests),
@@ -99,13 +116,13 @@ pub async fn serve(
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server, shutdown);
     tokio::select! {
-        result = &mut server => return result.context("serving"),
+        result = &mut server => return result.map_err(ServeError::Serve),
         () = &mut shutdown => {}
     }
     tracing::info!("serve-target stopping");
     stop.cancel();
     match tokio::time::timeout(GRACE, server).await {
-        Ok(result) => result.context("serving")?,
+        Ok(result) => result.map_err(ServeError::Serve)?,
         Err(_) => tracing::info!(grace = ?GRACE, "transfers still running at shutdown, closed"),
     }
     tracing::info!("serve-target stopped");

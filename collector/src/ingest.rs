@@ -191,7 +191,7 @@ impl pb::ingest_server::Ingest for IngestService {
                     live_peer = %conflict.live_peer,
                     "identity conflict: {conflict}"
                 );
-                return Err(Status::failed_precondition(conflict.to_string()));
+                return Err(conflict.status());
             }
         };
         if let Some(replaced) = &registration.replaced {

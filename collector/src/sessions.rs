@@ -5,7 +5,9 @@
 //! - At most one registered session per agent id.
 //! - A hello whose incarnation differs from the live session's comes from another buffer
 //!   under the same id: two hosts share the id (and certificate), e.g. a cloned image.
-//!   It is refused (`Conflict`), never admitted beside the live one.
+//!   It is refused (`Conflict`), never admitted beside the live one. The refusal is a
+//!   FAILED_PRECONDITION whose metadata carries `edgeprobe-reason: identity-conflict`
+//!   (`Conflict::status`): agents match that, and the message stays prose for people.
 //! - A hello with the live session's incarnation is the same agent reconnecting (its old
 //!   connection may be half dead): it replaces the live session, which is told to close.
 //! - A live session silent for `STALE` (three agent heartbeats) is taken as dead and
@@ -155,6 +157,20 @@ pub struct Conflict {
     pub live_peer: String,
 }
 
+impl Conflict {
+    /// The status refusing the hello: FAILED_PRECONDITION with this conflict's message
+    /// (what agents of the previous release read) and the typed reason in its metadata
+    /// (`edgeprobe_proto::REASON_KEY`), what this release's agents match.
+    pub fn status(&self) -> tonic::Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            edgeprobe_proto::REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(edgeprobe_proto::REASON_IDENTITY_CONFLICT),
+        );
+        tonic::Status::with_metadata(tonic::Code::FailedPrecondition, self.to_string(), metadata)
+    }
+}
+
 /// A session's place in the registry; leaves it on drop.
 pub struct Registration {
     sessions: Arc<Sessions>,
@@ -281,6 +297,13 @@ mod tests {
         let text = conflict.to_string();
         assert!(text.contains("two hosts use the agent id `a1` (a cloned image?)"));
         assert!(text.contains("`bbbb`") && text.contains("`aaaa`") && text.contains("10.0.0.1:1"));
+        let status = conflict.status();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(status.message(), text, "previous agents read the message");
+        assert_eq!(
+            status.metadata().get(edgeprobe_proto::REASON_KEY).unwrap(),
+            edgeprobe_proto::REASON_IDENTITY_CONFLICT
+        );
         assert!(!first.close.is_cancelled());
 
         let second = sessions.admit("a1", "aaaa", "10.0.0.1:2").unwrap();

@@ -3,8 +3,9 @@
 //!
 //! This crate holds what agent and collector share: the wire types, `bounds` (the limits
 //! on what an agent sends, checked by `edgeprobe-agent check`, by the agent when it
-//! records and by the collector) and `testdef`, the test definition both sides parse,
-//! check, store and run. Everything else lives in each binary, at its boundary.
+//! records and by the collector), `testdef`, the test definition both sides parse,
+//! check, store and run, and the protocol's named constants (features, refusal reasons).
+//! Everything else lives in each binary, at its boundary.
 
 pub mod bounds;
 pub mod testdef;
@@ -22,3 +23,10 @@ pub const FEATURE_FLEET_TESTS: &str = "fleet-tests";
 /// Controller feature in `Hello.features` / `Welcome.features`: RunNow / RunStatus, and
 /// `Result.run_id`.
 pub const FEATURE_RUN_NOW: &str = "run-now";
+
+/// Status metadata key (ASCII) naming why the collector refused a session, beside the
+/// status code and its human message. Agents match the value, never the message.
+pub const REASON_KEY: &str = "edgeprobe-reason";
+/// `REASON_KEY` value on the FAILED_PRECONDITION that refuses a hello because another
+/// incarnation of its agent id is connected (two hosts share the id, e.g. a cloned image).
+pub const REASON_IDENTITY_CONFLICT: &str = "identity-conflict";

@@ -30,6 +30,9 @@
 //!   one chunk per batch with the byte count in the same batch, and the caller's function
 //!   is idempotent, so an interrupted rewrite loses and duplicates nothing.
 //! - The buffer does not know its payloads: rewrites take a function from the caller.
+//! - No sled call runs on an async worker: mutations go to the writer thread, and reads
+//!   from async code take `spawn_blocking` (`read_after`, `stats_async`). The buffer
+//!   keeps counters, not their presentation (`report::buffer_status`).
 //!
 //! Test hooks (test-only, documented for the end-to-end chaos tests):
 //! `EDGEPROBE_TEST_CHUNK_PAUSE_MS` makes renumbering and rewriting sleep that long after
@@ -118,43 +121,6 @@ pub struct Stats {
     pub oldest_unix_seconds: i64,
     /// Size of the sled directory on disk.
     pub size_on_disk: u64,
-}
-
-impl Stats {
-    pub fn render(&self, dir: &Path) -> String {
-        let oldest = if self.oldest_unix_seconds == 0 {
-            "-".to_string()
-        } else {
-            let now = unix_nanos(SystemTime::now()) / 1_000_000_000;
-            let age = Duration::from_secs((now - self.oldest_unix_seconds).max(0) as u64);
-            format!("{} ago", humantime::format_duration(age))
-        };
-        let incarnation = if self.incarnation.is_empty() {
-            "- (created before incarnations)"
-        } else {
-            &self.incarnation
-        };
-        format!(
-            "buffer        {}\n\
-             incarnation   {incarnation}\n\
-             backlog       {} results\n\
-             oldest        {oldest}\n\
-             stored bytes  {}\n\
-             size on disk  {}\n\
-             dropped       {}\n\
-             quarantined   {}\n\
-             acked seq     {}\n\
-             next seq      {}\n",
-            buffer_dir(dir).display(),
-            self.backlog,
-            self.bytes,
-            self.size_on_disk,
-            self.dropped,
-            self.quarantined,
-            self.acked,
-            self.next_seq
-        )
-    }
 }
 
 /// A payload to append and where its seq goes.
@@ -328,6 +294,8 @@ impl Buffer {
         self.inner.appended.subscribe()
     }
 
+    /// The counters, read from sled: a range read and a walk of the directory for its
+    /// size. From async code use `stats_async`.
     pub fn stats(&self) -> Stats {
         let t = &self.inner.tree;
         let oldest_unix_seconds = t
@@ -348,6 +316,14 @@ impl Buffer {
             oldest_unix_seconds,
             size_on_disk: t.size_on_disk().unwrap_or(0),
         }
+    }
+
+    /// `stats` on a blocking thread, off the async workers.
+    pub async fn stats_async(&self) -> Result<Stats, BufferError> {
+        let buffer = self.clone();
+        tokio::task::spawn_blocking(move || buffer.stats())
+            .await
+            .map_err(|_| BufferError::Closed)
     }
 
     /// Stops the writer after the commands already queued; flushes.
@@ -497,9 +473,7 @@ mod tests {
         for _ in 0..2 {
             let b = Buffer::open(dir.path(), 1 << 20).unwrap();
             assert_eq!(b.incarnation(), "");
-            assert!(b
-                .stats()
-                .render(dir.path())
+            assert!(crate::report::buffer_status(&b.stats(), dir.path())
                 .contains("created before incarnations"));
             assert_eq!(seqs_and_payloads(&b).await, vec![(1, b"old".to_vec())]);
             b.close();

@@ -138,13 +138,14 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts every test of `config` and the fleet tests `fleet` (checked against it).
-    pub async fn start(
+    /// Cannot fail; spawns the triggers, so it must be called inside the runtime.
+    pub fn start(
         config: &Config,
         fleet: &[TestConfig],
         buffer: Buffer,
         clock: Clock,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<Scheduler> {
+    ) -> Scheduler {
         let runner = Arc::new(Runner {
             buffer,
             clock,
@@ -165,7 +166,7 @@ impl Scheduler {
             fleet_tests = fleet.len(),
             "scheduler started"
         );
-        Ok(scheduler)
+        scheduler
     }
 
     /// Reschedules to the local tests of `config` plus `fleet` (SIGHUP, a fleet push):
@@ -338,9 +339,7 @@ mod tests {
             buffer.clone(),
             Clock::new(),
             CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        );
         (s, buffer, dir)
     }
 

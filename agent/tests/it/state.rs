@@ -164,3 +164,50 @@ fn check_refuses_labels_the_collector_would_refuse() {
         )
     );
 }
+
+/// `edgeprobe-agent buffer | head`: a reader that has gone is no reason to panic (print!
+/// panics on EPIPE, exit 101), whether the buffer is read directly or, while an agent
+/// holds it, from the status the agent publishes.
+#[test]
+fn buffer_survives_a_closed_pipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let config_arg = config.to_str().unwrap();
+    let closed_pipe = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let buffer_into_closed_pipe = || {
+        Command::new(BIN)
+            .args(["buffer", "--config", config_arg])
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run edgeprobe-agent buffer")
+    };
+
+    let out = buffer_into_closed_pipe();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "direct: {stderr}");
+    assert!(!stderr.contains("panicked"), "direct: {stderr}");
+
+    // Held, as by a running agent, with its published status.
+    let state = dir.path().join("state");
+    let held = edgeprobe_agent::buffer::Buffer::open(&state, 1 << 20).unwrap();
+    std::fs::write(
+        edgeprobe_agent::run::status_path(&state),
+        "backlog       3 results\n",
+    )
+    .unwrap();
+    let shown = agent(&["buffer", "--config", config_arg]);
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("published by the running agent"),
+        "{shown:?}"
+    );
+    let out = buffer_into_closed_pipe();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "published: {stderr}");
+    assert!(!stderr.contains("panicked"), "published: {stderr}");
+    held.close();
+}

@@ -492,6 +492,14 @@ fn a_second_incarnation_is_refused_and_the_same_one_replaces_its_session() {
             text.contains("`bbbb`") && text.contains("`aaaa`") && text.contains("127.0.0.1:"),
             "{text}"
         );
+        // The typed reason agents match, beside the message older agents read.
+        assert_eq!(
+            status.metadata().get(edgeprobe_proto::REASON_KEY),
+            Some(&tonic::metadata::MetadataValue::from_static(
+                edgeprobe_proto::REASON_IDENTITY_CONFLICT
+            )),
+            "{status:?}"
+        );
         // The live session is untouched.
         assert_eq!(first.batch(vec![result(id, 2, base)]).await.unwrap().seq, 2);
 

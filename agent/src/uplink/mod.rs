@@ -28,6 +28,9 @@
 //! together); an agent restarted on a running host connects at once, since nothing
 //! synchronises it with the rest of the fleet.
 //!
+//! Files: `codec.rs` (the stream and its codec: what an undecodable controller message
+//! is), `end.rs` (`SessionEnd`, how a session ended and the identity-conflict reason).
+//!
 //! Invariants:
 //! - Results are deleted from the buffer only on an ack (or a welcome) naming their seq;
 //!   a batch is never sent ahead of `MAX_IN_FLIGHT` unacknowledged ones.
@@ -39,11 +42,14 @@
 //!   INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION, ALREADY_EXISTS,
 //!   UNAUTHENTICATED or RESOURCE_EXHAUSTED status) grows it even if it was welcomed; it
 //!   resets only after a session that got an ack or lasted `STABLE_SESSION`.
+//! - A session ends with a typed `SessionEnd`, classified once where the status arrives
+//!   (`SessionEnd::from_status`): a refusal, an identity conflict (known by the status
+//!   metadata `edgeprobe_proto::REASON_KEY`, never by the message's words), a lost
+//!   session, or shutdown.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
 use edgeprobe_proto::bounds;
 use edgeprobe_proto::v1 as pb;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -54,11 +60,19 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::buffer::{Buffer, Deletion};
+use crate::buffer::{Buffer, BufferError, Deletion};
 use crate::clock::{self, Clock};
 use crate::config::CollectorSection;
 use crate::fleet::Inbound;
 use crate::record;
+
+mod codec;
+mod end;
+
+pub use codec::{decode_incoming, open_stream, Controller, Incoming, UplinkCodec};
+use codec::{kind_name, refuse_undecodable};
+use end::with_sources;
+pub use end::SessionEnd;
 
 /// Results per batch at most.
 const BATCH_MAX_RESULTS: usize = 5_000;
@@ -116,80 +130,82 @@ impl Uplink {
         while !shutdown.is_cancelled() {
             let endpoint = &self.collector.endpoints[index % self.collector.endpoints.len()];
             let started = Instant::now();
-            match self.session(endpoint, &shutdown).await {
-                Ok(()) => return,
-                Err(SessionError {
-                    welcomed,
-                    acked,
-                    error,
-                }) => {
-                    let refused = refusal(&error);
-                    if refused.is_none() && (acked || started.elapsed() >= STABLE_SESSION) {
-                        attempt = 0;
-                    }
-                    let delay = reconnect_delay(attempt, welcomed, spread);
-                    attempt = attempt.saturating_add(1);
-                    index += 1;
-                    match refused {
-                        Some(status) if is_identity_conflict(status) => tracing::error!(
-                            endpoint = %endpoint,
-                            agent_id = %self.agent_id,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "another host is using this agent id (a cloned image?); the \
-                             collector refused this one: {}",
-                            status.message()
-                        ),
-                        Some(status) => tracing::warn!(
-                            endpoint = %endpoint,
-                            code = ?status.code(),
-                            retry_in_ms = delay.as_millis() as u64,
-                            "the collector refused the session: {error:#}"
-                        ),
-                        None => tracing::warn!(
-                            endpoint = %endpoint,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "collector session ended: {error:#}"
-                        ),
-                    }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+            let Ended {
+                welcomed,
+                acked,
+                end,
+            } = self.session(endpoint, &shutdown).await;
+            if !end.is_refusal() && (acked || started.elapsed() >= STABLE_SESSION) {
+                attempt = 0;
+            }
+            let delay = reconnect_delay(attempt, welcomed, spread);
+            attempt = attempt.saturating_add(1);
+            index += 1;
+            match &end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::IdentityConflict(status) => tracing::error!(
+                    endpoint = %endpoint,
+                    agent_id = %self.agent_id,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "another host is using this agent id (a cloned image?); the \
+                     collector refused this one: {}",
+                    status.message()
+                ),
+                SessionEnd::Refused(status) => tracing::warn!(
+                    endpoint = %endpoint,
+                    code = ?status.code(),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "the collector refused the session: {}",
+                    with_sources(&end)
+                ),
+                _ => tracing::warn!(
+                    endpoint = %endpoint,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "collector session ended: {}",
+                    with_sources(&end)
+                ),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    async fn connect(&self, endpoint: &str) -> anyhow::Result<Channel> {
+    async fn connect(&self, endpoint: &str) -> Result<Channel, SessionEnd> {
+        let transport = |source| SessionEnd::Transport {
+            endpoint: endpoint.to_string(),
+            source,
+        };
         let mut ep = Endpoint::from_shared(endpoint.to_string())
-            .with_context(|| format!("bad endpoint {endpoint}"))?
+            .map_err(transport)?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         if !self.collector.insecure {
-            ep = ep.tls_config(tls_config(&self.collector)?)?;
+            ep = ep
+                .tls_config(tls_config(&self.collector)?)
+                .map_err(transport)?;
         }
-        ep.connect()
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))
+        ep.connect().await.map_err(transport)
     }
 
-    /// One session. `Ok` only on shutdown.
-    async fn session(
-        &self,
-        endpoint: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<(), SessionError> {
+    /// One session, until it ends (`SessionEnd::Shutdown` on shutdown).
+    async fn session(&self, endpoint: &str, shutdown: &CancellationToken) -> Ended {
         let (mut welcomed, mut acked) = (false, false);
-        let result = self
+        let end = match self
             .session_inner(endpoint, shutdown, &mut welcomed, &mut acked)
-            .await;
-        result.map_err(|error| SessionError {
+            .await
+        {
+            Ok(()) => SessionEnd::Shutdown,
+            Err(end) => end,
+        };
+        Ended {
             welcomed,
             acked,
-            error,
-        })
+            end,
+        }
     }
 
     async fn session_inner(
@@ -198,7 +214,7 @@ impl Uplink {
         shutdown: &CancellationToken,
         welcomed: &mut bool,
         acked: &mut bool,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SessionEnd> {
         let channel = self.connect(endpoint).await?;
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(MAX_IN_FLIGHT + 4);
         let hello = pb::Hello {
@@ -214,29 +230,34 @@ impl Uplink {
         };
         tx.send(message(pb::agent_message::Msg::Hello(hello)))
             .await
-            .map_err(|_| anyhow!("stream closed before hello"))?;
+            .map_err(|_| SessionEnd::Closed)?;
         // The hello leaves with the stream request: the welcome's round trip starts here.
         let hello_sent = Instant::now();
         let mut inbound = open_stream(channel, ReceiverStream::new(rx))
             .await
-            .context("collector refused the stream")?
+            .map_err(SessionEnd::from_status)?
             .into_inner();
 
         let welcome = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| anyhow!("no welcome within {WELCOME_TIMEOUT:?}"))??;
+            .map_err(|_| SessionEnd::Protocol(format!("no welcome within {WELCOME_TIMEOUT:?}")))?
+            .map_err(SessionEnd::from_status)?;
         let rtt = hello_sent.elapsed();
         let (committed, collector_time, features) = match welcome {
             Some(Incoming::Message(pb::CollectorMessage {
                 msg: Some(pb::collector_message::Msg::Welcome(w)),
             })) => (w.committed_seq, w.collector_unix_nanos, w.features),
-            other => bail!("expected welcome, got {other:?}"),
+            other => {
+                return Err(SessionEnd::Protocol(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
         };
         *welcomed = true;
         self.buffer
             .reconcile(committed)
             .await
-            .context("applying the welcome to the buffer")?;
+            .map_err(SessionEnd::Buffer)?;
         self.clock.observe_collector(collector_time, rtt);
         tokio::spawn(correct_in_background(
             self.clock.clone(),
@@ -295,7 +316,7 @@ impl Uplink {
                     results,
                 })))
                 .await
-                .map_err(|_| anyhow!("stream closed"))?;
+                .map_err(|_| SessionEnd::Closed)?;
                 last_sent = last;
                 in_flight.push_back(last);
             }
@@ -308,27 +329,27 @@ impl Uplink {
                     }
                 }
                 Some(deleted) = deletions.next() => {
-                    deleted.map_err(|_| anyhow!("the buffer closed"))??;
+                    deleted.map_err(|_| BufferError::Closed)??;
                 }
                 _ = heartbeat.tick() => {
-                    let stats = self.buffer.stats();
+                    let stats = self.buffer.stats_async().await?;
                     tx.send(message(pb::agent_message::Msg::Heartbeat(pb::Heartbeat {
                         backlog: stats.backlog,
                         dropped: stats.dropped,
                         oldest_unix_seconds: stats.oldest_unix_seconds,
                     })))
                     .await
-                    .map_err(|_| anyhow!("stream closed"))?;
+                    .map_err(|_| SessionEnd::Closed)?;
                 }
                 msg = inbound.message() => {
-                    let msg = match msg? {
-                        None => bail!("collector closed the stream"),
+                    let msg = match msg.map_err(SessionEnd::from_status)? {
+                        None => return Err(SessionEnd::Protocol("collector closed the stream".into())),
                         Some(Incoming::Message(msg)) => msg,
                         Some(Incoming::Undecodable { what, error }) => {
                             if let Some(answer) = refuse_undecodable(what, &error, fleet_tests, run_now) {
                                 tx.send(message(answer))
                                     .await
-                                    .map_err(|_| anyhow!("stream closed"))?;
+                                    .map_err(|_| SessionEnd::Closed)?;
                             }
                             continue;
                         }
@@ -336,7 +357,10 @@ impl Uplink {
                     match msg.msg {
                         Some(pb::collector_message::Msg::Ack(ack)) => {
                             if ack.seq > last_sent {
-                                bail!("collector acked seq {} beyond the last sent {last_sent}", ack.seq);
+                                return Err(SessionEnd::Protocol(format!(
+                                    "collector acked seq {} beyond the last sent {last_sent}",
+                                    ack.seq
+                                )));
                             }
                             while in_flight.front().is_some_and(|&s| s <= ack.seq) {
                                 in_flight.pop_front();
@@ -361,7 +385,9 @@ impl Uplink {
                             );
                         }
                         Some(other @ pb::collector_message::Msg::Welcome(_)) => {
-                            bail!("unexpected message from collector: {other:?}")
+                            return Err(SessionEnd::Protocol(format!(
+                                "unexpected message from collector: {other:?}"
+                            )));
                         }
                         // A message kind newer than this agent: the negotiation should
                         // keep it away, and it is no reason to drop the session.
@@ -388,228 +414,14 @@ impl Uplink {
     }
 }
 
-/// Opens the Ingest stream with `UplinkCodec` and the message bound both peers apply.
-pub async fn open_stream(
-    channel: Channel,
-    outbound: impl tonic::IntoStreamingRequest<Message = pb::AgentMessage>,
-) -> Result<tonic::Response<tonic::Streaming<Incoming>>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(bounds::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(bounds::MAX_MESSAGE_BYTES);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("the channel is not ready: {e}")))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/edgeprobe.v1.Ingest/Stream");
-    grpc.streaming(outbound.into_streaming_request(), path, UplinkCodec)
-        .await
-}
-
-/// What the uplink reads from a collector.
-#[derive(Debug)]
-pub enum Incoming {
-    Message(pb::CollectorMessage),
-    /// A controller message that did not decode, known by its kind and id.
-    Undecodable {
-        what: Controller,
-        error: String,
-    },
-}
-
-/// A controller message known by its kind and id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Controller {
-    FleetTests { version: u64 },
-    RunNow { run_id: u64 },
-}
-
-/// The answer refusing an undecodable controller message (logged), when its feature was
-/// negotiated; `None` otherwise (no answer may be sent).
-fn refuse_undecodable(
-    what: Controller,
-    error: &str,
-    fleet_tests: bool,
-    run_now: bool,
-) -> Option<pb::agent_message::Msg> {
-    match what {
-        Controller::FleetTests { version } if fleet_tests => {
-            let reason = format!("the fleet tests message does not decode: {error}");
-            tracing::warn!(
-                version,
-                "fleet tests refused, keeping the running set: {reason}"
-            );
-            Some(pb::agent_message::Msg::TestsApplied(pb::TestsApplied {
-                version,
-                error: bounds::fit_error_message(&reason).0,
-            }))
-        }
-        Controller::RunNow { run_id } if run_now => {
-            let reason = format!("the run-now message does not decode: {error}");
-            tracing::warn!(run_id, "run-now refused: {reason}");
-            Some(pb::agent_message::Msg::RunStatus(pb::RunStatus {
-                run_id,
-                state: pb::run_status::State::Refused as i32,
-                reason: bounds::fit_error_message(&reason).0,
-            }))
-        }
-        _ => {
-            tracing::warn!("ignoring an undecodable {what:?} the collector's welcome did not announce: {error}");
-            None
-        }
-    }
-}
-
-/// prost encoding of what the agent sends; decoding that tells an undecodable controller
-/// message (refused, the stream goes on) from an undecodable anything else (the stream
-/// ends, as with any codec).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct UplinkCodec;
-
-pub struct UplinkEncoder;
-pub struct UplinkDecoder;
-
-impl tonic::codec::Codec for UplinkCodec {
-    type Encode = pb::AgentMessage;
-    type Decode = Incoming;
-    type Encoder = UplinkEncoder;
-    type Decoder = UplinkDecoder;
-
-    fn encoder(&mut self) -> UplinkEncoder {
-        UplinkEncoder
-    }
-
-    fn decoder(&mut self) -> UplinkDecoder {
-        UplinkDecoder
-    }
-}
-
-impl tonic::codec::Encoder for UplinkEncoder {
-    type Item = pb::AgentMessage;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: pb::AgentMessage,
-        buf: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        item.encode(buf)
-            .map_err(|e| tonic::Status::internal(format!("encode: {e}")))
-    }
-}
-
-impl tonic::codec::Decoder for UplinkDecoder {
-    type Item = Incoming;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Incoming>, tonic::Status> {
-        use bytes::Buf;
-        let bytes = buf.copy_to_bytes(buf.remaining());
-        decode_incoming(&bytes).map(Some)
-    }
-}
-
-/// One collector message's bytes: the message, an identified undecodable controller
-/// message, or an error (ends the stream).
-pub fn decode_incoming(bytes: &[u8]) -> Result<Incoming, tonic::Status> {
-    match pb::CollectorMessage::decode(bytes) {
-        Ok(m) => Ok(Incoming::Message(m)),
-        Err(e) => match identify(bytes) {
-            Some(what) => Ok(Incoming::Undecodable {
-                what,
-                error: e.to_string(),
-            }),
-            None => Err(tonic::Status::internal(format!(
-                "failed to decode message: {e}"
-            ))),
-        },
-    }
-}
-
-/// The kind and id of a controller message in undecodable bytes: the last top-level
-/// FleetTests (field 3) or RunNow (field 4), with its field 1 (version, run id) when it is
-/// there and not 0.
-fn identify(mut bytes: &[u8]) -> Option<Controller> {
-    let mut found = None;
-    while !bytes.is_empty() {
-        let key = varint(&mut bytes)?;
-        let (field, wire) = (key >> 3, key & 7);
-        match wire {
-            0 => {
-                varint(&mut bytes)?;
-            }
-            1 => bytes = bytes.get(8..)?,
-            5 => bytes = bytes.get(4..)?,
-            2 => {
-                let len = usize::try_from(varint(&mut bytes)?).ok()?;
-                // A truncated last field still names its kind.
-                let inner = bytes.get(..len).unwrap_or(bytes);
-                bytes = bytes.get(len..).unwrap_or_default();
-                let id = first_varint_field(inner).filter(|&id| id != 0);
-                found = match (field, id) {
-                    (3, Some(version)) => Some(Controller::FleetTests { version }),
-                    (4, Some(run_id)) => Some(Controller::RunNow { run_id }),
-                    (3 | 4, None) => None,
-                    _ => found,
-                };
-            }
-            _ => return found,
-        }
-    }
-    found
-}
-
-/// Field 1 of a message as a varint, if it can be read.
-fn first_varint_field(mut bytes: &[u8]) -> Option<u64> {
-    while !bytes.is_empty() {
-        let key = varint(&mut bytes)?;
-        match (key >> 3, key & 7) {
-            (1, 0) => return varint(&mut bytes),
-            (_, 0) => {
-                varint(&mut bytes)?;
-            }
-            (_, 1) => bytes = bytes.get(8..)?,
-            (_, 5) => bytes = bytes.get(4..)?,
-            (_, 2) => {
-                let len = usize::try_from(varint(&mut bytes)?).ok()?;
-                bytes = bytes.get(len..)?;
-            }
-            _ => return None,
-        }
-    }
-    None
-}
-
-fn varint(bytes: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for i in 0..10 {
-        let (&b, rest) = bytes.split_first()?;
-        *bytes = rest;
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b < 0x80 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-fn kind_name(msg: &pb::collector_message::Msg) -> &'static str {
-    match msg {
-        pb::collector_message::Msg::Welcome(_) => "Welcome",
-        pb::collector_message::Msg::Ack(_) => "Ack",
-        pb::collector_message::Msg::FleetTests(_) => "FleetTests",
-        pb::collector_message::Msg::RunNow(_) => "RunNow",
-    }
-}
-
-struct SessionError {
+/// A session that ended, and how far it got.
+struct Ended {
     /// The collector welcomed the session: losing it may be losing the collector, which
     /// the whole fleet then does at once.
     welcomed: bool,
     /// The session got at least one ack.
     acked: bool,
-    error: anyhow::Error,
+    end: SessionEnd,
 }
 
 /// Corrects the buffered results once a base is known (logged, never fatal: the uplink
@@ -618,35 +430,6 @@ pub async fn correct_in_background(clock: Clock, buffer: Buffer) {
     if let Err(e) = record::correct_buffered(&clock, &buffer).await {
         tracing::warn!("cannot correct the start time of buffered results: {e}");
     }
-}
-
-/// The gRPC status that refused the session, when it ended with a refusal: the collector
-/// will refuse the same again, so reconnecting at once would only loop.
-fn refusal(error: &anyhow::Error) -> Option<&tonic::Status> {
-    use tonic::Code;
-    error
-        .chain()
-        .find_map(|e| e.downcast_ref::<tonic::Status>())
-        .filter(|s| {
-            matches!(
-                s.code(),
-                Code::InvalidArgument
-                    | Code::PermissionDenied
-                    | Code::FailedPrecondition
-                    | Code::AlreadyExists
-                    | Code::Unauthenticated
-                    | Code::ResourceExhausted
-            )
-        })
-}
-
-/// Two live incarnations of this agent id: the collector refuses the second session with
-/// FAILED_PRECONDITION and a message naming the conflict ("two hosts use the agent id ...:
-/// incarnation ... is refused while incarnation ... is connected").
-fn is_identity_conflict(status: &tonic::Status) -> bool {
-    let message = status.message().to_ascii_lowercase();
-    status.code() == tonic::Code::FailedPrecondition
-        && (message.contains("conflict") || message.contains("incarnation"))
 }
 
 /// Logs quarantined results once per burst (a run of acks that carry rejections), not
@@ -692,12 +475,14 @@ fn message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(msg) }
 }
 
-fn tls_config(c: &CollectorSection) -> anyhow::Result<ClientTlsConfig> {
-    let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<Vec<u8>> {
-        let p = p
-            .as_ref()
-            .ok_or_else(|| anyhow!("[collector] {what} is not set"))?;
-        std::fs::read(p).with_context(|| format!("cannot read {what} {}", p.display()))
+fn tls_config(c: &CollectorSection) -> Result<ClientTlsConfig, SessionEnd> {
+    let read = |p: &Option<std::path::PathBuf>, what: &'static str| {
+        let p = p.as_ref().ok_or(SessionEnd::CredentialUnset { what })?;
+        std::fs::read(p).map_err(|source| SessionEnd::Credential {
+            what,
+            path: p.clone(),
+            source,
+        })
     };
     let ca = read(&c.ca, "ca")?;
     let cert = read(&c.cert, "cert")?;
@@ -745,78 +530,6 @@ fn backoff(attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A server that answers every stream with `messages`, encoding up to the shared
-    /// bound as the collector's route does (`collector/src/run.rs` `ingest_route`).
-    struct Sends(Vec<pb::CollectorMessage>);
-
-    #[tonic::async_trait]
-    impl pb::ingest_server::Ingest for Sends {
-        type StreamStream = std::pin::Pin<
-            Box<dyn futures::Stream<Item = Result<pb::CollectorMessage, tonic::Status>> + Send>,
-        >;
-
-        async fn stream(
-            &self,
-            _: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
-        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
-            let messages = self.0.clone().into_iter().map(Ok);
-            Ok(tonic::Response::new(Box::pin(futures::stream::iter(
-                messages,
-            ))))
-        }
-    }
-
-    /// A push whose whole message encodes to `bytes`.
-    fn push_of(bytes: usize) -> pb::CollectorMessage {
-        use prost::Message;
-        let mut len = bytes - 16;
-        loop {
-            let m = pb::CollectorMessage {
-                msg: Some(pb::collector_message::Msg::FleetTests(pb::FleetTests {
-                    version: 1,
-                    tests_toml: "#".repeat(len),
-                })),
-            };
-            match m.encoded_len().cmp(&bytes) {
-                std::cmp::Ordering::Equal => return m,
-                std::cmp::Ordering::Less => len += 1,
-                std::cmp::Ordering::Greater => len -= 1,
-            }
-        }
-    }
-
-    /// Issue 28 case 2: the agent decoded 1 MiB while the collector sent up to 4 MiB, so a
-    /// big push ended every session. The agent's client (`open_stream`) now decodes the
-    /// largest message the shared bound lets a collector send.
-    #[tokio::test]
-    async fn the_agent_decodes_the_largest_message_a_collector_may_send() {
-        let largest = push_of(bounds::MAX_MESSAGE_BYTES);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    pb::ingest_server::IngestServer::new(Sends(vec![largest.clone()]))
-                        .max_encoding_message_size(bounds::MAX_MESSAGE_BYTES),
-                )
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let (_tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(1);
-        let mut inbound = open_stream(channel, tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        match inbound.message().await {
-            Ok(Some(Incoming::Message(m))) => assert_eq!(m, largest),
-            other => panic!("the agent did not decode the largest message: {other:?}"),
-        }
-    }
 
     #[test]
     fn backoff_is_capped_and_jittered() {
@@ -869,88 +582,6 @@ mod tests {
         );
         assert_eq!(start_delay(Duration::ZERO, Duration::ZERO), Duration::ZERO);
     }
-
-    #[test]
-    fn refusals_are_told_from_trouble() {
-        let refused: anyhow::Error = tonic::Status::invalid_argument("result seq 1: bad").into();
-        assert!(refusal(&refused).is_some());
-        let wrapped = anyhow::Error::from(tonic::Status::permission_denied("not yours"))
-            .context("collector refused the stream");
-        assert!(refusal(&wrapped).is_some());
-        let down: anyhow::Error = tonic::Status::unavailable("connection reset").into();
-        assert!(refusal(&down).is_none());
-        assert!(refusal(&anyhow!("collector closed the stream")).is_none());
-
-        let clone = tonic::Status::failed_precondition(
-            "identity conflict: agent r1 is connected with another incarnation",
-        );
-        assert!(is_identity_conflict(&clone));
-        let collectors_words = tonic::Status::failed_precondition(
-            "two hosts use the agent id `r1` (a cloned image?): incarnation `bb` from \
-             10.0.0.2:1 is refused while incarnation `aa` from 10.0.0.1:1 is connected",
-        );
-        assert!(is_identity_conflict(&collectors_words));
-        assert!(!is_identity_conflict(&tonic::Status::failed_precondition(
-            "migrating"
-        )));
-    }
-
-    #[test]
-    fn an_undecodable_controller_message_is_identified_to_be_refused() {
-        let good = pb::CollectorMessage {
-            msg: Some(pb::collector_message::Msg::FleetTests(pb::FleetTests {
-                version: 300,
-                tests_toml: "[[test]]\n".into(),
-            })),
-        }
-        .encode_to_vec();
-        assert!(matches!(decode_incoming(&good), Ok(Incoming::Message(_))));
-        // The same with tests_toml not UTF-8: FleetTests version 300, refused.
-        let mut bad = good.clone();
-        let at = bad.iter().position(|&b| b == b'[').unwrap();
-        bad[at] = 0xff;
-        match decode_incoming(&bad) {
-            Ok(Incoming::Undecodable { what, error }) => {
-                assert_eq!(what, Controller::FleetTests { version: 300 });
-                assert!(
-                    error.contains("UTF-8") || error.contains("utf-8"),
-                    "{error}"
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        let answer = refuse_undecodable(Controller::FleetTests { version: 300 }, "x", true, true);
-        assert!(matches!(
-            answer,
-            Some(pb::agent_message::Msg::TestsApplied(pb::TestsApplied { version: 300, ref error }))
-                if error.contains("does not decode")
-        ));
-        assert!(
-            refuse_undecodable(Controller::FleetTests { version: 300 }, "x", false, true).is_none()
-        );
-        // A RunNow whose test name is not UTF-8.
-        let mut run = pb::CollectorMessage {
-            msg: Some(pb::collector_message::Msg::RunNow(pb::RunNow {
-                run_id: 9,
-                test: "web".into(),
-                test_toml: String::new(),
-            })),
-        }
-        .encode_to_vec();
-        let at = run.iter().position(|&b| b == b'w').unwrap();
-        run[at] = 0xc3;
-        assert!(matches!(
-            decode_incoming(&run),
-            Ok(Incoming::Undecodable {
-                what: Controller::RunNow { run_id: 9 },
-                ..
-            })
-        ));
-        // Anything else that does not decode ends the stream.
-        assert!(decode_incoming(&[0x12, 0x05, 0x08]).is_err());
-        assert!(decode_incoming(&[0xff; 12]).is_err());
-    }
-
     #[test]
     fn quarantine_is_logged_per_burst() {
         let mut log = QuarantineLog::default();

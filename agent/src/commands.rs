@@ -1,0 +1,227 @@
+//! The commands other than `run`: `check`, `buffer`, `probe` (the command line turned into
+//! a `ProbeSpec`) and `serve-target`. Each returns its exit code (0 ok, 1 runtime failure,
+//! 2 bad configuration or usage) or its error.
+//!
+//! Output goes through `out`: a reader that has gone (`... | head`) is not worth a panic
+//! (`print!` panics on EPIPE); the exit code still says how the command went.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use edgeprobe_agent::buffer::{Buffer, BufferError};
+use edgeprobe_agent::config::{Config, Kind, TestOptions};
+use edgeprobe_agent::probe::{self, ProbeSpec};
+use edgeprobe_agent::{fleet, report, run, target};
+
+/// Writes `text` to stdout, ignoring a closed pipe.
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
+/// `check`: exit 0 with a summary, or 2 with the located reason.
+pub fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            out(&format!(
+                "{}: ok (agent {}, {} tests, {} endpoint(s))\n",
+                path.display(),
+                c.agent_id(),
+                c.tests.len(),
+                c.collector.endpoints.len()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `buffer`: the buffer's counters and the fleet version. Opens the buffer when no agent
+/// holds it; otherwise shows what the running agent publishes (`run::status_path`).
+pub fn buffer(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let state_dir = &config.agent.state_dir;
+    match Buffer::open(state_dir, config.agent.buffer_max_bytes) {
+        Ok(buffer) => {
+            out(&format!(
+                "{}{}",
+                report::buffer_status(&buffer.stats(), state_dir),
+                fleet::describe(state_dir)
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(BufferError::Locked { .. }) => published_status(state_dir),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A running agent holds sled's lock; show what it publishes. One that just started
+/// publishes within a few seconds.
+fn published_status(state_dir: &Path) -> ExitCode {
+    let path = run::status_path(state_dir);
+    let deadline = Instant::now() + run::STATUS_EVERY * 2;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map_or(0, |d| d.as_secs());
+            out(&format!(
+                "{text}{}(published by the running agent {age}s ago)\n",
+                fleet::describe(state_dir)
+            ));
+            return ExitCode::SUCCESS;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("the buffer is in use by a running agent, which has not published its status; try again in a few seconds");
+            return ExitCode::FAILURE;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `serve-target` until `shutdown`.
+pub fn serve_target(
+    rt: &tokio::runtime::Runtime,
+    listen: SocketAddr,
+    max_tests: usize,
+    shutdown: CancellationToken,
+) -> Result<(), target::ServeError> {
+    rt.block_on(target::serve(listen, max_tests, shutdown.cancelled_owned()))
+}
+
+/// `probe`'s command line.
+#[derive(clap::Args)]
+pub struct ProbeArgs {
+    /// speed, icmp, tcp, http or dns.
+    kind: Kind,
+    /// URL (speed, http), host (icmp, dns) or host:port (tcp).
+    target: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// speed: measurement time per direction, e.g. 10s.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// speed: parallel streams per direction (default 6 down, 3 up).
+    #[arg(long)]
+    streams: Option<u32>,
+    /// icmp: echo requests to send.
+    #[arg(long)]
+    count: Option<u32>,
+    /// icmp: time between echo requests, e.g. 200ms.
+    #[arg(long, value_parser = parse_duration)]
+    interval: Option<Duration>,
+    /// Whole-run limit, e.g. 5s.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// tcp: also time a TLS handshake.
+    #[arg(long)]
+    tls: bool,
+    /// tcp, http: accept any server certificate.
+    #[arg(long)]
+    insecure_tls: bool,
+    /// http: request method.
+    #[arg(long)]
+    method: Option<String>,
+    /// http: the status that counts as success (default: any below 400).
+    #[arg(long)]
+    expect_status: Option<u16>,
+    /// http: text the body must contain (searched decoded, up to 64 MiB).
+    #[arg(long)]
+    body_match: Option<String>,
+    /// http: redirects to follow, at most (default 0).
+    #[arg(long)]
+    follow_redirects: Option<u32>,
+    /// dns: record type (A, AAAA, MX, TXT, ...).
+    #[arg(long)]
+    record_type: Option<String>,
+    /// dns: server to ask (ip or ip:port) instead of the system resolver.
+    #[arg(long)]
+    server: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    edgeprobe_proto::testdef::parse_duration(s)
+}
+
+/// `probe`: one probe now; exit 0 when it succeeded, 1 when it failed, 2 for a target
+/// its kind does not take.
+pub fn probe(args: ProbeArgs) -> ExitCode {
+    let ProbeArgs {
+        kind,
+        target,
+        json,
+        duration,
+        streams,
+        count,
+        interval,
+        timeout,
+        tls,
+        insecure_tls,
+        method,
+        expect_status,
+        body_match,
+        follow_redirects,
+        record_type,
+        server,
+    } = args;
+    if let Err(reason) = edgeprobe_proto::testdef::check_target(kind, &target) {
+        eprintln!("edgeprobe-agent probe: {reason}");
+        return ExitCode::from(2);
+    }
+    let spec = ProbeSpec {
+        kind,
+        target,
+        options: TestOptions {
+            timeout,
+            duration,
+            streams,
+            count,
+            interval,
+            tls: tls.then_some(true),
+            insecure_tls: insecure_tls.then_some(true),
+            method,
+            expect_status,
+            body_match,
+            follow_redirects,
+            record_type,
+            server,
+            ..TestOptions::default()
+        },
+    };
+    // The speed probe takes ~20 s: show progress when a person is watching.
+    probe::speed::show_progress(kind == Kind::Speed && std::io::stderr().is_terminal());
+    let outcome = crate::runtime().block_on(probe::run(&spec));
+    let text = if json {
+        format!("{}\n", report::json(&spec, &outcome))
+    } else {
+        report::human(&spec, &outcome)
+    };
+    out(&text);
+    if outcome.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
