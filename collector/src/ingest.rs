@@ -40,6 +40,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::backoff::Backoff;
 use crate::controller;
 use crate::domain::{AgentHello, Batch, BatchRefused, BufferState};
 use crate::metrics::Metrics;
@@ -55,6 +56,8 @@ const STREAM_QUEUE: usize = 4;
 /// Batches accepted from all streams and not yet committed, at most. With one decoded
 /// batch per stream waiting for a share, memory stays within (this + streams) batches.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
+/// A committer's retry delays while PostgreSQL is away (jittered, `backoff`).
+const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 /// A stream logs quarantined results at most this often (the rest are counted).
 const REJECTION_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -542,7 +545,7 @@ impl Session {
             }
             let job: Vec<Arc<Batch>> = taken.iter().map(|p| p.batch.clone()).collect();
             let last = job.last().map_or(0, |b| b.last_seq);
-            let mut delay = Duration::from_millis(100);
+            let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
             loop {
                 match self.store.write(job.clone()).await {
                     Ok(written) => {
@@ -568,13 +571,13 @@ impl Session {
                         if self.shutdown.is_cancelled() || out.is_closed() {
                             return;
                         }
+                        let delay = backoff.next();
                         tracing::warn!(agent_id = %self.agent_id, retry_in_ms = delay.as_millis() as u64, "batch not committed, retrying: {e}");
                         tokio::select! {
                             _ = self.shutdown.cancelled() => {}
                             _ = out.closed() => {}
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        delay = (delay * 2).min(RETRY_CAP);
                     }
                 }
             }
