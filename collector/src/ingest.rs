@@ -25,6 +25,9 @@
 //!   it takes a share. A closed or replaced session lets go of everything at once, and a
 //!   peer that reads no ack for `ACK_STALL` has its stream closed (RESOURCE_EXHAUSTED).
 //! - What a message may cost decoded is bounded before it is decoded (`wire`).
+//! - Shutdown: a stream's reader stops at once, its committer finishes the batches already
+//!   queued (committed and acked while the peer is there) and stops retrying; every
+//!   session runs on `session_tasks`, which `run` awaits before it stops the store.
 //! - Controller messages (FleetTests, RunNow) join the outbound stream from the session's
 //!   `Control` after the welcome and never take an ack's place: the acks' queue comes
 //!   first, and the controller never waits on a session (`controller`). A message kind
@@ -38,6 +41,7 @@ use edgeprobe_proto::v1 as pb;
 use futures::Stream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backoff::Backoff;
@@ -82,6 +86,10 @@ pub struct IngestService {
     pub require_identity: bool,
     pub sessions: Arc<Sessions>,
     pub controller: controller::Handle,
+    /// Every session's task (reader and committer), so shutdown can wait for the
+    /// committers also of streams whose peers left: the gRPC server's drain waits only for
+    /// connections still open.
+    pub session_tasks: TaskTracker,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -242,7 +250,7 @@ impl pb::ingest_server::Ingest for IngestService {
             control: control.control.clone(),
             controller: self.controller.clone(),
         };
-        tokio::spawn(session.run(inbound, out_tx));
+        self.session_tasks.spawn(session.run(inbound, out_tx));
         Ok(Response::new(outbound(out_rx, control)))
     }
 }

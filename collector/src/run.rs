@@ -4,13 +4,15 @@
 //! order when the caller's token is cancelled (main cancels it on SIGTERM or SIGINT).
 //!
 //! Shutdown order, and why: the token stops the accept thread and every stream's reader;
-//! the gRPC server drains, which it does only when every session has ended, and a session
-//! ends only after its committer has had its last write answered and acked. Only then is
-//! the store's own token cancelled: its writers finish the group they hold and the jobs
-//! still queued (heartbeats, conflicts), and return. Every task `run` spawns (writers,
-//! health check, controller, HTTP and API servers, partition upkeep, TLS watch) is on one
-//! `TaskTracker`, awaited within `GRACE`; `run` returns when they have all finished (or
-//! the grace is spent, which is logged).
+//! the gRPC server drains (the connections still open end with their sessions); then
+//! every session's task is awaited, also of peers that left, since a session ends only
+//! after its committer has had its last write answered (and acked, if the peer is
+//! there). Only then is the store's own token cancelled: its writers finish the group
+//! they hold and the jobs still queued (heartbeats, conflicts), and return, so none is
+//! dropped inside a transaction. Every other task `run` spawns (writers, health check,
+//! controller, HTTP and API servers, partition upkeep, TLS watch) is on one
+//! `TaskTracker`. Both waits share one `GRACE` deadline; `run` returns when everything
+//! has finished, or logs what had not when the grace is spent.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -68,17 +70,28 @@ pub async fn migrate_once(
 /// Runs the collector until `shutdown` is cancelled, then drains (see the module's doc).
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
-    // Cancelled after the gRPC server has drained, never before: the writers must outlive
+    let session_tasks = TaskTracker::new();
+    // Cancelled after the sessions have ended, never before: the writers must outlive
     // the committers that wait for them.
     let store_stop = CancellationToken::new();
-    let result = serve(&config, &shutdown, &store_stop, &tasks).await;
+    let result = serve(&config, &shutdown, &store_stop, &tasks, &session_tasks).await;
     shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + GRACE;
+    session_tasks.close();
+    let sessions_ended = tokio::time::timeout_at(deadline, session_tasks.wait())
+        .await
+        .is_ok();
     store_stop.cancel();
     tasks.close();
-    if tokio::time::timeout(GRACE, tasks.wait()).await.is_err() {
+    let tasks_ended = tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_ok();
+    if !(sessions_ended && tasks_ended) {
         tracing::warn!(
             grace_s = GRACE.as_secs(),
-            "tasks still running after the grace period; exiting without them"
+            sessions_ended,
+            tasks_ended,
+            "still running after the grace period; exiting without them"
         );
     }
     tracing::info!("stopped");
@@ -91,6 +104,7 @@ async fn serve(
     shutdown: &CancellationToken,
     store_stop: &CancellationToken,
     tasks: &TaskTracker,
+    session_tasks: &TaskTracker,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics
@@ -215,6 +229,7 @@ async fn serve(
         require_identity: tls.is_some(),
         sessions,
         controller,
+        session_tasks: session_tasks.clone(),
     });
 
     // TCP_NODELAY is set by the accept thread (the builder's applies only to its own bind).

@@ -5,15 +5,15 @@
 //!
 //! Why this fails if the writers were abandoned mid-transaction: a statement trigger makes
 //! every watermark raise (the last statement of a writer's transaction, `store/results.rs`)
-//! take 300 ms, so at any moment some writer is inside a transaction. Half of the
-//! simulated agents drop their connections as the signal is sent, so the gRPC server
-//! drains at once and does not wait for their committers. A collector that returned from
-//! `run` without joining its writers would exit with those transactions open: PostgreSQL
-//! rolls them back, which `pg_stat_database.xact_rollback` counts (nothing else in this
-//! test rolls back). A collector that joins them lets each commit, so the count does not
-//! move. The row checks alone could not tell: an interrupted transaction leaves no rows.
-//! The other half of the agents stay connected, so the drain also commits and acks the
-//! batches their streams had queued.
+//! take 300 ms, so at any moment some writer is inside a transaction. The simulated
+//! agents drop their connections as the signal is sent, so the gRPC server drains at once
+//! and does not wait for their committers (while an agent stays connected, its stream
+//! holds the drain until its committer is done, which would hide the bug). A collector
+//! that returned from `run` without joining its sessions and writers would exit with
+//! those transactions open: PostgreSQL rolls them back, which
+//! `pg_stat_database.xact_rollback` counts (nothing else in this test rolls back). A
+//! collector that joins them lets each commit, so the count does not move. The row checks
+//! alone could not tell: an interrupted transaction leaves no rows.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -254,7 +254,7 @@ fn sigterm_during_ingest_commits_every_acked_result_cuts_no_transaction_and_exit
                 collector.endpoint(),
                 s.clone(),
                 recording.clone(),
-                (i % 2 == 0).then(|| cut.clone()),
+                Some(cut.clone()),
                 resumed.clone(),
             ))
         })
@@ -267,7 +267,7 @@ fn sigterm_during_ingest_commits_every_acked_result_cuts_no_transaction_and_exit
     std::thread::sleep(Duration::from_secs(1));
     let before = rollbacks(&mut db.client());
 
-    // SIGTERM mid-ingest, and half of the agents leave at the same moment.
+    // SIGTERM mid-ingest, and the agents leave at the same moment.
     cut.cancel();
     let start = Instant::now();
     let code = collector.proc.stop();
