@@ -1,22 +1,139 @@
-//! The operator commands `tests ...` and `run-now`: reach PostgreSQL like `migrate`, call
-//! fleet.rs / runs.rs, print tables (or JSON) and map errors to exit codes: 2 for a bad
-//! file, request or unknown version, 1 for a database failure (or a run-now that did not
-//! get every reached agent's result).
+//! The operator commands `tests ...` and `run-now`: their arguments, reaching PostgreSQL
+//! (the URL resolved by `config::database_url`), calling fleet.rs / runs.rs, printing tables
+//! (or JSON). Errors become `commands::Failure`: usage (exit 2) for a bad file, request or
+//! unknown version, runtime (exit 1) for a database failure; a run-now that did not get
+//! every reached agent's result exits 1 on its own.
 
 use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Subcommand;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::commands::Failure;
+use crate::config::{self, Config};
 use crate::fleet::{self, Change, FleetError, Selection};
+use crate::pg;
 use crate::runs::{self, RunRequest, RunResult, RunTest};
-use crate::{pg, DbArgs, RunNowArgs, TestsCommand};
 
 /// How often run-now reads the run's state.
 const POLL_EVERY: Duration = Duration::from_millis(100);
+
+/// How `tests` and `run-now` reach PostgreSQL: --database-url, else the [database] url of
+/// --config, else EDGEPROBE_DATABASE_URL or DATABASE_URL.
+#[derive(clap::Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// A collector configuration whose [database] url to use.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum TestsCommand {
+    /// Check FILE ([[test]] blocks, each with `select = { label = "value" }` or
+    /// `agents = ["id", ...]`, neither = every agent) and make it the new version. Refused
+    /// (exit 2, file:line:col) when bad, or when a test has the name of a local test of an
+    /// agent it selects. The same set as the current version makes no new version.
+    Apply {
+        /// The fleet tests file: [[test]] blocks with `select` or `agents`.
+        #[arg(long)]
+        file: PathBuf,
+        /// Check and show what would change; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
+        /// automation acting for a person.
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what applying FILE would add, change and remove, and how many known agents each
+    /// test selects. Changes nothing.
+    Diff {
+        /// The fleet tests file: [[test]] blocks with `select` or `agents`.
+        #[arg(long)]
+        file: PathBuf,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The current version (who, when), its tests and the agents selected, and how many
+    /// agents applied it, are behind, or refused it (with the reason).
+    List {
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every version, newest first.
+    Versions {
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new version holding the tests of VERSION (origin "rollback").
+    Rollback {
+        /// The version whose tests become current again (see `tests versions`).
+        version: i64,
+        /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
+        /// automation acting for a person.
+        #[arg(long, value_name = "NAME")]
+        by: Option<String>,
+        /// Print one JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["select", "agent"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["test", "kind"])))]
+pub struct RunNowArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Agents whose labels include LABEL=VALUE (repeatable: all must match).
+    #[arg(long, value_name = "LABEL=VALUE", value_parser = parse_pair)]
+    select: Vec<(String, String)>,
+    /// An agent by id (repeatable).
+    #[arg(long, value_name = "ID")]
+    agent: Vec<String>,
+    /// A test the agents know: a fleet test or one of their own.
+    #[arg(long, value_name = "NAME")]
+    test: Option<String>,
+    /// An ad-hoc test of this kind (speed, icmp, tcp, http, dns), with --target.
+    #[arg(long, requires = "target")]
+    kind: Option<String>,
+    /// The ad-hoc test's target, as in the agent config.
+    #[arg(long, requires = "kind")]
+    target: Option<String>,
+    /// An option of the ad-hoc test, as in [test.options] (repeatable); the value is an
+    /// integer, true|false, or else a string ("10s", "GET").
+    #[arg(long = "option", value_name = "KEY=VALUE", value_parser = parse_pair, requires = "kind")]
+    options: Vec<(String, String)>,
+    /// The ad-hoc test's name in the results (default run-now).
+    #[arg(long, requires = "kind")]
+    name: Option<String>,
+    /// Print one JSON document at the end instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for results (default 30s; a speed test 2 x duration + 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
 
 /// The operator as `created_by`: $SUDO_USER (the person behind sudo), else $USER, else
 /// the uid.
@@ -31,46 +148,25 @@ pub fn operator_name() -> String {
         })
 }
 
-enum Failure {
-    Usage(String),
-    Runtime(String),
-}
-
 impl From<FleetError> for Failure {
     fn from(e: FleetError) -> Self {
         match e {
             FleetError::Invalid(m) | FleetError::NotFound(m) => Failure::Usage(m),
-            e @ FleetError::Db(_) => Failure::Runtime(e.to_string()),
-        }
-    }
-}
-
-fn exit(r: Result<ExitCode, Failure>) -> ExitCode {
-    match r {
-        Ok(code) => code,
-        Err(Failure::Usage(m)) => {
-            eprintln!("{m}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Runtime(m)) => {
-            eprintln!("error: {m}");
-            ExitCode::FAILURE
+            e @ FleetError::Db(_) => Failure::Runtime(format!("error: {e}")),
         }
     }
 }
 
 async fn connect(db: &DbArgs) -> Result<Client, Failure> {
-    let url = match (&db.database_url, &db.config) {
-        (Some(url), _) => Some(url.clone()),
+    // The file is read only when the flag does not give the URL.
+    let file = match (&db.database_url, &db.config) {
         (None, Some(path)) => {
             let config = Config::load(Some(path)).map_err(|e| Failure::Usage(e.to_string()))?;
-            config.database.url.clone()
+            config.database.url
         }
-        (None, None) => None,
-    }
-    .or_else(|| std::env::var("EDGEPROBE_DATABASE_URL").ok())
-    .or_else(|| std::env::var("DATABASE_URL").ok())
-    .ok_or_else(|| {
+        _ => None,
+    };
+    let (_, url) = config::database_url(db.database_url.clone(), file).ok_or_else(|| {
         Failure::Usage(
             "no database URL: pass --database-url or --config, or set EDGEPROBE_DATABASE_URL or DATABASE_URL"
                 .into(),
@@ -80,7 +176,7 @@ async fn connect(db: &DbArgs) -> Result<Client, Failure> {
     target
         .connect()
         .await
-        .map_err(|e| Failure::Runtime(format!("cannot connect to postgres: {e}")))
+        .map_err(|e| Failure::Runtime(format!("error: cannot connect to postgres: {e}")))
 }
 
 fn read_file(path: &std::path::Path) -> Result<String, Failure> {
@@ -109,11 +205,8 @@ fn print_json<T: serde::Serialize>(value: &T) {
     );
 }
 
-pub async fn tests(db: DbArgs, command: TestsCommand) -> ExitCode {
-    exit(tests_inner(db, command).await)
-}
-
-async fn tests_inner(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failure> {
+/// `tests apply|diff|list|versions|rollback`.
+pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failure> {
     // A bad file is reported without a database.
     if let TestsCommand::Apply { file, .. } | TestsCommand::Diff { file, .. } = &command {
         fleet::parse_file(&read_file(file)?, &file.display().to_string())?;
@@ -351,11 +444,8 @@ fn warn_unselecting(d: &fleet::Diff) {
     }
 }
 
-pub async fn run_now(args: RunNowArgs) -> ExitCode {
-    exit(run_now_inner(args).await)
-}
-
-async fn run_now_inner(args: RunNowArgs) -> Result<ExitCode, Failure> {
+/// `run-now`.
+pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     let test = match (args.test, args.kind, args.target) {
         (Some(name), None, None) => RunTest::Named(name),
         (None, Some(kind), Some(target)) => {

@@ -187,14 +187,8 @@ impl Config {
         grpc_listen: Option<SocketAddr>,
         http_listen: Option<SocketAddr>,
     ) -> Result<Config, ConfigError> {
-        if let Some(url) = database_url {
-            self.database.url = Some(url);
-        }
-        if self.database.url.is_none() {
-            self.database.url = std::env::var("EDGEPROBE_DATABASE_URL")
-                .or_else(|_| std::env::var("DATABASE_URL"))
-                .ok();
-        }
+        self.database.url =
+            self::database_url(database_url, self.database.url.take()).map(|(_, url)| url);
         if let Some(a) = grpc_listen {
             self.server.grpc_listen = a;
         }
@@ -240,6 +234,45 @@ impl Config {
     pub fn database_url(&self) -> &str {
         self.database.url.as_deref().unwrap_or_default()
     }
+}
+
+/// Where a database URL came from (for messages; the URL itself is never printed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlSource {
+    /// `--database-url`.
+    Flag,
+    /// The configuration file's `[database] url`.
+    File,
+    /// An environment variable, by name.
+    Env(&'static str),
+}
+
+impl std::fmt::Display for UrlSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UrlSource::Flag => f.write_str("--database-url"),
+            UrlSource::File => f.write_str("the file"),
+            UrlSource::Env(var) => write!(f, "${var}"),
+        }
+    }
+}
+
+/// The variables a database URL is taken from, in order, when neither the flag nor the
+/// file gives one (the systemd unit's EnvironmentFile sets them).
+pub const URL_VARIABLES: [&str; 2] = ["EDGEPROBE_DATABASE_URL", "DATABASE_URL"];
+
+/// The one resolution of the database URL, used by `run`, `check`, `migrate` and the
+/// operator commands: the flag, else the file's `[database] url`, else
+/// EDGEPROBE_DATABASE_URL, else DATABASE_URL. `None` when none is set; each caller says
+/// which of these it offers in its error.
+pub fn database_url(flag: Option<String>, file: Option<String>) -> Option<(UrlSource, String)> {
+    flag.map(|url| (UrlSource::Flag, url))
+        .or_else(|| file.map(|url| (UrlSource::File, url)))
+        .or_else(|| {
+            URL_VARIABLES
+                .into_iter()
+                .find_map(|v| std::env::var(v).ok().map(|url| (UrlSource::Env(v), url)))
+        })
 }
 
 fn line_col(text: &str, span: Range<usize>) -> (usize, usize) {

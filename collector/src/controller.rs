@@ -43,7 +43,9 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use crate::pg::Target;
 use crate::sessions::{Control, Sessions};
@@ -60,6 +62,7 @@ const DISPATCH_EVERY: Duration = Duration::from_secs(1);
 const RUN_WINDOW_SECONDS: f64 = 60.0;
 /// Answers waiting to be written, at most; more are dropped (and logged).
 const EVENT_QUEUE: usize = 65_536;
+const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
 
 use edgeprobe_proto::testdef::run_now::LastRuns;
@@ -292,13 +295,15 @@ impl Handle {
     }
 }
 
-/// Starts the controller task; returns the sessions' handle.
+/// Starts the controller task on `tasks` (it returns on `shutdown`); returns the sessions'
+/// handle.
 pub fn start(
     target: Target,
     sessions: Arc<Sessions>,
     metrics: Arc<Metrics>,
     limit: RateLimit,
     shutdown: CancellationToken,
+    tasks: &TaskTracker,
 ) -> Handle {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     let handle = Handle {
@@ -317,7 +322,7 @@ pub fn start(
         last_run: HashMap::new(),
         pending: Pending::default(),
     };
-    tokio::spawn(controller.run(shutdown));
+    tasks.spawn(controller.run(shutdown));
     handle
 }
 
@@ -374,33 +379,37 @@ struct Controller {
 
 impl Controller {
     async fn run(mut self, shutdown: CancellationToken) {
-        let mut delay = Duration::from_millis(200);
+        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = self.target.connect_notifying() => c,
             };
-            match connected {
+            let delay = match connected {
                 Ok((client, notes)) => {
-                    delay = Duration::from_millis(200);
+                    backoff.reset();
                     match self.serve(&client, notes, &shutdown).await {
                         Ok(()) => return,
                         Err(e) => tracing::warn!(
                             "controller: database connection lost, reconnecting: {e}"
                         ),
                     }
+                    backoff.next()
                 }
-                Err(e) => tracing::warn!(
-                    retry_in_ms = delay.as_millis() as u64,
-                    "controller: cannot connect to postgres: {}",
-                    crate::pg::describe(&e)
-                ),
-            }
+                Err(e) => {
+                    let delay = backoff.next();
+                    tracing::warn!(
+                        retry_in_ms = delay.as_millis() as u64,
+                        "controller: cannot connect to postgres: {}",
+                        crate::pg::describe(&e)
+                    );
+                    delay
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(RECONNECT_CAP);
         }
     }
 

@@ -25,6 +25,9 @@
 //!   it takes a share. A closed or replaced session lets go of everything at once, and a
 //!   peer that reads no ack for `ACK_STALL` has its stream closed (RESOURCE_EXHAUSTED).
 //! - What a message may cost decoded is bounded before it is decoded (`wire`).
+//! - Shutdown: a stream's reader stops at once, its committer finishes the batches already
+//!   queued (committed and acked while the peer is there) and stops retrying; every
+//!   session runs on `session_tasks`, which `run` awaits before it stops the store.
 //! - Controller messages (FleetTests, RunNow) join the outbound stream from the session's
 //!   `Control` after the welcome and never take an ack's place: the acks' queue comes
 //!   first, and the controller never waits on a session (`controller`). A message kind
@@ -38,8 +41,10 @@ use edgeprobe_proto::v1 as pb;
 use futures::Stream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::backoff::Backoff;
 use crate::controller;
 use crate::domain::{AgentHello, Batch, BatchRefused, BufferState};
 use crate::metrics::Metrics;
@@ -55,6 +60,8 @@ const STREAM_QUEUE: usize = 4;
 /// Batches accepted from all streams and not yet committed, at most. With one decoded
 /// batch per stream waiting for a share, memory stays within (this + streams) batches.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
+/// A committer's retry delays while PostgreSQL is away (jittered, `backoff`).
+const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_CAP: Duration = Duration::from_secs(5);
 /// A stream logs quarantined results at most this often (the rest are counted).
 const REJECTION_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -79,6 +86,10 @@ pub struct IngestService {
     pub require_identity: bool,
     pub sessions: Arc<Sessions>,
     pub controller: controller::Handle,
+    /// Every session's task (reader and committer), so shutdown can wait for the
+    /// committers also of streams whose peers left: the gRPC server's drain waits only for
+    /// connections still open.
+    pub session_tasks: TaskTracker,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -239,7 +250,7 @@ impl pb::ingest_server::Ingest for IngestService {
             control: control.control.clone(),
             controller: self.controller.clone(),
         };
-        tokio::spawn(session.run(inbound, out_tx));
+        self.session_tasks.spawn(session.run(inbound, out_tx));
         Ok(Response::new(outbound(out_rx, control)))
     }
 }
@@ -542,7 +553,7 @@ impl Session {
             }
             let job: Vec<Arc<Batch>> = taken.iter().map(|p| p.batch.clone()).collect();
             let last = job.last().map_or(0, |b| b.last_seq);
-            let mut delay = Duration::from_millis(100);
+            let mut backoff = Backoff::new(RETRY_BASE, RETRY_CAP);
             loop {
                 match self.store.write(job.clone()).await {
                     Ok(written) => {
@@ -568,13 +579,13 @@ impl Session {
                         if self.shutdown.is_cancelled() || out.is_closed() {
                             return;
                         }
+                        let delay = backoff.next();
                         tracing::warn!(agent_id = %self.agent_id, retry_in_ms = delay.as_millis() as u64, "batch not committed, retrying: {e}");
                         tokio::select! {
                             _ = self.shutdown.cancelled() => {}
                             _ = out.closed() => {}
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        delay = (delay * 2).min(RETRY_CAP);
                     }
                 }
             }

@@ -1,7 +1,18 @@
 //! `edgeprobe-collector run`: starts the HTTP endpoints, migrates (retrying while
 //! Postgres is away, so /healthz answers meanwhile), starts the store and the gRPC server
 //! (its listener and accept thread in `listen.rs`), keeps partitions, and shuts down in
-//! order on SIGTERM or SIGINT.
+//! order when the caller's token is cancelled (main cancels it on SIGTERM or SIGINT).
+//!
+//! Shutdown order, and why: the token stops the accept thread and every stream's reader;
+//! the gRPC server drains (the connections still open end with their sessions); then
+//! every session's task is awaited, also of peers that left, since a session ends only
+//! after its committer has had its last write answered (and acked, if the peer is
+//! there). Only then is the store's own token cancelled: its writers finish the group
+//! they hold and the jobs still queued (heartbeats, conflicts), and return, so none is
+//! dropped inside a transaction. Every other task `run` spawns (writers, health check,
+//! controller, HTTP and API servers, partition upkeep, TLS watch) is on one
+//! `TaskTracker`. Both waits share one `GRACE` deadline; `run` returns when everything
+//! has finished, or logs what had not when the grace is spent.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,8 +21,10 @@ use std::time::Duration;
 use anyhow::Context;
 use edgeprobe_proto::bounds::MAX_MESSAGE_BYTES;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::http::{self, Readiness};
 use crate::ingest::IngestService;
@@ -29,6 +42,10 @@ use crate::wire::IngestServer;
 /// layer queues the stream) or, if it ignores the setting, has the stream refused.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 4;
 const PARTITION_EVERY: Duration = Duration::from_secs(3600);
+/// Start-up's retry delays while PostgreSQL is not up yet (jittered, `backoff`).
+const MIGRATE_RETRY_BASE: Duration = Duration::from_millis(500);
+const MIGRATE_RETRY_CAP: Duration = Duration::from_secs(10);
+/// How long the tasks may take to finish after the gRPC server has drained.
 const GRACE: Duration = Duration::from_secs(10);
 /// How often the TLS files are checked for changes (SIGHUP reloads at once).
 const TLS_POLL: Duration = Duration::from_secs(10);
@@ -50,19 +67,45 @@ pub async fn migrate_once(
     Ok(applied)
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    // Handlers first: a SIGTERM during start-up (e.g. while waiting for PostgreSQL) stops
-    // the collector cleanly instead of killing it.
-    let stop = shutdown_signal();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            stop.await;
-            tracing::info!("shutting down");
-            shutdown.cancel();
-        }
-    });
+/// Runs the collector until `shutdown` is cancelled, then drains (see the module's doc).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tasks = TaskTracker::new();
+    let session_tasks = TaskTracker::new();
+    // Cancelled after the sessions have ended, never before: the writers must outlive
+    // the committers that wait for them.
+    let store_stop = CancellationToken::new();
+    let result = serve(&config, &shutdown, &store_stop, &tasks, &session_tasks).await;
+    shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + GRACE;
+    session_tasks.close();
+    let sessions_ended = tokio::time::timeout_at(deadline, session_tasks.wait())
+        .await
+        .is_ok();
+    store_stop.cancel();
+    tasks.close();
+    let tasks_ended = tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_ok();
+    if !(sessions_ended && tasks_ended) {
+        tracing::warn!(
+            grace_s = GRACE.as_secs(),
+            sessions_ended,
+            tasks_ended,
+            "still running after the grace period; exiting without them"
+        );
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Everything of `run` up to the gRPC server's drain.
+async fn serve(
+    config: &Config,
+    shutdown: &CancellationToken,
+    store_stop: &CancellationToken,
+    tasks: &TaskTracker,
+    session_tasks: &TaskTracker,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .info
@@ -88,7 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
         None
     } else {
-        Some(server_tls(&config, metrics.clone())?)
+        Some(server_tls(config, metrics.clone())?)
     };
 
     let store = Store::start(
@@ -96,7 +139,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.database.writers,
         config.metrics.site_label.clone(),
         metrics.clone(),
-        shutdown.clone(),
+        store_stop.clone(),
+        tasks,
     );
     let readiness = Arc::new(Readiness {
         migrated: false.into(),
@@ -108,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let http_listener = http::bind(config.server.http_listen)
         .await
         .with_context(|| format!("cannot listen on {} (http)", config.server.http_listen))?;
-    let http_task = tokio::spawn(http::serve(
+    tasks.spawn(http::serve(
         http_listener,
         metrics.clone(),
         readiness.clone(),
@@ -127,7 +171,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     // Migrate before accepting agents; wait for Postgres if it is not up yet.
-    let mut delay = Duration::from_millis(500);
+    let mut backoff = Backoff::new(MIGRATE_RETRY_BASE, MIGRATE_RETRY_CAP);
     loop {
         match tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -135,6 +179,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         } {
             Ok(()) => break,
             Err(e) => {
+                let delay = backoff.next();
                 tracing::warn!(
                     retry_in_ms = delay.as_millis() as u64,
                     "database not ready: {e:#}"
@@ -143,7 +188,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -151,13 +195,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some((listener, tls)) = api {
         tracing::info!(addr = %listener.local_addr()?, "serving the operators' api (mTLS, operator certificates only)");
         let (target, shutdown) = (target.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(e) = crate::api::serve(listener, tls, target, shutdown).await {
                 tracing::error!("api server: {e}");
             }
         });
     }
-    tokio::spawn(keep_partitions(
+    tasks.spawn(keep_partitions(
         target.clone(),
         config.database.retention,
         shutdown.clone(),
@@ -171,6 +215,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         crate::controller::RateLimit::default(),
         shutdown.clone(),
+        tasks,
     );
     let service = ingest_route(IngestService {
         store,
@@ -184,6 +229,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         require_identity: tls.is_some(),
         sessions,
         controller,
+        session_tasks: session_tasks.clone(),
     });
 
     // TCP_NODELAY is set by the accept thread (the builder's applies only to its own bind).
@@ -207,16 +253,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let grpc = match tls {
         Some(tls) => {
-            tokio::spawn(tls::watch(tls.clone(), TLS_POLL, shutdown.clone()));
+            tasks.spawn(tls::watch(tls.clone(), TLS_POLL, shutdown.clone()));
             let incoming = tls::incoming(accepted, tls, hello_timeout, shutdown.clone());
             tokio::spawn(builder.serve_with_incoming_shutdown(incoming, signalled))
         }
         None => {
             // Without a handler SIGHUP would kill the process; there is nothing to reload.
             let mut hup = tls::hangups();
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("sighup: insecure mode, no certificates to reload");
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        h = hup.recv() => match h {
+                            Some(()) => tracing::info!("sighup: insecure mode, no certificates to reload"),
+                            None => return,
+                        },
+                    }
                 }
             });
             tokio::spawn(builder.serve_with_incoming_shutdown(accepted, signalled))
@@ -225,9 +278,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     grpc.await
         .context("grpc server task")?
         .context("grpc server")?;
-    shutdown.cancel();
-    let _ = tokio::time::timeout(GRACE, http_task).await;
-    tracing::info!("stopped");
     Ok(())
 }
 
@@ -340,21 +390,6 @@ fn ack_stall() -> Duration {
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(crate::ingest::ACK_STALL, Duration::from_millis)
-}
-
-/// Installs the SIGTERM and SIGINT handlers now, so that a signal arriving during start-up
-/// is handled rather than fatal, and returns a future that resolves on the first of them.
-/// Must be called inside the runtime.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot install the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("cannot install the SIGINT handler");
-    async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,12 @@
 //!   A dead first host does not hide a live second one, and either change (primary gone,
 //!   new primary up) is seen within HEALTH_EVERY + HEALTH_BOUND = 3 s.
 //!
+//! - Shutdown: the writers and the health check run on the caller's `TaskTracker` and stop
+//!   on the store's own token, which `run` cancels only after the gRPC server has drained
+//!   (so every committer has had its last write answered). A writer then finishes the
+//!   group it holds and the jobs still queued, and returns; it is never dropped inside a
+//!   transaction by a clean shutdown.
+//!
 //! Files: `writer.rs` (the writer loop: grouping, retry, reconnect, split on a permanent
 //! error), `results.rs` (the results transaction: watermarks and COPY, where exactly-once
 //! is decided), `quarantine.rs` (isolating refused rows under savepoints), `agents.rs`
@@ -72,6 +78,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::domain::{AgentHello, Batch, BufferState, Rejected, ResultRow};
 use crate::metrics::Metrics;
@@ -83,6 +90,8 @@ use writer::Writer;
 const MAX_ROWS: usize = 50_000;
 /// Jobs waiting for a writer at most (the backpressure bound).
 const QUEUE: usize = 256;
+/// A writer's reconnect delays (jittered, `backoff`).
+const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
 /// Health checks start this often (a round that takes longer delays the next).
 pub const HEALTH_EVERY: Duration = Duration::from_secs(1);
@@ -141,13 +150,16 @@ pub struct Store {
 }
 
 impl Store {
-    /// Starts `writers` writer tasks and a health checker against `target`.
+    /// Starts `writers` writer tasks and a health checker against `target` on `tasks`.
+    /// They run until `stop` is cancelled; the writers then finish what they hold and
+    /// what is queued.
     pub fn start(
         target: &Target,
         writers: usize,
         site_label: String,
         metrics: Arc<Metrics>,
-        shutdown: CancellationToken,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
     ) -> Store {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
@@ -163,14 +175,14 @@ impl Store {
                 site_label: site_label.clone(),
                 stale: AtomicBool::new(false),
             };
-            tokio::spawn(writer.run(shutdown.clone()));
+            tasks.spawn(writer.run(stop.clone()));
         }
-        tokio::spawn(health(
+        tasks.spawn(health(
             target.clone(),
             ready.clone(),
             primary.clone(),
             metrics,
-            shutdown,
+            stop,
         ));
         Store {
             jobs: tx,

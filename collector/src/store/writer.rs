@@ -4,6 +4,7 @@
 use super::agents::*;
 use super::results::*;
 use super::*;
+use crate::backoff::Backoff;
 use crate::pg::{classify, is_read_only, ErrorClass};
 
 pub(super) struct Writer {
@@ -17,22 +18,23 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) async fn run(self, shutdown: CancellationToken) {
-        let mut attempt = 0u32;
+    /// Until `stop`: connect (with backoff), then take groups and write them. After
+    /// `stop`, the group in hand is finished (never cut inside its transaction) and the
+    /// jobs still queued are written too, then the writer returns.
+    pub(super) async fn run(self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
         loop {
             let client = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 c = self.target.connect() => c,
             };
             let mut client = match client {
                 Ok(c) => {
-                    attempt = 0;
+                    backoff.reset();
                     c
                 }
                 Err(e) => {
-                    let delay =
-                        Duration::from_millis(200 * (1 << attempt.min(6))).min(RECONNECT_CAP);
-                    attempt += 1;
+                    let delay = backoff.next();
                     tracing::warn!(
                         writer = self.id,
                         retry_in_ms = delay.as_millis() as u64,
@@ -40,16 +42,17 @@ impl Writer {
                         describe(&e)
                     );
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(delay) => continue,
                     }
                 }
             };
             loop {
-                let Some(group) = (tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                let group = tokio::select! {
+                    _ = stop.cancelled() => self.queued_group().await,
                     g = self.next_group() => g,
-                }) else {
+                };
+                let Some(group) = group else {
                     return;
                 };
                 self.process(&mut client, group).await;
@@ -62,22 +65,19 @@ impl Writer {
         }
     }
 
+    /// After `stop`: what is queued now, without waiting for more; `None` when the queue
+    /// is empty.
+    async fn queued_group(&self) -> Option<Vec<Job>> {
+        let mut rx = self.jobs.lock().await;
+        let first = rx.try_recv().ok()?;
+        Some(fill_group(&mut rx, first))
+    }
+
     /// Waits for one job, then takes whatever else is queued up to `MAX_ROWS` rows.
     pub(super) async fn next_group(&self) -> Option<Vec<Job>> {
         let mut rx = self.jobs.lock().await;
         let first = rx.recv().await?;
-        let mut rows = job_rows(&first);
-        let mut group = vec![first];
-        while rows < MAX_ROWS {
-            match rx.try_recv() {
-                Ok(job) => {
-                    rows += job_rows(&job);
-                    group.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        Some(group)
+        Some(fill_group(&mut rx, first))
     }
 
     /// Logs and counts a database error; returns its class.
@@ -330,6 +330,22 @@ impl Writer {
             .filter(|r| !outcome.skipped.contains(&r.seq));
         m.observe_results(new, &self.site_label);
     }
+}
+
+/// `first` and whatever else is queued behind it, up to `MAX_ROWS` rows.
+fn fill_group(rx: &mut mpsc::Receiver<Job>, first: Job) -> Vec<Job> {
+    let mut rows = job_rows(&first);
+    let mut group = vec![first];
+    while rows < MAX_ROWS {
+        match rx.try_recv() {
+            Ok(job) => {
+                rows += job_rows(&job);
+                group.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    group
 }
 
 pub(super) fn job_rows(job: &Job) -> usize {

@@ -15,6 +15,7 @@ mod fleet_push;
 mod never_stall;
 mod pg_tls;
 mod security;
+mod shutdown;
 mod spine;
 mod store_errors;
 mod storm;

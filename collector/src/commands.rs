@@ -1,0 +1,285 @@
+//! The collector's command line: the clap definitions of every command, and the one-shot
+//! commands `check`, `migrate`, `ca` and `cert` (`run` is `run.rs`; `tests` and `run-now`,
+//! the operator commands, are `cli.rs`).
+//!
+//! Each command returns `Result<ExitCode, Failure>`; `main` prints a failure and maps it
+//! to the exit code (2 usage or configuration, 1 runtime). Messages are final here: main
+//! adds nothing to them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+use crate::{ca, cli, pg, run, schema};
+
+/// Why a command failed, and so its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad configuration, file, request or usage: exit 2, the message on stderr.
+    Usage(String),
+    /// The command could not do its work: exit 1, the message on stderr.
+    Runtime(String),
+    /// `run` stopped on an error: exit 1, the error logged (the collector's log is its
+    /// tracing output, read by journald).
+    Run(anyhow::Error),
+}
+
+/// Receives results from edgeprobe agents over gRPC, writes them to PostgreSQL and
+/// exposes fleet metrics to Prometheus.
+#[derive(Parser)]
+#[command(name = "edgeprobe-collector", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Check a configuration file; exit 0, or exit 2 with file:line:col and the reason.
+    Check {
+        #[arg(long, short, default_value = "/etc/edgeprobe/collector.toml")]
+        config: PathBuf,
+    },
+    /// Run the collector.
+    Run(RunArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(MigrateArgs),
+    /// The fleet certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificates signed by the fleet CA.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Fleet tests: tests kept in PostgreSQL, versioned, pushed to every connected agent
+    /// they select (agents that speak "fleet-tests"), beside the agents' own tests.
+    Tests {
+        #[command(flatten)]
+        db: cli::DbArgs,
+        #[command(subcommand)]
+        command: cli::TestsCommand,
+    },
+    /// Run a test now on some agents and print their results as they land. Exit 0 when
+    /// every agent reached returned a result, 1 otherwise, 2 for a bad request.
+    RunNow(cli::RunNowArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Collector configuration (TOML). Without it, defaults plus the flags below.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL (overrides the file; else EDGEPROBE_DATABASE_URL or DATABASE_URL).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// gRPC listen address (default 0.0.0.0:7443).
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// HTTP listen address for /metrics, /healthz, /readyz (default 127.0.0.1:9464).
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+}
+
+#[derive(clap::Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL URL (else EDGEPROBE_DATABASE_URL or DATABASE_URL).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Also drop daily partitions older than this (e.g. 90d). Without it, partitions are
+    /// only created, never dropped.
+    #[arg(long, value_parser = parse_retention)]
+    pub retention: Option<std::time::Duration>,
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create a CA (ca.pem, ca.key with mode 0600) in DIR; never overwrites one.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertCommand {
+    /// Issue an agent certificate (client auth, CN = ID), with --server a collector
+    /// certificate (server auth, SANs = ID and every --san), or with --operator an operator
+    /// certificate for the HTTP API (client auth, CN = NAME, URI SAN
+    /// urn:edgeprobe:operator:NAME). Writes OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The agent id, or the collector's DNS name.
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        name: Option<String>,
+        /// An operator certificate for the HTTP API, named NAME (recorded as who made each
+        /// change); agents' certificates never carry the operator role.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["server", "sans"])]
+        operator: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        /// A collector (server) certificate instead of an agent (client) one.
+        #[arg(long)]
+        server: bool,
+        /// Another DNS name or IP address of the collector (repeatable; --server only).
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = ca::LEAF_DAYS)]
+        days: i64,
+        /// Replace existing files (atomically).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_retention(s: &str) -> Result<std::time::Duration, String> {
+    config::parse_retention(s)
+}
+
+impl RunArgs {
+    /// The configuration `run` starts with: the file (or the defaults) with the flags and
+    /// the environment applied, checked.
+    pub fn config(self) -> Result<Config, Failure> {
+        Config::load(self.config.as_deref())
+            .and_then(|c| c.finish(self.database_url, self.grpc_listen, self.http_listen))
+            .map_err(|e| Failure::Usage(e.to_string()))
+    }
+}
+
+/// `check`: the file parses, the TLS files it names exist, and the database URL that
+/// `run` would use (the file's, else the environment's) has valid TLS settings.
+pub fn check(path: &Path) -> Result<ExitCode, Failure> {
+    let c = Config::load(Some(path)).map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut missing = Vec::new();
+    if !c.server.insecure {
+        for p in [&c.server.tls_cert, &c.server.tls_key, &c.server.client_ca] {
+            match p {
+                Some(p) if std::fs::metadata(p).is_err() => missing.push(p.display().to_string()),
+                None => missing.push("(not set)".into()),
+                _ => {}
+            }
+        }
+    }
+    // The database URL's TLS settings and files, as `run` and `migrate` read them: the
+    // file's URL, else the environment's (the unit's EnvironmentFile).
+    let url = match config::database_url(None, c.database.url.clone()) {
+        Some((from, url)) => match pg::Target::parse(&url) {
+            Ok(target) => format!("from {from}, sslmode={}", target.mode().name()),
+            Err(e) => {
+                return Err(Failure::Usage(format!(
+                    "{}: {e} (url from {from})",
+                    path.display()
+                )))
+            }
+        },
+        None => "from --database-url or the environment".to_string(),
+    };
+    if missing.is_empty() {
+        println!("{}: ok (database url {url})", path.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(Failure::Usage(format!(
+            "{}: TLS files missing or unreadable: {}",
+            path.display(),
+            missing.join(", ")
+        )))
+    }
+}
+
+/// `migrate`: applies pending migrations and keeps partitions once.
+pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Failure> {
+    let Some((_, url)) = config::database_url(args.database_url, None) else {
+        return Err(Failure::Usage(
+            "no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL"
+                .into(),
+        ));
+    };
+    let target = pg::Target::parse(&url).map_err(|e| Failure::Usage(format!("migrate: {e}")))?;
+    let applied = run::migrate_once(&target, args.retention)
+        .await
+        .map_err(|e| Failure::Runtime(format!("migrate: {e:#}")))?;
+    println!(
+        "schema at version {} (applied now: {:?})",
+        schema::latest_version(),
+        applied
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ca_failure(e: ca::CaError) -> Failure {
+    let message = format!("error: {e}");
+    if e.is_usage() {
+        Failure::Usage(message)
+    } else {
+        Failure::Runtime(message)
+    }
+}
+
+/// `ca init`.
+pub fn ca(command: CaCommand) -> Result<ExitCode, Failure> {
+    match command {
+        CaCommand::Init { dir } => {
+            let w = ca::init(&dir).map_err(ca_failure)?;
+            println!(
+                "CA certificate {} (valid until {})\nCA key {} (mode 0600: keep it off the collector if you can)",
+                w.cert.display(),
+                w.not_after.date(),
+                w.key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `cert issue`.
+pub fn cert(command: CertCommand) -> Result<ExitCode, Failure> {
+    match command {
+        CertCommand::Issue {
+            ca,
+            name,
+            operator,
+            out,
+            server,
+            sans,
+            days,
+            force,
+        } => {
+            let (name, role) = match (operator, server) {
+                (Some(op), _) => (op, ca::Role::Operator),
+                (None, true) => (name.unwrap_or_default(), ca::Role::Server),
+                (None, false) => (name.unwrap_or_default(), ca::Role::Agent),
+            };
+            let req = ca::IssueRequest {
+                ca_dir: ca,
+                name,
+                out,
+                role,
+                sans,
+                days,
+                force,
+            };
+            let w = ca::issue(&req).map_err(ca_failure)?;
+            println!(
+                "{} certificate {} and key {} for `{}` (valid until {})",
+                req.role.describe(),
+                w.cert.display(),
+                w.key.display(),
+                req.name,
+                w.not_after.date()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
