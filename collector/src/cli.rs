@@ -13,11 +13,22 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use tokio_postgres::Client;
 
-use crate::commands::Failure;
 use crate::config::{self, Config};
 use crate::fleet::{self, Change, FleetError, Selection};
 use crate::pg;
 use crate::runs::{self, RunRequest, RunResult, RunTest};
+
+/// Why a command failed, and so its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad configuration, file, request or usage: exit 2, the message on stderr.
+    Usage(String),
+    /// The command could not do its work: exit 1, the message on stderr.
+    Runtime(String),
+    /// `run` stopped on an error: exit 1, the error logged (the collector's log is its
+    /// tracing output, read by journald).
+    Run(anyhow::Error),
+}
 
 /// How often run-now reads the run's state.
 const POLL_EVERY: Duration = Duration::from_millis(100);

@@ -15,17 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, Config};
 use crate::{ca, cli, pg, run, schema};
 
-/// Why a command failed, and so its exit code.
-#[derive(Debug)]
-pub enum Failure {
-    /// Bad configuration, file, request or usage: exit 2, the message on stderr.
-    Usage(String),
-    /// The command could not do its work: exit 1, the message on stderr.
-    Runtime(String),
-    /// `run` stopped on an error: exit 1, the error logged (the collector's log is its
-    /// tracing output, read by journald).
-    Run(anyhow::Error),
-}
+pub use crate::cli::Failure;
 
 /// Receives results from edgeprobe agents over gRPC, writes them to PostgreSQL and
 /// exposes fleet metrics to Prometheus.
