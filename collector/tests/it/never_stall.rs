@@ -367,16 +367,17 @@ fn sigkill_during_renumbering_loses_and_duplicates_nothing() {
     let state = state_dir(&agent);
     let snapshot = dir.path().join("snapshot-copy");
     copy_dir(&state, &snapshot);
-    // Life 2 goes on past the snapshot.
+    // Life 2 goes on past the snapshot (twice as long as life 3 below, so the restored
+    // buffer stays behind however fast this machine records).
     agent.start();
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(6));
     assert_eq!(agent.stop(), Some(0));
     let committed = drain(&mut agent, &db, id);
     // The snapshot is restored; the restored host records while the collector is away.
     collector.proc.stop();
     copy_dir(&snapshot, &state);
     agent.start();
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.stop(), Some(0));
     let pending = agent.last_seq() - snapshot_seq;
     assert!(
@@ -423,7 +424,9 @@ fn sigkill_during_time_correction_loses_and_duplicates_nothing() {
     );
     collector.proc.stop();
     start_with(&mut agent, &faketime("2019-06-01 12:00:00"));
-    std::thread::sleep(Duration::from_secs(2));
+    // Over 300 results (three chunks of the slowed correction below) even on a loaded
+    // machine: 2 s gave 282 while other tests ran.
+    std::thread::sleep(Duration::from_secs(4));
     assert_eq!(agent.stop(), Some(0));
     let recorded = agent.last_seq();
     assert!(
