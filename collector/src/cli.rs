@@ -184,10 +184,13 @@ async fn connect(db: &DbArgs) -> Result<Client, Failure> {
         )
     })?;
     let target = pg::Target::parse(&url).map_err(|e| Failure::Usage(e.to_string()))?;
-    target
-        .connect()
-        .await
-        .map_err(|e| Failure::Runtime(format!("error: cannot connect to postgres: {e}")))
+    target.connect().await.map_err(|e| {
+        // `tokio_postgres::Error` alone displays as the bare "db error".
+        Failure::Runtime(format!(
+            "error: cannot connect to postgres: {}",
+            pg::describe(&e)
+        ))
+    })
 }
 
 fn read_file(path: &std::path::Path) -> Result<String, Failure> {

@@ -11,7 +11,7 @@
 //! is stored an agent accepts, bar its own local names and label bound. A version whose
 //! push to a known agent would pass `bounds::MAX_PUSH_BYTES`, or give it more than
 //! `bounds::MAX_AGENT_TESTS` tests, is refused (apply, diff and rollback alike): the
-//! collector would not send it and the agent would not take it.
+//! collector would not send it (bytes) or the agent would refuse it (tests).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -470,8 +470,13 @@ impl Over {
                 bounds::MAX_AGENT_TESTS
             )
         };
+        let fate = if self.bytes > bounds::MAX_PUSH_BYTES {
+            "the collector would not send it"
+        } else {
+            "the agent would refuse it"
+        };
         FleetError::Invalid(format!(
-            "{location}: {what}{more}; the collector would not send it and the agent would not take it: narrow the selections or split the tests across agents"
+            "{location}: {what}{more}; {fate}: narrow the selections or split the tests across agents"
         ))
     }
 }

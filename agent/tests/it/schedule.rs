@@ -366,7 +366,10 @@ timezone = "Mars/Olympus"
 fn check_refuses_a_schedule_that_can_never_fire() {
     let dir = tempfile::tempdir().unwrap();
     for (cron, why) in [
-        ("0 0 6 31 4,6,9,11 *", "can never fire: no date matches it"),
+        (
+            "0 0 6 31 4,6,9,11 *",
+            "can never fire: no date in the calendar matches all its fields",
+        ),
         (
             "0 0 0 1 1 * 2019",
             "never fires again: its last time was 2019-01-01 00:00:00 UTC",

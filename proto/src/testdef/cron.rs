@@ -117,13 +117,12 @@ impl CronSchedule {
             .flatten();
         Err(match before {
             Some(last) => format!(
-                "schedule `{}` never fires again: its last time was {} (a year in the past)",
+                "schedule `{}` never fires again: its last time was {} (its year field allows no later one)",
                 self.text,
                 last.format("%Y-%m-%d %H:%M:%S %Z")
             ),
             None => format!(
-                "schedule `{}` can never fire: no date matches it (e.g. the 31st of a 30-day \
-                 month, 30 February, or 29 February of a year that is not a leap year)",
+                "schedule `{}` can never fire: no date in the calendar matches all its fields",
                 self.text
             ),
         })
