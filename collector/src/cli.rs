@@ -135,7 +135,7 @@ pub struct RunNowArgs {
     #[arg(long)]
     json: bool,
     /// How long to wait for results (default 30s; a speed test 2 x duration + 30s).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = edgeprobe_proto::testdef::parse_duration)]
     timeout: Option<std::time::Duration>,
 }
 

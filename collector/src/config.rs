@@ -5,10 +5,10 @@
 //! database URL is never printed (it may carry a password).
 
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use edgeprobe_proto::testdef::line_col;
 use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,7 +162,7 @@ impl Config {
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
-            let (line, col) = line_col(text, e.span().unwrap_or(0..0));
+            let (line, col) = line_col(text, e.span().map_or(0, |s| s.start));
             ConfigError::Invalid {
                 path: origin.to_string(),
                 line,
@@ -273,18 +273,6 @@ pub fn database_url(flag: Option<String>, file: Option<String>) -> Option<(UrlSo
                 .into_iter()
                 .find_map(|v| std::env::var(v).ok().map(|url| (UrlSource::Env(v), url)))
         })
-}
-
-fn line_col(text: &str, span: Range<usize>) -> (usize, usize) {
-    let mut offset = span.start.min(text.len());
-    // A span inside a multi-byte char would panic the slice below.
-    while !text.is_char_boundary(offset) {
-        offset -= 1;
-    }
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, text[line_start..offset].chars().count() + 1)
 }
 
 /// The shortest retention accepted: partitions are whole UTC days, so anything shorter
@@ -474,8 +462,8 @@ mod proptests {
         }
 
         #[test]
-        fn line_col_takes_any_span(text in "(?s).{0,64}", start in 0usize..80, len in 0usize..8) {
-            let (line, col) = line_col(&text, start..start + len);
+        fn line_col_takes_any_span(text in "(?s).{0,64}", start in 0usize..80) {
+            let (line, col) = line_col(&text, start);
             prop_assert!(line >= 1 && col >= 1);
         }
     }
