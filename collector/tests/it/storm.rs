@@ -68,7 +68,7 @@ async fn session(
         .await?;
     let mut client = IngestClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
-    tx.send(message(pb::agent_message::Msg::Hello(pb::Hello {
+    tx.send(agent_msg(pb::agent_message::Msg::Hello(pb::Hello {
         agent_id: id.to_string(),
         version: "storm-test".into(),
         incarnation: "storm".into(),
@@ -93,7 +93,7 @@ async fn session(
     loop {
         if recording.load(Ordering::Relaxed) {
             *seq += 1;
-            pending.push_back(result(id, *seq));
+            pending.push_back(http_result(id, *seq, now_nanos()));
             seen.last_seq.store(*seq, Ordering::Relaxed);
         } else if pending.is_empty() {
             return Ok(());
@@ -106,7 +106,7 @@ async fn session(
             .collect();
         if let Some(last) = batch.last().map(|r| r.seq) {
             last_sent = last;
-            tx.send(message(pb::agent_message::Msg::Batch(pb::ResultBatch {
+            tx.send(agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
                 results: batch,
             })))
             .await?;
@@ -125,31 +125,6 @@ async fn session(
                 None => anyhow::bail!("the collector closed the stream"),
             },
         }
-    }
-}
-
-fn message(msg: pb::agent_message::Msg) -> pb::AgentMessage {
-    pb::AgentMessage { msg: Some(msg) }
-}
-
-fn result(agent: &str, seq: u64) -> pb::Result {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    pb::Result {
-        agent_id: agent.to_string(),
-        seq,
-        test: "web".into(),
-        kind: pb::Kind::Tcp as i32,
-        target: "127.0.0.1:80".into(),
-        started_at_unix_nanos: now.as_nanos() as i64,
-        duration_seconds: 0.001,
-        success: true,
-        fields: Some(pb::result::Fields::Tcp(pb::TcpFields {
-            connect_seconds: Some(0.001),
-            ..Default::default()
-        })),
-        ..Default::default()
     }
 }
 
