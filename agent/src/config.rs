@@ -599,7 +599,14 @@ every = "30s"
         let berlin: BTreeMap<_, _> = [("site".to_string(), "berlin".to_string())].into();
         let paris: BTreeMap<_, _> = [("site".to_string(), "paris".to_string())].into();
         let names = |id: &str, labels: &BTreeMap<String, String>| {
-            let pushed = f.tests_toml_for(id, labels);
+            // As the collector builds a push: the selected blocks, joined.
+            let pushed = f
+                .tests
+                .iter()
+                .filter(|t| t.selects(id, labels))
+                .map(|t| t.spec_toml.as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
             let agent = Config::parse(&format!("[collector]\nendpoints = [\"http://c:1\"]\ninsecure = true\n[agent]\nid = \"{id}\"\n"), "a").unwrap();
             parse_pushed_tests(&pushed, "pushed", &agent)
                 .unwrap()

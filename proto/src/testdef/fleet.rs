@@ -115,16 +115,6 @@ impl FleetFile {
         }
         Ok(FleetFile { tests })
     }
-
-    /// The tests that run on agent `agent_id` with `labels`, as the `tests_toml` of a push.
-    pub fn tests_toml_for(&self, agent_id: &str, labels: &BTreeMap<String, String>) -> String {
-        self.tests
-            .iter()
-            .filter(|t| t.selects(agent_id, labels))
-            .map(|t| t.spec_toml.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
 }
 
 /// Parses one ad-hoc `[[test]]` block for run-now: name, kind, target, options and labels,
