@@ -428,8 +428,8 @@ pub fn check_test(
     Ok(())
 }
 
-/// The value ranges of a path test's options.
-fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
+/// The value ranges of a path test's options (`name` is the test's, for the message).
+pub fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
     if let Some(hops) = o.max_hops {
         if hops == 0 || hops as usize > bounds::MAX_PATH_HOPS {
             return Err(format!(
