@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use edgeprobe_agent::buffer::{Buffer, BufferError};
 use edgeprobe_agent::config::{Config, Kind, TestOptions};
-use edgeprobe_proto::testdef::PathProtocol;
 use edgeprobe_agent::probe::{self, ProbeSpec};
 use edgeprobe_agent::{fleet, report, run, target};
+use edgeprobe_proto::testdef::PathProtocol;
 
 /// Writes `text` to stdout, ignoring a closed pipe.
 fn out(text: &str) {

@@ -308,7 +308,12 @@ fn fail(slots: &mut [Slot], seq: u16) {
 
 /// An ICMP destination-unreachable about our request, in the same words whichever socket
 /// saw it.
-pub(super) fn unreachable_error(router: Option<IpAddr>, target: IpAddr, v6: bool, code: u8) -> ProbeError {
+pub(super) fn unreachable_error(
+    router: Option<IpAddr>,
+    target: IpAddr,
+    v6: bool,
+    code: u8,
+) -> ProbeError {
     let router = router.map_or_else(|| "the network".to_string(), |r| r.to_string());
     ProbeError::new(
         ErrorClass::Unreachable,

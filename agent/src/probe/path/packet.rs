@@ -271,7 +271,11 @@ fn quoted(packet: &[u8], v6: bool) -> Option<(u8, IpAddr, &[u8])> {
             return None;
         }
         let dest: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
-        Some((packet[6], IpAddr::V6(Ipv6Addr::from(dest)), packet.get(40..)?))
+        Some((
+            packet[6],
+            IpAddr::V6(Ipv6Addr::from(dest)),
+            packet.get(40..)?,
+        ))
     } else {
         let first = *packet.first()?;
         if first >> 4 != 4 {
@@ -439,9 +443,17 @@ mod tests {
         let short = &packet[..20 + 8 + 20 + 8];
         assert_eq!(parse_raw_icmp(short, router, &f).map(|h| h.seq), Some(513));
         let other = Flow { ident: 9, ..f };
-        assert_eq!(parse_raw_icmp(&packet, router, &other), None, "other pinger");
+        assert_eq!(
+            parse_raw_icmp(&packet, router, &other),
+            None,
+            "other pinger"
+        );
         let elsewhere = flow(PathProtocol::Icmp, "192.0.2.10");
-        assert_eq!(parse_raw_icmp(&packet, router, &elsewhere), None, "other target");
+        assert_eq!(
+            parse_raw_icmp(&packet, router, &elsewhere),
+            None,
+            "other target"
+        );
     }
 
     #[test]
@@ -454,9 +466,19 @@ mod tests {
             parse_raw_icmp(&reply, dest, &f).map(|h| (h.seq, h.answer)),
             Some((4, Answer::Reached))
         );
-        assert_eq!(parse_raw_icmp(&reply, "2001:db8::1".parse().unwrap(), &f), None);
-        let ping = Flow { raw: false, ident: 77, ..f };
-        assert_eq!(parse_ping_reply(&reply, dest, &ping).map(|h| h.seq), Some(4));
+        assert_eq!(
+            parse_raw_icmp(&reply, "2001:db8::1".parse().unwrap(), &f),
+            None
+        );
+        let ping = Flow {
+            raw: false,
+            ident: 77,
+            ..f
+        };
+        assert_eq!(
+            parse_ping_reply(&reply, dest, &ping).map(|h| h.seq),
+            Some(4)
+        );
     }
 
     #[test]

@@ -422,22 +422,23 @@ impl Session {
         let mut heard = Vec::new();
         {
             let flow = &self.flow;
-            let mut read_all = |socket: &UdpSocket, parse: &dyn Fn(&[u8], IpAddr) -> Option<Heard>| {
-                // Bounded: a flood of foreign ICMP must not keep the loop here.
-                for _ in 0..256 {
-                    match socket.recv_from(buf) {
-                        Ok((n, from)) => {
-                            let at = Instant::now();
-                            if let Some(h) = parse(&buf[..n], from.ip()) {
-                                heard.push((h, at));
+            let mut read_all =
+                |socket: &UdpSocket, parse: &dyn Fn(&[u8], IpAddr) -> Option<Heard>| {
+                    // Bounded: a flood of foreign ICMP must not keep the loop here.
+                    for _ in 0..256 {
+                        match socket.recv_from(buf) {
+                            Ok((n, from)) => {
+                                let at = Instant::now();
+                                if let Some(h) = parse(&buf[..n], from.ip()) {
+                                    heard.push((h, at));
+                                }
                             }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            // A pending socket error: the details are in the error queue.
+                            Err(_) => continue,
                         }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        // A pending socket error: the details are in the error queue.
-                        Err(_) => continue,
                     }
-                }
-            };
+                };
             match &self.sockets {
                 Sockets::Icmp { socket, mode } => {
                     if *mode == Mode::Raw {
@@ -496,11 +497,17 @@ impl Session {
             hop.lost();
             return;
         }
-        hop.answered(heard.from, secs(at.saturating_duration_since(probe.sent_at)));
+        hop.answered(
+            heard.from,
+            secs(at.saturating_duration_since(probe.sent_at)),
+        );
         match heard.answer {
             Answer::TimeExceeded => {}
             Answer::Reached => {
-                let lowest = self.tally.reached_at.map_or(probe.ttl, |t| t.min(probe.ttl));
+                let lowest = self
+                    .tally
+                    .reached_at
+                    .map_or(probe.ttl, |t| t.min(probe.ttl));
                 self.tally.reached_at = Some(lowest);
             }
             Answer::Unreachable(code) => {
@@ -533,10 +540,7 @@ fn connected_udp(dest: SocketAddr) -> Result<UdpSocket, ProbeError> {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let socket = UdpSocket::bind(any).map_err(|e| {
-        ProbeError::new(
-            ErrorClass::Local,
-            format!("cannot open a UDP socket: {e}"),
-        )
+        ProbeError::new(ErrorClass::Local, format!("cannot open a UDP socket: {e}"))
     })?;
     socket.connect(dest).map_err(|e| {
         let class = match e.kind() {

@@ -219,7 +219,9 @@ mod tests {
     #[test]
     fn addresses_most_frequent_first_ties_first_seen() {
         let mut h = HopStats::default();
-        for a in ["10.0.0.2", "10.0.0.3", "10.0.0.3", "10.0.0.4", "10.0.0.2", "10.0.0.3"] {
+        for a in [
+            "10.0.0.2", "10.0.0.3", "10.0.0.3", "10.0.0.4", "10.0.0.2", "10.0.0.3",
+        ] {
             h.answered(ip(a), 0.001);
         }
         h.answered(ip("10.0.0.5"), 0.001);
@@ -274,11 +276,7 @@ mod tests {
 
         // One probe of ten lost at hop 1 is chance; a silent hop before answering ones is
         // not path loss.
-        let mut hops = vec![
-            hop_with(1, 10, 9),
-            hop_with(2, 10, 0),
-            hop_with(3, 10, 10),
-        ];
+        let mut hops = vec![hop_with(1, 10, 9), hop_with(2, 10, 0), hop_with(3, 10, 10)];
         mark_rate_limited(&mut hops);
         let marks: Vec<bool> = hops.iter().map(|h| h.rate_limited).collect();
         assert_eq!(marks, [false, true, false]);
@@ -289,17 +287,28 @@ mod tests {
         let hops = vec![hop_with(1, 10, 10), hop_with(2, 10, 0), hop_with(3, 10, 10)];
         // FNV-1a 64 of "1=10.0.1.1;2=*;3=10.0.3.1;", fixed forever: a change here
         // breaks path-change detection across agent versions.
-        assert_eq!(path_id(&hops), format!("{:016x}", fnv1a64(b"1=10.0.1.1;2=*;3=10.0.3.1;")));
+        assert_eq!(
+            path_id(&hops),
+            format!("{:016x}", fnv1a64(b"1=10.0.1.1;2=*;3=10.0.3.1;"))
+        );
         assert_eq!(path_id(&hops), "870826a02039bba3");
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c, "the published FNV-1a test vector");
+        assert_eq!(
+            fnv1a64(b"a"),
+            0xaf63_dc4c_8601_ec8c,
+            "the published FNV-1a test vector"
+        );
         let mut other = hops.clone();
         other[2].address = Some("10.0.9.1".into());
         assert_ne!(path_id(&hops), path_id(&other));
         let mut same = hops.clone();
         same[0].sent = 3;
         same[0].rtt_avg_seconds = Some(1.0);
-        assert_eq!(path_id(&hops), path_id(&same), "only addresses by TTL count");
+        assert_eq!(
+            path_id(&hops),
+            path_id(&same),
+            "only addresses by TTL count"
+        );
         assert_eq!(path_id(&[]), "");
     }
 }

@@ -32,7 +32,11 @@ pub fn render(target: &str, fields: &PathFields, error: Option<&ProbeError>) -> 
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.2}", s * 1e3));
     for hop in &fields.hops {
         let loss = hop.loss_ratio.map_or("-".to_string(), |l| {
-            format!("{:.1}%{}", l * 100.0, if hop.rate_limited { "!" } else { "" })
+            format!(
+                "{:.1}%{}",
+                l * 100.0,
+                if hop.rate_limited { "!" } else { "" }
+            )
         });
         out.push_str(&format!(
             "{:>3}. {:<width$}  {:>7} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8}\n",
