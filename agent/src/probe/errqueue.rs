@@ -19,6 +19,10 @@ const ORIGIN_ICMP6: u8 = 3;
 const UNREACHABLE_V4: u8 = 3;
 const UNREACHABLE_V6: u8 = 1;
 
+/// What a `sock_extended_err` says: the ICMP type and code (when the network sent the
+/// error) and who sent it.
+pub type Extended = (Option<(u8, u8)>, Option<IpAddr>);
+
 /// One ICMP error from the queue.
 #[derive(Debug, PartialEq)]
 pub struct Queued {
@@ -108,7 +112,7 @@ pub fn read(socket: &impl AsRawFd, v6: bool) -> Option<Queued> {
 
 /// The `sock_extended_err` in the control messages: the ICMP type and code (if the
 /// network sent it) and the offender's address.
-pub fn extended_error(control: &[u8], v6: bool) -> Option<(Option<(u8, u8)>, Option<IpAddr>)> {
+pub fn extended_error(control: &[u8], v6: bool) -> Option<Extended> {
     let (level, kind) = if v6 {
         (libc::SOL_IPV6, libc::IPV6_RECVERR)
     } else {
@@ -134,7 +138,7 @@ pub fn extended_error(control: &[u8], v6: bool) -> Option<(Option<(u8, u8)>, Opt
 
 /// `struct sock_extended_err` (errno u32, origin, type, code, pad, info u32, data u32)
 /// followed by the offender's `sockaddr_in`/`sockaddr_in6`.
-fn sock_extended_err(ee: &[u8], v6: bool) -> (Option<(u8, u8)>, Option<IpAddr>) {
+fn sock_extended_err(ee: &[u8], v6: bool) -> Extended {
     let (origin, kind, code) = match ee.get(4..7) {
         Some(&[origin, kind, code]) => (origin, kind, code),
         _ => return (None, None),

@@ -24,7 +24,7 @@ fn addresses(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn hop<'a>(v: &'a Value, ttl: usize) -> &'a Value {
+fn hop(v: &Value, ttl: usize) -> &Value {
     &v["hops"][ttl - 1]
 }
 

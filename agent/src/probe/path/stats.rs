@@ -91,7 +91,7 @@ impl HopStats {
     pub fn ranked(&self) -> Vec<IpAddr> {
         let mut ranked = self.addresses.clone();
         // A stable sort keeps first-seen order among equal counts.
-        ranked.sort_by(|a, b| b.1.cmp(&a.1));
+        ranked.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
         ranked.into_iter().map(|(a, _)| a).collect()
     }
 
