@@ -114,6 +114,36 @@ fn path_udp_unprivileged_v6_hops_equal_mtrs() {
     hop_addresses_equal_mtrs(true, "udp");
 }
 
+/// Without CAP_NET_RAW, icmp runs on a ping socket (inside ping_group_range; routers'
+/// errors from its error queue) and finds the same hops; tcp says what it needs.
+#[test]
+fn path_icmp_on_a_ping_socket_unprivileged() {
+    let Some(chain) = Chain::build() else { return };
+    chain.exec(
+        SOURCE,
+        "sysctl",
+        &["-qw", "net.ipv4.ping_group_range=0 2147483647"],
+    );
+    for ipv6 in [false, true] {
+        let (v, code) = chain.probe(
+            Some("nobody"),
+            &chain.dest(ipv6),
+            &["--count", "3", "--interval", "100ms"],
+        );
+        assert_eq!(code, 0, "{v}");
+        assert_eq!(addresses(&v), chain.hops(ipv6), "{v}");
+        assert_eq!(f64_of(&v, "path_loss_ratio"), 0.0, "{v}");
+    }
+    let (v, code) = chain.probe(Some("nobody"), &chain.dest(false), &["--protocol", "tcp"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(class(&v), "local", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("CAP_NET_RAW") && message.contains("udp"),
+        "{message}"
+    );
+}
+
 #[test]
 fn path_tcp_syn_reaches_a_closed_port() {
     let Some(chain) = Chain::build() else { return };

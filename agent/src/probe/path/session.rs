@@ -418,7 +418,6 @@ impl Session {
 
     /// Reads every datagram waiting, without blocking.
     fn receive_now(&mut self, buf: &mut [u8]) {
-        let v6 = self.dest.is_ipv6();
         let mut heard = Vec::new();
         {
             let flow = &self.flow;
@@ -457,7 +456,6 @@ impl Session {
                 }
             }
         }
-        let _ = v6;
         for (h, at) in heard {
             self.apply(h, at);
         }
