@@ -357,11 +357,13 @@ impl Session {
             match result {
                 Ok(_) => return Ok(()),
                 Err(e) if !retried && self.has_errqueue() => {
+                    // An error queued between the drain and the send (it may be about a
+                    // probe long given up): read it and send again; with nothing queued
+                    // the send itself failed.
                     retried = true;
-                    let before = self.outstanding.len();
-                    self.drain_errqueue();
+                    let drained = self.drain_errqueue();
                     self.receive_now(buf);
-                    if self.outstanding.len() == before && e.kind() != ErrorKind::WouldBlock {
+                    if drained == 0 {
                         return Err(e);
                     }
                 }
@@ -461,20 +463,22 @@ impl Session {
         }
     }
 
-    /// Reads the error queue of a ping or UDP socket.
-    fn drain_errqueue(&mut self) {
+    /// Reads the error queue of a ping or UDP socket; returns how many errors it held.
+    fn drain_errqueue(&mut self) -> usize {
         if !self.has_errqueue() {
-            return;
+            return 0;
         }
         let v6 = self.dest.is_ipv6();
         let mut heard = Vec::new();
+        let mut queued = 0;
         if let Sockets::Icmp { socket, .. } | Sockets::Udp { socket } = &self.sockets {
             for _ in 0..256 {
-                let Some(queued) = errqueue::read(socket, v6) else {
+                let Some(error) = errqueue::read(socket, v6) else {
                     break;
                 };
+                queued += 1;
                 let at = Instant::now();
-                if let Some(h) = packet::parse_queued(&queued, &self.flow) {
+                if let Some(h) = packet::parse_queued(&error, &self.flow) {
                     heard.push((h, at));
                 }
             }
@@ -482,6 +486,7 @@ impl Session {
         for (h, at) in heard {
             self.apply(h, at);
         }
+        queued
     }
 
     /// Counts an answer for the probe it is about (a duplicate, or one past its
