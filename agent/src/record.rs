@@ -150,6 +150,37 @@ fn fields_to_wire(fields: &Fields) -> pb::result::Fields {
             answers: d.answers,
             rcode: fit_rcode(&d.rcode),
         }),
+        Fields::Path(p) => F::Path(pb::PathFields {
+            reached: p.reached,
+            hop_count: p.hop_count,
+            path_id: p.path_id.clone(),
+            path_loss_ratio: m(p.path_loss_ratio).map(|l| l.min(1.0)),
+            rtt_avg_seconds: m(p.rtt_avg_seconds),
+            protocol: p.protocol.clone(),
+            hops: p
+                .hops
+                .iter()
+                .take(bounds::MAX_PATH_HOPS)
+                .map(|h| pb::PathHop {
+                    ttl: h.ttl,
+                    address: h.address.clone().unwrap_or_default(),
+                    addresses: h
+                        .addresses
+                        .iter()
+                        .take(bounds::MAX_HOP_ADDRESSES)
+                        .cloned()
+                        .collect(),
+                    sent: h.sent,
+                    received: h.received.min(h.sent),
+                    loss_ratio: m(h.loss_ratio).map(|l| l.min(1.0)),
+                    rtt_min_seconds: m(h.rtt_min_seconds),
+                    rtt_avg_seconds: m(h.rtt_avg_seconds),
+                    rtt_max_seconds: m(h.rtt_max_seconds),
+                    rtt_mdev_seconds: m(h.rtt_mdev_seconds),
+                    rate_limited: h.rate_limited,
+                })
+                .collect(),
+        }),
     }
 }
 

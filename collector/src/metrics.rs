@@ -487,6 +487,7 @@ impl Metrics {
                     Kind::Tcp => m.connect_seconds,
                     Kind::Http => m.ttfb_seconds,
                     Kind::Dns => m.resolve_seconds,
+                    Kind::Path => m.rtt_avg_seconds,
                 };
                 if let Some(v) = main {
                     latency.observe(v);
@@ -563,7 +564,7 @@ impl Metrics {
                         self.tls_expiry.with_label_values(&[test, site]).set(v);
                     }
                 }
-                Kind::Tcp | Kind::Dns => {}
+                Kind::Tcp | Kind::Dns | Kind::Path => {}
             }
         }
     }

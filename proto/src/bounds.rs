@@ -56,6 +56,14 @@ pub const MAX_HELLO_FEATURES: usize = 32;
 pub const MAX_HELLO_NAME_LEN: usize = 256;
 /// One run-now ad-hoc `[[test]]` block (`RunNow.test_toml`).
 pub const MAX_RUN_NOW_BYTES: usize = 64 << 10;
+/// Hops in one path result (and the highest `max_hops` a path test may set).
+pub const MAX_PATH_HOPS: usize = 64;
+/// Addresses that answered at one hop of a path result, kept (most frequent first).
+pub const MAX_HOP_ADDRESSES: usize = 8;
+/// A hop address (an IPv6 address with a zone is the longest).
+pub const MAX_HOP_ADDRESS_LEN: usize = 64;
+/// A path result's `path_id` (hex).
+pub const MAX_PATH_ID_LEN: usize = 64;
 /// Longest run of one test (`duration_seconds`).
 pub const MAX_DURATION_SECONDS: f64 = 86_400.0;
 /// Earliest start time taken as a real measurement time (2020-01-01): earlier ones come

@@ -10,8 +10,10 @@
 pub mod addr;
 pub mod body;
 pub mod dns;
+mod errqueue;
 pub mod http;
 pub mod icmp;
+pub mod path;
 pub mod speed;
 pub mod tcp;
 pub mod tls;
@@ -125,6 +127,7 @@ pub enum Fields {
     Tcp(TcpFields),
     Http(HttpFields),
     Dns(DnsFields),
+    Path(PathFields),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -175,6 +178,36 @@ pub struct DnsFields {
     pub resolve_seconds: Option<f64>,
     pub answers: u32,
     pub rcode: String,
+}
+
+/// A path run (SPEC section 15), per hop as `mtr --report` reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PathFields {
+    pub protocol: String,
+    pub reached: bool,
+    pub hop_count: u32,
+    pub path_id: String,
+    pub path_loss_ratio: Option<f64>,
+    pub rtt_avg_seconds: Option<f64>,
+    pub hops: Vec<PathHop>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PathHop {
+    pub ttl: u32,
+    /// The address that answered most often; `None` when nothing answered.
+    pub address: Option<String>,
+    /// Every address that answered, most frequent first.
+    pub addresses: Vec<String>,
+    pub sent: u32,
+    pub received: u32,
+    pub loss_ratio: Option<f64>,
+    pub rtt_min_seconds: Option<f64>,
+    pub rtt_avg_seconds: Option<f64>,
+    pub rtt_max_seconds: Option<f64>,
+    pub rtt_mdev_seconds: Option<f64>,
+    /// Loss here does not carry on to later hops: the router rate-limits its ICMP.
+    pub rate_limited: bool,
 }
 
 /// The result of one probe run, before it gets an agent id and a seq.
@@ -239,6 +272,7 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
             Kind::Tcp => tcp::run(&spec_owned, partial).await,
             Kind::Http => http::run(&spec_owned, partial).await,
             Kind::Dns => dns::run(&spec_owned, partial).await,
+            Kind::Path => path::run(&spec_owned, partial).await,
         }
     });
     let abort = task.abort_handle();
@@ -279,6 +313,7 @@ pub fn empty_fields(kind: Kind) -> Fields {
         Kind::Tcp => Fields::Tcp(TcpFields::default()),
         Kind::Http => Fields::Http(HttpFields::default()),
         Kind::Dns => Fields::Dns(DnsFields::default()),
+        Kind::Path => Fields::Path(PathFields::default()),
     }
 }
 

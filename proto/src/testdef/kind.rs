@@ -14,6 +14,7 @@ pub enum Kind {
     Tcp,
     Http,
     Dns,
+    Path,
 }
 
 impl Kind {
@@ -24,6 +25,7 @@ impl Kind {
             Kind::Tcp => "tcp",
             Kind::Http => "http",
             Kind::Dns => "dns",
+            Kind::Path => "path",
         }
     }
 }
@@ -43,8 +45,9 @@ impl std::str::FromStr for Kind {
             "tcp" => Ok(Kind::Tcp),
             "http" => Ok(Kind::Http),
             "dns" => Ok(Kind::Dns),
+            "path" => Ok(Kind::Path),
             other => Err(format!(
-                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns"
+                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns, path"
             )),
         }
     }
@@ -52,7 +55,14 @@ impl std::str::FromStr for Kind {
 
 impl Kind {
     /// Every kind, in the order of SPEC section 3.
-    pub const ALL: [Kind; 5] = [Kind::Speed, Kind::Icmp, Kind::Tcp, Kind::Http, Kind::Dns];
+    pub const ALL: [Kind; 6] = [
+        Kind::Speed,
+        Kind::Icmp,
+        Kind::Tcp,
+        Kind::Http,
+        Kind::Dns,
+        Kind::Path,
+    ];
 }
 
 impl From<Kind> for pb::Kind {
@@ -63,6 +73,7 @@ impl From<Kind> for pb::Kind {
             Kind::Tcp => pb::Kind::Tcp,
             Kind::Http => pb::Kind::Http,
             Kind::Dns => pb::Kind::Dns,
+            Kind::Path => pb::Kind::Path,
         }
     }
 }
@@ -81,6 +92,7 @@ impl TryFrom<pb::Kind> for Kind {
             pb::Kind::Tcp => Ok(Kind::Tcp),
             pb::Kind::Http => Ok(Kind::Http),
             pb::Kind::Dns => Ok(Kind::Dns),
+            pb::Kind::Path => Ok(Kind::Path),
             pb::Kind::Unspecified => Err(UnknownKind(kind as i32)),
         }
     }

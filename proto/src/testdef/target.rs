@@ -217,7 +217,7 @@ pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
                 return Err(format!("target `{target}` must be host:port"));
             }
         }
-        Kind::Icmp | Kind::Dns => {
+        Kind::Icmp | Kind::Dns | Kind::Path => {
             if target.contains(char::is_whitespace) || target.contains('/') {
                 return Err(format!("target `{target}` must be a host name or address"));
             }

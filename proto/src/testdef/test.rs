@@ -155,6 +155,39 @@ pub struct TestOptions {
     pub record_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
+    // path
+    /// Probe packets: ICMP echo (default), UDP or TCP SYN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PathProtocol>,
+    /// Destination port of UDP and TCP probes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Highest TTL (hop limit) probed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_hops: Option<u32>,
+}
+
+/// The packets a path test probes with (SPEC section 15).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathProtocol {
+    /// ICMP echo request (CAP_NET_RAW).
+    #[default]
+    Icmp,
+    /// UDP datagrams, errors read with IP_RECVERR (no privileges).
+    Udp,
+    /// TCP SYN (CAP_NET_RAW).
+    Tcp,
+}
+
+impl PathProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            PathProtocol::Icmp => "icmp",
+            PathProtocol::Udp => "udp",
+            PathProtocol::Tcp => "tcp",
+        }
+    }
 }
 
 impl TestOptions {
@@ -181,7 +214,10 @@ impl TestOptions {
             follow_redirects,
             insecure_tls,
             record_type,
-            server
+            server,
+            protocol,
+            port,
+            max_hops
         );
         keys
     }
@@ -208,6 +244,9 @@ impl TestOptions {
                 "insecure_tls",
             ],
             Kind::Dns => &["timeout", "record_type", "server"],
+            Kind::Path => &[
+                "timeout", "count", "interval", "protocol", "port", "max_hops",
+            ],
         }
     }
 }
@@ -232,12 +271,24 @@ pub mod defaults {
     pub const ICMP_INTERVAL: Duration = Duration::from_secs(1);
     /// TCP, HTTP and DNS: the whole run.
     pub const TIMEOUT: Duration = Duration::from_secs(10);
+    /// Path: rounds per run.
+    pub const PATH_COUNT: u32 = 10;
+    /// Path: time between rounds.
+    pub const PATH_INTERVAL: Duration = Duration::from_secs(1);
+    /// Path: highest TTL probed.
+    pub const PATH_MAX_HOPS: u32 = 30;
+    /// Path: how long the last round's probes are waited for.
+    pub const PATH_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+    /// Path: destination port of UDP probes (traceroute's base port).
+    pub const PATH_UDP_PORT: u16 = 33434;
+    /// Path: destination port of TCP SYN probes.
+    pub const PATH_TCP_PORT: u16 = 80;
 }
 
 impl TestOptions {
     /// The whole-run limit of a test of `kind` with these options: `timeout` when set, else
     /// the kind's default (speed: both directions plus 30 s; icmp: every request plus 5 s;
-    /// tcp, http, dns: 10 s).
+    /// tcp, http, dns: 10 s; path: every round plus 8 s).
     pub fn timeout_for(&self, kind: Kind) -> Duration {
         self.timeout.unwrap_or_else(|| match kind {
             Kind::Speed => {
@@ -249,6 +300,12 @@ impl TestOptions {
                     + Duration::from_secs(5)
             }
             Kind::Tcp | Kind::Http | Kind::Dns => defaults::TIMEOUT,
+            Kind::Path => {
+                self.interval.unwrap_or(defaults::PATH_INTERVAL)
+                    * self.count.unwrap_or(defaults::PATH_COUNT)
+                    + defaults::PATH_PROBE_TIMEOUT
+                    + Duration::from_secs(5)
+            }
         })
     }
 }
@@ -363,6 +420,34 @@ pub fn check_test(
                 ),
             ));
         }
+    }
+    if test.kind == Kind::Path {
+        check_path_options(name, test.options.get_ref())
+            .map_err(|reason| (Some(test.options.span()), reason))?;
+    }
+    Ok(())
+}
+
+/// The value ranges of a path test's options (`name` is the test's, for the message).
+pub fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
+    if let Some(hops) = o.max_hops {
+        if hops == 0 || hops as usize > bounds::MAX_PATH_HOPS {
+            return Err(format!(
+                "test `{name}`: `max_hops` is {hops}, it must be 1 to {}",
+                bounds::MAX_PATH_HOPS
+            ));
+        }
+    }
+    if o.count == Some(0) {
+        return Err(format!("test `{name}`: `count` must be at least 1"));
+    }
+    if o.port == Some(0) {
+        return Err(format!("test `{name}`: `port` must be 1 to 65535"));
+    }
+    if o.port.is_some() && o.protocol.unwrap_or_default() == PathProtocol::Icmp {
+        return Err(format!(
+            "test `{name}`: `port` applies to protocol udp or tcp, not icmp"
+        ));
     }
     Ok(())
 }
