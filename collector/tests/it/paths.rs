@@ -196,13 +196,15 @@ fn path_changes_are_flagged_once_in_one_batch_across_batches_and_reconnects() {
     let a = ["10.1.0.1", "198.51.100.1", "203.0.113.10"];
     let b = ["10.1.0.1", "198.51.100.77", "203.0.113.10"];
     let sequence = [&a, &a, &b, &b, &a];
+    let base = ago(10, 0);
     let results = |id: &str, site: &str| -> Vec<pb::Result> {
         sequence
             .iter()
             .enumerate()
             .map(|(i, hops)| {
                 let seq = i as u64 + 1;
-                let mut r = path_result(id, seq, ago(10 - i as i64, seq), &hops[..]);
+                let at = base + i as i64 * 60_000_000_000;
+                let mut r = path_result(id, seq, at, &hops[..]);
                 r.labels = [("site".to_string(), site.to_string())].into();
                 r
             })
@@ -225,6 +227,25 @@ fn path_changes_are_flagged_once_in_one_batch_across_batches_and_reconnects() {
             s.batch(part.to_vec()).await;
         }
     });
+    // The watermark lost (an operator deleted it): the whole sequence comes again and is
+    // found stored row by row (the isolating write), counted as duplicates, not as changes.
+    db.client()
+        .batch_execute("DELETE FROM agent_incarnations WHERE agent_id = 'one'")
+        .unwrap();
+    rt.block_on(async {
+        let mut s = AgentStream::open(&endpoint, "one", "site-one", "i").await;
+        assert_eq!(s.welcome.committed_seq, 0);
+        let ack = s.batch(results("one", "site-one")).await;
+        assert_eq!((ack.seq, ack.rejected.len()), (5, 0));
+    });
+    assert_eq!(
+        metric(
+            &collector.metrics(),
+            "edgeprobe_ingest_results_total{outcome=\"duplicate\"}"
+        ),
+        6.0,
+        "the redelivered last batch of `reconnect` and the five of `one`"
+    );
     for agent in ["one", "split", "reconnect"] {
         let flags: Vec<bool> = db
             .client()
@@ -251,6 +272,29 @@ fn path_changes_are_flagged_once_in_one_batch_across_batches_and_reconnects() {
     }
     // The latest path per agent and test is what the next result is compared with.
     assert_eq!(db.scalar("SELECT count(*) FROM path_last"), 3);
+    // The path series keep Prometheus' naming rules.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/setup installs it)");
+    use std::io::Write;
+    assert!(m.contains("edgeprobe_path_loss_ratio_bucket"));
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn write_tsv(dir: &std::path::Path, name: &str, text: &str) -> String {
