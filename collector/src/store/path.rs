@@ -38,6 +38,10 @@ impl Point {
     fn before(&self, r: &ResultRow) -> bool {
         (self.started_at, self.seq) < (r.started_at, r.seq)
     }
+
+    fn before_point(&self, other: &Point) -> bool {
+        (self.started_at, self.seq) < (other.started_at, other.seq)
+    }
 }
 
 fn path_id(r: &ResultRow) -> Option<&str> {
@@ -62,7 +66,6 @@ pub(super) async fn decide(
     if order.is_empty() {
         return Ok(changed);
     }
-    let key = |r: &ResultRow| (r.agent_id.clone(), r.test.clone());
     order.sort_by(|&a, &b| {
         let (a, b) = (rows[a], rows[b]);
         (&a.agent_id, &a.test, a.started_at, a.seq).cmp(&(
@@ -72,10 +75,13 @@ pub(super) async fn decide(
             b.seq,
         ))
     });
-    let mut keys: Vec<(String, String)> = order.iter().map(|&i| key(rows[i])).collect();
+    // Sorted, as `order` is.
+    let mut keys: Vec<Key> = order
+        .iter()
+        .map(|&i| (rows[i].agent_id.as_str(), rows[i].test.as_str()))
+        .collect();
     keys.dedup();
-    let (agents, tests): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|(a, t)| (a.as_str(), t.as_str())).unzip();
+    let (agents, tests): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
     let mut latest: HashMap<Key, Point> = HashMap::new();
     for row in tx
         .query(
@@ -86,12 +92,12 @@ pub(super) async fn decide(
         )
         .await?
     {
-        let (agent, test): (String, String) = (row.get(0), row.get(1));
-        let Some(k) = keys.iter().find(|(a, t)| *a == agent && *t == test) else {
+        let (agent, test): (&str, &str) = (row.get(0), row.get(1));
+        let Ok(at) = keys.binary_search(&(agent, test)) else {
             continue;
         };
         latest.insert(
-            (&k.0, &k.1),
+            keys[at],
             Point {
                 started_at: row.get(2),
                 seq: row.get(3),
@@ -130,12 +136,6 @@ pub(super) async fn decide(
         }
     }
     Ok(changed)
-}
-
-impl Point {
-    fn before_point(&self, other: &Point) -> bool {
-        (self.started_at, self.seq) < (other.started_at, other.seq)
-    }
 }
 
 /// The stored path result of `r`'s agent and test just before it.

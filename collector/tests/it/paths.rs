@@ -272,6 +272,30 @@ fn path_changes_are_flagged_once_in_one_batch_across_batches_and_reconnects() {
     }
     // The latest path per agent and test is what the next result is compared with.
     assert_eq!(db.scalar("SELECT count(*) FROM path_last"), 3);
+
+    // A result that arrives after a later one of its test (its start time was corrected)
+    // is compared with the stored result just before it in time.
+    let at = |minute: i64| base + minute * 60_000_000_000;
+    rt.block_on(async {
+        let mut s = AgentStream::open(&endpoint, "late", "site-late", "i").await;
+        s.batch(vec![
+            path_result("late", 1, at(0), &a),
+            path_result("late", 2, at(4), &b),
+        ])
+        .await;
+        s.batch(vec![path_result("late", 3, at(2), &b)]).await;
+    });
+    let flags: Vec<bool> = db
+        .client()
+        .query(
+            "SELECT path_changed FROM path_results WHERE agent_id = 'late' ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(flags, [false, true, true]);
     // The path series keep Prometheus' naming rules.
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
