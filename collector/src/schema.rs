@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fleet_controller",
         include_str!("../migrations/0004_fleet_controller.sql"),
     ),
+    (5, "path", include_str!("../migrations/0005_path.sql")),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.
@@ -184,7 +185,7 @@ pub async fn maintain_partitions(
         let sql = format!(
             "BEGIN;
              CREATE TABLE IF NOT EXISTS {name}
-                 (LIKE results INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+                 (LIKE results INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMPRESSION);
              ALTER TABLE {name} DROP CONSTRAINT IF EXISTS {name}_range;
              ALTER TABLE {name} ADD CONSTRAINT {name}_range
                  CHECK (started_at >= '{from}' AND started_at < '{to}');
