@@ -488,6 +488,7 @@ impl Metrics {
                     Kind::Http => m.ttfb_seconds,
                     Kind::Dns => m.resolve_seconds,
                     Kind::Path => m.rtt_avg_seconds,
+                    Kind::Responsiveness => None,
                 };
                 if let Some(v) = main {
                     latency.observe(v);
@@ -564,7 +565,7 @@ impl Metrics {
                         self.tls_expiry.with_label_values(&[test, site]).set(v);
                     }
                 }
-                Kind::Tcp | Kind::Dns | Kind::Path => {}
+                Kind::Tcp | Kind::Dns | Kind::Path | Kind::Responsiveness => {}
             }
         }
     }
