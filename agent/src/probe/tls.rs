@@ -18,17 +18,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Client config for probes; `alpn` is e.g. `[b"http/1.1"]` or empty.
+/// Client config for probes; `alpn` is empty, `[b"http/1.1"]` or `[b"h2"]` (one cached
+/// config each, so any other list must start as one of these).
 pub fn client_config(insecure: bool, alpn: &[&[u8]]) -> Arc<ClientConfig> {
     static VERIFIED: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     static INSECURE: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     static VERIFIED_H1: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     static INSECURE_H1: OnceLock<Arc<ClientConfig>> = OnceLock::new();
-    let slot = match (insecure, alpn.is_empty()) {
-        (false, true) => &VERIFIED,
-        (true, true) => &INSECURE,
-        (false, false) => &VERIFIED_H1,
-        (true, false) => &INSECURE_H1,
+    static VERIFIED_H2: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    static INSECURE_H2: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    let h2 = alpn.first() == Some(&&b"h2"[..]);
+    let slot = match (insecure, alpn.is_empty(), h2) {
+        (false, true, _) => &VERIFIED,
+        (true, true, _) => &INSECURE,
+        (false, false, false) => &VERIFIED_H1,
+        (true, false, false) => &INSECURE_H1,
+        (false, false, true) => &VERIFIED_H2,
+        (true, false, true) => &INSECURE_H2,
     };
     slot.get_or_init(|| {
         let builder = ClientConfig::builder_with_provider(provider())
