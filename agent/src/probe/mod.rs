@@ -226,6 +226,13 @@ pub struct ResponsivenessFields {
     pub stable: bool,
     /// "poor", "fair", "good" or "excellent"; empty when no RPM was measured.
     pub rating: String,
+    /// The trimmed means the RPM comes from, averaged over both directions (JSON only: the
+    /// wire has no field): foreign probes' TCP handshake, TLS handshake (per round trip;
+    /// `None` over plain HTTP) and GET of the small object, and self probes' GET.
+    pub foreign_tcp_seconds: Option<f64>,
+    pub foreign_tls_seconds: Option<f64>,
+    pub foreign_http_seconds: Option<f64>,
+    pub self_http_seconds: Option<f64>,
 }
 
 /// The result of one probe run, before it gets an agent id and a seq.

@@ -164,6 +164,15 @@ async fn measure(
         (one, other) => one.or(other),
     };
     fields.responsiveness_rpm = overall;
+    let windows: Vec<Window> = [down.window, up.window].into_iter().flatten().collect();
+    let mean = |f: &dyn Fn(&Window) -> Option<f64>| {
+        let values: Vec<f64> = windows.iter().filter_map(f).collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    };
+    fields.foreign_tcp_seconds = mean(&|w| Some(w.tcp));
+    fields.foreign_tls_seconds = mean(&|w| w.tls);
+    fields.foreign_http_seconds = mean(&|w| Some(w.http));
+    fields.self_http_seconds = mean(&|w| Some(w.own));
     fields.loaded_latency_seconds = overall.map(|rpm| 60.0 / rpm);
     fields.rating = overall.map(|rpm| rating(rpm).to_string()).unwrap_or_default();
     if overall.is_none() {
@@ -226,6 +235,7 @@ struct Phase {
 #[derive(Debug, Default)]
 struct PhaseResult {
     rpm: Option<f64>,
+    window: Option<Window>,
     goodput: Option<f64>,
     connections: u32,
     stable: bool,
@@ -276,6 +286,7 @@ impl Phase {
         let mut stable = false;
         let mut last_progress = start;
         let mut lost = 0u32;
+        let mut last_window = None;
         loop {
             tokio::select! {
                 now = tick.tick() => {
@@ -296,9 +307,9 @@ impl Phase {
                             ),
                         ));
                     }
-                    let window = intervals.len().min(MAD);
-                    let moved: u64 = intervals[intervals.len() - window..].iter().sum();
-                    let average = 8.0 * moved as f64 / (window as f64 * ID.as_secs_f64());
+                    let span = intervals.len().min(MAD);
+                    let moved: u64 = intervals[intervals.len() - span..].iter().sum();
+                    let average = 8.0 * moved as f64 / (span as f64 * ID.as_secs_f64());
                     averages.push(average);
                     let pairs = (PTC * average / PAIR_BITS).clamp(1.0, MPS);
                     rate.store((pairs * 1000.0) as u64, Ordering::Relaxed);
@@ -317,7 +328,9 @@ impl Phase {
                     }
                     if saturated {
                         let since = now.checked_sub(ID * MAD as u32).unwrap_or(start);
-                        if let Some(rpm) = responsiveness(&foreign, &selfs, since) {
+                        if let Some(w) = window(&foreign, &selfs, since) {
+                            let rpm = w.rpm;
+                            last_window = Some(w);
                             rpms.push(rpm);
                             tracing::debug!(direction = direction.name(), rpm, "interval responsiveness");
                             if rpms.len() >= MAD && stable_within(&rpms[rpms.len() - MAD..], rpm) {
@@ -358,10 +371,11 @@ impl Phase {
                 }
             }
         }
-        let rpm = rpms.last().copied().or_else(|| {
+        let last_window = last_window.or_else(|| {
             let since = Instant::now().checked_sub(ID * MAD as u32).unwrap_or(start);
-            responsiveness(&foreign, &selfs, since)
+            window(&foreign, &selfs, since)
         });
+        let rpm = last_window.map(|w| w.rpm);
         tracing::debug!(
             direction = direction.name(),
             ?rpm,
@@ -378,6 +392,7 @@ impl Phase {
         drop(tasks);
         Ok(PhaseResult {
             rpm,
+            window: last_window,
             goodput: averages.last().copied(),
             connections: opened as u32,
             stable,
@@ -528,14 +543,24 @@ fn trimmed_mean(samples: &mut [f64]) -> Option<f64> {
     Some(samples[..keep].iter().sum::<f64>() / keep as f64)
 }
 
-/// RPM of the probes begun since `since` (section 5.3.1 with TLS, 5.3.2 without): the
+/// The trimmed means of one window of probes, in seconds, and the RPM they give.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Window {
+    tcp: f64,
+    tls: Option<f64>,
+    http: f64,
+    own: f64,
+    rpm: f64,
+}
+
+/// The probes begun since `since` (section 5.3.1 with TLS, 5.3.2 without): RPM is the
 /// mean of the foreign responsiveness (60 over the mean of the trimmed means of its
 /// phases) and the self responsiveness (60 over the trimmed mean of self probes).
-fn responsiveness(
+fn window(
     foreign: &[(Instant, Foreign)],
     selfs: &[(Instant, Duration)],
     since: Instant,
-) -> Option<f64> {
+) -> Option<Window> {
     let recent = foreign.iter().filter(|(at, _)| *at >= since).map(|(_, f)| f);
     let mut tcp: Vec<f64> = recent.clone().map(|f| secs(f.tcp)).collect();
     let mut tls: Vec<f64> = recent.clone().filter_map(|f| f.tls.map(secs)).collect();
@@ -547,7 +572,8 @@ fn responsiveness(
         .collect();
     let tcp = trimmed_mean(&mut tcp)?;
     let http = trimmed_mean(&mut http)?;
-    let foreign_rtt = match trimmed_mean(&mut tls) {
+    let tls = trimmed_mean(&mut tls);
+    let foreign_rtt = match tls {
         Some(tls) => (tcp + tls + http) / 3.0,
         None => (tcp + http) / 2.0,
     };
@@ -555,12 +581,26 @@ fn responsiveness(
     if foreign_rtt <= 0.0 || self_rtt <= 0.0 {
         return None;
     }
-    Some((60.0 / foreign_rtt + 60.0 / self_rtt) / 2.0)
+    Some(Window {
+        tcp,
+        tls,
+        http,
+        own: self_rtt,
+        rpm: (60.0 / foreign_rtt + 60.0 / self_rtt) / 2.0,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn responsiveness(
+        foreign: &[(Instant, Foreign)],
+        selfs: &[(Instant, Duration)],
+        since: Instant,
+    ) -> Option<f64> {
+        window(foreign, selfs, since).map(|w| w.rpm)
+    }
 
     #[test]
     fn rating_bands() {
