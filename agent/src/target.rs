@@ -161,11 +161,8 @@ pub async fn serve(
             }
         }
     };
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server, shutdown);
     tokio::select! {
@@ -426,11 +423,7 @@ async fn empty(body: Body) -> Response {
 
 /// The networkQuality configuration (draft section 8.1, plus Apple's key names), naming
 /// this server as the client addressed it.
-async fn nq_config(
-    State(target): State<Arc<Target>>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Response {
+async fn nq_config(State(target): State<Arc<Target>>, headers: HeaderMap, uri: Uri) -> Response {
     let authority = uri
         .authority()
         .map(|a| a.to_string())
@@ -478,6 +471,7 @@ async fn nq_large(
     let Some(slot) = target.tests.begin(key.clone(), &peer.watch) else {
         return busy(&key);
     };
+    peer.watch.paced.store(true, Ordering::Relaxed);
     let body = Garbage {
         chunk: target.garbage.clone(),
         remaining: LARGE_CHUNKS,
@@ -710,6 +704,10 @@ impl Drop for Slot {
 /// transfers it carries.
 struct ConnWatch {
     born: Instant,
+    /// Serves a networkQuality large download: its unsent data follows its delivery rate
+    /// (draft-ietf-ippm-responsiveness-09 section 6.1.1), so the self probes sharing it
+    /// wait for the network's queue, not this server's send buffer.
+    paced: std::sync::atomic::AtomicBool,
     /// Milliseconds from `born` to the last byte read or written.
     last_ms: AtomicU64,
     cancel: CancellationToken,
@@ -719,6 +717,7 @@ impl ConnWatch {
     fn new() -> Self {
         ConnWatch {
             born: Instant::now(),
+            paced: std::sync::atomic::AtomicBool::new(false),
             last_ms: AtomicU64::new(0),
             cancel: CancellationToken::new(),
         }
@@ -868,6 +867,8 @@ impl AsyncWrite for Served {
 struct Watched {
     tcp: TcpStream,
     watch: Arc<ConnWatch>,
+    /// When the unsent-data bound was last set (paced connections).
+    paced_at: Instant,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
@@ -879,6 +880,7 @@ impl Watched {
         Watched {
             tcp,
             watch,
+            paced_at: Instant::now(),
             cancelled,
         }
     }
@@ -901,6 +903,12 @@ impl Watched {
             )));
         }
         poll
+    }
+
+    fn pace(&mut self) {
+        if self.watch.paced.load(Ordering::Relaxed) {
+            crate::probe::responsiveness::Paced::repace(&self.tcp, &mut self.paced_at);
+        }
     }
 
     fn moved(&self, poll: &Poll<io::Result<usize>>) {
@@ -931,6 +939,7 @@ impl AsyncWrite for Watched {
         cx: &mut TaskContext<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.pace();
         let poll = Pin::new(&mut self.tcp).poll_write(cx, data);
         self.moved(&poll);
         self.settle(cx, poll)
@@ -941,6 +950,7 @@ impl AsyncWrite for Watched {
         cx: &mut TaskContext<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.pace();
         let poll = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
         self.moved(&poll);
         self.settle(cx, poll)

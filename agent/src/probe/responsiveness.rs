@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{interval_at, timeout, Instant};
 
+pub use self::net::Paced;
 use self::net::{Foreign, ReqBody, Server, H2};
 use super::addr::HttpUrl;
 use super::{
@@ -113,7 +114,10 @@ async fn measure(
     let config_url = nq::config_url(&spec.target)?;
     partial.publish(
         Fields::Responsiveness(fields.clone()),
-        format!("fetching the networkQuality configuration {}", config_url.url),
+        format!(
+            "fetching the networkQuality configuration {}",
+            config_url.url
+        ),
     );
     let config_server = Server::of(&config_url, None, insecure).await?;
     let (_, body) = net::get_new_connection(&config_server, &config_url)
@@ -125,7 +129,8 @@ async fn measure(
             )
         })?;
     let config = nq::parse(config_url.url.as_str(), &body)?;
-    let server = Arc::new(Server::of(&config.large, config.test_endpoint.as_deref(), insecure).await?);
+    let server =
+        Arc::new(Server::of(&config.large, config.test_endpoint.as_deref(), insecure).await?);
     tracing::debug!(?config, addr = %server.addr, "networkQuality configuration");
 
     partial.publish(
@@ -174,7 +179,9 @@ async fn measure(
     fields.foreign_http_seconds = mean(&|w| Some(w.http));
     fields.self_http_seconds = mean(&|w| Some(w.own));
     fields.loaded_latency_seconds = overall.map(|rpm| 60.0 / rpm);
-    fields.rating = overall.map(|rpm| rating(rpm).to_string()).unwrap_or_default();
+    fields.rating = overall
+        .map(|rpm| rating(rpm).to_string())
+        .unwrap_or_default();
     if overall.is_none() {
         return Err(ProbeError::new(
             ErrorClass::Other,
@@ -191,7 +198,10 @@ async fn idle_latency(server: &Server, small: &HttpUrl) -> Result<Duration, Prob
         .map_err(|_| {
             ProbeError::new(
                 ErrorClass::Timeout,
-                format!("{}: no HTTP/2 connection within {PROBE_TIMEOUT:?}", server.origin),
+                format!(
+                    "{}: no HTTP/2 connection within {PROBE_TIMEOUT:?}",
+                    server.origin
+                ),
             )
         })??;
     let mut rtts = Vec::with_capacity(IDLE_PROBES);
@@ -440,14 +450,10 @@ async fn load(
     loop {
         match direction {
             Direction::Download => {
-                let response = conn
-                    .send(Method::GET, server, url, ReqBody::Empty)
-                    .await?;
+                let response = conn.send(Method::GET, server, url, ReqBody::Empty).await?;
                 let mut body = response.into_body();
-                while let Some(frame) = std::future::poll_fn(|cx| {
-                    std::pin::Pin::new(&mut body).poll_frame(cx)
-                })
-                .await
+                while let Some(frame) =
+                    std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
                 {
                     let frame = frame.map_err(|e| {
                         super::speed::conn::hyper_error(&format!("reading {}", url.url), e)
@@ -487,11 +493,12 @@ async fn prober(
         if foreign_next {
             probes.spawn(async move {
                 let at = Instant::now();
-                let event = match timeout(PROBE_TIMEOUT, net::get_new_connection(&server, &small)).await {
-                    Ok(Ok((f, _))) => Event::Foreign(at, f),
-                    Ok(Err(e)) => Event::ProbeFailed(e),
-                    Err(_) => Event::ProbeFailed(lost_probe("foreign", &small)),
-                };
+                let event =
+                    match timeout(PROBE_TIMEOUT, net::get_new_connection(&server, &small)).await {
+                        Ok(Ok((f, _))) => Event::Foreign(at, f),
+                        Ok(Err(e)) => Event::ProbeFailed(e),
+                        Err(_) => Event::ProbeFailed(lost_probe("foreign", &small)),
+                    };
                 let _ = events.send(event);
             });
         } else {
@@ -521,7 +528,10 @@ async fn prober(
 fn lost_probe(kind: &str, small: &HttpUrl) -> ProbeError {
     ProbeError::new(
         ErrorClass::Timeout,
-        format!("{kind} probe GET {}: no answer within {PROBE_TIMEOUT:?}", small.url),
+        format!(
+            "{kind} probe GET {}: no answer within {PROBE_TIMEOUT:?}",
+            small.url
+        ),
     )
 }
 
@@ -561,7 +571,10 @@ fn window(
     selfs: &[(Instant, Duration)],
     since: Instant,
 ) -> Option<Window> {
-    let recent = foreign.iter().filter(|(at, _)| *at >= since).map(|(_, f)| f);
+    let recent = foreign
+        .iter()
+        .filter(|(at, _)| *at >= since)
+        .map(|(_, f)| f);
     let mut tcp: Vec<f64> = recent.clone().map(|f| secs(f.tcp)).collect();
     let mut tls: Vec<f64> = recent.clone().filter_map(|f| f.tls.map(secs)).collect();
     let mut http: Vec<f64> = recent.map(|f| secs(f.http)).collect();

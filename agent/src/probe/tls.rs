@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -59,11 +58,14 @@ pub fn client_config(insecure: bool, alpn: &[&[u8]]) -> Arc<ClientConfig> {
 
 /// Performs a TLS handshake; returns the stream, the handshake time and the seconds until
 /// the leaf certificate expires (negative when expired).
-pub async fn handshake(
-    tcp: TcpStream,
+pub async fn handshake<S>(
+    tcp: S,
     host: &str,
     config: Arc<ClientConfig>,
-) -> Result<(TlsStream<TcpStream>, Duration, Option<f64>), ProbeError> {
+) -> Result<(TlsStream<S>, Duration, Option<f64>), ProbeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let name = ServerName::try_from(host.to_string()).map_err(|e| {
         ProbeError::new(
             ErrorClass::Tls,

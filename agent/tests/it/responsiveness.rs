@@ -77,17 +77,38 @@ impl Link {
             for (name, dev, side) in [(left, l, 1), (right, r, 2)] {
                 sh(
                     "ip",
-                    &["-n", name, "addr", "add", &format!("{net}.{side}/24"), "dev", dev],
+                    &[
+                        "-n",
+                        name,
+                        "addr",
+                        "add",
+                        &format!("{net}.{side}/24"),
+                        "dev",
+                        dev,
+                    ],
                 );
                 sh("ip", &["-n", name, "link", "set", dev, "up"]);
             }
         }
         // Router: 10.89.1.2 towards the client, 10.89.2.1 towards the target.
-        sh("ip", &["-n", &n[0], "route", "add", "default", "via", "10.89.1.2"]);
-        sh("ip", &["-n", &n[2], "route", "add", "default", "via", "10.89.2.1"]);
         sh(
             "ip",
-            &["netns", "exec", &n[1], "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            &["-n", &n[0], "route", "add", "default", "via", "10.89.1.2"],
+        );
+        sh(
+            "ip",
+            &["-n", &n[2], "route", "add", "default", "via", "10.89.2.1"],
+        );
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &n[1],
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
         );
         let link = Link { ns };
         link.shape(rate, queue, "add");
@@ -129,12 +150,16 @@ impl Link {
 
     /// 60 / median ping RTT while iperf3 (reno) saturates the download.
     fn ping_reference_rpm(&self) -> f64 {
-        let _server = self.ns.spawn(2, "iperf3", &["-s", "-B", TARGET, "-p", "5211"]);
+        let _server = self
+            .ns
+            .spawn(2, "iperf3", &["-s", "-B", TARGET, "-p", "5211"]);
         std::thread::sleep(Duration::from_millis(500));
         let client = self.client().to_string();
         let load = std::thread::spawn(move || {
             Command::new("ip")
-                .args(["netns", "exec", &client, "iperf3", "-c", TARGET, "-p", "5211"])
+                .args([
+                    "netns", "exec", &client, "iperf3", "-c", TARGET, "-p", "5211",
+                ])
                 .args(["-R", "-t", "14", "-C", "reno", "-J"])
                 .stdout(Stdio::null())
                 .status()
@@ -155,7 +180,10 @@ impl Link {
             .filter_map(|l| l.split("time=").nth(1))
             .filter_map(|t| t.split_whitespace().next()?.parse().ok())
             .collect();
-        assert!(rtts.len() >= 20, "ping under load answered too little:\n{text}");
+        assert!(
+            rtts.len() >= 20,
+            "ping under load answered too little:\n{text}"
+        );
         rtts.sort_by(f64::total_cmp);
         let median_ms = rtts[rtts.len() / 2];
         60_000.0 / median_ms
@@ -166,6 +194,14 @@ impl Link {
 fn run(link: &Link, url: &str, args: &[&str]) -> (Value, i32, Duration) {
     let start = Instant::now();
     let (value, code) = probe_in(Some(link.client()), "responsiveness", url, args);
+    let ms = |key: &str| value[key].as_f64().map_or(f64::NAN, |s| s * 1e3);
+    eprintln!(
+        "trimmed means: foreign tcp {:.1} ms, tls {:.1} ms, http {:.1} ms; self {:.1} ms",
+        ms("foreign_tcp_seconds"),
+        ms("foreign_tls_seconds"),
+        ms("foreign_http_seconds"),
+        ms("self_http_seconds")
+    );
     (value, code, start.elapsed())
 }
 
@@ -209,7 +245,10 @@ fn rpm_follows_the_queue_and_agrees_with_ping_under_iperf3() {
         f64_of(&bloated, "loaded_latency_seconds") > 0.05,
         "{bloated}"
     );
-    assert!(bloated["foreign_tls_seconds"].is_null(), "plain HTTP has no TLS");
+    assert!(
+        bloated["foreign_tls_seconds"].is_null(),
+        "plain HTTP has no TLS"
+    );
 
     link.shape("20mbit", "10ms", "change");
     let shallow_reference = link.ping_reference_rpm();
@@ -243,7 +282,11 @@ fn throwaway_pki(dir: &Path, ip: &str) -> (String, String, String) {
     let leaf = rcgen::CertificateParams::new(vec![ip.to_string()]).unwrap();
     let cert = leaf.signed_by(&key, &issuer).unwrap();
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    std::fs::write(path("chain.pem"), format!("{}{}", cert.pem(), ca_cert.pem())).unwrap();
+    std::fs::write(
+        path("chain.pem"),
+        format!("{}{}", cert.pem(), ca_cert.pem()),
+    )
+    .unwrap();
     std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
     std::fs::write(path("ca.pem"), ca_cert.pem()).unwrap();
     (path("chain.pem"), path("key.pem"), path("ca.pem"))
@@ -342,7 +385,11 @@ fn a_busy_target_is_busy() {
     let (value, code) = probe("responsiveness", &target.url(), &["--max-duration", "5s"]);
     assert_eq!(code, 1);
     assert_eq!(class(&value), "busy", "{value}");
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     drop(hog);
 }
 
@@ -382,4 +429,86 @@ fn a_target_that_stops_answering_mid_run_fails_in_time() {
     // The run's own limit is 2 x 10 s + 15 s; the stall is seen long before.
     assert!(took < Duration::from_secs(20), "{took:?}");
     assert!(value["idle_latency_seconds"].is_number(), "kept: {value}");
+}
+
+/// Cloudflare's `mach` (scripts/build-mach), if built.
+fn mach_bin() -> Option<String> {
+    let bin = std::env::var("MACH_BIN").unwrap_or_else(|_| "/var/cache/mach/mach".into());
+    Path::new(&bin).is_file().then_some(bin)
+}
+
+/// mach's download and upload RPM (`mach rpm` prints one JSON report).
+fn mach_rpm(link: &Link, mach: &str, config: &str) -> (f64, f64) {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            link.client(),
+            mach,
+            "rpm",
+            "--config",
+            config,
+        ])
+        .arg("--insecure")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run mach");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mach failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = stdout.find('{').expect("mach prints JSON");
+    let report: Value = serde_json::from_str(&stdout[start..]).expect("mach's JSON report");
+    (
+        f64_of(&report["download"], "rpm"),
+        f64_of(&report["upload"], "rpm"),
+    )
+}
+
+#[test]
+fn mach_agrees_with_ours() {
+    let Some(mach) = mach_bin() else {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-mach");
+        let buildable = Command::new(script)
+            .arg("--check")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            !(buildable && std::env::var("CI").as_deref() == Ok("true")),
+            "mach is not built but scripts/build-mach --check says it can be here: run \
+             scripts/build-mach before the tests"
+        );
+        eprintln!("SKIPPED: Cloudflare's mach is not built here (scripts/build-mach builds it)");
+        return;
+    };
+    let _heavy = heavy_lock();
+    let Some(link) = Link::build("20mbit", "300ms") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, key, _) = throwaway_pki(dir.path(), TARGET);
+    let target = Target::start_with(
+        Some(link.target()),
+        &format!("{TARGET}:8443"),
+        4,
+        &["--tls-cert", &chain, "--tls-key", &key],
+    );
+    let config = format!("https://{}/.well-known/nq", target.addr);
+    for (queue, verb) in [("300ms", "change"), ("10ms", "change")] {
+        link.shape("20mbit", queue, verb);
+        let (ours, code, _) = run(&link, &config, &["--insecure-tls"]);
+        assert_eq!(code, 0, "{ours}");
+        let ours = f64_of(&ours, "responsiveness_rpm");
+        let (down, up) = mach_rpm(&link, &mach, &config);
+        let theirs = (down + up) / 2.0;
+        eprintln!(
+            "{queue} queue: ours {ours:.0} RPM, mach {theirs:.0} RPM (down {down:.0}, up {up:.0})"
+        );
+        assert!(
+            ours > theirs / 2.0 && ours < theirs * 2.0,
+            "{queue} queue: ours {ours:.0} RPM is not within a factor of 2 of mach's {theirs:.0}"
+        );
+    }
 }

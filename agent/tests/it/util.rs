@@ -86,7 +86,12 @@ impl Target {
     }
 
     /// `start_in` with more arguments (e.g. `--tls-cert FILE --tls-key FILE`).
-    pub fn start_with(netns: Option<&str>, listen: &str, max_tests: usize, extra: &[&str]) -> Target {
+    pub fn start_with(
+        netns: Option<&str>,
+        listen: &str,
+        max_tests: usize,
+        extra: &[&str],
+    ) -> Target {
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");

@@ -36,6 +36,78 @@ const CONN_WINDOW: u32 = 32 << 20;
 /// Upload body frames: slices of one random buffer.
 const UPLOAD_FRAME: usize = 64 * 1024;
 
+/// Unsent data a load-generating socket may hold, in time at its delivery rate: the
+/// draft's 5 ms (section 6.1.1, TCP_REPLENISH_TIME or TCP_NOTSENT_LOWAT set from the
+/// measured throughput), so the sender's own buffer does not add to the round trips.
+const UNSENT_TIME: f64 = 0.005;
+/// Bounds of that unsent data, in bytes.
+const MIN_UNSENT: u64 = 16 * 1024;
+const MAX_UNSENT: u64 = 4 << 20;
+/// How often the bound follows the delivery rate.
+const REPACE_EVERY: Duration = Duration::from_millis(50);
+
+/// Sets the socket's `TCP_NOTSENT_LOWAT` to `UNSENT_TIME` of its delivery rate.
+pub fn pace_unsent(socket: &tokio::net::TcpStream) {
+    let rate = super::super::speed::conn::delivery_rate(socket).unwrap_or(0) as f64;
+    let lowat = ((rate * UNSENT_TIME) as u64).clamp(MIN_UNSENT, MAX_UNSENT);
+    let _ = socket2::SockRef::from(socket).set_tcp_notsent_lowat(lowat as u32);
+}
+
+/// A TCP stream whose unsent data follows its delivery rate (`pace_unsent`), re-set before
+/// a write at most every `REPACE_EVERY`.
+pub struct Paced {
+    tcp: tokio::net::TcpStream,
+    paced_at: Instant,
+}
+
+impl Paced {
+    pub fn new(tcp: tokio::net::TcpStream) -> Paced {
+        pace_unsent(&tcp);
+        Paced {
+            tcp,
+            paced_at: Instant::now(),
+        }
+    }
+
+    /// Re-sets the bound when it is due.
+    pub fn repace(tcp: &tokio::net::TcpStream, paced_at: &mut Instant) {
+        if paced_at.elapsed() >= REPACE_EVERY {
+            pace_unsent(tcp);
+            *paced_at = Instant::now();
+        }
+    }
+}
+
+impl AsyncRead for Paced {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Paced {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        Paced::repace(&this.tcp, &mut this.paced_at);
+        Pin::new(&mut this.tcp).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
 /// Where the test URLs live: resolved once per run.
 #[derive(Debug, Clone)]
 pub struct Server {
@@ -149,7 +221,7 @@ impl H2 {
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         if server.https {
             let config = tls::client_config(server.insecure_tls, &[b"h2"]);
-            let (stream, _, _) = tls::handshake(stream, &server.host, config).await?;
+            let (stream, _, _) = tls::handshake(Paced::new(stream), &server.host, config).await?;
             let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
             if alpn.as_deref() != Some(b"h2") {
                 return Err(ProbeError::new(
@@ -163,7 +235,7 @@ impl H2 {
             }
             H2::handshake(server, stream).await
         } else {
-            H2::handshake(server, stream).await
+            H2::handshake(server, Paced::new(stream)).await
         }
     }
 

@@ -83,8 +83,7 @@ pub fn parse(from: &str, body: &[u8]) -> Result<Config, ProbeError> {
         || origin(&config.large) != origin(&config.upload)
     {
         return Err(invalid(
-            "its three URLs are not on the same scheme, host and port (draft section 8.1)"
-                .into(),
+            "its three URLs are not on the same scheme, host and port (draft section 8.1)".into(),
         ));
     }
     Ok(config)
@@ -98,7 +97,10 @@ mod tests {
     fn config_url_of_base_and_well_known() {
         let u = |s: &str| config_url(s).unwrap().url.to_string();
         assert_eq!(u("http://t:8080"), "http://t:8080/.well-known/nq");
-        assert_eq!(u("http://t:8080/speed/"), "http://t:8080/speed/.well-known/nq");
+        assert_eq!(
+            u("http://t:8080/speed/"),
+            "http://t:8080/speed/.well-known/nq"
+        );
         assert_eq!(
             u("https://mensura.cdn-apple.com/.well-known/nq"),
             "https://mensura.cdn-apple.com/.well-known/nq"
@@ -123,6 +125,9 @@ mod tests {
         let hosts = br#"{"urls":{"small_download_url":"http://a/s",
             "large_download_url":"http://b/l","upload_url":"http://a/u"}}"#;
         assert_eq!(parse("x", hosts).unwrap_err().class, ErrorClass::Protocol);
-        assert_eq!(parse("x", b"<html>").unwrap_err().class, ErrorClass::Protocol);
+        assert_eq!(
+            parse("x", b"<html>").unwrap_err().class,
+            ErrorClass::Protocol
+        );
     }
 }
