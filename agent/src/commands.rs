@@ -106,17 +106,25 @@ pub fn serve_target(
     rt: &tokio::runtime::Runtime,
     listen: SocketAddr,
     max_tests: usize,
+    tls: Option<target::TlsFiles>,
     shutdown: CancellationToken,
 ) -> Result<(), target::ServeError> {
-    rt.block_on(target::serve(listen, max_tests, shutdown.cancelled_owned()))
+    rt.block_on(target::serve(
+        listen,
+        max_tests,
+        tls,
+        shutdown.cancelled_owned(),
+    ))
 }
 
 /// `probe`'s command line.
 #[derive(clap::Args)]
 pub struct ProbeArgs {
-    /// speed, icmp, tcp, http, dns or path.
+    /// speed, icmp, tcp, http, dns, path or responsiveness.
     kind: Kind,
-    /// URL (speed, http), host (icmp, dns, path) or host:port (tcp).
+    /// URL (speed, http; responsiveness: a networkQuality configuration
+    /// `https://host/.well-known/nq` or an edgeprobe target's base URL), host (icmp, dns,
+    /// path) or host:port (tcp).
     target: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -124,6 +132,9 @@ pub struct ProbeArgs {
     /// speed: measurement time per direction, e.g. 10s.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// responsiveness: longest time of each direction (2s to 300s, default 20s).
+    #[arg(long, value_parser = parse_duration)]
+    max_duration: Option<Duration>,
     /// speed: parallel streams per direction (default 6 down, 3 up).
     #[arg(long)]
     streams: Option<u32>,
@@ -139,7 +150,7 @@ pub struct ProbeArgs {
     /// tcp: also time a TLS handshake.
     #[arg(long)]
     tls: bool,
-    /// tcp, http: accept any server certificate.
+    /// tcp, http, speed, responsiveness: accept any server certificate.
     #[arg(long)]
     insecure_tls: bool,
     /// http: request method.
@@ -186,6 +197,12 @@ fn parse_protocol(s: &str) -> Result<PathProtocol, String> {
 fn check_options(spec: &ProbeSpec) -> Result<(), String> {
     match spec.kind {
         Kind::Path => edgeprobe_proto::testdef::check_path_options("probe", &spec.options),
+        Kind::Responsiveness => match spec.options.max_duration {
+            Some(d) if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) => {
+                Err("`--max-duration` must be 2s to 300s".to_string())
+            }
+            _ => Ok(()),
+        },
         _ => Ok(()),
     }
 }
@@ -202,6 +219,7 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
         target,
         json,
         duration,
+        max_duration,
         streams,
         count,
         interval,
@@ -228,6 +246,7 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
         options: TestOptions {
             timeout,
             duration,
+            max_duration,
             streams,
             count,
             interval,

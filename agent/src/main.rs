@@ -43,7 +43,8 @@ enum Command {
     },
     /// Run one probe now and print its result.
     Probe(commands::ProbeArgs),
-    /// Serve as a speed and latency target (LibreSpeed backend protocol).
+    /// Serve as a speed and latency target (LibreSpeed backend protocol) and a
+    /// networkQuality responsiveness server (`/.well-known/nq`).
     ServeTarget {
         /// Address to listen on, e.g. 0.0.0.0:8080.
         #[arg(long, default_value = "0.0.0.0:8080")]
@@ -51,6 +52,12 @@ enum Command {
         /// Concurrent speed tests served; more get 503 busy.
         #[arg(long, default_value_t = target::DEFAULT_MAX_TESTS)]
         max_tests: usize,
+        /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Show the local result buffer (backlog, oldest result, size on disk, dropped) and
     /// the fleet tests version this agent runs.
@@ -74,10 +81,18 @@ fn main() -> ExitCode {
         Command::Check { config } => commands::check(&config),
         Command::Buffer { config } => commands::buffer(&config),
         Command::Probe(args) => commands::probe(args),
-        Command::ServeTarget { listen, max_tests } => {
+        Command::ServeTarget {
+            listen,
+            max_tests,
+            tls_cert,
+            tls_key,
+        } => {
             let rt = runtime();
             let shutdown = shutdown_on_signals(&rt);
-            match commands::serve_target(&rt, listen, max_tests, shutdown) {
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| target::TlsFiles { cert, key });
+            match commands::serve_target(&rt, listen, max_tests, tls, shutdown) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("serve-target: {:#}", anyhow::Error::from(e));

@@ -100,6 +100,9 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
                 })
                 .collect::<Vec<_>>()
                 .join(" "),
+            Value::Number(n) if key.ends_with("_rpm") => {
+                format!("{:.0} RPM", n.as_f64().unwrap_or(0.0))
+            }
             Value::Number(n) if key.ends_with("bits_per_second") => {
                 format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6)
             }

@@ -7,6 +7,22 @@
 //! answers 200, `GET /getIP` answers `{"processedString": "<client ip>", "rawIspInfo": ""}`.
 //! Every response carries LibreSpeed's CORS headers and `Cache-Control: no-store`.
 //!
+//! networkQuality (draft-ietf-ippm-responsiveness-09 sections 7 and 8): `GET
+//! /.well-known/nq` answers the JSON configuration with the draft's key names
+//! (`large_download_url`, `small_download_url`, `upload_url`) and Apple's
+//! (`large_https_download_url`, `small_https_download_url`, `https_upload_url`, which
+//! Cloudflare's `mach` reads), all naming this server as the client reached it (its `Host`
+//! or `:authority`, and the scheme it is served with). `GET /nq/large` streams
+//! `LARGE_BYTES` (the draft asks for at least 8 GB) and is a transfer under the cap like a
+//! garbage download; `GET /nq/small` answers 1 byte and is never refused (it is the
+//! latency probe); `POST /nq/upload` drains its body like `/empty`. HTTP/1.1 and HTTP/2
+//! are both served (HTTP/2 as prior knowledge in plaintext, by ALPN over TLS): the draft's
+//! self probes need HTTP/2 to share a load-generating connection.
+//!
+//! TLS (`--tls-cert FILE --tls-key FILE`, PEM): every connection is HTTPS (rustls, ALPN
+//! `h2` and `http/1.1`); handshakes run beside the accept loop, each bounded by
+//! `HANDSHAKE_TIMEOUT`, so a slow or silent client delays nobody else.
+//!
 //! Invariants:
 //! - Garbage is one random buffer generated at start and sent as reference-counted slices
 //!   (as LibreSpeed's garbage.php repeats one random chunk): no per-request generation, no
@@ -14,8 +30,8 @@
 //! - A speed test is identified by the `test=<id>` query parameter our agent sends (1 to
 //!   64 of `A-Za-z0-9_-`), else by the client IP (stock LibreSpeed clients), so agents
 //!   behind one NAT are separate tests. A test is running while it has a transfer: a
-//!   garbage download, or any request with a body (`Content-Length` > 0 or
-//!   `Transfer-Encoding`) whatever its method or path, for as long as the request is
+//!   garbage or `/nq/large` download, or any request with a body (`Content-Length` > 0,
+//!   `Transfer-Encoding`, or an HTTP/2 request whose headers do not end the stream) whatever its method or path, for as long as the request is
 //!   handled. It keeps its slot for `LINGER` after its last transfer ends so the gap
 //!   between a test's download and upload phases does not give it away. At most
 //!   `max_tests` tests run at once (0 = no cap); a transfer of another test beyond that
@@ -50,7 +66,7 @@ use axum::serve::IncomingStream;
 use axum::Router;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Frame, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,6 +86,20 @@ const GRACE: Duration = Duration::from_secs(5);
 const MIB: usize = 1 << 20;
 const DEFAULT_CHUNKS: u64 = 4;
 const MAX_CHUNKS: u64 = 1024;
+/// Size of the networkQuality large download, in MiB chunks: 64 GiB, over the draft's
+/// 8 GB, so no client reaches its end.
+const LARGE_CHUNKS: u64 = 64 * 1024;
+/// Longest TLS handshake a client gets.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The networkQuality well-known path (draft section 8.1, RFC 8615).
+pub const NQ_PATH: &str = "/.well-known/nq";
+
+/// A certificate chain and key for HTTPS, as PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
 
 /// Why `serve` stopped other than by its shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +112,22 @@ pub enum ServeError {
     },
     #[error("serving")]
     Serve(#[source] io::Error),
+    #[error("cannot use the TLS certificate {cert} and key {key}: {reason}")]
+    Tls {
+        cert: String,
+        key: String,
+        reason: String,
+    },
 }
 
+/// Serves until `shutdown`; HTTPS when `tls` is given.
 pub async fn serve(
     listen: SocketAddr,
     max_tests: usize,
+    tls: Option<TlsFiles>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let acceptor = tls.as_ref().map(tls_acceptor).transpose()?;
     let bound = async {
         let listener = TcpListener::bind(listen).await?;
         let local = listener.local_addr()?;
@@ -101,18 +140,29 @@ pub async fn serve(
     let state = Arc::new(Target {
         garbage: random_chunk(),
         tests: Tests::new(max_tests),
+        https: acceptor.is_some(),
     });
     let reaper = tokio::spawn(reap(state.clone()));
     let _reaper = scopeguard(move || reaper.abort());
     let app = router(state);
-    tracing::info!(listen = %local, max_tests, "serve-target listening");
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %local, max_tests, scheme, "serve-target listening");
 
     let stop = CancellationToken::new();
-    let server = axum::serve(
-        WatchedListener(listener),
-        app.into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let listener = match acceptor {
+        None => WatchedListener::Plain(listener),
+        Some(acceptor) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let handshakes = tokio::spawn(tls_accept_loop(listener, acceptor, tx));
+            WatchedListener::Tls {
+                local,
+                ready: rx,
+                _handshakes: AbortOnDrop(handshakes),
+            }
+        }
+    };
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
     let server = std::future::IntoFuture::into_future(server);
     tokio::pin!(server, shutdown);
     tokio::select! {
@@ -132,6 +182,78 @@ pub async fn serve(
 struct Target {
     garbage: Bytes,
     tests: Tests,
+    /// Served over TLS: the networkQuality URLs are https.
+    https: bool,
+}
+
+/// Reads the PEM certificate chain and key into a rustls acceptor offering HTTP/2 and
+/// HTTP/1.1.
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let fail = |reason: String| ServeError::Tls {
+        cert: files.cert.display().to_string(),
+        key: files.key.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| fail(format!("reading the certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(fail("the certificate file holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| fail(format!("reading the key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| fail(format!("the key does not fit the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Accepts TCP connections and runs their TLS handshakes concurrently, handing finished
+/// ones to the server; a failed or slow handshake only loses its own connection.
+async fn tls_accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ready: tokio::sync::mpsc::Sender<(Served, SocketAddr)>,
+) {
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let watched = Watched::new(tcp);
+        let acceptor = acceptor.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let watch = watched.watch.clone();
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(watched)).await {
+                Ok(Ok(tls)) => {
+                    let _ = ready.send((Served::Tls(Box::new(tls), watch), addr)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(client = %addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(client = %addr, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs `f` when dropped.
@@ -157,7 +279,11 @@ async fn reap(target: Arc<Target>) {
 }
 
 fn router(state: Arc<Target>) -> Router {
-    let mut app = Router::new();
+    let mut app = Router::new()
+        .route(NQ_PATH, get(nq_config))
+        .route("/nq/large", get(nq_large))
+        .route("/nq/small", get(nq_small))
+        .route("/nq/upload", get(empty).post(empty).put(empty));
     for prefix in ["", "/backend"] {
         for suffix in ["", ".php"] {
             app = app
@@ -192,7 +318,7 @@ async fn cap_bodies(
     request: Request,
     next: Next,
 ) -> Response {
-    if !has_body(request.headers()) {
+    if !has_body(request.headers()) && request.body().is_end_stream() {
         return next.run(request).await;
     }
     let key = TestKey::of(request.uri(), &peer);
@@ -293,6 +419,78 @@ async fn empty(body: Body) -> Response {
         }
     }
     ([(header::CONNECTION, "keep-alive")], StatusCode::OK).into_response()
+}
+
+/// The networkQuality configuration (draft section 8.1, plus Apple's key names), naming
+/// this server as the client addressed it.
+async fn nq_config(State(target): State<Arc<Target>>, headers: HeaderMap, uri: Uri) -> Response {
+    let authority = uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .filter(|a| a.parse::<axum::http::uri::Authority>().is_ok());
+    let Some(authority) = authority else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "no Host: the networkQuality URLs name the host the client asked for\n",
+        )
+            .into_response();
+    };
+    let scheme = if target.https { "https" } else { "http" };
+    let url = |path: &str| format!("{scheme}://{authority}{path}");
+    let config = serde_json::json!({
+        "version": 1,
+        "urls": {
+            "large_download_url": url("/nq/large"),
+            "small_download_url": url("/nq/small"),
+            "upload_url": url("/nq/upload"),
+            "large_https_download_url": url("/nq/large"),
+            "small_https_download_url": url("/nq/small"),
+            "https_upload_url": url("/nq/upload"),
+        },
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        config.to_string(),
+    )
+        .into_response()
+}
+
+/// The networkQuality large object: a transfer under the cap, like a garbage download.
+async fn nq_large(
+    State(target): State<Arc<Target>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    uri: Uri,
+) -> Response {
+    let key = TestKey::of(&uri, &peer);
+    let Some(slot) = target.tests.begin(key.clone(), &peer.watch) else {
+        return busy(&key);
+    };
+    peer.watch.paced.store(true, Ordering::Relaxed);
+    let body = Garbage {
+        chunk: target.garbage.clone(),
+        remaining: LARGE_CHUNKS,
+        _slot: slot,
+    };
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::new(body),
+    )
+        .into_response()
+}
+
+/// The networkQuality small object: 1 byte, never refused.
+async fn nq_small() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Bytes::from_static(b"x"),
+    )
+        .into_response()
 }
 
 async fn get_ip(ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
@@ -506,6 +704,10 @@ impl Drop for Slot {
 /// transfers it carries.
 struct ConnWatch {
     born: Instant,
+    /// Serves a networkQuality large download: its unsent data follows its delivery rate
+    /// (draft-ietf-ippm-responsiveness-09 section 6.1.1), so the self probes sharing it
+    /// wait for the network's queue, not this server's send buffer.
+    paced: std::sync::atomic::AtomicBool,
     /// Milliseconds from `born` to the last byte read or written.
     last_ms: AtomicU64,
     cancel: CancellationToken,
@@ -515,6 +717,7 @@ impl ConnWatch {
     fn new() -> Self {
         ConnWatch {
             born: Instant::now(),
+            paced: std::sync::atomic::AtomicBool::new(false),
             last_ms: AtomicU64::new(0),
             cancel: CancellationToken::new(),
         }
@@ -541,35 +744,121 @@ impl Connected<IncomingStream<'_, WatchedListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, WatchedListener>) -> Self {
         Peer {
             addr: *stream.remote_addr(),
-            watch: stream.io().watch.clone(),
+            watch: stream.io().watch().clone(),
         }
     }
 }
 
-/// Accepts connections as `Watched` streams (with `TCP_NODELAY`: answers are small).
-struct WatchedListener(TcpListener);
+/// Accepts connections as `Watched` streams (with `TCP_NODELAY`: answers are small),
+/// plain or after their TLS handshake.
+enum WatchedListener {
+    Plain(TcpListener),
+    Tls {
+        local: SocketAddr,
+        ready: tokio::sync::mpsc::Receiver<(Served, SocketAddr)>,
+        _handshakes: AbortOnDrop,
+    },
+}
 
 impl axum::serve::Listener for WatchedListener {
-    type Io = Watched;
+    type Io = Served;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Watched, SocketAddr) {
-        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
-        let _ = tcp.set_nodelay(true);
-        let watch = Arc::new(ConnWatch::new());
-        let cancelled = Box::pin(watch.cancel.clone().cancelled_owned());
-        (
-            Watched {
-                tcp,
-                watch,
-                cancelled,
+    async fn accept(&mut self) -> (Served, SocketAddr) {
+        match self {
+            WatchedListener::Plain(listener) => {
+                let (tcp, addr) = axum::serve::Listener::accept(listener).await;
+                (Served::Plain(Watched::new(tcp)), addr)
+            }
+            WatchedListener::Tls { ready, .. } => match ready.recv().await {
+                Some(accepted) => accepted,
+                // The handshake task is gone only when the server is dropped.
+                None => std::future::pending().await,
             },
-            addr,
-        )
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        match self {
+            WatchedListener::Plain(listener) => listener.local_addr(),
+            WatchedListener::Tls { local, .. } => Ok(*local),
+        }
+    }
+}
+
+/// A served connection: plain or TLS, over a `Watched` TCP stream.
+enum Served {
+    Plain(Watched),
+    Tls(
+        Box<tokio_rustls::server::TlsStream<Watched>>,
+        Arc<ConnWatch>,
+    ),
+}
+
+impl Served {
+    fn watch(&self) -> &Arc<ConnWatch> {
+        match self {
+            Served::Plain(w) => &w.watch,
+            Served::Tls(_, watch) => watch,
+        }
+    }
+}
+
+impl AsyncRead for Served {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Served::Plain(w) => Pin::new(w).poll_read(cx, buf),
+            Served::Tls(t, _) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Served {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Served::Plain(w) => Pin::new(w).poll_write(cx, data),
+            Served::Tls(t, _) => Pin::new(t.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Served::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            Served::Tls(t, _) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Served::Plain(w) => w.is_write_vectored(),
+            Served::Tls(t, _) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Served::Plain(w) => Pin::new(w).poll_flush(cx),
+            Served::Tls(t, _) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Served::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            Served::Tls(t, _) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -578,10 +867,24 @@ impl axum::serve::Listener for WatchedListener {
 struct Watched {
     tcp: TcpStream,
     watch: Arc<ConnWatch>,
+    /// When the unsent-data bound was last set (paced connections).
+    paced_at: Instant,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Watched {
+    fn new(tcp: TcpStream) -> Watched {
+        let _ = tcp.set_nodelay(true);
+        let watch = Arc::new(ConnWatch::new());
+        let cancelled = Box::pin(watch.cancel.clone().cancelled_owned());
+        Watched {
+            tcp,
+            watch,
+            paced_at: Instant::now(),
+            cancelled,
+        }
+    }
+
     /// After the inner operation: its result, unless the connection was closed by the
     /// reaper (checked, and woken for, only while the operation waits).
     fn settle<T>(
@@ -600,6 +903,12 @@ impl Watched {
             )));
         }
         poll
+    }
+
+    fn pace(&mut self) {
+        if self.watch.paced.load(Ordering::Relaxed) {
+            crate::probe::responsiveness::Paced::repace(&self.tcp, &mut self.paced_at);
+        }
     }
 
     fn moved(&self, poll: &Poll<io::Result<usize>>) {
@@ -630,6 +939,7 @@ impl AsyncWrite for Watched {
         cx: &mut TaskContext<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.pace();
         let poll = Pin::new(&mut self.tcp).poll_write(cx, data);
         self.moved(&poll);
         self.settle(cx, poll)
@@ -640,6 +950,7 @@ impl AsyncWrite for Watched {
         cx: &mut TaskContext<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.pace();
         let poll = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
         self.moved(&poll);
         self.settle(cx, poll)

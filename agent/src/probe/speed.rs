@@ -21,7 +21,7 @@
 //! request began are not counted; a lost ping is no sample, and idle latency needs at least half of its
 //! pings answered; a direction that moves no payload fails.
 
-mod conn;
+pub(crate) mod conn;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -18,17 +17,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Client config for probes; `alpn` is e.g. `[b"http/1.1"]` or empty.
+/// Client config for probes; `alpn` is empty, `[b"http/1.1"]` or `[b"h2"]` (one cached
+/// config each, so any other list must start as one of these).
 pub fn client_config(insecure: bool, alpn: &[&[u8]]) -> Arc<ClientConfig> {
     static VERIFIED: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     static INSECURE: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     static VERIFIED_H1: OnceLock<Arc<ClientConfig>> = OnceLock::new();
     static INSECURE_H1: OnceLock<Arc<ClientConfig>> = OnceLock::new();
-    let slot = match (insecure, alpn.is_empty()) {
-        (false, true) => &VERIFIED,
-        (true, true) => &INSECURE,
-        (false, false) => &VERIFIED_H1,
-        (true, false) => &INSECURE_H1,
+    static VERIFIED_H2: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    static INSECURE_H2: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    let h2 = alpn.first() == Some(&&b"h2"[..]);
+    let slot = match (insecure, alpn.is_empty(), h2) {
+        (false, true, _) => &VERIFIED,
+        (true, true, _) => &INSECURE,
+        (false, false, false) => &VERIFIED_H1,
+        (true, false, false) => &INSECURE_H1,
+        (false, false, true) => &VERIFIED_H2,
+        (true, false, true) => &INSECURE_H2,
     };
     slot.get_or_init(|| {
         let builder = ClientConfig::builder_with_provider(provider())
@@ -53,11 +58,14 @@ pub fn client_config(insecure: bool, alpn: &[&[u8]]) -> Arc<ClientConfig> {
 
 /// Performs a TLS handshake; returns the stream, the handshake time and the seconds until
 /// the leaf certificate expires (negative when expired).
-pub async fn handshake(
-    tcp: TcpStream,
+pub async fn handshake<S>(
+    tcp: S,
     host: &str,
     config: Arc<ClientConfig>,
-) -> Result<(TlsStream<TcpStream>, Duration, Option<f64>), ProbeError> {
+) -> Result<(TlsStream<S>, Duration, Option<f64>), ProbeError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let name = ServerName::try_from(host.to_string()).map_err(|e| {
         ProbeError::new(
             ErrorClass::Tls,

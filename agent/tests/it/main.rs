@@ -11,6 +11,7 @@ mod icmp;
 mod link;
 mod path;
 mod probes;
+mod responsiveness;
 mod schedule;
 mod speed;
 mod state;

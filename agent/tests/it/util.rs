@@ -82,6 +82,16 @@ impl Target {
     }
 
     pub fn start_in(netns: Option<&str>, listen: &str, max_tests: usize) -> Target {
+        Self::start_with(netns, listen, max_tests, &[])
+    }
+
+    /// `start_in` with more arguments (e.g. `--tls-cert FILE --tls-key FILE`).
+    pub fn start_with(
+        netns: Option<&str>,
+        listen: &str,
+        max_tests: usize,
+        extra: &[&str],
+    ) -> Target {
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -93,6 +103,7 @@ impl Target {
         let mut child = command
             .args(["serve-target", "--listen", listen, "--max-tests"])
             .arg(max_tests.to_string())
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -166,6 +166,27 @@ fn bytes_acked(socket: &Socket) -> Option<u64> {
     (rc == 0 && len as usize >= needed).then(|| info.tcpi_bytes_acked.saturating_sub(1))
 }
 
+/// `tcpi_delivery_rate` (Linux >= 4.9): the kernel's latest estimate of the bytes per
+/// second this connection delivers.
+#[allow(unsafe_code)]
+pub fn delivery_rate(socket: &impl std::os::fd::AsRawFd) -> Option<u64> {
+    // SAFETY: as in `bytes_acked`: an open descriptor, a zeroed plain C struct of `len`
+    // bytes, and the kernel writes at most `len` bytes and updates it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_delivery_rate) + 8;
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_delivery_rate)
+}
+
 impl<B> Drop for Conn<B> {
     fn drop(&mut self) {
         self.task.abort();
