@@ -17,6 +17,7 @@ use edgeprobe_agent::buffer::{Buffer, BufferError};
 use edgeprobe_agent::config::{Config, Kind, TestOptions};
 use edgeprobe_agent::probe::{self, ProbeSpec};
 use edgeprobe_agent::{fleet, report, run, target};
+use edgeprobe_proto::testdef::PathProtocol;
 
 /// Writes `text` to stdout, ignoring a closed pipe.
 fn out(text: &str) {
@@ -113,9 +114,9 @@ pub fn serve_target(
 /// `probe`'s command line.
 #[derive(clap::Args)]
 pub struct ProbeArgs {
-    /// speed, icmp, tcp, http or dns.
+    /// speed, icmp, tcp, http, dns or path.
     kind: Kind,
-    /// URL (speed, http), host (icmp, dns) or host:port (tcp).
+    /// URL (speed, http), host (icmp, dns, path) or host:port (tcp).
     target: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -126,10 +127,10 @@ pub struct ProbeArgs {
     /// speed: parallel streams per direction (default 6 down, 3 up).
     #[arg(long)]
     streams: Option<u32>,
-    /// icmp: echo requests to send.
+    /// icmp: echo requests to send; path: rounds (default 10).
     #[arg(long)]
     count: Option<u32>,
-    /// icmp: time between echo requests, e.g. 200ms.
+    /// icmp: time between echo requests, e.g. 200ms; path: between rounds (default 1s).
     #[arg(long, value_parser = parse_duration)]
     interval: Option<Duration>,
     /// Whole-run limit, e.g. 5s.
@@ -159,6 +160,34 @@ pub struct ProbeArgs {
     /// dns: server to ask (ip or ip:port) instead of the system resolver.
     #[arg(long)]
     server: Option<String>,
+    /// path: probe packets, icmp (default; CAP_NET_RAW or a ping socket), udp (no
+    /// privileges) or tcp (SYN; CAP_NET_RAW).
+    #[arg(long, value_parser = parse_protocol)]
+    protocol: Option<PathProtocol>,
+    /// path: destination port of udp (default 33434) and tcp (default 80) probes.
+    #[arg(long)]
+    port: Option<u16>,
+    /// path: highest TTL probed (default 30).
+    #[arg(long)]
+    max_hops: Option<u32>,
+}
+
+fn parse_protocol(s: &str) -> Result<PathProtocol, String> {
+    match s {
+        "icmp" => Ok(PathProtocol::Icmp),
+        "udp" => Ok(PathProtocol::Udp),
+        "tcp" => Ok(PathProtocol::Tcp),
+        other => Err(format!("`{other}`: expected icmp, udp or tcp")),
+    }
+}
+
+/// The value checks of a `[[test]]`'s options where a kind has them (path: `max_hops`
+/// 0 or over the bound, `port` with icmp, ...), so `probe` refuses what `check` refuses.
+fn check_options(spec: &ProbeSpec) -> Result<(), String> {
+    match spec.kind {
+        Kind::Path => edgeprobe_proto::testdef::check_path_options("probe", &spec.options),
+        _ => Ok(()),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -185,6 +214,9 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
         follow_redirects,
         record_type,
         server,
+        protocol,
+        port,
+        max_hops,
     } = args;
     if let Err(reason) = edgeprobe_proto::testdef::check_target(kind, &target) {
         eprintln!("edgeprobe-agent probe: {reason}");
@@ -207,9 +239,16 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
             follow_redirects,
             record_type,
             server,
+            protocol,
+            port,
+            max_hops,
             ..TestOptions::default()
         },
     };
+    if let Err(reason) = check_options(&spec) {
+        eprintln!("edgeprobe-agent probe: {reason}");
+        return ExitCode::from(2);
+    }
     // The speed probe takes ~20 s: show progress when a person is watching.
     probe::speed::show_progress(kind == Kind::Speed && std::io::stderr().is_terminal());
     let outcome = crate::runtime().block_on(probe::run(&spec));

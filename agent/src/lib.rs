@@ -19,7 +19,8 @@
 //! Unsafe code is denied except in four functions, each `#[allow(unsafe_code)]` with a
 //! SAFETY comment: `clock::kernel_synchronised` (adjtimex), `bytes_acked` in
 //! `probe::speed::conn` (getsockopt TCP_INFO), and `errqueue::set_recverr` and
-//! `errqueue::read` in `probe::icmp` (setsockopt IP_RECVERR, recvmsg MSG_ERRQUEUE).
+//! `errqueue::read` in `probe::errqueue` (setsockopt IP_RECVERR, recvmsg MSG_ERRQUEUE;
+//! used by the icmp and path probes).
 #![deny(unsafe_code)]
 
 pub mod buffer;

@@ -181,6 +181,18 @@ fn fields_to_wire(fields: &Fields) -> pb::result::Fields {
                 })
                 .collect(),
         }),
+        Fields::Responsiveness(r) => F::Responsiveness(pb::ResponsivenessFields {
+            responsiveness_rpm: m(r.responsiveness_rpm),
+            download_responsiveness_rpm: m(r.download_responsiveness_rpm),
+            upload_responsiveness_rpm: m(r.upload_responsiveness_rpm),
+            download_bits_per_second: m(r.download_bits_per_second),
+            upload_bits_per_second: m(r.upload_bits_per_second),
+            idle_latency_seconds: m(r.idle_latency_seconds),
+            loaded_latency_seconds: m(r.loaded_latency_seconds),
+            load_connections: r.load_connections,
+            stable: r.stable,
+            rating: r.rating.clone(),
+        }),
     }
 }
 

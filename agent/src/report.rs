@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Map, Value};
 
 use crate::buffer::{buffer_dir, Stats};
-use crate::probe::{addr, Outcome, ProbeSpec};
+use crate::probe::{addr, Fields, Outcome, ProbeSpec};
 
 /// The buffer's counters as `edgeprobe-agent buffer` prints them, one per line.
 pub fn buffer_status(stats: &Stats, state_dir: &Path) -> String {
@@ -74,8 +74,12 @@ pub fn json(spec: &ProbeSpec, outcome: &Outcome) -> Value {
     Value::Object(object)
 }
 
-/// Aligned `name: value` lines.
+/// Aligned `name: value` lines; a path run as its hop table.
 pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
+    if let Fields::Path(path) = &outcome.fields {
+        let target = addr::redact(&spec.target);
+        return crate::probe::path::table::render(&target, path, outcome.error.as_ref());
+    }
     let value = json(spec, outcome);
     let mut out = String::new();
     let Value::Object(map) = value else {

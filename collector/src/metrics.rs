@@ -518,6 +518,7 @@ impl Metrics {
                     Kind::Http => m.ttfb_seconds,
                     Kind::Dns => m.resolve_seconds,
                     Kind::Path => m.rtt_avg_seconds,
+                    Kind::Responsiveness => None,
                 };
                 if let Some(v) = main {
                     latency.observe(v);
@@ -602,7 +603,7 @@ impl Metrics {
                         }
                     }
                 }
-                Kind::Tcp | Kind::Dns => {}
+                Kind::Tcp | Kind::Dns | Kind::Responsiveness => {}
             }
         }
     }

@@ -26,14 +26,17 @@
 //!   (IP_RECVERR / IPV6_RECVERR, `sock_extended_err` with the offender's address), and
 //!   both report it in the same words (`unreachable_error`).
 //!
-//! Unsafe code: `set_recverr` calls `libc::setsockopt` with a `c_int` on a socket we own;
-//! neither socket2 nor rustix wraps IP_RECVERR.
+//!
+//! The socket, the echo request and the words for a destination-unreachable are shared
+//! with the path probe (`path`), the error queue with it too (`errqueue`).
 
 use std::io::ErrorKind;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::{addr, secs, ErrorClass, Fields, IcmpFields, Measured, Partial, ProbeError, ProbeSpec};
+use super::{
+    addr, errqueue, secs, ErrorClass, Fields, IcmpFields, Measured, Partial, ProbeError, ProbeSpec,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 pub const DEFAULT_COUNT: u32 = edgeprobe_proto::testdef::defaults::ICMP_COUNT;
@@ -64,7 +67,7 @@ pub async fn run(spec: &ProbeSpec, partial: &Partial) -> Measured {
 
 /// Which kind of ICMP socket we got; it decides the reply format.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Mode {
+pub(super) enum Mode {
     /// Raw socket (CAP_NET_RAW): IPv4 replies come with their IP header and every echo
     /// reply on the host arrives, so the identifier is checked.
     Raw,
@@ -254,7 +257,7 @@ impl Session {
                             else {
                                 continue;
                             };
-                            if let Some(code) = queued.unreachable {
+                            if let Some(code) = queued.unreachable(v6) {
                                 said = unreachable_error(queued.offender, ip, v6, code);
                                 fail(&mut slots, seq);
                             }
@@ -305,7 +308,12 @@ fn fail(slots: &mut [Slot], seq: u16) {
 
 /// An ICMP destination-unreachable about our request, in the same words whichever socket
 /// saw it.
-fn unreachable_error(router: Option<IpAddr>, target: IpAddr, v6: bool, code: u8) -> ProbeError {
+pub(super) fn unreachable_error(
+    router: Option<IpAddr>,
+    target: IpAddr,
+    v6: bool,
+    code: u8,
+) -> ProbeError {
     let router = router.map_or_else(|| "the network".to_string(), |r| r.to_string());
     ProbeError::new(
         ErrorClass::Unreachable,
@@ -317,7 +325,7 @@ fn unreachable_error(router: Option<IpAddr>, target: IpAddr, v6: bool, code: u8)
 }
 
 /// The name of a destination-unreachable code (RFC 792 and 1812; RFC 4443 for ICMPv6).
-fn unreachable_reason(v6: bool, code: u8) -> &'static str {
+pub(super) fn unreachable_reason(v6: bool, code: u8) -> &'static str {
     match (v6, code) {
         (false, 0) => "network unreachable",
         (false, 1) => "host unreachable",
@@ -348,7 +356,7 @@ async fn resolve(target: &str) -> Result<SocketAddr, ProbeError> {
 }
 
 /// Opens a raw ICMP socket, else a ping socket, else explains both fixes.
-fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
+pub(super) fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
     let (domain, protocol, family) = if v6 {
         (Domain::IPV6, Protocol::ICMPV6, "ICMPv6")
     } else {
@@ -388,7 +396,7 @@ fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
     Ok((std::net::UdpSocket::from(socket), mode))
 }
 
-fn echo_request(v6: bool, ident: u16, seq: u16, token: u64) -> Vec<u8> {
+pub(super) fn echo_request(v6: bool, ident: u16, seq: u16, token: u64) -> Vec<u8> {
     let mut packet = vec![0u8; 8 + PAYLOAD_LEN];
     packet[0] = if v6 { ECHO_REQUEST_V6 } else { ECHO_REQUEST_V4 };
     packet[4..6].copy_from_slice(&ident.to_be_bytes());
@@ -407,7 +415,7 @@ fn echo_request(v6: bool, ident: u16, seq: u16, token: u64) -> Vec<u8> {
 }
 
 /// The Internet checksum (RFC 1071).
-fn checksum(data: &[u8]) -> u16 {
+pub(super) fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -467,165 +475,6 @@ fn ours(echo: &[u8], mode: Mode, ident: u16, token: u64, with_token: bool) -> Op
     (id_ok && token_ok).then(|| u16::from_be_bytes([echo[6], echo[7]]))
 }
 
-/// The error queue of a ping socket (IP_RECVERR, IPV6_RECVERR): the ICMP errors about
-/// our requests, which a ping socket without it drops.
-mod errqueue {
-    use std::io;
-    use std::mem::{offset_of, size_of};
-    use std::os::fd::AsRawFd;
-
-    use super::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-    /// `sock_extended_err.ee_origin` of an ICMP (ICMPv6) error.
-    const ORIGIN_ICMP: u8 = 2;
-    const ORIGIN_ICMP6: u8 = 3;
-
-    /// One ICMP error from the queue.
-    #[derive(Debug, PartialEq)]
-    pub struct Queued {
-        /// The request it is about: ICMP header and payload as sent.
-        pub request: Vec<u8>,
-        /// The code of a destination-unreachable; `None` for other errors.
-        pub unreachable: Option<u8>,
-        /// Who sent the error (`SO_EE_OFFENDER`).
-        pub offender: Option<IpAddr>,
-    }
-
-    #[allow(unsafe_code)]
-    pub fn set_recverr(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
-        let (level, name) = if v6 {
-            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
-        } else {
-            (libc::IPPROTO_IP, libc::IP_RECVERR)
-        };
-        let on: libc::c_int = 1;
-        // SAFETY: the descriptor is open (borrowed from `socket`) and the option value is
-        // a live c_int whose size is passed with it.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                name,
-                (&on as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    /// Takes one error from the queue without blocking; `None` when it is empty.
-    #[allow(unsafe_code)]
-    pub fn read(socket: &impl AsRawFd, v6: bool) -> Option<Queued> {
-        let mut data = [0u8; 2048];
-        // u64s: aligned for the kernel's cmsghdr, read back as bytes.
-        let mut control = [0u64; 64];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: data.len(),
-        };
-        // SAFETY: msghdr is a plain C struct for which all zeroes is valid (no name, no
-        // buffers); the iovec and control buffer it then points to outlive the call, and
-        // their lengths are the buffers' sizes.
-        let (n, control_len) = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = size_of::<[u64; 64]>() as _;
-            let n = libc::recvmsg(
-                socket.as_raw_fd(),
-                &mut msg,
-                libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
-            );
-            (n, msg.msg_controllen as usize)
-        };
-        let n = usize::try_from(n).ok()?;
-        let control: Vec<u8> = control.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let control = control.get(..control_len)?;
-        let (unreachable, offender) = extended_error(control, v6)?;
-        Some(Queued {
-            request: data[..n.min(data.len())].to_vec(),
-            unreachable,
-            offender,
-        })
-    }
-
-    /// The `sock_extended_err` in the control messages: the unreachable code (if it is a
-    /// destination-unreachable) and the offender's address.
-    pub fn extended_error(control: &[u8], v6: bool) -> Option<(Option<u8>, Option<IpAddr>)> {
-        let (level, kind) = if v6 {
-            (libc::SOL_IPV6, libc::IPV6_RECVERR)
-        } else {
-            (libc::SOL_IP, libc::IP_RECVERR)
-        };
-        let header = size_of::<libc::cmsghdr>();
-        let align = |len: usize| len.div_ceil(size_of::<usize>()) * size_of::<usize>();
-        let mut rest = control;
-        while rest.len() >= header {
-            let len = uint(rest, offset_of!(libc::cmsghdr, cmsg_len), cmsg_len_size())?;
-            let cmsg_level = uint(rest, offset_of!(libc::cmsghdr, cmsg_level), 4)? as i32;
-            let cmsg_type = uint(rest, offset_of!(libc::cmsghdr, cmsg_type), 4)? as i32;
-            if len < header || len > rest.len() {
-                return None;
-            }
-            if cmsg_level == level && cmsg_type == kind {
-                return Some(sock_extended_err(&rest[align(header)..len], v6));
-            }
-            rest = rest.get(align(len)..)?;
-        }
-        None
-    }
-
-    /// `struct sock_extended_err` (errno u32, origin, type, code, pad, info u32, data u32)
-    /// followed by the offender's `sockaddr_in`/`sockaddr_in6`.
-    fn sock_extended_err(ee: &[u8], v6: bool) -> (Option<u8>, Option<IpAddr>) {
-        let (origin, kind, code) = match ee.get(4..7) {
-            Some(&[origin, kind, code]) => (origin, kind, code),
-            _ => return (None, None),
-        };
-        let unreachable = match (origin, v6) {
-            (ORIGIN_ICMP, false) if kind == super::UNREACHABLE_V4 => Some(code),
-            (ORIGIN_ICMP6, true) if kind == super::UNREACHABLE_V6 => Some(code),
-            _ => None,
-        };
-        let offender = ee.get(16..).and_then(|sa| {
-            let family = i32::from(u16::from_ne_bytes([*sa.first()?, *sa.get(1)?]));
-            if family == libc::AF_INET {
-                let octets: [u8; 4] = sa.get(4..8)?.try_into().ok()?;
-                Some(IpAddr::V4(Ipv4Addr::from(octets)))
-            } else if family == libc::AF_INET6 {
-                let octets: [u8; 16] = sa.get(8..24)?.try_into().ok()?;
-                Some(IpAddr::V6(Ipv6Addr::from(octets)))
-            } else {
-                None
-            }
-        });
-        (unreachable, offender)
-    }
-
-    /// The size of `cmsg_len`: size_t with glibc, socklen_t with musl.
-    fn cmsg_len_size() -> usize {
-        fn size_of_field<T, F>(_: fn(&T) -> &F) -> usize {
-            size_of::<F>()
-        }
-        size_of_field(|h: &libc::cmsghdr| &h.cmsg_len)
-    }
-
-    /// A native-endian unsigned integer of `size` bytes at `at`.
-    fn uint(bytes: &[u8], at: usize, size: usize) -> Option<usize> {
-        let b = bytes.get(at..at + size)?;
-        Some(match size {
-            4 => u32::from_ne_bytes(b.try_into().ok()?) as usize,
-            8 => u64::from_ne_bytes(b.try_into().ok()?) as usize,
-            _ => return None,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -672,38 +521,6 @@ mod tests {
         assert_eq!(
             parse(&raw, false, Mode::Raw, 5, 1),
             Some(Reply::Unreachable { seq: 0, code: 1 })
-        );
-    }
-
-    #[test]
-    fn queued_unreachable_names_the_router() {
-        let header = std::mem::size_of::<libc::cmsghdr>();
-        let mut control = Vec::new();
-        let len = header + 16 + 16;
-        if header == 16 {
-            control.extend_from_slice(&(len as u64).to_ne_bytes());
-        } else {
-            control.extend_from_slice(&(len as u32).to_ne_bytes());
-        }
-        control.extend_from_slice(&libc::SOL_IP.to_ne_bytes());
-        control.extend_from_slice(&libc::IP_RECVERR.to_ne_bytes());
-        control.resize(header, 0);
-        // errno, origin ICMP, type 3, code 1, pad, info, data.
-        control.extend_from_slice(&113u32.to_ne_bytes());
-        control.extend_from_slice(&[2, UNREACHABLE_V4, 1, 0]);
-        control.extend_from_slice(&[0; 8]);
-        control.extend_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        control.extend_from_slice(&[0, 0, 10, 77, 0, 2]);
-        control.extend_from_slice(&[0; 8]);
-        assert_eq!(
-            errqueue::extended_error(&control, false),
-            Some((Some(1), Some("10.77.0.2".parse().unwrap())))
-        );
-        assert_eq!(errqueue::extended_error(&control, true), None, "v6 level");
-        assert_eq!(
-            errqueue::extended_error(&control[..header + 3], false),
-            None,
-            "cut short"
         );
     }
 

@@ -10,9 +10,11 @@
 pub mod addr;
 pub mod body;
 pub mod dns;
+mod errqueue;
 pub mod http;
 pub mod icmp;
 pub mod path;
+pub mod responsiveness;
 pub mod speed;
 pub mod tcp;
 pub mod tls;
@@ -127,6 +129,7 @@ pub enum Fields {
     Http(HttpFields),
     Dns(DnsFields),
     Path(PathFields),
+    Responsiveness(ResponsivenessFields),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -209,6 +212,22 @@ pub struct PathHop {
     pub rate_limited: bool,
 }
 
+/// A responsiveness run (SPEC section 16): RPM under working conditions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ResponsivenessFields {
+    pub responsiveness_rpm: Option<f64>,
+    pub download_responsiveness_rpm: Option<f64>,
+    pub upload_responsiveness_rpm: Option<f64>,
+    pub download_bits_per_second: Option<f64>,
+    pub upload_bits_per_second: Option<f64>,
+    pub idle_latency_seconds: Option<f64>,
+    pub loaded_latency_seconds: Option<f64>,
+    pub load_connections: u32,
+    pub stable: bool,
+    /// "poor", "fair", "good" or "excellent"; empty when no RPM was measured.
+    pub rating: String,
+}
+
 /// The result of one probe run, before it gets an agent id and a seq.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -272,6 +291,7 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
             Kind::Http => http::run(&spec_owned, partial).await,
             Kind::Dns => dns::run(&spec_owned, partial).await,
             Kind::Path => path::run(&spec_owned, partial).await,
+            Kind::Responsiveness => responsiveness::run(&spec_owned, partial).await,
         }
     });
     let abort = task.abort_handle();
@@ -313,6 +333,7 @@ pub fn empty_fields(kind: Kind) -> Fields {
         Kind::Http => Fields::Http(HttpFields::default()),
         Kind::Dns => Fields::Dns(DnsFields::default()),
         Kind::Path => Fields::Path(PathFields::default()),
+        Kind::Responsiveness => Fields::Responsiveness(ResponsivenessFields::default()),
     }
 }
 

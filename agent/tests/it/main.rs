@@ -3,11 +3,13 @@
 //! namespaces fails where it cannot create them (`util::cannot_run`), unless a developer
 //! sets `EDGEPROBE_ALLOW_SKIP=1` outside CI.
 
+mod chain;
 mod dns;
 mod fleet;
 mod http;
 mod icmp;
 mod link;
+mod path;
 mod probes;
 mod schedule;
 mod speed;

@@ -31,7 +31,7 @@ pub fn probe(kind: &str, target: &str, args: &[&str]) -> (Value, i32) {
     probe_in(None, kind, target, args)
 }
 
-fn parse_probe(kind: &str, target: &str, output: &Output) -> (Value, i32) {
+pub fn parse_probe(kind: &str, target: &str, output: &Output) -> (Value, i32) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let value: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
         panic!(

@@ -15,6 +15,7 @@ pub enum Kind {
     Http,
     Dns,
     Path,
+    Responsiveness,
 }
 
 impl Kind {
@@ -26,6 +27,7 @@ impl Kind {
             Kind::Http => "http",
             Kind::Dns => "dns",
             Kind::Path => "path",
+            Kind::Responsiveness => "responsiveness",
         }
     }
 }
@@ -46,8 +48,9 @@ impl std::str::FromStr for Kind {
             "http" => Ok(Kind::Http),
             "dns" => Ok(Kind::Dns),
             "path" => Ok(Kind::Path),
+            "responsiveness" => Ok(Kind::Responsiveness),
             other => Err(format!(
-                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns, path"
+                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns, path, responsiveness"
             )),
         }
     }
@@ -55,13 +58,14 @@ impl std::str::FromStr for Kind {
 
 impl Kind {
     /// Every kind, in the order of SPEC section 3.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Speed,
         Kind::Icmp,
         Kind::Tcp,
         Kind::Http,
         Kind::Dns,
         Kind::Path,
+        Kind::Responsiveness,
     ];
 }
 
@@ -74,6 +78,7 @@ impl From<Kind> for pb::Kind {
             Kind::Http => pb::Kind::Http,
             Kind::Dns => pb::Kind::Dns,
             Kind::Path => pb::Kind::Path,
+            Kind::Responsiveness => pb::Kind::Responsiveness,
         }
     }
 }
@@ -93,6 +98,7 @@ impl TryFrom<pb::Kind> for Kind {
             pb::Kind::Http => Ok(Kind::Http),
             pb::Kind::Dns => Ok(Kind::Dns),
             pb::Kind::Path => Ok(Kind::Path),
+            pb::Kind::Responsiveness => Ok(Kind::Responsiveness),
             pb::Kind::Unspecified => Err(UnknownKind(kind as i32)),
         }
     }

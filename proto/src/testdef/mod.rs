@@ -33,6 +33,7 @@ pub use kind::{Kind, UnknownKind};
 pub use located::{from_toml, line_col, locate, Blame, ConfigError};
 pub use target::{check_target, parse_ip, redact, HttpUrl};
 pub use test::{
-    check_test, defaults, AgentContext, PathProtocol, Scheduling, TestConfig, TestOptions,
+    check_path_options, check_test, defaults, AgentContext, PathProtocol, Scheduling, TestConfig,
+    TestOptions,
 };
 pub use units::{parse_duration, parse_timezone};

@@ -190,7 +190,7 @@ pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
     bounds::target(target).map_err(|e| e.to_string())?;
     let shown = redact(target);
     match kind {
-        Kind::Http => {
+        Kind::Http | Kind::Responsiveness => {
             HttpUrl::parse(target)?;
         }
         Kind::Speed => {

@@ -165,6 +165,15 @@ pub struct TestOptions {
     /// Highest TTL (hop limit) probed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_hops: Option<u32>,
+    // responsiveness
+    /// Longest time each direction (download, upload) may take to reach stability.
+    #[serde(
+        default,
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_duration: Option<Duration>,
 }
 
 /// The packets a path test probes with (SPEC section 15).
@@ -217,7 +226,8 @@ impl TestOptions {
             server,
             protocol,
             port,
-            max_hops
+            max_hops,
+            max_duration
         );
         keys
     }
@@ -247,6 +257,7 @@ impl TestOptions {
             Kind::Path => &[
                 "timeout", "count", "interval", "protocol", "port", "max_hops",
             ],
+            Kind::Responsiveness => &["timeout", "max_duration", "insecure_tls"],
         }
     }
 }
@@ -283,12 +294,15 @@ pub mod defaults {
     pub const PATH_UDP_PORT: u16 = 33434;
     /// Path: destination port of TCP SYN probes.
     pub const PATH_TCP_PORT: u16 = 80;
+    /// Responsiveness: longest time of each direction (draft-ietf-ippm-responsiveness).
+    pub const RESPONSIVENESS_MAX_DURATION: Duration = Duration::from_secs(20);
 }
 
 impl TestOptions {
     /// The whole-run limit of a test of `kind` with these options: `timeout` when set, else
     /// the kind's default (speed: both directions plus 30 s; icmp: every request plus 5 s;
-    /// tcp, http, dns: 10 s; path: every round plus 8 s).
+    /// tcp, http, dns: 10 s; path: every round plus 8 s; responsiveness: both directions
+    /// plus 15 s).
     pub fn timeout_for(&self, kind: Kind) -> Duration {
         self.timeout.unwrap_or_else(|| match kind {
             Kind::Speed => {
@@ -305,6 +319,12 @@ impl TestOptions {
                     * self.count.unwrap_or(defaults::PATH_COUNT)
                     + defaults::PATH_PROBE_TIMEOUT
                     + Duration::from_secs(5)
+            }
+            Kind::Responsiveness => {
+                self.max_duration
+                    .unwrap_or(defaults::RESPONSIVENESS_MAX_DURATION)
+                    * 2
+                    + Duration::from_secs(15)
             }
         })
     }
@@ -421,6 +441,16 @@ pub fn check_test(
             ));
         }
     }
+    if test.kind == Kind::Responsiveness {
+        if let Some(d) = test.options.get_ref().max_duration {
+            if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) {
+                return Err((
+                    Some(test.options.span()),
+                    format!("test `{name}`: `max_duration` must be 2s to 300s"),
+                ));
+            }
+        }
+    }
     if test.kind == Kind::Path {
         check_path_options(name, test.options.get_ref())
             .map_err(|reason| (Some(test.options.span()), reason))?;
@@ -428,8 +458,8 @@ pub fn check_test(
     Ok(())
 }
 
-/// The value ranges of a path test's options.
-fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
+/// The value ranges of a path test's options (`name` is the test's, for the message).
+pub fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
     if let Some(hops) = o.max_hops {
         if hops == 0 || hops as usize > bounds::MAX_PATH_HOPS {
             return Err(format!(
