@@ -199,6 +199,24 @@ pub struct Measures {
     pub path_loss_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_protocol: Option<String>,
+    /// Round trips per minute under working conditions (SPEC section 16): overall and per
+    /// direction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub responsiveness_rpm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_responsiveness_rpm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_responsiveness_rpm: Option<f64>,
+    /// Round trip under load of a responsiveness run (60 / responsiveness_rpm).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded_latency_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_connections: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stable: Option<bool>,
+    /// poor, fair, good or excellent; NULL when the agent gave none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rating: Option<String>,
     /// The hops as the JSON stored in `results.hops`, rendered once by `check`
     /// (`ResultRow::to_json` embeds it as JSON).
     #[serde(skip)]
@@ -604,6 +622,84 @@ fn path_fields(p: &pb::PathFields, m: &mut Measures) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// The highest RPM a responsiveness result may carry: a 0.1 ms loaded round trip, far
+/// beyond any real link (a LAN under load is around 20,000).
+pub const MAX_RPM: f64 = 600_000.0;
+
+/// The most load-generating connections a responsiveness result may report (the draft's
+/// MNP is 16; the bound leaves room for other clients' settings).
+pub const MAX_LOAD_CONNECTIONS: u32 = 64;
+
+/// The draft's rating band of `rpm`: poor below 300, fair below 1000, good below 6000,
+/// excellent from 6000 (SPEC section 16; the agent rates with the same bands).
+pub fn rating_of(rpm: f64) -> &'static str {
+    if rpm < 300.0 {
+        "poor"
+    } else if rpm < 1000.0 {
+        "fair"
+    } else if rpm < 6000.0 {
+        "good"
+    } else {
+        "excellent"
+    }
+}
+
+/// An RPM: finite, 0..=`MAX_RPM`.
+fn rpm(field: &str, v: Option<f64>) -> Result<Option<f64>, Invalid> {
+    match measure(field, v)? {
+        Some(x) if x > MAX_RPM => invalid(format!("{field} = {x} is above {MAX_RPM}")),
+        other => Ok(other),
+    }
+}
+
+/// Checks a responsiveness result's fields (SPEC section 16) into `m`: RPMs bounded, the
+/// rating one of the draft's bands and the band of `responsiveness_rpm`.
+fn responsiveness_fields(r: &pb::ResponsivenessFields, m: &mut Measures) -> Result<(), Invalid> {
+    m.responsiveness_rpm = rpm("responsiveness_rpm", r.responsiveness_rpm)?;
+    m.download_responsiveness_rpm =
+        rpm("download_responsiveness_rpm", r.download_responsiveness_rpm)?;
+    m.upload_responsiveness_rpm = rpm("upload_responsiveness_rpm", r.upload_responsiveness_rpm)?;
+    m.download_bits_per_second = measure("download_bits_per_second", r.download_bits_per_second)?;
+    m.upload_bits_per_second = measure("upload_bits_per_second", r.upload_bits_per_second)?;
+    m.idle_latency_seconds = measure("idle_latency_seconds", r.idle_latency_seconds)?;
+    m.loaded_latency_seconds = measure("loaded_latency_seconds", r.loaded_latency_seconds)?;
+    if r.load_connections > MAX_LOAD_CONNECTIONS {
+        return invalid(format!(
+            "load_connections = {}, at most {MAX_LOAD_CONNECTIONS}",
+            r.load_connections
+        ));
+    }
+    m.load_connections = Some(r.load_connections as i32);
+    m.stable = Some(r.stable);
+    m.rating = match r.rating.as_str() {
+        "" => None,
+        "poor" | "fair" | "good" | "excellent" => {
+            let Some(overall) = m.responsiveness_rpm else {
+                return invalid(format!(
+                    "rating `{}` without a responsiveness_rpm",
+                    r.rating
+                ));
+            };
+            let band = rating_of(overall);
+            if band != r.rating {
+                return invalid(format!(
+                    "rating `{}` does not match responsiveness_rpm = {overall} (band {band})",
+                    r.rating
+                ));
+            }
+            Some(r.rating.clone())
+        }
+        other => {
+            let shown: String = other.chars().take(16).collect();
+            return invalid(format!(
+                "rating `{}` is not poor, fair, good or excellent",
+                shown.escape_debug()
+            ));
+        }
+    };
+    Ok(())
+}
+
 impl ResultRow {
     /// Checks one wire result against every bound except the batch's (agent id, seq),
     /// without taking it apart. Its start time is never a reason to refuse.
@@ -693,6 +789,7 @@ impl ResultRow {
                 }
             }
             (Kind::Path, Some(F::Path(p))) => path_fields(p, &mut m)?,
+            (Kind::Responsiveness, Some(F::Responsiveness(r))) => responsiveness_fields(r, &mut m)?,
             (_, None) => {}
             (kind, Some(_)) => return invalid(format!("fields do not match kind {}", kind.name())),
         }
@@ -1090,6 +1187,152 @@ mod tests {
         assert!(batch(vec![other]).unwrap().rejected[0]
             .reason
             .contains("fields do not match kind icmp"));
+    }
+
+    fn good_responsiveness(seq: u64) -> pb::Result {
+        pb::Result {
+            kind: pb::Kind::Responsiveness as i32,
+            target: "https://nq.example.net/.well-known/nq".into(),
+            fields: Some(pb::result::Fields::Responsiveness(
+                pb::ResponsivenessFields {
+                    responsiveness_rpm: Some(412.0),
+                    download_responsiveness_rpm: Some(380.0),
+                    upload_responsiveness_rpm: Some(444.0),
+                    download_bits_per_second: Some(19.1e6),
+                    upload_bits_per_second: Some(18.7e6),
+                    idle_latency_seconds: Some(0.004),
+                    loaded_latency_seconds: Some(60.0 / 412.0),
+                    load_connections: 6,
+                    stable: true,
+                    rating: "fair".into(),
+                },
+            )),
+            ..good(seq)
+        }
+    }
+
+    fn responsiveness_of(r: &mut pb::Result) -> &mut pb::ResponsivenessFields {
+        match &mut r.fields {
+            Some(pb::result::Fields::Responsiveness(f)) => f,
+            _ => unreachable!("a responsiveness result"),
+        }
+    }
+
+    #[test]
+    fn responsiveness_results_are_checked_against_the_rating_bands() {
+        let row = batch(vec![good_responsiveness(1)]).unwrap().rows.remove(0);
+        let m = &row.measures;
+        assert_eq!(m.responsiveness_rpm, Some(412.0));
+        assert_eq!(m.download_responsiveness_rpm, Some(380.0));
+        assert_eq!(m.upload_responsiveness_rpm, Some(444.0));
+        assert_eq!(m.download_bits_per_second, Some(19.1e6));
+        assert_eq!(m.idle_latency_seconds, Some(0.004));
+        assert_eq!(m.load_connections, Some(6));
+        assert_eq!(m.stable, Some(true));
+        assert_eq!(m.rating.as_deref(), Some("fair"));
+        let json: serde_json::Value = serde_json::from_slice(&row.to_json()).unwrap();
+        assert_eq!(json["measures"]["rating"], "fair");
+
+        // Every band and its edges, as the agent rates them.
+        for (rpm, rating) in [
+            (0.0, "poor"),
+            (299.9, "poor"),
+            (300.0, "fair"),
+            (999.9, "fair"),
+            (1000.0, "good"),
+            (5999.0, "good"),
+            (6000.0, "excellent"),
+            (MAX_RPM, "excellent"),
+        ] {
+            let mut r = good_responsiveness(1);
+            let f = responsiveness_of(&mut r);
+            f.responsiveness_rpm = Some(rpm);
+            f.rating = rating.into();
+            let b = batch(vec![r]).unwrap();
+            assert_eq!(b.rows.len(), 1, "{rpm} {rating}: {:?}", b.rejected);
+        }
+        // No RPM (a failed run): no rating, stored as NULL.
+        let mut failed = good_responsiveness(1);
+        failed.success = false;
+        failed.error_class = "timeout".into();
+        let f = responsiveness_of(&mut failed);
+        f.responsiveness_rpm = None;
+        f.rating.clear();
+        let row = batch(vec![failed]).unwrap().rows.remove(0);
+        assert_eq!(row.measures.rating, None);
+
+        type Case = (fn(&mut pb::ResponsivenessFields), &'static str);
+        let cases: &[Case] = &[
+            (
+                |f| f.rating = "good".into(),
+                "rating `good` does not match responsiveness_rpm = 412 (band fair)",
+            ),
+            (
+                |f| {
+                    f.responsiveness_rpm = Some(299.0);
+                    f.rating = "fair".into();
+                },
+                "band poor",
+            ),
+            (
+                |f| f.rating = "meh".into(),
+                "not poor, fair, good or excellent",
+            ),
+            (
+                |f| f.rating = "Fair".into(),
+                "not poor, fair, good or excellent",
+            ),
+            (
+                |f| f.responsiveness_rpm = None,
+                "rating `fair` without a responsiveness_rpm",
+            ),
+            (
+                |f| f.responsiveness_rpm = Some(-5.0),
+                "responsiveness_rpm = -5 is not a finite non-negative number",
+            ),
+            (
+                |f| f.download_responsiveness_rpm = Some(f64::NAN),
+                "download_responsiveness_rpm",
+            ),
+            (
+                |f| f.upload_responsiveness_rpm = Some(f64::INFINITY),
+                "upload_responsiveness_rpm",
+            ),
+            (
+                |f| f.upload_responsiveness_rpm = Some(600_001.0),
+                "above 600000",
+            ),
+            (
+                |f| f.loaded_latency_seconds = Some(-0.1),
+                "loaded_latency_seconds",
+            ),
+            (
+                |f| f.download_bits_per_second = Some(f64::NAN),
+                "download_bits_per_second",
+            ),
+            (
+                |f| f.load_connections = 65,
+                "load_connections = 65, at most 64",
+            ),
+        ];
+        for (i, (case, reason)) in cases.iter().enumerate() {
+            let mut bad = good_responsiveness(2);
+            case(responsiveness_of(&mut bad));
+            let b = batch(vec![good_responsiveness(1), bad, good_responsiveness(3)]).unwrap();
+            assert_eq!(b.rows.len(), 2, "case {i}");
+            assert_eq!(b.rejected.len(), 1, "case {i}");
+            assert!(
+                b.rejected[0].reason.contains(reason),
+                "case {i}: {}",
+                b.rejected[0].reason
+            );
+        }
+        // Responsiveness fields on another kind are refused.
+        let mut other = good_responsiveness(1);
+        other.kind = pb::Kind::Speed as i32;
+        assert!(batch(vec![other]).unwrap().rejected[0]
+            .reason
+            .contains("fields do not match kind speed"));
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub struct Metrics {
     pub info: IntGaugeVec,
     /// Latency of each result's main round trip, by test, kind and site: speed idle
     /// latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt
-    /// avg at the destination.
+    /// avg at the destination, responsiveness loaded latency.
     pub latency: HistogramVec,
     /// Speed test goodput by test, site and direction (download, upload).
     pub speed: HistogramVec,
@@ -72,6 +72,9 @@ pub struct Metrics {
     /// Loss that persists to the destination of each path result that reached it, by test
     /// and site.
     pub path_loss: HistogramVec,
+    /// Overall RPM (round trips per minute under working conditions) of each successful
+    /// responsiveness result, by test and site; buckets around the rating bands.
+    pub responsiveness: HistogramVec,
     /// Fleet state, one series per agent (bounded by the fleet size).
     pub agent_backlog: IntGaugeVec,
     pub agent_dropped: IntGaugeVec,
@@ -286,7 +289,7 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "edgeprobe_latency_seconds",
-                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt avg at the destination.",
+                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt avg at the destination, responsiveness round trip under load.",
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -387,6 +390,21 @@ impl Metrics {
                         "Loss that persists to the destination (path_loss_ratio) of path results that reached it; rate-limited hops do not count.",
                     )
                     .buckets(vec![0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
+            responsiveness: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_responsiveness_rpm",
+                        "Round trips per minute under working conditions (responsiveness_rpm) of each successful responsiveness result; the rating bands are poor below 300, fair below 1000, good below 6000, excellent from 6000.",
+                    )
+                    .buckets(vec![
+                        50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 4000.0, 6000.0,
+                        10000.0, 20000.0,
+                    ]),
                     &["test", "site"],
                 )
                 .unwrap(),
@@ -518,7 +536,7 @@ impl Metrics {
                     Kind::Http => m.ttfb_seconds,
                     Kind::Dns => m.resolve_seconds,
                     Kind::Path => m.rtt_avg_seconds,
-                    Kind::Responsiveness => None,
+                    Kind::Responsiveness => m.loaded_latency_seconds,
                 };
                 if let Some(v) = main {
                     latency.observe(v);
@@ -603,7 +621,15 @@ impl Metrics {
                         }
                     }
                 }
-                Kind::Tcp | Kind::Dns | Kind::Responsiveness => {}
+                Kind::Responsiveness => {
+                    let rpm = self.responsiveness.with_label_values(&[test, site]);
+                    for r in rows.iter().filter(|r| r.success) {
+                        if let Some(v) = r.measures.responsiveness_rpm {
+                            rpm.observe(v);
+                        }
+                    }
+                }
+                Kind::Tcp | Kind::Dns => {}
             }
         }
     }

@@ -6,7 +6,7 @@
 //! here a batch's shared labels are rendered once (`domain::Labels`).
 //!
 //! Invariants: the column list in `COPY_SQL` and the order of the fields in `row` are the
-//! same (51 columns, checked by a test); values are already validated by `domain.rs`
+//! same (58 columns, checked by a test); values are already validated by `domain.rs`
 //! (no NUL in text), so encoding cannot fail. Whether PostgreSQL accepts them (the
 //! server's encoding, constraints) is the store's concern, row by row if need be.
 
@@ -25,10 +25,12 @@ pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, sta
     tls_cert_expiry_seconds, resolve_seconds, answers, rcode, \
     incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at, \
     on_demand, run_id, \
-    reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops) \
+    reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops, \
+    responsiveness_rpm, download_responsiveness_rpm, upload_responsiveness_rpm, \
+    loaded_latency_seconds, load_connections, stable, rating) \
     FROM STDIN (FORMAT binary)";
 
-const COLUMNS: i16 = 51;
+const COLUMNS: i16 = 58;
 /// Bytes handed to the connection at a time.
 const CHUNK: usize = 256 * 1024;
 /// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
@@ -119,6 +121,17 @@ impl Encoder {
         text(b, m.path_protocol.as_deref());
         // A `json` column: its binary format is the text.
         text(b, m.hops.as_deref());
+        // responsiveness
+        float8(b, m.responsiveness_rpm);
+        float8(b, m.download_responsiveness_rpm);
+        float8(b, m.upload_responsiveness_rpm);
+        float8(b, m.loaded_latency_seconds);
+        int4(b, m.load_connections);
+        match m.stable {
+            Some(v) => boolean(b, v),
+            None => b.put_i32(NULL),
+        }
+        text(b, m.rating.as_deref());
         (b.len() >= CHUNK).then(|| b.split().freeze())
     }
 
@@ -289,11 +302,24 @@ mod tests {
             ..Default::default()
         };
         e.row(&path, Some(true));
+        let mut resp = row();
+        resp.kind = Kind::Responsiveness;
+        resp.measures = Measures {
+            responsiveness_rpm: Some(412.0),
+            download_responsiveness_rpm: Some(380.0),
+            upload_responsiveness_rpm: Some(444.0),
+            loaded_latency_seconds: Some(0.125),
+            load_connections: Some(6),
+            stable: Some(false),
+            rating: Some("fair".into()),
+            ..Default::default()
+        };
+        e.row(&resp, None);
         let out = e.finish();
         let mut at = 19; // signature, flags, header extension length
         let i16_at = |at: usize| i16::from_be_bytes([out[at], out[at + 1]]);
         let mut rows: Vec<Vec<Option<&[u8]>>> = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..3 {
             assert_eq!(i16_at(at), COLUMNS);
             at += 2;
             let mut columns: Vec<Option<&[u8]>> = Vec::new();
@@ -307,9 +333,24 @@ mod tests {
         }
         assert_eq!(i16_at(at), -1, "the trailer follows the last column");
         assert_eq!(at + 2, out.len());
-        let (columns, path) = (&rows[0], &rows[1]);
-        // The columns of schema 5, last in the list and in the row: NULL for other kinds.
-        assert_eq!(columns[COLUMNS as usize - 7..], [None; 7]);
+        let (columns, path, resp) = (&rows[0], &rows[1], &rows[2]);
+        let n = COLUMNS as usize;
+        // The columns of schema 7, last in the list and in the row: NULL for other kinds.
+        assert_eq!(columns[n - 7..], [None; 7]);
+        assert_eq!(path[n - 7..], [None; 7]);
+        let resp_tail: [Option<&[u8]>; 7] = [
+            Some(&412.0f64.to_be_bytes()),
+            Some(&380.0f64.to_be_bytes()),
+            Some(&444.0f64.to_be_bytes()),
+            Some(&0.125f64.to_be_bytes()),
+            Some(&6i32.to_be_bytes()),
+            Some(&[0]),
+            Some(b"fair"),
+        ];
+        assert_eq!(resp[n - 7..], resp_tail);
+        // The columns of schema 5, before them: NULL for other kinds.
+        assert_eq!(columns[n - 14..n - 7], [None; 7]);
+        assert_eq!(resp[n - 14..n - 7], [None; 7]);
         let path_tail: [Option<&[u8]>; 7] = [
             Some(&[1]),
             Some(&2i32.to_be_bytes()),
@@ -319,7 +360,7 @@ mod tests {
             Some(b"udp"),
             Some(b"[[1]]"),
         ];
-        assert_eq!(path[COLUMNS as usize - 7..], path_tail);
+        assert_eq!(path[n - 14..n - 7], path_tail);
         // The columns added by schemas 3 and 4, before them.
         let epoch_micros = -(PG_EPOCH_UNIX_SECONDS as i64) * 1_000_000;
         let tail: [Option<&[u8]>; 7] = [
@@ -331,11 +372,13 @@ mod tests {
             Some(&[1]),
             Some(&9i64.to_be_bytes()),
         ];
-        assert_eq!(columns[COLUMNS as usize - 14..COLUMNS as usize - 7], tail);
+        assert_eq!(columns[n - 21..n - 14], tail);
         assert!(COPY_SQL.contains(
             "rcode, incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at, \
     on_demand, run_id, \
-    reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops)"
+    reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops, \
+    responsiveness_rpm, download_responsiveness_rpm, upload_responsiveness_rpm, \
+    loaded_latency_seconds, load_connections, stable, rating)"
         ));
     }
 

@@ -750,6 +750,15 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
             "198.51.100.9"
         };
         out.push(synthetic_path(agent, &labels, at, middle, 0.2));
+        // Responsiveness: fair to good, poor in the slow speed runs' minutes (bufferbloat).
+        let rpm = if slow {
+            180.0
+        } else {
+            650.0 + f64::from(k) * 210.0
+        };
+        let mut nq = responsiveness_result(agent, 0, unix_nanos(at), site, rpm);
+        nq.labels = labels.clone();
+        out.push(nq);
     }
     for (i, r) in out.iter_mut().enumerate() {
         r.seq = i as u64 + 1;
@@ -947,6 +956,7 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     };
     let synthetic_others = synthetic_of(&[pb::Kind::Speed, pb::Kind::Icmp, pb::Kind::Dns]);
     let synthetic_paths = synthetic_of(&[pb::Kind::Path]);
+    let synthetic_responsiveness = synthetic_of(&[pb::Kind::Responsiveness]);
     run_synthetic_agent(
         collector.endpoint(),
         "synthetic-berlin-1".into(),
@@ -969,7 +979,8 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
             .all(|a| real(a, "http") >= 8 && real(a, "tcp") >= 3)
             && db.scalar("SELECT count(*) FROM results WHERE NOT success AND kind = 'http'") >= 2
             && per_kind("speed") + per_kind("icmp") + per_kind("dns") == synthetic_others
-            && per_kind("path") == synthetic_paths;
+            && per_kind("path") == synthetic_paths
+            && per_kind("responsiveness") == synthetic_responsiveness;
         ready.then_some(())
     });
     // The speed dashboard's annotations: a fleet tests version and an on-demand run.
@@ -1221,12 +1232,61 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
             "paths.json: no panel {title:?} ran"
         );
     }
+    for title in [
+        "Responsiveness (RPM)",
+        "Median RPM per site, last hour (Prometheus)",
+        "Latest responsiveness per agent and test",
+    ] {
+        assert!(
+            ran.contains(&("speed.json".to_string(), title.to_string())),
+            "speed.json: no panel {title:?} ran"
+        );
+    }
+    // The responsiveness panel's query sees the synthetic agent's runs, rating bands
+    // included; its thresholds are the bands.
+    let poor = db.scalar(
+        "SELECT count(*) FROM responsiveness_results WHERE rating = 'poor' AND responsiveness_rpm < 300",
+    );
+    assert_eq!(poor, 3, "the three slow minutes' runs are rated poor");
+    let speed = dashboards()
+        .into_iter()
+        .find(|(f, _)| f == "speed.json")
+        .unwrap()
+        .1;
+    let rpm_panel = panels(&speed)
+        .into_iter()
+        .find(|p| p["title"] == "Responsiveness (RPM)")
+        .unwrap()
+        .clone();
+    let steps: Vec<Value> = rpm_panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["value"].clone())
+        .collect();
+    assert_eq!(
+        steps,
+        [Value::Null, 300.into(), 1000.into(), 6000.into()],
+        "rating bands"
+    );
+    // The histogram's series are born with their first observations, which rate() cannot
+    // see: the median is NaN until a later batch's runs were scraped.
+    let median = wait_for(Duration::from_secs(30), "a median RPM", || {
+        let s =
+            prometheus.series("edgeprobe:responsiveness_rpm:p50_1h{test=\"rpm\",site=\"berlin\"}");
+        let v: f64 = s[0]["value"][1].as_str()?.parse().ok()?;
+        (!v.is_nan()).then_some(v)
+    });
+    assert!(
+        (300.0..=3000.0).contains(&median),
+        "median RPM {median} of fair-to-good runs"
+    );
     assert_eq!(sql_checked + prom_checked, targets, "every query ran");
     assert!(
         sql_checked >= 25 && prom_checked >= 20,
         "{sql_checked} SQL, {prom_checked} PromQL"
     );
-    assert_eq!(rules_checked, 27);
+    assert_eq!(rules_checked, 31);
     for a in &mut agents {
         a.stop();
     }

@@ -15,6 +15,7 @@ mod fleet_push;
 mod never_stall;
 mod paths;
 mod pg_tls;
+mod responsiveness;
 mod security;
 mod shutdown;
 mod spine;

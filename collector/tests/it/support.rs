@@ -1083,3 +1083,60 @@ impl AgentStream {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Responsiveness results (the collector half of issue 23).
+
+/// A successful responsiveness result of agent `id`, test `rpm`, labels site=`site`, whose
+/// overall RPM is `rpm` (rated as the agent rates it, loaded latency 60 / rpm).
+pub fn responsiveness_result(
+    id: &str,
+    seq: u64,
+    started_at_unix_nanos: i64,
+    site: &str,
+    rpm: f64,
+) -> pb::Result {
+    let rating = if rpm < 300.0 {
+        "poor"
+    } else if rpm < 1000.0 {
+        "fair"
+    } else if rpm < 6000.0 {
+        "good"
+    } else {
+        "excellent"
+    };
+    pb::Result {
+        agent_id: id.to_string(),
+        seq,
+        test: "rpm".into(),
+        kind: pb::Kind::Responsiveness as i32,
+        target: "https://nq.example.test/.well-known/nq".into(),
+        started_at_unix_nanos,
+        duration_seconds: 14.2,
+        success: true,
+        labels: [("site".to_string(), site.to_string())].into(),
+        fields: Some(pb::result::Fields::Responsiveness(
+            pb::ResponsivenessFields {
+                responsiveness_rpm: Some(rpm),
+                download_responsiveness_rpm: Some(rpm * 0.9),
+                upload_responsiveness_rpm: Some(rpm * 1.1),
+                download_bits_per_second: Some(19.2e6),
+                upload_bits_per_second: Some(18.6e6),
+                idle_latency_seconds: Some(0.0042),
+                loaded_latency_seconds: Some(60.0 / rpm),
+                load_connections: 6,
+                stable: true,
+                rating: rating.into(),
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+/// The responsiveness fields of a responsiveness result, to change them.
+pub fn responsiveness_fields(r: &mut pb::Result) -> &mut pb::ResponsivenessFields {
+    match &mut r.fields {
+        Some(pb::result::Fields::Responsiveness(f)) => f,
+        _ => panic!("not a responsiveness result"),
+    }
+}
