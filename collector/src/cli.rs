@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -33,16 +33,98 @@ pub enum Failure {
 /// How often run-now reads the run's state.
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
-/// How `tests` and `run-now` reach PostgreSQL: --database-url, else the [database] url of
-/// --config, else EDGEPROBE_DATABASE_URL or DATABASE_URL.
-#[derive(clap::Args)]
+/// How the operator commands reach PostgreSQL: --database-url, else the [database] url of
+/// --config (default /etc/edgeprobe/collector.toml when it exists), else
+/// EDGEPROBE_DATABASE_URL or DATABASE_URL, else those variables in the collector.env
+/// beside the configuration (where a packaged install keeps the URL).
+#[derive(clap::Args, Clone, Debug)]
 pub struct DbArgs {
-    /// PostgreSQL URL.
-    #[arg(long, global = true)]
-    database_url: Option<String>,
-    /// A collector configuration whose [database] url to use.
-    #[arg(long, short, global = true)]
-    config: Option<PathBuf>,
+    /// PostgreSQL URL (overrides the configuration and the environment).
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// The collector configuration whose [database] url (and collector.env beside it) to
+    /// use [default: /etc/edgeprobe/collector.toml when it exists].
+    #[arg(long, short, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Agents not heard from for longer than this are shown as stale, not as behind
+    /// [default: [fleet] stale_after of the configuration, else 24h].
+    #[arg(long, global = true, value_name = "DURATION", value_parser = edgeprobe_proto::testdef::parse_duration)]
+    pub stale_after: Option<Duration>,
+}
+
+/// What the operator commands reach: the database and the settings of the configuration.
+pub struct Reached {
+    pub client: Client,
+    pub stale_after: Duration,
+}
+
+/// The configuration the operator commands read: --config, else the packaged one when it
+/// exists (a missing default is no error; a missing --config is).
+fn operator_config(path: Option<&Path>) -> Result<Option<(PathBuf, Config)>, Failure> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let default = PathBuf::from(config::DEFAULT_CONFIG);
+            if !default.exists() {
+                return Ok(None);
+            }
+            default
+        }
+    };
+    let c = Config::load(Some(&path)).map_err(|e| Failure::Usage(e.to_string()))?;
+    Ok(Some((path, c)))
+}
+
+/// The database URL of `--database-url` / `--config` / the environment / collector.env,
+/// through the one resolver (`config::database_url`), and the configuration read.
+pub fn resolve_url(
+    flag: Option<String>,
+    config_path: Option<&Path>,
+) -> Result<(String, Option<Config>), Failure> {
+    let config = operator_config(config_path)?;
+    let (file_url, env_file) = match &config {
+        Some((path, c)) => (
+            c.database.url.clone(),
+            config::read_env_file(&config::env_file_of(path))
+                .map_err(|e| Failure::Usage(e.to_string()))?,
+        ),
+        None => (None, Vec::new()),
+    };
+    let (_, url) = config::database_url(flag, file_url, &env_file).ok_or_else(|| {
+        let read = match &config {
+            Some((path, _)) => format!(
+                "{} has no [database] url and {} no EDGEPROBE_DATABASE_URL",
+                path.display(),
+                config::env_file_of(path).display()
+            ),
+            None => format!("there is no {}", config::DEFAULT_CONFIG),
+        };
+        Failure::Usage(format!(
+            "no database URL ({read}): pass --database-url or --config FILE, or set EDGEPROBE_DATABASE_URL or DATABASE_URL"
+        ))
+    })?;
+    Ok((url, config.map(|(_, c)| c)))
+}
+
+async fn connect(db: &DbArgs) -> Result<Reached, Failure> {
+    let (url, config) = resolve_url(db.database_url.clone(), db.config.as_deref())?;
+    let stale_after = db.stale_after.unwrap_or_else(|| {
+        config
+            .as_ref()
+            .map_or(config::DEFAULT_STALE_AFTER, |c| c.fleet.stale_after)
+    });
+    let target = pg::Target::parse(&url).map_err(|e| Failure::Usage(e.to_string()))?;
+    let client = target.connect().await.map_err(|e| {
+        // `tokio_postgres::Error` alone displays as the bare "db error".
+        Failure::Runtime(format!(
+            "error: cannot connect to postgres: {}",
+            pg::describe(&e)
+        ))
+    })?;
+    Ok(Reached {
+        client,
+        stale_after,
+    })
 }
 
 #[derive(Subcommand)]
@@ -100,6 +182,58 @@ pub enum TestsCommand {
         /// Print one JSON document instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `results [--agent ID]... [--test NAME] [--since D] [--format table|json|csv]`.
+#[derive(clap::Args)]
+pub struct ResultsArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Results of this agent (repeatable; default: every agent).
+    #[arg(long, value_name = "ID")]
+    agent: Vec<String>,
+    /// Results of this test only.
+    #[arg(long, value_name = "NAME")]
+    test: Option<String>,
+    /// Results started at most this long ago (e.g. 15m, 24h, 7d).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = edgeprobe_proto::testdef::parse_duration)]
+    since: Duration,
+    /// table: one line per result with its main figures; json: one array of objects with
+    /// every column; csv: every column, for spreadsheets. Oldest first, streamed.
+    #[arg(long, value_enum, default_value = "table")]
+    format: crate::results::Format,
+}
+
+/// `agents [--select k=v] [--json]` and `agents retire ID`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Only agents whose labels include LABEL=VALUE (repeatable: all must match).
+    #[arg(long, value_name = "LABEL=VALUE", value_parser = parse_pair)]
+    select: Vec<(String, String)>,
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: Option<AgentsCommand>,
+}
+
+#[derive(Subcommand)]
+pub enum AgentsCommand {
+    /// Forget an agent that is gone (decommissioned, renamed): it leaves `agents`, `tests
+    /// list` and the fleet counts; its results stay. One that comes back is simply known
+    /// again. Refused while the agent is online, unless --force.
+    Retire {
+        /// The agent's id.
+        id: String,
+        /// Retire it although it was heard from in the last 45 s.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        db: DbArgs,
     },
 }
 
@@ -168,31 +302,6 @@ impl From<FleetError> for Failure {
     }
 }
 
-async fn connect(db: &DbArgs) -> Result<Client, Failure> {
-    // The file is read only when the flag does not give the URL.
-    let file = match (&db.database_url, &db.config) {
-        (None, Some(path)) => {
-            let config = Config::load(Some(path)).map_err(|e| Failure::Usage(e.to_string()))?;
-            config.database.url
-        }
-        _ => None,
-    };
-    let (_, url) = config::database_url(db.database_url.clone(), file).ok_or_else(|| {
-        Failure::Usage(
-            "no database URL: pass --database-url or --config, or set EDGEPROBE_DATABASE_URL or DATABASE_URL"
-                .into(),
-        )
-    })?;
-    let target = pg::Target::parse(&url).map_err(|e| Failure::Usage(e.to_string()))?;
-    target.connect().await.map_err(|e| {
-        // `tokio_postgres::Error` alone displays as the bare "db error".
-        Failure::Runtime(format!(
-            "error: cannot connect to postgres: {}",
-            pg::describe(&e)
-        ))
-    })
-}
-
 fn read_file(path: &std::path::Path) -> Result<String, Failure> {
     std::fs::read_to_string(path)
         .map_err(|e| Failure::Usage(format!("{}: cannot read: {e}", path.display())))
@@ -225,7 +334,10 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
     if let TestsCommand::Apply { file, .. } | TestsCommand::Diff { file, .. } = &command {
         fleet::parse_file(&read_file(file)?, &file.display().to_string())?;
     }
-    let mut client = connect(&db).await?;
+    let Reached {
+        mut client,
+        stale_after,
+    } = connect(&db).await?;
     match command {
         TestsCommand::Apply {
             file,
@@ -289,7 +401,7 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
             );
         }
         TestsCommand::List { json } => {
-            let l = fleet::list(&client).await?;
+            let l = fleet::list(&client, stale_after).await?;
             if json {
                 print_json(&l);
                 return Ok(ExitCode::SUCCESS);
@@ -329,17 +441,7 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
                 ["NAME", "KIND", "TARGET", "WHEN", "SELECTION", "AGENTS"],
                 &rows,
             );
-            outln!(
-                "agents: {} known, {} applied, {} behind, {} refused, {} too old for fleet tests",
-                l.agents_known,
-                l.applied,
-                l.behind,
-                l.refused.len(),
-                l.too_old
-            );
-            for r in &l.refused {
-                outln!("  refused by {}: {}", r.agent_id, r.error);
-            }
+            print_fleet_state(&l);
         }
         TestsCommand::Versions { json } => {
             let vs = fleet::versions(&client).await?;
@@ -381,6 +483,45 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The agents' side of `tests list`: counts, then every agent that is not running the
+/// current version, by name and why.
+fn print_fleet_state(l: &fleet::Listing) {
+    let stale_after = humantime::format_duration(Duration::from_secs(l.stale_after_seconds));
+    outln!(
+        "agents: {} known, {} applied, {} behind, {} refused, {} too old for fleet tests, {} stale",
+        l.agents_known,
+        l.applied,
+        l.behind,
+        l.refused.len(),
+        l.too_old,
+        l.stale.len()
+    );
+    for r in &l.refused {
+        let running = match r.running_version {
+            Some(v) => format!("runs version {v}"),
+            None => "runs no fleet tests".to_string(),
+        };
+        outln!("  refused by {} ({running}): {}", r.agent_id, r.error);
+    }
+    for b in &l.behind_agents {
+        let running = match b.fleet_version {
+            Some(v) => format!("runs version {v}"),
+            None => "no version yet".to_string(),
+        };
+        outln!(
+            "  behind: {} ({running}, seen {} ago)",
+            b.agent_id,
+            humantime::format_duration(Duration::from_secs(b.seen_seconds_ago as u64))
+        );
+    }
+    if !l.stale.is_empty() {
+        outln!(
+            "  stale (not seen for over {stale_after}; `agents retire ID` forgets one that is gone): {}",
+            l.stale.join(", ")
+        );
+    }
 }
 
 fn origin_of(v: &fleet::VersionInfo) -> String {
@@ -458,6 +599,191 @@ fn warn_unselecting(d: &fleet::Diff) {
     }
 }
 
+/// `results`: streamed from a server-side cursor to stdout as it comes.
+pub async fn results(args: ResultsArgs) -> Result<ExitCode, Failure> {
+    use crate::results::{self, Format};
+    let Reached { mut client, .. } = connect(&args.db).await?;
+    let filter = results::Filter {
+        agents: args.agent,
+        test: args.test,
+        since: args.since,
+    };
+    let format = args.format;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // A reader that went away (`| head`) ends the export quietly, as command line tools do.
+    let write = |out: &mut std::io::BufWriter<std::io::StdoutLock>, text: &str| {
+        if let Err(e) = out.write_all(text.as_bytes()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing the results: {e}");
+            std::process::exit(1);
+        }
+    };
+    match format {
+        Format::Table => write(
+            &mut out,
+            &format!(
+                "{:<20}  {:<16}  {:<5}  {:<20}  {:<4}  RESULT\n",
+                "STARTED (UTC)", "TEST", "KIND", "AGENT", "OK"
+            ),
+        ),
+        other => write(&mut out, &results::head(other)),
+    }
+    let mut cursor = results::Cursor::open(&mut client, &filter).await?;
+    let mut rows = 0u64;
+    while let Some(batch) = cursor.next().await? {
+        for row in &batch {
+            let text = match format {
+                Format::Table => table_line(row),
+                other => results::line(other, row, rows),
+            };
+            write(&mut out, &text);
+            rows += 1;
+        }
+    }
+    match format {
+        Format::Table if rows == 0 => write(
+            &mut out,
+            &format!(
+                "no results in the last {}\n",
+                humantime::format_duration(args.since)
+            ),
+        ),
+        other => write(&mut out, results::tail(other, rows)),
+    }
+    if let Err(e) = out.flush() {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(Failure::Runtime(format!("error: writing the results: {e}")));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A result as a table line: when, who, what, and the kind's main figures.
+fn table_line(row: &serde_json::Map<String, serde_json::Value>) -> String {
+    let text = |k: &str| {
+        row.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let started = text("started_at").replace('T', " ");
+    let r = RunResult {
+        agent_id: text("agent_id"),
+        test: text("test"),
+        kind: text("kind"),
+        target: text("target"),
+        success: row
+            .get("success")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+        duration_seconds: row
+            .get("duration_seconds")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
+        error_class: row
+            .get("error_class")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        error_message: row
+            .get("error_message")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        figures: row.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
+    format!(
+        "{:<20}  {:<16}  {:<5}  {}\n",
+        started.get(..19).unwrap_or(&started),
+        r.test,
+        r.kind,
+        result_row(&r)
+    )
+}
+
+/// `agents` and `agents retire ID`.
+pub async fn agents(args: AgentsArgs) -> Result<ExitCode, Failure> {
+    if let Some(AgentsCommand::Retire { id, force, db }) = args.command {
+        let Reached { client, .. } = connect(&db).await?;
+        let r = crate::agents::retire(&client, &id, force).await?;
+        outln!(
+            "agent {} retired; its {} results stay",
+            r.agent_id,
+            r.results_kept
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Reached {
+        client,
+        stale_after,
+    } = connect(&args.db).await?;
+    let select = args.select.into_iter().collect();
+    let list = crate::agents::list(&client, &select, stale_after).await?;
+    if args.json {
+        print_json(&serde_json::json!({ "agents": list }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_agents(&list);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `agents` table, then the reasons of refusals.
+pub fn print_agents(list: &[crate::agents::AgentView]) {
+    use crate::agents::{fleet_text, labels_text};
+    let rows: Vec<[String; 9]> = list
+        .iter()
+        .map(|a| {
+            [
+                a.agent_id.clone(),
+                labels_text(&a.labels),
+                a.version.clone(),
+                if a.online { "yes" } else { "no" }.to_string(),
+                format!("{} ago", human_age(a.seen_seconds_ago)),
+                a.backlog.to_string(),
+                fleet_text(a),
+                a.clock.clone(),
+                a.identity_conflicts.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        [
+            "ID",
+            "LABELS",
+            "VERSION",
+            "ONLINE",
+            "LAST SEEN",
+            "BACKLOG",
+            "FLEET",
+            "CLOCK",
+            "CONFLICTS",
+        ],
+        &rows,
+    );
+    for a in list {
+        if let (Some(v), Some(e)) = (a.fleet_refused_version, &a.fleet_error) {
+            outln!("{} refused fleet version {v}: {e}", a.agent_id);
+        }
+    }
+    let online = list.iter().filter(|a| a.online).count();
+    outln!(
+        "{} agent{}, {online} online",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    );
+}
+
+/// `42s`, `5m`, `3h`, `2d`: how long ago, to the unit that matters.
+fn human_age(seconds: f64) -> String {
+    let s = seconds.max(0.0) as u64;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7_199 => format!("{}m", s / 60),
+        7_200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 /// `run-now`.
 pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     let test = match (args.test, args.kind, args.target) {
@@ -489,7 +815,7 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
             agents: Some(args.agent),
         }
     };
-    let mut client = connect(&args.db).await?;
+    let Reached { mut client, .. } = connect(&args.db).await?;
     let created = runs::create(
         &mut client,
         &RunRequest { selection, test },

@@ -748,10 +748,15 @@ async fn write(client: &Client, p: &Pending) -> Result<(), tokio_postgres::Error
         let ids: Vec<&str> = p.applied.keys().map(String::as_str).collect();
         let versions: Vec<i64> = p.applied.values().map(|v| v.0 as i64).collect();
         let errors: Vec<&str> = p.applied.values().map(|v| v.1.as_str()).collect();
+        // A refusal of the version the agent had applied means it does not run it any
+        // more (it refused it at its start, beside a new local test of the same name):
+        // the applied version is cleared rather than left claiming it runs.
         client
             .execute(
                 "UPDATE agents SET
-                    fleet_version = CASE WHEN v.error = '' THEN v.version ELSE agents.fleet_version END,
+                    fleet_version = CASE WHEN v.error = '' THEN v.version
+                                         WHEN agents.fleet_version = v.version THEN NULL
+                                         ELSE agents.fleet_version END,
                     fleet_applied_at = CASE WHEN v.error = '' THEN now() ELSE agents.fleet_applied_at END,
                     fleet_refused_version = CASE WHEN v.error = '' THEN NULL ELSE v.version END,
                     fleet_error = CASE WHEN v.error = '' THEN NULL ELSE v.error END

@@ -14,6 +14,7 @@
 //! collector would not send it (bytes) or the agent would refuse it (tests).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use edgeprobe_proto::bounds;
 use edgeprobe_proto::testdef::{from_toml, FleetFile, FleetTest, TestsOnly};
@@ -125,6 +126,16 @@ pub struct KnownAgent {
     pub fleet_version: Option<i64>,
     pub fleet_refused_version: Option<i64>,
     pub fleet_error: Option<String>,
+    /// Seconds since a collector last heard from it (hello or heartbeat), by the
+    /// database's clock.
+    pub seen_seconds_ago: f64,
+}
+
+impl KnownAgent {
+    /// Not heard from for longer than `stale_after`: gone, or cut off for long.
+    pub fn is_stale(&self, stale_after: Duration) -> bool {
+        self.seen_seconds_ago > stale_after.as_secs_f64()
+    }
 }
 
 /// Every agent the collectors have seen (10,000 rows are a few hundred kB).
@@ -132,7 +143,8 @@ pub async fn known_agents(client: &impl GenericClient) -> Result<Vec<KnownAgent>
     let rows = client
         .query(
             "SELECT agent_id, labels, features, local_tests, fleet_version,
-                    fleet_refused_version, fleet_error
+                    fleet_refused_version, fleet_error,
+                    greatest(extract(epoch FROM now() - last_seen), 0)::float8
              FROM agents ORDER BY agent_id",
             &[],
         )
@@ -147,6 +159,7 @@ pub async fn known_agents(client: &impl GenericClient) -> Result<Vec<KnownAgent>
             fleet_version: r.get(4),
             fleet_refused_version: r.get(5),
             fleet_error: r.get(6),
+            seen_seconds_ago: r.get(7),
         })
         .collect())
 }
@@ -699,7 +712,22 @@ pub struct ListedTest {
 #[derive(Debug, Clone, Serialize)]
 pub struct Refusal {
     pub agent_id: String,
+    /// The version it refused (the current one).
+    pub version: i64,
     pub error: String,
+    /// The version it still runs, if any: a refused set leaves the previous one running,
+    /// and one refused at the agent's start leaves none.
+    pub running_version: Option<i64>,
+}
+
+/// An agent that has not applied the current version yet.
+#[derive(Debug, Clone, Serialize)]
+pub struct Behind {
+    pub agent_id: String,
+    /// The version it applied last (None: none yet).
+    pub fleet_version: Option<i64>,
+    /// Seconds since a collector last heard from it.
+    pub seen_seconds_ago: f64,
 }
 
 /// `tests list`: the current version and where the fleet stands.
@@ -710,15 +738,64 @@ pub struct Listing {
     pub agents_known: usize,
     /// Agents that applied the current version (or a later one).
     pub applied: usize,
-    /// Agents speaking fleet-tests that have not applied or refused it (yet).
+    /// How many agents speaking fleet-tests have not applied or refused it (yet)...
     pub behind: usize,
+    /// ... and which, with the version they run.
+    pub behind_agents: Vec<Behind>,
     /// Agents that refused the current version, with the reason.
     pub refused: Vec<Refusal>,
     /// Agents whose last hello did not list "fleet-tests": they get no fleet tests.
     pub too_old: usize,
+    /// Agents not heard from for longer than `stale_after_seconds`: not counted above
+    /// (`agents retire ID` forgets one that is gone).
+    pub stale: Vec<String>,
+    pub stale_after_seconds: u64,
 }
 
-pub async fn list(client: &impl GenericClient) -> Result<Listing, FleetError> {
+/// Where one agent stands with the current version (`cur`, 0 for none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetState {
+    /// Not heard from for longer than the stale threshold.
+    Stale,
+    /// Its hello did not list "fleet-tests".
+    TooOld,
+    /// It refused the current version (whatever it reported before).
+    Refused,
+    /// It runs the current version (or there is none).
+    Applied,
+    /// It has neither applied nor refused the current version yet.
+    Behind,
+}
+
+impl KnownAgent {
+    /// Its state against version `cur`. A refusal of `cur` outranks an earlier "applied":
+    /// an agent that refused the version it had applied (a local test of the same name
+    /// added, then a restart) does not run it.
+    pub fn fleet_state(&self, cur: i64, stale_after: Duration) -> FleetState {
+        if self.is_stale(stale_after) {
+            FleetState::Stale
+        } else if !self
+            .features
+            .iter()
+            .any(|f| f == edgeprobe_proto::FEATURE_FLEET_TESTS)
+        {
+            FleetState::TooOld
+        } else if cur > 0 && self.fleet_refused_version == Some(cur) {
+            FleetState::Refused
+        } else if cur == 0 || self.fleet_version.is_some_and(|v| v >= cur) {
+            FleetState::Applied
+        } else {
+            FleetState::Behind
+        }
+    }
+}
+
+/// `tests list`: the current set, and every known agent sorted by [`FleetState`].
+pub async fn list(
+    client: &impl GenericClient,
+    stale_after: Duration,
+) -> Result<Listing, FleetError> {
     check_schema(client).await?;
     let current = current_version(client).await?;
     let agents = known_agents(client).await?;
@@ -735,32 +812,38 @@ pub async fn list(client: &impl GenericClient) -> Result<Listing, FleetError> {
         })
         .collect();
     let cur = current.as_ref().map_or(0, |v| v.version);
-    let (mut applied, mut behind, mut too_old, mut refused) = (0, 0, 0, Vec::new());
-    for a in &agents {
-        if !a.features.iter().any(|f| f == "fleet-tests") {
-            too_old += 1;
-        } else if a.fleet_version.is_some_and(|v| v >= cur) {
-            applied += 1;
-        } else if a.fleet_refused_version == Some(cur) && cur > 0 {
-            refused.push(Refusal {
-                agent_id: a.agent_id.clone(),
-                error: a.fleet_error.clone().unwrap_or_default(),
-            });
-        } else if cur > 0 {
-            behind += 1;
-        } else {
-            applied += 1;
-        }
-    }
-    Ok(Listing {
+    let mut listing = Listing {
         current,
         tests,
         agents_known: agents.len(),
-        applied,
-        behind,
-        refused,
-        too_old,
-    })
+        applied: 0,
+        behind: 0,
+        behind_agents: Vec::new(),
+        refused: Vec::new(),
+        too_old: 0,
+        stale: Vec::new(),
+        stale_after_seconds: stale_after.as_secs(),
+    };
+    for a in &agents {
+        match a.fleet_state(cur, stale_after) {
+            FleetState::Stale => listing.stale.push(a.agent_id.clone()),
+            FleetState::TooOld => listing.too_old += 1,
+            FleetState::Refused => listing.refused.push(Refusal {
+                agent_id: a.agent_id.clone(),
+                version: cur,
+                error: a.fleet_error.clone().unwrap_or_default(),
+                running_version: a.fleet_version.filter(|v| *v < cur),
+            }),
+            FleetState::Applied => listing.applied += 1,
+            FleetState::Behind => listing.behind_agents.push(Behind {
+                agent_id: a.agent_id.clone(),
+                fleet_version: a.fleet_version,
+                seen_seconds_ago: a.seen_seconds_ago,
+            }),
+        }
+    }
+    listing.behind = listing.behind_agents.len();
+    Ok(listing)
 }
 
 /// 1-based line and column (in characters) of a byte offset, as the agent's errors count.
@@ -791,6 +874,7 @@ mod tests {
             fleet_version: None,
             fleet_refused_version: None,
             fleet_error: None,
+            seen_seconds_ago: 0.0,
         }
     }
 

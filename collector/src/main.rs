@@ -9,6 +9,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod agents;
 mod api;
 mod backoff;
 mod ca;
@@ -24,6 +25,7 @@ mod ingest;
 mod listen;
 mod metrics;
 mod pg;
+mod results;
 mod run;
 mod runs;
 mod schema;
@@ -58,6 +60,8 @@ fn main() -> ExitCode {
         Command::Cert { command } => commands::cert(command),
         Command::Tests { db, command } => block_on(cli::tests(db, command)),
         Command::RunNow(args) => block_on(cli::run_now(args)),
+        Command::Agents(args) => block_on(cli::agents(args)),
+        Command::Results(args) => block_on(cli::results(args)),
     };
     match result {
         Ok(code) => code,

@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fleet_controller",
         include_str!("../migrations/0004_fleet_controller.sql"),
     ),
+    (
+        6,
+        "operator",
+        include_str!("../migrations/0006_operator.sql"),
+    ),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.
