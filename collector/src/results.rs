@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use crate::fleet::FleetError;
 
 /// Rows fetched from the cursor at a time.
-pub const BATCH: i32 = 1000;
+pub const BATCH: i32 = 500;
 
 /// The columns of an export, in CSV order.
 pub const COLUMNS: &[&str] = &[

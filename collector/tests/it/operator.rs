@@ -157,3 +157,364 @@ fn tests_list_names_the_refusing_behind_and_stale_agents_and_the_agent_never_cla
     assert_eq!(l["behind_agents"][0]["agent_id"], "quiet", "{l}");
     drop(c);
 }
+
+/// The peak resident memory of a running process, in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kb * 1024
+}
+
+/// Issue 25, item 2: `agents` (CLI and API) lists the fleet with its state, filters by
+/// label, and `agents retire` forgets an agent that is gone (its results stay; refused
+/// while it is online); a retired agent that comes back is simply known again.
+#[test]
+fn agents_lists_the_fleet_with_its_state_and_retire_forgets_an_agent_that_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    let target = HttpTarget::start("ok");
+    let mut b1 = Agent::new_tls(
+        dir.path(),
+        "b1",
+        &format!("https://localhost:{}", c.grpc.port()),
+        &http_test(&target.url(), "1s"),
+        &pki,
+    );
+    let text = std::fs::read_to_string(&b1.config).unwrap();
+    std::fs::write(
+        &b1.config,
+        text.replace("site = \"lab\"", "site = \"berlin\""),
+    )
+    .unwrap();
+    b1.start();
+    let mut p1 = site_agent(dir.path(), &pki, "p1", "paris", &c);
+    wait_for(
+        Duration::from_secs(30),
+        "b1's results and p1's hello",
+        || {
+            (results_of(&db, "b1", "web") >= 2
+                && db.scalar("SELECT count(*) FROM agents WHERE agent_id = 'p1'") == 1)
+                .then_some(())
+        },
+    );
+    // An agent gone for two days, with a clone once, and a result of its own.
+    db.client()
+        .batch_execute(
+            "INSERT INTO agents (agent_id, labels, version, features, last_seen, backlog, identity_conflicts)
+               VALUES ('gone', '{\"site\":\"paris\"}', '0.0.9', '{fleet-tests,run-now}',
+                       now() - interval '2 days', 17, 2);
+             INSERT INTO results (agent_id, seq, test, kind, target, started_at, duration_seconds, success)
+               VALUES ('gone', 1, 'web', 'http', 'http://x/', now() - interval '2 days', 0.1, true)",
+        )
+        .unwrap();
+
+    let (code, out, err) = cli(&db, &["agents"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(
+            "ID    LABELS       VERSION  ONLINE  LAST SEEN  BACKLOG  FLEET  CLOCK    CONFLICTS"
+        ),
+        "{out}"
+    );
+    let row = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("no {id} in {out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("b1")[1], "site=berlin", "{out}");
+    assert_eq!(row("b1")[2], env!("CARGO_PKG_VERSION"), "{out}");
+    assert_eq!(row("b1")[3], "yes", "{out}");
+    assert_eq!(row("b1")[8], "synced", "{out}");
+    assert_eq!(
+        row("gone")[3..],
+        ["no", "2d", "ago", "17", "stale", "unknown", "2"],
+        "{out}"
+    );
+    assert!(out.ends_with("3 agents, 2 online\n"), "{out}");
+
+    // --select, and the same document from the CLI and the API.
+    let (code, out, _) = cli(&db, &["agents", "--select", "site=paris", "--json"]);
+    assert_eq!(code, Some(0));
+    let cli_json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = cli_json["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gone", "p1"]);
+    assert_eq!(cli_json["agents"][0]["fleet"], "stale");
+    assert_eq!(cli_json["agents"][0]["identity_conflicts"], 2);
+    assert_eq!(cli_json["agents"][1]["online"], true);
+    let api = curl(
+        &c,
+        Some(&alice),
+        "GET",
+        "/api/v1/agents?select=site%3Dparis",
+        None,
+    );
+    assert_eq!(api.status, Some(200), "{}", api.body);
+    let api_json = api.json();
+    let strip = |mut v: serde_json::Value| {
+        for a in v["agents"].as_array_mut().unwrap() {
+            // The only fields that move between two reads.
+            a["seen_seconds_ago"] = serde_json::Value::Null;
+            a["last_seen"] = serde_json::Value::Null;
+        }
+        v
+    };
+    assert_eq!(strip(api_json), strip(cli_json));
+    let typo = curl(
+        &c,
+        Some(&alice),
+        "GET",
+        "/api/v1/agents?selct=site%3Dparis",
+        None,
+    );
+    assert_eq!(typo.status, Some(400), "{}", typo.body);
+
+    // Retire: refused while online, done for the one that is gone; its results stay.
+    let (code, _, err) = cli(&db, &["agents", "retire", "b1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("it is online, not gone"), "{err}");
+    let (code, out, err) = cli(&db, &["agents", "retire", "gone"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "agent gone retired; its 1 results stay\n");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM agents WHERE agent_id = 'gone'"),
+        0
+    );
+    assert_eq!(results_of(&db, "gone", "web"), 1);
+    let (code, _, err) = cli(&db, &["agents", "retire", "gone"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no known agent `gone`"), "{err}");
+    let (_, out, _) = cli(&db, &["tests", "list", "--json"]);
+    assert!(!out.contains("gone"), "{out}");
+
+    // Over the API: p1 stopped is retired with force (it was seen seconds ago) and
+    // known again when it comes back.
+    p1.stop();
+    let a = curl(&c, Some(&alice), "DELETE", "/api/v1/agents/p1", None);
+    assert_eq!(a.status, Some(422), "{}", a.body);
+    let a = curl(
+        &c,
+        Some(&alice),
+        "DELETE",
+        "/api/v1/agents/p1?force=true",
+        None,
+    );
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM agents WHERE agent_id = 'p1'"),
+        0
+    );
+    p1.start();
+    wait_for(Duration::from_secs(30), "p1 known again", || {
+        (db.scalar("SELECT count(*) FROM agents WHERE agent_id = 'p1'") == 1).then_some(())
+    });
+    let a = curl(
+        &c,
+        Some(&alice),
+        "DELETE",
+        "/api/v1/agents/nobody?force=true",
+        None,
+    );
+    assert_eq!(a.status, Some(404), "{}", a.body);
+}
+
+/// Issue 25, "results": filters, the three formats, the same CSV from the CLI and the
+/// API, and an export much larger than the memory either side uses for it.
+#[test]
+fn results_filters_formats_and_streams_a_large_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    // 300,000 results of `bulk` over the last hour, and three of `a1` to look at.
+    const BULK: i64 = 300_000;
+    db.client()
+        .batch_execute(&format!(
+            "INSERT INTO results (agent_id, seq, test, kind, target, started_at, duration_seconds,
+                                  success, error_class, error_message, rtt_avg_seconds, loss_ratio,
+                                  sent, received)
+             SELECT 'bulk', g, 'ping', 'icmp', '192.0.2.1', now() - interval '50 minutes' + g * interval '1 ms',
+                    0.5, true, NULL, NULL, 0.0123, 0.0, 5, 5
+               FROM generate_series(1, {BULK}) g;
+             INSERT INTO results (agent_id, seq, test, kind, target, started_at, duration_seconds,
+                                  success, error_class, error_message, status_code, ttfb_seconds)
+             VALUES ('a1', 1, 'web', 'http', 'http://x/', now() - interval '2 hours', 0.2, true, NULL, NULL, 200, 0.05),
+                    ('a1', 2, 'web', 'http', 'http://x/', now() - interval '10 minutes', 0.2, true, NULL, NULL, 200, 0.05),
+                    ('a1', 3, 'web', 'http', 'http://x/', now() - interval '5 minutes', 1.5, false, 'timeout', 'no answer, \"ever\"', NULL, NULL)"
+        ))
+        .unwrap();
+
+    // Table: the last hour by default, one line per result with its figures.
+    let (code, out, err) = cli(&db, &["results", "--agent", "a1"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with("STARTED (UTC)         TEST              KIND   AGENT"),
+        "{out}"
+    );
+    assert!(
+        lines[1].contains(
+            "web               http   a1                    ok    status 200  ttfb 50.0 ms"
+        ),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("FAIL  total 1.50 s  error timeout: no answer, \"ever\""),
+        "{out}"
+    );
+    // --since and --test; JSON keeps types and leaves nulls out.
+    let (_, out, _) = cli(
+        &db,
+        &[
+            "results", "--agent", "a1", "--since", "3h", "--test", "web", "--format", "json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3, "{out}");
+    assert_eq!(v[0]["seq"], 1);
+    assert_eq!(v[0]["status_code"], 200);
+    assert!(v[0].get("error_class").is_none(), "{out}");
+    assert!(
+        v[0]["started_at"].as_str().unwrap().ends_with("+00:00"),
+        "{out}"
+    );
+    let (_, out, _) = cli(
+        &db,
+        &[
+            "results", "--agent", "a1", "--test", "nope", "--format", "json",
+        ],
+    );
+    assert_eq!(out, "[]\n");
+
+    // CSV, the same bytes from the CLI and the API.
+    let (_, cli_csv, _) = cli(&db, &["results", "--agent", "a1", "--format", "csv"]);
+    let api = curl(
+        &c,
+        Some(&alice),
+        "GET",
+        "/api/v1/results?agent=a1&format=csv",
+        None,
+    );
+    assert_eq!(api.status, Some(200), "{}", api.body);
+    assert_eq!(api.body, cli_csv);
+    assert!(
+        cli_csv.starts_with("started_at,agent_id,seq,test,kind,target,success,"),
+        "{cli_csv}"
+    );
+    assert!(
+        cli_csv.contains(",timeout,\"no answer, \"\"ever\"\"\","),
+        "{cli_csv}"
+    );
+    let typo = curl(&c, Some(&alice), "GET", "/api/v1/results?agnet=a1", None);
+    assert_eq!(typo.status, Some(400), "{}", typo.body);
+    assert!(
+        typo.body.contains("unknown query parameter `agnet`"),
+        "{}",
+        typo.body
+    );
+
+    // A large export through a pipe that is read slowly: the CLI's memory stays far below
+    // the size of the export (it holds one batch), and every row arrives once. The
+    // baseline is the same command on 2,000 rows (more than a pipe holds), sampled the
+    // same way.
+    let export = |rows: Option<u64>| {
+        let mut child = Command::new(collector_bin())
+            .args([
+                "results",
+                "--agent",
+                "bulk",
+                "--format",
+                "csv",
+                "--database-url",
+                &db.url,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        use std::io::BufRead;
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.starts_with("started_at,"));
+        let (mut n, mut bytes, mut peak) = (0u64, 0u64, 0u64);
+        loop {
+            // Sampled while the CLI is still writing (blocked on the pipe we hold).
+            if n % 50_000 == 1_000 && n < BULK as u64 {
+                std::thread::sleep(Duration::from_millis(300));
+                peak = peak.max(peak_rss(child.id()));
+            }
+            if rows.is_some_and(|r| n >= r) {
+                let _ = child.kill();
+                break;
+            }
+            line.clear();
+            let read = stdout.read_line(&mut line).unwrap();
+            if read == 0 {
+                break;
+            }
+            n += 1;
+            bytes += read as u64;
+        }
+        let _ = child.wait();
+        (n, bytes, peak)
+    };
+    let (_, _, baseline) = export(Some(2_000));
+    let (rows, bytes, peak) = export(None);
+    assert_eq!(rows, BULK as u64);
+    println!("cli export: {rows} rows, {bytes} bytes, peak rss {peak} bytes, baseline {baseline}");
+    assert!(
+        peak.saturating_sub(baseline) < bytes / 4,
+        "the CLI held the export: {peak} bytes at peak (baseline {baseline}) for {bytes}"
+    );
+
+    // The API streams too: the collector does not grow by the size of the export.
+    let before = peak_rss(c.proc.pid());
+    let out = dir.path().join("export.csv");
+    let status = Command::new("curl")
+        .args(["--silent", "--show-error", "--fail", "--max-time", "300"])
+        .arg("--cacert")
+        .arg(&c.pki_ca)
+        .arg("--cert")
+        .arg(&alice.0)
+        .arg("--key")
+        .arg(&alice.1)
+        .arg("--output")
+        .arg(&out)
+        .arg(format!(
+            "https://localhost:{}/api/v1/results?agent=bulk&format=csv",
+            c.api.port()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let body = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(body.lines().count() as i64, BULK + 1);
+    let grown = peak_rss(c.proc.pid()) - before;
+    println!(
+        "api export: {} bytes, collector peak rss grew {grown} bytes",
+        body.len()
+    );
+    assert!(
+        grown < body.len() as u64 / 4,
+        "the collector held the export: grew {grown} bytes for {}",
+        body.len()
+    );
+}
