@@ -518,3 +518,118 @@ fn results_filters_formats_and_streams_a_large_export() {
         body.len()
     );
 }
+
+/// `edgeprobe-collector ARGS...` with neither EDGEPROBE_DATABASE_URL nor DATABASE_URL in
+/// its environment: what an operator's shell on a packaged host has.
+fn bare_cmd(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(collector_bin())
+        .args(args)
+        .env_remove("EDGEPROBE_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 25, item 3: every operator command and `migrate` reach the database through
+/// `--config FILE` whose URL is in the `collector.env` beside it, as a packaged install
+/// keeps it (the file has no [database] url).
+#[test]
+fn every_operator_command_reaches_the_database_through_the_config_and_its_environment_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let config = write(
+        &etc,
+        "collector.toml",
+        "[server]\ninsecure = true\n\n[database]\nretention = \"30d\"\n\n[fleet]\nstale_after = \"1h\"\n",
+    );
+    write(
+        &etc,
+        "collector.env",
+        &format!(
+            "# secrets\nEDGEPROBE_DATABASE_URL=\"{}\"\nRUST_LOG=info\n",
+            db.url
+        ),
+    );
+    let file = write(dir.path(), "fleet-tests.toml", FLEET);
+
+    let (code, out, err) = bare_cmd(&["migrate", "--config", &config]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("schema at version"), "{out}");
+    assert!(db.scalar("SELECT count(*) FROM edgeprobe_migrations") >= 5);
+    db.client()
+        .batch_execute(
+            "INSERT INTO agents (agent_id, labels, features, last_seen) VALUES
+               ('b1', '{\"site\":\"berlin\"}', '{fleet-tests,run-now}', now() - interval '2 hours')",
+        )
+        .unwrap();
+
+    for args in [
+        vec!["tests", "diff", "--file", &file, "--config", &config],
+        vec!["tests", "apply", "--file", &file, "-c", &config],
+        vec!["tests", "list", "--config", &config],
+        vec!["tests", "versions", "--config", &config],
+        vec!["agents", "--config", &config],
+        vec!["results", "--config", &config, "--format", "csv"],
+    ] {
+        let (code, out, err) = bare_cmd(&args);
+        assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    }
+    // The configuration's [fleet] stale_after judges the agents (b1: 2 h unheard of).
+    let (_, out, _) = bare_cmd(&["tests", "list", "--config", &config]);
+    assert!(out.contains("1 stale"), "{out}");
+    let (_, out, _) = bare_cmd(&["agents", "--config", &config, "--json"]);
+    assert!(out.contains("\"fleet\": \"stale\""), "{out}");
+    // run-now reaches the database too: it knows b1 and asks it.
+    let (code, out, err) = bare_cmd(&[
+        "run-now",
+        "--config",
+        &config,
+        "--agent",
+        "b1",
+        "--test",
+        "web",
+        "--json",
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM run_agents WHERE agent_id = 'b1'"),
+        1
+    );
+    // --database-url wins over the file.
+    let (code, _, err) = bare_cmd(&[
+        "agents",
+        "--config",
+        &config,
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/x",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot connect to postgres"), "{err}");
+
+    // Without any of them: the reason names what was looked at.
+    let (code, _, err) = bare_cmd(&[
+        "tests",
+        "list",
+        "--config",
+        &etc.join("none.toml").display().to_string(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("none.toml: cannot read"), "{err}");
+    std::fs::remove_file(etc.join("collector.env")).unwrap();
+    let (code, _, err) = bare_cmd(&["agents", "--config", &config]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("has no [database] url and"), "{err}");
+    assert!(
+        err.contains("collector.env no EDGEPROBE_DATABASE_URL"),
+        "{err}"
+    );
+}
