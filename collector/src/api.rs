@@ -493,19 +493,20 @@ async fn tests_versions(State(api): State<Api>, RawQuery(query): RawQuery) -> An
     ))
 }
 
-/// `POST /api/v1/tests[?dry_run=true]`: the body is a fleet tests file.
+/// `POST /api/v1/tests[?dry_run=true][&force=true]`: the body is a fleet tests file.
 async fn tests_apply(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
-    let params = Params::parse(&query, &["dry_run"])?;
+    let params = Params::parse(&query, &["dry_run", "force"])?;
     let body = body_of(body)?;
     let dry_run = params.flag("dry_run")?;
+    let force = params.flag("force")?;
     let text = body_text(&body)?;
     let mut client = db(&api).await?;
-    let applied = fleet::apply(&mut client, text, ORIGIN, &operator, dry_run)
+    let applied = fleet::apply(&mut client, text, ORIGIN, &operator, dry_run, force)
         .await
         .map_err(|e| fleet_error(e, ORIGIN))?;
     if let Some(version) = applied.version {

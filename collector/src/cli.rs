@@ -140,6 +140,10 @@ pub enum TestsCommand {
         /// Check and show what would change; store nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Apply although the file removes every fleet test, a test selects no known
+        /// agent or names an unknown one, or an `every` is over 31 days.
+        #[arg(long)]
+        force: bool,
         /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
         /// automation acting for a person.
         #[arg(long, value_name = "NAME")]
@@ -148,8 +152,9 @@ pub enum TestsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show what applying FILE would add, change and remove, and how many known agents each
-    /// test selects. Changes nothing.
+    /// Show what applying FILE would add, change (field by field) and remove, and how many
+    /// known agents each test selects; run every check `apply` runs. Changes nothing. Exit
+    /// 2 where `apply` would refuse.
     Diff {
         /// The fleet tests file: [[test]] blocks with `select` or `agents`.
         #[arg(long)]
@@ -342,6 +347,7 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
         TestsCommand::Apply {
             file,
             dry_run,
+            force,
             by,
             json,
         } => {
@@ -353,6 +359,7 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
                 &origin,
                 &by.unwrap_or_else(operator_name),
                 dry_run,
+                force,
             )
             .await?;
             if json {
@@ -360,7 +367,9 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
                 return Ok(ExitCode::SUCCESS);
             }
             let d = &applied.diff;
-            warn_unselecting(d);
+            for r in &d.refusals {
+                eprintln!("warning: {r}");
+            }
             let counts = format!(
                 "+{} ~{} -{} tests; selects {} of {} known agents",
                 d.added, d.changed, d.removed, d.agents_selected, d.agents_known
@@ -380,12 +389,16 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
         TestsCommand::Diff { file, json } => {
             let text = read_file(&file)?;
             let d = fleet::diff(&client, &text, &file.display().to_string()).await?;
+            let verdict = if d.refusals.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
             if json {
                 print_json(&d);
-                return Ok(ExitCode::SUCCESS);
+                return Ok(verdict);
             }
             print_changes(&d);
-            warn_unselecting(&d);
             let against = match d.current {
                 Some(v) => format!("version {v}"),
                 None => "no fleet tests".to_string(),
@@ -399,6 +412,13 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
                 d.agents_selected,
                 d.agents_known
             );
+            if !d.refusals.is_empty() {
+                for r in &d.refusals {
+                    eprintln!("{r}");
+                }
+                eprintln!("`tests apply` refuses this file unless --force");
+            }
+            return Ok(verdict);
         }
         TestsCommand::List { json } => {
             let l = fleet::list(&client, stale_after).await?;
@@ -471,9 +491,15 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
                 return Ok(ExitCode::SUCCESS);
             }
             let d = &applied.diff;
+            let Some(new) = applied.version else {
+                outln!(
+                    "no change: the current version {} already holds the tests of version {version}",
+                    d.current.unwrap_or_default()
+                );
+                return Ok(ExitCode::SUCCESS);
+            };
             outln!(
-                "version {} applied (the tests of version {version}): +{} ~{} -{} tests; selects {} of {} known agents",
-                applied.version.unwrap_or_default(),
+                "version {new} applied (the tests of version {version}): +{} ~{} -{} tests; selects {} of {} known agents",
                 d.added,
                 d.changed,
                 d.removed,
@@ -500,10 +526,10 @@ fn print_fleet_state(l: &fleet::Listing) {
     );
     for r in &l.refused {
         let running = match r.running_version {
-            Some(v) => format!("runs version {v}"),
-            None => "runs no fleet tests".to_string(),
+            Some(v) => format!("it runs version {v}"),
+            None => "it runs no fleet tests".to_string(),
         };
-        outln!("  refused by {} ({running}): {}", r.agent_id, r.error);
+        outln!("  refused by {}: {} ({running})", r.agent_id, r.error);
     }
     for b in &l.behind_agents {
         let running = match b.fleet_version {
@@ -559,6 +585,11 @@ fn print_changes(d: &fleet::Diff) {
             &rows,
         );
     }
+    for t in d.tests.iter().filter(|t| t.change == Change::Changed) {
+        for f in &t.fields {
+            outln!("  ~ {}: {}", t.name, f.describe());
+        }
+    }
 }
 
 fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
@@ -582,20 +613,6 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     line(header.to_vec());
     for row in rows {
         line(row.iter().map(String::as_str).collect());
-    }
-}
-
-/// Warns (stderr) about tests that select none of the known agents: a typo in an id or a
-/// label value is otherwise applied without a word. Not an error: the agent may not have
-/// connected yet.
-fn warn_unselecting(d: &fleet::Diff) {
-    for t in &d.tests {
-        if t.agents_selected == 0 && !matches!(t.change, fleet::Change::Removed) {
-            eprintln!(
-                "warning: test `{}` ({}) selects none of the {} known agents; check the ids or labels",
-                t.name, t.selection, d.agents_known
-            );
-        }
     }
 }
 

@@ -318,6 +318,82 @@ pub struct TestChange {
     pub selection: String,
     /// Known agents (the `agents` table) the test selects; for a removed test, selected.
     pub agents_selected: usize,
+    /// For a changed test, what changed, field by field (`options.count`, `select.site`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldChange>,
+}
+
+/// One field of a changed test: its old and new value as TOML (`None`: not set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+impl FieldChange {
+    /// `every 30s -> 1m`, `options.count (unset) -> 5`.
+    pub fn describe(&self) -> String {
+        let v = |x: &Option<String>| x.clone().unwrap_or_else(|| "(unset)".to_string());
+        format!("{} {} -> {}", self.field, v(&self.old), v(&self.new))
+    }
+}
+
+/// The fields of a stored test as flat `key` / `table.key` -> TOML value: its block and
+/// its selection.
+fn flat_fields(t: &StoredTest) -> BTreeMap<String, String> {
+    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => flatten(&key, inner, out),
+                other => {
+                    out.insert(key, other.to_string());
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let block = toml::from_str::<toml::Table>(&t.spec_toml)
+        .ok()
+        .and_then(|doc| {
+            doc.get("test")
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.first())
+                .and_then(|v| v.as_table())
+                .cloned()
+        })
+        .unwrap_or_default();
+    flatten("", &block, &mut out);
+    for (k, v) in &t.selection.select {
+        out.insert(
+            format!("select.{k}"),
+            toml::Value::String(v.clone()).to_string(),
+        );
+    }
+    if let Some(ids) = &t.selection.agents {
+        let list = toml::Value::Array(ids.iter().map(|i| toml::Value::String(i.clone())).collect());
+        out.insert("agents".into(), list.to_string());
+    }
+    out
+}
+
+/// What differs between two versions of a test, field by field.
+fn field_changes(old: &StoredTest, new: &StoredTest) -> Vec<FieldChange> {
+    let (a, b) = (flat_fields(old), flat_fields(new));
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| FieldChange {
+            field: k.clone(),
+            old: a.get(k).cloned(),
+            new: b.get(k).cloned(),
+        })
+        .collect()
 }
 
 /// A file compared with the current version: what `tests diff` prints and `tests apply`
@@ -334,6 +410,9 @@ pub struct Diff {
     /// Known agents that at least one test of the new set selects.
     pub agents_selected: usize,
     pub agents_known: usize,
+    /// Why `tests apply` would refuse this file unless forced (`--force`, `force=true`):
+    /// located `origin:line:col: reason` where a test is at fault.
+    pub refusals: Vec<String>,
 }
 
 impl Diff {
@@ -353,10 +432,10 @@ fn compare(
     let new_names: BTreeSet<&str> = new.iter().map(|t| t.name.as_str()).collect();
     let mut tests = Vec::new();
     for t in new {
-        let change = match old_by.get(t.name.as_str()) {
-            None => Change::Added,
-            Some(o) if *o == t => Change::Unchanged,
-            Some(_) => Change::Changed,
+        let (change, fields) = match old_by.get(t.name.as_str()) {
+            None => (Change::Added, Vec::new()),
+            Some(o) if *o == t => (Change::Unchanged, Vec::new()),
+            Some(o) => (Change::Changed, field_changes(o, t)),
         };
         tests.push(TestChange {
             name: t.name.clone(),
@@ -365,6 +444,7 @@ fn compare(
             target: t.target.clone(),
             selection: t.selection.describe(),
             agents_selected: count(&t.selection),
+            fields,
         });
     }
     for t in old.iter().filter(|t| !new_names.contains(t.name.as_str())) {
@@ -375,6 +455,7 @@ fn compare(
             target: t.target.clone(),
             selection: t.selection.describe(),
             agents_selected: count(&t.selection),
+            fields: Vec::new(),
         });
     }
     tests.sort_by(|a, b| a.name.cmp(&b.name));
@@ -390,7 +471,95 @@ fn compare(
             .count(),
         agents_known: agents.len(),
         tests,
+        refusals: Vec::new(),
     }
+}
+
+/// The longest `every` accepted without `--force`: a typo such as "100000d" is refused.
+pub const MAX_SANE_EVERY: std::time::Duration = std::time::Duration::from_secs(31 * 86_400);
+
+/// The checks that make an apply dangerous rather than wrong, refused unless forced: it
+/// removes every fleet test, a test selects none of the known agents, a test names an
+/// agent no collector has seen, or an `every` is beyond [`MAX_SANE_EVERY`]. Each reason is
+/// located at the test's name.
+fn dangers(
+    file: &FleetFile,
+    new: &[StoredTest],
+    old: &[StoredTest],
+    agents: &[KnownAgent],
+    text: &str,
+    origin: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if new.is_empty() && !old.is_empty() {
+        out.push(format!(
+            "{origin}: the file has no tests: applying it removes all {} fleet tests from every agent",
+            old.len()
+        ));
+    }
+    for (t, stored) in file.tests.iter().zip(new) {
+        let (line, col) = line_col(text, t.config.name.span().start);
+        let at = format!("{origin}:{line}:{col}: test `{}`", stored.name);
+        if let Some(ids) = &stored.selection.agents {
+            let unknown: Vec<&str> = ids
+                .iter()
+                .filter(|id| !agents.iter().any(|a| &a.agent_id == *id))
+                .map(String::as_str)
+                .collect();
+            if !unknown.is_empty() {
+                out.push(format!(
+                    "{at} names agents no collector has seen: {} (a typo? see `edgeprobe-collector agents`)",
+                    unknown.join(", ")
+                ));
+            }
+        }
+        if !agents.iter().any(|a| stored.selection.selects(a)) {
+            out.push(format!(
+                "{at} selects none of the {} known agents ({}); check the ids or labels (see `edgeprobe-collector agents`)",
+                agents.len(),
+                stored.selection.describe()
+            ));
+        }
+        if let Some(every) = t.config.every.filter(|e| *e > MAX_SANE_EVERY) {
+            out.push(format!(
+                "{at} runs every {} days, more than {} days apart (a typo?)",
+                every.as_secs() / 86_400,
+                MAX_SANE_EVERY.as_secs() / 86_400
+            ));
+        }
+    }
+    out
+}
+
+/// Refuses a test named like a local test of an agent it selects (never forced: the agent
+/// would refuse the whole set).
+fn check_clashes(
+    file: &FleetFile,
+    new: &[StoredTest],
+    agents: &[KnownAgent],
+    text: &str,
+    origin: &str,
+) -> Result<(), FleetError> {
+    for (t, stored) in file.tests.iter().zip(new) {
+        let clashing: Vec<&str> = agents
+            .iter()
+            .filter(|a| a.local_tests.contains(&stored.name) && stored.selection.selects(a))
+            .map(|a| a.agent_id.as_str())
+            .collect();
+        if !clashing.is_empty() {
+            let (line, col) = line_col(text, t.config.name.span().start);
+            let more = match clashing.len().saturating_sub(IDS_SHOWN) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            return Err(FleetError::Invalid(format!(
+                "{origin}:{line}:{col}: fleet test `{}` has the name of a local test of agent {}{more}; rename the fleet test or narrow its selection",
+                stored.name,
+                clashing[..clashing.len().min(IDS_SHOWN)].join(", "),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A known agent for which a set of tests breaks a bound of what it can be pushed.
@@ -535,8 +704,11 @@ pub async fn diff(
         None => Vec::new(),
     };
     let agents = known_agents(client).await?;
+    check_clashes(&file, &new, &agents, text, origin)?;
     check_pushes(&file, &new, &agents, text, origin)?;
-    Ok(compare(current, &old, &new, &agents))
+    let mut diff = compare(current, &old, &new, &agents);
+    diff.refusals = dangers(&file, &new, &old, &agents, text, origin);
+    Ok(diff)
 }
 
 /// What an apply or rollback did.
@@ -550,13 +722,16 @@ pub struct Applied {
 }
 
 /// `tests apply`: checks the file, refuses a test named like a local test of an agent it
-/// selects, and stores a new version (unless identical to the current one or `dry_run`).
+/// selects, refuses what [`dangers`] finds unless `force`, and stores a new version
+/// (unless identical to the current one or `dry_run`; a dry run reports the dangers in
+/// `refusals` instead).
 pub async fn apply(
     client: &mut Client,
     text: &str,
     origin: &str,
     created_by: &str,
     dry_run: bool,
+    force: bool,
 ) -> Result<Applied, FleetError> {
     let file = parse_file(text, origin)?;
     check_schema(&*client).await?;
@@ -565,32 +740,21 @@ pub async fn apply(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FLEET_LOCK])
         .await?;
     let agents = known_agents(&tx).await?;
-    for (t, stored) in file.tests.iter().zip(&new) {
-        let clashing: Vec<&str> = agents
-            .iter()
-            .filter(|a| a.local_tests.contains(&stored.name) && stored.selection.selects(a))
-            .map(|a| a.agent_id.as_str())
-            .collect();
-        if !clashing.is_empty() {
-            let (line, col) = line_col(text, t.config.name.span().start);
-            let more = match clashing.len().saturating_sub(IDS_SHOWN) {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
-            return Err(FleetError::Invalid(format!(
-                "{origin}:{line}:{col}: fleet test `{}` has the name of a local test of agent {}{more}; rename the fleet test or narrow its selection",
-                stored.name,
-                clashing[..clashing.len().min(IDS_SHOWN)].join(", "),
-            )));
-        }
-    }
+    check_clashes(&file, &new, &agents, text, origin)?;
     check_pushes(&file, &new, &agents, text, origin)?;
     let current = current_version(&tx).await?.map(|v| v.version);
     let old = match current {
         Some(v) => tests_of(&tx, v).await?,
         None => Vec::new(),
     };
-    let diff = compare(current, &old, &new, &agents);
+    let mut diff = compare(current, &old, &new, &agents);
+    diff.refusals = dangers(&file, &new, &old, &agents, text, origin);
+    if !diff.refusals.is_empty() && !force && !dry_run {
+        return Err(FleetError::Invalid(format!(
+            "{}\nnothing applied; if this is what you mean, apply with --force (API: force=true)",
+            diff.refusals.join("\n")
+        )));
+    }
     if dry_run || (diff.is_empty() && current.is_some()) {
         return Ok(Applied {
             version: None,
@@ -642,6 +806,14 @@ pub async fn rollback(
         )));
     }
     let diff = compare(current, &current_tests, &old_tests, &agents);
+    // Rolling back to what is current changes nothing: no version.
+    if diff.is_empty() && current.is_some() {
+        return Ok(Applied {
+            version: None,
+            dry_run: false,
+            diff,
+        });
+    }
     let new = insert_version(&tx, created_by, "rollback", "", Some(version), &old_tests).await?;
     tx.commit().await?;
     Ok(Applied {

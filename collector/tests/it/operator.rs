@@ -99,10 +99,8 @@ fn tests_list_names_the_refusing_behind_and_stale_agents_and_the_agent_never_cla
         ),
         "{out}"
     );
-    assert!(
-        out.contains("refused by b2 (runs no fleet tests): "),
-        "{out}"
-    );
+    assert!(out.contains("refused by b2: "), "{out}");
+    assert!(out.contains("(it runs no fleet tests)"), "{out}");
     assert!(out.contains("own config file"), "the agent's reason: {out}");
 
     let l = curl(&c, Some(&alice), "GET", "/api/v1/tests", None).json();
@@ -632,4 +630,184 @@ fn every_operator_command_reaches_the_database_through_the_config_and_its_enviro
         err.contains("collector.env no EDGEPROBE_DATABASE_URL"),
         "{err}"
     );
+}
+
+/// Issue 25, item 4: dangerous applies are refused unless forced (CLI and API), `diff`
+/// runs every check `apply` runs and exits 2 where apply would refuse, says what changed
+/// in a changed test, and an unknown API query parameter is 400 (nothing applied).
+#[test]
+fn dangerous_applies_are_refused_unless_forced_and_diff_tells_what_apply_would_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    db.client()
+        .batch_execute(
+            "INSERT INTO agents (agent_id, labels, features, local_tests) VALUES
+               ('b1', '{\"site\":\"berlin\"}', '{fleet-tests,run-now}', '{}'),
+               ('p1', '{\"site\":\"paris\"}', '{fleet-tests,run-now}', '{ping}')",
+        )
+        .unwrap();
+    let versions = || db.scalar("SELECT count(*) FROM fleet_versions");
+    let two = "[[test]]\nname = \"web\"\nkind = \"tcp\"\ntarget = \"192.0.2.1:80\"\nevery = \"30s\"\n\n[[test]]\nname = \"dns\"\nkind = \"dns\"\ntarget = \"example.net\"\nevery = \"1m\"\nselect = { site = \"berlin\" }\n";
+    let v1 = write(dir.path(), "v1.toml", two);
+    let (code, out, err) = cli(&db, &["tests", "apply", "--file", &v1]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(versions(), 1);
+
+    // Each danger: diff exits 2 with the reason, apply refuses it located, nothing changes.
+    let cases = [
+        (
+            "empty.toml",
+            "# nothing\n".to_string(),
+            "empty.toml: the file has no tests: applying it removes all 2 fleet tests",
+        ),
+        (
+            "typo-id.toml",
+            two.replace("every = \"30s\"", "every = \"30s\"\nagents = [\"ber-3\"]"),
+            "typo-id.toml:2:8: test `web` names agents no collector has seen: ber-3",
+        ),
+        (
+            "typo-site.toml",
+            two.replace("berlin", "berln"),
+            "typo-site.toml:8:8: test `dns` selects none of the 2 known agents (site=berln)",
+        ),
+        (
+            "long.toml",
+            two.replace("\"1m\"", "\"100000d\""),
+            "long.toml:8:8: test `dns` runs every 100000 days, more than 31 days apart",
+        ),
+    ];
+    for (name, text, reason) in &cases {
+        let file = write(dir.path(), name, text);
+        let (code, out, err) = cli(&db, &["tests", "diff", "--file", &file]);
+        assert_eq!(code, Some(2), "diff {name}: {out}{err}");
+        assert!(err.contains(reason), "diff {name}: {err}");
+        let (code, out, err) = cli(&db, &["tests", "apply", "--file", &file]);
+        assert_eq!(code, Some(2), "apply {name}: {out}{err}");
+        assert!(err.contains(reason), "apply {name}: {err}");
+        assert!(
+            err.contains("nothing applied; if this is what you mean, apply with --force"),
+            "{err}"
+        );
+        assert_eq!(versions(), 1, "{name}");
+    }
+    // Forced, it is applied.
+    let empty = dir.path().join("empty.toml").display().to_string();
+    let (code, out, err) = cli(&db, &["tests", "apply", "--file", &empty, "--force"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("version 2 applied: +0 ~0 -2 tests"), "{out}");
+    let (code, out, err) = cli(&db, &["tests", "rollback", "1"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // A rollback to what is current makes no version.
+    let (code, out, _) = cli(&db, &["tests", "rollback", "3"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("no change: the current version 3 already holds"),
+        "{out}"
+    );
+    assert_eq!(versions(), 3);
+
+    // diff refuses a name clash as apply does (p1 has a local test `ping`), exit 2.
+    let clash = write(
+        dir.path(),
+        "clash.toml",
+        &two.replace("\"dns\"\nkind", "\"ping\"\nkind")
+            .replace("site = \"berlin\"", "site = \"paris\""),
+    );
+    let (code, _, err) = cli(&db, &["tests", "diff", "--file", &clash]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("has the name of a local test of agent p1"),
+        "{err}"
+    );
+
+    // What changed in a changed test, field by field.
+    let changed = write(
+        dir.path(),
+        "changed.toml",
+        &two.replace(
+            "every = \"30s\"",
+            "every = \"45s\"\noptions = { timeout = \"2s\" }",
+        )
+        .replace("192.0.2.1:80", "192.0.2.2:80"),
+    );
+    let (code, out, err) = cli(&db, &["tests", "diff", "--file", &changed]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("~ changed  web"), "{out}");
+    assert!(out.contains("  ~ web: every \"30s\" -> \"45s\""), "{out}");
+    assert!(
+        out.contains("  ~ web: options.timeout (unset) -> \"2s\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("  ~ web: target \"192.0.2.1:80\" -> \"192.0.2.2:80\""),
+        "{out}"
+    );
+    let (_, out, _) = cli(&db, &["tests", "diff", "--file", &changed, "--json"]);
+    let d: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let web = d["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "web")
+        .unwrap()
+        .clone();
+    assert_eq!(web["fields"].as_array().unwrap().len(), 3, "{web}");
+
+    // The API: a typo in a parameter is 400 and applies nothing; force=true forces.
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/tests?dryrun=true",
+        Some("# nothing\n"),
+    );
+    assert_eq!(a.status, Some(400), "{}", a.body);
+    assert!(
+        a.body.contains("unknown query parameter `dryrun`"),
+        "{}",
+        a.body
+    );
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/tests",
+        Some("# nothing\n"),
+    );
+    assert_eq!(a.status, Some(422), "{}", a.body);
+    assert!(a.body.contains("removes all 2 fleet tests"), "{}", a.body);
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/tests/diff",
+        Some(&cases[1].1),
+    );
+    assert_eq!(a.status, Some(200), "{}", a.body);
+    assert!(
+        a.json()["refusals"][0].as_str().unwrap().contains("ber-3"),
+        "{}",
+        a.body
+    );
+    for path in [
+        "/api/v1/tests?x=1",
+        "/api/v1/tests/versions?all",
+        "/api/v1/runs/1?verbose=1",
+    ] {
+        let a = curl(&c, Some(&alice), "GET", path, None);
+        assert_eq!(a.status, Some(400), "{path}: {}", a.body);
+    }
+    assert_eq!(versions(), 3);
+    let a = curl(
+        &c,
+        Some(&alice),
+        "POST",
+        "/api/v1/tests?force=true",
+        Some("# nothing\n"),
+    );
+    assert_eq!(a.status, Some(201), "{}", a.body);
+    assert_eq!(versions(), 4);
 }
