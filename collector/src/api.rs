@@ -579,6 +579,8 @@ struct RunBody {
     #[serde(default)]
     options: BTreeMap<String, Value>,
     name: Option<String>,
+    /// How long the request waits for agents (`"30s"`, default 30 s).
+    expires: Option<String>,
 }
 
 impl RunBody {
@@ -642,7 +644,16 @@ impl RunBody {
                 ))
             }
         };
-        Ok(RunRequest { selection, test })
+        let expires = match &self.expires {
+            None => runs::DEFAULT_EXPIRES,
+            Some(e) => edgeprobe_proto::testdef::parse_duration(e)
+                .map_err(|err| invalid(&format!("expires `{e}`: {err}")))?,
+        };
+        Ok(RunRequest {
+            selection,
+            test,
+            expires,
+        })
     }
 }
 

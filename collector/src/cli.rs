@@ -243,9 +243,12 @@ pub enum AgentsCommand {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("who").required(true).args(["select", "agent"])))]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["test", "kind"])))]
+#[command(group(clap::ArgGroup::new("who").args(["select", "agent"])))]
+#[command(group(clap::ArgGroup::new("what").args(["test", "kind"])))]
 pub struct RunNowArgs {
+    /// Show run RUN_ID as it stands (each agent's state, the results), and exit.
+    #[arg(long, value_name = "RUN_ID", conflicts_with_all = ["who", "what", "timeout", "expires"])]
+    show: Option<i64>,
     #[command(flatten)]
     db: DbArgs,
     /// Agents whose labels include LABEL=VALUE (repeatable: all must match).
@@ -276,6 +279,10 @@ pub struct RunNowArgs {
     /// How long to wait for results (default 30s; a speed test 2 x duration + 30s).
     #[arg(long, value_parser = edgeprobe_proto::testdef::parse_duration)]
     timeout: Option<std::time::Duration>,
+    /// How long the request waits for agents to connect: an agent that connects later
+    /// never runs it (at most 1h).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = edgeprobe_proto::testdef::parse_duration)]
+    expires: Duration,
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -803,6 +810,21 @@ fn human_age(seconds: f64) -> String {
 
 /// `run-now`.
 pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
+    if let Some(run_id) = args.show {
+        let Reached { client, .. } = connect(&args.db).await?;
+        let status = runs::status(&client, run_id).await?;
+        if args.json {
+            print_json(&status);
+        } else {
+            print_run(&status);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.select.is_empty() && args.agent.is_empty() {
+        return Err(Failure::Usage(
+            "give the agents: --select LABEL=VALUE or --agent ID (or --show RUN_ID)".into(),
+        ));
+    }
     let test = match (args.test, args.kind, args.target) {
         (Some(name), None, None) => RunTest::Named(name),
         (None, Some(kind), Some(target)) => {
@@ -835,7 +857,11 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     let Reached { mut client, .. } = connect(&args.db).await?;
     let created = runs::create(
         &mut client,
-        &RunRequest { selection, test },
+        &RunRequest {
+            selection,
+            test,
+            expires: args.expires,
+        },
         &operator_name(),
     )
     .await?;
@@ -848,14 +874,18 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     let timeout = args.timeout.unwrap_or(created.timeout);
     if !args.json {
         outln!(
-            "run {}: test {} on {} agent{} (waiting up to {})",
+            "run {}: test {} on {} agent{} (waiting up to {}; the request expires at {})",
             created.run_id,
             created.test,
             created.agents.len(),
             if created.agents.len() == 1 { "" } else { "s" },
-            humantime::format_duration(timeout)
+            humantime::format_duration(timeout),
+            created.expires_at
         );
     }
+    // Ctrl-C ends the wait, not the run: installed before the first poll.
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
     let progress = !args.json && std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut printed = BTreeSet::new();
@@ -894,7 +924,20 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
         if summary.finished() || start.elapsed() >= timeout {
             break status;
         }
-        tokio::time::sleep(POLL_EVERY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = &mut interrupt => {
+                if progress {
+                    eprintln!();
+                }
+                eprintln!(
+                    "interrupted: run {id} goes on; agents not reached by {} never run it (see `edgeprobe-collector run-now --show {id}`)",
+                    created.expires_at,
+                    id = created.run_id
+                );
+                return Ok(ExitCode::from(130));
+            }
+        }
     };
     if progress {
         eprintln!();
@@ -912,6 +955,8 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
             "test": created.test,
             "results": status.results,
             "offline": s.offline,
+            "expired": s.expired,
+            "expires_at": created.expires_at,
             "busy": s.busy,
             "refused": s.refused,
             "timed_out": timed_out,
@@ -920,9 +965,17 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     } else {
         if !s.offline.is_empty() {
             outln!(
-                "offline (no session within {}s): {}",
+                "offline (no session within {}s): {}; the request expires at {}, so one that connects later never runs it",
                 runs::DISPATCH_WINDOW.as_secs(),
-                s.offline.join(", ")
+                s.offline.join(", "),
+                created.expires_at
+            );
+        }
+        if !s.expired.is_empty() {
+            outln!(
+                "expired (no session before {}, never sent): {}",
+                created.expires_at,
+                s.expired.join(", ")
             );
         }
         if !s.busy.is_empty() {
@@ -945,12 +998,45 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
         );
     }
     // Every agent reached (all but the offline ones) returned a result, and at least one.
-    let reached = created.agents.len() - s.offline.len();
+    let reached = created.agents.len() - s.offline.len() - s.expired.len();
     Ok(if !s.done.is_empty() && s.done.len() == reached {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `run-now --show`: the run's agents by state, then its results.
+fn print_run(status: &runs::Status) {
+    let expiry = if status.expires_in_seconds > 0.0 {
+        format!("expires at {}", status.expires_at)
+    } else {
+        format!("expired at {}", status.expires_at)
+    };
+    outln!(
+        "run {}: test {}, made {} ago, {expiry}",
+        status.run_id,
+        status.test,
+        human_age(status.age_seconds)
+    );
+    let rows: Vec<[String; 3]> = status
+        .agents
+        .iter()
+        .map(|a| {
+            [
+                a.agent_id.clone(),
+                a.state.clone(),
+                a.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(["AGENT", "STATE", "REASON"], &rows);
+    if !status.results.is_empty() {
+        outln!("{:<20}  {:<4}  RESULT", "AGENT", "OK");
+        for r in &status.results {
+            outln!("{}", result_row(r));
+        }
+    }
 }
 
 /// `branch-042  ok    down 93.2 Mbit/s  up 11.0 Mbit/s ...`

@@ -25,8 +25,9 @@ use tokio_postgres::{Client, GenericClient};
 /// Arbitrary constant identifying the fleet version lock (pg_advisory_xact_lock).
 const FLEET_LOCK: i64 = 0x6570_666c_6565_7401;
 
-/// The schema version that holds the controller's tables.
-const SCHEMA_NEEDED: i32 = 4;
+/// The schema version the operator commands need: the controller's tables (4) and the
+/// expiry of run-now requests (6).
+const SCHEMA_NEEDED: i32 = 6;
 
 /// Agent ids named in a refusal (the rest are counted).
 const IDS_SHOWN: usize = 5;
@@ -55,7 +56,7 @@ impl From<tokio_postgres::Error> for FleetError {
     }
 }
 
-/// Refuses clearly when the schema predates the controller (older than migration 4).
+/// Refuses clearly when the schema predates what the operator commands need.
 pub async fn check_schema(client: &impl GenericClient) -> Result<(), FleetError> {
     // Two statements: a query naming a missing table fails at planning.
     let exists: bool = client

@@ -811,3 +811,111 @@ fn dangerous_applies_are_refused_unless_forced_and_diff_tells_what_apply_would_d
     assert_eq!(a.status, Some(201), "{}", a.body);
     assert_eq!(versions(), 4);
 }
+
+/// Issue 25, item 5: a run-now request expires after its wait; an agent that connects
+/// later never runs it and its row says `expired`; `run-now --show` shows the run; Ctrl-C
+/// ends the wait, ends the line and says the run goes on until its expiry.
+#[test]
+fn run_now_expires_for_an_agent_that_comes_back_later_and_ctrl_c_says_the_run_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let c = Collector::start(dir.path(), &db);
+    let mut a1 = Agent::new(dir.path(), "a1", &c.endpoint(), "");
+    a1.start();
+    wait_for(Duration::from_secs(30), "a1 known", || {
+        (db.scalar("SELECT count(*) FROM agents WHERE 'run-now' = ANY(features)") == 1)
+            .then_some(())
+    });
+    a1.stop();
+    let target = HttpTarget::start("ok");
+    let url = target.url();
+    let run = [
+        "run-now",
+        "--agent",
+        "a1",
+        "--kind",
+        "http",
+        "--target",
+        &url,
+        "--expires",
+        "3s",
+        "--timeout",
+        "1s",
+    ];
+    let (code, out, err) = cli(&db, &run);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("the request expires at 20"), "{out}");
+    let run_id: i64 = out
+        .strip_prefix("run ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+
+    // a1 comes back after the expiry: it is never sent the request.
+    std::thread::sleep(Duration::from_secs(4));
+    a1.start();
+    wait_for(Duration::from_secs(20), "the row to say expired", || {
+        (db.scalar(&format!(
+            "SELECT count(*) FROM run_agents WHERE run_id = {run_id} AND state = 'expired'"
+        )) == 1)
+            .then_some(())
+    });
+    // The collector's own dispatch on a1's new session (and a poll) come and go.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM results WHERE run_id = {run_id}"
+        )),
+        0,
+        "an expired request ran"
+    );
+    let (code, out, err) = cli(&db, &["run-now", "--show", &run_id.to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.starts_with(&format!("run {run_id}: test run-now, made ")),
+        "{out}"
+    );
+    assert!(out.contains(", expired at 20"), "{out}");
+    assert!(
+        out.contains("a1     expired  no session before the request expired; not sent"),
+        "{out}"
+    );
+
+    // A request within its expiry reaches the agent that is back.
+    let (code, out, err) = cli(&db, &run[..run.len() - 2]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("1 of 1 agents returned a result"), "{out}");
+
+    // Ctrl-C while waiting for an offline agent: the line ends, the run goes on.
+    a1.stop();
+    let mut child = Command::new(collector_bin())
+        .args([
+            "run-now", "--agent", "a1", "--kind", "http", "--target", &url,
+        ])
+        .args(["--timeout", "30s", "--database-url", &db.url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "Ctrl-C did not end the wait"
+    );
+    assert_eq!(out.status.code(), Some(130));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted: run "), "{err}");
+    assert!(err.contains(" goes on; agents not reached by 20"), "{err}");
+    assert!(
+        err.contains("(see `edgeprobe-collector run-now --show "),
+        "{err}"
+    );
+    drop(c);
+}
