@@ -888,7 +888,7 @@ fn run_now_expires_for_an_agent_that_comes_back_later_and_ctrl_c_says_the_run_go
 
     // Ctrl-C while waiting for an offline agent: the line ends, the run goes on.
     a1.stop();
-    let mut child = Command::new(collector_bin())
+    let child = Command::new(collector_bin())
         .args([
             "run-now", "--agent", "a1", "--kind", "http", "--target", &url,
         ])
