@@ -25,7 +25,7 @@ pub const ONLINE_WITHIN: Duration = Duration::from_secs(45);
 const CLOCK_WINDOW_SECONDS: f64 = 3600.0;
 
 /// One agent as `agents` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AgentView {
     pub agent_id: String,
     pub labels: BTreeMap<String, String>,
@@ -120,7 +120,7 @@ fn view(a: &KnownAgent, r: &tokio_postgres::Row, cur: i64, stale_after: Duration
 }
 
 /// What `retire` did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Retired {
     pub agent_id: String,
     /// Its results, kept.

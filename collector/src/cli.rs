@@ -16,6 +16,7 @@ use tokio_postgres::Client;
 use crate::config::{self, Config};
 use crate::fleet::{self, Change, FleetError, Selection};
 use crate::pg;
+use crate::remote::{self, Remote};
 use crate::runs::{self, RunRequest, RunResult, RunTest};
 
 /// Why a command failed, and so its exit code.
@@ -50,6 +51,41 @@ pub struct DbArgs {
     /// [default: [fleet] stale_after of the configuration, else 24h].
     #[arg(long, global = true, value_name = "DURATION", value_parser = edgeprobe_proto::testdef::parse_duration)]
     pub stale_after: Option<Duration>,
+    /// Work through the collector's HTTP API instead of the database, from a host without
+    /// database access: https://HOST:PORT of its [api] listen, with an operator
+    /// certificate (--cert, --key) and the fleet CA (--ca). For `tests list`, `agents`,
+    /// `results` and `run-now`.
+    #[arg(long, global = true, value_name = "URL", requires_all = ["cert", "key", "ca"])]
+    pub api: Option<String>,
+    /// With --api: the operator certificate (`cert issue --operator NAME`).
+    #[arg(long, global = true, value_name = "FILE", requires = "api")]
+    pub cert: Option<PathBuf>,
+    /// With --api: the operator certificate's key.
+    #[arg(long, global = true, value_name = "FILE", requires = "api")]
+    pub key: Option<PathBuf>,
+    /// With --api: the fleet CA certificate (ca.pem), the only one trusted.
+    #[arg(long, global = true, value_name = "FILE", requires = "api")]
+    pub ca: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The API client when --api is given.
+    fn remote(&self) -> Result<Option<Remote>, Failure> {
+        match (&self.api, &self.cert, &self.key, &self.ca) {
+            (Some(url), Some(cert), Some(key), Some(ca)) => {
+                Remote::new(url, cert, key, ca).map(Some)
+            }
+            (Some(_), ..) => Err(Failure::Usage("--api needs --cert, --key and --ca".into())),
+            _ => Ok(None),
+        }
+    }
+
+    /// `?stale_after=Ns` when given.
+    fn stale_query(&self) -> Vec<(&'static str, String)> {
+        self.stale_after
+            .map(|d| vec![("stale_after", format!("{}s", d.as_secs()))])
+            .unwrap_or_default()
+    }
 }
 
 /// What the operator commands reach: the database and the settings of the configuration.
@@ -342,6 +378,17 @@ fn print_json<T: serde::Serialize>(value: &T) {
 
 /// `tests apply|diff|list|versions|rollback`.
 pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failure> {
+    if let Some(remote) = db.remote()? {
+        let TestsCommand::List { json } = command else {
+            return Err(Failure::Usage(
+                "over --api this command runs `tests list` only; apply, diff, versions and rollback are POST /api/v1/tests... (docs/API.md)".into(),
+            ));
+        };
+        let path = format!("/api/v1/tests{}", remote::query(&db.stale_query()));
+        let l: fleet::Listing = remote.get(&path).await?;
+        print_listing(&l, json);
+        return Ok(ExitCode::SUCCESS);
+    }
     // A bad file is reported without a database.
     if let TestsCommand::Apply { file, .. } | TestsCommand::Diff { file, .. } = &command {
         fleet::parse_file(&read_file(file)?, &file.display().to_string())?;
@@ -429,46 +476,7 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
         }
         TestsCommand::List { json } => {
             let l = fleet::list(&client, stale_after).await?;
-            if json {
-                print_json(&l);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let Some(v) = &l.current else {
-                outln!(
-                    "no fleet tests yet ({} known agents); make some with `tests apply --file F`",
-                    l.agents_known
-                );
-                return Ok(ExitCode::SUCCESS);
-            };
-            let from = match v.rolled_back_to {
-                Some(_) => origin_of(v),
-                None => format!("from {}", v.origin),
-            };
-            outln!(
-                "version {} by {} at {} ({from})",
-                v.version,
-                v.created_by,
-                v.created_at
-            );
-            let rows: Vec<[String; 6]> = l
-                .tests
-                .iter()
-                .map(|t| {
-                    [
-                        t.test.name.clone(),
-                        t.test.kind.clone(),
-                        t.test.target.clone(),
-                        t.timing.clone(),
-                        t.test.selection.describe(),
-                        t.agents_selected.to_string(),
-                    ]
-                })
-                .collect();
-            print_table(
-                ["NAME", "KIND", "TARGET", "WHEN", "SELECTION", "AGENTS"],
-                &rows,
-            );
-            print_fleet_state(&l);
+            print_listing(&l, json);
         }
         TestsCommand::Versions { json } => {
             let vs = fleet::versions(&client).await?;
@@ -516,6 +524,50 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tests list`: the current version, its tests and where the agents stand.
+fn print_listing(l: &fleet::Listing, json: bool) {
+    if json {
+        print_json(l);
+        return;
+    }
+    let Some(v) = &l.current else {
+        outln!(
+            "no fleet tests yet ({} known agents); make some with `tests apply --file F`",
+            l.agents_known
+        );
+        return;
+    };
+    let from = match v.rolled_back_to {
+        Some(_) => origin_of(v),
+        None => format!("from {}", v.origin),
+    };
+    outln!(
+        "version {} by {} at {} ({from})",
+        v.version,
+        v.created_by,
+        v.created_at
+    );
+    let rows: Vec<[String; 6]> = l
+        .tests
+        .iter()
+        .map(|t| {
+            [
+                t.test.name.clone(),
+                t.test.kind.clone(),
+                t.test.target.clone(),
+                t.timing.clone(),
+                t.test.selection.describe(),
+                t.agents_selected.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        ["NAME", "KIND", "TARGET", "WHEN", "SELECTION", "AGENTS"],
+        &rows,
+    );
+    print_fleet_state(l);
 }
 
 /// The agents' side of `tests list`: counts, then every agent that is not running the
@@ -626,6 +678,9 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
 /// `results`: streamed from a server-side cursor to stdout as it comes.
 pub async fn results(args: ResultsArgs) -> Result<ExitCode, Failure> {
     use crate::results::{self, Format};
+    if let Some(remote) = args.db.remote()? {
+        return results_over_api(&remote, args).await;
+    }
     let Reached { mut client, .. } = connect(&args.db).await?;
     let filter = results::Filter {
         agents: args.agent,
@@ -684,6 +739,87 @@ pub async fn results(args: ResultsArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `results --api`: the API's streamed body, as it comes: CSV and JSON as they are (the
+/// same bytes as from the database), a table from the JSON, one line (one result) at a
+/// time.
+async fn results_over_api(remote: &Remote, args: ResultsArgs) -> Result<ExitCode, Failure> {
+    use crate::results::Format;
+    let mut pairs: Vec<(&str, String)> = args.agent.iter().map(|a| ("agent", a.clone())).collect();
+    if let Some(t) = &args.test {
+        pairs.push(("test", t.clone()));
+    }
+    pairs.push(("since", format!("{}s", args.since.as_secs())));
+    let wire = if args.format == Format::Csv {
+        "csv"
+    } else {
+        "json"
+    };
+    pairs.push(("format", wire.to_string()));
+    let mut response = remote
+        .stream(&format!("/api/v1/results{}", remote::query(&pairs)))
+        .await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let write = |out: &mut std::io::BufWriter<std::io::StdoutLock>, bytes: &[u8]| {
+        if let Err(e) = out.write_all(bytes) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: writing the results: {e}");
+            std::process::exit(1);
+        }
+    };
+    if args.format == Format::Table {
+        write(
+            &mut out,
+            format!(
+                "{:<20}  {:<16}  {:<5}  {:<20}  {:<4}  RESULT\n",
+                "STARTED (UTC)", "TEST", "KIND", "AGENT", "OK"
+            )
+            .as_bytes(),
+        );
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut rows = 0u64;
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|e| Failure::Runtime(format!("error: the export was cut: {e}")))?;
+        let Some(chunk) = chunk else { break };
+        if args.format != Format::Table {
+            write(&mut out, &chunk);
+            continue;
+        }
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim().trim_start_matches(['[', ',']).trim();
+            if text.is_empty() || text == "]" {
+                continue;
+            }
+            let row: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+                .map_err(|e| {
+                    Failure::Runtime(format!("error: an exported row is not JSON: {e}"))
+                })?;
+            write(&mut out, table_line(&row).as_bytes());
+            rows += 1;
+        }
+    }
+    if args.format == Format::Table && rows == 0 {
+        write(
+            &mut out,
+            format!(
+                "no results in the last {}\n",
+                humantime::format_duration(args.since)
+            )
+            .as_bytes(),
+        );
+    }
+    let _ = out.flush();
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A result as a table line: when, who, what, and the kind's main figures.
 fn table_line(row: &serde_json::Map<String, serde_json::Value>) -> String {
     let text = |k: &str| {
@@ -727,6 +863,47 @@ fn table_line(row: &serde_json::Map<String, serde_json::Value>) -> String {
 
 /// `agents` and `agents retire ID`.
 pub async fn agents(args: AgentsArgs) -> Result<ExitCode, Failure> {
+    if let Some(AgentsCommand::Retire { id, force, db }) = &args.command {
+        if let Some(remote) = db.remote()?.or(args.db.remote()?) {
+            let mut pairs = Vec::new();
+            if *force {
+                pairs.push(("force", "true".to_string()));
+            }
+            let path = format!(
+                "/api/v1/agents/{}{}",
+                percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC),
+                remote::query(&pairs)
+            );
+            let r: crate::agents::Retired = remote.delete(&path).await?;
+            outln!(
+                "agent {} retired; its {} results stay",
+                r.agent_id,
+                r.results_kept
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if let Some(remote) = args.db.remote()? {
+        let mut pairs: Vec<(&str, String)> = args
+            .select
+            .iter()
+            .map(|(k, v)| ("select", format!("{k}={v}")))
+            .collect();
+        pairs.extend(args.db.stale_query());
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            agents: Vec<crate::agents::AgentView>,
+        }
+        let a: Answer = remote
+            .get(&format!("/api/v1/agents{}", remote::query(&pairs)))
+            .await?;
+        if args.json {
+            print_json(&serde_json::json!({ "agents": a.agents }));
+        } else {
+            print_agents(&a.agents);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(AgentsCommand::Retire { id, force, db }) = args.command {
         let Reached { client, .. } = connect(&db).await?;
         let r = crate::agents::retire(&client, &id, force).await?;
@@ -810,9 +987,12 @@ fn human_age(seconds: f64) -> String {
 
 /// `run-now`.
 pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
+    let source = match args.db.remote()? {
+        Some(remote) => RunSource::Api(remote),
+        None => RunSource::Db(connect(&args.db).await?.client),
+    };
     if let Some(run_id) = args.show {
-        let Reached { client, .. } = connect(&args.db).await?;
-        let status = runs::status(&client, run_id).await?;
+        let status = source.status(run_id).await?;
         if args.json {
             print_json(&status);
         } else {
@@ -854,17 +1034,14 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
             agents: Some(args.agent),
         }
     };
-    let Reached { mut client, .. } = connect(&args.db).await?;
-    let created = runs::create(
-        &mut client,
-        &RunRequest {
+    let mut source = source;
+    let created = source
+        .create(&RunRequest {
             selection,
             test,
             expires: args.expires,
-        },
-        &operator_name(),
-    )
-    .await?;
+        })
+        .await?;
     if !created.unknown.is_empty() {
         eprintln!(
             "unknown agents (never seen by a collector, not asked): {}",
@@ -891,7 +1068,7 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     let mut printed = BTreeSet::new();
     let mut header = false;
     let status = loop {
-        let status = runs::status(&client, created.run_id).await?;
+        let status = source.status(created.run_id).await?;
         let summary = status.summary();
         if !args.json {
             for r in &status.results {
@@ -1004,6 +1181,72 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Where run-now makes and reads its run: the database, or the API (`--api`).
+enum RunSource {
+    Db(Client),
+    Api(Remote),
+}
+
+impl RunSource {
+    async fn create(&mut self, req: &RunRequest) -> Result<runs::Created, Failure> {
+        match self {
+            RunSource::Db(client) => Ok(runs::create(client, req, &operator_name()).await?),
+            RunSource::Api(remote) => {
+                let mut body = serde_json::Map::new();
+                match &req.selection.agents {
+                    Some(ids) => body.insert("agents".into(), serde_json::json!(ids)),
+                    None => body.insert("select".into(), serde_json::json!(req.selection.select)),
+                };
+                match &req.test {
+                    RunTest::Named(name) => {
+                        body.insert("test".into(), name.clone().into());
+                    }
+                    RunTest::Adhoc {
+                        kind,
+                        target,
+                        options,
+                        name,
+                    } => {
+                        body.insert("kind".into(), kind.clone().into());
+                        body.insert("target".into(), target.clone().into());
+                        // Strings: the API types them as the command line does.
+                        let options: serde_json::Map<String, serde_json::Value> = options
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone().into()))
+                            .collect();
+                        body.insert("options".into(), options.into());
+                        if let Some(n) = name {
+                            body.insert("name".into(), n.clone().into());
+                        }
+                    }
+                }
+                body.insert(
+                    "expires".into(),
+                    format!("{}ms", req.expires.as_millis()).into(),
+                );
+                #[derive(serde::Deserialize)]
+                struct Answer {
+                    #[serde(flatten)]
+                    created: runs::Created,
+                    timeout_seconds: f64,
+                }
+                let a: Answer = remote.post("/api/v1/runs", &body.into()).await?;
+                Ok(runs::Created {
+                    timeout: Duration::from_secs_f64(a.timeout_seconds.max(0.0)),
+                    ..a.created
+                })
+            }
+        }
+    }
+
+    async fn status(&self, run_id: i64) -> Result<runs::Status, Failure> {
+        match self {
+            RunSource::Db(client) => Ok(runs::status(client, run_id).await?),
+            RunSource::Api(remote) => remote.get(&format!("/api/v1/runs/{run_id}")).await,
+        }
+    }
 }
 
 /// `run-now --show`: the run's agents by state, then its results.

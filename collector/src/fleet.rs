@@ -86,7 +86,7 @@ pub async fn check_schema(client: &impl GenericClient) -> Result<(), FleetError>
 }
 
 /// Which agents a test (or a run) selects: ids, else labels that must all match.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Selection {
     pub select: BTreeMap<String, String>,
     pub agents: Option<Vec<String>>,
@@ -118,7 +118,7 @@ impl Selection {
 }
 
 /// An agent in the `agents` table, as far as the controller cares.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct KnownAgent {
     pub agent_id: String,
     pub labels: BTreeMap<String, String>,
@@ -180,7 +180,7 @@ pub(crate) fn labels_of(v: serde_json::Value) -> BTreeMap<String, String> {
 }
 
 /// One stored fleet test.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StoredTest {
     pub name: String,
     pub kind: String,
@@ -219,7 +219,7 @@ impl StoredTest {
 }
 
 /// A row of `fleet_versions`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VersionInfo {
     pub version: i64,
     /// RFC 3339, UTC.
@@ -301,7 +301,7 @@ pub async fn tests_of(
 }
 
 /// How one test differs from the current version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
     Added,
@@ -310,7 +310,7 @@ pub enum Change {
     Unchanged,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TestChange {
     pub name: String,
     pub change: Change,
@@ -325,7 +325,7 @@ pub struct TestChange {
 }
 
 /// One field of a changed test: its old and new value as TOML (`None`: not set).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FieldChange {
     pub field: String,
     pub old: Option<String>,
@@ -399,7 +399,7 @@ fn field_changes(old: &StoredTest, new: &StoredTest) -> Vec<FieldChange> {
 
 /// A file compared with the current version: what `tests diff` prints and `tests apply`
 /// would do.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Diff {
     /// The current version (None: no fleet tests yet).
     pub current: Option<i64>,
@@ -713,7 +713,7 @@ pub async fn diff(
 }
 
 /// What an apply or rollback did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Applied {
     /// The new version; None when nothing changed (or a dry run).
     pub version: Option<i64>,
@@ -872,7 +872,7 @@ async fn insert_version(
 }
 
 /// One test of the current set, as `tests list` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ListedTest {
     #[serde(flatten)]
     pub test: StoredTest,
@@ -882,7 +882,7 @@ pub struct ListedTest {
 }
 
 /// An agent that refused the current version.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Refusal {
     pub agent_id: String,
     /// The version it refused (the current one).
@@ -894,7 +894,7 @@ pub struct Refusal {
 }
 
 /// An agent that has not applied the current version yet.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Behind {
     pub agent_id: String,
     /// The version it applied last (None: none yet).
@@ -904,7 +904,7 @@ pub struct Behind {
 }
 
 /// `tests list`: the current version and where the fleet stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Listing {
     pub current: Option<VersionInfo>,
     pub tests: Vec<ListedTest>,
@@ -926,7 +926,7 @@ pub struct Listing {
 }
 
 /// Where one agent stands with the current version (`cur`, 0 for none).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FleetState {
     /// Not heard from for longer than the stale threshold.

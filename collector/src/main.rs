@@ -25,6 +25,7 @@ mod ingest;
 mod listen;
 mod metrics;
 mod pg;
+mod remote;
 mod results;
 mod run;
 mod runs;

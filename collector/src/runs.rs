@@ -58,7 +58,7 @@ pub struct RunRequest {
 }
 
 /// A run as created.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Created {
     pub run_id: i64,
     pub test: String,
@@ -265,7 +265,7 @@ pub async fn create(
 }
 
 /// One agent's state in a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AgentState {
     pub agent_id: String,
     /// pending, sent, started, waiting, refused, rate_limited, done, expired (pending when
@@ -275,7 +275,7 @@ pub struct AgentState {
 }
 
 /// One result of a run. Figures are in SI units: seconds, bits per second, bytes, ratios.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunResult {
     pub agent_id: String,
     pub test: String,
@@ -291,7 +291,7 @@ pub struct RunResult {
 }
 
 /// A run as it stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Status {
     pub run_id: i64,
     pub test: String,
@@ -414,14 +414,14 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
 }
 
 /// A refused or rate-limited agent.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Refused {
     pub agent_id: String,
     pub reason: String,
 }
 
 /// Where each agent of a run stands.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Agents whose result landed.
     pub done: Vec<String>,

@@ -919,3 +919,134 @@ fn run_now_expires_for_an_agent_that_comes_back_later_and_ctrl_c_says_the_run_go
     );
     drop(c);
 }
+
+/// SPEC 18: from a laptop without database access, `--api URL --cert --key --ca` gives the
+/// same output as `--database-url` for `tests list`, `agents`, `results` and `run-now`.
+#[test]
+fn the_operator_commands_print_the_same_over_the_api_as_over_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    let target = HttpTarget::start("ok");
+    let mut a1 = Agent::new_tls(
+        dir.path(),
+        "a1",
+        &format!("https://localhost:{}", c.grpc.port()),
+        &http_test(&target.url(), "1s").replace("\"web\"", "\"portal\""),
+        &pki,
+    );
+    a1.start();
+    wait_for(Duration::from_secs(30), "a1's results", || {
+        (results_of(&db, "a1", "portal") >= 3).then_some(())
+    });
+    let file = write(dir.path(), "fleet.toml", FLEET);
+    let (code, out, err) = cli(&db, &["tests", "apply", "--file", &file]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_for(Duration::from_secs(20), "a1 to apply version 1", || {
+        (db.scalar("SELECT count(*) FROM agents WHERE fleet_version = 1") == 1).then_some(())
+    });
+    let api_url = format!("https://localhost:{}", c.api.port());
+    let (cert, key) = (alice.0.display().to_string(), alice.1.display().to_string());
+    let ca = c.pki_ca.display().to_string();
+    // Over the API: no database URL anywhere.
+    let over_api = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend([
+            "--api", &api_url, "--cert", &cert, "--key", &key, "--ca", &ca,
+        ]);
+        bare_cmd(&all)
+    };
+    let both = |args: &[&str]| {
+        let (code, from_db, err) = cli(&db, args);
+        assert_eq!(code, Some(0), "{args:?} over the database: {err}");
+        let (code, from_api, err) = over_api(args);
+        assert_eq!(code, Some(0), "{args:?} over the api: {err}");
+        (from_db, from_api)
+    };
+
+    let (from_db, from_api) = both(&["tests", "list"]);
+    assert_eq!(from_db, from_api);
+    assert!(
+        from_api.contains("agents: 1 known, 1 applied"),
+        "{from_api}"
+    );
+    let (from_db, from_api) = both(&["tests", "list", "--json"]);
+    assert_eq!(from_db, from_api);
+
+    let (from_db, from_api) = both(&["agents", "--json", "--select", "site=lab"]);
+    let strip = |text: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+        for a in v["agents"].as_array_mut().unwrap() {
+            a["seen_seconds_ago"] = serde_json::Value::Null;
+            a["last_seen"] = serde_json::Value::Null;
+        }
+        v
+    };
+    assert_eq!(strip(&from_db), strip(&from_api));
+    assert_eq!(strip(&from_api)["agents"][0]["agent_id"], "a1");
+
+    // run-now both ways (ten seconds apart: the agent's run-now rate limit).
+    let run = ["run-now", "--agent", "a1", "--test", "portal"];
+    let (code, from_db, err) = cli(&db, &run);
+    assert_eq!(code, Some(0), "{from_db}{err}");
+    std::thread::sleep(Duration::from_secs(11));
+    let (code, from_api, err) = over_api(&run);
+    assert_eq!(code, Some(0), "{from_api}{err}");
+    let shape = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(
+        shape(&from_db)[1..],
+        shape(&from_api)[1..],
+        "{from_db}\n{from_api}"
+    );
+    assert!(
+        from_api.contains("1 of 1 agents returned a result"),
+        "{from_api}"
+    );
+    assert!(
+        from_api.contains("a1                    ok    status 200"),
+        "{from_api}"
+    );
+    let run_id = from_api
+        .strip_prefix("run ")
+        .and_then(|r| r.split(':').next())
+        .unwrap()
+        .to_string();
+    let (from_db, from_api) = both(&["run-now", "--show", &run_id, "--json"]);
+    let mut a: serde_json::Value = serde_json::from_str(&from_db).unwrap();
+    let mut b: serde_json::Value = serde_json::from_str(&from_api).unwrap();
+    for v in [&mut a, &mut b] {
+        v["age_seconds"] = serde_json::Value::Null;
+        v["expires_in_seconds"] = serde_json::Value::Null;
+    }
+    assert_eq!(a, b);
+
+    // Results, once the agent stopped adding to them: the same bytes in every format.
+    a1.stop();
+    for format in ["table", "json", "csv"] {
+        let (from_db, from_api) = both(&["results", "--agent", "a1", "--format", format]);
+        assert_eq!(from_db, from_api, "{format}");
+        assert!(from_api.lines().count() >= 4, "{format}: {from_api}");
+    }
+
+    // Over the API, an agent's certificate is refused with the API's reason.
+    let (agent_cert, agent_key) = pki.agent("a1");
+    let (code, _, err) = bare_cmd(&[
+        "agents",
+        "--api",
+        &api_url,
+        "--cert",
+        agent_cert.to_str().unwrap(),
+        "--key",
+        agent_key.to_str().unwrap(),
+        "--ca",
+        &ca,
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no operator role"), "{err}");
+}
