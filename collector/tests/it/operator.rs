@@ -1017,6 +1017,13 @@ fn the_operator_commands_print_the_same_over_the_api_as_over_the_database() {
         .and_then(|r| r.split(':').next())
         .unwrap()
         .to_string();
+    // The collector records `done` a moment after the result landed.
+    wait_for(Duration::from_secs(10), "the run's row to say done", || {
+        (db.scalar(&format!(
+            "SELECT count(*) FROM run_agents WHERE run_id = {run_id} AND state = 'done'"
+        )) == 1)
+            .then_some(())
+    });
     let (from_db, from_api) = both(&["run-now", "--show", &run_id, "--json"]);
     let mut a: serde_json::Value = serde_json::from_str(&from_db).unwrap();
     let mut b: serde_json::Value = serde_json::from_str(&from_api).unwrap();
