@@ -329,16 +329,28 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 }
 
 /// The operator as `created_by`: $SUDO_USER (the person behind sudo), else $USER, else
-/// the uid.
+/// the user name of the uid (else the uid).
 pub fn operator_name() -> String {
     use std::os::unix::fs::MetadataExt;
     ["SUDO_USER", "USER"]
         .into_iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| match std::fs::metadata("/proc/self") {
-            Ok(m) => format!("uid {}", m.uid()),
+            // No $USER (a cron job, a bare `sudo -i`): the name of the uid.
+            Ok(m) => user_of(m.uid()).unwrap_or_else(|| format!("uid {}", m.uid())),
             Err(_) => "unknown".to_string(),
         })
+}
+
+/// The name of `uid` in /etc/passwd.
+fn user_of(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let id: u32 = f.nth(1)?.parse().ok()?;
+        (id == uid).then(|| name.to_string())
+    })
 }
 
 impl From<FleetError> for Failure {
@@ -481,7 +493,8 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
         TestsCommand::Versions { json } => {
             let vs = fleet::versions(&client).await?;
             if json {
-                print_json(&vs);
+                // The document of GET /api/v1/tests/versions.
+                print_json(&serde_json::json!({ "versions": vs }));
                 return Ok(ExitCode::SUCCESS);
             }
             let rows: Vec<[String; 5]> = vs
@@ -875,11 +888,7 @@ pub async fn agents(args: AgentsArgs) -> Result<ExitCode, Failure> {
                 remote::query(&pairs)
             );
             let r: crate::agents::Retired = remote.delete(&path).await?;
-            outln!(
-                "agent {} retired; its {} results stay",
-                r.agent_id,
-                r.results_kept
-            );
+            outln!("{}", retired_line(&r));
             return Ok(ExitCode::SUCCESS);
         }
     }
@@ -907,11 +916,7 @@ pub async fn agents(args: AgentsArgs) -> Result<ExitCode, Failure> {
     if let Some(AgentsCommand::Retire { id, force, db }) = args.command {
         let Reached { client, .. } = connect(&db).await?;
         let r = crate::agents::retire(&client, &id, force).await?;
-        outln!(
-            "agent {} retired; its {} results stay",
-            r.agent_id,
-            r.results_kept
-        );
+        outln!("{}", retired_line(&r));
         return Ok(ExitCode::SUCCESS);
     }
     let Reached {
@@ -972,6 +977,19 @@ pub fn print_agents(list: &[crate::agents::AgentView]) {
         list.len(),
         if list.len() == 1 { "" } else { "s" }
     );
+}
+
+/// `agent X retired; its 5120 results stay`.
+fn retired_line(r: &crate::agents::Retired) -> String {
+    let (noun, verb) = if r.results_kept == 1 {
+        ("result", "stays")
+    } else {
+        ("results", "stay")
+    };
+    format!(
+        "agent {} retired; its {} {noun} {verb}",
+        r.agent_id, r.results_kept
+    )
 }
 
 /// `42s`, `5m`, `3h`, `2d`: how long ago, to the unit that matters.

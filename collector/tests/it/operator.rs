@@ -289,7 +289,7 @@ fn agents_lists_the_fleet_with_its_state_and_retire_forgets_an_agent_that_is_gon
     assert!(err.contains("it is online, not gone"), "{err}");
     let (code, out, err) = cli(&db, &["agents", "retire", "gone"]);
     assert_eq!(code, Some(0), "{err}");
-    assert_eq!(out, "agent gone retired; its 1 results stay\n");
+    assert_eq!(out, "agent gone retired; its 1 result stays\n");
     assert_eq!(
         db.scalar("SELECT count(*) FROM agents WHERE agent_id = 'gone'"),
         0
@@ -579,6 +579,33 @@ fn every_operator_command_reaches_the_database_through_the_config_and_its_enviro
         let (code, out, err) = bare_cmd(&args);
         assert_eq!(code, Some(0), "{args:?}: {out}{err}");
     }
+    // Without $USER (cron, a bare environment) the version is made by the uid's user name.
+    let empty = write(dir.path(), "empty.toml", "# no tests\n");
+    let out = Command::new(collector_bin())
+        .args([
+            "tests", "apply", "--file", &empty, "--config", &config, "--force",
+        ])
+        .env_remove("EDGEPROBE_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .env_remove("USER")
+        .env_remove("SUDO_USER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 2);
+    let by: String = db
+        .client()
+        .query_one(
+            "SELECT created_by FROM fleet_versions ORDER BY version DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!by.is_empty() && !by.starts_with("uid "), "{by}");
     // The configuration's [fleet] stale_after judges the agents (b1: 2 h unheard of).
     let (_, out, _) = bare_cmd(&["tests", "list", "--config", &config]);
     assert!(out.contains("1 stale"), "{out}");
@@ -591,8 +618,10 @@ fn every_operator_command_reaches_the_database_through_the_config_and_its_enviro
         &config,
         "--agent",
         "b1",
-        "--test",
-        "web",
+        "--kind",
+        "tcp",
+        "--target",
+        "127.0.0.1:9",
         "--json",
         "--timeout",
         "1s",
@@ -974,6 +1003,14 @@ fn the_operator_commands_print_the_same_over_the_api_as_over_the_database() {
     );
     let (from_db, from_api) = both(&["tests", "list", "--json"]);
     assert_eq!(from_db, from_api);
+    // `tests versions --json` is the API's document.
+    let (code, versions, _) = cli(&db, &["tests", "versions", "--json"]);
+    assert_eq!(code, Some(0));
+    let api = curl(&c, Some(&alice), "GET", "/api/v1/tests/versions", None);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&versions).unwrap(),
+        api.json()
+    );
 
     let (from_db, from_api) = both(&["agents", "--json", "--select", "site=lab"]);
     let strip = |text: &str| {
