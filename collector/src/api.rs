@@ -540,6 +540,9 @@ async fn tests_diff(
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     version: i64,
+    /// A new version even when `version` holds the current tests.
+    #[serde(default)]
+    force: bool,
 }
 
 /// `POST /api/v1/tests/rollback {"version": N}`: a new version with N's tests.
@@ -551,9 +554,9 @@ async fn tests_rollback(
 ) -> Answer {
     Params::parse(&query, &[])?;
     let body = body_of(body)?;
-    let RollbackBody { version } = body_json(&body)?;
+    let RollbackBody { version, force } = body_json(&body)?;
     let mut client = db(&api).await?;
-    let applied = fleet::rollback(&mut client, version, &operator)
+    let applied = fleet::rollback(&mut client, version, &operator, force)
         .await
         .map_err(|e| fleet_error(e, ORIGIN))?;
     if let Some(new) = applied.version {

@@ -216,6 +216,10 @@ pub enum TestsCommand {
     Rollback {
         /// The version whose tests become current again (see `tests versions`).
         version: i64,
+        /// Make the new version even when VERSION holds the current tests: the same set
+        /// is pushed again to the agents that refused it (once what they lacked is fixed).
+        #[arg(long)]
+        force: bool,
         /// Recorded as who made the version (default: $SUDO_USER, else $USER), e.g. by
         /// automation acting for a person.
         #[arg(long, value_name = "NAME")]
@@ -511,9 +515,14 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
                 .collect();
             print_table(["VERSION", "CREATED", "BY", "TESTS", "ORIGIN"], &rows);
         }
-        TestsCommand::Rollback { version, by, json } => {
-            let applied =
-                fleet::rollback(&mut client, version, &by.unwrap_or_else(operator_name)).await?;
+        TestsCommand::Rollback {
+            version,
+            force,
+            by,
+            json,
+        } => {
+            let by = by.unwrap_or_else(operator_name);
+            let applied = fleet::rollback(&mut client, version, &by, force).await?;
             if json {
                 print_json(&applied);
                 return Ok(ExitCode::SUCCESS);
@@ -521,7 +530,7 @@ pub async fn tests(db: DbArgs, command: TestsCommand) -> Result<ExitCode, Failur
             let d = &applied.diff;
             let Some(new) = applied.version else {
                 outln!(
-                    "no change: the current version {} already holds the tests of version {version}",
+                    "no change: the current version {} already holds the tests of version {version} (--force makes a new version to push them again)",
                     d.current.unwrap_or_default()
                 );
                 return Ok(ExitCode::SUCCESS);

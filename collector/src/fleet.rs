@@ -772,11 +772,13 @@ pub async fn apply(
     })
 }
 
-/// `tests rollback V`: a new version holding V's tests (origin `rollback`).
+/// `tests rollback V`: a new version holding V's tests (origin `rollback`); none when they
+/// are the current tests, unless `force`.
 pub async fn rollback(
     client: &mut Client,
     version: i64,
     created_by: &str,
+    force: bool,
 ) -> Result<Applied, FleetError> {
     check_schema(&*client).await?;
     let tx = client.transaction().await?;
@@ -807,8 +809,9 @@ pub async fn rollback(
         )));
     }
     let diff = compare(current, &current_tests, &old_tests, &agents);
-    // Rolling back to what is current changes nothing: no version.
-    if diff.is_empty() && current.is_some() {
+    // Rolling back to what is current changes nothing: no version, unless forced (a new
+    // version is pushed again to agents that refused the current one).
+    if diff.is_empty() && current.is_some() && !force {
         return Ok(Applied {
             version: None,
             dry_run: false,

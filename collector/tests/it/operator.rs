@@ -737,6 +737,14 @@ fn dangerous_applies_are_refused_unless_forced_and_diff_tells_what_apply_would_d
         "{out}"
     );
     assert_eq!(versions(), 3);
+    // Forced, it makes one (to push the same set again to agents that refused it).
+    let (code, out, _) = cli(&db, &["tests", "rollback", "3", "--force"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.starts_with("version 4 applied (the tests of version 3): +0 ~0 -0"),
+        "{out}"
+    );
+    assert_eq!(versions(), 4);
 
     // diff refuses a name clash as apply does (p1 has a local test `ping`), exit 2.
     let clash = write(
@@ -829,7 +837,7 @@ fn dangerous_applies_are_refused_unless_forced_and_diff_tells_what_apply_would_d
         let a = curl(&c, Some(&alice), "GET", path, None);
         assert_eq!(a.status, Some(400), "{path}: {}", a.body);
     }
-    assert_eq!(versions(), 3);
+    assert_eq!(versions(), 4);
     let a = curl(
         &c,
         Some(&alice),
@@ -838,7 +846,7 @@ fn dangerous_applies_are_refused_unless_forced_and_diff_tells_what_apply_would_d
         Some("# nothing\n"),
     );
     assert_eq!(a.status, Some(201), "{}", a.body);
-    assert_eq!(versions(), 4);
+    assert_eq!(versions(), 5);
 }
 
 /// Issue 25, item 5: a run-now request expires after its wait; an agent that connects
