@@ -6,7 +6,10 @@
 //! and then the pushed `tests_toml` as it came, written atomically (temporary file,
 //! fsync, rename, fsync of the directory). At start it is checked like a push, against
 //! the running configuration (`config::parse_pushed_tests`); a file that does not check
-//! is logged and left out: the agent starts with its local tests alone.
+//! is logged and left out: the agent starts with its local tests alone, and says so in
+//! `<state_dir>/fleet-tests.refused` (the version and the reason), which `buffer` shows
+//! instead of claiming the persisted version runs. A set that loads or a push that is
+//! saved removes that note.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,8 @@ use tokio::sync::mpsc;
 use crate::config::{self, Config, ConfigError, TestConfig};
 
 pub const FILE_NAME: &str = "fleet-tests.toml";
+/// The note left when the persisted set was refused at start.
+pub const REFUSED_NAME: &str = "fleet-tests.refused";
 const HEADER: &str = "# edgeprobe fleet tests, version ";
 
 /// A controller message from the uplink to the scheduler side (`run.rs`), with the
@@ -72,6 +77,27 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join(FILE_NAME)
 }
 
+/// Where the refusal of the persisted set at start is noted.
+pub fn refused_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(REFUSED_NAME)
+}
+
+/// Notes (or, with `None`, clears the note) that the persisted set does not run. Best
+/// effort: the note only serves `buffer`, and the start never fails on it.
+fn note_refused(state_dir: &Path, refusal: Option<String>) {
+    let path = refused_path(state_dir);
+    let done = match refusal {
+        Some(text) => std::fs::write(&path, text + "\n"),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    };
+    if let Err(e) = done {
+        tracing::debug!(path = %path.display(), "cannot update the fleet refusal note: {e}");
+    }
+}
+
 /// The persisted file's parts: version, received time (as written), tests_toml.
 pub fn read(path: &Path) -> Result<(u64, String, String), String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
@@ -99,6 +125,7 @@ fn split(text: &str) -> Result<(u64, String, String), String> {
 pub fn load(state_dir: &Path, config: &Config) -> Option<Fleet> {
     let path = path(state_dir);
     if !path.exists() {
+        note_refused(state_dir, None);
         return None;
     }
     let shown = path.display().to_string();
@@ -106,19 +133,27 @@ pub fn load(state_dir: &Path, config: &Config) -> Option<Fleet> {
         Ok(parts) => parts,
         Err(e) => {
             tracing::error!(path = %shown, "ignoring the persisted fleet tests: {e}; running the local tests alone until the collector pushes them again");
+            note_refused(state_dir, Some(format!("unreadable: {e}")));
             return None;
         }
     };
     // Checked as the whole file (the header is a comment), so errors point at its lines.
     let text = format!("{HEADER}{version}, received {received}\n{body}");
     match config::parse_pushed_tests(&text, &shown, config) {
-        Ok(tests) => Some(Fleet {
-            version,
-            tests_toml: body,
-            tests,
-        }),
+        Ok(tests) => {
+            note_refused(state_dir, None);
+            Some(Fleet {
+                version,
+                tests_toml: body,
+                tests,
+            })
+        }
         Err(e) => {
             tracing::error!("ignoring the persisted fleet tests: {e}; running the local tests alone until the collector pushes them again");
+            note_refused(
+                state_dir,
+                Some(format!("version {version} refused at start: {e}")),
+            );
             None
         }
     }
@@ -144,12 +179,21 @@ pub fn save(
         f.sync_all()?;
     }
     std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(state_dir)?.sync_all()
+    std::fs::File::open(state_dir)?.sync_all()?;
+    note_refused(state_dir, None);
+    Ok(())
 }
 
-/// One line for `edgeprobe-agent buffer`: the applied fleet version and its tests.
+/// One line for `edgeprobe-agent buffer`: the applied fleet version and its tests, or
+/// that the persisted set was refused at start (then no fleet test runs).
 pub fn describe(state_dir: &Path) -> String {
     let path = path(state_dir);
+    if let Ok(note) = std::fs::read_to_string(refused_path(state_dir)) {
+        return format!(
+            "fleet tests   none running: {} (the local tests run alone until the collector pushes a set that fits)\n",
+            note.trim()
+        );
+    }
     if !path.exists() {
         return "fleet tests   none\n".to_string();
     }
@@ -243,7 +287,20 @@ every = "30s"
         ] {
             std::fs::write(path(dir.path()), &bad).unwrap();
             assert!(load(dir.path(), &config()).is_none(), "{bad}");
+            // `buffer` does not claim the refused set runs.
+            let shown = describe(dir.path());
+            assert!(shown.starts_with("fleet tests   none running: "), "{shown}");
         }
+        // The clash is named with its version; a set that loads clears the note.
+        assert!(describe(dir.path()).contains("version 3 refused at start"));
+        std::fs::write(path(dir.path()), format!("{HEADER}4, received now\n{PUSH}")).unwrap();
+        assert!(load(dir.path(), &config()).is_some());
+        assert!(
+            describe(dir.path()).contains("version 4"),
+            "{}",
+            describe(dir.path())
+        );
+        assert!(!refused_path(dir.path()).exists());
     }
 
     #[test]

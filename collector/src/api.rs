@@ -56,6 +56,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[derive(Clone)]
 struct Api {
     target: Target,
+    /// Agents unheard of for longer are stale (`[fleet] stale_after`).
+    stale_after: Duration,
 }
 
 /// Serves the API on `listener` until `shutdown`.
@@ -63,9 +65,13 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     target: Target,
+    stale_after: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(Api { target });
+    let app = router(Api {
+        target,
+        stale_after,
+    });
     let listener = ApiListener::start(listener, tls, shutdown.clone())?;
     axum::serve(
         listener,
@@ -83,6 +89,9 @@ fn router(api: Api) -> Router {
         .route("/api/v1/tests/rollback", post(tests_rollback))
         .route("/api/v1/runs", post(runs_create))
         .route("/api/v1/runs/{id}", get(runs_get))
+        .route("/api/v1/agents", get(agents_list))
+        .route("/api/v1/results", get(results_export))
+        .route("/api/v1/agents/{id}", axum::routing::delete(agents_retire))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint (docs/API.md)") })
         .method_not_allowed_fallback(|| async {
             error(
@@ -281,24 +290,91 @@ fn ok(status: StatusCode, value: &Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
 }
 
-/// A boolean query parameter (`?dry_run=true`, `?dry_run=1`, `?dry_run`).
-fn query_flag(query: &Option<String>, name: &str) -> Result<bool, ApiError> {
-    let Some(query) = query else {
-        return Ok(false);
-    };
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
-        if key == name {
-            return match value {
-                "true" | "1" | "yes" | "" => Ok(true),
-                "false" | "0" | "no" => Ok(false),
-                other => Err(ApiError::bad_request(format!(
-                    "{name}={other}: use true or false"
-                ))),
-            };
+/// The query parameters of a request, checked against those its endpoint takes: an
+/// unknown one (a typo such as `dryrun=true`) is 400, never silently ignored.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn parse(query: &Option<String>, allowed: &[&str]) -> Result<Params, ApiError> {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(&s.replace('+', " "))
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ApiError::bad_request("the query is not UTF-8"))
+        };
+        let mut pairs = Vec::new();
+        for pair in query.as_deref().unwrap_or("").split('&') {
+            if pair.is_empty() {
+                continue;
+            }
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = decode(key)?;
+            if !allowed.contains(&key.as_str()) {
+                let takes = match allowed {
+                    [] => "takes no parameters".to_string(),
+                    _ => format!("takes {}", allowed.join(", ")),
+                };
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{key}`: this endpoint {takes} (docs/API.md)"
+                )));
+            }
+            pairs.push((key, decode(value)?));
+        }
+        Ok(Params(pairs))
+    }
+
+    /// The last value of `name`.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `name`, in order.
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A boolean (`?dry_run=true`, `?dry_run=1`, `?dry_run`).
+    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.get(name) {
+            None => Ok(false),
+            Some("true" | "1" | "yes" | "") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "{name}={other}: use true or false"
+            ))),
         }
     }
-    Ok(false)
+
+    /// A duration (`30s`, `24h`, `7d`).
+    fn duration(&self, name: &str) -> Result<Option<Duration>, ApiError> {
+        self.get(name)
+            .map(|v| {
+                edgeprobe_proto::testdef::parse_duration(v)
+                    .map_err(|e| ApiError::bad_request(format!("{name}={v}: {e}")))
+            })
+            .transpose()
+    }
+
+    /// `LABEL=VALUE` pairs of a repeatable parameter.
+    fn pairs(&self, name: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        self.all(name)
+            .map(|v| match v.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => {
+                    Ok((k.trim().to_string(), v.trim().to_string()))
+                }
+                _ => Err(ApiError::bad_request(format!(
+                    "{name}={v}: use LABEL=VALUE"
+                ))),
+            })
+            .collect()
+    }
 }
 
 /// A body whose declared length is over `MAX_BODY_BYTES` is refused before it is read,
@@ -392,17 +468,21 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-/// `GET /api/v1/tests`: the current set, its version and where the agents stand.
-async fn tests_current(State(api): State<Api>) -> Answer {
+/// `GET /api/v1/tests[?stale_after=D]`: the current set, its version and where the
+/// agents stand.
+async fn tests_current(State(api): State<Api>, RawQuery(query): RawQuery) -> Answer {
+    let params = Params::parse(&query, &["stale_after"])?;
+    let stale_after = params.duration("stale_after")?.unwrap_or(api.stale_after);
     let client = db(&api).await?;
-    let listing = fleet::list(&client)
+    let listing = fleet::list(&client, stale_after)
         .await
         .map_err(|e| fleet_error(e, ORIGIN))?;
     Ok(ok(StatusCode::OK, &to_json(&listing)))
 }
 
 /// `GET /api/v1/tests/versions`: every version, newest first.
-async fn tests_versions(State(api): State<Api>) -> Answer {
+async fn tests_versions(State(api): State<Api>, RawQuery(query): RawQuery) -> Answer {
+    Params::parse(&query, &[])?;
     let client = db(&api).await?;
     let versions = fleet::versions(&client)
         .await
@@ -413,18 +493,20 @@ async fn tests_versions(State(api): State<Api>) -> Answer {
     ))
 }
 
-/// `POST /api/v1/tests[?dry_run=true]`: the body is a fleet tests file.
+/// `POST /api/v1/tests[?dry_run=true][&force=true]`: the body is a fleet tests file.
 async fn tests_apply(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    let params = Params::parse(&query, &["dry_run", "force"])?;
     let body = body_of(body)?;
-    let dry_run = query_flag(&query, "dry_run")?;
+    let dry_run = params.flag("dry_run")?;
+    let force = params.flag("force")?;
     let text = body_text(&body)?;
     let mut client = db(&api).await?;
-    let applied = fleet::apply(&mut client, text, ORIGIN, &operator, dry_run)
+    let applied = fleet::apply(&mut client, text, ORIGIN, &operator, dry_run, force)
         .await
         .map_err(|e| fleet_error(e, ORIGIN))?;
     if let Some(version) = applied.version {
@@ -439,7 +521,12 @@ async fn tests_apply(
 }
 
 /// `POST /api/v1/tests/diff`: the body is a fleet tests file; nothing changes.
-async fn tests_diff(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Answer {
+async fn tests_diff(
+    State(api): State<Api>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    Params::parse(&query, &[])?;
     let body = body_of(body)?;
     let text = body_text(&body)?;
     let client = db(&api).await?;
@@ -453,18 +540,23 @@ async fn tests_diff(State(api): State<Api>, body: Result<Bytes, BytesRejection>)
 #[serde(deny_unknown_fields)]
 struct RollbackBody {
     version: i64,
+    /// A new version even when `version` holds the current tests.
+    #[serde(default)]
+    force: bool,
 }
 
 /// `POST /api/v1/tests/rollback {"version": N}`: a new version with N's tests.
 async fn tests_rollback(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
+    RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    Params::parse(&query, &[])?;
     let body = body_of(body)?;
-    let RollbackBody { version } = body_json(&body)?;
+    let RollbackBody { version, force } = body_json(&body)?;
     let mut client = db(&api).await?;
-    let applied = fleet::rollback(&mut client, version, &operator)
+    let applied = fleet::rollback(&mut client, version, &operator, force)
         .await
         .map_err(|e| fleet_error(e, ORIGIN))?;
     if let Some(new) = applied.version {
@@ -490,6 +582,8 @@ struct RunBody {
     #[serde(default)]
     options: BTreeMap<String, Value>,
     name: Option<String>,
+    /// How long the request waits for agents (`"30s"`, default 30 s).
+    expires: Option<String>,
 }
 
 impl RunBody {
@@ -553,7 +647,16 @@ impl RunBody {
                 ))
             }
         };
-        Ok(RunRequest { selection, test })
+        let expires = match &self.expires {
+            None => runs::DEFAULT_EXPIRES,
+            Some(e) => edgeprobe_proto::testdef::parse_duration(e)
+                .map_err(|err| invalid(&format!("expires `{e}`: {err}")))?,
+        };
+        Ok(RunRequest {
+            selection,
+            test,
+            expires,
+        })
     }
 }
 
@@ -561,8 +664,10 @@ impl RunBody {
 async fn runs_create(
     State(api): State<Api>,
     axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
+    RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer {
+    Params::parse(&query, &[])?;
     let body = body_of(body)?;
     let request = body_json::<RunBody>(&body)?.request()?;
     let mut client = db(&api).await?;
@@ -589,7 +694,12 @@ async fn runs_create(
 }
 
 /// `GET /api/v1/runs/{id}`: each agent's state, the results so far and the summary.
-async fn runs_get(State(api): State<Api>, Path(id): Path<String>) -> Answer {
+async fn runs_get(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Answer {
+    Params::parse(&query, &[])?;
     let run_id: i64 = id
         .parse()
         .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, format!("no run {id}")))?;
@@ -604,4 +714,112 @@ async fn runs_get(State(api): State<Api>, Path(id): Path<String>) -> Answer {
         map.insert("summary".into(), to_json(&summary));
     }
     Ok(ok(StatusCode::OK, &answer))
+}
+
+/// `GET /api/v1/agents[?select=LABEL=VALUE...][&stale_after=D]`: every known agent with its
+/// state, as `edgeprobe-collector agents --json`.
+async fn agents_list(State(api): State<Api>, RawQuery(query): RawQuery) -> Answer {
+    let params = Params::parse(&query, &["select", "stale_after"])?;
+    let select = params.pairs("select")?;
+    let stale_after = params.duration("stale_after")?.unwrap_or(api.stale_after);
+    let client = db(&api).await?;
+    let list = crate::agents::list(&client, &select, stale_after)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    Ok(ok(StatusCode::OK, &json!({ "agents": to_json(&list) })))
+}
+
+/// `DELETE /api/v1/agents/{id}[?force=true]`: retires an agent that is gone (its results
+/// stay); 422 while it is online unless forced.
+async fn agents_retire(
+    State(api): State<Api>,
+    axum::Extension(OperatorName(operator)): axum::Extension<OperatorName>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Answer {
+    let params = Params::parse(&query, &["force"])?;
+    let force = params.flag("force")?;
+    let client = db(&api).await?;
+    let retired = crate::agents::retire(&client, &id, force)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    tracing::info!(%operator, agent_id = %id, "api: agent retired");
+    Ok(ok(StatusCode::OK, &to_json(&retired)))
+}
+
+/// `GET /api/v1/results[?agent=ID...][&test=NAME][&since=D][&format=json|csv]`: results
+/// oldest first, streamed from a server-side cursor as the client reads (the body is
+/// chunked; the collector holds one batch at a time, whatever the size of the export).
+async fn results_export(State(api): State<Api>, RawQuery(query): RawQuery) -> Answer {
+    use crate::results::{self, Format};
+    let params = Params::parse(&query, &["agent", "test", "since", "format"])?;
+    let filter = results::Filter {
+        agents: params.all("agent").map(String::from).collect(),
+        test: params.get("test").map(String::from),
+        since: params
+            .duration("since")?
+            .unwrap_or(Duration::from_secs(3600)),
+    };
+    let format = match params.get("format") {
+        None => Format::Json,
+        Some(f) => match Format::parse(f) {
+            Some(Format::Table) | None => {
+                return Err(ApiError::bad_request(format!(
+                    "format={f}: use json or csv"
+                )))
+            }
+            Some(f) => f,
+        },
+    };
+    let mut client = db(&api).await?;
+    // Checked before the answer starts, so an old schema is still an error status; a
+    // database failure later cuts the body (the client sees an incomplete transfer).
+    fleet::check_schema(&client)
+        .await
+        .map_err(|e| fleet_error(e, ORIGIN))?;
+    // A few batches in flight at most: the client's reading paces the cursor.
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut rows = 0u64;
+        let mut chunk = results::head(format);
+        let mut cursor = match results::Cursor::open(&mut client, &filter).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("api: results export failed: {e}");
+                let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                return;
+            }
+        };
+        loop {
+            let batch = match cursor.next().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("api: results export cut: {e}");
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            for row in &batch {
+                chunk.push_str(&results::line(format, row, rows));
+                rows += 1;
+            }
+            if tx
+                .send(Ok(Bytes::from(std::mem::take(&mut chunk))))
+                .await
+                .is_err()
+            {
+                return; // the client went away
+            }
+        }
+        chunk.push_str(results::tail(format, rows));
+        let _ = tx.send(Ok(Bytes::from(chunk))).await;
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, format.content_type())],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -72,6 +72,13 @@ pub enum Command {
         #[command(subcommand)]
         command: paths::AsnCommand,
     },
+    /// The fleet: every known agent with its labels, version, online state, last contact,
+    /// backlog, fleet tests version or refusal, clock and identity conflicts; `agents
+    /// retire ID` forgets one that is gone.
+    Agents(cli::AgentsArgs),
+    /// Results as stored, oldest first: a table, JSON or CSV, streamed (an export of any
+    /// size never sits in memory).
+    Results(cli::ResultsArgs),
 }
 
 #[derive(clap::Args)]
@@ -92,9 +99,14 @@ pub struct RunArgs {
 
 #[derive(clap::Args)]
 pub struct MigrateArgs {
-    /// PostgreSQL URL (else EDGEPROBE_DATABASE_URL or DATABASE_URL).
-    #[arg(long)]
+    /// PostgreSQL URL (else the [database] url of --config, else EDGEPROBE_DATABASE_URL
+    /// or DATABASE_URL, else those in the collector.env beside the configuration).
+    #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// The collector configuration whose database to migrate [default:
+    /// /etc/edgeprobe/collector.toml when it exists].
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Also drop daily partitions older than this (e.g. 90d). Without it, partitions are
     /// only created, never dropped.
     #[arg(long, value_parser = parse_retention)]
@@ -178,7 +190,9 @@ pub fn check(path: &Path) -> Result<ExitCode, Failure> {
     }
     // The database URL's TLS settings and files, as `run` and `migrate` read them: the
     // file's URL, else the environment's (the unit's EnvironmentFile).
-    let url = match config::database_url(None, c.database.url.clone()) {
+    let env_file = config::read_env_file(&config::env_file_of(path))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let url = match config::database_url(None, c.database.url.clone(), &env_file) {
         Some((from, url)) => match pg::Target::parse(&url) {
             Ok(target) => format!("from {from}, sslmode={}", target.mode().name()),
             Err(e) => {
@@ -204,12 +218,7 @@ pub fn check(path: &Path) -> Result<ExitCode, Failure> {
 
 /// `migrate`: applies pending migrations and keeps partitions once.
 pub async fn migrate(args: MigrateArgs) -> Result<ExitCode, Failure> {
-    let Some((_, url)) = config::database_url(args.database_url, None) else {
-        return Err(Failure::Usage(
-            "no database URL: pass --database-url or set EDGEPROBE_DATABASE_URL or DATABASE_URL"
-                .into(),
-        ));
-    };
+    let (url, _) = cli::resolve_url(args.database_url, args.config.as_deref())?;
     let target = pg::Target::parse(&url).map_err(|e| Failure::Usage(format!("migrate: {e}")))?;
     let applied = run::migrate_once(&target, args.retention)
         .await

@@ -22,6 +22,38 @@ pub struct Config {
     pub metrics: MetricsSection,
     /// The operators' HTTP API (`api.rs`); absent: no API listener at all.
     pub api: Option<ApiSection>,
+    #[serde(default)]
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`: how the operator commands and the API judge the fleet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// An agent not heard from for longer than this is shown as stale (gone, or cut off
+    /// for long), not as behind on the fleet tests.
+    #[serde(default = "default_stale_after", deserialize_with = "de_duration")]
+    pub stale_after: Duration,
+}
+
+impl Default for FleetSection {
+    fn default() -> Self {
+        FleetSection {
+            stale_after: default_stale_after(),
+        }
+    }
+}
+
+/// An agent unheard of for a day is stale unless configured otherwise.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(86_400);
+
+fn default_stale_after() -> Duration {
+    DEFAULT_STALE_AFTER
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    edgeprobe_proto::testdef::parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 /// `[api]`: the HTTP API's own listener. It uses `[server]`'s certificate and key and
@@ -150,6 +182,7 @@ impl Config {
                 database: DatabaseSection::default(),
                 metrics: MetricsSection::default(),
                 api: None,
+                fleet: FleetSection::default(),
             });
         };
         let origin = path.display().to_string();
@@ -187,8 +220,9 @@ impl Config {
         grpc_listen: Option<SocketAddr>,
         http_listen: Option<SocketAddr>,
     ) -> Result<Config, ConfigError> {
+        // `run` gets the environment file from its unit (EnvironmentFile=), not from here.
         self.database.url =
-            self::database_url(database_url, self.database.url.take()).map(|(_, url)| url);
+            self::database_url(database_url, self.database.url.take(), &[]).map(|(_, url)| url);
         if let Some(a) = grpc_listen {
             self.server.grpc_listen = a;
         }
@@ -245,6 +279,8 @@ pub enum UrlSource {
     File,
     /// An environment variable, by name.
     Env(&'static str),
+    /// A variable of the environment file beside the configuration, by name.
+    EnvFile(&'static str),
 }
 
 impl std::fmt::Display for UrlSource {
@@ -253,6 +289,7 @@ impl std::fmt::Display for UrlSource {
             UrlSource::Flag => f.write_str("--database-url"),
             UrlSource::File => f.write_str("the file"),
             UrlSource::Env(var) => write!(f, "${var}"),
+            UrlSource::EnvFile(var) => write!(f, "{var} in {ENV_FILE_NAME}"),
         }
     }
 }
@@ -261,17 +298,76 @@ impl std::fmt::Display for UrlSource {
 /// file gives one (the systemd unit's EnvironmentFile sets them).
 pub const URL_VARIABLES: [&str; 2] = ["EDGEPROBE_DATABASE_URL", "DATABASE_URL"];
 
+/// The packaged configuration: what the operator commands read without `--config`.
+pub const DEFAULT_CONFIG: &str = "/etc/edgeprobe/collector.toml";
+
+/// The environment file beside a configuration file, as the packaged unit reads it
+/// (`EnvironmentFile=-/etc/edgeprobe/collector.env`): where the database URL with its
+/// password usually is.
+pub const ENV_FILE_NAME: &str = "collector.env";
+
+/// The environment file that belongs to the configuration at `config`.
+pub fn env_file_of(config: &Path) -> PathBuf {
+    config.with_file_name(ENV_FILE_NAME)
+}
+
+/// The variables of a systemd environment file (`KEY=VALUE` lines, `#` and `;`
+/// comments, values optionally in single or double quotes). A missing file has none;
+/// one that exists but cannot be read is an error (a root-only file read by another
+/// user, say), so the reason is not a puzzling "no database URL".
+pub fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_string(), v.to_string()))
+        })
+        .collect())
+}
+
 /// The one resolution of the database URL, used by `run`, `check`, `migrate` and the
 /// operator commands: the flag, else the file's `[database] url`, else
-/// EDGEPROBE_DATABASE_URL, else DATABASE_URL. `None` when none is set; each caller says
-/// which of these it offers in its error.
-pub fn database_url(flag: Option<String>, file: Option<String>) -> Option<(UrlSource, String)> {
+/// EDGEPROBE_DATABASE_URL, else DATABASE_URL from the environment, else from `env_file`
+/// (the variables of the configuration's `collector.env`, for commands run from a shell;
+/// `run` gets them from its unit). `None` when none is set; each caller says which of
+/// these it offers in its error.
+pub fn database_url(
+    flag: Option<String>,
+    file: Option<String>,
+    env_file: &[(String, String)],
+) -> Option<(UrlSource, String)> {
     flag.map(|url| (UrlSource::Flag, url))
         .or_else(|| file.map(|url| (UrlSource::File, url)))
         .or_else(|| {
             URL_VARIABLES
                 .into_iter()
                 .find_map(|v| std::env::var(v).ok().map(|url| (UrlSource::Env(v), url)))
+        })
+        .or_else(|| {
+            URL_VARIABLES.into_iter().find_map(|v| {
+                env_file
+                    .iter()
+                    .find(|(k, _)| k == v)
+                    .map(|(_, url)| (UrlSource::EnvFile(v), url.clone()))
+            })
         })
 }
 

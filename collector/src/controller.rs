@@ -17,8 +17,9 @@
 //!   names it, or every `select` label equals its hello label; neither selects all.
 //! - A run_agents row is claimed with `UPDATE ... WHERE state = 'pending'`: of two
 //!   collectors only the one whose claim returns the row sends, and only the collector
-//!   holding the agent's session tries. Rows older than `RUN_WINDOW` are left pending (the
-//!   CLI reports them offline).
+//!   holding the agent's session tries. A request past its `runs.expires_at` is never
+//!   sent: an agent that connects later does not run it, and its rows still pending
+//!   become `expired` at the next poll.
 //! - Rate limit per agent here too: at most one run-now per `run_every`, one speed run-now
 //!   per `speed_every`; over it the row becomes rate_limited and nothing is sent.
 //! - Agents' answers (TestsApplied, RunStatus, results with a run id) are written in
@@ -58,8 +59,6 @@ const POLL: Duration = Duration::from_secs(5);
 const FLUSH: Duration = Duration::from_millis(200);
 /// Dispatches triggered by new sessions are this far apart at least.
 const DISPATCH_EVERY: Duration = Duration::from_secs(1);
-/// A run request older than this is not sent any more.
-const RUN_WINDOW_SECONDS: f64 = 60.0;
 /// Answers waiting to be written, at most; more are dropped (and logged).
 const EVENT_QUEUE: usize = 65_536;
 const RECONNECT_BASE: Duration = Duration::from_millis(200);
@@ -451,6 +450,7 @@ impl Controller {
                     self.check_version(client).await.map_err(describe)?;
                     self.load_refusals(client).await.map_err(describe)?;
                     self.dispatch_runs(client).await.map_err(describe)?;
+                    expire_runs(client).await.map_err(describe)?;
                     self.count_behind();
                 }
                 _ = flush.tick() => {
@@ -596,9 +596,9 @@ impl Controller {
                                            ORDER BY ft.version DESC LIMIT 1), '')
                    FROM run_agents ra JOIN runs r USING (run_id)
                   WHERE ra.state = 'pending' AND ra.agent_id = ANY($1)
-                    AND r.created_at > now() - make_interval(secs => $2)
+                    AND r.expires_at > now()
                   ORDER BY ra.run_id",
-                &[&ids, &RUN_WINDOW_SECONDS],
+                &[&ids],
             )
             .await?;
         if rows.is_empty() {
@@ -729,6 +729,24 @@ impl Controller {
     }
 }
 
+/// Marks the agents of expired requests that were never sent `expired` (any collector may:
+/// the update is idempotent).
+async fn expire_runs(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let n = client
+        .execute(
+            "UPDATE run_agents ra SET state = 'expired',
+                    reason = 'no session before the request expired; not sent', updated_at = now()
+               FROM runs r
+              WHERE ra.run_id = r.run_id AND ra.state = 'pending' AND r.expires_at <= now()",
+            &[],
+        )
+        .await?;
+    if n > 0 {
+        tracing::info!(agents = n, "run-now requests expired unsent");
+    }
+    Ok(())
+}
+
 /// Whether a run-now may be sent: its ad-hoc block within `MAX_RUN_NOW_BYTES` and the
 /// message within the message bound.
 fn sendable(run: &pb::RunNow) -> Result<(), String> {
@@ -748,10 +766,15 @@ async fn write(client: &Client, p: &Pending) -> Result<(), tokio_postgres::Error
         let ids: Vec<&str> = p.applied.keys().map(String::as_str).collect();
         let versions: Vec<i64> = p.applied.values().map(|v| v.0 as i64).collect();
         let errors: Vec<&str> = p.applied.values().map(|v| v.1.as_str()).collect();
+        // A refusal of the version the agent had applied means it does not run it any
+        // more (it refused it at its start, beside a new local test of the same name):
+        // the applied version is cleared rather than left claiming it runs.
         client
             .execute(
                 "UPDATE agents SET
-                    fleet_version = CASE WHEN v.error = '' THEN v.version ELSE agents.fleet_version END,
+                    fleet_version = CASE WHEN v.error = '' THEN v.version
+                                         WHEN agents.fleet_version = v.version THEN NULL
+                                         ELSE agents.fleet_version END,
                     fleet_applied_at = CASE WHEN v.error = '' THEN now() ELSE agents.fleet_applied_at END,
                     fleet_refused_version = CASE WHEN v.error = '' THEN NULL ELSE v.version END,
                     fleet_error = CASE WHEN v.error = '' THEN NULL ELSE v.error END

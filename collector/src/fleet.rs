@@ -14,6 +14,7 @@
 //! collector would not send it (bytes) or the agent would refuse it (tests).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use edgeprobe_proto::bounds;
 use edgeprobe_proto::testdef::{from_toml, FleetFile, FleetTest, TestsOnly};
@@ -24,8 +25,9 @@ use tokio_postgres::{Client, GenericClient};
 /// Arbitrary constant identifying the fleet version lock (pg_advisory_xact_lock).
 const FLEET_LOCK: i64 = 0x6570_666c_6565_7401;
 
-/// The schema version that holds the controller's tables.
-const SCHEMA_NEEDED: i32 = 4;
+/// The schema version the operator commands need: the controller's tables (4) and the
+/// expiry of run-now requests (6).
+const SCHEMA_NEEDED: i32 = 6;
 
 /// Agent ids named in a refusal (the rest are counted).
 const IDS_SHOWN: usize = 5;
@@ -54,7 +56,7 @@ impl From<tokio_postgres::Error> for FleetError {
     }
 }
 
-/// Refuses clearly when the schema predates the controller (older than migration 4).
+/// Refuses clearly when the schema predates what the operator commands need.
 pub async fn check_schema(client: &impl GenericClient) -> Result<(), FleetError> {
     // Two statements: a query naming a missing table fails at planning.
     let exists: bool = client
@@ -84,7 +86,7 @@ pub async fn check_schema(client: &impl GenericClient) -> Result<(), FleetError>
 }
 
 /// Which agents a test (or a run) selects: ids, else labels that must all match.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Selection {
     pub select: BTreeMap<String, String>,
     pub agents: Option<Vec<String>>,
@@ -116,7 +118,7 @@ impl Selection {
 }
 
 /// An agent in the `agents` table, as far as the controller cares.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct KnownAgent {
     pub agent_id: String,
     pub labels: BTreeMap<String, String>,
@@ -125,6 +127,16 @@ pub struct KnownAgent {
     pub fleet_version: Option<i64>,
     pub fleet_refused_version: Option<i64>,
     pub fleet_error: Option<String>,
+    /// Seconds since a collector last heard from it (hello or heartbeat), by the
+    /// database's clock.
+    pub seen_seconds_ago: f64,
+}
+
+impl KnownAgent {
+    /// Not heard from for longer than `stale_after`: gone, or cut off for long.
+    pub fn is_stale(&self, stale_after: Duration) -> bool {
+        self.seen_seconds_ago > stale_after.as_secs_f64()
+    }
 }
 
 /// Every agent the collectors have seen (10,000 rows are a few hundred kB).
@@ -132,7 +144,8 @@ pub async fn known_agents(client: &impl GenericClient) -> Result<Vec<KnownAgent>
     let rows = client
         .query(
             "SELECT agent_id, labels, features, local_tests, fleet_version,
-                    fleet_refused_version, fleet_error
+                    fleet_refused_version, fleet_error,
+                    greatest(extract(epoch FROM now() - last_seen), 0)::float8
              FROM agents ORDER BY agent_id",
             &[],
         )
@@ -147,6 +160,7 @@ pub async fn known_agents(client: &impl GenericClient) -> Result<Vec<KnownAgent>
             fleet_version: r.get(4),
             fleet_refused_version: r.get(5),
             fleet_error: r.get(6),
+            seen_seconds_ago: r.get(7),
         })
         .collect())
 }
@@ -166,7 +180,7 @@ pub(crate) fn labels_of(v: serde_json::Value) -> BTreeMap<String, String> {
 }
 
 /// One stored fleet test.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StoredTest {
     pub name: String,
     pub kind: String,
@@ -205,7 +219,7 @@ impl StoredTest {
 }
 
 /// A row of `fleet_versions`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct VersionInfo {
     pub version: i64,
     /// RFC 3339, UTC.
@@ -287,7 +301,7 @@ pub async fn tests_of(
 }
 
 /// How one test differs from the current version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
     Added,
@@ -296,7 +310,7 @@ pub enum Change {
     Unchanged,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TestChange {
     pub name: String,
     pub change: Change,
@@ -305,11 +319,87 @@ pub struct TestChange {
     pub selection: String,
     /// Known agents (the `agents` table) the test selects; for a removed test, selected.
     pub agents_selected: usize,
+    /// For a changed test, what changed, field by field (`options.count`, `select.site`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<FieldChange>,
+}
+
+/// One field of a changed test: its old and new value as TOML (`None`: not set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+impl FieldChange {
+    /// `every 30s -> 1m`, `options.count (unset) -> 5`.
+    pub fn describe(&self) -> String {
+        let v = |x: &Option<String>| x.clone().unwrap_or_else(|| "(unset)".to_string());
+        format!("{} {} -> {}", self.field, v(&self.old), v(&self.new))
+    }
+}
+
+/// The fields of a stored test as flat `key` / `table.key` -> TOML value: its block and
+/// its selection.
+fn flat_fields(t: &StoredTest) -> BTreeMap<String, String> {
+    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => flatten(&key, inner, out),
+                other => {
+                    out.insert(key, other.to_string());
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    let block = toml::from_str::<toml::Table>(&t.spec_toml)
+        .ok()
+        .and_then(|doc| {
+            doc.get("test")
+                .and_then(|v| v.as_array())
+                .and_then(|a| a.first())
+                .and_then(|v| v.as_table())
+                .cloned()
+        })
+        .unwrap_or_default();
+    flatten("", &block, &mut out);
+    for (k, v) in &t.selection.select {
+        out.insert(
+            format!("select.{k}"),
+            toml::Value::String(v.clone()).to_string(),
+        );
+    }
+    if let Some(ids) = &t.selection.agents {
+        let list = toml::Value::Array(ids.iter().map(|i| toml::Value::String(i.clone())).collect());
+        out.insert("agents".into(), list.to_string());
+    }
+    out
+}
+
+/// What differs between two versions of a test, field by field.
+fn field_changes(old: &StoredTest, new: &StoredTest) -> Vec<FieldChange> {
+    let (a, b) = (flat_fields(old), flat_fields(new));
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| FieldChange {
+            field: k.clone(),
+            old: a.get(k).cloned(),
+            new: b.get(k).cloned(),
+        })
+        .collect()
 }
 
 /// A file compared with the current version: what `tests diff` prints and `tests apply`
 /// would do.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Diff {
     /// The current version (None: no fleet tests yet).
     pub current: Option<i64>,
@@ -321,6 +411,9 @@ pub struct Diff {
     /// Known agents that at least one test of the new set selects.
     pub agents_selected: usize,
     pub agents_known: usize,
+    /// Why `tests apply` would refuse this file unless forced (`--force`, `force=true`):
+    /// located `origin:line:col: reason` where a test is at fault.
+    pub refusals: Vec<String>,
 }
 
 impl Diff {
@@ -340,10 +433,10 @@ fn compare(
     let new_names: BTreeSet<&str> = new.iter().map(|t| t.name.as_str()).collect();
     let mut tests = Vec::new();
     for t in new {
-        let change = match old_by.get(t.name.as_str()) {
-            None => Change::Added,
-            Some(o) if *o == t => Change::Unchanged,
-            Some(_) => Change::Changed,
+        let (change, fields) = match old_by.get(t.name.as_str()) {
+            None => (Change::Added, Vec::new()),
+            Some(o) if *o == t => (Change::Unchanged, Vec::new()),
+            Some(o) => (Change::Changed, field_changes(o, t)),
         };
         tests.push(TestChange {
             name: t.name.clone(),
@@ -352,6 +445,7 @@ fn compare(
             target: t.target.clone(),
             selection: t.selection.describe(),
             agents_selected: count(&t.selection),
+            fields,
         });
     }
     for t in old.iter().filter(|t| !new_names.contains(t.name.as_str())) {
@@ -362,6 +456,7 @@ fn compare(
             target: t.target.clone(),
             selection: t.selection.describe(),
             agents_selected: count(&t.selection),
+            fields: Vec::new(),
         });
     }
     tests.sort_by(|a, b| a.name.cmp(&b.name));
@@ -377,7 +472,95 @@ fn compare(
             .count(),
         agents_known: agents.len(),
         tests,
+        refusals: Vec::new(),
     }
+}
+
+/// The longest `every` accepted without `--force`: a typo such as "100000d" is refused.
+pub const MAX_SANE_EVERY: std::time::Duration = std::time::Duration::from_secs(31 * 86_400);
+
+/// The checks that make an apply dangerous rather than wrong, refused unless forced: it
+/// removes every fleet test, a test selects none of the known agents, a test names an
+/// agent no collector has seen, or an `every` is beyond [`MAX_SANE_EVERY`]. Each reason is
+/// located at the test's name.
+fn dangers(
+    file: &FleetFile,
+    new: &[StoredTest],
+    old: &[StoredTest],
+    agents: &[KnownAgent],
+    text: &str,
+    origin: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if new.is_empty() && !old.is_empty() {
+        out.push(format!(
+            "{origin}: the file has no tests: applying it removes all {} fleet tests from every agent",
+            old.len()
+        ));
+    }
+    for (t, stored) in file.tests.iter().zip(new) {
+        let (line, col) = line_col(text, t.config.name.span().start);
+        let at = format!("{origin}:{line}:{col}: test `{}`", stored.name);
+        if let Some(ids) = &stored.selection.agents {
+            let unknown: Vec<&str> = ids
+                .iter()
+                .filter(|id| !agents.iter().any(|a| &a.agent_id == *id))
+                .map(String::as_str)
+                .collect();
+            if !unknown.is_empty() {
+                out.push(format!(
+                    "{at} names agents no collector has seen: {} (a typo? see `edgeprobe-collector agents`)",
+                    unknown.join(", ")
+                ));
+            }
+        }
+        if !agents.iter().any(|a| stored.selection.selects(a)) {
+            out.push(format!(
+                "{at} selects none of the {} known agents ({}); check the ids or labels (see `edgeprobe-collector agents`)",
+                agents.len(),
+                stored.selection.describe()
+            ));
+        }
+        if let Some(every) = t.config.every.filter(|e| *e > MAX_SANE_EVERY) {
+            out.push(format!(
+                "{at} runs every {} days, more than {} days apart (a typo?)",
+                every.as_secs() / 86_400,
+                MAX_SANE_EVERY.as_secs() / 86_400
+            ));
+        }
+    }
+    out
+}
+
+/// Refuses a test named like a local test of an agent it selects (never forced: the agent
+/// would refuse the whole set).
+fn check_clashes(
+    file: &FleetFile,
+    new: &[StoredTest],
+    agents: &[KnownAgent],
+    text: &str,
+    origin: &str,
+) -> Result<(), FleetError> {
+    for (t, stored) in file.tests.iter().zip(new) {
+        let clashing: Vec<&str> = agents
+            .iter()
+            .filter(|a| a.local_tests.contains(&stored.name) && stored.selection.selects(a))
+            .map(|a| a.agent_id.as_str())
+            .collect();
+        if !clashing.is_empty() {
+            let (line, col) = line_col(text, t.config.name.span().start);
+            let more = match clashing.len().saturating_sub(IDS_SHOWN) {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            return Err(FleetError::Invalid(format!(
+                "{origin}:{line}:{col}: fleet test `{}` has the name of a local test of agent {}{more}; rename the fleet test or narrow its selection",
+                stored.name,
+                clashing[..clashing.len().min(IDS_SHOWN)].join(", "),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A known agent for which a set of tests breaks a bound of what it can be pushed.
@@ -522,12 +705,15 @@ pub async fn diff(
         None => Vec::new(),
     };
     let agents = known_agents(client).await?;
+    check_clashes(&file, &new, &agents, text, origin)?;
     check_pushes(&file, &new, &agents, text, origin)?;
-    Ok(compare(current, &old, &new, &agents))
+    let mut diff = compare(current, &old, &new, &agents);
+    diff.refusals = dangers(&file, &new, &old, &agents, text, origin);
+    Ok(diff)
 }
 
 /// What an apply or rollback did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Applied {
     /// The new version; None when nothing changed (or a dry run).
     pub version: Option<i64>,
@@ -537,13 +723,16 @@ pub struct Applied {
 }
 
 /// `tests apply`: checks the file, refuses a test named like a local test of an agent it
-/// selects, and stores a new version (unless identical to the current one or `dry_run`).
+/// selects, refuses what [`dangers`] finds unless `force`, and stores a new version
+/// (unless identical to the current one or `dry_run`; a dry run reports the dangers in
+/// `refusals` instead).
 pub async fn apply(
     client: &mut Client,
     text: &str,
     origin: &str,
     created_by: &str,
     dry_run: bool,
+    force: bool,
 ) -> Result<Applied, FleetError> {
     let file = parse_file(text, origin)?;
     check_schema(&*client).await?;
@@ -552,32 +741,21 @@ pub async fn apply(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&FLEET_LOCK])
         .await?;
     let agents = known_agents(&tx).await?;
-    for (t, stored) in file.tests.iter().zip(&new) {
-        let clashing: Vec<&str> = agents
-            .iter()
-            .filter(|a| a.local_tests.contains(&stored.name) && stored.selection.selects(a))
-            .map(|a| a.agent_id.as_str())
-            .collect();
-        if !clashing.is_empty() {
-            let (line, col) = line_col(text, t.config.name.span().start);
-            let more = match clashing.len().saturating_sub(IDS_SHOWN) {
-                0 => String::new(),
-                n => format!(" and {n} more"),
-            };
-            return Err(FleetError::Invalid(format!(
-                "{origin}:{line}:{col}: fleet test `{}` has the name of a local test of agent {}{more}; rename the fleet test or narrow its selection",
-                stored.name,
-                clashing[..clashing.len().min(IDS_SHOWN)].join(", "),
-            )));
-        }
-    }
+    check_clashes(&file, &new, &agents, text, origin)?;
     check_pushes(&file, &new, &agents, text, origin)?;
     let current = current_version(&tx).await?.map(|v| v.version);
     let old = match current {
         Some(v) => tests_of(&tx, v).await?,
         None => Vec::new(),
     };
-    let diff = compare(current, &old, &new, &agents);
+    let mut diff = compare(current, &old, &new, &agents);
+    diff.refusals = dangers(&file, &new, &old, &agents, text, origin);
+    if !diff.refusals.is_empty() && !force && !dry_run {
+        return Err(FleetError::Invalid(format!(
+            "{}\nnothing applied; if this is what you mean, apply with --force (API: force=true)",
+            diff.refusals.join("\n")
+        )));
+    }
     if dry_run || (diff.is_empty() && current.is_some()) {
         return Ok(Applied {
             version: None,
@@ -594,11 +772,13 @@ pub async fn apply(
     })
 }
 
-/// `tests rollback V`: a new version holding V's tests (origin `rollback`).
+/// `tests rollback V`: a new version holding V's tests (origin `rollback`); none when they
+/// are the current tests, unless `force`.
 pub async fn rollback(
     client: &mut Client,
     version: i64,
     created_by: &str,
+    force: bool,
 ) -> Result<Applied, FleetError> {
     check_schema(&*client).await?;
     let tx = client.transaction().await?;
@@ -629,6 +809,15 @@ pub async fn rollback(
         )));
     }
     let diff = compare(current, &current_tests, &old_tests, &agents);
+    // Rolling back to what is current changes nothing: no version, unless forced (a new
+    // version is pushed again to agents that refused the current one).
+    if diff.is_empty() && current.is_some() && !force {
+        return Ok(Applied {
+            version: None,
+            dry_run: false,
+            diff,
+        });
+    }
     let new = insert_version(&tx, created_by, "rollback", "", Some(version), &old_tests).await?;
     tx.commit().await?;
     Ok(Applied {
@@ -686,7 +875,7 @@ async fn insert_version(
 }
 
 /// One test of the current set, as `tests list` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ListedTest {
     #[serde(flatten)]
     pub test: StoredTest,
@@ -696,29 +885,93 @@ pub struct ListedTest {
 }
 
 /// An agent that refused the current version.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Refusal {
     pub agent_id: String,
+    /// The version it refused (the current one).
+    pub version: i64,
     pub error: String,
+    /// The version it still runs, if any: a refused set leaves the previous one running,
+    /// and one refused at the agent's start leaves none.
+    pub running_version: Option<i64>,
+}
+
+/// An agent that has not applied the current version yet.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Behind {
+    pub agent_id: String,
+    /// The version it applied last (None: none yet).
+    pub fleet_version: Option<i64>,
+    /// Seconds since a collector last heard from it.
+    pub seen_seconds_ago: f64,
 }
 
 /// `tests list`: the current version and where the fleet stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Listing {
     pub current: Option<VersionInfo>,
     pub tests: Vec<ListedTest>,
     pub agents_known: usize,
     /// Agents that applied the current version (or a later one).
     pub applied: usize,
-    /// Agents speaking fleet-tests that have not applied or refused it (yet).
+    /// How many agents speaking fleet-tests have not applied or refused it (yet)...
     pub behind: usize,
+    /// ... and which, with the version they run.
+    pub behind_agents: Vec<Behind>,
     /// Agents that refused the current version, with the reason.
     pub refused: Vec<Refusal>,
     /// Agents whose last hello did not list "fleet-tests": they get no fleet tests.
     pub too_old: usize,
+    /// Agents not heard from for longer than `stale_after_seconds`: not counted above
+    /// (`agents retire ID` forgets one that is gone).
+    pub stale: Vec<String>,
+    pub stale_after_seconds: u64,
 }
 
-pub async fn list(client: &impl GenericClient) -> Result<Listing, FleetError> {
+/// Where one agent stands with the current version (`cur`, 0 for none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FleetState {
+    /// Not heard from for longer than the stale threshold.
+    Stale,
+    /// Its hello did not list "fleet-tests".
+    TooOld,
+    /// It refused the current version (whatever it reported before).
+    Refused,
+    /// It runs the current version (or there is none).
+    Applied,
+    /// It has neither applied nor refused the current version yet.
+    Behind,
+}
+
+impl KnownAgent {
+    /// Its state against version `cur`. A refusal of `cur` outranks an earlier "applied":
+    /// an agent that refused the version it had applied (a local test of the same name
+    /// added, then a restart) does not run it.
+    pub fn fleet_state(&self, cur: i64, stale_after: Duration) -> FleetState {
+        if self.is_stale(stale_after) {
+            FleetState::Stale
+        } else if !self
+            .features
+            .iter()
+            .any(|f| f == edgeprobe_proto::FEATURE_FLEET_TESTS)
+        {
+            FleetState::TooOld
+        } else if cur > 0 && self.fleet_refused_version == Some(cur) {
+            FleetState::Refused
+        } else if cur == 0 || self.fleet_version.is_some_and(|v| v >= cur) {
+            FleetState::Applied
+        } else {
+            FleetState::Behind
+        }
+    }
+}
+
+/// `tests list`: the current set, and every known agent sorted by [`FleetState`].
+pub async fn list(
+    client: &impl GenericClient,
+    stale_after: Duration,
+) -> Result<Listing, FleetError> {
     check_schema(client).await?;
     let current = current_version(client).await?;
     let agents = known_agents(client).await?;
@@ -735,32 +988,38 @@ pub async fn list(client: &impl GenericClient) -> Result<Listing, FleetError> {
         })
         .collect();
     let cur = current.as_ref().map_or(0, |v| v.version);
-    let (mut applied, mut behind, mut too_old, mut refused) = (0, 0, 0, Vec::new());
-    for a in &agents {
-        if !a.features.iter().any(|f| f == "fleet-tests") {
-            too_old += 1;
-        } else if a.fleet_version.is_some_and(|v| v >= cur) {
-            applied += 1;
-        } else if a.fleet_refused_version == Some(cur) && cur > 0 {
-            refused.push(Refusal {
-                agent_id: a.agent_id.clone(),
-                error: a.fleet_error.clone().unwrap_or_default(),
-            });
-        } else if cur > 0 {
-            behind += 1;
-        } else {
-            applied += 1;
-        }
-    }
-    Ok(Listing {
+    let mut listing = Listing {
         current,
         tests,
         agents_known: agents.len(),
-        applied,
-        behind,
-        refused,
-        too_old,
-    })
+        applied: 0,
+        behind: 0,
+        behind_agents: Vec::new(),
+        refused: Vec::new(),
+        too_old: 0,
+        stale: Vec::new(),
+        stale_after_seconds: stale_after.as_secs(),
+    };
+    for a in &agents {
+        match a.fleet_state(cur, stale_after) {
+            FleetState::Stale => listing.stale.push(a.agent_id.clone()),
+            FleetState::TooOld => listing.too_old += 1,
+            FleetState::Refused => listing.refused.push(Refusal {
+                agent_id: a.agent_id.clone(),
+                version: cur,
+                error: a.fleet_error.clone().unwrap_or_default(),
+                running_version: a.fleet_version.filter(|v| *v < cur),
+            }),
+            FleetState::Applied => listing.applied += 1,
+            FleetState::Behind => listing.behind_agents.push(Behind {
+                agent_id: a.agent_id.clone(),
+                fleet_version: a.fleet_version,
+                seen_seconds_ago: a.seen_seconds_ago,
+            }),
+        }
+    }
+    listing.behind = listing.behind_agents.len();
+    Ok(listing)
 }
 
 /// 1-based line and column (in characters) of a byte offset, as the agent's errors count.
@@ -791,6 +1050,7 @@ mod tests {
             fleet_version: None,
             fleet_refused_version: None,
             fleet_error: None,
+            seen_seconds_ago: 0.0,
         }
     }
 

@@ -9,6 +9,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod agents;
 mod api;
 mod backoff;
 mod ca;
@@ -25,6 +26,8 @@ mod listen;
 mod metrics;
 mod paths;
 mod pg;
+mod remote;
+mod results;
 mod run;
 mod runs;
 mod schema;
@@ -61,6 +64,8 @@ fn main() -> ExitCode {
         Command::RunNow(args) => block_on(cli::run_now(args)),
         Command::Paths { db, command } => block_on(paths::paths(db, command)),
         Command::Asn { db, command } => block_on(paths::asn(db, command)),
+        Command::Agents(args) => block_on(cli::agents(args)),
+        Command::Results(args) => block_on(cli::results(args)),
     };
     match result {
         Ok(code) => code,

@@ -77,7 +77,8 @@ pub async fn paths(db: DbArgs, command: PathsCommand) -> Result<ExitCode, Failur
         baseline,
         json,
     } = command;
-    let client = cli::connect(&db).await?;
+    database_only(&db, "paths shared")?;
+    let client = cli::connect(&db).await?.client;
     let rows = client
         .query(
             "SELECT address, asn, as_name, agents, degraded_agents, loss_ratio
@@ -270,7 +271,8 @@ pub async fn asn(db: DbArgs, command: AsnCommand) -> Result<ExitCode, Failure> {
         .await
         .map_err(|e| Failure::Usage(format!("{shown}: cannot read: {e}")))?;
     let input: Box<dyn AsyncBufRead + Unpin> = Box::new(BufReader::with_capacity(CHUNK, f));
-    let mut client = cli::connect(&db).await?;
+    database_only(&db, "asn load")?;
+    let mut client = cli::connect(&db).await?.client;
     let db_error = |what: &str, e: tokio_postgres::Error| {
         Failure::Runtime(format!("error: {what}: {}", pg::describe(&e)))
     };
@@ -419,5 +421,15 @@ mod tests {
         let mut out = String::new();
         copy_text(&mut out, "a\\b\tc\rd");
         assert_eq!(out, "a\\\\b\\tc\\rd");
+    }
+}
+
+/// `paths` and `asn` read and write the database directly; the API does not serve them.
+fn database_only(db: &DbArgs, command: &str) -> Result<(), Failure> {
+    match db.api {
+        Some(_) => Err(Failure::Usage(format!(
+            "{command} works on the database (--database-url or --config), not over --api"
+        ))),
+        None => Ok(()),
     }
 }

@@ -195,8 +195,9 @@ async fn serve(
     if let Some((listener, tls)) = api {
         tracing::info!(addr = %listener.local_addr()?, "serving the operators' api (mTLS, operator certificates only)");
         let (target, shutdown) = (target.clone(), shutdown.clone());
+        let stale_after = config.fleet.stale_after;
         tasks.spawn(async move {
-            if let Err(e) = crate::api::serve(listener, tls, target, shutdown).await {
+            if let Err(e) = crate::api::serve(listener, tls, target, stale_after, shutdown).await {
                 tracing::error!("api server: {e}");
             }
         });

@@ -25,6 +25,13 @@ pub const DISPATCH_WINDOW: Duration = Duration::from_secs(5);
 /// The whole-run wait unless given: a speed test waits 2 x its duration + 30 s.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a request may wait for its agents unless given: an agent that connects later
+/// never runs it ("run-now" means now).
+pub const DEFAULT_EXPIRES: Duration = Duration::from_secs(30);
+
+/// The longest expiry accepted: a request that waits longer is a schedule, not run-now.
+pub const MAX_EXPIRES: Duration = Duration::from_secs(3600);
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub enum RunTest {
@@ -40,15 +47,18 @@ pub enum RunTest {
     },
 }
 
-/// A run-now request: agents by labels (all must match) or by ids, and the test.
+/// A run-now request: agents by labels (all must match) or by ids, the test, and how
+/// long it may wait for an agent to connect.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     pub selection: Selection,
     pub test: RunTest,
+    /// Sent to no agent after this long ([`DEFAULT_EXPIRES`] unless given).
+    pub expires: Duration,
 }
 
 /// A run as created.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Created {
     pub run_id: i64,
     pub test: String,
@@ -59,6 +69,8 @@ pub struct Created {
     pub agents: Vec<String>,
     /// Requested ids not in `agents` (never seen by a collector): not asked.
     pub unknown: Vec<String>,
+    /// When the request expires (RFC 3339, UTC): no agent is sent it after that.
+    pub expires_at: String,
     /// How long a client should wait for the results, by default.
     #[serde(skip)]
     pub timeout: Duration,
@@ -132,6 +144,13 @@ pub async fn create(
     created_by: &str,
 ) -> Result<Created, FleetError> {
     fleet::check_schema(&*client).await?;
+    if req.expires.is_zero() || req.expires > MAX_EXPIRES {
+        return Err(FleetError::Invalid(format!(
+            "expires {}: give 1s to {} (run-now means now)",
+            humantime::format_duration(req.expires),
+            humantime::format_duration(MAX_EXPIRES)
+        )));
+    }
     if req.selection.agents.as_ref().is_some_and(|a| a.is_empty()) {
         return Err(FleetError::Invalid("no agent ids given".into()));
     }
@@ -202,10 +221,13 @@ pub async fn create(
     };
     let ids: Vec<String> = chosen.iter().map(|a| a.agent_id.clone()).collect();
     let tx = client.transaction().await?;
-    let run_id: i64 = tx
+    let row = tx
         .query_one(
-            "INSERT INTO runs (created_by, test, kind, target, spec_toml, select_labels, agents)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING run_id",
+            "INSERT INTO runs (created_by, test, kind, target, spec_toml, select_labels, agents,
+                               expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, now() + make_interval(secs => $8))
+             RETURNING run_id,
+                       to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
             &[
                 &created_by,
                 &test,
@@ -214,10 +236,11 @@ pub async fn create(
                 &stored_spec,
                 &Json(&req.selection.select),
                 &req.selection.agents,
+                &req.expires.as_secs_f64(),
             ],
         )
-        .await?
-        .get(0);
+        .await?;
+    let (run_id, expires_at): (i64, String) = (row.get(0), row.get(1));
     tx.execute(
         "INSERT INTO run_agents (run_id, agent_id) SELECT $1, unnest($2::text[])",
         &[&run_id, &ids],
@@ -236,21 +259,23 @@ pub async fn create(
         spec_toml: stored_spec,
         agents: ids,
         unknown,
+        expires_at,
         timeout,
     })
 }
 
 /// One agent's state in a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AgentState {
     pub agent_id: String,
-    /// pending, sent, started, waiting, refused, rate_limited, done
+    /// pending, sent, started, waiting, refused, rate_limited, done, expired (pending when
+    /// the request expired: never sent)
     pub state: String,
     pub reason: Option<String>,
 }
 
 /// One result of a run. Figures are in SI units: seconds, bits per second, bytes, ratios.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RunResult {
     pub agent_id: String,
     pub test: String,
@@ -266,12 +291,15 @@ pub struct RunResult {
 }
 
 /// A run as it stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Status {
     pub run_id: i64,
     pub test: String,
     /// Seconds since the run was made (the database's clock).
     pub age_seconds: f64,
+    /// When the request expires (RFC 3339, UTC), and in how many seconds (negative: past).
+    pub expires_at: String,
+    pub expires_in_seconds: f64,
     pub agents: Vec<AgentState>,
     pub results: Vec<RunResult>,
 }
@@ -310,11 +338,15 @@ const FIGURES: &[&str] = &[
 pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, FleetError> {
     let run = client
         .query_opt(
-            "SELECT test, extract(epoch FROM now() - created_at)::float8 FROM runs WHERE run_id = $1",
+            "SELECT test, extract(epoch FROM now() - created_at)::float8,
+                    to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                    extract(epoch FROM expires_at - now())::float8
+               FROM runs WHERE run_id = $1",
             &[&run_id],
         )
         .await?
         .ok_or_else(|| FleetError::NotFound(format!("no run {run_id}")))?;
+    let expires_in_seconds: f64 = run.get(3);
     let agents = client
         .query(
             "SELECT agent_id, state, reason FROM run_agents WHERE run_id = $1 ORDER BY agent_id",
@@ -326,6 +358,13 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
             agent_id: r.get(0),
             state: r.get(1),
             reason: r.get(2),
+        })
+        .map(|mut a| {
+            // What the controller writes at its next poll, shown now (or without one).
+            if a.state == "pending" && expires_in_seconds <= 0.0 {
+                a.state = "expired".into();
+            }
+            a
         })
         .collect();
     // to_jsonb keeps each figure's own type (integer, float, text) without a column list
@@ -367,25 +406,29 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
         run_id,
         test: run.get(0),
         age_seconds: run.get(1),
+        expires_at: run.get(2),
+        expires_in_seconds,
         agents,
         results,
     })
 }
 
 /// A refused or rate-limited agent.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Refused {
     pub agent_id: String,
     pub reason: String,
 }
 
 /// Where each agent of a run stands.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Summary {
     /// Agents whose result landed.
     pub done: Vec<String>,
     /// Still pending after the dispatch window: no live session.
     pub offline: Vec<String>,
+    /// Never sent: no session before the request expired (offline agents end here).
+    pub expired: Vec<String>,
     /// Waiting: a speed test holds the agent.
     pub busy: Vec<String>,
     /// Sent or started, result not here yet.
@@ -426,6 +469,7 @@ impl Status {
                     },
                 }),
                 "waiting" => s.busy.push(id),
+                "expired" => s.expired.push(id),
                 "pending" if window => s.offline.push(id),
                 "pending" => s.pending.push(id),
                 _ => s.running.push(id),
@@ -471,6 +515,8 @@ mod tests {
             run_id: 1,
             test: "web".into(),
             age_seconds: 1.0,
+            expires_at: String::new(),
+            expires_in_seconds: 29.0,
             agents: vec![
                 agent("a", "pending", None),
                 agent("b", "started", None),

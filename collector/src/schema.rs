@@ -30,7 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0004_fleet_controller.sql"),
     ),
     (5, "path", include_str!("../migrations/0005_path.sql")),
-    // 6 is the operator's view (runs.expires_at, branch `operator`); 7 does not need it.
+    (
+        6,
+        "operator",
+        include_str!("../migrations/0006_operator.sql"),
+    ),
     (
         7,
         "responsiveness",

@@ -12,16 +12,16 @@ use serde_json::json;
 use crate::support::*;
 
 /// A collector in mTLS mode with the API on its own port.
-struct ApiCollector {
-    proc: Proc,
-    grpc: SocketAddr,
-    api: SocketAddr,
+pub(crate) struct ApiCollector {
+    pub(crate) proc: Proc,
+    pub(crate) grpc: SocketAddr,
+    pub(crate) api: SocketAddr,
     http: SocketAddr,
-    pki_ca: PathBuf,
+    pub(crate) pki_ca: PathBuf,
 }
 
 impl ApiCollector {
-    fn start(dir: &Path, db: &TestDb, pki: &Pki) -> ApiCollector {
+    pub(crate) fn start(dir: &Path, db: &TestDb, pki: &Pki) -> ApiCollector {
         let (grpc, http, api) = (free_addr(), free_addr(), free_addr());
         let (cert, key) = pki.server();
         let config = dir.join("collector.toml");
@@ -66,20 +66,20 @@ impl ApiCollector {
 
 /// What curl got: the HTTP status (None when there was no HTTP exchange: the TLS
 /// handshake failed), the body, and curl's stderr.
-struct Answer {
-    status: Option<u16>,
-    body: String,
+pub(crate) struct Answer {
+    pub(crate) status: Option<u16>,
+    pub(crate) body: String,
     stderr: String,
 }
 
 impl Answer {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 }
 
 /// `curl` against the API as the holder of `identity` (cert, key), or with no certificate.
-fn curl(
+pub(crate) fn curl(
     c: &ApiCollector,
     identity: Option<&(PathBuf, PathBuf)>,
     method: &str,
@@ -118,7 +118,7 @@ fn curl(
     }
 }
 
-fn operator(pki: &Pki, name: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn operator(pki: &Pki, name: &str) -> (PathBuf, PathBuf) {
     pki.issue(&["--operator", name]);
     pki.pair(name)
 }
@@ -448,7 +448,7 @@ fn api_applies_lists_diffs_rolls_back_and_runs_now_as_the_operator() {
 }
 
 /// A real agent over mTLS with the label site = `site`, started.
-fn site_agent(dir: &Path, pki: &Pki, id: &str, site: &str, c: &ApiCollector) -> Agent {
+pub(crate) fn site_agent(dir: &Path, pki: &Pki, id: &str, site: &str, c: &ApiCollector) -> Agent {
     let mut a = Agent::new_tls(
         dir,
         id,

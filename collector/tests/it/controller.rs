@@ -155,7 +155,15 @@ fn fleet_tests_reach_the_selected_agents_only_and_survive_a_restart_without_the_
     );
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        err.contains("warning: test `t`") && err.contains("selects none of the 3 known agents"),
+        err.contains("warning: ") && err.contains("test `t` selects none of the 3 known agents"),
+        "{err}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 1);
+    // Applied for real, the typo is refused (issue 25): nothing changes.
+    let (code, _, err) = cli(&db, &["tests", "apply", "--file", typo.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("names agents no collector has seen: berlin-l"),
         "{err}"
     );
     assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 1);
