@@ -168,7 +168,7 @@ impl From<FleetError> for Failure {
     }
 }
 
-async fn connect(db: &DbArgs) -> Result<Client, Failure> {
+pub(crate) async fn connect(db: &DbArgs) -> Result<Client, Failure> {
     // The file is read only when the flag does not give the URL.
     let file = match (&db.database_url, &db.config) {
         (None, Some(path)) => {

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config};
-use crate::{ca, cli, pg, run, schema};
+use crate::{ca, cli, paths, pg, run, schema};
 
 pub use crate::cli::Failure;
 
@@ -58,6 +58,20 @@ pub enum Command {
     /// Run a test now on some agents and print their results as they land. Exit 0 when
     /// every agent reached returned a result, 1 otherwise, 2 for a bad request.
     RunNow(cli::RunNowArgs),
+    /// Path results: the hops that degraded agents share.
+    Paths {
+        #[command(flatten)]
+        db: cli::DbArgs,
+        #[command(subcommand)]
+        command: paths::PathsCommand,
+    },
+    /// AS numbers of address ranges, naming the hops of path results.
+    Asn {
+        #[command(flatten)]
+        db: cli::DbArgs,
+        #[command(subcommand)]
+        command: paths::AsnCommand,
+    },
 }
 
 #[derive(clap::Args)]

@@ -188,6 +188,21 @@ pub struct Measures {
     pub answers: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rcode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reached: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hop_count: Option<i32>,
+    /// NULL when nothing answered (an empty `path_id` on the wire).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_loss_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_protocol: Option<String>,
+    /// The hops as the JSON array stored in `results.hops`, rendered once by `check`
+    /// (`ResultRow::to_json` embeds it as JSON).
+    #[serde(skip)]
+    pub hops: Option<String>,
 }
 
 /// How a quarantined result's raw bytes are encoded.
@@ -431,6 +446,160 @@ pub struct Checked {
     measures: Measures,
 }
 
+/// The highest TTL an IP packet can carry: bounds a hop's `ttl` and a path's `hop_count`.
+const MAX_TTL: u32 = 255;
+
+/// A ratio (loss): finite, 0..=1.
+fn ratio(field: &str, v: Option<f64>) -> Result<Option<f64>, Invalid> {
+    match measure(field, v)? {
+        Some(x) if x > 1.0 => invalid(format!("{field} = {x} is above 1")),
+        other => Ok(other),
+    }
+}
+
+/// A counter stored as `integer`.
+fn int4(field: &str, v: u32) -> Result<i32, Invalid> {
+    i32::try_from(v).map_err(|_| Invalid(format!("{field} = {v} out of range")))
+}
+
+/// A hop address: an IPv4 or IPv6 address, an IPv6 one with a zone (`fe80::1%eth0`), at
+/// most `MAX_HOP_ADDRESS_LEN` bytes.
+fn hop_address(field: &str, a: &str) -> Result<(), Invalid> {
+    use std::net::{IpAddr, Ipv6Addr};
+    if a.len() > bounds::MAX_HOP_ADDRESS_LEN {
+        return invalid(format!(
+            "{field} is {} bytes, at most {}",
+            a.len(),
+            bounds::MAX_HOP_ADDRESS_LEN
+        ));
+    }
+    let shown: String = a.chars().take(bounds::MAX_HOP_ADDRESS_LEN).collect();
+    let ok = match a.split_once('%') {
+        Some((ip, zone)) => {
+            ip.parse::<Ipv6Addr>().is_ok()
+                && !zone.is_empty()
+                && zone
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        }
+        None => a.parse::<IpAddr>().is_ok(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        invalid(format!(
+            "{field} `{}` is not an IP address",
+            shown.escape_debug()
+        ))
+    }
+}
+
+/// One hop as stored in `results.hops` (the keys are the `path_hops` view's columns).
+#[derive(serde::Serialize)]
+struct HopJson<'a> {
+    ttl: u32,
+    address: Option<&'a str>,
+    addresses: Vec<&'a str>,
+    sent: u32,
+    received: u32,
+    loss_ratio: Option<f64>,
+    rtt_min_seconds: Option<f64>,
+    rtt_avg_seconds: Option<f64>,
+    rtt_max_seconds: Option<f64>,
+    rtt_mdev_seconds: Option<f64>,
+    rate_limited: bool,
+}
+
+/// Checks a path result's fields (SPEC section 15) into `m`, the hops rendered as JSON.
+fn path_fields(p: &pb::PathFields, m: &mut Measures) -> Result<(), Invalid> {
+    if p.hops.len() > bounds::MAX_PATH_HOPS {
+        return invalid(format!(
+            "{} hops, at most {}",
+            p.hops.len(),
+            bounds::MAX_PATH_HOPS
+        ));
+    }
+    if p.hop_count > MAX_TTL {
+        return invalid(format!("hop_count {} above {MAX_TTL}", p.hop_count));
+    }
+    if !p.path_id.is_empty() {
+        bounds::name("path_id", &p.path_id, bounds::MAX_PATH_ID_LEN)?;
+    }
+    let protocol = match p.protocol.as_str() {
+        "" => None,
+        "icmp" | "udp" | "tcp" => Some(p.protocol.clone()),
+        other => {
+            let shown: String = other.chars().take(16).collect();
+            return invalid(format!(
+                "protocol `{}` is not icmp, udp or tcp",
+                shown.escape_debug()
+            ));
+        }
+    };
+    let mut hops = Vec::with_capacity(p.hops.len());
+    let mut last_ttl = 0;
+    for h in &p.hops {
+        let at = |field: &str| format!("hop {}: {field}", h.ttl);
+        if h.ttl == 0 || h.ttl > MAX_TTL {
+            return invalid(format!("hop ttl {} outside 1..={MAX_TTL}", h.ttl));
+        }
+        if h.ttl <= last_ttl {
+            return invalid(format!(
+                "hop ttl {} after {last_ttl}: hops must be in ascending ttl order",
+                h.ttl
+            ));
+        }
+        last_ttl = h.ttl;
+        if h.addresses.len() > bounds::MAX_HOP_ADDRESSES {
+            return invalid(format!(
+                "hop {}: {} addresses, at most {}",
+                h.ttl,
+                h.addresses.len(),
+                bounds::MAX_HOP_ADDRESSES
+            ));
+        }
+        if !h.address.is_empty() {
+            hop_address(&at("address"), &h.address)?;
+        }
+        for a in &h.addresses {
+            hop_address(&at("address"), a)?;
+        }
+        if h.received > h.sent {
+            return invalid(format!(
+                "hop {}: received {} > sent {}",
+                h.ttl, h.received, h.sent
+            ));
+        }
+        int4(&at("sent"), h.sent)?;
+        let mut addresses: Vec<&str> = h.addresses.iter().map(String::as_str).collect();
+        if addresses.is_empty() && !h.address.is_empty() {
+            addresses.push(&h.address);
+        }
+        hops.push(HopJson {
+            ttl: h.ttl,
+            address: (!h.address.is_empty()).then_some(h.address.as_str()),
+            addresses,
+            sent: h.sent,
+            received: h.received,
+            loss_ratio: ratio(&at("loss_ratio"), h.loss_ratio)?,
+            rtt_min_seconds: measure(&at("rtt_min_seconds"), h.rtt_min_seconds)?,
+            rtt_avg_seconds: measure(&at("rtt_avg_seconds"), h.rtt_avg_seconds)?,
+            rtt_max_seconds: measure(&at("rtt_max_seconds"), h.rtt_max_seconds)?,
+            rtt_mdev_seconds: measure(&at("rtt_mdev_seconds"), h.rtt_mdev_seconds)?,
+            rate_limited: h.rate_limited,
+        });
+    }
+    m.reached = Some(p.reached);
+    m.hop_count = Some(p.hop_count as i32);
+    m.path_id = (!p.path_id.is_empty()).then(|| p.path_id.clone());
+    m.path_loss_ratio = ratio("path_loss_ratio", p.path_loss_ratio)?;
+    m.rtt_avg_seconds = measure("rtt_avg_seconds", p.rtt_avg_seconds)?;
+    m.path_protocol = protocol;
+    m.hops =
+        Some(serde_json::to_string(&hops).expect("hops of numbers and checked strings serialize"));
+    Ok(())
+}
+
 impl ResultRow {
     /// Checks one wire result against every bound except the batch's (agent id, seq),
     /// without taking it apart. Its start time is never a reason to refuse.
@@ -519,6 +688,7 @@ impl ResultRow {
                     m.rcode = Some(d.rcode.clone());
                 }
             }
+            (Kind::Path, Some(F::Path(p))) => path_fields(p, &mut m)?,
             (_, None) => {}
             (kind, Some(_)) => return invalid(format!("fields do not match kind {}", kind.name())),
         }
@@ -591,6 +761,7 @@ impl ResultRow {
             "error_message": self.error_message,
             "labels": self.labels.map,
             "measures": self.measures,
+            "hops": self.measures.hops.as_deref().and_then(|h| serde_json::from_str::<serde_json::Value>(h).ok()),
             "clock_unsynced": self.clock_unsynced,
             "clock_corrected": self.clock_corrected,
             "error_truncated": self.error_truncated,
@@ -758,6 +929,148 @@ mod tests {
         assert_eq!(v["labels"]["site"], "lab");
         assert_eq!(v["measures"]["status_code"], 200);
         assert_eq!(v["incarnation"], "inc");
+    }
+
+    fn good_path(seq: u64) -> pb::Result {
+        let hop = |ttl: u32, address: &str| pb::PathHop {
+            ttl,
+            address: address.into(),
+            addresses: if address.is_empty() {
+                vec![]
+            } else {
+                vec![address.into()]
+            },
+            sent: 10,
+            received: if address.is_empty() { 0 } else { 10 },
+            loss_ratio: Some(if address.is_empty() { 1.0 } else { 0.0 }),
+            rtt_avg_seconds: (!address.is_empty()).then_some(0.004),
+            ..Default::default()
+        };
+        pb::Result {
+            kind: pb::Kind::Path as i32,
+            target: "192.0.2.9".into(),
+            fields: Some(pb::result::Fields::Path(pb::PathFields {
+                reached: true,
+                hop_count: 3,
+                path_id: "9f2c41aa".into(),
+                path_loss_ratio: Some(0.0),
+                rtt_avg_seconds: Some(0.012),
+                protocol: "icmp".into(),
+                hops: vec![hop(1, "fe80::1%eth0"), hop(2, ""), hop(3, "192.0.2.9")],
+            })),
+            ..good(seq)
+        }
+    }
+
+    fn path_of(r: &mut pb::Result) -> &mut pb::PathFields {
+        match &mut r.fields {
+            Some(pb::result::Fields::Path(p)) => p,
+            _ => unreachable!("a path result"),
+        }
+    }
+
+    #[test]
+    fn path_results_are_checked_hop_by_hop() {
+        let row = batch(vec![good_path(1)]).unwrap().rows.remove(0);
+        let m = &row.measures;
+        assert_eq!(m.path_id.as_deref(), Some("9f2c41aa"));
+        assert_eq!((m.reached, m.hop_count), (Some(true), Some(3)));
+        assert_eq!(m.rtt_avg_seconds, Some(0.012));
+        assert_eq!(m.path_protocol.as_deref(), Some("icmp"));
+        let hops: serde_json::Value = serde_json::from_str(m.hops.as_deref().unwrap()).unwrap();
+        assert_eq!(hops[0]["address"], "fe80::1%eth0");
+        assert_eq!(hops[1]["address"], serde_json::Value::Null);
+        assert_eq!(hops[1]["addresses"], serde_json::json!([]));
+        assert_eq!(hops[2]["received"], 10);
+        let json: serde_json::Value = serde_json::from_slice(&row.to_json()).unwrap();
+        assert_eq!(json["hops"][2]["address"], "192.0.2.9");
+
+        type Case = (fn(&mut pb::PathFields), &'static str);
+        let cases: &[Case] = &[
+            (
+                |p| {
+                    p.hops = (1..=65)
+                        .map(|t| pb::PathHop {
+                            ttl: t,
+                            ..Default::default()
+                        })
+                        .collect()
+                },
+                "65 hops, at most 64",
+            ),
+            (|p| p.hops[1].ttl = 1, "ascending ttl"),
+            (|p| p.hops[0].ttl = 0, "outside 1..=255"),
+            (|p| p.hops[2].ttl = 256, "outside 1..=255"),
+            (
+                |p| p.hops[0].address = "router.example".into(),
+                "not an IP address",
+            ),
+            (
+                |p| p.hops[0].addresses.push("10.0.0.300".into()),
+                "not an IP address",
+            ),
+            (
+                |p| p.hops[0].address = "10.0.0.1%eth0".into(),
+                "not an IP address",
+            ),
+            (
+                |p| p.hops[0].address = "fe80::1%".into(),
+                "not an IP address",
+            ),
+            (
+                |p| p.hops[0].addresses = vec!["10.0.0.1".into(); 9],
+                "9 addresses, at most 8",
+            ),
+            (
+                |p| p.hops[0].address = format!("fe80::1%{}", "e".repeat(60)),
+                "at most 64",
+            ),
+            (|p| p.hops[2].received = 11, "received 11 > sent 10"),
+            (|p| p.hops[2].loss_ratio = Some(1.5), "above 1"),
+            (
+                |p| p.hops[2].rtt_max_seconds = Some(f64::INFINITY),
+                "not a finite",
+            ),
+            (
+                |p| p.hops[2].rtt_min_seconds = Some(-0.001),
+                "not a finite non-negative",
+            ),
+            (
+                |p| p.path_id = "x".repeat(65),
+                "path_id is 65 bytes, at most 64",
+            ),
+            (|p| p.path_id = "ab\ncd".into(), "control characters"),
+            (|p| p.path_loss_ratio = Some(f64::NAN), "path_loss_ratio"),
+            (|p| p.rtt_avg_seconds = Some(-1.0), "rtt_avg_seconds"),
+            (|p| p.protocol = "sctp".into(), "not icmp, udp or tcp"),
+            (|p| p.hop_count = 300, "hop_count 300"),
+        ];
+        for (i, (case, reason)) in cases.iter().enumerate() {
+            let mut bad = good_path(2);
+            case(path_of(&mut bad));
+            let b = batch(vec![good_path(1), bad, good_path(3)]).unwrap();
+            assert_eq!(b.rows.len(), 2, "case {i}");
+            assert_eq!(b.rejected.len(), 1, "case {i}");
+            assert!(
+                b.rejected[0].reason.contains(reason),
+                "case {i}: {}",
+                b.rejected[0].reason
+            );
+        }
+        // Nothing answered: no path id, stored as NULL.
+        let mut empty = good_path(1);
+        let p = path_of(&mut empty);
+        p.path_id.clear();
+        p.reached = false;
+        p.path_loss_ratio = None;
+        let row = batch(vec![empty]).unwrap().rows.remove(0);
+        assert_eq!(row.measures.path_id, None);
+        // Path fields on another kind are refused.
+        let mut other = good_path(1);
+        other.kind = pb::Kind::Icmp as i32;
+        assert!(batch(vec![other]).unwrap().rejected[0]
+            .reason
+            .contains("fields do not match kind icmp"));
     }
 
     #[test]

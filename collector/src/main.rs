@@ -23,6 +23,7 @@ mod identity;
 mod ingest;
 mod listen;
 mod metrics;
+mod paths;
 mod pg;
 mod run;
 mod runs;
@@ -58,6 +59,8 @@ fn main() -> ExitCode {
         Command::Cert { command } => commands::cert(command),
         Command::Tests { db, command } => block_on(cli::tests(db, command)),
         Command::RunNow(args) => block_on(cli::run_now(args)),
+        Command::Paths { db, command } => block_on(paths::paths(db, command)),
+        Command::Asn { db, command } => block_on(paths::asn(db, command)),
     };
     match result {
         Ok(code) => code,

@@ -53,7 +53,8 @@ pub struct Metrics {
     pub results: IntCounterVec,
     pub info: IntGaugeVec,
     /// Latency of each result's main round trip, by test, kind and site: speed idle
-    /// latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve.
+    /// latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt
+    /// avg at the destination.
     pub latency: HistogramVec,
     /// Speed test goodput by test, site and direction (download, upload).
     pub speed: HistogramVec,
@@ -65,6 +66,12 @@ pub struct Metrics {
     pub http_responses: IntCounterVec,
     /// Seconds until the certificate of the latest HTTPS result expires, by test and site.
     pub tls_expiry: GaugeVec,
+    /// Path results whose path differs from the previous one of the agent and test
+    /// (`results.path_changed`), by test and site.
+    pub path_changes: IntCounterVec,
+    /// Loss that persists to the destination of each path result that reached it, by test
+    /// and site.
+    pub path_loss: HistogramVec,
     /// Fleet state, one series per agent (bounded by the fleet size).
     pub agent_backlog: IntGaugeVec,
     pub agent_dropped: IntGaugeVec,
@@ -279,7 +286,7 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "edgeprobe_latency_seconds",
-                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve.",
+                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt avg at the destination.",
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -357,6 +364,29 @@ impl Metrics {
                         "edgeprobe_tls_cert_expiry_seconds",
                         "Seconds until the server certificate seen by the latest HTTPS result of a test expires.",
                     ),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
+            path_changes: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "edgeprobe_path_changes_total",
+                        "Path results whose path (path_id: the responding addresses by TTL) differs from the previous result of the same agent and test.",
+                    ),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
+            path_loss: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_path_loss_ratio",
+                        "Loss that persists to the destination (path_loss_ratio) of path results that reached it; rate-limited hops do not count.",
+                    )
+                    .buckets(vec![0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]),
                     &["test", "site"],
                 )
                 .unwrap(),
@@ -564,8 +594,32 @@ impl Metrics {
                         self.tls_expiry.with_label_values(&[test, site]).set(v);
                     }
                 }
-                Kind::Tcp | Kind::Dns | Kind::Path => {}
+                Kind::Path => {
+                    let loss = self.path_loss.with_label_values(&[test, site]);
+                    for r in &rows {
+                        if let Some(v) = r.measures.path_loss_ratio {
+                            loss.observe(v);
+                        }
+                    }
+                }
+                Kind::Tcp | Kind::Dns => {}
             }
+        }
+    }
+
+    /// Counts committed path results whose `path_changed` is true, by test and site.
+    pub fn observe_path_changes<'a>(
+        &self,
+        rows: impl IntoIterator<Item = &'a ResultRow>,
+        site_label: &str,
+    ) {
+        let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
+        for r in rows {
+            let site = r.labels.get(site_label).unwrap_or("");
+            *counts.entry((&r.test, site)).or_default() += 1;
+        }
+        for ((test, site), n) in counts {
+            self.path_changes.with_label_values(&[test, site]).inc_by(n);
         }
     }
 

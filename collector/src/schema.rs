@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fleet_controller",
         include_str!("../migrations/0004_fleet_controller.sql"),
     ),
+    (5, "path", include_str!("../migrations/0005_path.sql")),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.

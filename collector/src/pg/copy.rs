@@ -6,7 +6,7 @@
 //! here a batch's shared labels are rendered once (`domain::Labels`).
 //!
 //! Invariants: the column list in `COPY_SQL` and the order of the fields in `row` are the
-//! same (42 columns, checked by a test); values are already validated by `domain.rs`
+//! same (51 columns, checked by a test); values are already validated by `domain.rs`
 //! (no NUL in text), so encoding cannot fail. Whether PostgreSQL accepts them (the
 //! server's encoding, constraints) is the store's concern, row by row if need be.
 
@@ -24,10 +24,11 @@ pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, sta
     connect_seconds, tls_seconds, status_code, dns_seconds, ttfb_seconds, transfer_seconds, body_bytes, \
     tls_cert_expiry_seconds, resolve_seconds, answers, rcode, \
     incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at, \
-    on_demand, run_id) \
+    on_demand, run_id, \
+    reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops) \
     FROM STDIN (FORMAT binary)";
 
-const COLUMNS: i16 = 44;
+const COLUMNS: i16 = 51;
 /// Bytes handed to the connection at a time.
 const CHUNK: usize = 256 * 1024;
 /// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
@@ -47,8 +48,9 @@ impl Encoder {
         Encoder { buf }
     }
 
-    /// Appends a row; returns a full chunk to send when one is ready.
-    pub fn row(&mut self, r: &ResultRow) -> Option<Bytes> {
+    /// Appends a row with its `path_changed` (decided by the store, NULL for other
+    /// kinds); returns a full chunk to send when one is ready.
+    pub fn row(&mut self, r: &ResultRow, path_changed: Option<bool>) -> Option<Bytes> {
         let b = &mut self.buf;
         let m = &r.measures;
         b.put_i16(COLUMNS);
@@ -62,10 +64,7 @@ impl Encoder {
         boolean(b, r.success);
         text(b, r.error_class.as_deref());
         text(b, r.error_message.as_deref());
-        let json = r.labels.json();
-        b.put_i32(json.len() as i32 + 1);
-        b.put_u8(1); // jsonb binary format version
-        b.put_slice(json.as_bytes());
+        jsonb(b, Some(r.labels.json()));
         // speed
         float8(b, m.download_bits_per_second);
         float8(b, m.upload_bits_per_second);
@@ -105,6 +104,20 @@ impl Encoder {
         // run-now
         boolean(b, r.run_id.is_some());
         int8(b, r.run_id);
+        // path
+        match m.reached {
+            Some(v) => boolean(b, v),
+            None => b.put_i32(NULL),
+        }
+        int4(b, m.hop_count);
+        text(b, m.path_id.as_deref());
+        match path_changed {
+            Some(v) => boolean(b, v),
+            None => b.put_i32(NULL),
+        }
+        float8(b, m.path_loss_ratio);
+        text(b, m.path_protocol.as_deref());
+        jsonb(b, m.hops.as_deref());
         (b.len() >= CHUNK).then(|| b.split().freeze())
     }
 
@@ -122,6 +135,18 @@ fn text(b: &mut BytesMut, v: Option<&str>) {
         Some(s) => {
             b.put_i32(s.len() as i32);
             b.put_slice(s.as_bytes());
+        }
+        None => b.put_i32(NULL),
+    }
+}
+
+/// jsonb's binary format: a version byte, then the JSON text.
+fn jsonb(b: &mut BytesMut, v: Option<&str>) {
+    match v {
+        Some(json) => {
+            b.put_i32(json.len() as i32 + 1);
+            b.put_u8(1);
+            b.put_slice(json.as_bytes());
         }
         None => b.put_i32(NULL),
     }
@@ -226,7 +251,7 @@ mod tests {
     #[test]
     fn encodes_header_row_and_trailer() {
         let mut e = Encoder::new();
-        assert!(e.row(&row()).is_none());
+        assert!(e.row(&row(), None).is_none());
         let out = e.finish();
         assert_eq!(&out[..11], b"PGCOPY\n\xff\r\n\0");
         let body = &out[19..];
@@ -250,22 +275,51 @@ mod tests {
     #[test]
     fn a_row_has_exactly_the_listed_columns() {
         let mut e = Encoder::new();
-        e.row(&row());
+        e.row(&row(), None);
+        let mut path = row();
+        path.kind = Kind::Path;
+        path.measures = Measures {
+            reached: Some(true),
+            hop_count: Some(2),
+            path_id: Some("ab12".into()),
+            path_loss_ratio: Some(0.25),
+            path_protocol: Some("udp".into()),
+            hops: Some(r#"[{"ttl":1}]"#.into()),
+            ..Default::default()
+        };
+        e.row(&path, Some(true));
         let out = e.finish();
         let mut at = 19; // signature, flags, header extension length
         let i16_at = |at: usize| i16::from_be_bytes([out[at], out[at + 1]]);
-        assert_eq!(i16_at(at), COLUMNS);
-        at += 2;
-        let mut columns: Vec<Option<&[u8]>> = Vec::new();
-        for _ in 0..COLUMNS {
-            let len = i32::from_be_bytes(out[at..at + 4].try_into().unwrap());
-            at += 4;
-            columns.push((len >= 0).then(|| &out[at..at + len as usize]));
-            at += len.max(0) as usize;
+        let mut rows: Vec<Vec<Option<&[u8]>>> = Vec::new();
+        for _ in 0..2 {
+            assert_eq!(i16_at(at), COLUMNS);
+            at += 2;
+            let mut columns: Vec<Option<&[u8]>> = Vec::new();
+            for _ in 0..COLUMNS {
+                let len = i32::from_be_bytes(out[at..at + 4].try_into().unwrap());
+                at += 4;
+                columns.push((len >= 0).then(|| &out[at..at + len as usize]));
+                at += len.max(0) as usize;
+            }
+            rows.push(columns);
         }
         assert_eq!(i16_at(at), -1, "the trailer follows the last column");
         assert_eq!(at + 2, out.len());
-        // The columns added by schema 3, last in the list and in the row.
+        let (columns, path) = (&rows[0], &rows[1]);
+        // The columns of schema 5, last in the list and in the row: NULL for other kinds.
+        assert_eq!(columns[COLUMNS as usize - 7..], [None; 7]);
+        let path_tail: [Option<&[u8]>; 7] = [
+            Some(&[1]),
+            Some(&2i32.to_be_bytes()),
+            Some(b"ab12"),
+            Some(&[1]),
+            Some(&0.25f64.to_be_bytes()),
+            Some(b"udp"),
+            Some(b"\x01[{\"ttl\":1}]"),
+        ];
+        assert_eq!(path[COLUMNS as usize - 7..], path_tail);
+        // The columns added by schemas 3 and 4, before them.
         let epoch_micros = -(PG_EPOCH_UNIX_SECONDS as i64) * 1_000_000;
         let tail: [Option<&[u8]>; 7] = [
             Some(b"c0ffee"),
@@ -276,10 +330,11 @@ mod tests {
             Some(&[1]),
             Some(&9i64.to_be_bytes()),
         ];
-        assert_eq!(columns[COLUMNS as usize - 7..], tail);
+        assert_eq!(columns[COLUMNS as usize - 14..COLUMNS as usize - 7], tail);
         assert!(COPY_SQL.contains(
             "rcode, incarnation, clock_unsynced, clock_corrected, error_truncated, reported_started_at, \
-    on_demand, run_id)"
+    on_demand, run_id, \
+    reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops)"
         ));
     }
 
@@ -287,7 +342,7 @@ mod tests {
     fn cuts_chunks() {
         let mut e = Encoder::new();
         let r = row();
-        let chunks = (0..10_000).filter_map(|_| e.row(&r)).count();
+        let chunks = (0..10_000).filter_map(|_| e.row(&r, None)).count();
         assert!(chunks >= 2, "{chunks}");
     }
 }

@@ -56,12 +56,14 @@
 //!
 //! Files: `writer.rs` (the writer loop: grouping, retry, reconnect, split on a permanent
 //! error), `results.rs` (the results transaction: watermarks and COPY, where exactly-once
-//! is decided), `quarantine.rs` (isolating refused rows under savepoints), `agents.rs`
+//! is decided), `path.rs` (`path_changed`, decided in that transaction), `quarantine.rs`
+//! (isolating refused rows under savepoints), `agents.rs`
 //! (hello, heartbeat and conflict statements on `agents`); this file holds the handle,
 //! the job queue and the health check. PostgreSQL's connection, TLS, COPY format and error
 //! vocabulary are `crate::pg`.
 
 mod agents;
+mod path;
 mod quarantine;
 mod results;
 mod writer;

@@ -15,12 +15,14 @@ pub(super) fn permanent(e: &tokio_postgres::Error) -> Option<(String, String)> {
     }
 }
 
-/// COPYs `rows[i]` for each i of `candidates` (in order), each range under a savepoint;
+/// COPYs `rows[i]` (with its `path_changed[i]`) for each i of `candidates` (in order),
+/// each range under a savepoint;
 /// a range PostgreSQL refuses for its data is rolled back and halved until the offending
 /// rows are alone. Returns them as (index, SQLSTATE, message); the others are written.
 pub(super) async fn copy_isolating(
     tx: &Transaction<'_>,
     rows: &[&ResultRow],
+    path_changed: &[Option<bool>],
     candidates: &[usize],
 ) -> Result<Vec<(usize, String, String)>, tokio_postgres::Error> {
     let mut refused = Vec::new();
@@ -30,7 +32,7 @@ pub(super) async fn copy_isolating(
             continue;
         }
         tx.batch_execute("SAVEPOINT edgeprobe_rows").await?;
-        match copy_rows(tx, range.iter().map(|&i| rows[i])).await {
+        match copy_rows(tx, range.iter().map(|&i| (rows[i], path_changed[i]))).await {
             Ok(()) => tx.batch_execute("RELEASE SAVEPOINT edgeprobe_rows").await?,
             Err(e) => {
                 let Some((sqlstate, message)) = permanent(&e) else {

@@ -2,6 +2,7 @@
 //! each watermark, COPY them, raise the watermarks and commit (module doc of `store`:
 //! exactly-once per agent and incarnation).
 
+use super::path;
 use super::quarantine::*;
 use super::*;
 use crate::pg::copy as pgcopy;
@@ -18,6 +19,8 @@ pub(super) struct Outcome {
     pub(super) refused: Vec<(i64, String)>,
     /// Seqs above the old watermark that were not inserted (refused or already stored).
     pub(super) skipped: HashSet<i64>,
+    /// Seqs of the inserted path results whose path changed (`results.path_changed`).
+    pub(super) path_changes: Vec<i64>,
 }
 
 pub(super) type Key = (String, String);
@@ -78,7 +81,26 @@ pub(super) async fn write_group(
         let rows: Vec<&ResultRow> = fresh.iter().map(|(_, r)| *r).collect();
         let stored = stored_rows(&tx, &rows).await?;
         let candidates: Vec<usize> = (0..rows.len()).filter(|i| !stored.contains(i)).collect();
-        let refused = copy_isolating(&tx, &rows, &candidates).await?;
+        let chosen: Vec<&ResultRow> = candidates.iter().map(|&i| rows[i]).collect();
+        let mut changed = vec![None; rows.len()];
+        for (&i, c) in candidates.iter().zip(path::decide(&tx, &chosen).await?) {
+            changed[i] = c;
+        }
+        let refused = copy_isolating(&tx, &rows, &changed, &candidates).await?;
+        let refused_at: HashSet<usize> = refused.iter().map(|(i, _, _)| *i).collect();
+        let inserted: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|i| !refused_at.contains(i))
+            .collect();
+        let kept: Vec<&ResultRow> = inserted.iter().map(|&i| rows[i]).collect();
+        path::remember(&tx, &kept).await?;
+        for i in inserted {
+            if changed[i] == Some(true) {
+                let (b, r) = fresh[i];
+                outcomes[b].path_changes.push(r.seq);
+            }
+        }
         for i in stored {
             let (b, r) = fresh[i];
             let o = &mut outcomes[b];
@@ -108,7 +130,15 @@ pub(super) async fn write_group(
             already_quarantined(&mut outcomes, &quarantine, &inserted);
         }
         if !fresh.is_empty() {
-            copy_rows(&tx, fresh.iter().map(|(_, r)| *r)).await?;
+            let rows: Vec<&ResultRow> = fresh.iter().map(|(_, r)| *r).collect();
+            let changed = path::decide(&tx, &rows).await?;
+            copy_rows(&tx, rows.iter().copied().zip(changed.iter().copied())).await?;
+            path::remember(&tx, &rows).await?;
+            for ((b, r), c) in fresh.iter().zip(changed) {
+                if c == Some(true) {
+                    outcomes[*b].path_changes.push(r.seq);
+                }
+            }
         }
     }
 
@@ -206,16 +236,16 @@ pub(super) async fn raise_watermarks(
     Ok(())
 }
 
-/// COPYs rows in one stream.
+/// COPYs rows, each with its `path_changed`, in one stream.
 pub(super) async fn copy_rows<'a>(
     tx: &Transaction<'_>,
-    rows: impl Iterator<Item = &'a ResultRow>,
+    rows: impl Iterator<Item = (&'a ResultRow, Option<bool>)>,
 ) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in::<_, Bytes>(pgcopy::COPY_SQL).await?;
     pin_mut!(sink);
     let mut encoder = pgcopy::Encoder::new();
-    for r in rows {
-        if let Some(chunk) = encoder.row(r) {
+    for (r, path_changed) in rows {
+        if let Some(chunk) = encoder.row(r, path_changed) {
             sink.send(chunk).await?;
         }
     }

@@ -329,6 +329,12 @@ impl Writer {
             .iter()
             .filter(|r| !outcome.skipped.contains(&r.seq));
         m.observe_results(new, &self.site_label);
+        if !outcome.path_changes.is_empty() {
+            let changed = batch.rows[outcome.fresh_from..]
+                .iter()
+                .filter(|r| outcome.path_changes.contains(&r.seq));
+            m.observe_path_changes(changed, &self.site_label);
+        }
     }
 }
 

@@ -51,7 +51,11 @@ fn dashboards() -> Vec<(String, Value)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(out.len(), 4, "speed, fleet, probes, collector dashboards");
+    assert_eq!(
+        out.len(),
+        5,
+        "speed, fleet, probes, collector, paths dashboards"
+    );
     out
 }
 
@@ -229,6 +233,7 @@ fn dashboards_are_valid_and_use_only_provisioned_datasources() {
             [
                 "edgeprobe-collector",
                 "edgeprobe-fleet",
+                "edgeprobe-paths",
                 "edgeprobe-probes",
                 "edgeprobe-speed"
             ]
@@ -614,15 +619,46 @@ fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64
 }
 
+/// A path result of `agent` at `at` through `middle` to 203.0.113.10, with `loss` at the
+/// middle hop that carries on to the destination.
+fn synthetic_path(
+    agent: &str,
+    labels: &std::collections::HashMap<String, String>,
+    at: SystemTime,
+    middle: &str,
+    loss: f64,
+) -> pb::Result {
+    let destination = "203.0.113.10";
+    let mut r = path_result(
+        agent,
+        0,
+        unix_nanos(at),
+        &["192.168.1.1", "100.64.0.1", middle, destination],
+    );
+    r.test = "path-upstream".into();
+    r.labels = labels.clone();
+    let p = path_fields(&mut r);
+    p.hops[2] = path_hop(3, middle, loss);
+    p.hops[3] = path_hop(4, destination, loss);
+    p.path_loss_ratio = p.hops[3].loss_ratio;
+    r
+}
+
 /// Realistic results of an agent at `site` over the last 48 minutes, oldest first:
 /// a speed run every 4 minutes (3 of them below 50 Mbit/s, one failed), icmp with some
-/// loss, dns, and an https check with a certificate expiring in 40 days.
+/// loss, dns, an https check with a certificate expiring in 40 days, and a path test
+/// whose route changes halfway and whose loss rose against its clean baseline of 1.5 to
+/// 3 hours ago (so the Paths dashboard has a degraded agent and a path change).
 fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
     let now = SystemTime::now();
     let labels = BTreeMap::from([("site".to_string(), site.to_string())])
         .into_iter()
         .collect::<std::collections::HashMap<_, _>>();
     let mut out = Vec::new();
+    for minutes in (90..=180).rev().step_by(15) {
+        let at = now - Duration::from_secs(minutes * 60);
+        out.push(synthetic_path(agent, &labels, at, "198.51.100.1", 0.0));
+    }
     for k in (0..12u32).rev() {
         let at = now - Duration::from_secs(u64::from(k) * 240 + 30);
         let base = |test: &str, kind: pb::Kind, target: &str, secs: f64| pb::Result {
@@ -708,6 +744,12 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
             tls_cert_expiry_seconds: Some(40.0 * 86_400.0 - f64::from(k) * 240.0),
         }));
         out.push(https);
+        let middle = if k >= 6 {
+            "198.51.100.1"
+        } else {
+            "198.51.100.9"
+        };
+        out.push(synthetic_path(agent, &labels, at, middle, 0.2));
     }
     for (i, r) in out.iter_mut().enumerate() {
         r.seq = i as u64 + 1;
@@ -897,7 +939,14 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         a.start();
     }
     let synthetic = synthetic_results("synthetic-berlin-1", "berlin");
-    let synthetic_count = synthetic.len() as i64;
+    let synthetic_of = |kinds: &[pb::Kind]| {
+        synthetic
+            .iter()
+            .filter(|r| kinds.iter().any(|k| *k as i32 == r.kind))
+            .count() as i64
+    };
+    let synthetic_others = synthetic_of(&[pb::Kind::Speed, pb::Kind::Icmp, pb::Kind::Dns]);
+    let synthetic_paths = synthetic_of(&[pb::Kind::Path]);
     run_synthetic_agent(
         collector.endpoint(),
         "synthetic-berlin-1".into(),
@@ -919,7 +968,8 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
             .iter()
             .all(|a| real(a, "http") >= 8 && real(a, "tcp") >= 3)
             && db.scalar("SELECT count(*) FROM results WHERE NOT success AND kind = 'http'") >= 2
-            && per_kind("speed") + per_kind("icmp") + per_kind("dns") == synthetic_count / 4 * 3;
+            && per_kind("speed") + per_kind("icmp") + per_kind("dns") == synthetic_others
+            && per_kind("path") == synthetic_paths;
         ready.then_some(())
     });
     // The speed dashboard's annotations: a fleet tests version and an on-demand run.
@@ -1156,6 +1206,19 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         assert!(
             ran.contains(&("collector.json".to_string(), title.to_string())),
             "collector.json: no panel {title:?} ran"
+        );
+    }
+    for title in [
+        "Hops of the latest result",
+        "Loss per hop",
+        "Path loss to the destination",
+        "Destination RTT",
+        "Path changes (Prometheus)",
+        "Hops that degraded agents share",
+    ] {
+        assert!(
+            ran.contains(&("paths.json".to_string(), title.to_string())),
+            "paths.json: no panel {title:?} ran"
         );
     }
     assert_eq!(sql_checked + prom_checked, targets, "every query ran");

@@ -13,6 +13,7 @@ mod fleet;
 mod fleet_cli;
 mod fleet_push;
 mod never_stall;
+mod paths;
 mod pg_tls;
 mod security;
 mod shutdown;

@@ -908,3 +908,178 @@ impl TestDb {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Path results and a simulated agent's stream (the collector half of issue 22).
+
+/// A hop that answered from `address` ("" = nothing answered) with `loss` of 10 probes.
+pub fn path_hop(ttl: u32, address: &str, loss: f64) -> pb::PathHop {
+    let sent = 10;
+    let received = if address.is_empty() {
+        0
+    } else {
+        ((1.0 - loss) * f64::from(sent)).round() as u32
+    };
+    let rtt = (received > 0).then_some(0.001 * f64::from(ttl));
+    pb::PathHop {
+        ttl,
+        address: address.to_string(),
+        addresses: if address.is_empty() {
+            vec![]
+        } else {
+            vec![address.to_string()]
+        },
+        sent,
+        received,
+        loss_ratio: Some(1.0 - f64::from(received) / f64::from(sent)),
+        rtt_min_seconds: rtt.map(|r| r * 0.9),
+        rtt_avg_seconds: rtt,
+        rtt_max_seconds: rtt.map(|r| r * 1.3),
+        rtt_mdev_seconds: rtt.map(|r| r * 0.1),
+        rate_limited: false,
+    }
+}
+
+/// The path id of `hops` as the agent makes it: a stable hash (FNV-1a, hex) of the
+/// responding addresses by TTL.
+pub fn path_id_of(hops: &[pb::PathHop]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for hop in hops {
+        for b in format!("{}={};", hop.ttl, hop.address).bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// A valid path result of agent `id`, test `path`, through `addresses` (one hop each, the
+/// last one the destination, no loss), with `labels` site=lab.
+pub fn path_result(
+    id: &str,
+    seq: u64,
+    started_at_unix_nanos: i64,
+    addresses: &[&str],
+) -> pb::Result {
+    let hops: Vec<pb::PathHop> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| path_hop(i as u32 + 1, a, 0.0))
+        .collect();
+    let destination = addresses.last().copied().unwrap_or("192.0.2.1");
+    pb::Result {
+        agent_id: id.to_string(),
+        seq,
+        test: "path".into(),
+        kind: pb::Kind::Path as i32,
+        target: destination
+            .split('%')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        started_at_unix_nanos,
+        duration_seconds: 10.2,
+        success: true,
+        labels: [("site".to_string(), "lab".to_string())].into(),
+        fields: Some(pb::result::Fields::Path(pb::PathFields {
+            reached: true,
+            hop_count: hops.len() as u32,
+            path_id: path_id_of(&hops),
+            path_loss_ratio: Some(0.0),
+            rtt_avg_seconds: Some(0.001 * hops.len() as f64),
+            protocol: "icmp".into(),
+            hops,
+        })),
+        ..Default::default()
+    }
+}
+
+/// The path fields of a path result, to change them.
+pub fn path_fields(r: &mut pb::Result) -> &mut pb::PathFields {
+    match &mut r.fields {
+        Some(pb::result::Fields::Path(p)) => p,
+        _ => panic!("not a path result"),
+    }
+}
+
+/// One open Ingest stream of a simulated agent, past the welcome.
+pub struct AgentStream {
+    tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CollectorMessage>,
+    pub welcome: pb::Welcome,
+}
+
+impl AgentStream {
+    /// Says hello as `id` (incarnation `incarnation`, labels `site = SITE`), retrying
+    /// while the collector still holds this agent's previous session.
+    pub async fn open(endpoint: &str, id: &str, site: &str, incarnation: &str) -> AgentStream {
+        let start = Instant::now();
+        loop {
+            let mut client = pb::ingest_client::IngestClient::connect(endpoint.to_string())
+                .await
+                .unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            tx.send(agent_msg(pb::agent_message::Msg::Hello(pb::Hello {
+                agent_id: id.to_string(),
+                version: "test".into(),
+                labels: [("site".to_string(), site.to_string())].into(),
+                incarnation: incarnation.to_string(),
+                ..Default::default()
+            })))
+            .await
+            .unwrap();
+            let opened = client
+                .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await;
+            let mut inbound = match opened {
+                Ok(s) => s.into_inner(),
+                Err(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        && start.elapsed() < Duration::from_secs(20) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(s) => panic!("hello of {id} refused: {s:?}"),
+            };
+            match tokio::time::timeout(Duration::from_secs(20), inbound.message()).await {
+                Ok(Ok(Some(pb::CollectorMessage {
+                    msg: Some(pb::collector_message::Msg::Welcome(welcome)),
+                }))) => {
+                    return AgentStream {
+                        tx,
+                        inbound,
+                        welcome,
+                    }
+                }
+                Ok(Err(s))
+                    if s.code() == tonic::Code::FailedPrecondition
+                        && start.elapsed() < Duration::from_secs(20) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("expected a welcome for {id}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a batch and waits for the ack that covers its last seq.
+    pub async fn batch(&mut self, results: Vec<pb::Result>) -> pb::Ack {
+        let last = results.last().map_or(0, |r| r.seq);
+        self.tx
+            .send(agent_msg(pb::agent_message::Msg::Batch(pb::ResultBatch {
+                results,
+            })))
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), self.inbound.message()).await {
+                Ok(Ok(Some(pb::CollectorMessage {
+                    msg: Some(pb::collector_message::Msg::Ack(a)),
+                }))) if a.seq >= last => return a,
+                Ok(Ok(Some(_))) => {}
+                other => panic!("expected the ack of {last}, got {other:?}"),
+            }
+        }
+    }
+}
