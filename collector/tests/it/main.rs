@@ -14,6 +14,7 @@ mod fleet_cli;
 mod fleet_push;
 mod never_stall;
 mod paths;
+mod paths_e2e;
 mod pg_tls;
 mod security;
 mod shutdown;
