@@ -276,7 +276,8 @@ pub struct Status {
     pub results: Vec<RunResult>,
 }
 
-/// The numeric columns of `results` a run result may carry.
+/// The columns of `results` a run result may carry (a path result's `hops` too, for its
+/// hop table).
 const FIGURES: &[&str] = &[
     "download_bits_per_second",
     "upload_bits_per_second",
@@ -304,6 +305,13 @@ const FIGURES: &[&str] = &[
     "resolve_seconds",
     "answers",
     "rcode",
+    "reached",
+    "hop_count",
+    "path_loss_ratio",
+    "path_id",
+    "path_changed",
+    "path_protocol",
+    "hops",
 ];
 
 /// The run's agents and the results that landed so far.

@@ -624,6 +624,7 @@ fn run_now_of_a_path_test_prints_the_hop_table_and_lands() {
         &db.url,
     ]);
     assert_eq!(code, Some(0), "run-now: {out}\n{err}");
+    eprintln!("{out}");
     // The agent's row, then one line per hop: TTL, address, loss, sent, received.
     let table: Vec<Vec<&str>> = out
         .lines()
