@@ -11,7 +11,11 @@
 //!     scripts/bench-ingest --agents 10000 --rate 1 --seconds 90 --apply-at 20 --no-reference
 //!                                                  # controller: a fleet tests apply
 //!
-//! Flags: --agents N, --rate R (results per second per agent; 0 = as fast as possible),
+//!     scripts/bench-ingest --kind path                    # path results with 30 hops each
+//!
+//! Flags: --kind http|path (the results sent: http, or path results of 30 hops; the
+//! reference stays the same http rows), --agents N, --rate R (results per second per
+//! agent; 0 = as fast as possible),
 //! --batch B (results per batch), --seconds S, --no-reference, --apply-at S (S seconds
 //! after the last agent joined, `edgeprobe-collector tests apply` a fleet tests file for
 //! every agent; reports when every simulated agent got the push and when PostgreSQL shows
@@ -61,6 +65,15 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--kind" {
+            let path = match it.next().as_deref() {
+                Some("http") => false,
+                Some("path") => true,
+                other => panic!("--kind http|path, not {other:?}"),
+            };
+            PATH_RESULTS.store(path, Ordering::Relaxed);
+            continue;
+        }
         if flag == "--restart" {
             a.restart = match it.next().as_deref() {
                 Some("term") => Some("TERM"),
@@ -90,7 +103,59 @@ fn args() -> Args {
     a
 }
 
+/// `--kind path`: the simulated agents send path results instead of http ones.
+static PATH_RESULTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A path result of 30 hops as the agent sends one (count = 10, one address per hop, the
+/// path changing every 50 results).
+fn path_result(agent: &str, seq: u64, now_nanos: i64) -> pb::Result {
+    let variant = seq / 50 % 2;
+    let hops: Vec<pb::PathHop> = (1..=30u32)
+        .map(|ttl| {
+            let address = format!("100.{}.{variant}.{ttl}", 64 + ttl % 4);
+            let rtt = 0.001 * f64::from(ttl);
+            pb::PathHop {
+                ttl,
+                addresses: vec![address.clone()],
+                address,
+                sent: 10,
+                received: 10,
+                loss_ratio: Some(0.0),
+                rtt_min_seconds: Some(rtt * 0.9),
+                rtt_avg_seconds: Some(rtt),
+                rtt_max_seconds: Some(rtt * 1.4),
+                rtt_mdev_seconds: Some(rtt * 0.1),
+                rate_limited: false,
+            }
+        })
+        .collect();
+    pb::Result {
+        agent_id: agent.to_string(),
+        seq,
+        test: "path".into(),
+        kind: pb::Kind::Path as i32,
+        target: "203.0.113.10".into(),
+        started_at_unix_nanos: now_nanos,
+        duration_seconds: 10.3,
+        success: true,
+        labels: [("site".to_string(), format!("site-{}", seq % 20))].into(),
+        fields: Some(pb::result::Fields::Path(pb::PathFields {
+            reached: true,
+            hop_count: 30,
+            path_id: format!("{:016x}", 0x9e37_79b9_7f4a_7c15u64 ^ variant),
+            path_loss_ratio: Some(0.0),
+            rtt_avg_seconds: Some(0.030),
+            protocol: "icmp".into(),
+            hops,
+        })),
+        ..Default::default()
+    }
+}
+
 fn result(agent: &str, seq: u64, now_nanos: i64) -> pb::Result {
+    if PATH_RESULTS.load(Ordering::Relaxed) {
+        return path_result(agent, seq, now_nanos);
+    }
     pb::Result {
         agent_id: agent.to_string(),
         seq,

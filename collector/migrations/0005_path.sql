@@ -1,10 +1,16 @@
 -- edgeprobe schema, version 5: path results (SPEC section 15, issue 22 "Where it breaks").
 --
 -- * results: the kind 'path' and its columns. The destination's round-trip time reuses
---   rtt_avg_seconds. The hops travel with their result in the same row (`hops`, a JSON
---   array, one object per TTL), so they share the COPY, the transaction, the quarantine,
---   exactly-once, the daily partitions and the retention of their result by construction.
---   The view `path_hops` gives one row per hop.
+--   rtt_avg_seconds. The hops travel with their result in the same row (`hops`), so they
+--   share the COPY, the transaction, the quarantine, exactly-once, the daily partitions
+--   and the retention of their result by construction. The view `path_hops` gives one row
+--   per hop; read hops through it, not from the column.
+-- * hops is `json` (kept as text, only checked on input), one array per TTL, positional:
+--     [ttl, address (null: nothing answered), [addresses], sent, received, loss_ratio,
+--      rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, rate_limited]
+--   compressed with lz4 where the server has it. Measured with 30-hop rows (binary COPY,
+--   docs/BENCHMARKS.md): jsonb objects with pglz 7,000 rows/s, json arrays with lz4
+--   28,000; parsing jsonb and pglz are what PostgreSQL spends a path row's insert on.
 -- * path_changed: the result's path_id differs from that of the previous result of the
 --   same agent and test (by started_at, seq); false for the first. The writer computes it
 --   in the transaction that stores the row, from `path_last` (the latest path_id per agent
@@ -33,9 +39,25 @@ ALTER TABLE results
     ADD COLUMN path_loss_ratio  double precision,
     -- icmp, udp or tcp.
     ADD COLUMN path_protocol    text,
-    -- [{ttl, address, addresses, sent, received, loss_ratio, rtt_min_seconds,
-    --   rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds, rate_limited}, ...]
-    ADD COLUMN hops             jsonb;
+    -- One array per TTL (see above).
+    ADD COLUMN hops             json;
+
+-- lz4 on the parent (new partitions made with PARTITION OF or LIKE ... INCLUDING
+-- COMPRESSION inherit it) and on every existing partition; a server built without lz4
+-- keeps its default compression.
+DO $$
+DECLARE
+    part regclass;
+BEGIN
+    ALTER TABLE results ALTER COLUMN hops SET COMPRESSION lz4;
+    FOR part IN SELECT inhrelid::regclass FROM pg_inherits WHERE inhparent = 'results'::regclass
+    LOOP
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN hops SET COMPRESSION lz4', part);
+    END LOOP;
+EXCEPTION WHEN feature_not_supported THEN
+    RAISE NOTICE 'this server has no lz4: path hops keep the default compression (pglz)';
+END
+$$;
 
 -- The latest path of each agent and test: what the next result is compared with.
 CREATE TABLE path_last (
@@ -63,11 +85,17 @@ CREATE VIEW path_hops AS
            h.rate_limited, h.addresses, h.rtt_mdev_seconds,
            r.target, r.labels, r.path_id, r.path_changed, r.clock_unsynced
     FROM results r
-    CROSS JOIN LATERAL jsonb_to_recordset(r.hops) AS h(
-        ttl integer, address text, addresses text[], sent integer, received integer,
-        loss_ratio double precision, rtt_min_seconds double precision,
-        rtt_avg_seconds double precision, rtt_max_seconds double precision,
-        rtt_mdev_seconds double precision, rate_limited boolean)
+    CROSS JOIN LATERAL (
+        SELECT (e->>0)::integer AS ttl, e->>1 AS address,
+               ARRAY(SELECT jsonb_array_elements_text(e->2)) AS addresses,
+               (e->>3)::integer AS sent, (e->>4)::integer AS received,
+               (e->>5)::double precision AS loss_ratio,
+               (e->>6)::double precision AS rtt_min_seconds,
+               (e->>7)::double precision AS rtt_avg_seconds,
+               (e->>8)::double precision AS rtt_max_seconds,
+               (e->>9)::double precision AS rtt_mdev_seconds,
+               (e->>10)::boolean AS rate_limited
+          FROM jsonb_array_elements(r.hops::jsonb) e) h
     WHERE r.kind = 'path' AND r.hops IS NOT NULL;
 
 -- An inclusive range of addresses of one family (inet orders IPv4 before IPv6).
@@ -139,14 +167,14 @@ LANGUAGE sql STABLE AS $$
                     AND rtt_now >= rtt_before + rtt_floor_seconds))
     ), through AS (
         SELECT m.agent_id, m.test, a.addr,
-               CASE WHEN NOT coalesce((h->>'rate_limited')::boolean, false)
-                    THEN (h->>'loss_ratio')::double precision END AS hop_loss
+               CASE WHEN NOT coalesce((h->>10)::boolean, false)
+                    THEN (h->>5)::double precision END AS hop_loss
           FROM measured m
-         CROSS JOIN LATERAL jsonb_array_elements(m.hops) h
+         CROSS JOIN LATERAL jsonb_array_elements(m.hops::jsonb) h
          CROSS JOIN LATERAL (
-             SELECT jsonb_array_elements_text(h->'addresses')
+             SELECT jsonb_array_elements_text(h->2)
              UNION
-             SELECT h->>'address') a(addr)
+             SELECT h->>1) a(addr)
          WHERE m.recent AND m.hops IS NOT NULL AND a.addr IS NOT NULL AND a.addr <> ''
     )
     SELECT t.addr, x.asn, x.as_name,

@@ -199,7 +199,7 @@ pub struct Measures {
     pub path_loss_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_protocol: Option<String>,
-    /// The hops as the JSON array stored in `results.hops`, rendered once by `check`
+    /// The hops as the JSON stored in `results.hops`, rendered once by `check`
     /// (`ResultRow::to_json` embeds it as JSON).
     #[serde(skip)]
     pub hops: Option<String>,
@@ -494,21 +494,24 @@ fn hop_address(field: &str, a: &str) -> Result<(), Invalid> {
     }
 }
 
-/// One hop as stored in `results.hops` (the keys are the `path_hops` view's columns).
-#[derive(serde::Serialize)]
-struct HopJson<'a> {
-    ttl: u32,
-    address: Option<&'a str>,
-    addresses: Vec<&'a str>,
-    sent: u32,
-    received: u32,
-    loss_ratio: Option<f64>,
-    rtt_min_seconds: Option<f64>,
-    rtt_avg_seconds: Option<f64>,
-    rtt_max_seconds: Option<f64>,
-    rtt_mdev_seconds: Option<f64>,
-    rate_limited: bool,
-}
+/// One hop as stored in `results.hops`: a JSON array, positional (migration 0005; the
+/// view `path_hops` names the fields): ttl, address, addresses, sent, received,
+/// loss_ratio, rtt_min_seconds, rtt_avg_seconds, rtt_max_seconds, rtt_mdev_seconds,
+/// rate_limited. Arrays, not objects: PostgreSQL checks them on input at a fraction of
+/// the cost (docs/BENCHMARKS.md).
+type HopJson<'a> = (
+    u32,
+    Option<&'a str>,
+    Vec<&'a str>,
+    u32,
+    u32,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    bool,
+);
 
 /// Checks a path result's fields (SPEC section 15) into `m`, the hops rendered as JSON.
 fn path_fields(p: &pb::PathFields, m: &mut Measures) -> Result<(), Invalid> {
@@ -575,19 +578,20 @@ fn path_fields(p: &pb::PathFields, m: &mut Measures) -> Result<(), Invalid> {
         if addresses.is_empty() && !h.address.is_empty() {
             addresses.push(&h.address);
         }
-        hops.push(HopJson {
-            ttl: h.ttl,
-            address: (!h.address.is_empty()).then_some(h.address.as_str()),
+        let hop: HopJson = (
+            h.ttl,
+            (!h.address.is_empty()).then_some(h.address.as_str()),
             addresses,
-            sent: h.sent,
-            received: h.received,
-            loss_ratio: ratio(&at("loss_ratio"), h.loss_ratio)?,
-            rtt_min_seconds: measure(&at("rtt_min_seconds"), h.rtt_min_seconds)?,
-            rtt_avg_seconds: measure(&at("rtt_avg_seconds"), h.rtt_avg_seconds)?,
-            rtt_max_seconds: measure(&at("rtt_max_seconds"), h.rtt_max_seconds)?,
-            rtt_mdev_seconds: measure(&at("rtt_mdev_seconds"), h.rtt_mdev_seconds)?,
-            rate_limited: h.rate_limited,
-        });
+            h.sent,
+            h.received,
+            ratio(&at("loss_ratio"), h.loss_ratio)?,
+            measure(&at("rtt_min_seconds"), h.rtt_min_seconds)?,
+            measure(&at("rtt_avg_seconds"), h.rtt_avg_seconds)?,
+            measure(&at("rtt_max_seconds"), h.rtt_max_seconds)?,
+            measure(&at("rtt_mdev_seconds"), h.rtt_mdev_seconds)?,
+            h.rate_limited,
+        );
+        hops.push(hop);
     }
     m.reached = Some(p.reached);
     m.hop_count = Some(p.hop_count as i32);
@@ -978,12 +982,27 @@ mod tests {
         assert_eq!(m.rtt_avg_seconds, Some(0.012));
         assert_eq!(m.path_protocol.as_deref(), Some("icmp"));
         let hops: serde_json::Value = serde_json::from_str(m.hops.as_deref().unwrap()).unwrap();
-        assert_eq!(hops[0]["address"], "fe80::1%eth0");
-        assert_eq!(hops[1]["address"], serde_json::Value::Null);
-        assert_eq!(hops[1]["addresses"], serde_json::json!([]));
-        assert_eq!(hops[2]["received"], 10);
+        assert_eq!(
+            hops[0],
+            serde_json::json!([
+                1,
+                "fe80::1%eth0",
+                ["fe80::1%eth0"],
+                10,
+                10,
+                0.0,
+                null,
+                0.004,
+                null,
+                null,
+                false
+            ])
+        );
+        assert_eq!(hops[1][1], serde_json::Value::Null);
+        assert_eq!(hops[1][2], serde_json::json!([]));
+        assert_eq!(hops[2][4], 10);
         let json: serde_json::Value = serde_json::from_slice(&row.to_json()).unwrap();
-        assert_eq!(json["hops"][2]["address"], "192.0.2.9");
+        assert_eq!(json["hops"][2][1], "192.0.2.9");
 
         type Case = (fn(&mut pb::PathFields), &'static str);
         let cases: &[Case] = &[

@@ -185,7 +185,7 @@ pub async fn maintain_partitions(
         let sql = format!(
             "BEGIN;
              CREATE TABLE IF NOT EXISTS {name}
-                 (LIKE results INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+                 (LIKE results INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMPRESSION);
              ALTER TABLE {name} DROP CONSTRAINT IF EXISTS {name}_range;
              ALTER TABLE {name} ADD CONSTRAINT {name}_range
                  CHECK (started_at >= '{from}' AND started_at < '{to}');

@@ -532,6 +532,15 @@ fn retention_removes_path_hops_with_their_partition() {
         db.scalar("SELECT count(*) FROM results_default WHERE agent_id = 'old'"),
         0
     );
+    // Every partition, those upkeep made included, compresses hops with lz4.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_attribute a ON a.attrelid = i.inhrelid
+              WHERE i.inhparent = 'results'::regclass AND a.attname = 'hops'
+                AND a.attcompression <> 'l'"
+        ),
+        0
+    );
     // ... and the one past a 7-day retention is dropped with its hops.
     let (code, _, err) =
         collector_cmd(&["migrate", "--database-url", &db.url, "--retention", "7d"]);
