@@ -23,6 +23,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use crate::cli::{self, DbArgs, Failure};
 use crate::pg;
 
+/// `paths ...`.
 #[derive(Subcommand)]
 pub enum PathsCommand {
     /// The hops that degraded agents share: agents whose path loss or destination RTT in
@@ -43,6 +44,7 @@ pub enum PathsCommand {
     },
 }
 
+/// `asn ...`.
 #[derive(Subcommand)]
 pub enum AsnCommand {
     /// Replace the AS numbers of address ranges with FILE, in the public ip-to-ASN TSV
