@@ -301,7 +301,7 @@ pub struct RunNowArgs {
     /// A test the agents know: a fleet test or one of their own.
     #[arg(long, value_name = "NAME")]
     test: Option<String>,
-    /// An ad-hoc test of this kind (speed, icmp, tcp, http, dns), with --target.
+    /// An ad-hoc test of this kind (speed, icmp, tcp, http, dns, path), with --target.
     #[arg(long, requires = "target")]
     kind: Option<String>,
     /// The ad-hoc test's target, as in the agent config.
@@ -1346,6 +1346,18 @@ fn result_row(r: &RunResult) -> String {
             );
             parts.extend(f("answers").map(|v| format!("{v} answers")));
         }
+        "path" => {
+            let hops = f("hop_count").unwrap_or(0.0);
+            parts.push(match r.figures.get("reached").and_then(|v| v.as_bool()) {
+                Some(true) => format!("reached in {hops:.0} hops"),
+                _ => format!("not reached, {hops:.0} hops seen"),
+            });
+            parts.extend(f("path_loss_ratio").map(|v| format!("path loss {:.0}%", v * 100.0)));
+            parts.extend(secs("rtt_avg_seconds", "rtt avg"));
+            if r.figures.get("path_changed").and_then(|v| v.as_bool()) == Some(true) {
+                parts.push("path changed".into());
+            }
+        }
         _ => {}
     }
     if !r.success {
@@ -1355,12 +1367,75 @@ fn result_row(r: &RunResult) -> String {
             r.error_message.as_deref().unwrap_or("")
         ));
     }
-    format!(
+    let mut row = format!(
         "{:<20}  {:<4}  {}",
         r.agent_id,
         if r.success { "ok" } else { "FAIL" },
         parts.join("  ")
-    )
+    );
+    if let Some(hops) = r.figures.get("hops").and_then(|h| h.as_array()) {
+        hop_table(&mut row, hops);
+    }
+    row
+}
+
+/// A path result's hops under its row, laid out as the agent's `probe path` table (and
+/// `mtr --report`): TTL, address, Loss% (`!`: rate limiting, not path loss), Snt, Rcv, then
+/// Avg, Best, Wrst, StDev in milliseconds; further addresses of a hop on their own lines.
+fn hop_table(out: &mut String, hops: &[serde_json::Value]) {
+    use std::fmt::Write as _;
+    let text =
+        |h: &serde_json::Value, k: &str| h.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let num = |h: &serde_json::Value, k: &str| h.get(k).and_then(|v| v.as_f64());
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |s| format!("{:.2}", s * 1e3));
+    let width = hops
+        .iter()
+        .filter_map(|h| text(h, "address").map(|a| a.len()))
+        .max()
+        .unwrap_or(3)
+        .max(4);
+    let _ = write!(
+        out,
+        "\n      {:>3}  {:<width$}  {:>7} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8}",
+        "TTL", "Host", "Loss%", "Snt", "Rcv", "Avg", "Best", "Wrst", "StDev"
+    );
+    let mut rate_limited = false;
+    for h in hops {
+        let limited = h.get("rate_limited").and_then(|v| v.as_bool()) == Some(true);
+        rate_limited |= limited;
+        let loss = num(h, "loss_ratio").map_or_else(
+            || "-".to_string(),
+            |l| format!("{:.1}%{}", l * 100.0, if limited { "!" } else { "" }),
+        );
+        let count = |k: &str| num(h, k).map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
+        let _ = write!(
+            out,
+            "\n      {:>3}. {:<width$}  {:>7} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8}",
+            num(h, "ttl").map_or(0, |t| t as i64),
+            text(h, "address").unwrap_or_else(|| "???".into()),
+            loss,
+            count("sent"),
+            count("received"),
+            ms(num(h, "rtt_avg_seconds")),
+            ms(num(h, "rtt_min_seconds")),
+            ms(num(h, "rtt_max_seconds")),
+            ms(num(h, "rtt_mdev_seconds")),
+        );
+        let main = text(h, "address");
+        for other in h
+            .get("addresses")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(other) = other.as_str().filter(|o| Some(*o) != main.as_deref()) {
+                let _ = write!(out, "\n           {other}");
+            }
+        }
+    }
+    if rate_limited {
+        out.push_str("\n      ! loss at this hop does not carry on to later hops: the router rate-limits its ICMP, not path loss");
+    }
 }
 
 fn human_seconds(s: f64) -> String {

@@ -304,7 +304,8 @@ pub struct Status {
     pub results: Vec<RunResult>,
 }
 
-/// The numeric columns of `results` a run result may carry.
+/// The columns of `results` a run result may carry; a path result's hops come from the
+/// `path_hops` view, one object per TTL, as `probe path --json` shows them.
 const FIGURES: &[&str] = &[
     "download_bits_per_second",
     "upload_bits_per_second",
@@ -332,6 +333,12 @@ const FIGURES: &[&str] = &[
     "resolve_seconds",
     "answers",
     "rcode",
+    "reached",
+    "hop_count",
+    "path_loss_ratio",
+    "path_id",
+    "path_changed",
+    "path_protocol",
 ];
 
 /// The run's agents and the results that landed so far.
@@ -372,7 +379,19 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
     let rows = client
         .query(
             "SELECT agent_id, test, kind, target, success, duration_seconds, error_class,
-                    error_message, to_jsonb(r)
+                    error_message, to_jsonb(r) - 'hops',
+                    (SELECT jsonb_agg(jsonb_build_object(
+                                'ttl', h.ttl, 'address', h.address, 'addresses', h.addresses,
+                                'sent', h.sent, 'received', h.received,
+                                'loss_ratio', h.loss_ratio,
+                                'rtt_min_seconds', h.rtt_min_seconds,
+                                'rtt_avg_seconds', h.rtt_avg_seconds,
+                                'rtt_max_seconds', h.rtt_max_seconds,
+                                'rtt_mdev_seconds', h.rtt_mdev_seconds,
+                                'rate_limited', h.rate_limited) ORDER BY h.ttl)
+                       FROM path_hops h
+                      WHERE h.agent_id = r.agent_id AND h.test = r.test
+                        AND h.started_at = r.started_at AND h.seq = r.seq)
              FROM results r WHERE run_id = $1 ORDER BY agent_id, started_at",
             &[&run_id],
         )
@@ -381,7 +400,8 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
         .iter()
         .map(|r| {
             let all = r.get::<_, Json<serde_json::Value>>(8).0;
-            let figures = FIGURES
+            let hops = r.get::<_, Option<Json<serde_json::Value>>>(9).map(|h| h.0);
+            let mut figures: BTreeMap<String, serde_json::Value> = FIGURES
                 .iter()
                 .filter_map(|f| {
                     all.get(*f)
@@ -389,6 +409,9 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
                         .map(|v| (f.to_string(), v.clone()))
                 })
                 .collect();
+            if let Some(hops) = hops {
+                figures.insert("hops".into(), hops);
+            }
             RunResult {
                 agent_id: r.get(0),
                 test: r.get(1),

@@ -15,6 +15,7 @@ mod fleet_push;
 mod never_stall;
 mod operator;
 mod paths;
+mod paths_e2e;
 mod pg_tls;
 mod responsiveness;
 mod security;
