@@ -199,7 +199,7 @@ fn migration_2_keeps_version_1_rows_and_still_refuses_duplicates() {
     migrate(&db);
     assert_eq!(
         db.scalar("SELECT max(version)::int8 FROM edgeprobe_migrations"),
-        6
+        7
     );
     assert_eq!(
         db.scalar("SELECT count(DISTINCT seq) FROM results WHERE agent_id = 'old-agent'"),
