@@ -1346,6 +1346,21 @@ fn result_row(r: &RunResult) -> String {
             );
             parts.extend(f("answers").map(|v| format!("{v} answers")));
         }
+        "responsiveness" => {
+            parts.extend(f("responsiveness_rpm").map(|v| format!("{v:.0} RPM")));
+            parts.extend(
+                r.figures
+                    .get("rating")
+                    .and_then(|v| v.as_str())
+                    .map(|c| format!("({c})")),
+            );
+            parts.extend(f("download_bits_per_second").map(|v| format!("down {}", human_bps(v))));
+            parts.extend(f("upload_bits_per_second").map(|v| format!("up {}", human_bps(v))));
+            parts.extend(secs("loaded_latency_seconds", "loaded latency"));
+            if r.figures.get("stable").and_then(|v| v.as_bool()) == Some(false) {
+                parts.push("not stable".into());
+            }
+        }
         "path" => {
             let hops = f("hop_count").unwrap_or(0.0);
             parts.push(match r.figures.get("reached").and_then(|v| v.as_bool()) {

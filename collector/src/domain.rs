@@ -223,6 +223,52 @@ pub struct Measures {
     pub hops: Option<String>,
 }
 
+/// The figure columns of `results`, every kind's, in table order: the fields of
+/// [`Measures`] (but `hops`, which has its own view) and `path_changed`, which the writer
+/// decides. Run-now and exports read exactly these, so a new kind's columns are listed
+/// once (a test holds this list to `Measures`).
+pub const FIGURE_COLUMNS: &[&str] = &[
+    "download_bits_per_second",
+    "upload_bits_per_second",
+    "idle_latency_seconds",
+    "jitter_seconds",
+    "download_loaded_latency_seconds",
+    "upload_loaded_latency_seconds",
+    "bytes_downloaded",
+    "bytes_uploaded",
+    "sent",
+    "received",
+    "loss_ratio",
+    "rtt_min_seconds",
+    "rtt_avg_seconds",
+    "rtt_max_seconds",
+    "rtt_mdev_seconds",
+    "connect_seconds",
+    "tls_seconds",
+    "status_code",
+    "dns_seconds",
+    "ttfb_seconds",
+    "transfer_seconds",
+    "body_bytes",
+    "tls_cert_expiry_seconds",
+    "resolve_seconds",
+    "answers",
+    "rcode",
+    "reached",
+    "hop_count",
+    "path_id",
+    "path_changed",
+    "path_loss_ratio",
+    "path_protocol",
+    "responsiveness_rpm",
+    "download_responsiveness_rpm",
+    "upload_responsiveness_rpm",
+    "loaded_latency_seconds",
+    "load_connections",
+    "stable",
+    "rating",
+];
+
 /// How a quarantined result's raw bytes are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawFormat {
@@ -875,6 +921,60 @@ impl ResultRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn figure_columns_are_the_measures_and_path_changed() {
+        let all = Measures {
+            download_bits_per_second: Some(1.0),
+            upload_bits_per_second: Some(1.0),
+            idle_latency_seconds: Some(1.0),
+            jitter_seconds: Some(1.0),
+            download_loaded_latency_seconds: Some(1.0),
+            upload_loaded_latency_seconds: Some(1.0),
+            bytes_downloaded: Some(1),
+            bytes_uploaded: Some(1),
+            sent: Some(1),
+            received: Some(1),
+            loss_ratio: Some(1.0),
+            rtt_min_seconds: Some(1.0),
+            rtt_avg_seconds: Some(1.0),
+            rtt_max_seconds: Some(1.0),
+            rtt_mdev_seconds: Some(1.0),
+            connect_seconds: Some(1.0),
+            tls_seconds: Some(1.0),
+            status_code: Some(1),
+            dns_seconds: Some(1.0),
+            ttfb_seconds: Some(1.0),
+            transfer_seconds: Some(1.0),
+            body_bytes: Some(1),
+            tls_cert_expiry_seconds: Some(1.0),
+            resolve_seconds: Some(1.0),
+            answers: Some(1),
+            rcode: Some("NOERROR".into()),
+            reached: Some(true),
+            hop_count: Some(1),
+            path_id: Some("x".into()),
+            path_loss_ratio: Some(0.0),
+            path_protocol: Some("icmp".into()),
+            responsiveness_rpm: Some(1.0),
+            download_responsiveness_rpm: Some(1.0),
+            upload_responsiveness_rpm: Some(1.0),
+            loaded_latency_seconds: Some(1.0),
+            load_connections: Some(1),
+            stable: Some(true),
+            rating: Some("poor".into()),
+            hops: Some("[]".into()),
+        };
+        let serde_json::Value::Object(fields) = serde_json::to_value(&all).unwrap() else {
+            panic!("Measures serialises to an object");
+        };
+        let mut measures: Vec<&str> = fields.keys().map(String::as_str).collect();
+        measures.push("path_changed");
+        measures.sort_unstable();
+        let mut listed = FIGURE_COLUMNS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(listed, measures);
+    }
 
     const NOW_NANOS: i64 = 1_790_000_000_000_000_000;
 

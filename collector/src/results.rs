@@ -20,8 +20,8 @@ use crate::fleet::FleetError;
 /// Rows fetched from the cursor at a time.
 pub const BATCH: i32 = 500;
 
-/// The columns of an export, in CSV order.
-pub const COLUMNS: &[&str] = &[
+/// The columns of an export before the figures, in CSV order.
+const BASE_COLUMNS: &[&str] = &[
     "started_at",
     "agent_id",
     "seq",
@@ -36,33 +36,17 @@ pub const COLUMNS: &[&str] = &[
     "run_id",
     "clock_unsynced",
     "clock_corrected",
-    "download_bits_per_second",
-    "upload_bits_per_second",
-    "idle_latency_seconds",
-    "jitter_seconds",
-    "download_loaded_latency_seconds",
-    "upload_loaded_latency_seconds",
-    "bytes_downloaded",
-    "bytes_uploaded",
-    "sent",
-    "received",
-    "loss_ratio",
-    "rtt_min_seconds",
-    "rtt_avg_seconds",
-    "rtt_max_seconds",
-    "rtt_mdev_seconds",
-    "connect_seconds",
-    "tls_seconds",
-    "status_code",
-    "dns_seconds",
-    "ttfb_seconds",
-    "transfer_seconds",
-    "body_bytes",
-    "tls_cert_expiry_seconds",
-    "resolve_seconds",
-    "answers",
-    "rcode",
 ];
+
+/// The columns of an export, in CSV order: the result's own, then every kind's figures
+/// ([`crate::domain::FIGURE_COLUMNS`]).
+pub static COLUMNS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    BASE_COLUMNS
+        .iter()
+        .chain(crate::domain::FIGURE_COLUMNS)
+        .copied()
+        .collect()
+});
 
 /// Which results.
 #[derive(Debug, Clone)]

@@ -304,42 +304,10 @@ pub struct Status {
     pub results: Vec<RunResult>,
 }
 
-/// The columns of `results` a run result may carry; a path result's hops come from the
-/// `path_hops` view, one object per TTL, as `probe path --json` shows them.
-const FIGURES: &[&str] = &[
-    "download_bits_per_second",
-    "upload_bits_per_second",
-    "idle_latency_seconds",
-    "jitter_seconds",
-    "download_loaded_latency_seconds",
-    "upload_loaded_latency_seconds",
-    "bytes_downloaded",
-    "bytes_uploaded",
-    "sent",
-    "received",
-    "loss_ratio",
-    "rtt_min_seconds",
-    "rtt_avg_seconds",
-    "rtt_max_seconds",
-    "rtt_mdev_seconds",
-    "connect_seconds",
-    "tls_seconds",
-    "status_code",
-    "dns_seconds",
-    "ttfb_seconds",
-    "transfer_seconds",
-    "body_bytes",
-    "tls_cert_expiry_seconds",
-    "resolve_seconds",
-    "answers",
-    "rcode",
-    "reached",
-    "hop_count",
-    "path_loss_ratio",
-    "path_id",
-    "path_changed",
-    "path_protocol",
-];
+/// A run result carries the kind's non-null figure columns
+/// ([`crate::domain::FIGURE_COLUMNS`]); a path result's hops come from the `path_hops`
+/// view, one object per TTL, as `probe path --json` shows them.
+const FIGURES: &[&str] = crate::domain::FIGURE_COLUMNS;
 
 /// The run's agents and the results that landed so far.
 pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, FleetError> {
