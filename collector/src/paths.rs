@@ -375,6 +375,16 @@ async fn stream_ranges(
     Ok(loaded)
 }
 
+/// `paths` and `asn` read and write the database directly; the API does not serve them.
+fn database_only(db: &DbArgs, command: &str) -> Result<(), Failure> {
+    match db.api {
+        Some(_) => Err(Failure::Usage(format!(
+            "{command} works on the database (--database-url or --config), not over --api"
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,15 +431,5 @@ mod tests {
         let mut out = String::new();
         copy_text(&mut out, "a\\b\tc\rd");
         assert_eq!(out, "a\\\\b\\tc\\rd");
-    }
-}
-
-/// `paths` and `asn` read and write the database directly; the API does not serve them.
-fn database_only(db: &DbArgs, command: &str) -> Result<(), Failure> {
-    match db.api {
-        Some(_) => Err(Failure::Usage(format!(
-            "{command} works on the database (--database-url or --config), not over --api"
-        ))),
-        None => Ok(()),
     }
 }
