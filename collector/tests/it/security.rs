@@ -81,7 +81,13 @@ fn collector_alive(c: &Collector) -> bool {
 
 /// Every stored row is within the bounds the collector promises (SPEC section 6).
 fn assert_only_valid_rows(db: &TestDb) {
-    let bad = db.scalar(
+    // Every kind this version knows is a valid kind: a new kind's results are stored.
+    let kinds = edgeprobe_proto::testdef::Kind::ALL
+        .iter()
+        .map(|k| format!("'{}'", k.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let bad = db.scalar(&format!(
         "SELECT count(*) FROM results WHERE
               seq <= 0
            OR test = '' OR octet_length(test) > 128
@@ -90,7 +96,7 @@ fn assert_only_valid_rows(db: &TestDb) {
            OR octet_length(coalesce(error_class, '')) > 32
            OR started_at < '2020-01-01' OR started_at > now() + interval '1 day'
            OR NOT (duration_seconds BETWEEN 0 AND 86400)
-           OR kind NOT IN ('speed', 'icmp', 'tcp', 'http', 'dns')
+           OR kind NOT IN ({kinds})
            OR success = (error_class IS NOT NULL)
            OR (SELECT count(*) FROM jsonb_object_keys(labels)) > 32
            OR EXISTS (SELECT 1 FROM jsonb_each_text(labels) l
@@ -99,8 +105,10 @@ fn assert_only_valid_rows(db: &TestDb) {
            OR loss_ratio NOT BETWEEN 0 AND 1 OR received > sent
            OR download_bits_per_second < 0 OR download_bits_per_second = 'NaN'
            OR upload_bits_per_second < 0 OR upload_bits_per_second = 'NaN'
-           OR connect_seconds < 0 OR connect_seconds = 'NaN'",
-    );
+           OR connect_seconds < 0 OR connect_seconds = 'NaN'
+           OR path_loss_ratio NOT BETWEEN 0 AND 1 OR hop_count < 0
+           OR responsiveness_rpm < 0 OR responsiveness_rpm = 'NaN'"
+    ));
     assert_eq!(bad, 0, "rows outside the bounds in Postgres");
 }
 
