@@ -482,7 +482,10 @@ pub const MAX_SANE_EVERY: std::time::Duration = std::time::Duration::from_secs(3
 /// The checks that make an apply dangerous rather than wrong, refused unless forced: it
 /// removes every fleet test, a test selects none of the known agents, a test names an
 /// agent no collector has seen, or an `every` is beyond [`MAX_SANE_EVERY`]. Each reason is
-/// located at the test's name.
+/// located at the test's name. Before any agent has connected (a first rollout, where the
+/// collector's role applies the fleet tests before the agents' role runs) no selection can
+/// match a known agent, so the selection checks wait until there is a fleet to check
+/// against.
 fn dangers(
     file: &FleetFile,
     new: &[StoredTest],
@@ -498,10 +501,11 @@ fn dangers(
             old.len()
         ));
     }
+    let fleet_known = !agents.is_empty();
     for (t, stored) in file.tests.iter().zip(new) {
         let (line, col) = line_col(text, t.config.name.span().start);
         let at = format!("{origin}:{line}:{col}: test `{}`", stored.name);
-        if let Some(ids) = &stored.selection.agents {
+        if let Some(ids) = stored.selection.agents.as_ref().filter(|_| fleet_known) {
             let unknown: Vec<&str> = ids
                 .iter()
                 .filter(|id| !agents.iter().any(|a| &a.agent_id == *id))
@@ -514,7 +518,7 @@ fn dangers(
                 ));
             }
         }
-        if !agents.iter().any(|a| stored.selection.selects(a)) {
+        if fleet_known && !agents.iter().any(|a| stored.selection.selects(a)) {
             out.push(format!(
                 "{at} selects none of the {} known agents ({}); check the ids or labels (see `edgeprobe-collector agents`)",
                 agents.len(),
