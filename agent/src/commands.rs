@@ -192,19 +192,10 @@ fn parse_protocol(s: &str) -> Result<PathProtocol, String> {
     }
 }
 
-/// The value checks of a `[[test]]`'s options where a kind has them (path: `max_hops`
-/// 0 or over the bound, `port` with icmp, ...), so `probe` refuses what `check` refuses.
+/// The value checks of a `[[test]]`'s options (icmp `count = 0`, speed `streams = 0`, a dns
+/// `server` that is no address, ...), so `probe` refuses what `check` refuses.
 fn check_options(spec: &ProbeSpec) -> Result<(), String> {
-    match spec.kind {
-        Kind::Path => edgeprobe_proto::testdef::check_path_options("probe", &spec.options),
-        Kind::Responsiveness => match spec.options.max_duration {
-            Some(d) if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) => {
-                Err("`--max-duration` must be 2s to 300s".to_string())
-            }
-            _ => Ok(()),
-        },
-        _ => Ok(()),
-    }
+    edgeprobe_proto::testdef::check_option_values("probe", spec.kind, &spec.options)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
