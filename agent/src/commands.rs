@@ -27,24 +27,37 @@ fn out(text: &str) {
         .and_then(|()| stdout.flush());
 }
 
-/// `check`: exit 0 with a summary, or 2 with the located reason.
+/// `check`: exit 0 with a summary, or 2 with the located reason. Beyond the file it checks
+/// what `run` would fail on: the mTLS files and the identity (`Config::check_credentials`)
+/// and the stored fleet tests against the local ones (`fleet::check_stored`).
 pub fn check(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
-            out(&format!(
-                "{}: ok (agent {}, {} tests, {} endpoint(s))\n",
-                path.display(),
-                c.agent_id(),
-                c.tests.len(),
-                c.collector.endpoints.len()
-            ));
-            ExitCode::SUCCESS
-        }
+    let c = match Config::load(path) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+    if let Err(e) = c.check_credentials() {
+        eprintln!("{}: {e}", path.display());
+        return ExitCode::from(2);
     }
+    let fleet = match fleet::check_stored(&c.agent.state_dir, &c) {
+        Ok(Some(version)) => format!(", fleet tests version {version}"),
+        Ok(None) => String::new(),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    out(&format!(
+        "{}: ok (agent {}, {} tests, {} endpoint(s){fleet})\n",
+        path.display(),
+        c.agent_id(),
+        c.tests.len(),
+        c.collector.endpoints.len()
+    ));
+    ExitCode::SUCCESS
 }
 
 /// `buffer`: the buffer's counters and the fleet version. Opens the buffer when no agent

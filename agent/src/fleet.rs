@@ -159,6 +159,28 @@ pub fn load(state_dir: &Path, config: &Config) -> Option<Fleet> {
     }
 }
 
+/// `check`: whether the persisted fleet tests would load at start with `config` (a local
+/// test named like a fleet test refuses the whole set). `Ok(None)` when none is persisted,
+/// else the version that would run. Unlike [`load`] it leaves no note and logs nothing.
+pub fn check_stored(state_dir: &Path, config: &Config) -> Result<Option<u64>, String> {
+    let path = path(state_dir);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let shown = path.display().to_string();
+    let (version, received, body) =
+        read(&path).map_err(|e| format!("{shown}: unreadable fleet tests: {e}"))?;
+    let text = format!("{HEADER}{version}, received {received}\n{body}");
+    config::parse_pushed_tests(&text, &shown, config)
+        .map(|_| Some(version))
+        .map_err(|e| {
+            format!(
+                "{e}\nthe stored fleet tests (version {version}) would be refused at start and \
+                 no fleet test would run; rename the local test"
+            )
+        })
+}
+
 /// Persists `version` / `tests_toml` atomically.
 pub fn save(
     state_dir: &Path,
