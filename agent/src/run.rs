@@ -122,7 +122,10 @@ pub async fn run(
                             ),
                         }
                     } else {
-                        scheduler.run_now(&run)
+                        let later = reply.clone();
+                        scheduler.run_now_then(&run, move |status| {
+                            answer(later, pb::agent_message::Msg::RunStatus(status));
+                        })
                     };
                     // The collector stores the reason: it fits the error bound.
                     let status = pb::RunStatus {
