@@ -85,32 +85,42 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
     let Value::Object(map) = value else {
         return out;
     };
-    let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
-    for (key, value) in map {
-        let shown = match value {
-            Value::Null => "-".to_string(),
-            Value::String(s) => s,
-            Value::Object(o) => o
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{k}={}",
-                        v.as_str().map(str::to_string).unwrap_or(v.to_string())
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
+    // A figure shown in another unit than its key's (ms for `_seconds`, Mbit/s for
+    // `_bits_per_second`) is shown under the key without the unit, so name and unit agree.
+    let rows: Vec<(String, String)> = map
+        .into_iter()
+        .map(|(key, value)| match value {
+            Value::Null => (key, "-".to_string()),
+            Value::String(s) => (key, s),
+            Value::Object(o) => {
+                let shown = o
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}={}",
+                            v.as_str().map(str::to_string).unwrap_or(v.to_string())
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                (key, shown)
+            }
             Value::Number(n) if key.ends_with("_rpm") => {
-                format!("{:.0} RPM", n.as_f64().unwrap_or(0.0))
+                (key, format!("{:.0} RPM", n.as_f64().unwrap_or(0.0)))
             }
-            Value::Number(n) if key.ends_with("bits_per_second") => {
-                format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6)
-            }
-            Value::Number(n) if key.ends_with("_seconds") && key != "tls_cert_expiry_seconds" => {
-                format!("{:.3} ms", n.as_f64().unwrap_or(0.0) * 1e3)
-            }
-            other => other.to_string(),
-        };
+            Value::Number(n) if key.ends_with("_bits_per_second") => (
+                key.trim_end_matches("_bits_per_second").to_string(),
+                format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6),
+            ),
+            Value::Number(n) if key.ends_with("_seconds") && key != "tls_cert_expiry_seconds" => (
+                key.trim_end_matches("_seconds").to_string(),
+                format!("{:.3} ms", n.as_f64().unwrap_or(0.0) * 1e3),
+            ),
+            other => (key, other.to_string()),
+        })
+        .collect();
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, shown) in rows {
         out.push_str(&format!("{key:width$}  {shown}\n"));
     }
     out

@@ -319,3 +319,36 @@ fn check_refuses_a_local_test_that_clashes_with_the_stored_fleet_tests() {
         "{stderr}"
     );
 }
+
+/// Issue 25 item 8: `probe` printed `rtt_avg_seconds 0.053 ms`. In the table for people a
+/// figure shown in ms is named without `_seconds` (and Mbit/s without
+/// `_bits_per_second`); `--json` keeps the base-unit names and values.
+#[test]
+fn probe_table_names_agree_with_their_units() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let out = Command::new(BIN)
+        .args(["probe", "tcp", &addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    for line in table.lines() {
+        let key = line.split_whitespace().next().unwrap_or("");
+        if line.ends_with(" ms") {
+            assert!(!key.ends_with("_seconds"), "name and unit disagree: {line}");
+        }
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("connect ") && l.ends_with(" ms")),
+        "{table}"
+    );
+    let out = Command::new(BIN)
+        .args(["probe", "tcp", &addr, "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["connect_seconds"].as_f64().unwrap() < 1.0, "{v}");
+}
