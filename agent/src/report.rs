@@ -90,7 +90,8 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
     let rows: Vec<(String, String)> = map
         .into_iter()
         .map(|(key, value)| match value {
-            Value::Null => (key, "-".to_string()),
+            // Named as it would be with a value, so a row keeps its name across runs.
+            Value::Null => (shown_name(&key).to_string(), "-".to_string()),
             Value::String(s) => (key, s),
             Value::Object(o) => {
                 let shown = o
@@ -109,11 +110,11 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
                 (key, format!("{:.0} RPM", n.as_f64().unwrap_or(0.0)))
             }
             Value::Number(n) if key.ends_with("_bits_per_second") => (
-                key.trim_end_matches("_bits_per_second").to_string(),
+                shown_name(&key).to_string(),
                 format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6),
             ),
             Value::Number(n) if key.ends_with("_seconds") && key != "tls_cert_expiry_seconds" => (
-                key.trim_end_matches("_seconds").to_string(),
+                shown_name(&key).to_string(),
                 format!("{:.3} ms", n.as_f64().unwrap_or(0.0) * 1e3),
             ),
             other => (key, other.to_string()),
@@ -124,6 +125,17 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
         out.push_str(&format!("{key:width$}  {shown}\n"));
     }
     out
+}
+
+/// The name a figure is shown under in the table for people: without the base unit it is
+/// not shown in (`_seconds` shown in ms, `_bits_per_second` in Mbit/s).
+fn shown_name(key: &str) -> &str {
+    if key == "tls_cert_expiry_seconds" {
+        return key;
+    }
+    key.strip_suffix("_bits_per_second")
+        .or_else(|| key.strip_suffix("_seconds"))
+        .unwrap_or(key)
 }
 
 /// RFC 3339 UTC timestamp with microseconds.
