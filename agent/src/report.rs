@@ -11,6 +11,43 @@ use serde_json::{json, Map, Value};
 use crate::buffer::{buffer_dir, Stats};
 use crate::probe::{addr, Fields, Outcome, ProbeSpec};
 
+/// The buffer's counters as `edgeprobe-agent buffer --json` prints them (and as a running
+/// agent publishes them, `run::status_path`): counts, bytes, seqs; `oldest_unix_seconds`
+/// null when the buffer is empty.
+pub fn buffer_json(stats: &Stats, state_dir: &Path) -> Value {
+    json!({
+        "buffer": buffer_dir(state_dir).display().to_string(),
+        "incarnation": stats.incarnation,
+        "backlog": stats.backlog,
+        "oldest_unix_seconds": (stats.oldest_unix_seconds != 0).then_some(stats.oldest_unix_seconds),
+        "stored_bytes": stats.bytes,
+        "size_on_disk_bytes": stats.size_on_disk,
+        "dropped": stats.dropped,
+        "quarantined": stats.quarantined,
+        "acked_seq": stats.acked,
+        "next_seq": stats.next_seq,
+    })
+}
+
+/// The counters back from [`buffer_json`]; `None` when `v` is not such an object.
+pub fn stats_from_json(v: &Value) -> Option<Stats> {
+    let n = |key: &str| v.get(key).and_then(Value::as_u64);
+    Some(Stats {
+        incarnation: v.get("incarnation")?.as_str()?.to_string(),
+        backlog: n("backlog")?,
+        bytes: n("stored_bytes")?,
+        dropped: n("dropped")?,
+        acked: n("acked_seq")?,
+        quarantined: n("quarantined")?,
+        next_seq: n("next_seq")?,
+        oldest_unix_seconds: v
+            .get("oldest_unix_seconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0),
+        size_on_disk: n("size_on_disk_bytes")?,
+    })
+}
+
 /// The buffer's counters as `edgeprobe-agent buffer` prints them, one per line.
 pub fn buffer_status(stats: &Stats, state_dir: &Path) -> String {
     let oldest = if stats.oldest_unix_seconds == 0 {

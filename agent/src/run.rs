@@ -398,7 +398,7 @@ async fn publish_status(buffer: Buffer, state_dir: PathBuf, shutdown: Cancellati
         let Ok(stats) = buffer.stats_async().await else {
             break;
         };
-        let text = crate::report::buffer_status(&stats, &state_dir);
+        let text = crate::report::buffer_json(&stats, &state_dir).to_string();
         let written = async {
             tokio::fs::write(&tmp, text).await?;
             tokio::fs::rename(&tmp, &path).await
