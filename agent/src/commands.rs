@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use edgeprobe_agent::buffer::{Buffer, BufferError};
+use edgeprobe_agent::buffer::{self, Buffer, BufferError};
 use edgeprobe_agent::config::{Config, Kind, TestOptions};
 use edgeprobe_agent::probe::{self, ProbeSpec};
 use edgeprobe_agent::{fleet, report, run, target};
@@ -27,29 +27,43 @@ fn out(text: &str) {
         .and_then(|()| stdout.flush());
 }
 
-/// `check`: exit 0 with a summary, or 2 with the located reason.
+/// `check`: exit 0 with a summary, or 2 with the located reason. Beyond the file it checks
+/// what `run` would fail on: the mTLS files and the identity (`Config::check_credentials`)
+/// and the stored fleet tests against the local ones (`fleet::check_stored`).
 pub fn check(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(c) => {
-            out(&format!(
-                "{}: ok (agent {}, {} tests, {} endpoint(s))\n",
-                path.display(),
-                c.agent_id(),
-                c.tests.len(),
-                c.collector.endpoints.len()
-            ));
-            ExitCode::SUCCESS
-        }
+    let c = match Config::load(path) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+    if let Err(e) = c.check_credentials() {
+        eprintln!("{}: {e}", path.display());
+        return ExitCode::from(2);
     }
+    let fleet = match fleet::check_stored(&c.agent.state_dir, &c) {
+        Ok(Some(version)) => format!(", fleet tests version {version}"),
+        Ok(None) => String::new(),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    out(&format!(
+        "{}: ok (agent {}, {} tests, {} endpoint(s){fleet})\n",
+        path.display(),
+        c.agent_id(),
+        c.tests.len(),
+        c.collector.endpoints.len()
+    ));
+    ExitCode::SUCCESS
 }
 
-/// `buffer`: the buffer's counters and the fleet version. Opens the buffer when no agent
-/// holds it; otherwise shows what the running agent publishes (`run::status_path`).
-pub fn buffer(path: &Path) -> ExitCode {
+/// `buffer`: the buffer's counters and the fleet version, for people or (`json`) as one
+/// JSON object. Opens the buffer when no agent holds it; otherwise shows what the
+/// running agent publishes (`run::status_path`).
+pub fn buffer(path: &Path, json: bool) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -60,14 +74,10 @@ pub fn buffer(path: &Path) -> ExitCode {
     let state_dir = &config.agent.state_dir;
     match Buffer::open(state_dir, config.agent.buffer_max_bytes) {
         Ok(buffer) => {
-            out(&format!(
-                "{}{}",
-                report::buffer_status(&buffer.stats(), state_dir),
-                fleet::describe(state_dir)
-            ));
+            show_buffer(&buffer.stats(), state_dir, None, json);
             ExitCode::SUCCESS
         }
-        Err(BufferError::Locked { .. }) => published_status(state_dir),
+        Err(BufferError::Locked { .. }) => published_status(state_dir, json),
         Err(e) => {
             eprintln!("{e}");
             ExitCode::FAILURE
@@ -75,22 +85,43 @@ pub fn buffer(path: &Path) -> ExitCode {
     }
 }
 
+/// Prints the counters and the fleet tests; `published_age` is how old the running
+/// agent's published counters are (`None`: read from the buffer itself).
+fn show_buffer(stats: &buffer::Stats, state_dir: &Path, published_age: Option<u64>, json: bool) {
+    if json {
+        let mut v = report::buffer_json(stats, state_dir);
+        v["fleet_tests"] = fleet::describe_json(state_dir);
+        v["published_seconds_ago"] = serde_json::json!(published_age);
+        out(&format!("{v}\n"));
+    } else {
+        out(&format!(
+            "{}{}{}",
+            report::buffer_status(stats, state_dir),
+            fleet::describe(state_dir),
+            published_age.map_or(String::new(), |age| format!(
+                "(published by the running agent {age}s ago)\n"
+            ))
+        ));
+    }
+}
+
 /// A running agent holds sled's lock; show what it publishes. One that just started
 /// publishes within a few seconds.
-fn published_status(state_dir: &Path) -> ExitCode {
+fn published_status(state_dir: &Path, json: bool) -> ExitCode {
     let path = run::status_path(state_dir);
     let deadline = Instant::now() + run::STATUS_EVERY * 2;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
+        let published = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .and_then(|v| report::stats_from_json(&v));
+        if let Some(stats) = published {
             let age = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .map_or(0, |d| d.as_secs());
-            out(&format!(
-                "{text}{}(published by the running agent {age}s ago)\n",
-                fleet::describe(state_dir)
-            ));
+            show_buffer(&stats, state_dir, Some(age), json);
             return ExitCode::SUCCESS;
         }
         if Instant::now() >= deadline {
@@ -192,19 +223,10 @@ fn parse_protocol(s: &str) -> Result<PathProtocol, String> {
     }
 }
 
-/// The value checks of a `[[test]]`'s options where a kind has them (path: `max_hops`
-/// 0 or over the bound, `port` with icmp, ...), so `probe` refuses what `check` refuses.
+/// The value checks of a `[[test]]`'s options (icmp `count = 0`, speed `streams = 0`, a dns
+/// `server` that is no address, ...), so `probe` refuses what `check` refuses.
 fn check_options(spec: &ProbeSpec) -> Result<(), String> {
-    match spec.kind {
-        Kind::Path => edgeprobe_proto::testdef::check_path_options("probe", &spec.options),
-        Kind::Responsiveness => match spec.options.max_duration {
-            Some(d) if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) => {
-                Err("`--max-duration` must be 2s to 300s".to_string())
-            }
-            _ => Ok(()),
-        },
-        _ => Ok(()),
-    }
+    edgeprobe_proto::testdef::check_option_values("probe", spec.kind, &spec.options)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

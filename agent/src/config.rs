@@ -213,6 +213,104 @@ impl Config {
     pub fn agent_id(&self) -> String {
         self.agent.id.clone().unwrap_or_else(hostname)
     }
+
+    /// What `run` needs of the mTLS files beyond the file's syntax (`check`): `ca`, `cert`
+    /// and `key` exist, are readable and hold PEM certificates and a private key, the key
+    /// belongs to the certificate, and `[agent] id` is the identity the collector reads
+    /// from the certificate (its common name, else its first DNS subject alternative
+    /// name; `collector/src/identity.rs`). Without this the agent starts and retries its
+    /// session forever. Nothing to check with `insecure = true`.
+    pub fn check_credentials(&self) -> Result<(), String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        if self.collector.insecure {
+            return Ok(());
+        }
+        let file = |what: &str, path: &Option<PathBuf>| -> Result<(PathBuf, Vec<u8>), String> {
+            let path = path
+                .clone()
+                .ok_or_else(|| format!("[collector] needs `{what}`"))?;
+            let bytes = std::fs::read(&path)
+                .map_err(|e| format!("[collector] {what} {}: cannot read: {e}", path.display()))?;
+            Ok((path, bytes))
+        };
+        let certs_in = |what: &str, path: &Path, pem: &[u8]| {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("[collector] {what} {}: not PEM: {e}", path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "[collector] {what} {}: holds no PEM certificate",
+                    path.display()
+                ));
+            }
+            Ok(certs)
+        };
+        let (ca_path, ca) = file("ca", &self.collector.ca)?;
+        certs_in("ca", &ca_path, &ca)?;
+        let (cert_path, cert) = file("cert", &self.collector.cert)?;
+        let certs = certs_in("cert", &cert_path, &cert)?;
+        let (key_path, key) = file("key", &self.collector.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
+            format!(
+                "[collector] key {}: holds no PEM private key: {e}",
+                key_path.display()
+            )
+        })?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+            format!(
+                "[collector] key {}: not a usable private key: {e}",
+                key_path.display()
+            )
+        })?;
+        let leaf = certs[0].clone();
+        rustls::sign::CertifiedKey::new(certs, signer)
+            .keys_match()
+            .map_err(|e| {
+                format!(
+                    "[collector] key {} does not belong to the certificate {} ({e}); \
+                     use the key issued with that certificate",
+                    key_path.display(),
+                    cert_path.display()
+                )
+            })?;
+        let id = self.agent_id();
+        match certificate_agent_id(&leaf) {
+            Some(named) if named == id => Ok(()),
+            Some(named) => Err(format!(
+                "[agent] id is `{id}` but the certificate {} names agent `{named}`; the \
+                 collector would refuse every session: set `id = \"{named}\"` or issue a \
+                 certificate for `{id}`",
+                cert_path.display()
+            )),
+            None => Err(format!(
+                "the certificate {} names no agent (no common name and no DNS subject \
+                 alternative name); issue one with `edgeprobe-collector cert issue {id}`",
+                cert_path.display()
+            )),
+        }
+    }
+}
+
+/// The agent identity a certificate (DER) carries, as the collector reads it: the
+/// subject's common name, else the first DNS subject alternative name.
+pub fn certificate_agent_id(der: &[u8]) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+    {
+        return Some(cn.to_string());
+    }
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    })
 }
 
 const FLEET_ONLY: &str = "`{key}` chooses agents for a fleet test (`edgeprobe-collector tests \

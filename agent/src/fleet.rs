@@ -159,6 +159,28 @@ pub fn load(state_dir: &Path, config: &Config) -> Option<Fleet> {
     }
 }
 
+/// `check`: whether the persisted fleet tests would load at start with `config` (a local
+/// test named like a fleet test refuses the whole set). `Ok(None)` when none is persisted,
+/// else the version that would run. Unlike [`load`] it leaves no note and logs nothing.
+pub fn check_stored(state_dir: &Path, config: &Config) -> Result<Option<u64>, String> {
+    let path = path(state_dir);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let shown = path.display().to_string();
+    let (version, received, body) =
+        read(&path).map_err(|e| format!("{shown}: unreadable fleet tests: {e}"))?;
+    let text = format!("{HEADER}{version}, received {received}\n{body}");
+    config::parse_pushed_tests(&text, &shown, config)
+        .map(|_| Some(version))
+        .map_err(|e| {
+            format!(
+                "{e}\nthe stored fleet tests (version {version}) would be refused at start and \
+                 no fleet test would run; rename the local test"
+            )
+        })
+}
+
 /// Persists `version` / `tests_toml` atomically.
 pub fn save(
     state_dir: &Path,
@@ -184,6 +206,38 @@ pub fn save(
     Ok(())
 }
 
+/// The fleet tests for `edgeprobe-agent buffer --json`: `{"version", "received",
+/// "tests"}` of the persisted set, `{"refused": reason}` when it was refused at start,
+/// `{"unreadable": reason}`, or null when none is persisted.
+pub fn describe_json(state_dir: &Path) -> serde_json::Value {
+    use serde_json::json;
+    if let Ok(note) = std::fs::read_to_string(refused_path(state_dir)) {
+        return json!({ "refused": note.trim() });
+    }
+    let path = path(state_dir);
+    if !path.exists() {
+        return serde_json::Value::Null;
+    }
+    match read(&path) {
+        Ok((version, received, body)) => json!({
+            "version": version,
+            "received": received,
+            "tests": test_names(&body),
+        }),
+        Err(e) => json!({ "unreadable": e }),
+    }
+}
+
+fn test_names(body: &str) -> Vec<String> {
+    toml::from_str::<toml::Table>(body)
+        .ok()
+        .and_then(|t| t.get("test").and_then(|v| v.as_array()).cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| t.get("name").and_then(|n| n.as_str()).map(String::from))
+        .collect()
+}
+
 /// One line for `edgeprobe-agent buffer`: the applied fleet version and its tests, or
 /// that the persisted set was refused at start (then no fleet test runs).
 pub fn describe(state_dir: &Path) -> String {
@@ -199,13 +253,7 @@ pub fn describe(state_dir: &Path) -> String {
     }
     match read(&path) {
         Ok((version, received, body)) => {
-            let names: Vec<String> = toml::from_str::<toml::Table>(&body)
-                .ok()
-                .and_then(|t| t.get("test").and_then(|v| v.as_array()).cloned())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|t| t.get("name").and_then(|n| n.as_str()).map(String::from))
-                .collect();
+            let names = test_names(&body);
             format!(
                 "fleet tests   version {version} (received {received}): {}\n",
                 if names.is_empty() {

@@ -64,6 +64,9 @@ enum Command {
     Buffer {
         #[arg(long, short, default_value = "/etc/edgeprobe/agent.toml")]
         config: PathBuf,
+        /// One JSON object instead of lines for people.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -79,7 +82,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Check { config } => commands::check(&config),
-        Command::Buffer { config } => commands::buffer(&config),
+        Command::Buffer { config, json } => commands::buffer(&config, json),
         Command::Probe(args) => commands::probe(args),
         Command::ServeTarget {
             listen,

@@ -11,6 +11,43 @@ use serde_json::{json, Map, Value};
 use crate::buffer::{buffer_dir, Stats};
 use crate::probe::{addr, Fields, Outcome, ProbeSpec};
 
+/// The buffer's counters as `edgeprobe-agent buffer --json` prints them (and as a running
+/// agent publishes them, `run::status_path`): counts, bytes, seqs; `oldest_unix_seconds`
+/// null when the buffer is empty.
+pub fn buffer_json(stats: &Stats, state_dir: &Path) -> Value {
+    json!({
+        "buffer": buffer_dir(state_dir).display().to_string(),
+        "incarnation": stats.incarnation,
+        "backlog": stats.backlog,
+        "oldest_unix_seconds": (stats.oldest_unix_seconds != 0).then_some(stats.oldest_unix_seconds),
+        "stored_bytes": stats.bytes,
+        "size_on_disk_bytes": stats.size_on_disk,
+        "dropped": stats.dropped,
+        "quarantined": stats.quarantined,
+        "acked_seq": stats.acked,
+        "next_seq": stats.next_seq,
+    })
+}
+
+/// The counters back from [`buffer_json`]; `None` when `v` is not such an object.
+pub fn stats_from_json(v: &Value) -> Option<Stats> {
+    let n = |key: &str| v.get(key).and_then(Value::as_u64);
+    Some(Stats {
+        incarnation: v.get("incarnation")?.as_str()?.to_string(),
+        backlog: n("backlog")?,
+        bytes: n("stored_bytes")?,
+        dropped: n("dropped")?,
+        acked: n("acked_seq")?,
+        quarantined: n("quarantined")?,
+        next_seq: n("next_seq")?,
+        oldest_unix_seconds: v
+            .get("oldest_unix_seconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0),
+        size_on_disk: n("size_on_disk_bytes")?,
+    })
+}
+
 /// The buffer's counters as `edgeprobe-agent buffer` prints them, one per line.
 pub fn buffer_status(stats: &Stats, state_dir: &Path) -> String {
     let oldest = if stats.oldest_unix_seconds == 0 {
@@ -85,35 +122,57 @@ pub fn human(spec: &ProbeSpec, outcome: &Outcome) -> String {
     let Value::Object(map) = value else {
         return out;
     };
-    let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
-    for (key, value) in map {
-        let shown = match value {
-            Value::Null => "-".to_string(),
-            Value::String(s) => s,
-            Value::Object(o) => o
-                .iter()
-                .map(|(k, v)| {
-                    format!(
-                        "{k}={}",
-                        v.as_str().map(str::to_string).unwrap_or(v.to_string())
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
+    // A figure shown in another unit than its key's (ms for `_seconds`, Mbit/s for
+    // `_bits_per_second`) is shown under the key without the unit, so name and unit agree.
+    let rows: Vec<(String, String)> = map
+        .into_iter()
+        .map(|(key, value)| match value {
+            // Named as it would be with a value, so a row keeps its name across runs.
+            Value::Null => (shown_name(&key).to_string(), "-".to_string()),
+            Value::String(s) => (key, s),
+            Value::Object(o) => {
+                let shown = o
+                    .iter()
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}={}",
+                            v.as_str().map(str::to_string).unwrap_or(v.to_string())
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                (key, shown)
+            }
             Value::Number(n) if key.ends_with("_rpm") => {
-                format!("{:.0} RPM", n.as_f64().unwrap_or(0.0))
+                (key, format!("{:.0} RPM", n.as_f64().unwrap_or(0.0)))
             }
-            Value::Number(n) if key.ends_with("bits_per_second") => {
-                format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6)
-            }
-            Value::Number(n) if key.ends_with("_seconds") && key != "tls_cert_expiry_seconds" => {
-                format!("{:.3} ms", n.as_f64().unwrap_or(0.0) * 1e3)
-            }
-            other => other.to_string(),
-        };
+            Value::Number(n) if key.ends_with("_bits_per_second") => (
+                shown_name(&key).to_string(),
+                format!("{:.2} Mbit/s", n.as_f64().unwrap_or(0.0) / 1e6),
+            ),
+            Value::Number(n) if key.ends_with("_seconds") && key != "tls_cert_expiry_seconds" => (
+                shown_name(&key).to_string(),
+                format!("{:.3} ms", n.as_f64().unwrap_or(0.0) * 1e3),
+            ),
+            other => (key, other.to_string()),
+        })
+        .collect();
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (key, shown) in rows {
         out.push_str(&format!("{key:width$}  {shown}\n"));
     }
     out
+}
+
+/// The name a figure is shown under in the table for people: without the base unit it is
+/// not shown in (`_seconds` shown in ms, `_bits_per_second` in Mbit/s).
+fn shown_name(key: &str) -> &str {
+    if key == "tls_cert_expiry_seconds" {
+        return key;
+    }
+    key.strip_suffix("_bits_per_second")
+        .or_else(|| key.strip_suffix("_seconds"))
+        .unwrap_or(key)
 }
 
 /// RFC 3339 UTC timestamp with microseconds.

@@ -122,7 +122,10 @@ pub async fn run(
                             ),
                         }
                     } else {
-                        scheduler.run_now(&run)
+                        let later = reply.clone();
+                        scheduler.run_now_then(&run, move |status| {
+                            answer(later, pb::agent_message::Msg::RunStatus(status));
+                        })
                     };
                     // The collector stores the reason: it fits the error bound.
                     let status = pb::RunStatus {
@@ -395,7 +398,7 @@ async fn publish_status(buffer: Buffer, state_dir: PathBuf, shutdown: Cancellati
         let Ok(stats) = buffer.stats_async().await else {
             break;
         };
-        let text = crate::report::buffer_status(&stats, &state_dir);
+        let text = crate::report::buffer_json(&stats, &state_dir).to_string();
         let written = async {
             tokio::fs::write(&tmp, text).await?;
             tokio::fs::rename(&tmp, &path).await

@@ -28,10 +28,15 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Check a configuration file; exit 0, or exit 2 with file:line:col and the reason.
+    /// Check a configuration file and what `run` needs (TLS files, key matching the
+    /// certificate, the database reachable); exit 0, 2 with file:line:col and the reason
+    /// for a bad file, 1 when the database does not answer.
     Check {
         #[arg(long, short, default_value = "/etc/edgeprobe/collector.toml")]
         config: PathBuf,
+        /// Do not connect to the database (checks its URL's settings only).
+        #[arg(long)]
+        offline: bool,
     },
     /// Run the collector.
     Run(RunArgs),
@@ -174,19 +179,37 @@ impl RunArgs {
     }
 }
 
-/// `check`: the file parses, the TLS files it names exist, and the database URL that
-/// `run` would use (the file's, else the environment's) has valid TLS settings.
-pub fn check(path: &Path) -> Result<ExitCode, Failure> {
+/// `check`: what `run` needs, short of binding its ports. The file parses; the server's
+/// TLS files exist, hold PEM certificates and a private key, and the key belongs to the
+/// certificate (the same load `run` does, `tls::ServerTls::load`); the database URL that
+/// `run` would use (the file's, else the environment's) has valid TLS settings, and the
+/// database answers a query within `DB_CHECK_TIMEOUT` (`offline` skips the connection).
+pub async fn check(path: &Path, offline: bool) -> Result<ExitCode, Failure> {
     let c = Config::load(Some(path)).map_err(|e| Failure::Usage(e.to_string()))?;
-    let mut missing = Vec::new();
     if !c.server.insecure {
-        for p in [&c.server.tls_cert, &c.server.tls_key, &c.server.client_ca] {
-            match p {
-                Some(p) if std::fs::metadata(p).is_err() => missing.push(p.display().to_string()),
-                None => missing.push("(not set)".into()),
-                _ => {}
-            }
+        let missing: Vec<&str> = [
+            ("tls_cert", &c.server.tls_cert),
+            ("tls_key", &c.server.tls_key),
+            ("client_ca", &c.server.client_ca),
+        ]
+        .into_iter()
+        .filter(|(_, p)| p.is_none())
+        .map(|(name, _)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(Failure::Usage(format!(
+                "{}: [server] needs {} (mTLS is the default); set `insecure = true` only for local demos",
+                path.display(),
+                missing.join(", ")
+            )));
         }
+        let files = crate::tls::TlsFiles {
+            cert: c.server.tls_cert.clone().unwrap_or_default(),
+            key: c.server.tls_key.clone().unwrap_or_default(),
+            client_ca: c.server.client_ca.clone().unwrap_or_default(),
+        };
+        crate::tls::ServerTls::load(files, std::sync::Arc::new(crate::metrics::Metrics::new()))
+            .map_err(|e| Failure::Usage(format!("{}: {e}", path.display())))?;
     }
     // The database URL's TLS settings and files, as `run` and `migrate` read them: the
     // file's URL, else the environment's (the unit's EnvironmentFile).
@@ -194,7 +217,20 @@ pub fn check(path: &Path) -> Result<ExitCode, Failure> {
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let url = match config::database_url(None, c.database.url.clone(), &env_file) {
         Some((from, url)) => match pg::Target::parse(&url) {
-            Ok(target) => format!("from {from}, sslmode={}", target.mode().name()),
+            Ok(target) => {
+                if !offline {
+                    reach_database(&target, path, &from.to_string()).await?;
+                }
+                format!(
+                    "from {from}, sslmode={}{}",
+                    target.mode().name(),
+                    if offline {
+                        ", not connected (--offline)"
+                    } else {
+                        ", reachable"
+                    }
+                )
+            }
             Err(e) => {
                 return Err(Failure::Usage(format!(
                     "{}: {e} (url from {from})",
@@ -204,15 +240,34 @@ pub fn check(path: &Path) -> Result<ExitCode, Failure> {
         },
         None => "from --database-url or the environment".to_string(),
     };
-    if missing.is_empty() {
-        println!("{}: ok (database url {url})", path.display());
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(Failure::Usage(format!(
-            "{}: TLS files missing or unreadable: {}",
-            path.display(),
-            missing.join(", ")
-        )))
+    println!("{}: ok (database url {url})", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long `check` waits for the database to answer.
+const DB_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects to the database and runs one query; a failure is a runtime failure (exit 1)
+/// that names the reason PostgreSQL (or the network) gave.
+async fn reach_database(target: &pg::Target, path: &Path, from: &str) -> Result<(), Failure> {
+    let unreachable = |why: String| {
+        Failure::Runtime(format!(
+            "{}: the database (url from {from}) is not reachable: {why}; `run` would retry \
+             until it is (`check --offline` skips this)",
+            path.display()
+        ))
+    };
+    let attempt = async {
+        let client = target.connect().await?;
+        client.simple_query("SELECT 1").await.map(|_| ())
+    };
+    match tokio::time::timeout(DB_CHECK_TIMEOUT, attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(unreachable(pg::describe(&e))),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {}s",
+            DB_CHECK_TIMEOUT.as_secs()
+        ))),
     }
 }
 

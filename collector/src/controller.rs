@@ -593,7 +593,8 @@ impl Controller {
                 "SELECT ra.run_id, ra.agent_id, r.test, r.spec_toml,
                         COALESCE(r.kind, (SELECT ft.kind FROM fleet_tests ft
                                            WHERE ft.name = r.test
-                                           ORDER BY ft.version DESC LIMIT 1), '')
+                                           ORDER BY ft.version DESC LIMIT 1), ''),
+                        (extract(epoch FROM r.expires_at) * 1e9)::int8
                    FROM run_agents ra JOIN runs r USING (run_id)
                   WHERE ra.state = 'pending' AND ra.agent_id = ANY($1)
                     AND r.expires_at > now()
@@ -613,11 +614,14 @@ impl Controller {
             let test: String = r.get(2);
             let spec_toml: String = r.get(3);
             let kind: String = r.get(4);
+            let expires_unix_nanos: i64 = r.get(5);
             let control = &controls[&agent_id];
             let run = pb::RunNow {
                 run_id: run_id as u64,
                 test,
                 test_toml: spec_toml,
+                // The agent refuses the run when it cannot start it before this.
+                expires_unix_nanos: Some(expires_unix_nanos),
             };
             let (state, reason) = if !control.run_now {
                 ("refused", Some("agent too old for run-now".to_string()))
@@ -951,6 +955,7 @@ mod tests {
             run_id: 1,
             test: "t".into(),
             test_toml: toml,
+            expires_unix_nanos: None,
         };
         assert!(sendable(&run("[[test]]\n".into())).is_ok());
         let e = sendable(&run("#".repeat(bounds::MAX_RUN_NOW_BYTES + 1))).unwrap_err();

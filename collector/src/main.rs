@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Run(args) => serve(args),
-        Command::Check { config } => commands::check(&config),
+        Command::Check { config, offline } => block_on(commands::check(&config, offline)),
         Command::Migrate(args) => block_on(commands::migrate(args)),
         Command::Ca { command } => commands::ca(command),
         Command::Cert { command } => commands::cert(command),

@@ -514,6 +514,7 @@ mod tests {
             run_id,
             test: test.into(),
             test_toml: test_toml.into(),
+            expires_unix_nanos: None,
         };
         use pb::run_status::State;
         let st = s.run_now(&run(1, "nope", ""));
@@ -581,9 +582,124 @@ mod tests {
             run_id: 9,
             test: "a".into(),
             test_toml: String::new(),
+            expires_unix_nanos: None,
         });
         assert_eq!(st.state, pb::run_status::State::Waiting as i32, "{st:?}");
         drop(held);
+        s.stop(Duration::from_secs(5)).await;
+    }
+
+    fn unix_nanos_in(d: Duration, past: bool) -> i64 {
+        let now = crate::clock::unix_nanos(std::time::SystemTime::now());
+        let d = d.as_nanos() as i64;
+        if past {
+            now - d
+        } else {
+            now + d
+        }
+    }
+
+    /// Issue 25 item 5: a request that reaches the agent after its expiry is refused
+    /// "expired" and never runs (nor counts against the rate limit).
+    #[tokio::test]
+    async fn a_run_now_past_its_expiry_is_refused() {
+        let c = config(&tcp("a", 1, "1h"));
+        let (mut s, _buffer, _dir) = scheduler(&c, &[]).await;
+        let st = s.run_now(&pb::RunNow {
+            run_id: 7,
+            test: "a".into(),
+            test_toml: String::new(),
+            expires_unix_nanos: Some(unix_nanos_in(Duration::from_secs(1), true)),
+        });
+        use pb::run_status::State;
+        assert_eq!(
+            (st.run_id, st.state, st.reason.as_str()),
+            (7, State::Refused as i32, run_now::EXPIRED),
+            "{st:?}"
+        );
+        let st = s.run_now(&pb::RunNow {
+            run_id: 8,
+            test: "a".into(),
+            test_toml: String::new(),
+            expires_unix_nanos: Some(unix_nanos_in(Duration::from_secs(30), false)),
+        });
+        assert_eq!(st.state, State::Started as i32, "{st:?}");
+        s.stop(Duration::from_secs(5)).await;
+    }
+
+    /// Issue 25 item 5: a run-now held behind a running speed test past its expiry does
+    /// not run when the speed test ends; the agent answers "expired". One whose expiry is
+    /// still ahead runs then, with its run id.
+    #[tokio::test]
+    async fn a_run_now_that_expires_while_waiting_never_runs() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let c = config(&format!("{}{}", tcp("a", port, "1h"), tcp("b", port, "1h")));
+        let (mut s, buffer, _dir) = scheduler(&c, &[]).await;
+        // Let the scheduled first runs land before the lock is taken.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let held = s.runner.exclusive.clone().write_owned().await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let later = move |st: pb::RunStatus| {
+            let _ = tx.send(st);
+        };
+        let st = s.run_now_then(
+            &pb::RunNow {
+                run_id: 11,
+                test: "a".into(),
+                test_toml: String::new(),
+                expires_unix_nanos: Some(unix_nanos_in(Duration::from_millis(200), false)),
+            },
+            later.clone(),
+        );
+        use pb::run_status::State;
+        assert_eq!(st.state, State::Waiting as i32, "{st:?}");
+        s.last_runs = LastRuns::default();
+        let st = s.run_now_then(
+            &pb::RunNow {
+                run_id: 12,
+                test: "b".into(),
+                test_toml: String::new(),
+                expires_unix_nanos: Some(unix_nanos_in(Duration::from_secs(60), false)),
+            },
+            later,
+        );
+        assert_eq!(st.state, State::Waiting as i32, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(held);
+        let st = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a status after the lock came")
+            .unwrap();
+        assert_eq!(
+            (st.run_id, st.state, st.reason.as_str()),
+            (11, State::Refused as i32, run_now::EXPIRED)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let run_ids = loop {
+            let run_ids: Vec<u64> = buffer
+                .read_after(0, 100, 1 << 20)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| prost::Message::decode(e.payload.as_slice()).unwrap())
+                .map(|r: pb::Result| r.run_id)
+                .filter(|id| *id != 0)
+                .collect();
+            if !run_ids.is_empty() {
+                break run_ids;
+            }
+            assert!(std::time::Instant::now() < deadline, "run 12 never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        // Give an expired run the time it would have taken to land, had it run.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(run_ids, vec![12]);
+        assert!(
+            rx.try_recv().is_err(),
+            "only the expired run has a later status"
+        );
         s.stop(Duration::from_secs(5)).await;
     }
 }

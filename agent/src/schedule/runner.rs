@@ -81,8 +81,13 @@ impl Runner {
     }
 
     /// Starts one run of `test` now (run-now: no spread, beside its schedule). True when
-    /// it got its lock at once, false when it waits for it.
-    pub(super) fn fire_now(self: &Arc<Self>, test: Arc<Test>) -> bool {
+    /// it got its lock at once, false when it waits for it; then `may_start` decides, when
+    /// the lock comes, whether the run still starts (run-now expiry, `run_now.rs`).
+    pub(super) fn fire_now(
+        self: &Arc<Self>,
+        test: Arc<Test>,
+        may_start: impl FnOnce() -> bool + Send + 'static,
+    ) -> bool {
         let speed = test.spec.kind == Kind::Speed;
         let held = if speed {
             self.exclusive
@@ -108,7 +113,13 @@ impl Runner {
         self.spawn_run(async move {
             let _held = match held {
                 Some(held) => held,
-                None => runner.hold(speed).await,
+                None => {
+                    let held = runner.hold(speed).await;
+                    if !may_start() {
+                        return;
+                    }
+                    held
+                }
             };
             runner.probe_and_record(&test).await;
         });

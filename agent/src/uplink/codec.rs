@@ -339,6 +339,7 @@ mod tests {
                 run_id: 9,
                 test: "web".into(),
                 test_toml: String::new(),
+                expires_unix_nanos: None,
             })),
         }
         .encode_to_vec();

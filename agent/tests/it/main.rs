@@ -4,6 +4,7 @@
 //! sets `EDGEPROBE_ALLOW_SKIP=1` outside CI.
 
 mod chain;
+mod check;
 mod dns;
 mod fleet;
 mod http;

@@ -118,6 +118,17 @@ fn buffer_shows_the_running_agents_backlog() {
     };
     let incarnation = field(&stdout, "incarnation").to_string();
     assert_eq!(incarnation.len(), 32, "{stdout}");
+    // `--json`: the same counters as one object, with the age of the published ones.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = agent(args);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    let v = json(&["buffer", "--json", "--config", config_arg]);
+    assert_eq!(v["incarnation"], incarnation.as_str(), "{v}");
+    assert!(v["backlog"].as_u64().unwrap() >= running_backlog, "{v}");
+    assert!(v["published_seconds_ago"].is_u64(), "{v}");
+    assert!(v["fleet_tests"].is_null(), "{v}");
 
     // Stopped, the buffer opens directly: the same incarnation, at least that backlog.
     let pid = run.0.id().to_string();
@@ -134,6 +145,10 @@ fn buffer_shows_the_running_agents_backlog() {
     assert!(!stdout.contains("published by"), "{stdout}");
     assert_eq!(field(&stdout, "incarnation"), incarnation);
     assert!(backlog(&stdout) >= running_backlog, "{stdout}");
+    let v = json(&["buffer", "--json", "--config", config_arg]);
+    assert_eq!(v["incarnation"], incarnation.as_str(), "{v}");
+    assert_eq!(v["backlog"].as_u64(), Some(backlog(&stdout)), "{v}");
+    assert!(v["published_seconds_ago"].is_null(), "{v}");
 }
 
 #[test]
@@ -195,9 +210,13 @@ fn buffer_survives_a_closed_pipe() {
     // Held, as by a running agent, with its published status.
     let state = dir.path().join("state");
     let held = edgeprobe_agent::buffer::Buffer::open(&state, 1 << 20).unwrap();
+    let stats = edgeprobe_agent::buffer::Stats {
+        backlog: 3,
+        ..Default::default()
+    };
     std::fs::write(
         edgeprobe_agent::run::status_path(&state),
-        "backlog       3 results\n",
+        edgeprobe_agent::report::buffer_json(&stats, &state).to_string(),
     )
     .unwrap();
     let shown = agent(&["buffer", "--config", config_arg]);

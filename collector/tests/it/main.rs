@@ -3,6 +3,7 @@
 
 mod api;
 mod bounds;
+mod check;
 mod compat;
 mod config_errors;
 mod controller;

@@ -33,7 +33,7 @@ pub use kind::{Kind, UnknownKind};
 pub use located::{from_toml, line_col, locate, Blame, ConfigError};
 pub use target::{check_target, parse_ip, redact, HttpUrl};
 pub use test::{
-    check_path_options, check_test, defaults, AgentContext, PathProtocol, Scheduling, TestConfig,
-    TestOptions,
+    check_option_values, check_path_options, check_test, defaults, AgentContext, PathProtocol,
+    Scheduling, TestConfig, TestOptions, DNS_RECORD_TYPES, MAX_SPEED_STREAMS,
 };
 pub use units::{parse_duration, parse_timezone};

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::located::Blame;
-use super::target::check_target;
+use super::target::{check_target, parse_ip};
 use super::units::*;
 use super::{CronSchedule, Kind};
 use crate::bounds;
@@ -441,21 +441,165 @@ pub fn check_test(
             ));
         }
     }
-    if test.kind == Kind::Responsiveness {
-        if let Some(d) = test.options.get_ref().max_duration {
-            if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) {
-                return Err((
-                    Some(test.options.span()),
-                    format!("test `{name}`: `max_duration` must be 2s to 300s"),
-                ));
+    check_option_values(name, test.kind, test.options.get_ref())
+        .map_err(|reason| (Some(test.options.span()), reason))?;
+    Ok(())
+}
+
+/// Most parallel streams a speed test may open in one direction.
+pub const MAX_SPEED_STREAMS: u32 = 64;
+
+/// The DNS record types the dns probe asks for (`record_type`, any case).
+pub const DNS_RECORD_TYPES: &[&str] = &[
+    "A",
+    "AAAA",
+    "ANY",
+    "CAA",
+    "CDNSKEY",
+    "CDS",
+    "CERT",
+    "CNAME",
+    "CSYNC",
+    "DNSKEY",
+    "DS",
+    "HINFO",
+    "HTTPS",
+    "KEY",
+    "MX",
+    "NAPTR",
+    "NS",
+    "NSEC",
+    "NSEC3",
+    "NSEC3PARAM",
+    "NULL",
+    "OPENPGPKEY",
+    "PTR",
+    "RRSIG",
+    "SIG",
+    "SOA",
+    "SRV",
+    "SSHFP",
+    "SVCB",
+    "TLSA",
+    "TXT",
+];
+
+/// The value ranges of the options of a test of `kind` (`name` is the test's, for the
+/// message): what a probe would otherwise silently bend (icmp `count = 0` sending one
+/// echo) or fail on at every run (a dns `server` that is not an address). Options that do
+/// not apply to `kind` are checked by [`check_test`] before this.
+pub fn check_option_values(name: &str, kind: Kind, o: &TestOptions) -> Result<(), String> {
+    if o.timeout == Some(Duration::ZERO) {
+        return Err(format!("test `{name}`: `timeout` must be more than 0s"));
+    }
+    match kind {
+        Kind::Icmp => {
+            if o.count == Some(0) {
+                return Err(format!("test `{name}`: `count` must be at least 1"));
+            }
+            if o.interval == Some(Duration::ZERO) {
+                return Err(format!("test `{name}`: `interval` must be more than 0s"));
             }
         }
-    }
-    if test.kind == Kind::Path {
-        check_path_options(name, test.options.get_ref())
-            .map_err(|reason| (Some(test.options.span()), reason))?;
+        Kind::Speed => {
+            for (key, value) in [
+                ("streams", o.streams),
+                ("download_streams", o.download_streams),
+                ("upload_streams", o.upload_streams),
+            ] {
+                if let Some(n) = value {
+                    if n == 0 || n > MAX_SPEED_STREAMS {
+                        return Err(format!(
+                            "test `{name}`: `{key}` is {n}, it must be 1 to {MAX_SPEED_STREAMS}"
+                        ));
+                    }
+                }
+            }
+            if o.pings == Some(0) {
+                return Err(format!("test `{name}`: `pings` must be at least 1"));
+            }
+            if o.duration == Some(Duration::ZERO) {
+                return Err(format!("test `{name}`: `duration` must be more than 0s"));
+            }
+        }
+        Kind::Dns => {
+            if let Some(server) = &o.server {
+                if !is_dns_server(server) {
+                    return Err(format!(
+                        "test `{name}`: `server` is `{server}`, it must be an IP address with an \
+                         optional port: 192.0.2.53, 192.0.2.53:5353, 2001:db8::53, \
+                         [2001:db8::53]:5353 or fe80::1%eth0"
+                    ));
+                }
+            }
+            if let Some(rtype) = &o.record_type {
+                if !DNS_RECORD_TYPES
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(rtype))
+                {
+                    return Err(format!(
+                        "test `{name}`: `record_type` `{rtype}` is not one the dns probe asks \
+                         for; it takes: {}",
+                        DNS_RECORD_TYPES.join(", ")
+                    ));
+                }
+            }
+        }
+        Kind::Http => {
+            if let Some(method) = &o.method {
+                if !is_http_token(method) {
+                    return Err(format!(
+                        "test `{name}`: `method` `{method}` is not an HTTP method name \
+                         (letters, digits and !#$%&'*+-.^_`|~, no spaces)"
+                    ));
+                }
+            }
+            if let Some(status) = o.expect_status {
+                if !(100..=599).contains(&status) {
+                    return Err(format!(
+                        "test `{name}`: `expect_status` is {status}, it must be 100 to 599"
+                    ));
+                }
+            }
+        }
+        Kind::Path => check_path_options(name, o)?,
+        Kind::Responsiveness => {
+            if let Some(d) = o.max_duration {
+                if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) {
+                    return Err(format!("test `{name}`: `max_duration` must be 2s to 300s"));
+                }
+            }
+        }
+        Kind::Tcp => {}
     }
     Ok(())
+}
+
+/// `ip`, `ip:port`, `[v6]:port`, each IPv6 with an optional `%zone` (the dns probe's
+/// `server`); a port is 1 to 65535.
+fn is_dns_server(s: &str) -> bool {
+    let s = s.trim();
+    if parse_ip(s).is_some() {
+        return true;
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = matches!(port.parse::<u16>(), Ok(p) if p > 0);
+    let host_ok = if host.starts_with('[') {
+        host.ends_with(']') && matches!(parse_ip(host), Some((ip, _)) if ip.is_ipv6())
+    } else {
+        // A bare IPv6 address with a port is ambiguous: it needs brackets.
+        !host.contains(':') && matches!(parse_ip(host), Some((ip, _)) if ip.is_ipv4())
+    };
+    port_ok && host_ok
+}
+
+/// An HTTP method is a token (RFC 9110 section 5.6.2).
+fn is_http_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The value ranges of a path test's options (`name` is the test's, for the message).
@@ -480,4 +624,127 @@ pub fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(kind: Kind, toml: &str) -> Result<(), String> {
+        let o: TestOptions = toml::from_str(toml).expect("options parse");
+        check_option_values("t", kind, &o)
+    }
+
+    fn refused(kind: Kind, toml: &str, why: &str) {
+        match opts(kind, toml) {
+            Err(e) => assert!(e.contains(why), "{toml}: {e}"),
+            Ok(()) => panic!("{kind} {toml}: accepted"),
+        }
+    }
+
+    #[test]
+    fn icmp_count_and_interval() {
+        refused(Kind::Icmp, "count = 0", "`count` must be at least 1");
+        refused(
+            Kind::Icmp,
+            "interval = \"0s\"",
+            "`interval` must be more than 0s",
+        );
+        opts(Kind::Icmp, "count = 1\ninterval = \"10ms\"").unwrap();
+    }
+
+    #[test]
+    fn speed_streams_pings_duration() {
+        for key in ["streams", "download_streams", "upload_streams"] {
+            refused(Kind::Speed, &format!("{key} = 0"), "it must be 1 to 64");
+            refused(Kind::Speed, &format!("{key} = 65"), "it must be 1 to 64");
+            opts(Kind::Speed, &format!("{key} = 64")).unwrap();
+            opts(Kind::Speed, &format!("{key} = 1")).unwrap();
+        }
+        refused(Kind::Speed, "pings = 0", "`pings` must be at least 1");
+        refused(
+            Kind::Speed,
+            "duration = \"0s\"",
+            "`duration` must be more than 0s",
+        );
+        opts(Kind::Speed, "pings = 1\nduration = \"1s\"").unwrap();
+    }
+
+    #[test]
+    fn dns_server_and_record_type() {
+        for good in [
+            "192.0.2.53",
+            "192.0.2.53:5353",
+            "2001:db8::53",
+            "[2001:db8::53]",
+            "[2001:db8::53]:5353",
+            "fe80::1%eth0",
+            "[fe80::1%eth0]:53",
+        ] {
+            opts(Kind::Dns, &format!("server = \"{good}\"")).unwrap();
+        }
+        for bad in [
+            "dns.example",
+            "dns.example:53",
+            "192.0.2.53:0",
+            "192.0.2.53:x",
+            "2001:db8::53:5353x",
+            "192.0.2.53%eth0",
+            "",
+        ] {
+            refused(
+                Kind::Dns,
+                &format!("server = \"{bad}\""),
+                "must be an IP address",
+            );
+        }
+        refused(
+            Kind::Dns,
+            "record_type = \"AAAAA\"",
+            "is not one the dns probe asks for",
+        );
+        opts(Kind::Dns, "record_type = \"aaaa\"").unwrap();
+        opts(Kind::Dns, "record_type = \"HTTPS\"").unwrap();
+    }
+
+    #[test]
+    fn http_method_and_status() {
+        refused(
+            Kind::Http,
+            "method = \"GET /\"",
+            "is not an HTTP method name",
+        );
+        refused(Kind::Http, "method = \"\"", "is not an HTTP method name");
+        refused(
+            Kind::Http,
+            "method = \"G\\u00c9T\"",
+            "is not an HTTP method name",
+        );
+        opts(Kind::Http, "method = \"PROPFIND\"").unwrap();
+        refused(Kind::Http, "expect_status = 99", "it must be 100 to 599");
+        refused(Kind::Http, "expect_status = 600", "it must be 100 to 599");
+        opts(Kind::Http, "expect_status = 599").unwrap();
+        opts(Kind::Http, "expect_status = 100").unwrap();
+    }
+
+    #[test]
+    fn zero_timeout() {
+        refused(
+            Kind::Tcp,
+            "timeout = \"0s\"",
+            "`timeout` must be more than 0s",
+        );
+    }
+
+    /// The error is located at the options of the test, through the shared check.
+    #[test]
+    fn check_test_locates_the_options() {
+        let text = "name = \"p\"\nkind = \"icmp\"\ntarget = \"192.0.2.1\"\nevery = \"1m\"\n\
+                    [options]\ncount = 0\n";
+        let test: TestConfig = toml::from_str(text).expect("test parses");
+        let (span, why) = check_test(&test, None, Scheduling::Required).unwrap_err();
+        assert!(why.contains("`count` must be at least 1"), "{why}");
+        let (line, _) = super::super::line_col(text, span.expect("located").start);
+        assert!(line >= 5, "located at line {line}");
+    }
 }
