@@ -252,6 +252,13 @@ impl Handle {
         let state = match pb::run_status::State::try_from(status.state) {
             Ok(pb::run_status::State::Started) => "started",
             Ok(pb::run_status::State::Waiting) => "waiting",
+            // An agent refuses a request whose expiry passed before it could start: the
+            // run expired (as an unsent request does), nobody refused it.
+            Ok(pb::run_status::State::Refused)
+                if status.reason == edgeprobe_proto::testdef::run_now::REASON_EXPIRED =>
+            {
+                "expired"
+            }
             Ok(pb::run_status::State::Refused) => "refused",
             _ => {
                 tracing::debug!(%agent_id, state = status.state, "ignoring a run status of unknown state");

@@ -18,7 +18,7 @@ use super::Scheduler;
 use crate::config::Kind;
 
 /// The reason of the RunStatus refusing a request whose expiry passed before it started.
-pub const EXPIRED: &str = "expired";
+pub use edgeprobe_proto::testdef::run_now::REASON_EXPIRED as EXPIRED;
 
 impl Scheduler {
     /// [`Scheduler::run_now_then`] without a later status (an expiry while waiting is

@@ -5,6 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The reason of an agent's RunStatus (state REFUSED) for a request whose expiry
+/// (`RunNow.expires_unix_nanos`) passed before it could start; the collector records the
+/// run as `expired`, not refused.
+pub const REASON_EXPIRED: &str = "expired";
+
 /// At most one run-now per agent this often.
 pub const RUN_NOW_EVERY: Duration = Duration::from_secs(10);
 /// At most one speed run-now per agent this often.
