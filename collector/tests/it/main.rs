@@ -12,6 +12,7 @@ mod failover;
 mod fleet;
 mod fleet_cli;
 mod fleet_push;
+mod manpages;
 mod never_stall;
 mod operator;
 mod paths;
