@@ -117,6 +117,7 @@ pub struct MigrateArgs {
 pub enum CaCommand {
     /// Create a CA (ca.pem, ca.key with mode 0600) in DIR; never overwrites one.
     Init {
+        /// Directory to create the CA in (created if missing), e.g. /etc/edgeprobe/ca.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -143,6 +144,7 @@ pub enum CertCommand {
         /// change); agents' certificates never carry the operator role.
         #[arg(long, value_name = "NAME", conflicts_with_all = ["server", "sans"])]
         operator: Option<String>,
+        /// Directory to write NAME.pem and NAME.key into (created if missing).
         #[arg(long)]
         out: PathBuf,
         /// A collector (server) certificate instead of an agent (client) one.
