@@ -90,30 +90,6 @@ fn roff_line(s: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_sections_split_at_headers_and_keep_commented_headers() {
-        let s = config_sections("# top\n\n[a]\nx = 1\n# [[b]]\n[[c]]\ny = 2\n");
-        assert_eq!(
-            s,
-            vec![
-                (None, "# top\n\n".to_string()),
-                (Some("[a]".into()), "x = 1\n# [[b]]\n".to_string()),
-                (Some("[[c]]".into()), "y = 2\n".to_string()),
-            ]
-        );
-    }
-
-    #[test]
-    fn roff_lines_are_escaped() {
-        assert_eq!(roff_line(".x \\ -y"), "\\&.x \\e \\-y");
-        assert_eq!(roff_line("'q"), "\\&'q");
-    }
-}
-
 /// The hidden packaging commands, kept out of `Command` and `--help` (scripts/package.sh
 /// only): `manpage --out DIR` and `completions SHELL`. `None` for every other command line.
 pub fn packaging_command(cli: clap::Command) -> Option<std::process::ExitCode> {
@@ -149,5 +125,29 @@ pub fn packaging_command(cli: clap::Command) -> Option<std::process::ExitCode> {
             }
         }),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_sections_split_at_headers_and_keep_commented_headers() {
+        let s = config_sections("# top\n\n[a]\nx = 1\n# [[b]]\n[[c]]\ny = 2\n");
+        assert_eq!(
+            s,
+            vec![
+                (None, "# top\n\n".to_string()),
+                (Some("[a]".into()), "x = 1\n# [[b]]\n".to_string()),
+                (Some("[[c]]".into()), "y = 2\n".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn roff_lines_are_escaped() {
+        assert_eq!(roff_line(".x \\ -y"), "\\&.x \\e \\-y");
+        assert_eq!(roff_line("'q"), "\\&'q");
     }
 }
