@@ -31,12 +31,15 @@ fn out(text: &str) {
 pub fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
+            let n = |count: usize, what: &str| {
+                format!("{count} {what}{}", if count == 1 { "" } else { "s" })
+            };
             out(&format!(
-                "{}: ok (agent {}, {} tests, {} endpoint(s))\n",
+                "{}: ok (agent {}, {}, {})\n",
                 path.display(),
                 c.agent_id(),
-                c.tests.len(),
-                c.collector.endpoints.len()
+                n(c.tests.len(), "test"),
+                n(c.collector.endpoints.len(), "endpoint")
             ));
             ExitCode::SUCCESS
         }
