@@ -1086,7 +1086,7 @@ mod tests {
         let e = over.refusal("f.toml:7:8: test `b`").to_string();
         assert!(
             e.starts_with(&format!(
-                "f.toml:7:8: test `b`: the fleet tests selecting agent big are {} bytes (3 tests), over the 1000000 bytes one push may carry (1 more known agents",
+                "f.toml:7:8: test `b`: the fleet tests selecting agent big are {} bytes (3 tests), over the 1000000 bytes one push may carry (1 more known agent is over it too)",
                 2 * half + 12
             )),
             "{e}"
