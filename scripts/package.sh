@@ -3,11 +3,11 @@
 # (cargo-deb) and .rpm (cargo-generate-rpm) -- into $CARGO_TARGET_DIR/packages/ (or
 # $EDGEPROBE_DIST).
 #
-#   scripts/package.sh                 release build, man pages, 2 x .deb, 2 x .rpm
+#   scripts/package.sh                 release build, man pages, completions, 2 x .deb, 2 x .rpm
 #   scripts/package.sh --no-build      package the binaries already in $CARGO_TARGET_DIR
 #   EDGEPROBE_PKG_REVISION=2 ...       package revision (deb 0.1.0-2, rpm 0.1.0-2)
 #
-# Needs: cargo-deb, cargo-generate-rpm (cargo install), help2man (apt). See
+# Needs: cargo-deb, cargo-generate-rpm (cargo install). See
 # docs/PACKAGING.md.
 set -euo pipefail
 
@@ -24,7 +24,7 @@ for arg in "$@"; do
     esac
 done
 
-for tool in cargo-deb cargo-generate-rpm help2man; do
+for tool in cargo-deb cargo-generate-rpm; do
     command -v "$tool" >/dev/null || { echo "package.sh: $tool is missing (see docs/PACKAGING.md)" >&2; exit 1; }
 done
 
@@ -37,31 +37,19 @@ for b in edgeprobe-agent edgeprobe-collector; do
     [ -x "$bin/$b" ] || { echo "package.sh: $bin/$b is missing; run without --no-build" >&2; exit 1; }
 done
 
-# Man pages from --help: the top-level help plus every subcommand's help verbatim.
-mandir=packaging/build/man
-rm -rf "$mandir" && mkdir -p "$mandir"
-manpage() { # binary, one-line name, subcommands...
-    local b=$1 name=$2; shift 2
-    local inc="$mandir/$b.h2m"
-    {
-        echo "[COMMANDS]"
-        for sub in "$@"; do
-            echo ".SS \"$b $sub\""
-            echo ".nf"
-            # Escape roff: backslashes, and lines starting with a control character.
-            "$bin/$b" "$sub" --help | sed -e 's/\\/\\e/g' -e "s/^\\([.']\\)/\\\\\\&\\1/"
-            echo ".fi"
-        done
-        cat "packaging/man/$b.h2m"
-    } >"$inc"
-    help2man --no-info --section=1 --name="$name" --include="$inc" \
-        --output="$mandir/$b.1" "$bin/$b"
-    gzip -9n "$mandir/$b.1"
-}
-manpage edgeprobe-agent "run network tests and ship their results to a collector" \
-    run check probe serve-target buffer
-manpage edgeprobe-collector "ingest edgeprobe agent results into PostgreSQL" \
-    run migrate
+# Man pages and shell completions from the clap definitions (one source with --help): the
+# hidden `manpage` command writes BIN.1 (with the configuration reference from
+# packaging/etc/*.toml and the sections of packaging/man/BIN.roff) and BIN-SUB.1 per
+# command; `completions SHELL` prints the bash, zsh and fish scripts.
+rm -rf packaging/build/man packaging/build/completions
+mkdir -p packaging/build/completions
+for b in edgeprobe-agent edgeprobe-collector; do
+    "$bin/$b" manpage --out "packaging/build/man/$b"
+    gzip -9n "packaging/build/man/$b"/*.1
+    "$bin/$b" completions bash >"packaging/build/completions/$b.bash"
+    "$bin/$b" completions zsh >"packaging/build/completions/_$b"
+    "$bin/$b" completions fish >"packaging/build/completions/$b.fish"
+done
 
 mkdir -p "$out"
 rm -f "$out"/edgeprobe-agent[_-]* "$out"/edgeprobe-collector[_-]*

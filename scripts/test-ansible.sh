@@ -11,7 +11,7 @@
 #   sudo scripts/test-ansible.sh            (root; Debian/Ubuntu with dpkg)
 #
 # Needs: ansible (apt) and ansible-lint (pip), installed when missing; cargo-deb,
-# cargo-generate-rpm, help2man when the packages are not built yet; openssl; PostgreSQL
+# cargo-generate-rpm when the packages are not built yet; openssl; PostgreSQL
 # reachable as $EDGEPROBE_ANSIBLETEST_PG (default postgres://postgres@127.0.0.1:5432).
 # It leaves the machine as it found it: packages purged, user and /etc/edgeprobe gone,
 # throwaway database dropped. Every check prints "ok" or "FAIL"; the exit status is the

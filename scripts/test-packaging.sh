@@ -5,7 +5,7 @@
 #
 #   sudo scripts/test-packaging.sh            (root; Debian/Ubuntu with dpkg)
 #
-# Needs: cargo-deb, cargo-generate-rpm, help2man, rpm, lintian, systemd (for
+# Needs: cargo-deb, cargo-generate-rpm, rpm, lintian, systemd (for
 # systemd-analyze), curl, PostgreSQL reachable as $EDGEPROBE_PKGTEST_PG (default
 # postgres://postgres@127.0.0.1:5432). It leaves the machine as it found it: packages
 # purged, user gone, throwaway database dropped. Every check prints "ok" or "FAIL";
@@ -153,7 +153,21 @@ for u in edgeprobe-agent edgeprobe-collector; do
     # Not enabled at install: neither can work before certificates (and a database) exist.
     check "$u not enabled at install" test ! -e /etc/systemd/system/multi-user.target.wants/$u.service
 done
-contains "agent man page documents subcommands" "$(zcat /usr/share/man/man1/edgeprobe-agent.1.gz)" "edgeprobe-agent serve-target"
+contains "agent man page lists the subcommands" "$(zcat /usr/share/man/man1/edgeprobe-agent.1.gz)" "edgeprobe\\-agent\\-serve\\-target"
+for u in edgeprobe-agent edgeprobe-collector; do
+    # man finds the page through its own path (as `man edgeprobe-agent` does).
+    expect "man -w $u" "$(man -w $u 2>&1)" "/usr/share/man/man1/$u.1.gz"
+    check "man -w $u-run (one page per command)" man -w $u-run
+    contains "$u man page has the configuration reference" \
+        "$(man $u 2>/dev/null | col -b)" "CONFIGURATION"
+    expect "bash completion $u" "$(mode_of /usr/share/bash-completion/completions/$u)" "644 root:root"
+    expect "zsh completion $u" "$(mode_of /usr/share/zsh/vendor-completions/_$u)" "644 root:root"
+    expect "fish completion $u" "$(mode_of /usr/share/fish/vendor_completions.d/$u.fish)" "644 root:root"
+    check "bash completion $u parses and registers" \
+        bash -c "source /usr/share/bash-completion/completions/$u && complete -p $u"
+done
+contains "agent man page documents state_dir" "$(man edgeprobe-agent 2>/dev/null | col -b)" 'state_dir = "/var/lib/edgeprobe"'
+contains "collector man page documents [fleet] stale_after" "$(man edgeprobe-collector 2>/dev/null | col -b)" "stale_after"
 
 check "edgeprobe-agent check --config /etc/edgeprobe/agent.toml (root)" \
     edgeprobe-agent check --config /etc/edgeprobe/agent.toml
@@ -337,6 +351,8 @@ for rpm_file in "$agent_rpm" "$collector_rpm"; do
     contains "$name: url" "$info" "https://github.com/edgeprobe/edgeprobe"
     files=$(rpm -qlp "$rpm_file" 2>/dev/null)
     for f in /usr/bin/$name /usr/lib/systemd/system/$name.service /usr/share/man/man1/$name.1.gz \
+        /usr/share/man/man1/$name-run.1.gz /usr/share/bash-completion/completions/$name \
+        /usr/share/zsh/site-functions/_$name /usr/share/fish/vendor_completions.d/$name.fish \
         /usr/share/doc/$name/README /usr/share/doc/$name/changelog /usr/share/licenses/$name/copyright; do
         contains "$name: ships $f" "$files" "$f"
     done

@@ -50,12 +50,14 @@ pub fn check(path: &Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let n =
+        |count: usize, what: &str| format!("{count} {what}{}", if count == 1 { "" } else { "s" });
     out(&format!(
-        "{}: ok (agent {}, {} tests, {} endpoint(s){fleet})\n",
+        "{}: ok (agent {}, {}, {}{fleet})\n",
         path.display(),
         c.agent_id(),
-        c.tests.len(),
-        c.collector.endpoints.len()
+        n(c.tests.len(), "test"),
+        n(c.collector.endpoints.len(), "endpoint")
     ));
     ExitCode::SUCCESS
 }

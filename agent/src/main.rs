@@ -5,13 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod commands;
+mod docgen;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use edgeprobe_agent::config::Config;
@@ -38,6 +39,7 @@ enum Command {
     },
     /// Check a configuration file; exit 0, or exit 2 with file:line:col and the reason.
     Check {
+        /// Agent configuration (TOML) to check.
         #[arg(long, short, default_value = "/etc/edgeprobe/agent.toml")]
         config: PathBuf,
     },
@@ -62,11 +64,26 @@ enum Command {
     /// Show the local result buffer (backlog, oldest result, size on disk, dropped) and
     /// the fleet tests version this agent runs.
     Buffer {
+        /// Agent configuration (TOML); the buffer is in its `state_dir`.
         #[arg(long, short, default_value = "/etc/edgeprobe/agent.toml")]
         config: PathBuf,
         /// One JSON object instead of lines for people.
         #[arg(long)]
         json: bool,
+    },
+    /// Write the man pages (edgeprobe-agent.1 with the configuration reference, one page
+    /// per command) into a directory. For packaging (scripts/package.sh).
+    #[command(hide = true)]
+    Manpage {
+        /// Directory to write the pages into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
+    #[command(hide = true)]
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -81,6 +98,29 @@ fn main() -> ExitCode {
         .init();
 
     match cli.command {
+        Command::Manpage { out } => match docgen::write_man_pages(
+            Cli::command(),
+            "/etc/edgeprobe/agent.toml",
+            include_str!("../../packaging/etc/agent.toml"),
+            include_str!("../../packaging/man/edgeprobe-agent.roff"),
+            &out,
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "manpage: cannot write the man pages to {}: {e}",
+                    out.display()
+                );
+                ExitCode::FAILURE
+            }
+        },
+        Command::Completions { shell } => match docgen::write_completions(Cli::command(), shell) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("completions: cannot write the script: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config } => commands::check(&config),
         Command::Buffer { config, json } => commands::buffer(&config, json),
         Command::Probe(args) => commands::probe(args),

@@ -32,6 +32,7 @@ pub enum Command {
     /// certificate, the database reachable); exit 0, 2 with file:line:col and the reason
     /// for a bad file, 1 when the database does not answer.
     Check {
+        /// Collector configuration (TOML) to check.
         #[arg(long, short, default_value = "/etc/edgeprobe/collector.toml")]
         config: PathBuf,
         /// Do not connect to the database (checks its URL's settings only).
@@ -122,6 +123,7 @@ pub struct MigrateArgs {
 pub enum CaCommand {
     /// Create a CA (ca.pem, ca.key with mode 0600) in DIR; never overwrites one.
     Init {
+        /// Directory to create the CA in (created if missing), e.g. /etc/edgeprobe/ca.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -148,6 +150,7 @@ pub enum CertCommand {
         /// change); agents' certificates never carry the operator role.
         #[arg(long, value_name = "NAME", conflicts_with_all = ["server", "sans"])]
         operator: Option<String>,
+        /// Directory to write NAME.pem and NAME.key into (created if missing).
         #[arg(long)]
         out: PathBuf,
         /// A collector (server) certificate instead of an agent (client) one.

@@ -638,21 +638,24 @@ impl Over {
     fn refusal(&self, location: &str) -> FleetError {
         let more = match self.agents.saturating_sub(1) {
             0 => String::new(),
+            1 => " (1 more known agent is over it too)".to_string(),
             n => format!(" ({n} more known agents are over it too)"),
         };
         let what = if self.bytes > bounds::MAX_PUSH_BYTES {
             format!(
-                "the fleet tests selecting agent {} are {} bytes ({} tests), over the {} bytes one push may carry",
+                "the fleet tests selecting agent {} are {} bytes ({} test{}), over the {} bytes one push may carry",
                 self.agent_id,
                 self.bytes,
                 self.tests,
+                if self.tests == 1 { "" } else { "s" },
                 bounds::MAX_PUSH_BYTES
             )
         } else {
             format!(
-                "agent {} would run {} fleet tests beside its {} local tests, over the {} tests one agent may run",
+                "agent {} would run {} fleet test{} beside its {} local tests, over the {} tests one agent may run",
                 self.agent_id,
                 self.tests,
+                if self.tests == 1 { "" } else { "s" },
                 self.local,
                 bounds::MAX_AGENT_TESTS
             )
@@ -1087,7 +1090,7 @@ mod tests {
         let e = over.refusal("f.toml:7:8: test `b`").to_string();
         assert!(
             e.starts_with(&format!(
-                "f.toml:7:8: test `b`: the fleet tests selecting agent big are {} bytes (3 tests), over the 1000000 bytes one push may carry (1 more known agents",
+                "f.toml:7:8: test `b`: the fleet tests selecting agent big are {} bytes (3 tests), over the 1000000 bytes one push may carry (1 more known agent is over it too)",
                 2 * half + 12
             )),
             "{e}"
@@ -1103,7 +1106,7 @@ mod tests {
         assert!(over, "test c selects only big");
         let over = over_bounds(&tests[..1], &[many]).unwrap();
         assert!(over.refusal("v").to_string().contains(
-            "agent many would run 1 fleet tests beside its 4096 local tests, over the 4096 tests"
+            "agent many would run 1 fleet test beside its 4096 local tests, over the 4096 tests"
         ));
     }
 

@@ -17,6 +17,7 @@ mod cli;
 mod commands;
 mod config;
 mod controller;
+mod docgen;
 mod domain;
 mod fleet;
 mod http;
@@ -46,6 +47,9 @@ use tokio_util::sync::CancellationToken;
 use crate::commands::{Cli, Command, Failure, RunArgs};
 
 fn main() -> ExitCode {
+    if let Some(code) = docgen::packaging_command(<Cli as clap::CommandFactory>::command()) {
+        return code;
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

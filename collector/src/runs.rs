@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use edgeprobe_proto::testdef::run_now::RunNowLimit;
 use edgeprobe_proto::testdef::{from_toml, parse_adhoc_test, Kind, TestOptions, TestsOnly};
 use serde::Serialize;
 use tokio_postgres::types::Json;
@@ -322,17 +323,38 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
         .await?
         .ok_or_else(|| FleetError::NotFound(format!("no run {run_id}")))?;
     let expires_in_seconds: f64 = run.get(3);
+    // A rate-limited agent is told when a retry is admitted: the limit is per agent and
+    // counts from its last admitted run-now, which came before this refusal, so the
+    // refusal time plus the limit is a moment a retry surely passes (the collector's limit
+    // is at most the agent's default rule, which both sides apply).
+    let run_every = RunNowLimit::default().run_every.as_secs_f64();
+    let speed_every = RunNowLimit::default().speed_every.as_secs_f64();
     let agents = client
         .query(
-            "SELECT agent_id, state, reason FROM run_agents WHERE run_id = $1 ORDER BY agent_id",
-            &[&run_id],
+            "SELECT ra.agent_id, ra.state, ra.reason,
+                    CASE WHEN ra.state = 'rate_limited' THEN
+                      to_char(date_trunc('second', ra.updated_at
+                                 + make_interval(secs => CASE WHEN coalesce(r.kind, 'speed') = 'speed'
+                                                              THEN $2::float8 ELSE $3::float8 END)
+                                 + interval '999 milliseconds') AT TIME ZONE 'UTC',
+                              'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+                    END
+               FROM run_agents ra JOIN runs r USING (run_id)
+              WHERE ra.run_id = $1 ORDER BY ra.agent_id",
+            &[&run_id, &speed_every, &run_every],
         )
         .await?
         .iter()
         .map(|r| AgentState {
             agent_id: r.get(0),
             state: r.get(1),
-            reason: r.get(2),
+            reason: match (r.get::<_, Option<String>>(2), r.get::<_, Option<String>>(3)) {
+                (reason, Some(at)) => Some(format!(
+                    "{}; retry after {at}",
+                    reason.unwrap_or_else(|| "rate limited".into())
+                )),
+                (reason, None) => reason,
+            },
         })
         .map(|mut a| {
             // What the controller writes at its next poll, shown now (or without one).

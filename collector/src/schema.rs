@@ -50,9 +50,12 @@ const PARTITIONS_AHEAD: i64 = 3;
 
 /// Applies pending migrations; returns the versions applied now.
 pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    // PostgreSQL's NOTICEs ("already exists, skipping") are expected on every run and
+    // would otherwise reach the log at INFO; warnings and errors still come through.
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS edgeprobe_migrations (
+            "SET client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS edgeprobe_migrations (
                  version integer PRIMARY KEY,
                  name text NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now())",
@@ -147,9 +150,11 @@ pub async fn maintain_partitions(
     retention: Option<Duration>,
     attempts: u32,
 ) -> Result<Upkeep, tokio_postgres::Error> {
+    // Without the expected NOTICEs ("does not exist, skipping") of the IF [NOT] EXISTS
+    // statements below.
     client
         .batch_execute(&format!(
-            "SET lock_timeout = '{}ms'",
+            "SET client_min_messages = warning; SET lock_timeout = '{}ms'",
             LOCK_TIMEOUT.as_millis()
         ))
         .await?;

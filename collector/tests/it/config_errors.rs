@@ -43,7 +43,7 @@ fn check(subcommand: &str, text: &str) -> (Option<i32>, String, String) {
 fn good_config_passes_check() {
     let (code, err, out) = check("check", GOOD);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("ok (agent cfg, 1 tests"), "{out}");
+    assert!(out.contains("ok (agent cfg, 1 test, 1 endpoint)"), "{out}");
 }
 
 #[test]

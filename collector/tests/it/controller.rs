@@ -304,6 +304,24 @@ fn run_now_on_three_agents_prints_three_on_demand_results() {
         refused[0]["reason"].as_str().unwrap().contains("rate"),
         "{json}"
     );
+    // And says when a retry is admitted: within the limit (10 s) of now.
+    let reason = refused[0]["reason"].as_str().unwrap();
+    let at = reason
+        .split("retry after ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no retry time: {reason}"));
+    let in_seconds: f64 = db
+        .client()
+        .query_one(
+            "SELECT extract(epoch FROM $1::text::timestamptz - now())::float8",
+            &[&at],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        (0.0..=11.0).contains(&in_seconds),
+        "{reason}: in {in_seconds} s"
+    );
     assert_eq!(
         db.scalar("SELECT count(*) FROM results WHERE run_id IS NOT NULL"),
         3

@@ -154,12 +154,26 @@ fn dashboards_are_valid_and_use_only_provisioned_datasources() {
         .filter_map(|l| l.trim().strip_prefix("uid: "))
         .collect();
     assert_eq!(uids, BTreeSet::from([POSTGRES_UID, PROMETHEUS_UID]));
+    // A place for the CA of sslmode verify-full, as Grafana's postgres datasource reads it.
+    for line in [
+        "tlsConfigurationMethod: file-path",
+        "sslRootCertFile: ${EDGEPROBE_PG_CA_FILE}",
+    ] {
+        assert!(provisioning.contains(line), "datasource lacks {line:?}");
+    }
+    let readme = std::fs::read_to_string(grafana_dir().join("README.md")).unwrap();
+    assert!(
+        readme.contains("Environment=EDGEPROBE_PG_CA_FILE="),
+        "grafana/README.md does not show EDGEPROBE_PG_CA_FILE"
+    );
     for var in [
         "EDGEPROBE_PG_HOST",
         "EDGEPROBE_PG_USER",
         "EDGEPROBE_PG_PASSWORD",
         "EDGEPROBE_PG_DATABASE",
         "EDGEPROBE_PROMETHEUS_URL",
+        "EDGEPROBE_PG_SSLMODE",
+        "EDGEPROBE_PG_CA_FILE",
     ] {
         assert!(
             provisioning.contains(&format!("${{{var}}}")),
@@ -911,6 +925,100 @@ fn label_values_expr(q: &str) -> (String, String) {
     (format!("group by ({label}) ({})", metric.trim()), label)
 }
 
+/// The `sql` block of grafana/README.md's "A read-only role for Grafana", run verbatim but
+/// for the role and database names (the role is cluster-wide: parallel tests need their
+/// own). Dropped with its grants at the end of the test.
+struct GrafanaRole {
+    name: String,
+    admin_url: String,
+}
+
+impl GrafanaRole {
+    fn readme_sql() -> String {
+        let readme = std::fs::read_to_string(grafana_dir().join("README.md")).unwrap();
+        let start = readme
+            .find("```sql\n")
+            .expect("grafana/README.md has no ```sql block (the read-only role)");
+        let body = &readme[start + "```sql\n".len()..];
+        let end = body.find("```").expect("unterminated ```sql block");
+        body[..end]
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn create(db: &TestDb) -> GrafanaRole {
+        let dbname = db.url.rsplit('/').next().unwrap().to_string();
+        let name = format!("grafana_ro_{dbname}");
+        let documented = Self::readme_sql();
+        for needle in ["CREATE ROLE grafana_ro LOGIN", "ON DATABASE edgeprobe TO"] {
+            assert!(
+                documented.contains(needle),
+                "grafana/README.md's role SQL lacks {needle:?}:\n{documented}"
+            );
+        }
+        let sql = documented
+            .replace(
+                "ON DATABASE edgeprobe TO",
+                &format!("ON DATABASE {dbname} TO"),
+            )
+            .replace("grafana_ro", &name);
+        let mut admin = db.client();
+        admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
+            .unwrap();
+        admin
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("grafana/README.md's role SQL fails: {e}\n{sql}"));
+        let role = GrafanaRole {
+            name,
+            admin_url: db.url.clone(),
+        };
+        // Read-only for real: it may not write, nor read what the dashboards do not need.
+        let mut c = role.connect();
+        for (what, sql) in [
+            (
+                "write",
+                "INSERT INTO asn_ranges SELECT * FROM asn_ranges LIMIT 0",
+            ),
+            (
+                "read the migrations",
+                "SELECT count(*) FROM edgeprobe_migrations",
+            ),
+        ] {
+            let err = c
+                .batch_execute(sql)
+                .expect_err(&format!("the Grafana role may {what}"));
+            assert_eq!(
+                err.code(),
+                Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+                "{what}: {err:?}"
+            );
+        }
+        role
+    }
+
+    fn connect(&self) -> postgres::Client {
+        let mut config: postgres::Config = self.admin_url.parse().unwrap();
+        config.user(&self.name).password("change-me");
+        config
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect as {}: {e}", self.name))
+    }
+}
+
+impl Drop for GrafanaRole {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&self.admin_url, postgres::NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
+                self.name
+            ));
+        }
+    }
+}
+
 #[test]
 fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     let dir = tempfile::tempdir().unwrap();
@@ -1020,7 +1128,9 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         to: now + Duration::from_secs(60),
         interval: "1m",
     };
-    let mut client = db.client();
+    // Every SQL query runs as the read-only role grafana/README.md documents.
+    let grafana_role = GrafanaRole::create(&db);
+    let mut client = grafana_role.connect();
     let mut sql_checked = 0;
     let mut prom_checked = 0;
     let mut targets = 0;

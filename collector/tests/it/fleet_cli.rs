@@ -429,7 +429,7 @@ fn a_version_over_what_one_push_may_carry_is_refused_located_and_nothing_applied
         assert!(
             err.contains("the fleet tests selecting agent b")
                 && err.contains(" bytes (5600 tests), over the 1000000 bytes one push may carry")
-                && err.contains("(1 more known agents are over it too)"),
+                && err.contains("(1 more known agent is over it too)"),
             "{err}"
         );
         let bytes: usize = err
@@ -476,7 +476,7 @@ fn a_version_over_what_one_push_may_carry_is_refused_located_and_nothing_applied
     let (code, out, err) = cli(&db, &["tests", "rollback", "2"]);
     assert_eq!(code, Some(2), "{out}{err}");
     assert!(
-        err.starts_with("fleet version 2, test `huge`: the fleet tests selecting agent b1 are 1100000 bytes (1 tests), over the 1000000 bytes"),
+        err.starts_with("fleet version 2, test `huge`: the fleet tests selecting agent b1 are 1100000 bytes (1 test), over the 1000000 bytes"),
         "{err}"
     );
     assert_eq!(db.scalar("SELECT count(*) FROM fleet_versions"), 2);

@@ -13,6 +13,8 @@ mod failover;
 mod fleet;
 mod fleet_cli;
 mod fleet_push;
+mod manpages;
+mod migrate_log;
 mod never_stall;
 mod operator;
 mod paths;
