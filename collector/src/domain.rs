@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use edgeprobe_proto::bounds::{self, OutOfBounds};
+use edgeprobe_proto::bounds::{self, rpm_rating as rating_of, OutOfBounds, MAX_LOAD_CONNECTIONS};
 use edgeprobe_proto::v1 as pb;
 
 /// Raw bytes of a quarantined result kept at most.
@@ -671,24 +671,6 @@ fn path_fields(p: &pb::PathFields, m: &mut Measures) -> Result<(), Invalid> {
 /// The highest RPM a responsiveness result may carry: a 0.1 ms loaded round trip, far
 /// beyond any real link (a LAN under load is around 20,000).
 pub const MAX_RPM: f64 = 600_000.0;
-
-/// The most load-generating connections a responsiveness result may report (the draft's
-/// MNP is 16; the bound leaves room for other clients' settings).
-pub const MAX_LOAD_CONNECTIONS: u32 = 64;
-
-/// The draft's rating band of `rpm`: poor below 300, fair below 1000, good below 6000,
-/// excellent from 6000 (SPEC section 16; the agent rates with the same bands).
-pub fn rating_of(rpm: f64) -> &'static str {
-    if rpm < 300.0 {
-        "poor"
-    } else if rpm < 1000.0 {
-        "fair"
-    } else if rpm < 6000.0 {
-        "good"
-    } else {
-        "excellent"
-    }
-}
 
 /// An RPM: finite, 0..=`MAX_RPM`.
 fn rpm(field: &str, v: Option<f64>) -> Result<Option<f64>, Invalid> {

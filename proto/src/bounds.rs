@@ -64,6 +64,25 @@ pub const MAX_HOP_ADDRESSES: usize = 8;
 pub const MAX_HOP_ADDRESS_LEN: usize = 64;
 /// A path result's `path_id` (hex).
 pub const MAX_PATH_ID_LEN: usize = 64;
+/// The most load-generating connections a responsiveness result may report (the draft's
+/// MNP is 16; the bound leaves room for other clients' settings).
+pub const MAX_LOAD_CONNECTIONS: u32 = 64;
+
+/// The rating band of a responsiveness figure (draft-ietf-ippm-responsiveness; SPEC
+/// section 16): poor below 300 RPM, fair below 1000, good below 6000, excellent from
+/// 6000. The agent rates with it and the collector checks a result's rating against it.
+pub fn rpm_rating(rpm: f64) -> &'static str {
+    if rpm < 300.0 {
+        "poor"
+    } else if rpm < 1000.0 {
+        "fair"
+    } else if rpm < 6000.0 {
+        "good"
+    } else {
+        "excellent"
+    }
+}
+
 /// Longest run of one test (`duration_seconds`).
 pub const MAX_DURATION_SECONDS: f64 = 86_400.0;
 /// Earliest start time taken as a real measurement time (2020-01-01): earlier ones come

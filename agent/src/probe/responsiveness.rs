@@ -85,19 +85,9 @@ pub async fn run(spec: &ProbeSpec, partial: &Partial) -> Measured {
     (Fields::Responsiveness(fields), error)
 }
 
-/// The draft's rating bands: poor below 300 RPM, fair below 1000, good below 6000,
-/// excellent from 6000.
-pub fn rating(rpm: f64) -> &'static str {
-    if rpm < 300.0 {
-        "poor"
-    } else if rpm < 1000.0 {
-        "fair"
-    } else if rpm < 6000.0 {
-        "good"
-    } else {
-        "excellent"
-    }
-}
+/// The draft's rating bands (`edgeprobe_proto::bounds::rpm_rating`, which the collector
+/// checks results against).
+pub use edgeprobe_proto::bounds::rpm_rating as rating;
 
 async fn measure(
     spec: &ProbeSpec,
