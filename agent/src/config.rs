@@ -293,25 +293,8 @@ impl Config {
     }
 }
 
-/// The agent identity a certificate (DER) carries, as the collector reads it: the
-/// subject's common name, else the first DNS subject alternative name.
-pub fn certificate_agent_id(der: &[u8]) -> Option<String> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    if let Some(cn) = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-    {
-        return Some(cn.to_string());
-    }
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::DNSName(d) => Some(d.to_string()),
-        _ => None,
-    })
-}
+/// The agent identity a certificate (DER) carries, as the collector reads it.
+pub use edgeprobe_proto::identity::agent_id_of as certificate_agent_id;
 
 const FLEET_ONLY: &str = "`{key}` chooses agents for a fleet test (`edgeprobe-collector tests \
      apply`); a test in the agent's own file runs on that agent only: remove `{key}`";

@@ -12,22 +12,8 @@ use x509_parser::extensions::GeneralName;
 /// The prefix of an operator certificate's URI SAN; the operator's name follows it.
 pub const OPERATOR_URN: &str = "urn:edgeprobe:operator:";
 
-pub fn agent_id_of(der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    if let Some(cn) = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-    {
-        return Some(cn.to_string());
-    }
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::DNSName(d) => Some(d.to_string()),
-        _ => None,
-    })
-}
+/// The agent id of a certificate: the one rule both binaries read it by.
+pub use edgeprobe_proto::identity::agent_id_of;
 
 /// What a client certificate says about an operator role.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,10 +4,11 @@
 //! This crate holds what agent and collector share: the wire types, `bounds` (the limits
 //! on what an agent sends, checked by `edgeprobe-agent check`, by the agent when it
 //! records and by the collector), `testdef`, the test definition both sides parse,
-//! check, store and run, and the protocol's named constants (features, refusal reasons).
+//! check, store and run, `identity`, the agent id a certificate carries, and the protocol's named constants (features, refusal reasons).
 //! Everything else lives in each binary, at its boundary.
 
 pub mod bounds;
+pub mod identity;
 pub mod testdef;
 
 pub mod v1 {
