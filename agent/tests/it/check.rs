@@ -220,7 +220,10 @@ fn check_refuses_credentials_run_would_fail_on() {
     );
     let (code, stdout, stderr) = check(&good);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains(": ok (agent berlin-1, 1 tests"), "{stdout}");
+    assert!(
+        stdout.contains(": ok (agent berlin-1, 1 test, "),
+        "{stdout}"
+    );
 
     let config = mtls_config(dir.path(), "berlin-1", "berlin-1.pem", "agent.key", "web");
     let (code, _, stderr) = check(&config);

@@ -188,14 +188,25 @@ fn dns_closed_port_is_refused_and_bad_input_is_local() {
     assert_eq!(code, 1);
     assert_eq!(class(&v), "refused", "{v}");
 
-    let (v, _) = probe(
-        "dns",
-        "ok.test",
-        &["--server", "127.0.0.1", "--record-type", "NOPE"],
-    );
-    assert_eq!(class(&v), "local", "{v}");
-    let (v, _) = probe("dns", "ok.test", &["--server", "not-an-ip"]);
-    assert_eq!(class(&v), "local", "{v}");
+    // Bad options are refused before anything is sent, as `check` refuses them: exit 2
+    // with the reason, no result.
+    for (args, reason) in [
+        (
+            &["--server", "127.0.0.1", "--record-type", "NOPE"][..],
+            "record_type",
+        ),
+        (&["--server", "not-an-ip"][..], "server"),
+    ] {
+        let output = std::process::Command::new(crate::util::BIN)
+            .args(["probe", "dns", "ok.test", "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
 }
 
 #[test]
