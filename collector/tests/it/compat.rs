@@ -114,7 +114,7 @@ fn compat_an_old_agent_keeps_delivering_to_a_new_collector() {
     assert_eq!(row.get::<_, Option<i64>>(1), None);
     assert_eq!(results_of(&db, "old-agent", "fleet-web"), 0);
     // The drain runs this release's agent on the old buffer: an empty fleet set keeps it
-    // from adding fleet results of its own.
+    // from adding fleet results of its own (removing every test is meant: --force).
     let empty = dir.path().join("fleet-empty.toml");
     std::fs::write(&empty, "# no fleet tests\n").unwrap();
     let (code, out, err) = collector_cmd(&[
@@ -122,6 +122,7 @@ fn compat_an_old_agent_keeps_delivering_to_a_new_collector() {
         "apply",
         "--file",
         empty.to_str().unwrap(),
+        "--force",
         "--database-url",
         &db.url,
     ]);
