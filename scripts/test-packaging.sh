@@ -169,6 +169,16 @@ done
 contains "agent man page documents state_dir" "$(man edgeprobe-agent 2>/dev/null | col -b)" 'state_dir = "/var/lib/edgeprobe"'
 contains "collector man page documents [fleet] stale_after" "$(man edgeprobe-collector 2>/dev/null | col -b)" "stale_after"
 
+# The agent's credentials, installed as docs/OPERATIONS.md does: `check` refuses a config
+# whose TLS files `run` could not read, so it runs here with real ones (id = host name, the
+# packaged default). Removed before the purge checks.
+pki=$(mktemp -d /tmp/edgeprobe-pkg-pki.XXXXXX)
+edgeprobe-collector ca init --dir "$pki/ca" >/dev/null
+edgeprobe-collector cert issue --ca "$pki/ca" --name "$(hostname)" --out "$pki" >/dev/null
+install -m 0644 -o root -g edgeprobe "$pki/ca/ca.pem" /etc/edgeprobe/tls/ca.pem
+install -m 0644 -o root -g edgeprobe "$pki/$(hostname).pem" /etc/edgeprobe/tls/agent.pem
+install -m 0640 -o root -g edgeprobe "$pki/$(hostname).key" /etc/edgeprobe/tls/agent.key
+rm -rf "$pki"
 check "edgeprobe-agent check --config /etc/edgeprobe/agent.toml (root)" \
     edgeprobe-agent check --config /etc/edgeprobe/agent.toml
 check "the same check as the service user" \
@@ -325,6 +335,8 @@ contains "agent.toml change kept after reinstall" "$(cat /etc/edgeprobe/agent.to
 
 # ---------------------------------------------------------------------------------------
 log "remove and purge (Debian policy: remove keeps config and state, purge deletes them)"
+# The credentials installed above are the operator's files, not the package's.
+rm -f /etc/edgeprobe/tls/ca.pem /etc/edgeprobe/tls/agent.pem /etc/edgeprobe/tls/agent.key
 check "dpkg --remove edgeprobe-agent" dpkg --remove edgeprobe-agent
 check "binary gone after remove" test ! -e /usr/bin/edgeprobe-agent
 check "agent.toml kept after remove" test -f /etc/edgeprobe/agent.toml
