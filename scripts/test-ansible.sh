@@ -172,7 +172,7 @@ rendered=0
 for f in "$work"/example/*.toml; do
     [ -e "$f" ] || continue
     rendered=$((rendered + 1))
-    check "$(basename "$f"): $("$agent_bin" check --config "$f" 2>&1)" "$agent_bin" check --config "$f"
+    check "$(basename "$f"): $("$agent_bin" check --offline --config "$f" 2>&1)" "$agent_bin" check --offline --config "$f"
 done
 expect "example agents rendered" "$rendered" 3
 contains "berlin-02 has the site's and its own tests" "$(cat "$work/example/berlin-02.example.net.toml" 2>&1)" 'name = "erp-http"'

@@ -42,6 +42,10 @@ enum Command {
         /// Agent configuration (TOML) to check.
         #[arg(long, short, default_value = "/etc/edgeprobe/agent.toml")]
         config: PathBuf,
+        /// Check the file alone, not the TLS files, the certificate's identity and the stored
+        /// fleet tests it names (a config rendered for another host, Ansible's `validate`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Run one probe now and print its result.
     Probe(commands::ProbeArgs),
@@ -121,7 +125,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => commands::check(&config),
+        Command::Check { config, offline } => commands::check(&config, offline),
         Command::Buffer { config, json } => commands::buffer(&config, json),
         Command::Probe(args) => commands::probe(args),
         Command::ServeTarget {
