@@ -112,7 +112,9 @@ ansible_playbook=${EDGEPROBE_ANSIBLE_PLAYBOOK:-ansible-playbook}
 printf '       %s\n' "$("$ansible_playbook" --version | head -1)" "$(ansible-lint --version 2>/dev/null | head -1)"
 
 log "packages: the .debs of this tree"
-dist=${EDGEPROBE_DIST:-$CARGO_TARGET_DIR/packages}
+# Built fresh for this run unless EDGEPROBE_DIST names packages: debs kept in the shared
+# target dir from an earlier tree would test that tree's binaries, not this one's.
+dist=${EDGEPROBE_DIST:-$work/dist}
 if ! ls "$dist"/edgeprobe-agent_*.deb "$dist"/edgeprobe-collector_*.deb >/dev/null 2>&1; then
     EDGEPROBE_DIST=$dist scripts/package.sh >"$work/package.log" 2>&1 ||
         { fail "scripts/package.sh"; tail -20 "$work/package.log"; exit 1; }
