@@ -537,6 +537,7 @@ impl Metrics {
                     Kind::Dns => m.resolve_seconds,
                     Kind::Path => m.rtt_avg_seconds,
                     Kind::Responsiveness => m.loaded_latency_seconds,
+                    Kind::Stamp => None,
                 };
                 if let Some(v) = main {
                     latency.observe(v);
@@ -629,7 +630,7 @@ impl Metrics {
                         }
                     }
                 }
-                Kind::Tcp | Kind::Dns => {}
+                Kind::Tcp | Kind::Dns | Kind::Stamp => {}
             }
         }
     }

@@ -64,6 +64,17 @@ pub const MAX_HOP_ADDRESSES: usize = 8;
 pub const MAX_HOP_ADDRESS_LEN: usize = 64;
 /// A path result's `path_id` (hex).
 pub const MAX_PATH_ID_LEN: usize = 64;
+/// Test packets in one stamp run (SPEC section 17): the sender keeps a few words per packet.
+pub const MAX_STAMP_COUNT: u32 = 100_000;
+/// Shortest time between stamp test packets.
+pub const MIN_STAMP_INTERVAL: Duration = Duration::from_millis(1);
+/// A STAMP test packet's UDP payload: RFC 8762 section 4.2.1's unauthenticated packet, up
+/// to what fits a 1500-byte IPv4 MTU without fragments.
+pub const STAMP_MIN_PACKET_BYTES: u32 = 44;
+pub const STAMP_MAX_PACKET_BYTES: u32 = 1472;
+/// The range of an E-model MOS estimate (ITU-T G.107 Annex B: 1 at R <= 0, 4.5 at R = 100).
+pub const MOS_MIN: f64 = 1.0;
+pub const MOS_MAX: f64 = 4.5;
 /// The most load-generating connections a responsiveness result may report (the draft's
 /// MNP is 16; the bound leaves room for other clients' settings).
 pub const MAX_LOAD_CONNECTIONS: u32 = 64;

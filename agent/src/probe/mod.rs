@@ -16,6 +16,7 @@ pub mod icmp;
 pub mod path;
 pub mod responsiveness;
 pub mod speed;
+pub mod stamp;
 pub mod tcp;
 pub mod tls;
 
@@ -130,6 +131,7 @@ pub enum Fields {
     Dns(DnsFields),
     Path(PathFields),
     Responsiveness(ResponsivenessFields),
+    Stamp(StampFields),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -142,6 +144,10 @@ pub struct SpeedFields {
     pub upload_loaded_latency_seconds: Option<f64>,
     pub bytes_downloaded: u64,
     pub bytes_uploaded: u64,
+    /// UDP loss of a light STAMP stream to the target's reflector while each direction was
+    /// saturated (SPEC section 17); `None` when the target reflects no STAMP.
+    pub download_loaded_loss_ratio: Option<f64>,
+    pub upload_loaded_loss_ratio: Option<f64>,
     /// Streams that broke while the others carried on (JSON only: the wire has no field).
     pub streams_failed: u32,
 }
@@ -235,6 +241,32 @@ pub struct ResponsivenessFields {
     pub self_http_seconds: Option<f64>,
 }
 
+/// A STAMP run (SPEC section 17; RFC 8762): loss per direction, one-way delay when both
+/// clocks are synchronised (else `None`), RFC 3550 jitter and a voice MOS estimate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StampFields {
+    pub sent: u32,
+    pub received: u32,
+    pub forward_lost: u32,
+    pub reverse_lost: u32,
+    pub forward_loss_ratio: Option<f64>,
+    pub reverse_loss_ratio: Option<f64>,
+    pub duplicates: u32,
+    pub reordered: u32,
+    pub rtt_min_seconds: Option<f64>,
+    pub rtt_avg_seconds: Option<f64>,
+    pub rtt_max_seconds: Option<f64>,
+    pub rtt_mdev_seconds: Option<f64>,
+    pub forward_delay_min_seconds: Option<f64>,
+    pub forward_delay_avg_seconds: Option<f64>,
+    pub forward_delay_max_seconds: Option<f64>,
+    pub reverse_delay_min_seconds: Option<f64>,
+    pub reverse_delay_avg_seconds: Option<f64>,
+    pub reverse_delay_max_seconds: Option<f64>,
+    pub jitter_seconds: Option<f64>,
+    pub mos: Option<f64>,
+}
+
 /// The result of one probe run, before it gets an agent id and a seq.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -299,6 +331,7 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
             Kind::Dns => dns::run(&spec_owned, partial).await,
             Kind::Path => path::run(&spec_owned, partial).await,
             Kind::Responsiveness => responsiveness::run(&spec_owned, partial).await,
+            Kind::Stamp => stamp::run(&spec_owned, partial).await,
         }
     });
     let abort = task.abort_handle();
@@ -341,6 +374,7 @@ pub fn empty_fields(kind: Kind) -> Fields {
         Kind::Dns => Fields::Dns(DnsFields::default()),
         Kind::Path => Fields::Path(PathFields::default()),
         Kind::Responsiveness => Fields::Responsiveness(ResponsivenessFields::default()),
+        Kind::Stamp => Fields::Stamp(StampFields::default()),
     }
 }
 

@@ -719,6 +719,7 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
                 upload_loaded_latency_seconds: Some(if slow { 0.240 } else { 0.061 }),
                 bytes_downloaded: (down * 5.0 / 8.0) as u64,
                 bytes_uploaded: (up * 5.0 / 8.0) as u64,
+                ..Default::default()
             }));
         }
         out.push(speed);

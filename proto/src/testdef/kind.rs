@@ -16,6 +16,7 @@ pub enum Kind {
     Dns,
     Path,
     Responsiveness,
+    Stamp,
 }
 
 impl Kind {
@@ -28,6 +29,7 @@ impl Kind {
             Kind::Dns => "dns",
             Kind::Path => "path",
             Kind::Responsiveness => "responsiveness",
+            Kind::Stamp => "stamp",
         }
     }
 }
@@ -49,8 +51,9 @@ impl std::str::FromStr for Kind {
             "dns" => Ok(Kind::Dns),
             "path" => Ok(Kind::Path),
             "responsiveness" => Ok(Kind::Responsiveness),
+            "stamp" => Ok(Kind::Stamp),
             other => Err(format!(
-                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns, path, responsiveness"
+                "unknown kind `{other}`, expected one of speed, icmp, tcp, http, dns, path, responsiveness, stamp"
             )),
         }
     }
@@ -58,7 +61,7 @@ impl std::str::FromStr for Kind {
 
 impl Kind {
     /// Every kind, in the order of SPEC section 3.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Speed,
         Kind::Icmp,
         Kind::Tcp,
@@ -66,6 +69,7 @@ impl Kind {
         Kind::Dns,
         Kind::Path,
         Kind::Responsiveness,
+        Kind::Stamp,
     ];
 }
 
@@ -79,6 +83,7 @@ impl From<Kind> for pb::Kind {
             Kind::Dns => pb::Kind::Dns,
             Kind::Path => pb::Kind::Path,
             Kind::Responsiveness => pb::Kind::Responsiveness,
+            Kind::Stamp => pb::Kind::Stamp,
         }
     }
 }
@@ -99,6 +104,7 @@ impl TryFrom<pb::Kind> for Kind {
             pb::Kind::Dns => Ok(Kind::Dns),
             pb::Kind::Path => Ok(Kind::Path),
             pb::Kind::Responsiveness => Ok(Kind::Responsiveness),
+            pb::Kind::Stamp => Ok(Kind::Stamp),
             pb::Kind::Unspecified => Err(UnknownKind(kind as i32)),
         }
     }

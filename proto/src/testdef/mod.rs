@@ -31,9 +31,10 @@ pub use cron::CronSchedule;
 pub use fleet::{parse_adhoc_test, selects, FleetFile, FleetTest, TestsOnly};
 pub use kind::{Kind, UnknownKind};
 pub use located::{from_toml, line_col, locate, Blame, ConfigError};
-pub use target::{check_target, parse_ip, redact, HttpUrl};
+pub use target::{check_target, parse_ip, redact, stamp_host_port, HttpUrl};
 pub use test::{
-    check_option_values, check_path_options, check_test, defaults, AgentContext, PathProtocol,
-    Scheduling, TestConfig, TestOptions, DNS_RECORD_TYPES, MAX_SPEED_STREAMS,
+    check_option_values, check_path_options, check_stamp_options, check_test, defaults,
+    AgentContext, PathProtocol, Scheduling, TestConfig, TestOptions, DNS_RECORD_TYPES,
+    MAX_SPEED_STREAMS,
 };
 pub use units::{parse_duration, parse_timezone};

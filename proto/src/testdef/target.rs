@@ -217,6 +217,9 @@ pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
                 return Err(format!("target `{target}` must be host:port"));
             }
         }
+        Kind::Stamp => {
+            stamp_host_port(target)?;
+        }
         Kind::Icmp | Kind::Dns | Kind::Path => {
             if target.contains(char::is_whitespace) || target.contains('/') {
                 return Err(format!("target `{target}` must be a host name or address"));
@@ -226,9 +229,64 @@ pub fn check_target(kind: Kind, target: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A stamp target (SPEC section 17): `host`, `host:port`, `[v6]:port` or a bare IPv6
+/// address (zones allowed); the port defaults to the STAMP port 862. Returns the host
+/// without brackets and the port.
+pub fn stamp_host_port(target: &str) -> Result<(&str, u16), String> {
+    let bad = || {
+        format!(
+            "target `{target}` must be host, host:port, [IPv6]:port or an IPv6 address \
+             (the reflector's UDP port defaults to {})",
+            super::test::defaults::STAMP_PORT
+        )
+    };
+    if target.is_empty() || target.contains(char::is_whitespace) || target.contains('/') {
+        return Err(bad());
+    }
+    let port_of = |p: &str| match p.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(bad()),
+    };
+    if let Some(rest) = target.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        if host.is_empty() {
+            return Err(bad());
+        }
+        return match after {
+            "" => Ok((host, super::test::defaults::STAMP_PORT)),
+            _ => Ok((host, port_of(after.strip_prefix(':').ok_or_else(bad)?)?)),
+        };
+    }
+    match target.matches(':').count() {
+        0 => Ok((target, super::test::defaults::STAMP_PORT)),
+        1 => {
+            let (host, port) = target.split_once(':').ok_or_else(bad)?;
+            if host.is_empty() {
+                return Err(bad());
+            }
+            Ok((host, port_of(port)?))
+        }
+        // A bare IPv6 address: no port (brackets are needed for one).
+        _ => Ok((target, super::test::defaults::STAMP_PORT)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamp_targets() {
+        assert_eq!(stamp_host_port("192.0.2.1"), Ok(("192.0.2.1", 862)));
+        assert_eq!(stamp_host_port("r1.example:8620"), Ok(("r1.example", 8620)));
+        assert_eq!(stamp_host_port("[2001:db8::1]:9"), Ok(("2001:db8::1", 9)));
+        assert_eq!(stamp_host_port("[fe80::1%eth0]"), Ok(("fe80::1%eth0", 862)));
+        assert_eq!(stamp_host_port("2001:db8::1"), Ok(("2001:db8::1", 862)));
+        for bad in ["", "h:0", "h:x", ":862", "[::1]x", "a b", "http://h/"] {
+            assert!(stamp_host_port(bad).is_err(), "{bad}");
+            assert!(check_target(Kind::Stamp, bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn passwords_are_redacted_and_nothing_else() {

@@ -174,6 +174,13 @@ pub struct TestOptions {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_duration: Option<Duration>,
+    // stamp
+    /// DSCP of the test packets (0 to 63; RFC 2474), e.g. 46 (EF) as voice is marked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dscp: Option<u8>,
+    /// UDP payload of each test packet in bytes (RFC 8762 unauthenticated: 44 at least).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_size: Option<u32>,
 }
 
 /// The packets a path test probes with (SPEC section 15).
@@ -227,7 +234,9 @@ impl TestOptions {
             protocol,
             port,
             max_hops,
-            max_duration
+            max_duration,
+            dscp,
+            packet_size
         );
         keys
     }
@@ -258,6 +267,7 @@ impl TestOptions {
                 "timeout", "count", "interval", "protocol", "port", "max_hops",
             ],
             Kind::Responsiveness => &["timeout", "max_duration", "insecure_tls"],
+            Kind::Stamp => &["timeout", "count", "interval", "dscp", "packet_size"],
         }
     }
 }
@@ -296,13 +306,23 @@ pub mod defaults {
     pub const PATH_TCP_PORT: u16 = 80;
     /// Responsiveness: longest time of each direction (draft-ietf-ippm-responsiveness).
     pub const RESPONSIVENESS_MAX_DURATION: Duration = Duration::from_secs(20);
+    /// STAMP: test packets per run (SPEC section 17).
+    pub const STAMP_COUNT: u32 = 100;
+    /// STAMP: time between test packets (a voice codec's 20 ms frame).
+    pub const STAMP_INTERVAL: Duration = Duration::from_millis(20);
+    /// STAMP: how long reflections of the last packet are waited for.
+    pub const STAMP_WAIT: Duration = Duration::from_secs(2);
+    /// STAMP: the reflector's UDP port (RFC 8762 section 4.1, IANA's 862).
+    pub const STAMP_PORT: u16 = 862;
+    /// STAMP: UDP payload of a test packet (RFC 8762 section 4.2.1, unauthenticated).
+    pub const STAMP_PACKET_SIZE: u32 = 44;
 }
 
 impl TestOptions {
     /// The whole-run limit of a test of `kind` with these options: `timeout` when set, else
     /// the kind's default (speed: both directions plus 30 s; icmp: every request plus 5 s;
     /// tcp, http, dns: 10 s; path: every round plus 8 s; responsiveness: both directions
-    /// plus 15 s).
+    /// plus 15 s; stamp: every packet plus the wait for the last reflection plus 5 s).
     pub fn timeout_for(&self, kind: Kind) -> Duration {
         self.timeout.unwrap_or_else(|| match kind {
             Kind::Speed => {
@@ -325,6 +345,12 @@ impl TestOptions {
                     .unwrap_or(defaults::RESPONSIVENESS_MAX_DURATION)
                     * 2
                     + Duration::from_secs(15)
+            }
+            Kind::Stamp => {
+                self.interval.unwrap_or(defaults::STAMP_INTERVAL)
+                    * self.count.unwrap_or(defaults::STAMP_COUNT)
+                    + defaults::STAMP_WAIT
+                    + Duration::from_secs(5)
             }
         })
     }
@@ -563,6 +589,7 @@ pub fn check_option_values(name: &str, kind: Kind, o: &TestOptions) -> Result<()
             }
         }
         Kind::Path => check_path_options(name, o)?,
+        Kind::Stamp => check_stamp_options(name, o)?,
         Kind::Responsiveness => {
             if let Some(d) = o.max_duration {
                 if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&d) {
@@ -626,9 +653,61 @@ pub fn check_path_options(name: &str, o: &TestOptions) -> Result<(), String> {
     Ok(())
 }
 
+/// The value ranges of a stamp test's options (SPEC section 17).
+pub fn check_stamp_options(name: &str, o: &TestOptions) -> Result<(), String> {
+    if let Some(n) = o.count {
+        if n == 0 || n > bounds::MAX_STAMP_COUNT {
+            return Err(format!(
+                "test `{name}`: `count` is {n}, it must be 1 to {}",
+                bounds::MAX_STAMP_COUNT
+            ));
+        }
+    }
+    if let Some(i) = o.interval {
+        if i < bounds::MIN_STAMP_INTERVAL {
+            return Err(format!(
+                "test `{name}`: `interval` must be at least {}ms",
+                bounds::MIN_STAMP_INTERVAL.as_millis()
+            ));
+        }
+    }
+    if let Some(d) = o.dscp {
+        if d > 63 {
+            return Err(format!("test `{name}`: `dscp` is {d}, it must be 0 to 63"));
+        }
+    }
+    if let Some(size) = o.packet_size {
+        if !(bounds::STAMP_MIN_PACKET_BYTES..=bounds::STAMP_MAX_PACKET_BYTES).contains(&size) {
+            return Err(format!(
+                "test `{name}`: `packet_size` is {size}, it must be {} to {} bytes (the UDP \
+                 payload; RFC 8762's unauthenticated packet is {} bytes)",
+                bounds::STAMP_MIN_PACKET_BYTES,
+                bounds::STAMP_MAX_PACKET_BYTES,
+                bounds::STAMP_MIN_PACKET_BYTES
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamp_option_values() {
+        refused(Kind::Stamp, "count = 0", "must be 1 to");
+        refused(Kind::Stamp, "count = 1000000", "must be 1 to");
+        refused(Kind::Stamp, "dscp = 64", "0 to 63");
+        refused(Kind::Stamp, "packet_size = 43", "44 to 1472");
+        refused(Kind::Stamp, "packet_size = 9000", "44 to 1472");
+        refused(Kind::Stamp, "interval = \"100us\"", "at least 1ms");
+        assert!(opts(
+            Kind::Stamp,
+            "count = 1000\ninterval = \"10ms\"\ndscp = 46\npacket_size = 200"
+        )
+        .is_ok());
+    }
 
     fn opts(kind: Kind, toml: &str) -> Result<(), String> {
         let o: TestOptions = toml::from_str(toml).expect("options parse");
