@@ -59,17 +59,39 @@ pub fn boot_id() -> &'static str {
 }
 
 /// True when the kernel says its clock is synchronised (an NTP daemon disciplines it).
-#[allow(unsafe_code)]
 pub fn kernel_synchronised() -> bool {
+    kernel_time_status().synchronised
+}
+
+/// What the kernel says of its clock (adjtimex, read only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KernelTimeStatus {
+    /// Not TIME_ERROR and no STA_UNSYNC.
+    pub synchronised: bool,
+    /// The estimated error (`esterror`) an NTP daemon set.
+    pub estimated_error: Duration,
+    /// The maximum error (`maxerror`), which the kernel grows while nobody disciplines it.
+    pub maximum_error: Duration,
+}
+
+/// The kernel's clock state: synchronised or not, with its error estimates (used as the
+/// error estimate of STAMP timestamps, RFC 8762 section 4.2.1).
+#[allow(unsafe_code)]
+pub fn kernel_time_status() -> KernelTimeStatus {
     // SAFETY: `timex` is a plain C struct for which all-zero bytes are a valid value;
     // with `modes = 0` adjtimex only reads the kernel's state into the struct we own and
     // pass by a valid, exclusive pointer for the duration of the call.
-    let (state, status) = unsafe {
+    let (state, tx) = unsafe {
         let mut tx: libc::timex = std::mem::zeroed();
         let state = libc::adjtimex(&mut tx);
-        (state, tx.status)
+        (state, tx)
     };
-    state >= 0 && state != libc::TIME_ERROR && status & libc::STA_UNSYNC == 0
+    let micros = |v: libc::c_long| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    KernelTimeStatus {
+        synchronised: state >= 0 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0,
+        estimated_error: micros(tx.esterror),
+        maximum_error: micros(tx.maxerror),
+    }
 }
 
 /// Unix nanoseconds of a wall-clock time (negative before 1970).

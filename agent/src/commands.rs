@@ -149,24 +149,43 @@ pub fn serve_target(
     listen: SocketAddr,
     max_tests: usize,
     tls: Option<target::TlsFiles>,
+    stamp: (target::StampListen, target::reflector::Limits),
     shutdown: CancellationToken,
 ) -> Result<(), target::ServeError> {
     rt.block_on(target::serve(
         listen,
         max_tests,
         tls,
+        stamp,
         shutdown.cancelled_owned(),
     ))
+}
+
+/// `--stamp-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub enum StampListenArg {
+    Off,
+    At(SocketAddr),
+}
+
+pub fn parse_stamp_listen(s: &str) -> Result<StampListenArg, String> {
+    if s == "off" {
+        return Ok(StampListenArg::Off);
+    }
+    s.parse()
+        .map(StampListenArg::At)
+        .map_err(|_| format!("`{s}`: expected ADDRESS:PORT (e.g. 0.0.0.0:862) or off"))
 }
 
 /// `probe`'s command line.
 #[derive(clap::Args)]
 pub struct ProbeArgs {
-    /// speed, icmp, tcp, http, dns, path or responsiveness.
+    /// speed, icmp, tcp, http, dns, path, responsiveness or stamp.
     kind: Kind,
     /// URL (speed, http; responsiveness: a networkQuality configuration
     /// `https://host/.well-known/nq` or an edgeprobe target's base URL), host (icmp, dns,
-    /// path) or host:port (tcp).
+    /// path), host:port (tcp) or host[:port] (stamp: a STAMP reflector, port 862 unless
+    /// given).
     target: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -180,12 +199,20 @@ pub struct ProbeArgs {
     /// speed: parallel streams per direction (default 6 down, 3 up).
     #[arg(long)]
     streams: Option<u32>,
-    /// icmp: echo requests to send; path: rounds (default 10).
+    /// icmp: echo requests to send; path: rounds (default 10); stamp: test packets
+    /// (default 100).
     #[arg(long)]
     count: Option<u32>,
-    /// icmp: time between echo requests, e.g. 200ms; path: between rounds (default 1s).
+    /// icmp: time between echo requests, e.g. 200ms; path: between rounds (default 1s);
+    /// stamp: between test packets (default 20ms).
     #[arg(long, value_parser = parse_duration)]
     interval: Option<Duration>,
+    /// stamp: DSCP of the test packets (0 to 63, e.g. 46 for EF as voice is marked).
+    #[arg(long)]
+    dscp: Option<u8>,
+    /// stamp: UDP payload of each test packet in bytes (44 to 1472, default 44).
+    #[arg(long)]
+    packet_size: Option<u32>,
     /// Whole-run limit, e.g. 5s.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
@@ -268,6 +295,8 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
         protocol,
         port,
         max_hops,
+        dscp,
+        packet_size,
     } = args;
     if let Err(reason) = edgeprobe_proto::testdef::check_target(kind, &target) {
         eprintln!("edgeprobe-agent probe: {reason}");
@@ -294,6 +323,8 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
             protocol,
             port,
             max_hops,
+            dscp,
+            packet_size,
             ..TestOptions::default()
         },
     };

@@ -64,6 +64,20 @@ enum Command {
         /// The PEM private key of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Reflect STAMP (RFC 8762 Session-Reflector) on this UDP address, or `off`.
+        /// Default: the --listen host at UDP 862, skipped with a warning when it cannot be
+        /// bound (an address given here that cannot be bound is an error).
+        #[arg(long, value_parser = commands::parse_stamp_listen)]
+        stamp_listen: Option<commands::StampListenArg>,
+        /// STAMP packets per second reflected for each source address.
+        #[arg(long, default_value_t = target::reflector::DEFAULT_RATE)]
+        stamp_rate: u32,
+        /// STAMP packets a source address may send at once beyond --stamp-rate.
+        #[arg(long, default_value_t = target::reflector::DEFAULT_BURST)]
+        stamp_burst: u32,
+        /// STAMP sessions (sender address and port) kept; the longest idle go first.
+        #[arg(long, default_value_t = target::reflector::DEFAULT_MAX_SESSIONS)]
+        stamp_max_sessions: usize,
     },
     /// Show the local result buffer (backlog, oldest result, size on disk, dropped) and
     /// the fleet tests version this agent runs.
@@ -133,13 +147,27 @@ fn main() -> ExitCode {
             max_tests,
             tls_cert,
             tls_key,
+            stamp_listen,
+            stamp_rate,
+            stamp_burst,
+            stamp_max_sessions,
         } => {
             let rt = runtime();
             let shutdown = shutdown_on_signals(&rt);
             let tls = tls_cert
                 .zip(tls_key)
                 .map(|(cert, key)| target::TlsFiles { cert, key });
-            match commands::serve_target(&rt, listen, max_tests, tls, shutdown) {
+            let stamp = match stamp_listen {
+                None => target::StampListen::default_for(listen),
+                Some(commands::StampListenArg::Off) => target::StampListen::Off,
+                Some(commands::StampListenArg::At(addr)) => target::StampListen::Explicit(addr),
+            };
+            let limits = target::reflector::Limits {
+                max_sessions: stamp_max_sessions.max(1),
+                rate: stamp_rate,
+                burst: stamp_burst,
+            };
+            match commands::serve_target(&rt, listen, max_tests, tls, (stamp, limits), shutdown) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("serve-target: {:#}", anyhow::Error::from(e));

@@ -43,6 +43,9 @@
 //!   fails), whether the client stalled, died or its link went half-open.
 //! - Shutdown: when `shutdown` resolves, stop accepting, let requests in flight finish for
 //!   up to `GRACE`, then return.
+//!
+//! STAMP (SPEC section 17): `reflector` is a Session-Reflector on UDP (by default port 862
+//! of the listen address), started beside the HTTP server and stopped with it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -71,6 +74,8 @@ use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+pub mod reflector;
 
 pub const DEFAULT_MAX_TESTS: usize = 4;
 /// Time a finished test keeps its slot (covers the switch from download to upload).
@@ -101,11 +106,38 @@ pub struct TlsFiles {
     pub key: std::path::PathBuf,
 }
 
+/// Where `serve` reflects STAMP.
+#[derive(Debug, Clone, Copy)]
+pub enum StampListen {
+    /// No reflector.
+    Off,
+    /// The default (the listen host, UDP 862): a failure to bind is a warning.
+    Default(SocketAddr),
+    /// Asked for: a failure to bind is an error.
+    Explicit(SocketAddr),
+}
+
+impl StampListen {
+    /// The default for an HTTP listen address: its host at the STAMP port.
+    pub fn default_for(listen: SocketAddr) -> StampListen {
+        StampListen::Default(SocketAddr::new(
+            listen.ip(),
+            edgeprobe_proto::testdef::defaults::STAMP_PORT,
+        ))
+    }
+}
+
 /// Why `serve` stopped other than by its shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}")]
     Listen {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot reflect STAMP on UDP {addr}")]
+    StampListen {
         addr: SocketAddr,
         #[source]
         source: io::Error,
@@ -125,6 +157,7 @@ pub async fn serve(
     listen: SocketAddr,
     max_tests: usize,
     tls: Option<TlsFiles>,
+    stamp: (StampListen, reflector::Limits),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let acceptor = tls.as_ref().map(tls_acceptor).transpose()?;
@@ -137,6 +170,21 @@ pub async fn serve(
         addr: listen,
         source,
     })?;
+    let stamp_addr = match stamp.0 {
+        StampListen::Off => None,
+        StampListen::Default(addr) | StampListen::Explicit(addr) => Some(addr),
+    };
+    let reflector = match stamp_addr.map(|addr| (addr, reflector::bind(addr, stamp.1))) {
+        None => None,
+        Some((_, Ok(r))) => Some(r),
+        Some((addr, Err(source))) => match stamp.0 {
+            StampListen::Explicit(_) => return Err(ServeError::StampListen { addr, source }),
+            _ => {
+                tracing::warn!(udp = %addr, error = %source, "cannot reflect STAMP on the default port; going on without (--stamp-listen ADDR to choose another)");
+                None
+            }
+        },
+    };
     let state = Arc::new(Target {
         garbage: random_chunk(),
         tests: Tests::new(max_tests),
@@ -147,6 +195,26 @@ pub async fn serve(
     let app = router(state);
     let scheme = if acceptor.is_some() { "https" } else { "http" };
     tracing::info!(listen = %local, max_tests, scheme, "serve-target listening");
+    let stop_reflector = CancellationToken::new();
+    let _reflector = match reflector {
+        Some(r) => {
+            let udp = r.local_addr().map_err(|source| ServeError::StampListen {
+                addr: stamp_addr.unwrap_or(local),
+                source,
+            })?;
+            // Logged after the HTTP address, under another key: scripts read `listen=`.
+            tracing::info!(udp = %udp, limits = ?stamp.1, "STAMP reflector running");
+            let stop = stop_reflector.clone();
+            Some(tokio::spawn(async move {
+                r.run(stop).await;
+            }))
+        }
+        None => None,
+    };
+    let _stop_reflector = scopeguard({
+        let stop = stop_reflector.clone();
+        move || stop.cancel()
+    });
 
     let stop = CancellationToken::new();
     let listener = match acceptor {
