@@ -12,6 +12,13 @@
 //! Download bytes are counted as read; upload bytes as the peer acknowledged them
 //! (`conn::Acked`). Every request carries `test=<random id of this run>`.
 //!
+//! Loss under load (SPEC section 17): when the target's host reflects STAMP (UDP 862: two
+//! test packets after the idle latency, one reflection within 500 ms decides), a light
+//! STAMP stream (50 packets of 44 bytes per second, `stamp::loaded_stream`) runs through
+//! each direction: `download_loaded_loss_ratio` is its reverse loss during the download
+//! (the saturated direction is towards us), `upload_loaded_loss_ratio` its forward loss
+//! during the upload; both `None` against a target without a reflector (stock LibreSpeed).
+//!
 //! Invariants: every stream and connection of a direction is gone before the next
 //! direction starts; a 503 anywhere is `busy`; a download that ends short of what it asked
 //! for is `protocol` with no rate (the target does not send data); a stream that breaks
@@ -176,6 +183,24 @@ async fn measure(
     if let Some(e) = idle.error {
         return Err(e);
     }
+    // Loss under load (SPEC section 17): a STAMP reflector on the target's host.
+    let stamp_at = {
+        let mut a = endpoint.addr;
+        a.set_port(edgeprobe_proto::testdef::defaults::STAMP_PORT);
+        a
+    };
+    let reflects = super::stamp::reflects(stamp_at).await;
+    tracing::debug!(target = %spec.target, %stamp_at, reflects, "speed: STAMP reflector");
+    let loss_stream = || {
+        let stop = CancellationToken::new();
+        let stream = reflects.then(|| {
+            AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
+                stamp_at,
+                stop.clone(),
+            )))
+        });
+        (stop, stream)
+    };
     partial.publish(Fields::Speed(fields.clone()), "measuring the download");
 
     let plan = Plan {
@@ -183,9 +208,15 @@ async fn measure(
         duration,
         warmup,
     };
+    let (stop, stream) = loss_stream();
     let (down, error, back) = plan
         .direction(Direction::Download, down_streams, &layout, pinger)
         .await;
+    stop.cancel();
+    if let Some(mut stream) = stream {
+        // The saturated direction of a download is the way back.
+        fields.download_loaded_loss_ratio = (&mut stream.0).await.ok().and_then(|l| l.1);
+    }
     pinger = back;
     fields.streams_failed += down.streams_failed;
     fields.bytes_downloaded = down.bytes;
@@ -196,9 +227,15 @@ async fn measure(
     }
     partial.publish(Fields::Speed(fields.clone()), "measuring the upload");
 
+    let (stop, stream) = loss_stream();
     let (up, error, _) = plan
         .direction(Direction::Upload, up_streams, &layout, pinger)
         .await;
+    stop.cancel();
+    if let Some(mut stream) = stream {
+        // The saturated direction of an upload is the way out.
+        fields.upload_loaded_loss_ratio = (&mut stream.0).await.ok().and_then(|l| l.0);
+    }
     fields.streams_failed += up.streams_failed;
     fields.bytes_uploaded = up.bytes;
     fields.upload_bits_per_second = up.bits_per_second;

@@ -130,6 +130,70 @@ async fn measure(
     Ok(())
 }
 
+/// The speed test's loaded-loss stream (SPEC section 17): packets per second.
+pub const LOADED_RATE: u32 = 50;
+/// How long the speed test waits for a reflection when it asks whether its target
+/// reflects STAMP.
+const DETECT_WAIT: Duration = Duration::from_millis(500);
+/// How long a loaded-loss stream waits for late reflections after it stops sending.
+const LOADED_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether a STAMP reflector answers at `dest`: two test packets, one reflection within
+/// `DETECT_WAIT` is enough.
+pub async fn reflects(dest: SocketAddr) -> bool {
+    let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN) else {
+        return false;
+    };
+    let until = tokio::time::Instant::now() + DETECT_WAIT;
+    for _ in 0..2 {
+        if session.send().await.is_err() {
+            return false;
+        }
+    }
+    while session.received == 0 && !session.refused {
+        tokio::select! {
+            () = session.receive() => {}
+            () = tokio::time::sleep_until(until) => break,
+        }
+    }
+    session.received > 0
+}
+
+/// A light stream (`LOADED_RATE` packets of 44 bytes per second) to the reflector at
+/// `dest` until `stop`, then `LOADED_WAIT` for late reflections: the forward and reverse
+/// loss ratios of the stream (`None` when it could not run).
+pub async fn loaded_stream(
+    dest: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Option<f64>, Option<f64>) {
+    let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN) else {
+        return (None, None);
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / LOADED_RATE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let due = tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => true,
+            () = session.receive() => false,
+        };
+        if due && session.send().await.is_err() {
+            return (None, None);
+        }
+    }
+    let until = tokio::time::Instant::now() + LOADED_WAIT;
+    while !session.all_back() {
+        tokio::select! {
+            () = session.receive() => {}
+            () = tokio::time::sleep_until(until) => break,
+        }
+    }
+    if session.sent() == 0 {
+        return (None, None);
+    }
+    session.loss_ratios()
+}
+
 /// A packet as sent: T1 in NTP format and the monotonic time it left.
 struct Sent {
     timestamp: u64,
