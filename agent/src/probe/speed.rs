@@ -12,8 +12,8 @@
 //! Download bytes are counted as read; upload bytes as the peer acknowledged them
 //! (`conn::Acked`). Every request carries `test=<random id of this run>`.
 //!
-//! Loss under load (SPEC section 17): when the target's host reflects STAMP (UDP 862: two
-//! test packets after the idle latency, one reflection within 500 ms decides), a light
+//! Loss under load (SPEC section 17): when the target's host reflects STAMP (UDP 862: up to
+//! five test packets after the idle latency, one reflection within 600 ms decides), a light
 //! STAMP stream (50 packets of 44 bytes per second, `stamp::loaded_stream`) runs through
 //! each direction: `download_loaded_loss_ratio` is its reverse loss during the download
 //! (the saturated direction is towards us), `upload_loaded_loss_ratio` its forward loss

@@ -7,7 +7,7 @@
 //!   `max_sessions` are kept, the longest idle evicted (an eighth at a time) beyond that.
 //! - The reflected packet (section 4.3.1 layout, `probe::stamp::packet`) carries T2 (taken
 //!   when the packet is read), T3 (taken just before the send), this host's error estimate
-//!   (S from the kernel's sync status, refreshed every `TICK`), the sender's sequence
+//!   (S from the kernel's sync status, asked for each reflection), the sender's sequence
 //!   number, timestamp and error estimate, and the TTL or hop limit the sender's packet
 //!   arrived with (IP_RECVTTL / IPV6_RECVHOPLIMIT; 255 when the kernel gave none).
 //! - Not an amplifier: a packet shorter than 44 bytes is dropped; the reflection is exactly
@@ -40,7 +40,7 @@ pub const DEFAULT_RATE: u32 = 1000;
 pub const DEFAULT_BURST: u32 = 100;
 /// A session without packets for this long is forgotten.
 const SESSION_IDLE: Duration = Duration::from_secs(60);
-/// Housekeeping: sync status, expiry.
+/// Housekeeping: expiry, counters.
 const TICK: Duration = Duration::from_secs(1);
 /// Counters are logged at most this often (when they changed).
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -121,7 +121,6 @@ impl Reflector {
             limits: self.limits,
             sessions: HashMap::new(),
             buckets: HashMap::new(),
-            estimate: packet::local_error_estimate(),
             counters: Counters::default(),
         };
         let mut buf = vec![0u8; MAX_PACKET];
@@ -133,7 +132,6 @@ impl Reflector {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    state.estimate = packet::local_error_estimate();
                     state.expire(Instant::now());
                     if state.counters != logged && last_log.elapsed() >= LOG_EVERY {
                         log(&state.counters, state.sessions.len());
@@ -201,7 +199,6 @@ struct State {
     limits: Limits,
     sessions: HashMap<SocketAddr, Session>,
     buckets: HashMap<IpAddr, Bucket>,
-    estimate: u16,
     counters: Counters,
 }
 
@@ -242,7 +239,9 @@ impl State {
             &packet::ReflectorPacket {
                 seq,
                 timestamp: 0,
-                estimate: self.estimate,
+                // Asked per reflection (one syscall, at most `rate` per source and
+                // second): a status that just changed is never stale.
+                estimate: packet::local_error_estimate(),
                 receive_timestamp: t2,
                 sender,
                 sender_ttl: ttl.unwrap_or(255),
@@ -432,7 +431,6 @@ mod tests {
             limits: Limits::default(),
             sessions: HashMap::new(),
             buckets: HashMap::new(),
-            estimate: 0x0101,
             counters: Counters::default(),
         };
         let a: SocketAddr = "192.0.2.1:5000".parse().unwrap();
@@ -464,7 +462,6 @@ mod tests {
             },
             sessions: HashMap::new(),
             buckets: HashMap::new(),
-            estimate: 0,
             counters: Counters::default(),
         };
         let ip: IpAddr = "192.0.2.7".parse().unwrap();

@@ -15,6 +15,7 @@ mod probes;
 mod responsiveness;
 mod schedule;
 mod speed;
+mod stamp;
 mod state;
 mod target;
 mod upload_link;

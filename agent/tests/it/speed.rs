@@ -71,8 +71,13 @@ fn speed_cut_off_by_its_limit_keeps_the_download() {
 /// A server with only LibreSpeed's stock layout (`/backend/*.php`, chunked garbage as
 /// garbage.php sends it), recording what was asked.
 fn stock_librespeed() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    stock_librespeed_on("127.0.0.1:0")
+}
+
+/// `stock_librespeed` listening on `bind` (bound in the caller's network namespace).
+pub fn stock_librespeed_on(bind: &str) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let hits: Arc<Mutex<Vec<String>>> = Arc::default();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = TcpListener::bind(bind).unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = hits.clone();

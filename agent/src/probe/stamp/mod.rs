@@ -133,27 +133,30 @@ async fn measure(
 /// The speed test's loaded-loss stream (SPEC section 17): packets per second.
 pub const LOADED_RATE: u32 = 50;
 /// How long the speed test waits for a reflection when it asks whether its target
-/// reflects STAMP.
-const DETECT_WAIT: Duration = Duration::from_millis(500);
+/// reflects STAMP, the test packets it sends at most and their spacing.
+const DETECT_WAIT: Duration = Duration::from_millis(600);
+const DETECT_PACKETS: u32 = 5;
+const DETECT_GAP: Duration = Duration::from_millis(50);
 /// How long a loaded-loss stream waits for late reflections after it stops sending.
 const LOADED_WAIT: Duration = Duration::from_millis(500);
 
-/// Whether a STAMP reflector answers at `dest`: two test packets, one reflection within
-/// `DETECT_WAIT` is enough.
+/// Whether a STAMP reflector answers at `dest`: up to `DETECT_PACKETS` test packets
+/// `DETECT_GAP` apart until one is reflected, waiting at most `DETECT_WAIT` in all (so a
+/// lossy path is not taken for no reflector).
 pub async fn reflects(dest: SocketAddr) -> bool {
     let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN) else {
         return false;
     };
     let until = tokio::time::Instant::now() + DETECT_WAIT;
-    for _ in 0..2 {
-        if session.send().await.is_err() {
-            return false;
-        }
-    }
+    let mut tick = tokio::time::interval(DETECT_GAP);
     while session.received == 0 && !session.refused {
-        tokio::select! {
-            () = session.receive() => {}
+        let due = tokio::select! {
+            _ = tick.tick(), if session.sent() < DETECT_PACKETS => true,
+            () = session.receive() => false,
             () = tokio::time::sleep_until(until) => break,
+        };
+        if due && session.send().await.is_err() {
+            return false;
         }
     }
     session.received > 0
