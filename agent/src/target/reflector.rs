@@ -453,6 +453,38 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_idle_sessions_are_evicted_when_full() {
+        let mut state = State {
+            limits: Limits {
+                max_sessions: 16,
+                rate: 1_000_000,
+                burst: 1_000_000,
+            },
+            sessions: HashMap::new(),
+            buckets: HashMap::new(),
+            counters: Counters::default(),
+        };
+        let mut out = vec![0u8; 64];
+        let mut sent = [0u8; 44];
+        packet::write_sender(&mut sent, 0, 1, 1);
+        let addr = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+        for port in 0..16 {
+            state.reflect(&sent, addr(port), None, 1, &mut out);
+        }
+        // Port 0 is used again: now port 1 is the longest idle.
+        state.reflect(&sent, addr(0), None, 1, &mut out);
+        state.reflect(&sent, addr(100), None, 1, &mut out);
+        assert!(state.sessions.len() <= 16);
+        assert_eq!(state.counters.sessions_evicted, 2);
+        assert!(state.sessions.contains_key(&addr(0)) && state.sessions.contains_key(&addr(100)));
+        assert!(!state.sessions.contains_key(&addr(1)) && !state.sessions.contains_key(&addr(2)));
+        assert_eq!(state.sessions[&addr(0)].next_seq, 2);
+        // Idle sessions expire.
+        state.expire(Instant::now() + SESSION_IDLE);
+        assert!(state.sessions.is_empty());
+    }
+
+    #[test]
     fn a_source_gets_its_burst_then_its_rate() {
         let mut state = State {
             limits: Limits {

@@ -671,3 +671,79 @@ fn send_batch(socket: &UdpSocket, first: u64, n: usize) -> (usize, u64) {
     let sent = usize::try_from(sent).unwrap_or(0);
     (sent, lens[..sent].iter().map(|l| *l as u64).sum())
 }
+
+/// The reflection carries the TTL (hop limit) the sender's packet arrived with: 64 sent,
+/// four routers on the way, 60 at the reflector; IPv4 and IPv6 on one dual-stack socket.
+#[test]
+fn our_reflector_returns_the_ttl_the_packet_arrived_with() {
+    use crate::chain::{Chain, DEST, ROUTERS, SOURCE};
+    let Some(chain) = Chain::build() else { return };
+    let _target = Target::start_with(
+        Some(chain.name(DEST)),
+        &format!("{}:8080", chain.dest(false)),
+        4,
+        &["--stamp-listen", "[::]:862"],
+    );
+    for ipv6 in [false, true] {
+        let dest: std::net::IpAddr = chain.dest(ipv6).parse().unwrap();
+        let socket = in_netns(chain.name(SOURCE), move || {
+            let s = UdpSocket::bind(if ipv6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap();
+            s.connect((dest, 862)).unwrap();
+            s
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut p = [0u8; 44];
+        p[3] = 1;
+        let mut got = None;
+        let mut buf = [0u8; 128];
+        for _ in 0..10 {
+            socket.send(&p).unwrap();
+            if let Ok(n) = socket.recv(&mut buf) {
+                got = Some(n);
+                break;
+            }
+        }
+        let n = got.expect("a reflection through the chain");
+        assert_eq!(n, 44);
+        let ttl = buf[40];
+        eprintln!(
+            "{}: Ses-Sender TTL {ttl} after {ROUTERS} routers",
+            if ipv6 { "IPv6" } else { "IPv4" }
+        );
+        assert_eq!(ttl, 64 - ROUTERS as u8, "ipv6 {ipv6}");
+    }
+}
+
+/// The default STAMP address that cannot be bound is a warning (the target serves HTTP
+/// without it); `--stamp-listen off` binds nothing.
+#[test]
+fn a_taken_default_stamp_port_is_a_warning_and_off_is_off() {
+    let Some(ns) = Netns::pair(None) else { return };
+    let first = our_reflector(&ns, &[]);
+    // Default 10.77.0.2:862 is taken by `first`: this one still starts.
+    let second = Target::start_with(Some(&ns.names[1]), "10.77.0.2:8081", 4, &[]);
+    let off = Target::start_with(
+        Some(&ns.names[1]),
+        "10.77.0.2:8082",
+        4,
+        &["--stamp-listen", "off"],
+    );
+    let v = stamp(&ns, REFLECTOR, &["--count", "5", "--interval", "10ms"]);
+    assert_eq!(v["received"], 5, "{v}");
+    drop(first);
+    // Neither of the others reflects.
+    let (v, code) = probe_in(
+        Some(&ns.names[0]),
+        "stamp",
+        REFLECTOR,
+        &["--count", "5", "--interval", "10ms"],
+    );
+    assert_eq!((code, class(&v)), (1, "refused"), "{v}");
+    // Both still serve HTTP.
+    for t in [&second, &off] {
+        let (v, code) = probe_in(Some(&ns.names[0]), "tcp", &t.addr.to_string(), &[]);
+        assert_eq!(code, 0, "{v}");
+    }
+}
