@@ -49,8 +49,9 @@ enum Command {
     },
     /// Run one probe now and print its result.
     Probe(commands::ProbeArgs),
-    /// Serve as a speed and latency target (LibreSpeed backend protocol) and a
-    /// networkQuality responsiveness server (`/.well-known/nq`).
+    /// Serve as a speed and latency target (LibreSpeed backend protocol), a
+    /// networkQuality responsiveness server (`/.well-known/nq`) and a STAMP
+    /// Session-Reflector (RFC 8762, UDP 862).
     ServeTarget {
         /// Address to listen on, e.g. 0.0.0.0:8080.
         #[arg(long, default_value = "0.0.0.0:8080")]

@@ -606,6 +606,17 @@ fn stamp_over_ipv6_with_dscp_and_padding() {
     );
     assert_eq!(f64_of(&v, "forward_loss_ratio"), 0.0);
     assert!(f64_of(&v, "rtt_max_seconds") < 0.05, "{v}");
+    // A run cut off by its limit keeps what it measured.
+    let (v, code) = crate::util::probe(
+        "stamp",
+        &stamp_listen,
+        &["--count", "1000", "--interval", "5ms", "--timeout", "1s"],
+    );
+    assert_eq!((code, class(&v)), (1, "timeout"), "{v}");
+    let sent = v["sent"].as_u64().unwrap();
+    assert!((100..1000).contains(&sent), "{v}");
+    assert!(v["received"].as_u64().unwrap() > 50, "{v}");
+    assert!(f64_of(&v, "rtt_avg_seconds") > 0.0, "{v}");
     // An explicit --stamp-listen that cannot be bound is an error, not a warning.
     let out = std::process::Command::new(crate::util::BIN)
         .args([
@@ -746,4 +757,39 @@ fn a_taken_default_stamp_port_is_a_warning_and_off_is_off() {
         let (v, code) = probe_in(Some(&ns.names[0]), "tcp", &t.addr.to_string(), &[]);
         assert_eq!(code, 0, "{v}");
     }
+}
+
+/// `--dscp 46` marks every test packet EF, as the reflector's side sees it (an iptables
+/// `dscp` match counts them).
+#[test]
+fn stamp_marks_its_packets_with_the_dscp_asked_for() {
+    let Some(ns) = Netns::pair(None) else { return };
+    let _reflector = independent_reflector(&ns, 8621);
+    for rule in [
+        ["-m", "dscp", "--dscp", "46"],
+        ["-m", "dscp", "--dscp", "0"],
+    ] {
+        let mut args = vec!["-A", "INPUT", "-p", "udp", "--dport", "8621"];
+        args.extend_from_slice(&rule);
+        args.extend_from_slice(&["-j", "ACCEPT"]);
+        ns.exec(1, "iptables", &args);
+    }
+    let counts = || -> Vec<u64> {
+        ns.exec(1, "iptables", &["-L", "INPUT", "-v", "-n", "-x"])
+            .lines()
+            .filter(|l| l.contains("dpt:8621"))
+            .map(|l| l.split_whitespace().next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let target = format!("{REFLECTOR}:8621");
+    let v = stamp(
+        &ns,
+        &target,
+        &["--count", "20", "--interval", "5ms", "--dscp", "46"],
+    );
+    assert_eq!(v["received"], 20, "{v}");
+    assert_eq!(counts(), vec![20, 0], "EF, then best effort");
+    let v = stamp(&ns, &target, &["--count", "10", "--interval", "5ms"]);
+    assert_eq!(v["received"], 10, "{v}");
+    assert_eq!(counts(), vec![20, 10]);
 }
