@@ -301,14 +301,16 @@ pub struct RunNowArgs {
     /// A test the agents know: a fleet test or one of their own.
     #[arg(long, value_name = "NAME")]
     test: Option<String>,
-    /// An ad-hoc test of this kind (speed, icmp, tcp, http, dns, path), with --target.
+    /// An ad-hoc test of this kind (speed, icmp, tcp, http, dns, path, responsiveness,
+    /// stamp), with --target.
     #[arg(long, requires = "target")]
     kind: Option<String>,
     /// The ad-hoc test's target, as in the agent config.
     #[arg(long, requires = "kind")]
     target: Option<String>,
     /// An option of the ad-hoc test, as in [test.options] (repeatable); the value is an
-    /// integer, true|false, or else a string ("10s", "GET").
+    /// integer, true|false, or else a string ("10s", "GET"); e.g. a stamp test's
+    /// `--option dscp=46 --option packet_size=160`.
     #[arg(long = "option", value_name = "KEY=VALUE", value_parser = parse_pair, requires = "kind")]
     options: Vec<(String, String)>,
     /// The ad-hoc test's name in the results (default run-now).
@@ -1321,6 +1323,11 @@ fn result_row(r: &RunResult) -> String {
             parts.extend(f("upload_bits_per_second").map(|v| format!("up {}", human_bps(v))));
             parts.extend(secs("idle_latency_seconds", "latency"));
             parts.extend(secs("jitter_seconds", "jitter"));
+            parts.extend(
+                f("download_loaded_loss_ratio")
+                    .map(|v| format!("loss under load down {}", percent(v))),
+            );
+            parts.extend(f("upload_loaded_loss_ratio").map(|v| format!("up {}", percent(v))));
         }
         "icmp" => {
             parts.extend(secs("rtt_avg_seconds", "rtt avg"));
@@ -1361,6 +1368,15 @@ fn result_row(r: &RunResult) -> String {
                 parts.push("not stable".into());
             }
         }
+        "stamp" => {
+            parts.extend(f("forward_loss_ratio").map(|v| format!("loss out {}", percent(v))));
+            parts.extend(f("reverse_loss_ratio").map(|v| format!("back {}", percent(v))));
+            parts.extend(secs("rtt_avg_seconds", "rtt avg"));
+            parts.extend(secs("forward_delay_avg_seconds", "one-way out"));
+            parts.extend(secs("reverse_delay_avg_seconds", "back"));
+            parts.extend(secs("jitter_seconds", "jitter"));
+            parts.extend(f("mos").map(|v| format!("MOS {v:.2}")));
+        }
         "path" => {
             let hops = f("hop_count").unwrap_or(0.0);
             parts.push(match r.figures.get("reached").and_then(|v| v.as_bool()) {
@@ -1392,6 +1408,16 @@ fn result_row(r: &RunResult) -> String {
         hop_table(&mut row, hops);
     }
     row
+}
+
+/// A loss ratio as a percentage with the precision small losses need (`0.3%`, `12%`).
+fn percent(ratio: f64) -> String {
+    let p = ratio * 100.0;
+    if p > 0.0 && p < 10.0 {
+        format!("{p:.1}%")
+    } else {
+        format!("{p:.0}%")
+    }
 }
 
 /// A path result's hops under its row, laid out as the agent's `probe path` table (and
@@ -1481,5 +1507,47 @@ mod tests {
         assert_eq!(human_bps(1_500_000_000.0), "1.50 Gbit/s");
         assert_eq!(human_seconds(0.0123), "12.3 ms");
         assert_eq!(human_seconds(2.5), "2.50 s");
+        assert_eq!(percent(0.003), "0.3%");
+        assert_eq!(percent(0.0), "0%");
+        assert_eq!(percent(0.12), "12%");
+    }
+
+    #[test]
+    fn stamp_and_loaded_loss_rows() {
+        let result = |kind: &str, figures: serde_json::Value| RunResult {
+            agent_id: "hh1".into(),
+            test: "run-now".into(),
+            kind: kind.into(),
+            target: "192.0.2.7".into(),
+            success: true,
+            duration_seconds: 2.1,
+            error_class: None,
+            error_message: None,
+            figures: serde_json::from_value(figures).unwrap(),
+        };
+        let stamp = result(
+            "stamp",
+            serde_json::json!({
+                "forward_loss_ratio": 0.03, "reverse_loss_ratio": 0.0,
+                "rtt_avg_seconds": 0.0125, "forward_delay_avg_seconds": 0.008,
+                "reverse_delay_avg_seconds": 0.004, "jitter_seconds": 0.0009, "mos": 3.92
+            }),
+        );
+        assert_eq!(
+            result_row(&stamp),
+            "hh1                   ok    loss out 3.0%  back 0%  rtt avg 12.5 ms  \
+             one-way out 8.0 ms  back 4.0 ms  jitter 0.9 ms  MOS 3.92"
+        );
+        let speed = result(
+            "speed",
+            serde_json::json!({
+                "download_bits_per_second": 9.4e7, "download_loaded_loss_ratio": 0.021,
+                "upload_loaded_loss_ratio": 0.0
+            }),
+        );
+        assert_eq!(
+            result_row(&speed),
+            "hh1                   ok    down 94.0 Mbit/s  loss under load down 2.1%  up 0%"
+        );
     }
 }

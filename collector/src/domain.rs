@@ -217,6 +217,44 @@ pub struct Measures {
     /// poor, fair, good or excellent; NULL when the agent gave none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rating: Option<String>,
+    /// STAMP (SPEC section 17): test packets lost on the way to the reflector and on the
+    /// way back, and their ratios. `sent`, `received`, `rtt_*` and `jitter_seconds` are
+    /// shared with the other kinds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_lost: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse_lost: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_loss_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse_loss_ratio: Option<f64>,
+    /// Extra copies received, and packets that arrived after a later one (RFC 4737).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reordered: Option<i32>,
+    /// One-way delays; NULL unless both clocks were synchronised.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_delay_min_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_delay_avg_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_delay_max_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse_delay_min_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse_delay_avg_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reverse_delay_max_seconds: Option<f64>,
+    /// ITU-T G.107 E-model estimate for a voice call, `MOS_MIN..=MOS_MAX`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mos: Option<f64>,
+    /// Speed: UDP loss while each direction was saturated (the target's STAMP reflector);
+    /// NULL against targets without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_loaded_loss_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_loaded_loss_ratio: Option<f64>,
     /// The hops as the JSON stored in `results.hops`, rendered once by `check`
     /// (`ResultRow::to_json` embeds it as JSON).
     #[serde(skip)]
@@ -267,6 +305,21 @@ pub const FIGURE_COLUMNS: &[&str] = &[
     "load_connections",
     "stable",
     "rating",
+    "forward_lost",
+    "reverse_lost",
+    "forward_loss_ratio",
+    "reverse_loss_ratio",
+    "duplicates",
+    "reordered",
+    "forward_delay_min_seconds",
+    "forward_delay_avg_seconds",
+    "forward_delay_max_seconds",
+    "reverse_delay_min_seconds",
+    "reverse_delay_avg_seconds",
+    "reverse_delay_max_seconds",
+    "mos",
+    "download_loaded_loss_ratio",
+    "upload_loaded_loss_ratio",
 ];
 
 /// How a quarantined result's raw bytes are encoded.
@@ -728,6 +781,141 @@ fn responsiveness_fields(r: &pb::ResponsivenessFields, m: &mut Measures) -> Resu
     Ok(())
 }
 
+/// The largest round trip or one-way delay (either sign) a stamp result may report: the
+/// sender waits 2 s (`defaults::STAMP_WAIT`) for the last reflection, so a figure of a
+/// minute is already a broken clock or a broken sender, not a network.
+pub const MAX_STAMP_DELAY_SECONDS: f64 = 60.0;
+
+/// Seconds of a stamp result: finite, within `lowest..=MAX_STAMP_DELAY_SECONDS`.
+fn stamp_seconds(field: &str, v: Option<f64>, lowest: f64) -> Result<Option<f64>, Invalid> {
+    match v {
+        Some(x) if !x.is_finite() || x < lowest || x > MAX_STAMP_DELAY_SECONDS => invalid(format!(
+            "{field} = {x} is outside {lowest}..={MAX_STAMP_DELAY_SECONDS} seconds"
+        )),
+        other => Ok(other),
+    }
+}
+
+/// A (min, avg, max) triple of a stamp result, each bounded, in that order when present.
+fn stamp_triple(
+    name: &str,
+    [min, avg, max]: [Option<f64>; 3],
+    lowest: f64,
+) -> Result<[Option<f64>; 3], Invalid> {
+    let min = stamp_seconds(&format!("{name}_min_seconds"), min, lowest)?;
+    let avg = stamp_seconds(&format!("{name}_avg_seconds"), avg, lowest)?;
+    let max = stamp_seconds(&format!("{name}_max_seconds"), max, lowest)?;
+    let present: Vec<f64> = [min, avg, max].into_iter().flatten().collect();
+    if present.windows(2).any(|w| w[0] > w[1]) {
+        return invalid(format!(
+            "{name} min/avg/max = {min:?}/{avg:?}/{max:?} are not in order"
+        ));
+    }
+    Ok([min, avg, max])
+}
+
+/// Checks a stamp result's fields (SPEC section 17) into `m`. What contradicts itself is
+/// refused: more received or lost than sent (a packet received is not lost), ratios outside
+/// 0..=1, duplicates or reordered packets beyond the packets sent, delays out of order or
+/// beyond `MAX_STAMP_DELAY_SECONDS`, a MOS outside the E-model's range, and one-way delays
+/// from an agent whose own clock is unsynchronised (they must be null then).
+///
+/// One-way delays may be negative: they are differences of two clocks, each synchronised
+/// only to within its error, and on a short path the error can exceed the delay. They are
+/// stored as measured, never clamped.
+fn stamp_fields(
+    st: &pb::StampFields,
+    clock_unsynced: bool,
+    m: &mut Measures,
+) -> Result<(), Invalid> {
+    if st.sent > bounds::MAX_STAMP_COUNT {
+        return invalid(format!(
+            "sent = {}, at most {}",
+            st.sent,
+            bounds::MAX_STAMP_COUNT
+        ));
+    }
+    if st.received > st.sent {
+        return invalid(format!("received = {} > sent = {}", st.received, st.sent));
+    }
+    let lost = u64::from(st.forward_lost) + u64::from(st.reverse_lost);
+    if lost > u64::from(st.sent - st.received) {
+        return invalid(format!(
+            "forward_lost + reverse_lost = {} + {} > sent - received = {} - {}",
+            st.forward_lost, st.reverse_lost, st.sent, st.received
+        ));
+    }
+    for (field, v) in [("duplicates", st.duplicates), ("reordered", st.reordered)] {
+        if v > st.sent {
+            return invalid(format!("{field} = {v} > sent = {}", st.sent));
+        }
+    }
+    m.sent = Some(st.sent as i32);
+    m.received = Some(st.received as i32);
+    m.forward_lost = Some(st.forward_lost as i32);
+    m.reverse_lost = Some(st.reverse_lost as i32);
+    m.duplicates = Some(st.duplicates as i32);
+    m.reordered = Some(st.reordered as i32);
+    m.forward_loss_ratio = ratio("forward_loss_ratio", st.forward_loss_ratio)?;
+    m.reverse_loss_ratio = ratio("reverse_loss_ratio", st.reverse_loss_ratio)?;
+    [m.rtt_min_seconds, m.rtt_avg_seconds, m.rtt_max_seconds] = stamp_triple(
+        "rtt",
+        [st.rtt_min_seconds, st.rtt_avg_seconds, st.rtt_max_seconds],
+        0.0,
+    )?;
+    m.rtt_mdev_seconds = stamp_seconds("rtt_mdev_seconds", st.rtt_mdev_seconds, 0.0)?;
+    m.jitter_seconds = stamp_seconds("jitter_seconds", st.jitter_seconds, 0.0)?;
+    let lowest = -MAX_STAMP_DELAY_SECONDS;
+    [
+        m.forward_delay_min_seconds,
+        m.forward_delay_avg_seconds,
+        m.forward_delay_max_seconds,
+    ] = stamp_triple(
+        "forward_delay",
+        [
+            st.forward_delay_min_seconds,
+            st.forward_delay_avg_seconds,
+            st.forward_delay_max_seconds,
+        ],
+        lowest,
+    )?;
+    [
+        m.reverse_delay_min_seconds,
+        m.reverse_delay_avg_seconds,
+        m.reverse_delay_max_seconds,
+    ] = stamp_triple(
+        "reverse_delay",
+        [
+            st.reverse_delay_min_seconds,
+            st.reverse_delay_avg_seconds,
+            st.reverse_delay_max_seconds,
+        ],
+        lowest,
+    )?;
+    let one_way = [
+        m.forward_delay_min_seconds,
+        m.forward_delay_avg_seconds,
+        m.forward_delay_max_seconds,
+        m.reverse_delay_min_seconds,
+        m.reverse_delay_avg_seconds,
+        m.reverse_delay_max_seconds,
+    ];
+    if clock_unsynced && one_way.iter().any(Option::is_some) {
+        return invalid("one-way delays from an agent whose clock is unsynchronised");
+    }
+    m.mos = match st.mos {
+        Some(x) if !(bounds::MOS_MIN..=bounds::MOS_MAX).contains(&x) => {
+            return invalid(format!(
+                "mos = {x} is outside {}..={}",
+                bounds::MOS_MIN,
+                bounds::MOS_MAX
+            ))
+        }
+        other => other,
+    };
+    Ok(())
+}
+
 impl ResultRow {
     /// Checks one wire result against every bound except the batch's (agent id, seq),
     /// without taking it apart. Its start time is never a reason to refuse.
@@ -773,6 +961,10 @@ impl ResultRow {
                 )?;
                 m.bytes_downloaded = Some(count("bytes_downloaded", s.bytes_downloaded)?);
                 m.bytes_uploaded = Some(count("bytes_uploaded", s.bytes_uploaded)?);
+                m.download_loaded_loss_ratio =
+                    ratio("download_loaded_loss_ratio", s.download_loaded_loss_ratio)?;
+                m.upload_loaded_loss_ratio =
+                    ratio("upload_loaded_loss_ratio", s.upload_loaded_loss_ratio)?;
             }
             (Kind::Icmp, Some(F::Icmp(i))) => {
                 if i.received > i.sent {
@@ -818,6 +1010,7 @@ impl ResultRow {
             }
             (Kind::Path, Some(F::Path(p))) => path_fields(p, &mut m)?,
             (Kind::Responsiveness, Some(F::Responsiveness(r))) => responsiveness_fields(r, &mut m)?,
+            (Kind::Stamp, Some(F::Stamp(st))) => stamp_fields(st, r.clock_unsynced, &mut m)?,
             (_, None) => {}
             (kind, Some(_)) => return invalid(format!("fields do not match kind {}", kind.name())),
         }
@@ -945,6 +1138,21 @@ mod tests {
             load_connections: Some(1),
             stable: Some(true),
             rating: Some("poor".into()),
+            forward_lost: Some(1),
+            reverse_lost: Some(1),
+            forward_loss_ratio: Some(0.0),
+            reverse_loss_ratio: Some(0.0),
+            duplicates: Some(1),
+            reordered: Some(1),
+            forward_delay_min_seconds: Some(1.0),
+            forward_delay_avg_seconds: Some(1.0),
+            forward_delay_max_seconds: Some(1.0),
+            reverse_delay_min_seconds: Some(1.0),
+            reverse_delay_avg_seconds: Some(1.0),
+            reverse_delay_max_seconds: Some(1.0),
+            mos: Some(4.4),
+            download_loaded_loss_ratio: Some(0.0),
+            upload_loaded_loss_ratio: Some(0.0),
             hops: Some("[]".into()),
         };
         let serde_json::Value::Object(fields) = serde_json::to_value(&all).unwrap() else {
@@ -1415,6 +1623,197 @@ mod tests {
         assert!(batch(vec![other]).unwrap().rejected[0]
             .reason
             .contains("fields do not match kind speed"));
+    }
+
+    fn good_stamp(seq: u64) -> pb::Result {
+        pb::Result {
+            kind: pb::Kind::Stamp as i32,
+            target: "192.0.2.7:862".into(),
+            duration_seconds: 4.1,
+            fields: Some(pb::result::Fields::Stamp(pb::StampFields {
+                sent: 1000,
+                received: 962,
+                forward_lost: 31,
+                reverse_lost: 7,
+                forward_loss_ratio: Some(0.031),
+                reverse_loss_ratio: Some(7.0 / 969.0),
+                duplicates: 2,
+                reordered: 5,
+                rtt_min_seconds: Some(0.010),
+                rtt_avg_seconds: Some(0.012),
+                rtt_max_seconds: Some(0.030),
+                rtt_mdev_seconds: Some(0.002),
+                forward_delay_min_seconds: Some(0.007),
+                forward_delay_avg_seconds: Some(0.008),
+                forward_delay_max_seconds: Some(0.020),
+                reverse_delay_min_seconds: Some(-0.0002),
+                reverse_delay_avg_seconds: Some(0.004),
+                reverse_delay_max_seconds: Some(0.010),
+                jitter_seconds: Some(0.001),
+                mos: Some(3.9),
+            })),
+            ..good(seq)
+        }
+    }
+
+    fn stamp_of(r: &mut pb::Result) -> &mut pb::StampFields {
+        match &mut r.fields {
+            Some(pb::result::Fields::Stamp(f)) => f,
+            _ => unreachable!("a stamp result"),
+        }
+    }
+
+    #[test]
+    fn stamp_results_are_checked_for_contradictions() {
+        let row = batch(vec![good_stamp(1)]).unwrap().rows.remove(0);
+        let m = &row.measures;
+        assert_eq!((m.sent, m.received), (Some(1000), Some(962)));
+        assert_eq!((m.forward_lost, m.reverse_lost), (Some(31), Some(7)));
+        assert_eq!(m.forward_loss_ratio, Some(0.031));
+        assert_eq!((m.duplicates, m.reordered), (Some(2), Some(5)));
+        assert_eq!(m.rtt_avg_seconds, Some(0.012));
+        assert_eq!(m.forward_delay_avg_seconds, Some(0.008));
+        assert_eq!(
+            m.reverse_delay_min_seconds,
+            Some(-0.0002),
+            "stored as measured"
+        );
+        assert_eq!(m.jitter_seconds, Some(0.001));
+        assert_eq!(m.mos, Some(3.9));
+        let json: serde_json::Value = serde_json::from_slice(&row.to_json()).unwrap();
+        assert_eq!(json["measures"]["forward_lost"], 31);
+
+        // An unsynchronised clock: no one-way delays, the rest stands.
+        let mut unsynced = good_stamp(1);
+        unsynced.clock_unsynced = true;
+        let f = stamp_of(&mut unsynced);
+        f.forward_delay_min_seconds = None;
+        f.forward_delay_avg_seconds = None;
+        f.forward_delay_max_seconds = None;
+        f.reverse_delay_min_seconds = None;
+        f.reverse_delay_avg_seconds = None;
+        f.reverse_delay_max_seconds = None;
+        let row = batch(vec![unsynced]).unwrap().rows.remove(0);
+        assert_eq!(row.measures.forward_delay_avg_seconds, None);
+        assert_eq!(row.measures.rtt_avg_seconds, Some(0.012));
+        // The edges: every packet lost forward, MOS at both ends of its range.
+        let mut edges = good_stamp(1);
+        let f = stamp_of(&mut edges);
+        (f.received, f.forward_lost, f.reverse_lost) = (0, 1000, 0);
+        f.forward_loss_ratio = Some(1.0);
+        f.mos = Some(bounds::MOS_MIN);
+        assert_eq!(batch(vec![edges]).unwrap().rows.len(), 1);
+        let mut best = good_stamp(1);
+        stamp_of(&mut best).mos = Some(bounds::MOS_MAX);
+        assert_eq!(batch(vec![best]).unwrap().rows.len(), 1);
+
+        type Case = (fn(&mut pb::StampFields), &'static str);
+        let cases: &[Case] = &[
+            (|f| f.received = 1001, "received = 1001 > sent = 1000"),
+            (
+                |f| f.forward_lost = 990,
+                "forward_lost + reverse_lost = 990 + 7 > sent - received = 1000 - 962",
+            ),
+            (
+                |f| (f.forward_lost, f.reverse_lost) = (u32::MAX, 2),
+                "forward_lost + reverse_lost",
+            ),
+            (
+                |f| f.forward_loss_ratio = Some(-0.01),
+                "forward_loss_ratio = -0.01 is not a finite non-negative number",
+            ),
+            (
+                |f| f.reverse_loss_ratio = Some(1.5),
+                "reverse_loss_ratio = 1.5 is above 1",
+            ),
+            (|f| f.mos = Some(7.0), "mos = 7 is outside 1..=4.5"),
+            (|f| f.mos = Some(0.5), "mos = 0.5 is outside"),
+            (|f| f.mos = Some(f64::NAN), "mos = NaN is outside"),
+            (|f| f.duplicates = 1001, "duplicates = 1001 > sent = 1000"),
+            (|f| f.reordered = 5000, "reordered = 5000 > sent = 1000"),
+            (|f| f.sent = 100_001, "sent = 100001, at most 100000"),
+            (
+                |f| f.rtt_min_seconds = Some(-0.001),
+                "rtt_min_seconds = -0.001 is outside 0..=60 seconds",
+            ),
+            (|f| f.rtt_max_seconds = Some(61.0), "rtt_max_seconds = 61"),
+            (|f| f.rtt_avg_seconds = Some(0.5), "rtt min/avg/max"),
+            (
+                |f| f.forward_delay_max_seconds = Some(0.001),
+                "forward_delay min/avg/max",
+            ),
+            (
+                |f| f.reverse_delay_avg_seconds = Some(f64::INFINITY),
+                "reverse_delay_avg_seconds = inf",
+            ),
+            (
+                |f| f.reverse_delay_min_seconds = Some(-61.0),
+                "reverse_delay_min_seconds = -61 is outside -60..=60",
+            ),
+            (|f| f.jitter_seconds = Some(-0.001), "jitter_seconds"),
+            (|f| f.rtt_mdev_seconds = Some(f64::NAN), "rtt_mdev_seconds"),
+        ];
+        for (i, (case, reason)) in cases.iter().enumerate() {
+            let mut bad = good_stamp(2);
+            case(stamp_of(&mut bad));
+            let b = batch(vec![good_stamp(1), bad, good_stamp(3)]).unwrap();
+            assert_eq!(b.rows.len(), 2, "case {i}");
+            assert_eq!(b.rejected.len(), 1, "case {i}");
+            assert!(
+                b.rejected[0].reason.contains(reason),
+                "case {i}: {}",
+                b.rejected[0].reason
+            );
+        }
+        // One-way delays from an agent that says its clock is unsynchronised.
+        let mut made_up = good_stamp(2);
+        made_up.clock_unsynced = true;
+        let b = batch(vec![made_up]).unwrap();
+        assert!(b.rejected[0].reason.contains("clock is unsynchronised"));
+        // Stamp fields on another kind are refused.
+        let mut other = good_stamp(1);
+        other.kind = pb::Kind::Icmp as i32;
+        assert!(batch(vec![other]).unwrap().rejected[0]
+            .reason
+            .contains("fields do not match kind icmp"));
+    }
+
+    #[test]
+    fn speed_loaded_loss_is_a_ratio() {
+        let speed = |down: Option<f64>, up: Option<f64>| pb::Result {
+            kind: pb::Kind::Speed as i32,
+            fields: Some(pb::result::Fields::Speed(pb::SpeedFields {
+                download_bits_per_second: Some(9e7),
+                download_loaded_loss_ratio: down,
+                upload_loaded_loss_ratio: up,
+                ..Default::default()
+            })),
+            ..good(1)
+        };
+        let row = batch(vec![speed(Some(0.02), Some(0.0))])
+            .unwrap()
+            .rows
+            .remove(0);
+        assert_eq!(row.measures.download_loaded_loss_ratio, Some(0.02));
+        assert_eq!(row.measures.upload_loaded_loss_ratio, Some(0.0));
+        let row = batch(vec![speed(None, None)]).unwrap().rows.remove(0);
+        assert_eq!(row.measures.download_loaded_loss_ratio, None);
+        for (down, up, reason) in [
+            (
+                Some(1.2),
+                None,
+                "download_loaded_loss_ratio = 1.2 is above 1",
+            ),
+            (None, Some(-0.1), "upload_loaded_loss_ratio = -0.1"),
+            (Some(f64::NAN), None, "download_loaded_loss_ratio = NaN"),
+        ] {
+            let b = batch(vec![speed(down, up)]).unwrap();
+            assert!(
+                b.rejected[0].reason.contains(reason),
+                "{}",
+                b.rejected[0].reason
+            );
+        }
     }
 
     #[test]

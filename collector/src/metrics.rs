@@ -54,7 +54,7 @@ pub struct Metrics {
     pub info: IntGaugeVec,
     /// Latency of each result's main round trip, by test, kind and site: speed idle
     /// latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt
-    /// avg at the destination, responsiveness loaded latency.
+    /// avg at the destination, responsiveness loaded latency, stamp rtt avg.
     pub latency: HistogramVec,
     /// Speed test goodput by test, site and direction (download, upload).
     pub speed: HistogramVec,
@@ -75,6 +75,17 @@ pub struct Metrics {
     /// Overall RPM (round trips per minute under working conditions) of each successful
     /// responsiveness result, by test and site; buckets around the rating bands.
     pub responsiveness: HistogramVec,
+    /// Speed test UDP loss under load (the target's STAMP reflector) by test, site and
+    /// direction (download, upload); results against targets without one add nothing.
+    pub speed_loaded_loss: HistogramVec,
+    /// One-way loss of each stamp result by test, site and direction (forward: to the
+    /// reflector, reverse: back).
+    pub stamp_loss: HistogramVec,
+    /// Mean one-way delay of each stamp result that has one (both clocks synchronised), by
+    /// test, site and direction.
+    pub stamp_delay: HistogramVec,
+    /// E-model MOS estimate of each stamp result, by test and site.
+    pub stamp_mos: HistogramVec,
     /// Fleet state, one series per agent (bounded by the fleet size).
     pub agent_backlog: IntGaugeVec,
     pub agent_dropped: IntGaugeVec,
@@ -103,6 +114,10 @@ impl Metrics {
         }
         let commit_buckets = vec![
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        // Loss ratios: fine steps below the 1 % a voice call tolerates.
+        let loss_buckets = vec![
+            0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
         ];
         let metrics = Metrics {
             ingest_results: reg(
@@ -289,7 +304,7 @@ impl Metrics {
                 HistogramVec::new(
                     HistogramOpts::new(
                         "edgeprobe_latency_seconds",
-                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt avg at the destination, responsiveness round trip under load.",
+                        "Main round trip of each successful result: speed idle latency, icmp rtt avg, tcp connect, http time to first byte, dns resolve, path rtt avg at the destination, responsiveness round trip under load, stamp rtt avg.",
                     )
                     .buckets(vec![
                         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -405,6 +420,57 @@ impl Metrics {
                         50.0, 100.0, 200.0, 300.0, 500.0, 1000.0, 2000.0, 4000.0, 6000.0,
                         10000.0, 20000.0,
                     ]),
+                    &["test", "site"],
+                )
+                .unwrap(),
+            ),
+            speed_loaded_loss: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_speed_loaded_loss_ratio",
+                        "Speed test UDP loss while the direction was saturated (download_loaded_loss_ratio, upload_loaded_loss_ratio), from a STAMP stream to the target's reflector; targets without one add nothing.",
+                    )
+                    .buckets(loss_buckets.clone()),
+                    &["test", "site", "direction"],
+                )
+                .unwrap(),
+            ),
+            stamp_loss: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_stamp_loss_ratio",
+                        "One-way loss of each stamp result by direction: forward (to the reflector, forward_loss_ratio), reverse (back, reverse_loss_ratio).",
+                    )
+                    .buckets(loss_buckets),
+                    &["test", "site", "direction"],
+                )
+                .unwrap(),
+            ),
+            stamp_delay: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_stamp_one_way_delay_seconds",
+                        "Mean one-way delay of each stamp result by direction (forward_delay_avg_seconds, reverse_delay_avg_seconds); only results whose two clocks were synchronised have one.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5,
+                        1.0,
+                    ]),
+                    &["test", "site", "direction"],
+                )
+                .unwrap(),
+            ),
+            stamp_mos: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "edgeprobe_stamp_mos",
+                        "ITU-T G.107 E-model MOS estimate for a G.711 voice call of each stamp result (1 to 4.5); the G.107 user-satisfaction bands start at 2.58 (R 50), 3.1 (R 60), 3.6 (R 70), 4.03 (R 80) and 4.34 (R 90).",
+                    )
+                    .buckets(vec![1.5, 2.0, 2.58, 3.1, 3.6, 4.03, 4.34, 4.5]),
                     &["test", "site"],
                 )
                 .unwrap(),
@@ -537,7 +603,7 @@ impl Metrics {
                     Kind::Dns => m.resolve_seconds,
                     Kind::Path => m.rtt_avg_seconds,
                     Kind::Responsiveness => m.loaded_latency_seconds,
-                    Kind::Stamp => None,
+                    Kind::Stamp => m.rtt_avg_seconds,
                 };
                 if let Some(v) = main {
                     latency.observe(v);
@@ -571,6 +637,21 @@ impl Metrics {
                                 bloat.observe(v);
                             }
                         }
+                    }
+                    let loaded_loss: [(&str, Pick); 2] = [
+                        ("download", |m| m.download_loaded_loss_ratio),
+                        ("upload", |m| m.upload_loaded_loss_ratio),
+                    ];
+                    for (direction, loss) in loaded_loss {
+                        // No series for a test whose target reflects no STAMP.
+                        let mut values = rows.iter().filter_map(|r| loss(&r.measures)).peekable();
+                        if values.peek().is_none() {
+                            continue;
+                        }
+                        let h = self
+                            .speed_loaded_loss
+                            .with_label_values(&[test, site, direction]);
+                        values.for_each(|v| h.observe(v));
                     }
                 }
                 Kind::Icmp => {
@@ -630,7 +711,43 @@ impl Metrics {
                         }
                     }
                 }
-                Kind::Tcp | Kind::Dns | Kind::Stamp => {}
+                Kind::Stamp => {
+                    type Pick = fn(&Measures) -> Option<f64>;
+                    let directions: [(&str, Pick, Pick); 2] = [
+                        (
+                            "forward",
+                            |m| m.forward_loss_ratio,
+                            |m| m.forward_delay_avg_seconds,
+                        ),
+                        (
+                            "reverse",
+                            |m| m.reverse_loss_ratio,
+                            |m| m.reverse_delay_avg_seconds,
+                        ),
+                    ];
+                    // Loss counts whether or not the run succeeded: a run that lost every
+                    // packet is the loss an operator most needs to see.
+                    for (direction, loss, delay) in directions {
+                        let l = self.stamp_loss.with_label_values(&[test, site, direction]);
+                        let mut delays = Vec::new();
+                        for r in &rows {
+                            if let Some(v) = loss(&r.measures) {
+                                l.observe(v);
+                            }
+                            delays.extend(delay(&r.measures));
+                        }
+                        if !delays.is_empty() {
+                            let d = self.stamp_delay.with_label_values(&[test, site, direction]);
+                            delays.into_iter().for_each(|v| d.observe(v));
+                        }
+                    }
+                    let mut scores = rows.iter().filter_map(|r| r.measures.mos).peekable();
+                    if scores.peek().is_some() {
+                        let mos = self.stamp_mos.with_label_values(&[test, site]);
+                        scores.for_each(|v| mos.observe(v));
+                    }
+                }
+                Kind::Tcp | Kind::Dns => {}
             }
         }
     }

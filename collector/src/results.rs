@@ -105,7 +105,9 @@ impl<'a> Cursor<'a> {
         let columns = COLUMNS.join(", ");
         let statement = tx
             .prepare(&format!(
-                "SELECT to_jsonb(x) FROM (
+                // Nulls stripped by PostgreSQL: most figure columns are another kind's and
+                // NULL, and a row's JSON without them is a fraction to send and parse.
+                "SELECT jsonb_strip_nulls(to_jsonb(x)) FROM (
                      SELECT {columns} FROM results
                       WHERE started_at >= now() - make_interval(secs => $1)
                         AND (cardinality($2::text[]) = 0 OR agent_id = ANY($2))

@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "responsiveness",
         include_str!("../migrations/0007_responsiveness.sql"),
     ),
+    (8, "stamp", include_str!("../migrations/0008_stamp.sql")),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.

@@ -6,7 +6,7 @@
 //! here a batch's shared labels are rendered once (`domain::Labels`).
 //!
 //! Invariants: the column list in `COPY_SQL` and the order of the fields in `row` are the
-//! same (58 columns, checked by a test); values are already validated by `domain.rs`
+//! same (73 columns, checked by a test); values are already validated by `domain.rs`
 //! (no NUL in text), so encoding cannot fail. Whether PostgreSQL accepts them (the
 //! server's encoding, constraints) is the store's concern, row by row if need be.
 
@@ -27,10 +27,14 @@ pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, sta
     on_demand, run_id, \
     reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops, \
     responsiveness_rpm, download_responsiveness_rpm, upload_responsiveness_rpm, \
-    loaded_latency_seconds, load_connections, stable, rating) \
+    loaded_latency_seconds, load_connections, stable, rating, \
+    forward_lost, reverse_lost, forward_loss_ratio, reverse_loss_ratio, duplicates, reordered, \
+    forward_delay_min_seconds, forward_delay_avg_seconds, forward_delay_max_seconds, \
+    reverse_delay_min_seconds, reverse_delay_avg_seconds, reverse_delay_max_seconds, mos, \
+    download_loaded_loss_ratio, upload_loaded_loss_ratio) \
     FROM STDIN (FORMAT binary)";
 
-const COLUMNS: i16 = 58;
+const COLUMNS: i16 = 73;
 /// Bytes handed to the connection at a time.
 const CHUNK: usize = 256 * 1024;
 /// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
@@ -132,6 +136,22 @@ impl Encoder {
             None => b.put_i32(NULL),
         }
         text(b, m.rating.as_deref());
+        // stamp, and the speed test's loaded loss
+        int4(b, m.forward_lost);
+        int4(b, m.reverse_lost);
+        float8(b, m.forward_loss_ratio);
+        float8(b, m.reverse_loss_ratio);
+        int4(b, m.duplicates);
+        int4(b, m.reordered);
+        float8(b, m.forward_delay_min_seconds);
+        float8(b, m.forward_delay_avg_seconds);
+        float8(b, m.forward_delay_max_seconds);
+        float8(b, m.reverse_delay_min_seconds);
+        float8(b, m.reverse_delay_avg_seconds);
+        float8(b, m.reverse_delay_max_seconds);
+        float8(b, m.mos);
+        float8(b, m.download_loaded_loss_ratio);
+        float8(b, m.upload_loaded_loss_ratio);
         (b.len() >= CHUNK).then(|| b.split().freeze())
     }
 
@@ -315,11 +335,40 @@ mod tests {
             ..Default::default()
         };
         e.row(&resp, None);
+        let mut stamp = row();
+        stamp.kind = Kind::Stamp;
+        stamp.measures = Measures {
+            sent: Some(100),
+            received: Some(95),
+            forward_lost: Some(3),
+            reverse_lost: Some(2),
+            forward_loss_ratio: Some(0.03),
+            reverse_loss_ratio: Some(2.0 / 97.0),
+            duplicates: Some(1),
+            reordered: Some(4),
+            forward_delay_min_seconds: Some(0.001),
+            forward_delay_avg_seconds: Some(0.002),
+            forward_delay_max_seconds: Some(0.003),
+            reverse_delay_min_seconds: Some(-0.0001),
+            reverse_delay_avg_seconds: Some(0.0005),
+            reverse_delay_max_seconds: Some(0.0009),
+            mos: Some(4.2),
+            ..Default::default()
+        };
+        e.row(&stamp, None);
+        let mut speed = row();
+        speed.kind = Kind::Speed;
+        speed.measures = Measures {
+            download_loaded_loss_ratio: Some(0.01),
+            upload_loaded_loss_ratio: Some(0.5),
+            ..Default::default()
+        };
+        e.row(&speed, None);
         let out = e.finish();
         let mut at = 19; // signature, flags, header extension length
         let i16_at = |at: usize| i16::from_be_bytes([out[at], out[at + 1]]);
         let mut rows: Vec<Vec<Option<&[u8]>>> = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..5 {
             assert_eq!(i16_at(at), COLUMNS);
             at += 2;
             let mut columns: Vec<Option<&[u8]>> = Vec::new();
@@ -334,10 +383,43 @@ mod tests {
         assert_eq!(i16_at(at), -1, "the trailer follows the last column");
         assert_eq!(at + 2, out.len());
         let (columns, path, resp) = (&rows[0], &rows[1], &rows[2]);
-        let n = COLUMNS as usize;
+        let (stamp, speed) = (&rows[3], &rows[4]);
+        // The columns of schema 8, last in the list and in the row: NULL for other kinds.
+        let f = |v: f64| Some(v.to_be_bytes().to_vec());
+        let i = |v: i32| Some(v.to_be_bytes().to_vec());
+        let owned = |r: &[Option<&[u8]>]| -> Vec<Option<Vec<u8>>> {
+            r.iter().map(|c| c.map(<[u8]>::to_vec)).collect()
+        };
+        let m = COLUMNS as usize;
+        assert_eq!(columns[m - 15..], [None; 15]);
+        assert_eq!(resp[m - 15..], [None; 15]);
+        let stamp_tail = vec![
+            i(3),
+            i(2),
+            f(0.03),
+            f(2.0 / 97.0),
+            i(1),
+            i(4),
+            f(0.001),
+            f(0.002),
+            f(0.003),
+            f(-0.0001),
+            f(0.0005),
+            f(0.0009),
+            f(4.2),
+            None,
+            None,
+        ];
+        assert_eq!(owned(&stamp[m - 15..]), stamp_tail);
+        // sent and received are icmp's columns.
+        assert_eq!(owned(&stamp[19..21]), vec![i(100), i(95)]);
+        let mut speed_tail = vec![None; 13];
+        speed_tail.extend([f(0.01), f(0.5)]);
+        assert_eq!(owned(&speed[m - 15..]), speed_tail);
+        let n = m - 15;
         // The columns of schema 7, last in the list and in the row: NULL for other kinds.
-        assert_eq!(columns[n - 7..], [None; 7]);
-        assert_eq!(path[n - 7..], [None; 7]);
+        assert_eq!(columns[n - 7..n], [None; 7]);
+        assert_eq!(path[n - 7..n], [None; 7]);
         let resp_tail: [Option<&[u8]>; 7] = [
             Some(&412.0f64.to_be_bytes()),
             Some(&380.0f64.to_be_bytes()),
@@ -347,7 +429,7 @@ mod tests {
             Some(&[0]),
             Some(b"fair"),
         ];
-        assert_eq!(resp[n - 7..], resp_tail);
+        assert_eq!(resp[n - 7..n], resp_tail);
         // The columns of schema 5, before them: NULL for other kinds.
         assert_eq!(columns[n - 14..n - 7], [None; 7]);
         assert_eq!(resp[n - 14..n - 7], [None; 7]);
@@ -378,7 +460,11 @@ mod tests {
     on_demand, run_id, \
     reached, hop_count, path_id, path_changed, path_loss_ratio, path_protocol, hops, \
     responsiveness_rpm, download_responsiveness_rpm, upload_responsiveness_rpm, \
-    loaded_latency_seconds, load_connections, stable, rating)"
+    loaded_latency_seconds, load_connections, stable, rating, \
+    forward_lost, reverse_lost, forward_loss_ratio, reverse_loss_ratio, duplicates, reordered, \
+    forward_delay_min_seconds, forward_delay_avg_seconds, forward_delay_max_seconds, \
+    reverse_delay_min_seconds, reverse_delay_avg_seconds, reverse_delay_max_seconds, mos, \
+    download_loaded_loss_ratio, upload_loaded_loss_ratio)"
         ));
     }
 

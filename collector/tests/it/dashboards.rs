@@ -719,7 +719,9 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
                 upload_loaded_latency_seconds: Some(if slow { 0.240 } else { 0.061 }),
                 bytes_downloaded: (down * 5.0 / 8.0) as u64,
                 bytes_uploaded: (up * 5.0 / 8.0) as u64,
-                ..Default::default()
+                // Loss under load: the slow runs' saturated queue drops 3 % downstream.
+                download_loaded_loss_ratio: Some(if slow { 0.03 } else { 0.001 }),
+                upload_loaded_loss_ratio: Some(0.0),
             }));
         }
         out.push(speed);
@@ -774,6 +776,33 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
         let mut nq = responsiveness_result(agent, 0, unix_nanos(at), site, rpm);
         nq.labels = labels.clone();
         out.push(nq);
+        // STAMP to the site's router: clean, but 2 % lost on the way out in the slow
+        // minutes (the uplink is the bottleneck), a little back now and then.
+        let (forward_lost, reverse_lost) = if slow { (20, 1) } else { (0, k % 2) };
+        let mut stamp = base("voice-router", pb::Kind::Stamp, "192.0.2.1:862", 20.1);
+        stamp.fields = Some(pb::result::Fields::Stamp(pb::StampFields {
+            sent: 1000,
+            received: 1000 - forward_lost - reverse_lost,
+            forward_lost,
+            reverse_lost,
+            forward_loss_ratio: Some(f64::from(forward_lost) / 1000.0),
+            reverse_loss_ratio: Some(f64::from(reverse_lost) / f64::from(1000 - forward_lost)),
+            duplicates: 0,
+            reordered: u32::from(slow) * 4,
+            rtt_min_seconds: Some(0.0102),
+            rtt_avg_seconds: Some(if slow { 0.0481 } else { 0.0118 }),
+            rtt_max_seconds: Some(if slow { 0.112 } else { 0.0203 }),
+            rtt_mdev_seconds: Some(0.0009),
+            forward_delay_min_seconds: Some(0.0061),
+            forward_delay_avg_seconds: Some(if slow { 0.0412 } else { 0.0068 }),
+            forward_delay_max_seconds: Some(if slow { 0.101 } else { 0.0141 }),
+            reverse_delay_min_seconds: Some(0.0041),
+            reverse_delay_avg_seconds: Some(0.0049),
+            reverse_delay_max_seconds: Some(0.0071),
+            jitter_seconds: Some(if slow { 0.0062 } else { 0.0007 }),
+            mos: Some(if slow { 3.71 } else { 4.39 }),
+        }));
+        out.push(stamp);
     }
     for (i, r) in out.iter_mut().enumerate() {
         r.seq = i as u64 + 1;
@@ -1066,6 +1095,7 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     let synthetic_others = synthetic_of(&[pb::Kind::Speed, pb::Kind::Icmp, pb::Kind::Dns]);
     let synthetic_paths = synthetic_of(&[pb::Kind::Path]);
     let synthetic_responsiveness = synthetic_of(&[pb::Kind::Responsiveness]);
+    let synthetic_stamp = synthetic_of(&[pb::Kind::Stamp]);
     run_synthetic_agent(
         collector.endpoint(),
         "synthetic-berlin-1".into(),
@@ -1089,7 +1119,8 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
             && db.scalar("SELECT count(*) FROM results WHERE NOT success AND kind = 'http'") >= 2
             && per_kind("speed") + per_kind("icmp") + per_kind("dns") == synthetic_others
             && per_kind("path") == synthetic_paths
-            && per_kind("responsiveness") == synthetic_responsiveness;
+            && per_kind("responsiveness") == synthetic_responsiveness
+            && per_kind("stamp") == synthetic_stamp;
         ready.then_some(())
     });
     // The speed dashboard's annotations: a fleet tests version and an on-demand run.
@@ -1392,12 +1423,78 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         (300.0..=3000.0).contains(&median),
         "median RPM {median} of fair-to-good runs"
     );
+    // The "Voice and loss" row and the speed test's loss under load ran, and their
+    // Prometheus aggregates see the synthetic agent's runs.
+    for (file, title) in [
+        ("probes.json", "One-way loss by site (Prometheus)"),
+        ("probes.json", "One-way loss per agent"),
+        ("probes.json", "One-way delay"),
+        (
+            "probes.json",
+            "One-way delay by site, median of the last hour (Prometheus)",
+        ),
+        ("probes.json", "Voice jitter"),
+        ("probes.json", "MOS by site"),
+        ("speed.json", "Loss under load"),
+        (
+            "speed.json",
+            "Loss under load per site, last hour (Prometheus)",
+        ),
+    ] {
+        assert!(
+            ran.contains(&(file.to_string(), title.to_string())),
+            "{file}: no panel {title:?} ran"
+        );
+    }
+    let value = |expr: &str| -> Option<f64> {
+        let s = prometheus.series(expr);
+        let v: f64 = s[0]["value"][1].as_str()?.parse().ok()?;
+        (!v.is_nan()).then_some(v)
+    };
+    // Forward: 3 of the 12 runs lost 2 %; the series are born with the first batch's runs,
+    // which rate() cannot see, so the mean is of the later runs: between 0 and 2 %.
+    let forward = wait_for(Duration::from_secs(30), "a mean forward loss", || {
+        value("edgeprobe:stamp_loss_ratio:mean10m{test=\"voice-router\",site=\"berlin\",direction=\"forward\"}")
+    });
+    assert!((0.001..0.02).contains(&forward), "forward loss {forward}");
+    let reverse = value(
+        "edgeprobe:stamp_loss_ratio:mean10m{test=\"voice-router\",site=\"berlin\",direction=\"reverse\"}",
+    )
+    .unwrap();
+    assert!(
+        reverse < forward,
+        "reverse loss {reverse}, forward {forward}"
+    );
+    let delay = wait_for(Duration::from_secs(30), "a median forward delay", || {
+        value("edgeprobe:stamp_one_way_delay_seconds:p50_1h{test=\"voice-router\",site=\"berlin\",direction=\"forward\"}")
+    });
+    assert!(
+        (0.005..=0.01).contains(&delay),
+        "median forward delay {delay}"
+    );
+    let mos = wait_for(Duration::from_secs(30), "a mean MOS", || {
+        value("edgeprobe:stamp_mos:mean1h{test=\"voice-router\",site=\"berlin\"}")
+    });
+    assert!((3.71..=4.39).contains(&mos), "mean MOS {mos}");
+    let loaded = wait_for(Duration::from_secs(30), "a mean loss under load", || {
+        value("edgeprobe:speed_loaded_loss_ratio:mean1h{test=\"speed\",site=\"berlin\",direction=\"download\"}")
+    });
+    assert!((0.001..=0.03).contains(&loaded), "loss under load {loaded}");
+    eprintln!(
+        "stamp: forward loss {forward}, reverse loss {reverse}, median forward delay {delay} s, \
+         mean MOS {mos}; speed loss under load (download) {loaded}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM stamp_results WHERE forward_lost = 20 AND mos < 4"),
+        3,
+        "the three slow minutes' stamp runs"
+    );
     assert_eq!(sql_checked + prom_checked, targets, "every query ran");
     assert!(
         sql_checked >= 25 && prom_checked >= 20,
         "{sql_checked} SQL, {prom_checked} PromQL"
     );
-    assert_eq!(rules_checked, 31);
+    assert_eq!(rules_checked, 36);
     for a in &mut agents {
         a.stop();
     }

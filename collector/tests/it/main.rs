@@ -24,6 +24,7 @@ mod responsiveness;
 mod security;
 mod shutdown;
 mod spine;
+mod stamp;
 mod store_errors;
 mod storm;
 mod support;
