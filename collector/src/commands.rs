@@ -184,8 +184,8 @@ impl RunArgs {
 
 /// `check`: what `run` needs, short of binding its ports. The file parses; the server's
 /// TLS files exist, hold PEM certificates and a private key, and the key belongs to the
-/// certificate (the same load `run` does, `tls::ServerTls::load`); the database URL that
-/// `run` would use (the file's, else the environment's) has valid TLS settings, and the
+/// certificate (the same load `run` does, `tls::ServerTls::load`); there is a database URL
+/// that `run` would use (the file's, else the environment's) with valid TLS settings, and the
 /// database answers a query within `DB_CHECK_TIMEOUT` (`offline` skips the connection).
 pub async fn check(path: &Path, offline: bool) -> Result<ExitCode, Failure> {
     let c = Config::load(Some(path)).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -241,7 +241,15 @@ pub async fn check(path: &Path, offline: bool) -> Result<ExitCode, Failure> {
                 )))
             }
         },
-        None => "from --database-url or the environment".to_string(),
+        // `run --config FILE`, as the packaged unit starts it, would refuse to start.
+        None => {
+            return Err(Failure::Usage(format!(
+                "{}: no database URL: `run` would refuse to start; set \
+                 EDGEPROBE_DATABASE_URL in {} (the unit's EnvironmentFile) or [database] url",
+                path.display(),
+                config::env_file_of(path).display()
+            )))
+        }
     };
     println!("{}: ok (database url {url})", path.display());
     Ok(ExitCode::SUCCESS)

@@ -661,6 +661,50 @@ fn every_operator_command_reaches_the_database_through_the_config_and_its_enviro
     );
 }
 
+/// A new operator's walk of the docs: `check` of the packaged configuration with no
+/// database URL anywhere (collector.env still commented out) passed, and `run`, as the
+/// unit starts it, then refused to start ("No database URL"). `check` refuses it too, and
+/// names the file to put the URL in; with the URL there it connects.
+#[test]
+fn check_refuses_a_configuration_without_a_database_url_as_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let config = write(
+        dir.path(),
+        "collector.toml",
+        "[server]\ninsecure = true\n\n[database]\nretention = \"30d\"\n",
+    );
+    write(
+        dir.path(),
+        "collector.env",
+        "# EDGEPROBE_DATABASE_URL=postgres://edgeprobe:PASSWORD@localhost/edgeprobe\n",
+    );
+
+    let (code, out, err) = bare_cmd(&["check", "--config", &config]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("no database URL"), "{err}");
+    assert!(err.contains("collector.env"), "{err}");
+    let (code, _, err) = bare_cmd(&["check", "--config", &config, "--offline"]);
+    assert_eq!(code, Some(2), "{err}");
+    // `run` agrees: it does not start.
+    let (code, _, err) = bare_cmd(&["run", "--config", &config]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.to_lowercase().contains("no database url"), "{err}");
+
+    write(
+        dir.path(),
+        "collector.env",
+        &format!("EDGEPROBE_DATABASE_URL={}\n", db.url),
+    );
+    let (code, out, err) = bare_cmd(&["check", "--config", &config]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("EDGEPROBE_DATABASE_URL in collector.env") && out.contains("reachable"),
+        "{out}"
+    );
+}
+
 /// Issue 25, item 4: dangerous applies are refused unless forced (CLI and API), `diff`
 /// runs every check `apply` runs and exits 2 where apply would refuse, says what changed
 /// in a changed test, and an unknown API query parameter is 400 (nothing applied).
