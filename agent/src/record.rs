@@ -73,7 +73,25 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result 
         ..Default::default()
     };
     clock.stamp(&mut r);
+    if r.clock_unsynced {
+        drop_one_way_delays(&mut r);
+    }
     r
+}
+
+/// One-way delays are differences of two clocks: a result whose own clock cannot vouch for
+/// itself carries none (the probe checked the kernel's sync status when it measured, and the
+/// clock model may disagree by the time the result is recorded; the collector refuses one-way
+/// delays on an unsynchronised result, and the rest of the result stands without them).
+fn drop_one_way_delays(r: &mut pb::Result) {
+    if let Some(pb::result::Fields::Stamp(s)) = r.fields.as_mut() {
+        s.forward_delay_min_seconds = None;
+        s.forward_delay_avg_seconds = None;
+        s.forward_delay_max_seconds = None;
+        s.reverse_delay_min_seconds = None;
+        s.reverse_delay_avg_seconds = None;
+        s.reverse_delay_max_seconds = None;
+    }
 }
 
 /// The corrected payload of a stored result, when the clock corrects it (see
@@ -244,6 +262,52 @@ mod tests {
             labels: [("site".to_string(), "berlin".to_string())].into(),
             run_id: 0,
         }
+    }
+
+    #[test]
+    fn one_way_delays_only_on_a_result_whose_clock_vouches_for_it() {
+        let clock = Clock::new();
+        let fields = crate::probe::StampFields {
+            sent: 10,
+            received: 10,
+            forward_delay_avg_seconds: Some(0.004),
+            reverse_delay_avg_seconds: Some(0.003),
+            rtt_avg_seconds: Some(0.007),
+            ..Default::default()
+        };
+        let outcome = Outcome {
+            started_at: SystemTime::now(),
+            boottime_nanos: clock::boottime_nanos(),
+            duration: Duration::from_secs(1),
+            error: None,
+            fields: Fields::Stamp(fields),
+        };
+        let mut info = test_info();
+        info.kind = Kind::Stamp;
+        let r = to_wire(&info, &outcome, &clock);
+        let Some(pb::result::Fields::Stamp(s)) = &r.fields else {
+            panic!("not a stamp result: {:?}", r.fields);
+        };
+        assert_eq!(s.rtt_avg_seconds, Some(0.007));
+        if r.clock_unsynced {
+            assert_eq!(
+                (s.forward_delay_avg_seconds, s.reverse_delay_avg_seconds),
+                (None, None)
+            );
+        } else {
+            assert_eq!(s.forward_delay_avg_seconds, Some(0.004));
+        }
+        // Whatever this host's clock says: a flagged result loses them, and only them.
+        let mut flagged = r.clone();
+        flagged.clock_unsynced = true;
+        drop_one_way_delays(&mut flagged);
+        let Some(pb::result::Fields::Stamp(s)) = &flagged.fields else {
+            unreachable!()
+        };
+        assert_eq!(
+            (s.forward_delay_avg_seconds, s.rtt_avg_seconds),
+            (None, Some(0.007))
+        );
     }
 
     #[test]
