@@ -175,8 +175,9 @@ pub fn check_stored(state_dir: &Path, config: &Config) -> Result<Option<u64>, St
         .map(|_| Some(version))
         .map_err(|e| {
             format!(
-                "{e}\nthe stored fleet tests (version {version}) would be refused at start and \
-                 no fleet test would run; rename the local test"
+                "{e}\nthe stored fleet tests (version {version}) would be refused at start: the \
+                 agent runs its local tests and delivers, but no fleet test runs until one of \
+                 the two tests is renamed"
             )
         })
 }

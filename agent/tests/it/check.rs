@@ -282,9 +282,11 @@ fn check_refuses_credentials_run_would_fail_on() {
 
 /// Issue 25 items 1 and 6: a local test named like a stored fleet test makes the agent
 /// refuse the whole fleet set at start; `check` ignored the stored set and passed. It
-/// now refuses, naming the clash; without the clash it names the version that will run.
+/// now warns, naming the clash, and exits 0: the packaged unit runs `check` before `run`,
+/// and a refusal there kept the agent down with its buffer undelivered (found by a new
+/// operator walking docs/OPERATIONS.md). Without the clash it names the version that runs.
 #[test]
-fn check_refuses_a_local_test_that_clashes_with_the_stored_fleet_tests() {
+fn check_warns_of_a_local_test_that_clashes_with_the_stored_fleet_tests() {
     let dir = tempfile::tempdir().unwrap();
     pki(dir.path(), &["berlin-1"]);
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
@@ -313,8 +315,10 @@ fn check_refuses_a_local_test_that_clashes_with_the_stored_fleet_tests() {
         "berlin-1.key",
         "fleet-web",
     );
-    let (code, _, stderr) = check(&config);
-    assert_eq!(code, Some(2), "{stderr}");
+    let (code, stdout, stderr) = check(&config);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("fleet tests refused"), "{stdout}");
+    assert!(stderr.starts_with("warning: "), "{stderr}");
     assert!(stderr.contains("fleet-tests.toml:"), "{stderr}");
     assert!(stderr.contains("fleet-web"), "{stderr}");
     assert!(
