@@ -18,8 +18,7 @@ use tokio_postgres::GenericClient;
 
 use crate::fleet::{self, FleetError, FleetState, KnownAgent};
 
-/// Heard from within this: online. Three heartbeats of the agent's 15 s.
-pub const ONLINE_WITHIN: Duration = Duration::from_secs(45);
+pub use crate::fleet::ONLINE_WITHIN;
 
 /// The clock state is read from an agent's latest result within this window.
 const CLOCK_WINDOW_SECONDS: f64 = 3600.0;
@@ -105,7 +104,7 @@ fn view(a: &KnownAgent, r: &tokio_postgres::Row, cur: i64, stale_after: Duration
         agent_id: a.agent_id.clone(),
         labels: a.labels.clone(),
         version: r.get(1),
-        online: a.seen_seconds_ago <= ONLINE_WITHIN.as_secs_f64(),
+        online: a.is_online(),
         last_seen: r.get(2),
         seen_seconds_ago: a.seen_seconds_ago,
         backlog: r.get(3),

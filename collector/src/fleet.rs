@@ -132,10 +132,20 @@ pub struct KnownAgent {
     pub seen_seconds_ago: f64,
 }
 
+/// Heard from within this: online. Three heartbeats of the agent's 15 s.
+pub const ONLINE_WITHIN: Duration = Duration::from_secs(45);
+
 impl KnownAgent {
-    /// Not heard from for longer than `stale_after`: gone, or cut off for long.
+    /// Heard from (hello or heartbeat) within [`ONLINE_WITHIN`].
+    pub fn is_online(&self) -> bool {
+        self.seen_seconds_ago <= ONLINE_WITHIN.as_secs_f64()
+    }
+
+    /// Not heard from for longer than `stale_after`: gone, or cut off for long. An online
+    /// agent is never stale, whatever `stale_after` says (a `--stale-after` shorter than
+    /// the online window showed one agent online and stale at once).
     pub fn is_stale(&self, stale_after: Duration) -> bool {
-        self.seen_seconds_ago > stale_after.as_secs_f64()
+        !self.is_online() && self.seen_seconds_ago > stale_after.as_secs_f64()
     }
 }
 
@@ -1039,6 +1049,34 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     (line, text[line_start..offset].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    fn seen(seconds_ago: f64) -> KnownAgent {
+        KnownAgent {
+            agent_id: "a".into(),
+            labels: BTreeMap::new(),
+            features: Vec::new(),
+            local_tests: Vec::new(),
+            fleet_version: None,
+            fleet_refused_version: None,
+            fleet_error: None,
+            seen_seconds_ago: seconds_ago,
+        }
+    }
+
+    #[test]
+    fn an_online_agent_is_never_stale() {
+        let short = Duration::from_secs(10);
+        assert!(seen(20.0).is_online());
+        assert!(!seen(20.0).is_stale(short));
+        assert!(seen(60.0).is_stale(short));
+        assert!(!seen(60.0).is_online());
+        assert!(!seen(3600.0).is_stale(Duration::from_secs(86_400)));
+    }
 }
 
 #[cfg(test)]
