@@ -13,6 +13,11 @@
 //!
 //!     scripts/bench-ingest --kind path                    # path results with 30 hops each
 //!
+//! The simulated agents connect over mTLS as in production (`--plaintext` for the old
+//! figures), each with its own certificate from the collector's CA tooling, issued once
+//! and cached (`Pki`); the report gives the connects per second and the collector's CPU
+//! per connect in the start storm and after a restart, and the steady-state latency.
+//!
 //! Flags: --kind http|path (the results sent: http, or path results of 30 hops; the
 //! reference stays the same http rows), --agents N, --rate R (results per second per
 //! agent; 0 = as fast as possible),
@@ -36,6 +41,7 @@ use edgeprobe_proto::v1 as pb;
 use edgeprobe_proto::v1::ingest_client::IngestClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 struct Args {
     agents: usize,
@@ -50,6 +56,8 @@ struct Args {
     restart: Option<&'static str>,
     /// Apply a fleet tests file this many seconds after every agent joined.
     apply_at: Option<f64>,
+    /// mTLS as in production (default), or `--plaintext`.
+    tls: bool,
 }
 
 fn args() -> Args {
@@ -62,6 +70,7 @@ fn args() -> Args {
         spread: 30.0,
         restart: None,
         apply_at: None,
+        tls: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -95,6 +104,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = value() as u64,
             "--spread" => a.spread = value(),
             "--no-reference" => a.reference = false,
+            "--plaintext" => a.tls = false,
             "--apply-at" => a.apply_at = Some(value()),
             "--bench" => {}
             other => panic!("unknown flag {other}"),
@@ -193,6 +203,12 @@ fn now_nanos() -> i64 {
 struct Stats {
     committed: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
+    /// (ms since the run started the batch was sent, its send-to-ack latency in µs): the
+    /// steady-state percentiles leave out the storms.
+    sent_latencies: Mutex<Vec<(u64, u64)>>,
+    /// When each connect (TCP, TLS handshake with the client certificate, HTTP/2) succeeded,
+    /// ms since the run started.
+    connects_ms: Mutex<Vec<u64>>,
     /// Failed connects and lost sessions, by reason.
     failures: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
@@ -225,9 +241,22 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(rand::random_range(0..=ceiling).max(50))
 }
 
+/// The collector's status ending a session because it stops (SIGTERM), as the agent
+/// recognises it (agent/src/uplink/end.rs).
+fn announced_shutdown(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && status
+            .metadata()
+            .get(edgeprobe_proto::REASON_KEY)
+            .is_some_and(|v| v.as_bytes() == edgeprobe_proto::REASON_SHUTDOWN.as_bytes())
+}
+
 /// Why a connect or a session failed, in a few words for the report.
 fn reason(e: &anyhow::Error) -> &'static str {
     if let Some(status) = e.chain().find_map(|e| e.downcast_ref::<tonic::Status>()) {
+        if announced_shutdown(status) {
+            return "shutdown announced (UNAVAILABLE, edgeprobe-reason: shutdown)";
+        }
         let text = format!("{status:?}").to_ascii_lowercase();
         if text.contains("connection refused") {
             return "connection refused";
@@ -260,9 +289,11 @@ fn reason(e: &anyhow::Error) -> &'static str {
 /// what was not committed after each welcome, and on a failed connect or a lost session
 /// retries with the agent's backoff, plus a random share of `--spread` after a session
 /// that was welcomed (agent/src/uplink.rs). Records send-to-ack latency.
+#[allow(clippy::too_many_arguments)]
 async fn agent(
     id: String,
     endpoint: String,
+    tls: Option<ClientTlsConfig>,
     args: Arc<Args>,
     t0: Instant,
     deadline: Instant,
@@ -294,6 +325,7 @@ async fn agent(
         let mut welcomed = false;
         let result = session(
             &endpoint,
+            tls.as_ref(),
             &mut gen,
             &args,
             t0,
@@ -311,6 +343,12 @@ async fn agent(
         if Instant::now() >= deadline + Duration::from_secs(90) {
             break false;
         }
+        // As the agent: an announced shutdown resets the backoff and spreads the reconnect.
+        let stopping = error
+            .chain()
+            .filter_map(|e| e.downcast_ref::<tonic::Status>())
+            .any(announced_shutdown);
+        let welcomed = welcomed || stopping;
         if welcomed {
             attempt = 0;
         }
@@ -369,6 +407,7 @@ impl Generator {
 #[allow(clippy::too_many_arguments)]
 async fn session(
     endpoint: &str,
+    tls: Option<&ClientTlsConfig>,
     gen: &mut Generator,
     args: &Args,
     t0: Instant,
@@ -378,11 +417,14 @@ async fn session(
     welcomed: &mut bool,
 ) -> anyhow::Result<()> {
     let ms = || t0.elapsed().as_millis().max(1) as u64;
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
         .connect_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls.clone())?;
+    }
+    let channel = ep.connect().await?;
+    stats.connects_ms.lock().unwrap().push(ms());
     let mut client = IngestClient::new(channel).max_encoding_message_size(8 << 20);
     let (tx, rx) = mpsc::channel(16);
     tx.send(pb::AgentMessage {
@@ -452,11 +494,10 @@ async fn session(
                     while in_flight.front().is_some_and(|(last, _, _)| *last <= ack.seq) {
                         let (_, at, n) = in_flight.pop_front().unwrap();
                         stats.committed.fetch_add(n, Ordering::Relaxed);
-                        stats
-                            .latencies_us
-                            .lock()
-                            .unwrap()
-                            .push(at.elapsed().as_micros() as u64);
+                        let latency = at.elapsed().as_micros() as u64;
+                        stats.latencies_us.lock().unwrap().push(latency);
+                        let sent = at.saturating_duration_since(t0).as_millis() as u64;
+                        stats.sent_latencies.lock().unwrap().push((sent, latency));
                     }
                 }
                 Some(pb::collector_message::Msg::FleetTests(f)) => {
@@ -598,6 +639,122 @@ impl Apply {
             if before > 0.0 { during / before } else { 0.0 }
         );
     }
+}
+
+/// The fleet PKI of the mTLS runs, made with the collector's own CA tooling (`ca init`,
+/// `cert issue --server`, `cert issue` per agent): one certificate per simulated agent, as
+/// in production. Generated once and kept in `EDGEPROBE_BENCH_CERTS` (default
+/// /var/cache/edgeprobe-bench-certs); a later run issues only the agents it lacks.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn ensure(agents: usize) -> Pki {
+        let dir = std::env::var_os("EDGEPROBE_BENCH_CERTS").map_or_else(
+            || PathBuf::from("/var/cache/edgeprobe-bench-certs"),
+            PathBuf::from,
+        );
+        let pki = Pki { dir };
+        let run = |args: &[&str]| {
+            let out = Command::new(collector_bin()).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "edgeprobe-collector {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let (ca, certs) = (pki.dir.join("ca"), pki.dir.join("certs"));
+        let (ca_s, certs_s) = (ca.to_str().unwrap(), certs.to_str().unwrap());
+        if !ca.join("ca.pem").exists() {
+            run(&["ca", "init", "--dir", ca_s]);
+        }
+        if !pki.pair("localhost").0.exists() {
+            run(&[
+                "cert",
+                "issue",
+                "--ca",
+                ca_s,
+                "--out",
+                certs_s,
+                "--name",
+                "localhost",
+                "--server",
+                "--san",
+                "127.0.0.1",
+            ]);
+        }
+        let missing: Vec<String> = (0..agents)
+            .map(agent_id)
+            .filter(|id| !pki.pair(id).0.exists())
+            .collect();
+        if !missing.is_empty() {
+            let started = Instant::now();
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let next = AtomicU64::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..workers {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(id) = missing.get(i) else { return };
+                        run(&[
+                            "cert", "issue", "--ca", ca_s, "--out", certs_s, "--name", id,
+                        ]);
+                    });
+                }
+            });
+            eprintln!(
+                "issued {} agent certificates with `edgeprobe-collector cert issue` in {:.0} s (cached in {})",
+                missing.len(),
+                started.elapsed().as_secs_f64(),
+                pki.dir.display()
+            );
+        }
+        pki
+    }
+
+    fn pair(&self, name: &str) -> (PathBuf, PathBuf) {
+        let certs = self.dir.join("certs");
+        (
+            certs.join(format!("{name}.pem")),
+            certs.join(format!("{name}.key")),
+        )
+    }
+
+    fn ca_pem(&self) -> PathBuf {
+        self.dir.join("ca").join("ca.pem")
+    }
+
+    /// The client config of agent `id`: the fleet CA and its own certificate and key.
+    fn client(&self, id: &str) -> ClientTlsConfig {
+        let (cert, key) = self.pair(id);
+        let read = |p: &Path| std::fs::read(p).unwrap();
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca_pem())))
+            .identity(Identity::from_pem(read(&cert), read(&key)))
+    }
+}
+
+fn agent_id(i: usize) -> String {
+    format!("load-{i:05}")
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -776,6 +933,8 @@ struct Restart {
     back_ms: Option<u64>,
     flowing_ms: Option<u64>,
     peak_rss: f64,
+    /// The new collector's CPU seconds until every agent was welcomed again.
+    back_cpu: f64,
 }
 
 #[tokio::main]
@@ -787,10 +946,23 @@ async fn main() {
     let url = fresh_db(&server, "edgeprobe_bench_ingest");
     let (grpc, http) = (free_port(), free_port());
     let config = tmp.path().join("collector.toml");
+    let pki = args.tls.then(|| Pki::ensure(args.agents));
+    let server_tls = match &pki {
+        Some(pki) => {
+            let (cert, key) = pki.pair("localhost");
+            format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n",
+                cert.display(),
+                key.display(),
+                pki.ca_pem().display()
+            )
+        }
+        None => "insecure = true\n".into(),
+    };
     std::fs::write(
         &config,
         format!(
-            "[server]\ninsecure = true\ngrpc_listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n[database]\nurl = \"{url}\"\n"
+            "[server]\n{server_tls}grpc_listen = \"127.0.0.1:{grpc}\"\nhttp_listen = \"127.0.0.1:{http}\"\n[database]\nurl = \"{url}\"\n"
         ),
     )
     .unwrap();
@@ -805,16 +977,25 @@ async fn main() {
     let stats = Arc::new(Stats::default());
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(args.seconds);
-    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let endpoint = format!(
+        "{}://127.0.0.1:{grpc}",
+        if args.tls { "https" } else { "http" }
+    );
+    let clients: Vec<Option<ClientTlsConfig>> = (0..args.agents)
+        .map(|i| pki.as_ref().map(|p| p.client(&agent_id(i))))
+        .collect();
+    let cpu_start = cpu_seconds(collector.id());
     // Every agent starts at once: the storm of a fleet whose collector came back.
     let progress: Vec<Arc<Progress>> = (0..args.agents).map(|_| Default::default()).collect();
     let tasks: Vec<_> = progress
         .iter()
+        .zip(clients)
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(i, (p, tls))| {
             tokio::spawn(agent(
-                format!("load-{i:05}"),
+                agent_id(i),
                 endpoint.clone(),
+                tls,
                 args.clone(),
                 t0,
                 deadline,
@@ -827,6 +1008,8 @@ async fn main() {
     let mut peak_rss = 0.0f64;
     let mut joined_ms = None;
     let mut restart: Option<Restart> = None;
+    // Collector CPU seconds from the start until the last agent was welcomed.
+    let mut storm_cpu = 0.0;
     let mut apply: Option<Apply> = None;
     // (ms since start, results committed so far), every tick: the ingest around an apply.
     let mut committed_at: Vec<(u64, u64)> = Vec::new();
@@ -854,6 +1037,9 @@ async fn main() {
             .try_fold(0, |max, t| (t > 0).then_some(max.max(t)));
         if joined_ms.is_none() {
             joined_ms = last_join;
+            if joined_ms.is_some() {
+                storm_cpu = cpu_seconds(collector.id()) - cpu_start;
+            }
         }
         match (&mut restart, args.restart, joined_ms) {
             // Ten seconds of steady state first, so every agent has results acked.
@@ -881,6 +1067,7 @@ async fn main() {
                     back_ms: None,
                     flowing_ms: None,
                     peak_rss: 0.0,
+                    back_cpu: 0.0,
                 });
             }
             (Some(r), _, _) => {
@@ -888,6 +1075,7 @@ async fn main() {
                 let after = |t: &AtomicU64| t.load(Ordering::Relaxed) > r.at_ms;
                 if r.back_ms.is_none() && progress.iter().all(|p| after(&p.welcomed_ms)) {
                     r.back_ms = Some(ms() - r.at_ms);
+                    r.back_cpu = cpu_seconds(collector.id());
                 }
                 if r.flowing_ms.is_none() && progress.iter().all(|p| after(&p.acked_ms)) {
                     r.flowing_ms = Some(ms() - r.at_ms);
@@ -939,8 +1127,9 @@ async fn main() {
     let rate = committed as f64 / elapsed;
 
     println!(
-        "ingest benchmark: {} agents, rate {} results/s per agent, batch {}, {} s, spread {} s{}: {failed} agents failed for good",
+        "ingest benchmark: {} {} agents, rate {} results/s per agent, batch {}, {} s, spread {} s{}: {failed} agents failed for good",
         args.agents,
+        if args.tls { "mTLS" } else { "plaintext" },
         if args.rate > 0.0 { args.rate.to_string() } else { "max".into() },
         args.batch,
         args.seconds,
@@ -966,6 +1155,39 @@ async fn main() {
     println!(
         "| last agent in (first welcome) | {} |",
         joined_ms.map_or("never".into(), |t| format!("{:.1} s", t as f64 / 1e3))
+    );
+    let connects = stats.connects_ms.lock().unwrap().clone();
+    let transport = if args.tls { "mTLS" } else { "plaintext" };
+    if let Some(joined) = joined_ms {
+        let n = connects.iter().filter(|&&t| t <= joined).count();
+        println!(
+            "| start storm: {transport} connects (TCP + {}HTTP/2) / per second / collector CPU per connect | {n} / {:.0} / {:.2} ms |",
+            if args.tls { "TLS 1.3 handshake with client certificate + " } else { "" },
+            n as f64 * 1e3 / joined.max(1) as f64,
+            storm_cpu * 1e3 / n.max(1) as f64
+        );
+    }
+    let steady: Vec<u64> = {
+        let from = joined_ms.map_or(u64::MAX, |j| j + 10_000);
+        let until = restart.as_ref().map_or(u64::MAX, |r| r.at_ms);
+        let mut v: Vec<u64> = stats
+            .sent_latencies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(sent, _)| *sent >= from && *sent < until)
+            .map(|(_, l)| *l)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    println!(
+        "| steady result-to-commit latency (sent from 10 s after the last agent joined{}) p50 / p99 / max, batches | {:.3} / {:.3} / {:.3} s, {} |",
+        if restart.is_some() { " until the restart" } else { "" },
+        percentile(&steady, 0.5),
+        percentile(&steady, 0.99),
+        percentile(&steady, 1.0),
+        steady.len()
     );
     let failures = stats.failures.lock().unwrap();
     println!(
@@ -1009,6 +1231,17 @@ async fn main() {
             secs(r.flowing_ms)
         );
         println!("| restarted collector peak RSS | {:.0} MiB |", r.peak_rss);
+        if let Some(back) = r.back_ms {
+            let n = connects
+                .iter()
+                .filter(|&&t| t > r.at_ms && t <= r.at_ms + back)
+                .count();
+            println!(
+                "| after the restart: {transport} connects until all welcomed / per second / new collector CPU per connect | {n} / {:.0} / {:.2} ms |",
+                n as f64 * 1e3 / back.max(1) as f64,
+                r.back_cpu * 1e3 / n.max(1) as f64
+            );
+        }
     }
     println!(
         "rerun: scripts/bench-ingest {}",

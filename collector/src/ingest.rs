@@ -470,6 +470,10 @@ impl Session {
             }
             None => {
                 let _ = committer.await;
+                // Stopping: tell the agent (it reconnects at once, spread), never waiting.
+                if this.shutdown.is_cancelled() {
+                    let _ = out.try_send(Err(crate::sessions::shutting_down()));
+                }
             }
         }
         tracing::info!(agent_id = %this.agent_id, "agent disconnected");

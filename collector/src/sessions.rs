@@ -171,6 +171,24 @@ impl Conflict {
     }
 }
 
+/// The status that ends a session when the collector stops (SIGTERM or SIGINT): sent after
+/// the session's queued batches were committed and acked, on the stream the graceful
+/// shutdown's HTTP/2 GOAWAY lets finish. UNAVAILABLE (retry) with the typed reason
+/// `edgeprobe_proto::REASON_SHUTDOWN`: this release's agents reconnect at once with their
+/// spread; older ones see an UNAVAILABLE and reconnect as after any lost session.
+pub fn shutting_down() -> tonic::Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        edgeprobe_proto::REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(edgeprobe_proto::REASON_SHUTDOWN),
+    );
+    tonic::Status::with_metadata(
+        tonic::Code::Unavailable,
+        "the collector is shutting down; reconnect",
+        metadata,
+    )
+}
+
 /// A session's place in the registry; leaves it on drop.
 pub struct Registration {
     sessions: Arc<Sessions>,

@@ -31,3 +31,7 @@ pub const REASON_KEY: &str = "edgeprobe-reason";
 /// `REASON_KEY` value on the FAILED_PRECONDITION that refuses a hello because another
 /// incarnation of its agent id is connected (two hosts share the id, e.g. a cloned image).
 pub const REASON_IDENTITY_CONFLICT: &str = "identity-conflict";
+/// `REASON_KEY` value on the UNAVAILABLE that ends every session of a collector stopping
+/// on SIGTERM (after its committed batches were acked): the agent reconnects at once,
+/// with its `reconnect_spread`, rather than taking it for a failure.
+pub const REASON_SHUTDOWN: &str = "shutdown";

@@ -21,6 +21,11 @@ pub enum SessionEnd {
     /// (`is_refusal_code`): reconnecting at once would only loop.
     #[error("{}", status_text(.0))]
     Refused(tonic::Status),
+    /// The collector is stopping (SIGTERM) and said so: an UNAVAILABLE whose metadata
+    /// carries `edgeprobe_proto::REASON_SHUTDOWN`, after its committed batches were acked.
+    /// Not a failure: the uplink reconnects at once, with its spread, backoff not grown.
+    #[error("the collector is shutting down")]
+    CollectorStopping(tonic::Status),
     /// Any other status: the stream or the collector went away.
     #[error("{}", status_text(.0))]
     Lost(tonic::Status),
@@ -57,6 +62,8 @@ impl SessionEnd {
     pub fn from_status(status: tonic::Status) -> SessionEnd {
         if is_identity_conflict(&status) {
             SessionEnd::IdentityConflict(status)
+        } else if is_shutdown(&status) {
+            SessionEnd::CollectorStopping(status)
         } else if is_refusal_code(status.code()) {
             SessionEnd::Refused(status)
         } else {
@@ -108,10 +115,21 @@ fn is_refusal_code(code: tonic::Code) -> bool {
 /// The message is prose for people and is not read.
 fn is_identity_conflict(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::FailedPrecondition
-        && status
-            .metadata()
-            .get(edgeprobe_proto::REASON_KEY)
-            .is_some_and(|v| v.as_bytes() == edgeprobe_proto::REASON_IDENTITY_CONFLICT.as_bytes())
+        && has_reason(status, edgeprobe_proto::REASON_IDENTITY_CONFLICT)
+}
+
+/// The collector ends every session with UNAVAILABLE and `edgeprobe-reason: shutdown` when
+/// it stops on SIGTERM (`sessions::shutting_down` in the collector).
+fn is_shutdown(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && has_reason(status, edgeprobe_proto::REASON_SHUTDOWN)
+}
+
+fn has_reason(status: &tonic::Status, reason: &str) -> bool {
+    status
+        .metadata()
+        .get(edgeprobe_proto::REASON_KEY)
+        .is_some_and(|v| v.as_bytes() == reason.as_bytes())
 }
 
 #[cfg(test)]
@@ -163,6 +181,27 @@ mod tests {
         assert!(matches!(
             SessionEnd::from_status(other),
             SessionEnd::Lost(_)
+        ));
+
+        // A stopping collector: UNAVAILABLE with the shutdown reason, not a refusal.
+        let mut stopping = tonic::Status::unavailable("the collector is shutting down");
+        stopping.metadata_mut().insert(
+            edgeprobe_proto::REASON_KEY,
+            tonic::metadata::MetadataValue::from_static(edgeprobe_proto::REASON_SHUTDOWN),
+        );
+        let end = SessionEnd::from_status(stopping.clone());
+        assert!(matches!(end, SessionEnd::CollectorStopping(_)) && !end.is_refusal());
+        // The words alone, or the reason on another code, are a lost session.
+        let words = tonic::Status::unavailable("the collector is shutting down");
+        assert!(matches!(
+            SessionEnd::from_status(words),
+            SessionEnd::Lost(_)
+        ));
+        let mut refusal = tonic::Status::invalid_argument("bad");
+        *refusal.metadata_mut() = stopping.metadata().clone();
+        assert!(matches!(
+            SessionEnd::from_status(refusal),
+            SessionEnd::Refused(_)
         ));
     }
 

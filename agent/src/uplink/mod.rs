@@ -26,7 +26,10 @@
 //! on top of the backoff. The first connect at start is spread the same way when the host
 //! booted less than `BOOT_WINDOW` ago (a site whose power returns boots all its agents
 //! together); an agent restarted on a running host connects at once, since nothing
-//! synchronises it with the rest of the fleet.
+//! synchronises it with the rest of the fleet. A collector stopping on SIGTERM ends every
+//! session with UNAVAILABLE and `edgeprobe-reason: shutdown` (then HTTP/2 GOAWAY closes
+//! the connection): the agent reconnects at once with the spread and the backoff reset,
+//! to the next endpoint, rather than finding a dead connection at its next send.
 //!
 //! Files: `codec.rs` (the stream and its codec: what an undecodable controller message
 //! is), `end.rs` (`SessionEnd`, how a session ended and the identity-conflict reason).
@@ -135,10 +138,13 @@ impl Uplink {
                 acked,
                 end,
             } = self.session(endpoint, &shutdown).await;
-            if !end.is_refusal() && (acked || started.elapsed() >= STABLE_SESSION) {
+            // A collector that announced its shutdown is no failure: reconnect at once,
+            // spread like the rest of the fleet that heard it too, the backoff not grown.
+            let stopping = matches!(end, SessionEnd::CollectorStopping(_));
+            if stopping || (!end.is_refusal() && (acked || started.elapsed() >= STABLE_SESSION)) {
                 attempt = 0;
             }
-            let delay = reconnect_delay(attempt, welcomed, spread);
+            let delay = reconnect_delay(attempt, welcomed || stopping, spread);
             attempt = attempt.saturating_add(1);
             index += 1;
             match &end {
@@ -150,6 +156,11 @@ impl Uplink {
                     "another host is using this agent id (a cloned image?); the \
                      collector refused this one: {}",
                     status.message()
+                ),
+                SessionEnd::CollectorStopping(_) => tracing::info!(
+                    endpoint = %endpoint,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "the collector is shutting down (it acked what it committed); reconnecting, spread over reconnect_spread"
                 ),
                 SessionEnd::Refused(status) => tracing::warn!(
                     endpoint = %endpoint,

@@ -306,3 +306,87 @@ fn sigterm_during_ingest_commits_every_acked_result_cuts_no_transaction_and_exit
     }
     assert_eq!(collector.proc.stop(), Some(0));
 }
+
+/// How soon after SIGTERM a real agent (spread 2 s) must be welcomed by the restarted
+/// collector: the old one's drain, the new one's start (migrations checked) and the spread.
+const REJOIN_BOUND: Duration = Duration::from_secs(15);
+
+/// Issue 26: a collector stopping on SIGTERM tells its agents (UNAVAILABLE with
+/// `edgeprobe-reason: shutdown`, then HTTP/2 GOAWAY), and a real agent process takes it as
+/// the collector going away, not as a failure: it logs the announced shutdown, reconnects
+/// at once within its spread to the collector started again on the same port, and every
+/// result it recorded throughout lands exactly once. An agent that did not recognise the
+/// status would log a lost session first ("collector session ended").
+#[test]
+fn an_agent_told_of_the_shutdown_reconnects_to_the_restarted_collector_at_once_losing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let mut collector = Collector::start(dir.path(), &db);
+    let target = HttpTarget::start("ok");
+    let mut agent = Agent::new(
+        dir.path(),
+        "told",
+        &collector.endpoint(),
+        &http_test(&target.url(), "100ms"),
+    );
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        text.replace("reconnect_spread = \"0s\"", "reconnect_spread = \"2s\""),
+    )
+    .unwrap();
+    agent.start();
+    let committed = |db: &TestDb| -> i64 {
+        db.client()
+            .query_opt(
+                "SELECT committed_seq FROM agents WHERE agent_id = 'told'",
+                &[],
+            )
+            .unwrap()
+            .map_or(0, |r| r.get(0))
+    };
+    wait_for(Duration::from_secs(30), "20 results committed", || {
+        (committed(&db) >= 20).then_some(())
+    });
+    let log = agent.config.with_extension("log");
+    let welcomes = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("connected to collector")
+            .count()
+    };
+    assert_eq!(welcomes(), 1);
+
+    let signalled = Instant::now();
+    assert_eq!(collector.proc.stop(), Some(0), "exit code");
+    let stopped = signalled.elapsed();
+    collector.restart(dir.path());
+    let back = wait_for(REJOIN_BOUND, "the agent welcomed again", || {
+        (welcomes() >= 2).then(|| signalled.elapsed())
+    });
+    assert!(
+        back < REJOIN_BOUND,
+        "welcomed again {back:?} after the signal"
+    );
+    let agent_log = std::fs::read_to_string(&log).unwrap();
+    // The first session end the agent logs is the announced shutdown; connects refused
+    // while the collector was down may follow it.
+    let announced = agent_log.find("the collector is shutting down");
+    let lost = agent_log.find("collector session ended");
+    assert!(
+        announced.is_some_and(|a| lost.is_none_or(|l| a < l)),
+        "the agent did not take the announced shutdown as such: {agent_log}"
+    );
+    let before = committed(&db);
+    wait_for(Duration::from_secs(30), "results committed again", || {
+        (committed(&db) > before + 10).then_some(())
+    });
+    eprintln!(
+        "SIGTERM: old collector gone after {stopped:?}, agent welcomed again {back:?} after the signal"
+    );
+
+    assert_eq!(agent.stop(), Some(0));
+    let last = drain(&mut agent, &db, "told");
+    assert_exactly_once(&db, "told", last);
+    assert_eq!(collector.proc.stop(), Some(0));
+}
