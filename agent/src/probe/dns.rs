@@ -20,7 +20,7 @@
 //!   blackbox-exporter's default; any other rcode is a failure of class `dns` that keeps
 //!   the rcode and the answer count.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, Respo
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::time::timeout_at;
 
 use super::{addr, secs, DnsFields, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec};
@@ -71,7 +71,9 @@ async fn measure(
     })?;
     let server = match &spec.options.server {
         Some(s) => parse_server(s)?,
-        None if matches!(rtype, RecordType::A | RecordType::AAAA) => {
+        // Bound to a link, the query must leave by it: the first nameserver is asked
+        // directly (getaddrinfo's sockets cannot be bound).
+        None if matches!(rtype, RecordType::A | RecordType::AAAA) && !spec.link.binds() => {
             partial.publish(
                 Fields::Dns(fields.clone()),
                 "waiting for the system resolver",
@@ -80,6 +82,15 @@ async fn measure(
         }
         None => system_server()?,
     };
+    if !spec.link.family.admits(&server.ip()) {
+        return Err(ProbeError::new(
+            ErrorClass::Local,
+            format!(
+                "the server {server} is not in the test's family {}",
+                spec.link.family.name()
+            ),
+        ));
+    }
 
     let mut query = Message::new();
     query
@@ -101,9 +112,9 @@ async fn measure(
     );
     let start = Instant::now();
     let exchange = async {
-        let answer = ask_udp(server, &wire, &query, deadline).await?;
+        let answer = ask_udp(server, &wire, &query, deadline, &spec.link).await?;
         if answer.truncated() {
-            return ask_tcp(server, &wire, &query, deadline).await;
+            return ask_tcp(server, &wire, &query, deadline, &spec.link).await;
         }
         Ok(answer)
     };
@@ -223,14 +234,13 @@ async fn ask_udp(
     wire: &[u8],
     query: &Message,
     deadline: tokio::time::Instant,
+    link: &addr::Link,
 ) -> Result<Message, ProbeError> {
-    let local: SocketAddr = if server.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local)
-        .await
+    let socket = addr::udp_socket(server, link)?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| io_error(server, "cannot open a UDP socket for", e))?;
+    let socket = UdpSocket::from_std(socket)
         .map_err(|e| io_error(server, "cannot open a UDP socket for", e))?;
     // Connected, so the kernel drops datagrams from other peers and reports port
     // unreachable as ECONNREFUSED.
@@ -238,6 +248,7 @@ async fn ask_udp(
         .connect(server)
         .await
         .map_err(|e| io_error(server, "cannot reach", e))?;
+    link.note_local(socket.local_addr().ok());
     let mut buf = vec![0u8; 65535];
     loop {
         socket
@@ -265,11 +276,10 @@ async fn ask_tcp(
     wire: &[u8],
     query: &Message,
     deadline: tokio::time::Instant,
+    link: &addr::Link,
 ) -> Result<Message, ProbeError> {
     let exchange = async {
-        let mut stream = TcpStream::connect(server)
-            .await
-            .map_err(|e| io_error(server, "cannot connect (TCP) to", e))?;
+        let mut stream = super::tcp::connect(server, link).await?;
         let mut framed = Vec::with_capacity(wire.len() + 2);
         framed.extend_from_slice(&(wire.len() as u16).to_be_bytes());
         framed.extend_from_slice(wire);
