@@ -425,3 +425,29 @@ pub fn empty_fields(kind: Kind) -> Fields {
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `family = "both"` is two runs, IPv4 then IPv6, each with its own link; any other
+    /// family is the one run as configured.
+    #[test]
+    fn family_both_is_one_run_per_family() {
+        let options = TestOptions {
+            family: Some(addr::IpFamily::Both),
+            interface: Some("wwan0".into()),
+            ..TestOptions::default()
+        };
+        let spec = ProbeSpec::new(Kind::Tcp, "dual.test:443".into(), options);
+        let runs = spec.runs();
+        let families: Vec<_> = runs.iter().map(|r| r.link.family).collect();
+        assert_eq!(families, [addr::IpFamily::Ipv4, addr::IpFamily::Ipv6]);
+        assert!(runs
+            .iter()
+            .all(|r| r.link.interface.as_deref() == Some("wwan0")));
+        let one = ProbeSpec::new(Kind::Tcp, "dual.test:443".into(), TestOptions::default());
+        assert_eq!(one.runs().len(), 1);
+        assert_eq!(one.runs()[0].link.family, addr::IpFamily::Any);
+    }
+}

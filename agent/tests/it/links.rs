@@ -627,3 +627,43 @@ fn a_missing_interface_or_source_is_local_and_sends_nothing() {
         );
     }
 }
+
+/// `check` takes the link options on any kind, refuses a bad interface name or a `source`
+/// of the other family, and warns (exit 0) about an interface this host does not have.
+#[test]
+fn check_validates_link_options_and_warns_of_a_missing_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |options: &str| {
+        let path = dir.path().join("agent.toml");
+        let text = format!(
+            "[agent]\nid = \"it-links\"\nstate_dir = \"{}\"\n\n[collector]\n\
+             endpoints = [\"http://127.0.0.1:9\"]\ninsecure = true\n\n[[test]]\n\
+             name = \"uplink-2\"\nkind = \"tcp\"\ntarget = \"192.0.2.1:443\"\nevery = \"1m\"\n\n\
+             [test.options]\n{options}\n",
+            dir.path().join("state").display()
+        );
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = check("interface = \"wwan7\"\nfamily = \"both\"");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("interface `wwan7` does not exist on this host"),
+        "{stderr}"
+    );
+    let (code, stderr) = check("interface = \"lo\"\nsource = \"127.0.0.1\"\nfamily = \"ipv4\"");
+    assert_eq!((code, stderr.as_str()), (Some(0), ""));
+    let (code, stderr) = check("interface = \"eth0:1\"");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("not an interface name"), "{stderr}");
+    let (code, stderr) = check("source = \"2001:db8::1\"\nfamily = \"ipv4\"");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is IPv6 but `family` is ipv4"), "{stderr}");
+}
