@@ -525,6 +525,41 @@ fn source_leaves_by_the_chosen_uplink() {
                 "udp",
             ],
         ),
+        (
+            "path",
+            "10.81.9.9".into(),
+            vec![
+                "--source",
+                "10.81.2.2",
+                "--count",
+                "2",
+                "--interval",
+                "100ms",
+                "--protocol",
+                "tcp",
+                "--port",
+                "8080",
+            ],
+        ),
+        // The reflector answers from the address the route back gives (t2's), not the one
+        // asked (10.81.9.9 on lo), so a connected sender hears it only at t2's address.
+        (
+            "stamp",
+            "10.81.4.2".into(),
+            vec![
+                "--source",
+                "10.81.2.2",
+                "--count",
+                "5",
+                "--interval",
+                "10ms",
+            ],
+        ),
+        (
+            "responsiveness",
+            links.target.url().replace("[::]", "10.81.9.9"),
+            vec!["--source", "10.81.2.2", "--max-duration", "2s"],
+        ),
     ];
     for (kind, target, args) in &cases {
         let r1 = links.forwarded(R1);
@@ -541,6 +576,24 @@ fn source_leaves_by_the_chosen_uplink() {
         assert_eq!(r1_after, r1, "{kind} {target}: nothing through r1");
         assert!(r2_after > r2, "{kind} {target}: through r2");
         assert_eq!(v["local_address"], args[1], "{kind}: {v}");
+    }
+    // `interface` alone: the uplink's own route, whatever the default.
+    for (kind, target) in [
+        ("tcp", "10.81.9.9:8080"),
+        ("icmp", "10.81.9.9"),
+        ("path", "10.81.9.9"),
+    ] {
+        let r1 = links.forwarded(R1);
+        let args = ["--interface", "up2", "--count", "2", "--interval", "100ms"];
+        let args = if kind == "tcp" { &args[..2] } else { &args[..] };
+        let (v, code) = probe_in(Some(links.client()), kind, target, args);
+        assert_eq!(code, 0, "{kind} {args:?}: {v}");
+        assert_eq!(links.forwarded(R1), r1, "{kind} on up2: nothing through r1");
+        assert_eq!(
+            (v["interface"].as_str(), v["local_address"].as_str()),
+            (Some("up2"), Some("10.81.2.2")),
+            "{v}"
+        );
     }
     // Without `source` the same probe leaves by the default route (r1): the counters see.
     let r1 = links.forwarded(R1);
