@@ -71,16 +71,19 @@ async fn measure(
     })?;
     let server = match &spec.options.server {
         Some(s) => parse_server(s)?,
-        // Bound to a link, the query must leave by it: the first nameserver is asked
-        // directly (getaddrinfo's sockets cannot be bound).
-        None if matches!(rtype, RecordType::A | RecordType::AAAA) && !spec.link.binds() => {
+        // Bound to a link or a family, the query must leave by it: the first nameserver
+        // (of that family) is asked directly (getaddrinfo's sockets cannot be bound).
+        None if matches!(rtype, RecordType::A | RecordType::AAAA)
+            && !spec.link.binds()
+            && matches!(spec.link.family, addr::IpFamily::Any | addr::IpFamily::Both) =>
+        {
             partial.publish(
                 Fields::Dns(fields.clone()),
                 "waiting for the system resolver",
             );
             return system_lookup(spec.target.trim(), rtype, deadline, fields).await;
         }
-        None => system_server()?,
+        None => system_server(spec.link.family)?,
     };
     if !spec.link.family.admits(&server.ip()) {
         return Err(ProbeError::new(
@@ -198,13 +201,22 @@ fn parse_server(s: &str) -> Result<SocketAddr, ProbeError> {
     addr::socket_addr(ip, zone, port)
 }
 
-/// The first `nameserver` of /etc/resolv.conf, or 127.0.0.1 like glibc when none is listed.
-fn system_server() -> Result<SocketAddr, ProbeError> {
+/// The first `nameserver` of /etc/resolv.conf in `family`, or 127.0.0.1 (::1 for ipv6)
+/// like glibc when none is listed.
+fn system_server(family: addr::IpFamily) -> Result<SocketAddr, ProbeError> {
     let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
-    match first_nameserver(&text) {
+    let in_family = text
+        .lines()
+        .filter(|l| first_nameserver(l).is_some_and(|(ip, _)| family.admits(&ip)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    match first_nameserver(&in_family) {
         Some((ip, zone)) => addr::socket_addr(ip, zone.as_deref(), 53).map_err(|e| {
             ProbeError::new(e.class, format!("{RESOLV_CONF}: nameserver {}", e.message))
         }),
+        None if family == addr::IpFamily::Ipv6 => {
+            Ok(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), 53))
+        }
         None => Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 53)),
     }
 }

@@ -616,6 +616,16 @@ fn family_both_gives_one_result_per_family() {
     assert_eq!(results[0]["local_address"], "10.81.1.2");
     assert_eq!(results[1]["local_address"], "fd81:1::2");
 
+    // dns with a family and no server asks the namespace's nameserver of that family.
+    let (v, code) = probe_in(
+        Some(links.client()),
+        "dns",
+        "dual.test",
+        &["--family", "ipv4", "--record-type", "AAAA"],
+    );
+    assert_eq!((code, v["answers"].as_u64()), (0, Some(1)), "{v}");
+    assert_eq!(v["ip_family"], "ipv4", "{v}");
+
     // `family = "ipv6"` alone, and a name without such an address is a dns failure.
     let (v, code) = probe_in(
         Some(links.client()),
