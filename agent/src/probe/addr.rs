@@ -311,6 +311,38 @@ pub async fn resolve(host: &str, port: u16, link: &Link) -> Result<SocketAddr, P
 mod tests {
     use super::*;
 
+    fn link(interface: Option<&str>, source: Option<&str>) -> Link {
+        Link {
+            interface: interface.map(str::to_string),
+            source: source.map(str::to_string),
+            ..Link::default()
+        }
+    }
+
+    /// A missing interface, an address not on the host and a source of the other family
+    /// are `local` failures naming them; a good binding records its family and address.
+    #[test]
+    fn link_binding_fails_locally_and_records_what_it_used() {
+        let dest: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for (l, named) in [
+            (link(Some("nonexistent7"), None), "nonexistent7"),
+            (link(None, Some("192.0.2.77")), "192.0.2.77"),
+            (link(None, Some("::1")), "::1"),
+        ] {
+            let e = udp_socket(dest, &l).unwrap_err();
+            assert_eq!(e.class, ErrorClass::Local, "{}", e.message);
+            assert!(e.message.contains(named), "{}", e.message);
+        }
+        let l = link(Some("lo"), Some("127.0.0.1"));
+        let socket = udp_socket(dest, &l).unwrap();
+        assert_eq!(socket.local_addr().unwrap().ip(), dest.ip());
+        assert_eq!(
+            (l.used_family(), l.used_local().as_str()),
+            ("ipv4", "127.0.0.1")
+        );
+        assert_eq!(Link::default().used_family(), "");
+    }
+
     #[test]
     fn ip_literals_with_zones() {
         assert_eq!(
