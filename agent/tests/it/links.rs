@@ -370,7 +370,7 @@ fn iperf3_on(links: &Links, dev: &str, reverse: bool) -> f64 {
         "--bind-dev",
         dev,
         "-t",
-        "4",
+        "6",
         "-O",
         "1",
         "-J",
@@ -413,7 +413,7 @@ fn speed_with_interface_measures_each_uplink() {
             Some(links.client()),
             "speed",
             url,
-            &["--duration", "5s", "--interface", dev],
+            &["--duration", "6s", "--interface", dev],
         );
         assert_eq!(code, 0, "{v}");
         assert_eq!(v["interface"], dev, "{v}");
