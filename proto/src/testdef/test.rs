@@ -229,7 +229,7 @@ impl IpFamily {
 }
 
 /// Linux's rule for an interface name (`dev_valid_name` in net/core/dev.c): 1 to 15
-/// bytes, not "." or "..", no '/', ':' or whitespace.
+/// bytes, not "." or "..", no '/', ':' or whitespace (C isspace, so \v too).
 pub fn is_interface_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() < 16
@@ -237,7 +237,7 @@ pub fn is_interface_name(name: &str) -> bool {
         && name != ".."
         && !name
             .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
+            .any(|b| b == b'/' || b == b':' || b == 0 || b == 0x0b || b.is_ascii_whitespace())
 }
 
 /// The `interface`, `source` and `family` options (every kind): syntax, and a `source`
@@ -884,7 +884,16 @@ mod tests {
             )
             .unwrap();
         }
-        for bad in ["", "a/b", "eth0:1", "a b", "0123456789abcdef", ".", ".."] {
+        for bad in [
+            "",
+            "a/b",
+            "eth0:1",
+            "a b",
+            "a\\u000bb",
+            "0123456789abcdef",
+            ".",
+            "..",
+        ] {
             refused(
                 Kind::Tcp,
                 &format!("interface = \"{bad}\""),
