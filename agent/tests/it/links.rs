@@ -41,6 +41,7 @@ struct Links {
     ns: Netns,
     _procs: Vec<Proc>,
     target: Target,
+    script: std::path::PathBuf,
 }
 
 const CLIENT: usize = 0;
@@ -263,7 +264,12 @@ impl Links {
                 ns.exec(r, tool, &["-w", "-A", "FORWARD", "-j", "ACCEPT"]);
             }
         }
-        let script = std::env::temp_dir().join(format!("ep-links-dns-{}.py", std::process::id()));
+        // One per Links: tests of one process run side by side.
+        let script = std::env::temp_dir().join(format!(
+            "ep-links-dns-{}-{}.py",
+            std::process::id(),
+            ns.names[CLIENT]
+        ));
         std::fs::write(&script, DNS_RESPONDER).expect("write the DNS responder");
         let procs = vec![
             ns.spawn(TARGET, "python3", &[script.to_str().unwrap(), "10.81.9.9"]),
@@ -278,6 +284,7 @@ impl Links {
             ns,
             _procs: procs,
             target,
+            script,
         };
         // Wait until both paths carry traffic (neighbour discovery, the servers).
         for _ in 0..50 {
@@ -360,6 +367,7 @@ impl Links {
 impl Drop for Links {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.ns.names[CLIENT]));
+        let _ = std::fs::remove_file(&self.script);
     }
 }
 
