@@ -44,6 +44,9 @@ fn payload(i: u64) -> Vec<u8> {
             body_bytes: 1256,
             tls_cert_expiry_seconds: Some(7_000_000.0),
         }),
+        ip_family: "ipv4".into(),
+        local_address: "192.0.2.10".into(),
+        interface: String::new(),
     };
     record::encode(&test, &outcome, &CLOCK)
 }

@@ -17,7 +17,7 @@ use edgeprobe_agent::buffer::{self, Buffer, BufferError};
 use edgeprobe_agent::config::{Config, Kind, TestOptions};
 use edgeprobe_agent::probe::{self, ProbeSpec};
 use edgeprobe_agent::{fleet, report, run, target};
-use edgeprobe_proto::testdef::PathProtocol;
+use edgeprobe_proto::testdef::{IpFamily, PathProtocol};
 
 /// Writes `text` to stdout, ignoring a closed pipe.
 fn out(text: &str) {
@@ -40,6 +40,7 @@ pub fn check(path: &Path, offline: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    warn_missing_interfaces(&c);
     if offline {
         out(&format!(
             "{}: ok (agent {}; the file only: TLS files and stored fleet tests not checked)\n",
@@ -74,6 +75,24 @@ pub fn check(path: &Path, offline: bool) -> ExitCode {
         n(c.collector.endpoints.len(), "endpoint")
     ));
     ExitCode::SUCCESS
+}
+
+/// Warns (stderr, not an error) about each test bound to an interface this host does not
+/// have now: it may appear later (an LTE modem, a VPN), and until it does the test fails
+/// with class `local` naming it.
+fn warn_missing_interfaces(c: &Config) {
+    for test in &c.tests {
+        let Some(interface) = &test.options.get_ref().interface else {
+            continue;
+        };
+        if probe::addr::scope_id(interface).is_err() {
+            eprintln!(
+                "warning: test `{}`: interface `{interface}` does not exist on this host (yet); \
+                 its runs fail with class local until it does",
+                test.name.get_ref()
+            );
+        }
+    }
 }
 
 /// `buffer`: the buffer's counters and the fleet version, for people or (`json`) as one
@@ -255,6 +274,25 @@ pub struct ProbeArgs {
     /// path: highest TTL probed (default 30).
     #[arg(long)]
     max_hops: Option<u32>,
+    /// Every kind: bind the probe's sockets to this interface (SO_BINDTODEVICE).
+    #[arg(long)]
+    interface: Option<String>,
+    /// Every kind: bind the probe's sockets to this local address before they connect.
+    #[arg(long)]
+    source: Option<String>,
+    /// Every kind: ipv4, ipv6, any (default) or both (one run per family).
+    #[arg(long, value_parser = parse_family)]
+    family: Option<IpFamily>,
+}
+
+fn parse_family(s: &str) -> Result<IpFamily, String> {
+    match s {
+        "ipv4" => Ok(IpFamily::Ipv4),
+        "ipv6" => Ok(IpFamily::Ipv6),
+        "any" => Ok(IpFamily::Any),
+        "both" => Ok(IpFamily::Both),
+        other => Err(format!("`{other}`: expected ipv4, ipv6, any or both")),
+    }
 }
 
 fn parse_protocol(s: &str) -> Result<PathProtocol, String> {
@@ -302,15 +340,18 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
         max_hops,
         dscp,
         packet_size,
+        interface,
+        source,
+        family,
     } = args;
     if let Err(reason) = edgeprobe_proto::testdef::check_target(kind, &target) {
         eprintln!("edgeprobe-agent probe: {reason}");
         return ExitCode::from(2);
     }
-    let spec = ProbeSpec {
+    let spec = ProbeSpec::new(
         kind,
         target,
-        options: TestOptions {
+        TestOptions {
             timeout,
             duration,
             max_duration,
@@ -330,23 +371,30 @@ pub fn probe(args: ProbeArgs) -> ExitCode {
             max_hops,
             dscp,
             packet_size,
+            interface,
+            source,
+            family,
             ..TestOptions::default()
         },
-    };
+    );
     if let Err(reason) = check_options(&spec) {
         eprintln!("edgeprobe-agent probe: {reason}");
         return ExitCode::from(2);
     }
     // The speed probe takes ~20 s: show progress when a person is watching.
     probe::speed::show_progress(kind == Kind::Speed && std::io::stderr().is_terminal());
-    let outcome = crate::runtime().block_on(probe::run(&spec));
-    let text = if json {
-        format!("{}\n", report::json(&spec, &outcome))
-    } else {
-        report::human(&spec, &outcome)
-    };
-    out(&text);
-    if outcome.success() {
+    let mut all_ok = true;
+    for spec in spec.runs() {
+        let outcome = crate::runtime().block_on(probe::run(&spec));
+        let text = if json {
+            format!("{}\n", report::json(&spec, &outcome))
+        } else {
+            report::human(&spec, &outcome)
+        };
+        out(&text);
+        all_ok &= outcome.success();
+    }
+    if all_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

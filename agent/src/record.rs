@@ -70,6 +70,9 @@ pub fn to_wire(test: &TestInfo, outcome: &Outcome, clock: &Clock) -> pb::Result 
         fields: Some(fields_to_wire(&outcome.fields)),
         boottime_nanos: outcome.boottime_nanos,
         run_id: test.run_id,
+        ip_family: outcome.ip_family.clone(),
+        local_address: outcome.local_address.clone(),
+        interface: outcome.interface.clone(),
         ..Default::default()
     };
     clock.stamp(&mut r);
@@ -325,6 +328,9 @@ mod tests {
                 answers: 0,
                 rcode: "SERVFAIL\u{7}WITH-A-VERY-LONG-TAIL".into(),
             }),
+            ip_family: "ipv6".into(),
+            local_address: "2001:db8::10".into(),
+            interface: "wwan0".into(),
         };
         let clock = Clock::new();
         let r = to_wire(&test_info(), &outcome, &clock);
@@ -338,6 +344,15 @@ mod tests {
         assert_eq!(r.boottime_nanos, outcome.boottime_nanos);
         assert_eq!(r.boot_id, clock::boot_id());
         assert!(bounds::labels(test_info().labels.iter()).is_ok());
+        assert_eq!(
+            (
+                r.ip_family.as_str(),
+                r.local_address.as_str(),
+                r.interface.as_str()
+            ),
+            ("ipv6", "2001:db8::10", "wwan0")
+        );
+        assert!(bounds::result_link(&r.ip_family, &r.local_address, &r.interface).is_ok());
 
         let ok = Outcome {
             error: Some(ProbeError::new(ErrorClass::Dns, "short")),
@@ -361,6 +376,9 @@ mod tests {
             duration: Duration::from_millis(5),
             error: None,
             fields: Fields::Http(Default::default()),
+            ip_family: String::new(),
+            local_address: String::new(),
+            interface: String::new(),
         };
         let r = to_wire(&test, &outcome, &Clock::new());
         assert_eq!(r.target, "https://monitor:***@example.net/health");

@@ -105,6 +105,11 @@ pub fn json(spec: &ProbeSpec, outcome: &Outcome) -> Value {
         "duration_seconds".into(),
         json!(outcome.duration.as_secs_f64()),
     );
+    object.insert("ip_family".into(), json!(outcome.ip_family));
+    object.insert("local_address".into(), json!(outcome.local_address));
+    if !outcome.interface.is_empty() {
+        object.insert("interface".into(), json!(outcome.interface));
+    }
     if let Ok(Value::Object(fields)) = serde_json::to_value(&outcome.fields) {
         object.extend(fields);
     }

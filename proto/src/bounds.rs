@@ -94,6 +94,13 @@ pub fn rpm_rating(rpm: f64) -> &'static str {
     }
 }
 
+/// A result's `interface` (Linux's IFNAMSIZ less the NUL).
+pub const MAX_INTERFACE_LEN: usize = 15;
+/// A result's `local_address` (an IPv6 address with a zone is the longest).
+pub const MAX_LOCAL_ADDRESS_LEN: usize = 64;
+/// A result's `ip_family` ("ipv4", "ipv6" or empty).
+pub const IP_FAMILIES: [&str; 3] = ["", "ipv4", "ipv6"];
+
 /// Longest run of one test (`duration_seconds`).
 pub const MAX_DURATION_SECONDS: f64 = 86_400.0;
 /// Earliest start time taken as a real measurement time (2020-01-01): earlier ones come
@@ -101,6 +108,21 @@ pub const MAX_DURATION_SECONDS: f64 = 86_400.0;
 pub const MIN_PLAUSIBLE_UNIX_SECONDS: u64 = 1_577_836_800;
 /// Latest start time, ahead of the collector's clock, taken as a real measurement time.
 pub const MAX_FUTURE: Duration = Duration::from_secs(86_400);
+
+/// The link a result was taken on (`ip_family`, `local_address`, `interface`).
+pub fn result_link(
+    ip_family: &str,
+    local_address: &str,
+    interface: &str,
+) -> Result<(), OutOfBounds> {
+    if !IP_FAMILIES.contains(&ip_family) {
+        return out(format!(
+            "ip_family is `{ip_family}`, it must be ipv4, ipv6 or empty"
+        ));
+    }
+    text("local_address", local_address, MAX_LOCAL_ADDRESS_LEN)?;
+    text("interface", interface, MAX_INTERFACE_LEN)
+}
 
 /// A value outside its bound, with the reason (names the field and the limit).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

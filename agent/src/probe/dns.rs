@@ -20,7 +20,7 @@
 //!   blackbox-exporter's default; any other rcode is a failure of class `dns` that keeps
 //!   the rcode and the answer count.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, Respo
 use hickory_proto::rr::{Name, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::time::timeout_at;
 
 use super::{addr, secs, DnsFields, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec};
@@ -71,15 +71,29 @@ async fn measure(
     })?;
     let server = match &spec.options.server {
         Some(s) => parse_server(s)?,
-        None if matches!(rtype, RecordType::A | RecordType::AAAA) => {
+        // Bound to a link or a family, the query must leave by it: the first nameserver
+        // (of that family) is asked directly (getaddrinfo's sockets cannot be bound).
+        None if matches!(rtype, RecordType::A | RecordType::AAAA)
+            && !spec.link.binds()
+            && matches!(spec.link.family, addr::IpFamily::Any | addr::IpFamily::Both) =>
+        {
             partial.publish(
                 Fields::Dns(fields.clone()),
                 "waiting for the system resolver",
             );
             return system_lookup(spec.target.trim(), rtype, deadline, fields).await;
         }
-        None => system_server()?,
+        None => system_server(spec.link.family)?,
     };
+    if !spec.link.family.admits(&server.ip()) {
+        return Err(ProbeError::new(
+            ErrorClass::Local,
+            format!(
+                "the server {server} is not in the test's family {}",
+                spec.link.family.name()
+            ),
+        ));
+    }
 
     let mut query = Message::new();
     query
@@ -101,9 +115,9 @@ async fn measure(
     );
     let start = Instant::now();
     let exchange = async {
-        let answer = ask_udp(server, &wire, &query, deadline).await?;
+        let answer = ask_udp(server, &wire, &query, deadline, &spec.link).await?;
         if answer.truncated() {
-            return ask_tcp(server, &wire, &query, deadline).await;
+            return ask_tcp(server, &wire, &query, deadline, &spec.link).await;
         }
         Ok(answer)
     };
@@ -187,13 +201,22 @@ fn parse_server(s: &str) -> Result<SocketAddr, ProbeError> {
     addr::socket_addr(ip, zone, port)
 }
 
-/// The first `nameserver` of /etc/resolv.conf, or 127.0.0.1 like glibc when none is listed.
-fn system_server() -> Result<SocketAddr, ProbeError> {
+/// The first `nameserver` of /etc/resolv.conf in `family`, or 127.0.0.1 (::1 for ipv6)
+/// like glibc when none is listed.
+fn system_server(family: addr::IpFamily) -> Result<SocketAddr, ProbeError> {
     let text = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
-    match first_nameserver(&text) {
+    let in_family = text
+        .lines()
+        .filter(|l| first_nameserver(l).is_some_and(|(ip, _)| family.admits(&ip)))
+        .collect::<Vec<_>>()
+        .join("\n");
+    match first_nameserver(&in_family) {
         Some((ip, zone)) => addr::socket_addr(ip, zone.as_deref(), 53).map_err(|e| {
             ProbeError::new(e.class, format!("{RESOLV_CONF}: nameserver {}", e.message))
         }),
+        None if family == addr::IpFamily::Ipv6 => {
+            Ok(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), 53))
+        }
         None => Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 53)),
     }
 }
@@ -223,14 +246,13 @@ async fn ask_udp(
     wire: &[u8],
     query: &Message,
     deadline: tokio::time::Instant,
+    link: &addr::Link,
 ) -> Result<Message, ProbeError> {
-    let local: SocketAddr = if server.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local)
-        .await
+    let socket = addr::udp_socket(server, link)?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| io_error(server, "cannot open a UDP socket for", e))?;
+    let socket = UdpSocket::from_std(socket)
         .map_err(|e| io_error(server, "cannot open a UDP socket for", e))?;
     // Connected, so the kernel drops datagrams from other peers and reports port
     // unreachable as ECONNREFUSED.
@@ -238,6 +260,7 @@ async fn ask_udp(
         .connect(server)
         .await
         .map_err(|e| io_error(server, "cannot reach", e))?;
+    link.note_local(socket.local_addr().ok());
     let mut buf = vec![0u8; 65535];
     loop {
         socket
@@ -265,11 +288,10 @@ async fn ask_tcp(
     wire: &[u8],
     query: &Message,
     deadline: tokio::time::Instant,
+    link: &addr::Link,
 ) -> Result<Message, ProbeError> {
     let exchange = async {
-        let mut stream = TcpStream::connect(server)
-            .await
-            .map_err(|e| io_error(server, "cannot connect (TCP) to", e))?;
+        let mut stream = super::tcp::connect(server, link).await?;
         let mut framed = Vec::with_capacity(wire.len() + 2);
         framed.extend_from_slice(&(wire.len() as u16).to_be_bytes());
         framed.extend_from_slice(wire);

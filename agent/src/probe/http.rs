@@ -107,12 +107,12 @@ impl Probe<'_> {
         let port = url.port();
         self.publish(format!("resolving {host}"));
         let start = Instant::now();
-        let addr = addr::resolve(&host, port).await?;
+        let addr = addr::resolve(&host, port, &self.spec.link).await?;
         add(&mut self.fields.dns_seconds, start.elapsed());
 
         self.publish(format!("connecting to {addr}"));
         let start = Instant::now();
-        let stream = tcp::connect(addr).await?;
+        let stream = tcp::connect(addr, &self.spec.link).await?;
         add(&mut self.fields.connect_seconds, start.elapsed());
 
         if url.https() {

@@ -88,9 +88,9 @@ async fn measure(spec: &ProbeSpec, fields: &mut IcmpFields) -> Result<(), ProbeE
     let interval = spec.options.interval.unwrap_or(DEFAULT_INTERVAL);
     let reply_wait = reply_wait(usable, count, interval);
 
-    let dest = resolve(&spec.target).await?;
+    let dest = addr::resolve(spec.target.trim(), 0, &spec.link).await?;
     let ip = dest.ip();
-    let (socket, mode) = open(ip.is_ipv6())?;
+    let (socket, mode) = open(dest, &spec.link)?;
     tracing::debug!(target = %spec.target, %ip, ?mode, ?reply_wait, "icmp socket open");
     let session = Session {
         socket,
@@ -349,14 +349,13 @@ pub(super) fn unreachable_reason(v6: bool, code: u8) -> &'static str {
     }
 }
 
-/// The target as an address: an IP literal (with its zone), or the first address its
-/// name resolves to.
-async fn resolve(target: &str) -> Result<SocketAddr, ProbeError> {
-    addr::resolve(target.trim(), 0).await
-}
-
-/// Opens a raw ICMP socket, else a ping socket, else explains both fixes.
-pub(super) fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
+/// Opens a raw ICMP socket, else a ping socket, else explains both fixes; bound to the
+/// run's link either way.
+pub(super) fn open(
+    dest: SocketAddr,
+    link: &addr::Link,
+) -> Result<(std::net::UdpSocket, Mode), ProbeError> {
+    let v6 = dest.is_ipv6();
     let (domain, protocol, family) = if v6 {
         (Domain::IPV6, Protocol::ICMPV6, "ICMPv6")
     } else {
@@ -386,6 +385,16 @@ pub(super) fn open(v6: bool) -> Result<(std::net::UdpSocket, Mode), ProbeError> 
             format!("cannot set up the {family} socket: {e}"),
         )
     };
+    link.bind(socket2::SockRef::from(&socket), dest)?;
+    // The source the route (or the binding) gives towards `dest`, for the result: a raw
+    // socket does not learn it before it sends.
+    if let Ok(probe) = addr::udp_socket(dest, link) {
+        let mut discard = dest;
+        discard.set_port(9);
+        if probe.connect(discard).is_ok() {
+            link.note_local(probe.local_addr().ok());
+        }
+    }
     socket.set_nonblocking(false).map_err(local)?;
     if mode == Mode::Datagram {
         // Without it a ping socket drops the ICMP errors about its requests.

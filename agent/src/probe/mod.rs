@@ -34,6 +34,37 @@ pub struct ProbeSpec {
     pub kind: Kind,
     pub target: String,
     pub options: TestOptions,
+    /// The link of one run: made afresh from `options` by [`run`], which records what it
+    /// used.
+    pub link: addr::Link,
+}
+
+impl ProbeSpec {
+    pub fn new(kind: Kind, target: String, options: TestOptions) -> ProbeSpec {
+        let link = addr::Link::of(&options);
+        ProbeSpec {
+            kind,
+            target,
+            options,
+            link,
+        }
+    }
+
+    /// The runs of one test: one, or with `family = "both"` one per family (IPv4 first),
+    /// each recorded as a result of its own.
+    pub fn runs(&self) -> Vec<ProbeSpec> {
+        match self.options.family.unwrap_or_default() {
+            addr::IpFamily::Both => [addr::IpFamily::Ipv4, addr::IpFamily::Ipv6]
+                .into_iter()
+                .map(|family| {
+                    let mut options = self.options.clone();
+                    options.family = Some(family);
+                    ProbeSpec::new(self.kind, self.target.clone(), options)
+                })
+                .collect(),
+            _ => vec![self.clone()],
+        }
+    }
 }
 
 /// Why a probe failed: a small closed set, stored as text in the database.
@@ -278,6 +309,12 @@ pub struct Outcome {
     /// `None` on success.
     pub error: Option<ProbeError>,
     pub fields: Fields,
+    /// The family the run used ("ipv4", "ipv6"; "" when it opened no socket).
+    pub ip_family: String,
+    /// The local address of the run's sockets ("" when none was known).
+    pub local_address: String,
+    /// The interface the test is bound to ("" when it is not).
+    pub interface: String,
 }
 
 impl Outcome {
@@ -317,7 +354,10 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
     let (started_at, boottime_nanos) = crate::clock::now();
     let start = Instant::now();
     let limit = spec.options.timeout_for(spec.kind);
-    let spec_owned = spec.clone();
+    // A fresh link per run: what it used is this run's.
+    let mut spec_owned = spec.clone();
+    spec_owned.link = addr::Link::of(&spec.options);
+    let link = spec_owned.link.clone();
     let partial = Partial::new(spec.kind);
     let progress = partial.clone();
     // Spawned so that a panic inside a probe (a bug) becomes a failed result, not a crash.
@@ -362,6 +402,9 @@ pub async fn run(spec: &ProbeSpec) -> Outcome {
         duration: start.elapsed(),
         error,
         fields,
+        ip_family: link.used_family().to_string(),
+        local_address: link.used_local(),
+        interface: link.interface.clone().unwrap_or_default(),
     }
 }
 
@@ -381,4 +424,30 @@ pub fn empty_fields(kind: Kind) -> Fields {
 /// Seconds of a duration as f64, the unit of every result.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `family = "both"` is two runs, IPv4 then IPv6, each with its own link; any other
+    /// family is the one run as configured.
+    #[test]
+    fn family_both_is_one_run_per_family() {
+        let options = TestOptions {
+            family: Some(addr::IpFamily::Both),
+            interface: Some("wwan0".into()),
+            ..TestOptions::default()
+        };
+        let spec = ProbeSpec::new(Kind::Tcp, "dual.test:443".into(), options);
+        let runs = spec.runs();
+        let families: Vec<_> = runs.iter().map(|r| r.link.family).collect();
+        assert_eq!(families, [addr::IpFamily::Ipv4, addr::IpFamily::Ipv6]);
+        assert!(runs
+            .iter()
+            .all(|r| r.link.interface.as_deref() == Some("wwan0")));
+        let one = ProbeSpec::new(Kind::Tcp, "dual.test:443".into(), TestOptions::default());
+        assert_eq!(one.runs().len(), 1);
+        assert_eq!(one.runs()[0].link.family, addr::IpFamily::Any);
+    }
 }

@@ -109,7 +109,7 @@ async fn measure(
             config_url.url
         ),
     );
-    let config_server = Server::of(&config_url, None, insecure).await?;
+    let config_server = Server::of(&config_url, None, insecure, &spec.link).await?;
     let (_, body) = net::get_new_connection(&config_server, &config_url)
         .await
         .map_err(|e| {
@@ -119,8 +119,15 @@ async fn measure(
             )
         })?;
     let config = nq::parse(config_url.url.as_str(), &body)?;
-    let server =
-        Arc::new(Server::of(&config.large, config.test_endpoint.as_deref(), insecure).await?);
+    let server = Arc::new(
+        Server::of(
+            &config.large,
+            config.test_endpoint.as_deref(),
+            insecure,
+            &spec.link,
+        )
+        .await?,
+    );
     tracing::debug!(?config, addr = %server.addr, "networkQuality configuration");
 
     partial.publish(

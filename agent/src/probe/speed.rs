@@ -134,7 +134,8 @@ async fn endpoint(spec: &ProbeSpec, url: &addr::HttpUrl) -> Result<Endpoint, Pro
         .to_string();
     Ok(Endpoint {
         https: url.https(),
-        addr: addr::resolve(&url.host(), port).await?,
+        addr: addr::resolve(&url.host(), port, &spec.link).await?,
+        link: spec.link.clone(),
         host: bare,
         authority: url.authority(),
         insecure_tls: spec.options.insecure_tls.unwrap_or(false),
@@ -189,13 +190,14 @@ async fn measure(
         a.set_port(edgeprobe_proto::testdef::defaults::STAMP_PORT);
         a
     };
-    let reflects = super::stamp::reflects(stamp_at).await;
+    let reflects = super::stamp::reflects(stamp_at, &spec.link).await;
     tracing::debug!(target = %spec.target, %stamp_at, reflects, "speed: STAMP reflector");
     let loss_stream = || {
         let stop = CancellationToken::new();
         let stream = reflects.then(|| {
             AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
                 stamp_at,
+                spec.link.clone(),
                 stop.clone(),
             )))
         });

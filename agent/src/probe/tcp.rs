@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use super::{
     addr, secs, tls, ErrorClass, Fields, Measured, Partial, ProbeError, ProbeSpec, TcpFields,
@@ -25,10 +25,10 @@ async fn measure(
 ) -> Result<(), ProbeError> {
     let (host, port) = addr::split_host_port(&spec.target)?;
     partial.publish(Fields::Tcp(fields.clone()), format!("resolving {host}"));
-    let addr = addr::resolve(host, port).await?;
+    let addr = addr::resolve(host, port, &spec.link).await?;
     partial.publish(Fields::Tcp(fields.clone()), format!("connecting to {addr}"));
     let start = Instant::now();
-    let stream = connect(addr).await?;
+    let stream = connect(addr, &spec.link).await?;
     fields.connect_seconds = Some(secs(start.elapsed()));
     if spec.options.tls.unwrap_or(false) {
         partial.publish(
@@ -45,13 +45,22 @@ async fn measure(
 
 /// Resolves `host:port` (an IP literal with its zone as it is, a name with the system
 /// resolver) to its first address.
-pub async fn resolve(host_port: &str) -> Result<SocketAddr, ProbeError> {
+pub async fn resolve(host_port: &str, link: &addr::Link) -> Result<SocketAddr, ProbeError> {
     let (host, port) = addr::split_host_port(host_port)?;
-    addr::resolve(host, port).await
+    addr::resolve(host, port, link).await
 }
 
-pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| {
+/// A TCP connection to `addr` over the run's link (bound by [`addr::Link::bind`] before
+/// it connects).
+pub async fn connect(addr: SocketAddr, link: &addr::Link) -> Result<TcpStream, ProbeError> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(|e| ProbeError::new(ErrorClass::Local, format!("cannot open a TCP socket: {e}")))?;
+    link.bind(socket2::SockRef::from(&socket), addr)?;
+    let stream = socket.connect(addr).await.map_err(|e| {
         let class = match ErrorClass::of_io(&e) {
             // EINVAL on connect: a scope the address cannot use (a wrong interface).
             ErrorClass::Other if e.kind() == std::io::ErrorKind::InvalidInput => ErrorClass::Local,
@@ -59,6 +68,7 @@ pub async fn connect(addr: SocketAddr) -> Result<TcpStream, ProbeError> {
         };
         ProbeError::new(class, format!("connect to {addr}: {e}"))
     })?;
+    link.note_local(stream.local_addr().ok());
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

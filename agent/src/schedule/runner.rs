@@ -46,11 +46,11 @@ pub(super) fn make_test(agent_labels: &BTreeMap<String, String>, tc: &TestConfig
             labels,
             run_id: 0,
         },
-        spec: ProbeSpec {
-            kind: tc.kind,
-            target: tc.target.get_ref().clone(),
-            options: tc.options.get_ref().clone(),
-        },
+        spec: ProbeSpec::new(
+            tc.kind,
+            tc.target.get_ref().clone(),
+            tc.options.get_ref().clone(),
+        ),
         spread: tc.spread,
         running: Arc::new(AtomicBool::new(false)),
     }
@@ -153,8 +153,15 @@ impl Runner {
         self.probe_and_record(test).await;
     }
 
+    /// One run of `test`: one result, or one per family with `family = "both"`.
     pub(super) async fn probe_and_record(&self, test: &Test) {
-        let outcome = probe::run(&test.spec).await;
+        for spec in test.spec.runs() {
+            self.probe_and_record_one(test, &spec).await;
+        }
+    }
+
+    async fn probe_and_record_one(&self, test: &Test, spec: &ProbeSpec) {
+        let outcome = probe::run(spec).await;
         let result = record::to_wire(&test.info, &outcome, &self.clock);
         let payload = prost::Message::encode_to_vec(&result);
         match self.buffer.append(payload).await {

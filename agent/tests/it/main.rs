@@ -10,6 +10,7 @@ mod fleet;
 mod http;
 mod icmp;
 mod link;
+mod links;
 mod path;
 mod probes;
 mod responsiveness;

@@ -33,8 +33,8 @@ pub use kind::{Kind, UnknownKind};
 pub use located::{from_toml, line_col, locate, Blame, ConfigError};
 pub use target::{check_target, parse_ip, redact, stamp_host_port, HttpUrl};
 pub use test::{
-    check_option_values, check_path_options, check_stamp_options, check_test, defaults,
-    AgentContext, PathProtocol, Scheduling, TestConfig, TestOptions, DNS_RECORD_TYPES,
-    MAX_SPEED_STREAMS,
+    check_link_options, check_option_values, check_path_options, check_stamp_options, check_test,
+    defaults, is_interface_name, AgentContext, IpFamily, PathProtocol, Scheduling, TestConfig,
+    TestOptions, DNS_RECORD_TYPES, MAX_SPEED_STREAMS,
 };
 pub use units::{parse_duration, parse_timezone};

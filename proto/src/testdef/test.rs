@@ -181,6 +181,105 @@ pub struct TestOptions {
     /// UDP payload of each test packet in bytes (RFC 8762 unauthenticated: 44 at least).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet_size: Option<u32>,
+    // every kind: which link and family a test leaves by
+    /// The interface the test's sockets are bound to (SO_BINDTODEVICE), e.g. "wwan0".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The local address the test's sockets are bound to before they connect or send
+    /// (an IPv6 address may carry `%zone`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The IP family the test resolves and connects in: ipv4, ipv6, any (default) or both
+    /// (the test runs once per family and records two results).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family: Option<IpFamily>,
+}
+
+/// The IP family a test uses (`family`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
+    /// Whichever the resolver gives first (today's behaviour).
+    #[default]
+    Any,
+    /// Once per family: two results.
+    Both,
+}
+
+impl IpFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+            IpFamily::Any => "any",
+            IpFamily::Both => "both",
+        }
+    }
+
+    /// Whether an address of this family is taken (`any` and `both` take either).
+    pub fn admits(self, ip: &std::net::IpAddr) -> bool {
+        match self {
+            IpFamily::Ipv4 => ip.is_ipv4(),
+            IpFamily::Ipv6 => ip.is_ipv6(),
+            IpFamily::Any | IpFamily::Both => true,
+        }
+    }
+}
+
+/// Linux's rule for an interface name (`dev_valid_name` in net/core/dev.c): 1 to 15
+/// bytes, not "." or "..", no '/', ':' or whitespace (C isspace, so \v too).
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b == 0x0b || b.is_ascii_whitespace())
+}
+
+/// The `interface`, `source` and `family` options (every kind): syntax, and a `source`
+/// of the family that `family` names.
+pub fn check_link_options(name: &str, o: &TestOptions) -> Result<(), String> {
+    if let Some(interface) = &o.interface {
+        if !is_interface_name(interface) {
+            return Err(format!(
+                "test `{name}`: `interface` `{interface}` is not an interface name (1 to 15 \
+                 bytes, no '/', ':' or whitespace)"
+            ));
+        }
+    }
+    if let Some(source) = &o.source {
+        let Some((ip, _)) = parse_ip(source.trim()).filter(|_| !source.trim().starts_with('['))
+        else {
+            return Err(format!(
+                "test `{name}`: `source` is `{source}`, it must be an IP address: 192.0.2.10, \
+                 2001:db8::10 or fe80::10%eth0"
+            ));
+        };
+        match o.family.unwrap_or_default() {
+            IpFamily::Ipv4 if !ip.is_ipv4() => {
+                return Err(format!(
+                    "test `{name}`: `source` {source} is IPv6 but `family` is ipv4"
+                ))
+            }
+            IpFamily::Ipv6 if !ip.is_ipv6() => {
+                return Err(format!(
+                    "test `{name}`: `source` {source} is IPv4 but `family` is ipv6"
+                ))
+            }
+            IpFamily::Both => {
+                return Err(format!(
+                    "test `{name}`: `source` {source} has one family, `family` both needs two; \
+                     use `interface`, or one test per family"
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The packets a path test probes with (SPEC section 15).
@@ -236,7 +335,10 @@ impl TestOptions {
             max_hops,
             max_duration,
             dscp,
-            packet_size
+            packet_size,
+            interface,
+            source,
+            family
         );
         keys
     }
@@ -251,9 +353,26 @@ impl TestOptions {
                 "upload_streams",
                 "warmup",
                 "pings",
+                "interface",
+                "source",
+                "family",
             ],
-            Kind::Icmp => &["timeout", "count", "interval"],
-            Kind::Tcp => &["timeout", "tls", "insecure_tls"],
+            Kind::Icmp => &[
+                "timeout",
+                "count",
+                "interval",
+                "interface",
+                "source",
+                "family",
+            ],
+            Kind::Tcp => &[
+                "timeout",
+                "tls",
+                "insecure_tls",
+                "interface",
+                "source",
+                "family",
+            ],
             Kind::Http => &[
                 "timeout",
                 "method",
@@ -261,13 +380,47 @@ impl TestOptions {
                 "body_match",
                 "follow_redirects",
                 "insecure_tls",
+                "interface",
+                "source",
+                "family",
             ],
-            Kind::Dns => &["timeout", "record_type", "server"],
+            Kind::Dns => &[
+                "timeout",
+                "record_type",
+                "server",
+                "interface",
+                "source",
+                "family",
+            ],
             Kind::Path => &[
-                "timeout", "count", "interval", "protocol", "port", "max_hops",
+                "timeout",
+                "count",
+                "interval",
+                "protocol",
+                "port",
+                "max_hops",
+                "interface",
+                "source",
+                "family",
             ],
-            Kind::Responsiveness => &["timeout", "max_duration", "insecure_tls"],
-            Kind::Stamp => &["timeout", "count", "interval", "dscp", "packet_size"],
+            Kind::Responsiveness => &[
+                "timeout",
+                "max_duration",
+                "insecure_tls",
+                "interface",
+                "source",
+                "family",
+            ],
+            Kind::Stamp => &[
+                "timeout",
+                "count",
+                "interval",
+                "dscp",
+                "packet_size",
+                "interface",
+                "source",
+                "family",
+            ],
         }
     }
 }
@@ -518,6 +671,7 @@ pub fn check_option_values(name: &str, kind: Kind, o: &TestOptions) -> Result<()
     if o.timeout == Some(Duration::ZERO) {
         return Err(format!("test `{name}`: `timeout` must be more than 0s"));
     }
+    check_link_options(name, o)?;
     match kind {
         Kind::Icmp => {
             if o.count == Some(0) {
@@ -707,6 +861,76 @@ mod tests {
             "count = 1000\ninterval = \"10ms\"\ndscp = 46\npacket_size = 200"
         )
         .is_ok());
+    }
+
+    #[test]
+    fn link_options_on_every_kind() {
+        for kind in [
+            Kind::Speed,
+            Kind::Icmp,
+            Kind::Tcp,
+            Kind::Http,
+            Kind::Dns,
+            Kind::Path,
+            Kind::Responsiveness,
+            Kind::Stamp,
+        ] {
+            for key in ["interface", "source", "family"] {
+                assert!(TestOptions::allowed(kind).contains(&key), "{kind} {key}");
+            }
+            opts(
+                kind,
+                "interface = \"wwan0\"\nsource = \"192.0.2.10\"\nfamily = \"ipv4\"",
+            )
+            .unwrap();
+        }
+        for bad in [
+            "",
+            "a/b",
+            "eth0:1",
+            "a b",
+            "a\\u000bb",
+            "0123456789abcdef",
+            ".",
+            "..",
+        ] {
+            refused(
+                Kind::Tcp,
+                &format!("interface = \"{bad}\""),
+                "not an interface name",
+            );
+        }
+        opts(Kind::Tcp, "interface = \"0123456789abcde\"").unwrap();
+        for bad in [
+            "host.example",
+            "192.0.2.10:80",
+            "[2001:db8::1]",
+            "192.0.2.10%eth0",
+        ] {
+            refused(
+                Kind::Tcp,
+                &format!("source = \"{bad}\""),
+                "must be an IP address",
+            );
+        }
+        opts(Kind::Tcp, "source = \"fe80::1%eth0\"\nfamily = \"ipv6\"").unwrap();
+        refused(
+            Kind::Tcp,
+            "source = \"2001:db8::1\"\nfamily = \"ipv4\"",
+            "is IPv6",
+        );
+        refused(
+            Kind::Tcp,
+            "source = \"192.0.2.1\"\nfamily = \"ipv6\"",
+            "is IPv4",
+        );
+        refused(
+            Kind::Tcp,
+            "source = \"192.0.2.1\"\nfamily = \"both\"",
+            "needs two",
+        );
+        assert!(toml::from_str::<TestOptions>("family = \"ipv5\"").is_err());
+        opts(Kind::Dns, "family = \"both\"").unwrap();
     }
 
     fn opts(kind: Kind, toml: &str) -> Result<(), String> {

@@ -85,8 +85,8 @@ async fn measure(
         PathProtocol::Udp => options.port.unwrap_or(defaults::PATH_UDP_PORT),
         PathProtocol::Tcp => options.port.unwrap_or(defaults::PATH_TCP_PORT),
     };
-    let dest = addr::resolve(spec.target.trim(), port).await?;
-    let session = Session::open(protocol, dest)?;
+    let dest = addr::resolve(spec.target.trim(), port, &spec.link).await?;
+    let session = Session::open(protocol, dest, &spec.link)?;
     let schedule = interval.saturating_mul(count - 1);
     let reply_wait = usable
         .saturating_sub(schedule)

@@ -34,7 +34,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use super::packet::{self, Answer, Flow, Heard};
 use super::stats::HopStats;
 use crate::probe::icmp::{self, Mode};
-use crate::probe::{errqueue, secs, ErrorClass, ProbeError};
+use crate::probe::{addr, errqueue, secs, ErrorClass, ProbeError};
 
 /// The longest single wait in `poll`: the kernel keeps short timeouts to a tick.
 const WAIT_SLICE: Duration = Duration::from_millis(50);
@@ -133,7 +133,11 @@ pub struct Session {
 impl Session {
     /// Opens the sockets for `protocol` towards `dest` (its port is the target port of
     /// udp and tcp).
-    pub fn open(protocol: PathProtocol, dest: SocketAddr) -> Result<Session, ProbeError> {
+    pub fn open(
+        protocol: PathProtocol,
+        dest: SocketAddr,
+        link: &addr::Link,
+    ) -> Result<Session, ProbeError> {
         let v6 = dest.is_ipv6();
         let local = |what: &str, e: std::io::Error| {
             ProbeError::new(ErrorClass::Local, format!("cannot set up {what}: {e}"))
@@ -150,7 +154,7 @@ impl Session {
         };
         let sockets = match protocol {
             PathProtocol::Icmp => {
-                let (socket, mode) = icmp::open(v6)?;
+                let (socket, mode) = icmp::open(dest, link)?;
                 flow.raw = mode == Mode::Raw;
                 socket
                     .set_nonblocking(true)
@@ -158,7 +162,7 @@ impl Session {
                 Sockets::Icmp { socket, mode }
             }
             PathProtocol::Udp => {
-                let socket = connected_udp(dest)?;
+                let socket = connected_udp(dest, link)?;
                 errqueue::set_recverr(&socket, v6).map_err(|e| local("the UDP socket", e))?;
                 socket
                     .set_nonblocking(true)
@@ -186,9 +190,11 @@ impl Session {
                 };
                 let icmp = Socket::new(domain, Type::RAW, Some(icmp_protocol))
                     .map_err(|e| local("a raw ICMP socket", e))?;
+                link.bind(SockRef::from(&raw), dest)?;
+                link.bind(SockRef::from(&icmp), dest)?;
                 // The source address the kernel picks towards the target, for the TCP
                 // checksum's pseudo-header.
-                let source = connected_udp(dest)?
+                let source = connected_udp(dest, link)?
                     .local_addr()
                     .map_err(|e| local("the source address", e))?
                     .ip();
@@ -535,16 +541,10 @@ impl Session {
     }
 }
 
-/// A UDP socket connected to `dest`: the source the kernel picks, the route's errors.
-fn connected_udp(dest: SocketAddr) -> Result<UdpSocket, ProbeError> {
-    let any: SocketAddr = if dest.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(any).map_err(|e| {
-        ProbeError::new(ErrorClass::Local, format!("cannot open a UDP socket: {e}"))
-    })?;
+/// A UDP socket over the link connected to `dest`: the source the kernel picks, the
+/// route's errors.
+fn connected_udp(dest: SocketAddr, link: &addr::Link) -> Result<UdpSocket, ProbeError> {
+    let socket = addr::udp_socket(dest, link)?;
     socket.connect(dest).map_err(|e| {
         let class = match e.kind() {
             ErrorKind::InvalidInput => ErrorClass::Unreachable,
@@ -552,6 +552,7 @@ fn connected_udp(dest: SocketAddr) -> Result<UdpSocket, ProbeError> {
         };
         ProbeError::new(class, format!("no route to {}: {e}", dest.ip()))
     })?;
+    link.note_local(socket.local_addr().ok());
     Ok(socket)
 }
 

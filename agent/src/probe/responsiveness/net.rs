@@ -119,6 +119,8 @@ pub struct Server {
     /// `host[:port]` for HTTP/1.1 `Host`.
     pub authority: String,
     pub addr: SocketAddr,
+    /// The run's link: every connection is bound to it.
+    pub link: super::super::addr::Link,
     pub insecure_tls: bool,
 }
 
@@ -129,6 +131,7 @@ impl Server {
         url: &HttpUrl,
         connect_host: Option<&str>,
         insecure_tls: bool,
+        link: &super::super::addr::Link,
     ) -> Result<Server, ProbeError> {
         let port = url.port();
         let resolve_host = connect_host.map_or_else(|| url.host(), str::to_string);
@@ -145,7 +148,8 @@ impl Server {
             host,
             origin: format!("{scheme}://{}", url.authority()),
             authority: url.authority(),
-            addr: super::super::addr::resolve(&resolve_host, port).await?,
+            addr: super::super::addr::resolve(&resolve_host, port, link).await?,
+            link: link.clone(),
             insecure_tls,
         })
     }
@@ -216,7 +220,7 @@ impl Drop for AbortOnDrop {
 impl H2 {
     /// Opens an HTTP/2 connection to `server` (TLS with ALPN `h2` when https).
     pub async fn open(server: &Server) -> Result<H2, ProbeError> {
-        let stream = tcp::connect(server.addr).await?;
+        let stream = tcp::connect(server.addr, &server.link).await?;
         // Closed with a reset: data still queued when a phase ends does not load the next.
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         if server.https {
@@ -334,7 +338,7 @@ pub async fn get_new_connection(
     url: &HttpUrl,
 ) -> Result<(Foreign, Bytes), ProbeError> {
     let start = Instant::now();
-    let stream = tcp::connect(server.addr).await?;
+    let stream = tcp::connect(server.addr, &server.link).await?;
     let tcp_time = start.elapsed();
     if server.https {
         let config = tls::client_config(server.insecure_tls, &[b"http/1.1"]);

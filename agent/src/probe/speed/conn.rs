@@ -45,6 +45,8 @@ pub struct Endpoint {
     /// `host[:port]` for the Host header.
     pub authority: String,
     pub addr: SocketAddr,
+    /// The run's link: every connection is bound to it.
+    pub link: crate::probe::addr::Link,
     pub insecure_tls: bool,
     /// Sent as `test=` with every request so `serve-target` tells this run from other
     /// agents behind the same address (stock LibreSpeed servers ignore it).
@@ -218,7 +220,7 @@ impl Endpoint {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let stream = tcp::connect(self.addr).await?;
+        let stream = tcp::connect(self.addr, &self.link).await?;
         let socket = SockRef::from(&stream);
         if !matches!(purpose, Use::Ping) {
             let _ = socket.set_linger(Some(Duration::ZERO));

@@ -66,8 +66,8 @@ async fn measure(
     let size = o.packet_size.unwrap_or(defaults::STAMP_PACKET_SIZE) as usize;
     let (host, port) = edgeprobe_proto::testdef::stamp_host_port(spec.target.trim())
         .map_err(|e| ProbeError::new(ErrorClass::Local, e))?;
-    let dest = addr::resolve(host, port).await?;
-    let mut session = Session::open(dest, o.dscp.unwrap_or(0), size)?;
+    let dest = addr::resolve(host, port, &spec.link).await?;
+    let mut session = Session::open(dest, o.dscp.unwrap_or(0), size, &spec.link)?;
     partial.publish(Fields::Stamp(session.fields()), "sending test packets");
 
     let mut tick = tokio::time::interval(interval);
@@ -143,8 +143,8 @@ const LOADED_WAIT: Duration = Duration::from_millis(500);
 /// Whether a STAMP reflector answers at `dest`: up to `DETECT_PACKETS` test packets
 /// `DETECT_GAP` apart until one is reflected, waiting at most `DETECT_WAIT` in all (so a
 /// lossy path is not taken for no reflector).
-pub async fn reflects(dest: SocketAddr) -> bool {
-    let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN) else {
+pub async fn reflects(dest: SocketAddr, link: &addr::Link) -> bool {
+    let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN, link) else {
         return false;
     };
     let until = tokio::time::Instant::now() + DETECT_WAIT;
@@ -167,9 +167,10 @@ pub async fn reflects(dest: SocketAddr) -> bool {
 /// loss ratios of the stream (`None` when it could not run).
 pub async fn loaded_stream(
     dest: SocketAddr,
+    link: addr::Link,
     stop: tokio_util::sync::CancellationToken,
 ) -> (Option<f64>, Option<f64>) {
-    let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN) else {
+    let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN, &link) else {
         return (None, None);
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1) / LOADED_RATE);
@@ -235,13 +236,20 @@ pub struct Session {
 }
 
 impl Session {
-    /// A connected UDP socket to `dest` with the DSCP set; packets of `size` bytes.
-    pub fn open(dest: SocketAddr, dscp: u8, size: usize) -> Result<Session, ProbeError> {
+    /// A connected UDP socket to `dest` over the link with the DSCP set; packets of `size`
+    /// bytes.
+    pub fn open(
+        dest: SocketAddr,
+        dscp: u8,
+        size: usize,
+        link: &addr::Link,
+    ) -> Result<Session, ProbeError> {
         let local = |e: io::Error| {
             ProbeError::new(ErrorClass::Local, format!("STAMP socket to {dest}: {e}"))
         };
         let socket = Socket::new(Domain::for_address(dest), Type::DGRAM, Some(Protocol::UDP))
             .map_err(local)?;
+        link.bind(socket2::SockRef::from(&socket), dest)?;
         let tos = u32::from(dscp.min(63)) << 2;
         if tos != 0 {
             match dest {
@@ -252,6 +260,7 @@ impl Session {
         socket.connect(&dest.into()).map_err(|e| {
             ProbeError::new(ErrorClass::of_io(&e), format!("cannot reach {dest}: {e}"))
         })?;
+        link.note_local(socket.local_addr().ok().and_then(|a| a.as_socket()));
         socket.set_nonblocking(true).map_err(local)?;
         let socket = UdpSocket::from_std(socket.into()).map_err(local)?;
         let status = crate::clock::kernel_time_status();
@@ -493,7 +502,13 @@ mod tests {
     /// A session whose packets were "sent" and reflected as `reflections` lists:
     /// (sender seq, reflector seq), in arrival order.
     async fn session(sent: u32, reflections: &[(u32, u32)]) -> Session {
-        let mut s = Session::open("127.0.0.1:9".parse().unwrap(), 0, 44).unwrap();
+        let mut s = Session::open(
+            "127.0.0.1:9".parse().unwrap(),
+            0,
+            44,
+            &addr::Link::default(),
+        )
+        .unwrap();
         let now = Instant::now();
         for i in 0..sent {
             s.sent.push(Sent {
