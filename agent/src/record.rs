@@ -284,6 +284,9 @@ mod tests {
             duration: Duration::from_secs(1),
             error: None,
             fields: Fields::Stamp(fields),
+            ip_family: String::new(),
+            local_address: String::new(),
+            interface: String::new(),
         };
         let mut info = test_info();
         info.kind = Kind::Stamp;
