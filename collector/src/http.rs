@@ -1,6 +1,6 @@
 //! The collector's HTTP endpoints: `/metrics` (Prometheus text format), `/healthz`
-//! (the process is up) and `/readyz` (migrated and a writable PostgreSQL reached: safe to
-//! send agents here; the body names the host reached).
+//! (the process is up) and `/readyz` (migrated, the gRPC port listening and a writable
+//! PostgreSQL reached: safe to send agents here; the body names the host reached).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use crate::metrics::Metrics;
 
 /// What `/readyz` looks at.
 pub struct Readiness {
+    /// Migrated and the gRPC port listening.
     pub migrated: AtomicBool,
     /// The writable PostgreSQL host reached (`host:port`), none when none is.
     pub postgres: Box<dyn Fn() -> Option<String> + Send + Sync>,

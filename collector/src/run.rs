@@ -191,7 +191,6 @@ async fn serve(
             }
         }
     }
-    readiness.migrated.store(true, Ordering::Relaxed);
     if let Some((listener, tls)) = api {
         tracing::info!(addr = %listener.local_addr()?, "serving the operators' api (mTLS, operator certificates only)");
         let (target, shutdown) = (target.clone(), shutdown.clone());
@@ -244,6 +243,9 @@ async fn serve(
     let backlog = listener.backlog;
     let accepted =
         listen::accept(listener, shutdown.clone()).context("starting the accept thread")?;
+    // Ready only once agents can connect: /readyz said ready between the migration and
+    // this bind, and a balancer (or a test) that trusted it found the gRPC port closed.
+    readiness.migrated.store(true, Ordering::Relaxed);
     let signalled = shutdown.clone().cancelled_owned();
     tracing::info!(
         addr = %config.server.grpc_listen,

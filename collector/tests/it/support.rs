@@ -423,6 +423,10 @@ impl Collector {
             );
             http_get(http, "/readyz").filter(|(s, _)| *s == 200)
         });
+        // Ready means agents can connect: the gRPC port listens by then.
+        if let Err(e) = std::net::TcpStream::connect(self.grpc) {
+            panic!("/readyz said ready but gRPC {} refused: {e}", self.grpc);
+        }
     }
 
     /// Starts it again on the same ports after a stop or kill.
