@@ -16,13 +16,12 @@
 //! Around them: `run` wires and stops them in order, `report` renders outcomes and buffer
 //! counters for people, and `target` is the `serve-target` speed target.
 //!
-//! Unsafe code is denied except in six functions, each `#[allow(unsafe_code)]` with a
+//! Unsafe code is denied except in five functions, each `#[allow(unsafe_code)]` with a
 //! SAFETY comment: `clock::kernel_time_status` (adjtimex), `bytes_acked` in
-//! `probe::speed::conn` (getsockopt TCP_INFO), `errqueue::set_recverr` and
-//! `errqueue::read` in `probe::errqueue` (setsockopt IP_RECVERR, recvmsg MSG_ERRQUEUE;
-//! used by the icmp and path probes), and `set_recv_ttl` and `recv` in
-//! `target::reflector` (IP_RECVTTL / IPV6_RECVHOPLIMIT and recvmsg for the STAMP
-//! reflector's received TTL).
+//! `probe::speed::conn` (getsockopt TCP_INFO), `errqueue::enable` and `errqueue::read` in
+//! `probe::errqueue` (setsockopt of an int option: IP_RECVERR for the icmp and path
+//! probes, IP_RECVTTL / IPV6_RECVHOPLIMIT for the STAMP reflector; recvmsg MSG_ERRQUEUE),
+//! and `recv` in `target::reflector` (recvmsg for the reflector's received TTL).
 #![deny(unsafe_code)]
 
 pub mod buffer;

@@ -47,13 +47,18 @@ impl Queued {
     }
 }
 
-#[allow(unsafe_code)]
 pub fn set_recverr(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
-    let (level, name) = if v6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+    if v6 {
+        enable(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
     } else {
-        (libc::IPPROTO_IP, libc::IP_RECVERR)
-    };
+        enable(socket, libc::IPPROTO_IP, libc::IP_RECVERR)
+    }
+}
+
+/// Turns on an int socket option (`level`, `name`) that socket2 has no setter for: the
+/// error queue here, the received TTL in the STAMP reflector.
+#[allow(unsafe_code)]
+pub fn enable(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: the descriptor is open (borrowed from `socket`) and the option value is
     // a live c_int whose size is passed with it.

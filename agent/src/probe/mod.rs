@@ -10,7 +10,7 @@
 pub mod addr;
 pub mod body;
 pub mod dns;
-mod errqueue;
+pub(crate) mod errqueue;
 pub mod http;
 pub mod icmp;
 pub mod path;

@@ -30,6 +30,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::probe::errqueue;
 use crate::probe::stamp::packet;
 
 /// Sessions kept at most, by default.
@@ -306,29 +307,11 @@ impl State {
 }
 
 /// Asks for the TTL (IPv4) or hop limit (IPv6) of each received packet.
-#[allow(unsafe_code)]
 fn set_recv_ttl(socket: &impl AsRawFd, v6: bool) -> io::Result<()> {
-    let (level, name) = if v6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT)
+    if v6 {
+        errqueue::enable(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT)
     } else {
-        (libc::IPPROTO_IP, libc::IP_RECVTTL)
-    };
-    let on: libc::c_int = 1;
-    // SAFETY: the descriptor is open (borrowed from `socket`) and the option value is a
-    // live c_int whose size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        errqueue::enable(socket, libc::IPPROTO_IP, libc::IP_RECVTTL)
     }
 }
 
