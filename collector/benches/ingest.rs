@@ -15,8 +15,10 @@
 //!
 //! The simulated agents connect over mTLS as in production (`--plaintext` for the old
 //! figures), each with its own certificate from the collector's CA tooling, issued once
-//! and cached (`Pki`); the report gives the connects per second and the collector's CPU
-//! per connect in the start storm and after a restart, and the steady-state latency.
+//! and cached (`Pki`); the report gives the connects per second and the CPU per connect of
+//! the collector and of the load generator (the client side) in the start storm and after
+//! a restart, the collector's failed handshakes by reason, the steady-state latency and
+//! the load average around the run.
 //!
 //! Flags: --kind http|path (the results sent: http, or path results of 30 hops; the
 //! reference stays the same http rows), --agents N, --rate R (results per second per
@@ -924,6 +926,43 @@ fn kernel_counter(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The 1-minute load average (other work on the machine during the run).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Adds the collector's `edgeprobe_tls_handshake_errors_total` by reason, read from its
+/// /metrics on `http`, to `into`; nothing when it does not answer.
+fn add_handshake_errors(into: &mut std::collections::BTreeMap<String, u64>, http: u16) {
+    use std::io::Read;
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", http)) else {
+        return;
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    if conn
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return;
+    }
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("edgeprobe_tls_handshake_errors_total{reason=\"") else {
+            continue;
+        };
+        let Some((reason, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        if let Ok(n) = value.trim().parse::<f64>() {
+            *into.entry(reason.to_string()).or_default() += n as u64;
+        }
+    }
+}
+
 /// The collector's restart, as the report shows it (ms since the run started).
 struct Restart {
     signal: &'static str,
@@ -975,16 +1014,19 @@ async fn main() {
         kernel_counter("SyncookiesSent"),
     );
     let stats = Arc::new(Stats::default());
+    // Read before the clock starts: 20,000 files are not part of the storm.
+    let clients: Vec<Option<ClientTlsConfig>> = (0..args.agents)
+        .map(|i| pki.as_ref().map(|p| p.client(&agent_id(i))))
+        .collect();
+    let load_start = loadavg();
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(args.seconds);
     let endpoint = format!(
         "{}://127.0.0.1:{grpc}",
         if args.tls { "https" } else { "http" }
     );
-    let clients: Vec<Option<ClientTlsConfig>> = (0..args.agents)
-        .map(|i| pki.as_ref().map(|p| p.client(&agent_id(i))))
-        .collect();
     let cpu_start = cpu_seconds(collector.id());
+    let own_cpu_start = cpu_seconds(std::process::id());
     // Every agent starts at once: the storm of a fleet whose collector came back.
     let progress: Vec<Arc<Progress>> = (0..args.agents).map(|_| Default::default()).collect();
     let tasks: Vec<_> = progress
@@ -1010,6 +1052,10 @@ async fn main() {
     let mut restart: Option<Restart> = None;
     // Collector CPU seconds from the start until the last agent was welcomed.
     let mut storm_cpu = 0.0;
+    // The load generator's own CPU seconds over the same time: the client side.
+    let mut storm_own_cpu = 0.0;
+    // The collector's failed TLS handshakes by reason (its /metrics), summed over restarts.
+    let mut handshake_errors = std::collections::BTreeMap::<String, u64>::new();
     let mut apply: Option<Apply> = None;
     // (ms since start, results committed so far), every tick: the ingest around an apply.
     let mut committed_at: Vec<(u64, u64)> = Vec::new();
@@ -1039,11 +1085,13 @@ async fn main() {
             joined_ms = last_join;
             if joined_ms.is_some() {
                 storm_cpu = cpu_seconds(collector.id()) - cpu_start;
+                storm_own_cpu = cpu_seconds(std::process::id()) - own_cpu_start;
             }
         }
         match (&mut restart, args.restart, joined_ms) {
             // Ten seconds of steady state first, so every agent has results acked.
             (None, Some(signal), Some(joined)) if ms() >= joined + 10_000 => {
+                add_handshake_errors(&mut handshake_errors, http);
                 let at_ms = ms();
                 let status = Command::new("kill")
                     .arg(format!("-{signal}"))
@@ -1092,7 +1140,9 @@ async fn main() {
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
+    let load_end = loadavg();
     peak_rss = peak_rss.max(rss_mib(collector.id()));
+    add_handshake_errors(&mut handshake_errors, http);
     let _ = collector.kill();
     let _ = collector.wait();
     let (overflows, syncookies) = (
@@ -1161,10 +1211,11 @@ async fn main() {
     if let Some(joined) = joined_ms {
         let n = connects.iter().filter(|&&t| t <= joined).count();
         println!(
-            "| start storm: {transport} connects (TCP + {}HTTP/2) / per second / collector CPU per connect | {n} / {:.0} / {:.2} ms |",
+            "| start storm: {transport} connects (TCP + {}HTTP/2) / per second / collector CPU per connect / load generator CPU per connect | {n} / {:.0} / {:.2} ms / {:.2} ms |",
             if args.tls { "TLS 1.3 handshake with client certificate + " } else { "" },
             n as f64 * 1e3 / joined.max(1) as f64,
-            storm_cpu * 1e3 / n.max(1) as f64
+            storm_cpu * 1e3 / n.max(1) as f64,
+            storm_own_cpu * 1e3 / n.max(1) as f64
         );
     }
     let steady: Vec<u64> = {
@@ -1205,7 +1256,22 @@ async fn main() {
     println!(
         "| kernel: listen overflows / SYN cookies sent during the run (host-wide) | {overflows} / {syncookies} |"
     );
+    if args.tls {
+        println!(
+            "| collector: TLS handshakes failed, by reason (edgeprobe_tls_handshake_errors_total) | {} |",
+            if handshake_errors.is_empty() {
+                "none".to_string()
+            } else {
+                handshake_errors
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
     println!("| collector peak RSS | {peak_rss:.0} MiB |");
+    println!("| load average (1 min) at the start / end of the run | {load_start} / {load_end} |");
     if let Some(a) = &apply {
         a.report(args.agents, &committed_at);
     }
