@@ -322,3 +322,93 @@ fn run_now_link_flags_are_checked_before_anything_is_sent() {
     assert_ne!(code, Some(0));
     assert!(err.contains("no known agent"), "{err}");
 }
+
+/// The same over the API (`run-now --api`): the flags travel as the request's options,
+/// and both results of the agent come back with their family, address and interface.
+#[test]
+fn run_now_family_both_over_the_api_returns_both_results_with_their_link() {
+    use crate::api::{operator, ApiCollector};
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new();
+    let pki = Pki::new(dir.path());
+    let c = ApiCollector::start(dir.path(), &db, &pki);
+    let alice = operator(&pki, "alice");
+    let (port, _v4, _v6) = dual_stack_port();
+    let hosts = dir.path().join("hosts");
+    // localhost too: the agent reaches the collector by the name on its certificate.
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 dual.test\n::1 dual.test\n",
+    )
+    .unwrap();
+    let endpoint = format!("https://localhost:{}", c.grpc.port());
+    let mut agent = Agent::new_tls(dir.path(), "dual", &endpoint, "", &pki);
+    start_with_hosts(&mut agent, &hosts);
+    wait_for(
+        Duration::from_secs(30),
+        "the agent known with run-now",
+        || {
+            (db.scalar("SELECT count(*) FROM agents WHERE 'run-now' = ANY(features)") == 1)
+                .then_some(())
+        },
+    );
+    let (cert, key) = (alice.0.display().to_string(), alice.1.display().to_string());
+    let api = format!("https://localhost:{}", c.api.port());
+    let ca = c.pki_ca.display().to_string();
+    let target = format!("dual.test:{port}");
+    let (code, out, err) = collector_cmd(&[
+        "run-now",
+        "--agent",
+        "dual",
+        "--kind",
+        "tcp",
+        "--target",
+        &target,
+        "--family",
+        "both",
+        "--interface",
+        "lo",
+        "--json",
+        "--api",
+        &api,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "--ca",
+        &ca,
+    ]);
+    assert_eq!(code, Some(0), "run-now --api: {out}{err}");
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let got: Vec<(&str, &str, &str, bool)> = run["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["ip_family"].as_str().unwrap_or("-"),
+                r["local_address"].as_str().unwrap_or("-"),
+                r["interface"].as_str().unwrap_or("-"),
+                r["success"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ipv4", "127.0.0.1", "lo", true),
+            ("ipv6", "::1", "lo", true)
+        ],
+        "{out}"
+    );
+    let spec: String = db
+        .client()
+        .query_one("SELECT spec_toml FROM runs", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        spec.contains("family = \"both\"") && spec.contains("interface = \"lo\""),
+        "{spec}"
+    );
+    agent.stop();
+}
