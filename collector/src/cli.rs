@@ -1355,18 +1355,6 @@ fn result_row(r: &RunResult) -> String {
     let f = |k: &str| r.figures.get(k).and_then(|v| v.as_f64());
     let secs = |k: &str, label: &str| f(k).map(|v| format!("{label} {}", human_seconds(v)));
     let mut parts: Vec<String> = Vec::new();
-    // The link first: `family = "both"` gives two rows per agent, told apart by it.
-    let link: Vec<String> = [
-        r.ip_family.clone(),
-        r.interface.as_ref().map(|i| format!("via {i}")),
-        r.local_address.as_ref().map(|a| format!("from {a}")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if !link.is_empty() {
-        parts.push(link.join(" "));
-    }
     match r.kind.as_str() {
         "speed" => {
             parts.extend(f("download_bits_per_second").map(|v| format!("down {}", human_bps(v))));
@@ -1440,6 +1428,19 @@ fn result_row(r: &RunResult) -> String {
             }
         }
         _ => {}
+    }
+    // The link after the figures, before an error: `family = "both"` gives two rows per
+    // agent, told apart by it.
+    let link: Vec<String> = [
+        r.ip_family.clone(),
+        r.interface.as_ref().map(|i| format!("via {i}")),
+        r.local_address.as_ref().map(|a| format!("from {a}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !link.is_empty() {
+        parts.push(link.join(" "));
     }
     if !r.success {
         parts.push(format!(
@@ -1631,7 +1632,7 @@ mod tests {
         r.figures.insert("connect_seconds".into(), 0.0021.into());
         assert_eq!(
             result_row(&r),
-            "hh1                   ok    ipv4  connect 2.1 ms"
+            "hh1                   ok    connect 2.1 ms  ipv4"
         );
     }
 }
