@@ -316,6 +316,16 @@ pub struct RunNowArgs {
     /// The ad-hoc test's name in the results (default run-now).
     #[arg(long, requires = "kind")]
     name: Option<String>,
+    /// Bind the ad-hoc test to this interface (option `interface`), e.g. wwan0.
+    #[arg(long, value_name = "IFACE", requires = "kind")]
+    interface: Option<String>,
+    /// Bind the ad-hoc test's sockets to this local address (option `source`).
+    #[arg(long, value_name = "ADDR", requires = "kind")]
+    source: Option<String>,
+    /// The ad-hoc test's IP family (option `family`): ipv4, ipv6, any, or both (one result
+    /// per family).
+    #[arg(long, value_name = "FAMILY", value_parser = ["ipv4", "ipv6", "any", "both"], requires = "kind")]
+    family: Option<String>,
     /// Print one JSON document at the end instead of the table.
     #[arg(long)]
     json: bool,
@@ -875,6 +885,18 @@ fn table_line(row: &serde_json::Map<String, serde_json::Value>) -> String {
             .get("error_message")
             .and_then(|v| v.as_str())
             .map(String::from),
+        ip_family: row
+            .get("ip_family")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        local_address: row
+            .get("local_address")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        interface: row
+            .get("interface")
+            .and_then(|v| v.as_str())
+            .map(String::from),
         figures: row.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     };
     format!(
@@ -1035,15 +1057,30 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
             "give the agents: --select LABEL=VALUE or --agent ID (or --show RUN_ID)".into(),
         ));
     }
+    let mut options = args.options;
+    for (key, flag) in [
+        ("interface", args.interface),
+        ("source", args.source),
+        ("family", args.family),
+    ] {
+        if let Some(value) = flag {
+            if options.iter().any(|(k, _)| k == key) {
+                return Err(Failure::Usage(format!(
+                    "--{key} and --option {key}=... both given: give one"
+                )));
+            }
+            options.push((key.to_string(), value));
+        }
+    }
     let test = match (args.test, args.kind, args.target) {
         (Some(name), None, None) => RunTest::Named(name),
         (None, Some(kind), Some(target)) => {
             // Checked before the database: a typo is exit 2 without touching anything.
-            runs::adhoc_block(&kind, &target, &args.options, args.name.as_deref())?;
+            runs::adhoc_block(&kind, &target, &options, args.name.as_deref())?;
             RunTest::Adhoc {
                 kind,
                 target,
-                options: args.options,
+                options,
                 name: args.name,
             }
         }
@@ -1102,7 +1139,8 @@ pub async fn run_now(args: RunNowArgs) -> Result<ExitCode, Failure> {
         let summary = status.summary();
         if !args.json {
             for r in &status.results {
-                if printed.insert(r.agent_id.clone()) {
+                // Per agent and family: `family = "both"` gives each agent two results.
+                if printed.insert((r.agent_id.clone(), r.ip_family.clone())) {
                     if progress {
                         // The progress line stays at the bottom: clear it before a row.
                         eprint!("\r\x1b[K");
@@ -1391,6 +1429,19 @@ fn result_row(r: &RunResult) -> String {
         }
         _ => {}
     }
+    // The link after the figures, before an error: `family = "both"` gives two rows per
+    // agent, told apart by it.
+    let link: Vec<String> = [
+        r.ip_family.clone(),
+        r.interface.as_ref().map(|i| format!("via {i}")),
+        r.local_address.as_ref().map(|a| format!("from {a}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !link.is_empty() {
+        parts.push(link.join(" "));
+    }
     if !r.success {
         parts.push(format!(
             "error {}: {}",
@@ -1523,6 +1574,9 @@ mod tests {
             duration_seconds: 2.1,
             error_class: None,
             error_message: None,
+            ip_family: None,
+            local_address: None,
+            interface: None,
             figures: serde_json::from_value(figures).unwrap(),
         };
         let stamp = result(
@@ -1548,6 +1602,37 @@ mod tests {
         assert_eq!(
             result_row(&speed),
             "hh1                   ok    down 94.0 Mbit/s  loss under load down 2.1%  up 0%"
+        );
+    }
+
+    #[test]
+    fn rows_show_the_link() {
+        let mut r = RunResult {
+            agent_id: "hh1".into(),
+            test: "run-now".into(),
+            kind: "tcp".into(),
+            target: "example.net:443".into(),
+            success: false,
+            duration_seconds: 3.0,
+            error_class: Some("timeout".into()),
+            error_message: Some("no answer".into()),
+            ip_family: Some("ipv6".into()),
+            local_address: Some("2001:db8::10".into()),
+            interface: Some("wwan0".into()),
+            figures: Default::default(),
+        };
+        assert_eq!(
+            result_row(&r),
+            "hh1                   FAIL  ipv6 via wwan0 from 2001:db8::10  error timeout: no answer"
+        );
+        r.interface = None;
+        r.local_address = None;
+        r.ip_family = Some("ipv4".into());
+        r.success = true;
+        r.figures.insert("connect_seconds".into(), 0.0021.into());
+        assert_eq!(
+            result_row(&r),
+            "hh1                   ok    connect 2.1 ms  ipv4"
         );
     }
 }

@@ -101,7 +101,49 @@ pub struct ResultRow {
     pub error_truncated: bool,
     /// The run-now request that asked for this result (stored with on_demand = true).
     pub run_id: Option<i64>,
+    /// The link the result was taken on (the wire's empty strings are `None`).
+    pub link: Link,
 }
+
+/// The link a result was taken on: the family it used, the local address of its sockets
+/// and the interface its test is bound to (options `family`, `source`, `interface`).
+/// `None` is NULL: not known, not bound, or an agent before these fields.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Link {
+    pub ip_family: Option<IpFamily>,
+    pub local_address: Option<String>,
+    pub interface: Option<String>,
+}
+
+/// The IP family of a result, as stored in `results.ip_family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
+}
+
+impl IpFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+        }
+    }
+
+    /// The family of a wire `ip_family` (checked by `bounds::result_link`); `None` for "".
+    fn of_wire(s: &str) -> Option<IpFamily> {
+        match s {
+            "ipv4" => Some(IpFamily::Ipv4),
+            "ipv6" => Some(IpFamily::Ipv6),
+            _ => None,
+        }
+    }
+}
+
+/// The link columns of `results` (migration 9), in table order: exports list them after
+/// every kind's figures, run-now results carry them beside the figures.
+pub const LINK_COLUMNS: &[&str] = &["ip_family", "local_address", "interface"];
 
 /// A result's validated labels with their JSON rendering, made once per distinct label
 /// set in a batch: an agent sends the same labels with almost every result, and the store
@@ -563,6 +605,18 @@ pub struct Checked {
     measures: Measures,
 }
 
+/// Checks a result's link (`ip_family`, `local_address`, `interface`) against the shared
+/// bounds; a local address, when there is one, must be an IP address (an IPv6 one may carry
+/// a zone), as the agent writes it. The family and the address are not held to each other:
+/// the family is the first destination's and the address the first bound socket's.
+fn link(r: &pb::Result) -> Result<(), Invalid> {
+    bounds::result_link(&r.ip_family, &r.local_address, &r.interface)?;
+    if !r.local_address.is_empty() {
+        hop_address("local_address", &r.local_address)?;
+    }
+    Ok(())
+}
+
 /// The highest TTL an IP packet can carry: bounds a hop's `ttl` and a path's `hop_count`.
 const MAX_TTL: u32 = 255;
 
@@ -942,6 +996,7 @@ impl ResultRow {
         }
         bounds::text("error message", &r.error_message, bounds::MAX_ERROR_LEN)?;
         labels(&r.labels)?;
+        link(r)?;
         let mut m = Measures::default();
         match (kind, &r.fields) {
             (Kind::Speed, Some(F::Speed(s))) => {
@@ -1062,6 +1117,11 @@ impl ResultRow {
             clock_corrected: r.clock_corrected,
             error_truncated: r.error_truncated,
             run_id: (r.run_id > 0).then_some(r.run_id.min(i64::MAX as u64) as i64),
+            link: Link {
+                ip_family: IpFamily::of_wire(&r.ip_family),
+                local_address: nonempty(r.local_address),
+                interface: nonempty(r.interface),
+            },
         }
     }
 
@@ -1088,6 +1148,9 @@ impl ResultRow {
             "clock_corrected": self.clock_corrected,
             "error_truncated": self.error_truncated,
             "run_id": self.run_id,
+            "ip_family": self.link.ip_family,
+            "local_address": self.link.local_address,
+            "interface": self.link.interface,
         });
         serde_json::to_vec(&value).expect("a JSON value serializes")
     }
@@ -1245,6 +1308,83 @@ mod tests {
                 "case {i}: raw bytes are the result"
             );
         }
+    }
+
+    #[test]
+    fn links_are_stored_empty_as_null_and_bad_ones_quarantined() {
+        let mut v6 = good(1);
+        v6.ip_family = "ipv6".into();
+        v6.local_address = "2001:db8::10".into();
+        v6.interface = "wwan0".into();
+        let mut zoned = good(2);
+        zoned.ip_family = "ipv6".into();
+        zoned.local_address = "fe80::1%eth0".into();
+        let mut v4 = good(3);
+        v4.ip_family = "ipv4".into();
+        v4.local_address = "192.0.2.7".into();
+        let none = good(4);
+        type Case = (fn(&mut pb::Result), &'static str);
+        let cases: &[Case] = &[
+            (|r| r.ip_family = "ip6".into(), "ip_family is `ip6`"),
+            (
+                |r| r.ip_family = "IPv4".into(),
+                "must be ipv4, ipv6 or empty",
+            ),
+            (
+                |r| r.interface = "a-very-long-ifname".into(),
+                "interface is 18 bytes, at most 15",
+            ),
+            (|r| r.interface = "wan\0".into(), "interface contains NUL"),
+            (
+                |r| r.local_address = "1".repeat(65),
+                "local_address is 65 bytes, at most 64",
+            ),
+            (
+                |r| r.local_address = "192.0.2.7:443".into(),
+                "is not an IP address",
+            ),
+            (|r| r.local_address = "wwan0".into(), "is not an IP address"),
+        ];
+        let bad: Vec<pb::Result> = cases
+            .iter()
+            .zip(5..)
+            .map(|((case, _), seq)| {
+                let mut r = good(seq);
+                case(&mut r);
+                r
+            })
+            .collect();
+        let b = batch([vec![v6, zoned, v4, none], bad].concat()).unwrap();
+        let links: Vec<&Link> = b.rows.iter().map(|r| &r.link).collect();
+        assert_eq!(
+            links,
+            [
+                &Link {
+                    ip_family: Some(IpFamily::Ipv6),
+                    local_address: Some("2001:db8::10".into()),
+                    interface: Some("wwan0".into()),
+                },
+                &Link {
+                    ip_family: Some(IpFamily::Ipv6),
+                    local_address: Some("fe80::1%eth0".into()),
+                    interface: None,
+                },
+                &Link {
+                    ip_family: Some(IpFamily::Ipv4),
+                    local_address: Some("192.0.2.7".into()),
+                    interface: None,
+                },
+                &Link::default(),
+            ]
+        );
+        assert_eq!(b.rejected.len(), cases.len());
+        for (q, (_, reason)) in b.rejected.iter().zip(cases) {
+            assert!(q.reason.contains(reason), "{}: {}", q.seq, q.reason);
+        }
+        let json: serde_json::Value = serde_json::from_slice(&b.rows[0].to_json()).unwrap();
+        assert_eq!(json["ip_family"], "ipv6");
+        assert_eq!(json["local_address"], "2001:db8::10");
+        assert_eq!(json["interface"], "wwan0");
     }
 
     #[test]

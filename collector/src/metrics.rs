@@ -13,7 +13,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::domain::{Kind, Measures, ResultRow};
+use crate::domain::{IpFamily, Kind, Measures, ResultRow};
 
 pub struct Metrics {
     registry: Registry,
@@ -49,7 +49,9 @@ pub struct Metrics {
     pub postgres_up: IntGauge,
     /// 1 for the host (`host:port`) the health check found writable; no series when none.
     pub postgres_primary: IntGaugeVec,
-    /// Results committed, by test, kind, site and outcome (success/failure).
+    /// Results committed, by test, kind, site, IP family (ipv4, ipv6, "" when the run had
+    /// none) and outcome (success/failure). The family has at most three values; the
+    /// interface is not a label (free text per host: the dashboards split by it in SQL).
     pub results: IntCounterVec,
     pub info: IntGaugeVec,
     /// Latency of each result's main round trip, by test, kind and site: speed idle
@@ -282,9 +284,9 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "edgeprobe_results_total",
-                        "Results committed, by test, kind, site and outcome (success, failure).",
+                        "Results committed, by test, kind, site, IP family (ipv4, ipv6, empty when the run used none) and outcome (success, failure).",
                     ),
-                    &["test", "kind", "site", "outcome"],
+                    &["test", "kind", "site", "ip_family", "outcome"],
                 )
                 .unwrap(),
             ),
@@ -579,18 +581,24 @@ impl Metrics {
             groups.entry((&r.test, r.kind, site)).or_default().push(r);
         }
         for ((test, kind, site), rows) in groups {
-            let ok = rows.iter().filter(|r| r.success).count() as u64;
-            let failed = rows.len() as u64 - ok;
-            let labels = |outcome| [test, kind.name(), site, outcome];
-            if ok > 0 {
-                self.results
-                    .with_label_values(&labels("success"))
-                    .inc_by(ok);
+            // [no family, ipv4, ipv6] x [success, failure]
+            let mut counts = [[0u64; 2]; 3];
+            for r in &rows {
+                let family = match r.link.ip_family {
+                    None => 0,
+                    Some(IpFamily::Ipv4) => 1,
+                    Some(IpFamily::Ipv6) => 2,
+                };
+                counts[family][usize::from(!r.success)] += 1;
             }
-            if failed > 0 {
-                self.results
-                    .with_label_values(&labels("failure"))
-                    .inc_by(failed);
+            for (family, outcomes) in ["", "ipv4", "ipv6"].into_iter().zip(counts) {
+                for (outcome, n) in ["success", "failure"].into_iter().zip(outcomes) {
+                    if n > 0 {
+                        self.results
+                            .with_label_values(&[test, kind.name(), site, family, outcome])
+                            .inc_by(n);
+                    }
+                }
             }
             let latency = self.latency.with_label_values(&[test, kind.name(), site]);
             for r in rows.iter().filter(|r| r.success) {

@@ -39,11 +39,13 @@ const BASE_COLUMNS: &[&str] = &[
 ];
 
 /// The columns of an export, in CSV order: the result's own, then every kind's figures
-/// ([`crate::domain::FIGURE_COLUMNS`]).
+/// ([`crate::domain::FIGURE_COLUMNS`]), then the link ([`crate::domain::LINK_COLUMNS`],
+/// schema 9: last, so a CSV read by position before it keeps its columns).
 pub static COLUMNS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
     BASE_COLUMNS
         .iter()
         .chain(crate::domain::FIGURE_COLUMNS)
+        .chain(crate::domain::LINK_COLUMNS)
         .copied()
         .collect()
 });
@@ -244,6 +246,11 @@ mod tests {
         // The separators and the comma inside the quoted message.
         assert_eq!(line.matches(',').count(), COLUMNS.len() - 1 + 1);
         assert!(csv_header().starts_with("started_at,agent_id,seq,"));
+        assert!(csv_header().ends_with(",ip_family,local_address,interface\r\n"));
+        let mut linked = row.clone();
+        linked.insert("ip_family".into(), "ipv6".into());
+        linked.insert("interface".into(), "wwan0".into());
+        assert!(csv_line(&linked).ends_with(",ipv6,,wwan0\r\n"));
     }
 
     #[test]

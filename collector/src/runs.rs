@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use edgeprobe_proto::testdef::run_now::RunNowLimit;
-use edgeprobe_proto::testdef::{from_toml, parse_adhoc_test, Kind, TestOptions, TestsOnly};
+use edgeprobe_proto::testdef::{
+    from_toml, parse_adhoc_test, IpFamily, Kind, TestOptions, TestsOnly,
+};
 use serde::Serialize;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, GenericClient};
@@ -131,7 +133,8 @@ fn timeout_of(kind: Option<&str>, spec_toml: &str) -> Duration {
         .ok()
         .and_then(|t| t.tests.into_iter().next());
     let limit = match (test, kind.and_then(|k| k.parse::<Kind>().ok())) {
-        (Some(test), _) => test.timeout(),
+        // family = "both": one run per family, one after the other.
+        (Some(test), _) => test.timeout() * results_per_run(spec_toml) as u32,
         (None, Some(kind)) => TestOptions::default().timeout_for(kind),
         (None, None) => DEFAULT_TIMEOUT,
     };
@@ -286,6 +289,15 @@ pub struct RunResult {
     pub duration_seconds: f64,
     pub error_class: Option<String>,
     pub error_message: Option<String>,
+    /// The link the run was taken on (`results.ip_family`, `local_address`, `interface`;
+    /// null when the agent sent none): a test with `family = "both"` gives two results,
+    /// told apart by `ip_family`.
+    #[serde(default)]
+    pub ip_family: Option<String>,
+    #[serde(default)]
+    pub local_address: Option<String>,
+    #[serde(default)]
+    pub interface: Option<String>,
     /// The kind's non-null figures, named like the columns of `results`.
     #[serde(flatten)]
     pub figures: BTreeMap<String, serde_json::Value>,
@@ -303,6 +315,26 @@ pub struct Status {
     pub expires_in_seconds: f64,
     pub agents: Vec<AgentState>,
     pub results: Vec<RunResult>,
+    /// Results each agent returns: 2 for a test with `family = "both"` (one per family),
+    /// else 1. An agent is done when that many landed. 1 from collectors before it.
+    #[serde(default = "one")]
+    pub results_per_agent: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Results one run of the test in `spec_toml` gives an agent: 2 with `family = "both"`,
+/// else 1 (also for a test the collector cannot see: an agent's own).
+pub fn results_per_run(spec_toml: &str) -> usize {
+    from_toml::<TestsOnly>(spec_toml, "run-now")
+        .ok()
+        .and_then(|t| t.tests.into_iter().next())
+        .map_or(1, |t| match t.options.get_ref().family {
+            Some(IpFamily::Both) => 2,
+            _ => 1,
+        })
 }
 
 /// A run result carries the kind's non-null figure columns
@@ -316,13 +348,28 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
         .query_opt(
             "SELECT test, extract(epoch FROM now() - created_at)::float8,
                     to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                    extract(epoch FROM expires_at - now())::float8
+                    extract(epoch FROM expires_at - now())::float8, spec_toml
                FROM runs WHERE run_id = $1",
             &[&run_id],
         )
         .await?
         .ok_or_else(|| FleetError::NotFound(format!("no run {run_id}")))?;
     let expires_in_seconds: f64 = run.get(3);
+    // A named test is not stored with the run: the current fleet test of that name, if any
+    // (an agent's own test is one result).
+    let spec: String = run.get(4);
+    let results_per_agent = if spec.is_empty() {
+        match fleet::current_version(client).await? {
+            Some(v) => fleet::tests_of(client, v.version)
+                .await?
+                .into_iter()
+                .find(|t| t.name == run.get::<_, String>(0))
+                .map_or(1, |t| results_per_run(&t.spec_toml)),
+            None => 1,
+        }
+    } else {
+        results_per_run(&spec)
+    };
     // A rate-limited agent is told when a retry is admitted: the limit is per agent and
     // counts from its last admitted run-now, which came before this refusal, so the
     // refusal time plus the limit is a moment a retry surely passes (the collector's limit
@@ -402,6 +449,7 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
             if let Some(hops) = hops {
                 figures.insert("hops".into(), hops);
             }
+            let text = |c: &str| all.get(c).and_then(|v| v.as_str()).map(String::from);
             RunResult {
                 agent_id: r.get(0),
                 test: r.get(1),
@@ -411,6 +459,9 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
                 duration_seconds: r.get(5),
                 error_class: r.get(6),
                 error_message: r.get(7),
+                ip_family: text("ip_family"),
+                local_address: text("local_address"),
+                interface: text("interface"),
                 figures,
             }
         })
@@ -423,6 +474,7 @@ pub async fn status(client: &impl GenericClient, run_id: i64) -> Result<Status, 
         expires_in_seconds,
         agents,
         results,
+        results_per_agent,
     })
 }
 
@@ -464,11 +516,18 @@ impl Status {
         let mut s = Summary::default();
         let window = self.age_seconds >= DISPATCH_WINDOW.as_secs_f64();
         for a in &self.agents {
-            let has_result = self.results.iter().any(|r| r.agent_id == a.agent_id);
+            let landed = self
+                .results
+                .iter()
+                .filter(|r| r.agent_id == a.agent_id)
+                .count();
+            // With family = "both" the first result marks the agent done in run_agents;
+            // the second is still on its way.
+            let has_result = landed >= self.results_per_agent.max(1);
             let id = a.agent_id.clone();
             match a.state.as_str() {
                 _ if has_result => s.done.push(id),
-                "done" => s.done.push(id),
+                "done" if landed == 0 => s.done.push(id),
                 "refused" | "rate_limited" => s.refused.push(Refused {
                     agent_id: id,
                     // "agent too old", or "rate_limited: ..." (the state says which limit).
@@ -547,8 +606,12 @@ mod tests {
                 duration_seconds: 0.1,
                 error_class: None,
                 error_message: None,
+                ip_family: None,
+                local_address: None,
+                interface: None,
                 figures: BTreeMap::new(),
             }],
+            results_per_agent: 1,
         };
         let s = status.summary();
         assert_eq!(s.done, ["f"]);
@@ -570,6 +633,82 @@ mod tests {
         let s = status.summary();
         assert_eq!(s.offline, ["a"]);
         assert!(s.finished());
+        // family = "both": marked done at its first result, done only with the second.
+        status.results_per_agent = 2;
+        let f = status
+            .agents
+            .iter_mut()
+            .find(|a| a.agent_id == "f")
+            .unwrap();
+        f.state = "done".into();
+        let s = status.summary();
+        assert_eq!(
+            (s.done.len(), s.running.as_slice()),
+            (0, &["f".to_string()][..])
+        );
+        assert!(!s.finished());
+        let mut v6 = status.results[0].clone();
+        v6.ip_family = Some("ipv6".into());
+        status.results.push(v6);
+        let s = status.summary();
+        assert_eq!(s.done, ["f"]);
+        assert!(s.finished());
+    }
+
+    #[test]
+    fn family_both_is_two_results_and_twice_the_wait() {
+        let both = adhoc_block(
+            "tcp",
+            "example.net:443",
+            &[
+                ("family".into(), "both".into()),
+                ("interface".into(), "wwan0".into()),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(results_per_run(&both), 2);
+        let one = adhoc_block(
+            "tcp",
+            "example.net:443",
+            &[("family".into(), "ipv6".into())],
+            None,
+        )
+        .unwrap();
+        assert_eq!(results_per_run(&one), 1);
+        assert_eq!(results_per_run(""), 1);
+        let slow = |family: &str| {
+            adhoc_block(
+                "tcp",
+                "example.net:443",
+                &[
+                    ("family".into(), family.into()),
+                    ("timeout".into(), "20s".into()),
+                ],
+                None,
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            timeout_of(Some("tcp"), &slow("any")),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            timeout_of(Some("tcp"), &slow("both")),
+            Duration::from_secs(40)
+        );
+        // The proto's checks: a source has one family, both needs two.
+        let e = adhoc_block(
+            "tcp",
+            "example.net:443",
+            &[
+                ("family".into(), "both".into()),
+                ("source".into(), "192.0.2.7".into()),
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`family` both needs two"), "{e}");
     }
 
     #[test]

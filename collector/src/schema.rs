@@ -41,6 +41,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0007_responsiveness.sql"),
     ),
     (8, "stamp", include_str!("../migrations/0008_stamp.sql")),
+    (9, "links", include_str!("../migrations/0009_links.sql")),
 ];
 
 /// Arbitrary constant identifying edgeprobe's migration lock.

@@ -6,7 +6,7 @@
 //! here a batch's shared labels are rendered once (`domain::Labels`).
 //!
 //! Invariants: the column list in `COPY_SQL` and the order of the fields in `row` are the
-//! same (73 columns, checked by a test); values are already validated by `domain.rs`
+//! same (76 columns, checked by a test); values are already validated by `domain.rs`
 //! (no NUL in text), so encoding cannot fail. Whether PostgreSQL accepts them (the
 //! server's encoding, constraints) is the store's concern, row by row if need be.
 
@@ -31,10 +31,11 @@ pub const COPY_SQL: &str = "COPY results (agent_id, seq, test, kind, target, sta
     forward_lost, reverse_lost, forward_loss_ratio, reverse_loss_ratio, duplicates, reordered, \
     forward_delay_min_seconds, forward_delay_avg_seconds, forward_delay_max_seconds, \
     reverse_delay_min_seconds, reverse_delay_avg_seconds, reverse_delay_max_seconds, mos, \
-    download_loaded_loss_ratio, upload_loaded_loss_ratio) \
+    download_loaded_loss_ratio, upload_loaded_loss_ratio, \
+    ip_family, local_address, interface) \
     FROM STDIN (FORMAT binary)";
 
-const COLUMNS: i16 = 73;
+const COLUMNS: i16 = 76;
 /// Bytes handed to the connection at a time.
 const CHUNK: usize = 256 * 1024;
 /// PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
@@ -152,6 +153,10 @@ impl Encoder {
         float8(b, m.mos);
         float8(b, m.download_loaded_loss_ratio);
         float8(b, m.upload_loaded_loss_ratio);
+        // the link (schema 9)
+        text(b, r.link.ip_family.map(|f| f.name()));
+        text(b, r.link.local_address.as_deref());
+        text(b, r.link.interface.as_deref());
         (b.len() >= CHUNK).then(|| b.split().freeze())
     }
 
@@ -243,7 +248,7 @@ fn pg_micros(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Kind, Labels, Measures};
+    use crate::domain::{IpFamily, Kind, Labels, Link, Measures};
     use std::sync::Arc;
 
     fn row() -> ResultRow {
@@ -269,6 +274,7 @@ mod tests {
             clock_corrected: false,
             error_truncated: true,
             run_id: Some(9),
+            link: Link::default(),
         }
     }
 
@@ -364,11 +370,18 @@ mod tests {
             ..Default::default()
         };
         e.row(&speed, None);
+        let mut linked = row();
+        linked.link = Link {
+            ip_family: Some(IpFamily::Ipv6),
+            local_address: Some("2001:db8::10".into()),
+            interface: Some("wwan0".into()),
+        };
+        e.row(&linked, None);
         let out = e.finish();
         let mut at = 19; // signature, flags, header extension length
         let i16_at = |at: usize| i16::from_be_bytes([out[at], out[at + 1]]);
         let mut rows: Vec<Vec<Option<&[u8]>>> = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..6 {
             assert_eq!(i16_at(at), COLUMNS);
             at += 2;
             let mut columns: Vec<Option<&[u8]>> = Vec::new();
@@ -383,16 +396,24 @@ mod tests {
         assert_eq!(i16_at(at), -1, "the trailer follows the last column");
         assert_eq!(at + 2, out.len());
         let (columns, path, resp) = (&rows[0], &rows[1], &rows[2]);
-        let (stamp, speed) = (&rows[3], &rows[4]);
+        let (stamp, speed, linked) = (&rows[3], &rows[4], &rows[5]);
         // The columns of schema 8, last in the list and in the row: NULL for other kinds.
         let f = |v: f64| Some(v.to_be_bytes().to_vec());
         let i = |v: i32| Some(v.to_be_bytes().to_vec());
         let owned = |r: &[Option<&[u8]>]| -> Vec<Option<Vec<u8>>> {
             r.iter().map(|c| c.map(<[u8]>::to_vec)).collect()
         };
+        // The columns of schema 9, last: the link, NULL where the agent sent none.
         let m = COLUMNS as usize;
-        assert_eq!(columns[m - 15..], [None; 15]);
-        assert_eq!(resp[m - 15..], [None; 15]);
+        for r in &rows[..5] {
+            assert_eq!(r[m - 3..], [None; 3]);
+        }
+        let link_tail: [Option<&[u8]>; 3] = [Some(b"ipv6"), Some(b"2001:db8::10"), Some(b"wwan0")];
+        assert_eq!(linked[m - 3..], link_tail);
+        assert_eq!(linked[..m - 3], columns[..m - 3]);
+        let m = m - 3;
+        assert_eq!(columns[m - 15..m], [None; 15]);
+        assert_eq!(resp[m - 15..m], [None; 15]);
         let stamp_tail = vec![
             i(3),
             i(2),
@@ -410,12 +431,12 @@ mod tests {
             None,
             None,
         ];
-        assert_eq!(owned(&stamp[m - 15..]), stamp_tail);
+        assert_eq!(owned(&stamp[m - 15..m]), stamp_tail);
         // sent and received are icmp's columns.
         assert_eq!(owned(&stamp[19..21]), vec![i(100), i(95)]);
         let mut speed_tail = vec![None; 13];
         speed_tail.extend([f(0.01), f(0.5)]);
-        assert_eq!(owned(&speed[m - 15..]), speed_tail);
+        assert_eq!(owned(&speed[m - 15..m]), speed_tail);
         let n = m - 15;
         // The columns of schema 7, last in the list and in the row: NULL for other kinds.
         assert_eq!(columns[n - 7..n], [None; 7]);
@@ -464,7 +485,8 @@ mod tests {
     forward_lost, reverse_lost, forward_loss_ratio, reverse_loss_ratio, duplicates, reordered, \
     forward_delay_min_seconds, forward_delay_avg_seconds, forward_delay_max_seconds, \
     reverse_delay_min_seconds, reverse_delay_avg_seconds, reverse_delay_max_seconds, mos, \
-    download_loaded_loss_ratio, upload_loaded_loss_ratio)"
+    download_loaded_loss_ratio, upload_loaded_loss_ratio, \
+    ip_family, local_address, interface)"
         ));
     }
 

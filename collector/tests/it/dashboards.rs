@@ -233,7 +233,14 @@ fn dashboards_are_valid_and_use_only_provisioned_datasources() {
                 assert!(uids.contains(tds), "{file}: {title}: target datasource");
                 let query = t["rawSql"].as_str().or(t["expr"].as_str()).unwrap();
                 // Variables a query uses must exist on the dashboard.
-                for name in ["site", "agent", "test", "instance"] {
+                for name in [
+                    "site",
+                    "agent",
+                    "test",
+                    "instance",
+                    "interface",
+                    "ip_family",
+                ] {
                     if query.contains(&format!("${name}")) {
                         assert!(vars.contains(&name), "{file}: {title} uses ${name}");
                     }
@@ -803,6 +810,42 @@ fn synthetic_results(agent: &str, site: &str) -> Vec<pb::Result> {
             mos: Some(if slow { 3.71 } else { 4.39 }),
         }));
         out.push(stamp);
+        // Two links, two families: `web-dual` (family = "both" on wwan0) works over IPv4
+        // and fails over IPv6 (no IPv6 route on that uplink); `dns-dual` (on eth0) works
+        // over both. The "IPv6 fails while IPv4 works" panel lists the first only.
+        let link = |mut r: pb::Result, family: &str, local: &str, interface: &str| {
+            r.ip_family = family.into();
+            r.local_address = local.into();
+            r.interface = interface.into();
+            r
+        };
+        let mut web = base(
+            "web-dual",
+            pb::Kind::Http,
+            "https://portal.example.net/",
+            0.2,
+        );
+        web.fields = Some(pb::result::Fields::Http(pb::HttpFields {
+            status_code: Some(200),
+            ttfb_seconds: Some(0.09),
+            body_bytes: 18_342,
+            ..Default::default()
+        }));
+        out.push(link(web.clone(), "ipv4", "100.64.7.2", "wwan0"));
+        let mut web6 = web;
+        web6.success = false;
+        web6.error_class = "unreachable".into();
+        web6.error_message = "connect to [2001:db8::80]:443: network unreachable".into();
+        web6.fields = Some(pb::result::Fields::Http(pb::HttpFields::default()));
+        out.push(link(web6, "ipv6", "", "wwan0"));
+        let mut dns = base("dns-dual", pb::Kind::Dns, "example.net", 0.01);
+        dns.fields = Some(pb::result::Fields::Dns(pb::DnsFields {
+            resolve_seconds: Some(0.0101),
+            answers: 1,
+            rcode: "NOERROR".into(),
+        }));
+        out.push(link(dns.clone(), "ipv4", "192.168.1.20", "eth0"));
+        out.push(link(dns, "ipv6", "2001:db8:1::20", "eth0"));
     }
     for (i, r) in out.iter_mut().enumerate() {
         r.seq = i as u64 + 1;
@@ -1168,6 +1211,8 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
     let mut targets = 0;
     let mut report = Vec::new();
     let mut ran: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut rows_of: BTreeMap<(String, String), Vec<serde_json::Map<String, Value>>> =
+        BTreeMap::new();
     let mut vars_seen: Vec<String> = Vec::new();
     for (file, dash) in dashboards() {
         // Variables first, as Grafana does, each with "All" selected; later variables
@@ -1285,6 +1330,7 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
                         }
                     }
                     report.push(format!("{file}: {title}: {} rows {names:?}", rows.len()));
+                    rows_of.insert((file.clone(), title.to_string()), rows);
                     sql_checked += 1;
                 } else {
                     let expr = t["expr"].as_str().unwrap();
@@ -1494,7 +1540,68 @@ fn every_dashboard_query_and_rule_returns_data_from_a_real_collector() {
         sql_checked >= 25 && prom_checked >= 20,
         "{sql_checked} SQL, {prom_checked} PromQL"
     );
-    assert_eq!(rules_checked, 36);
+    assert_eq!(rules_checked, 38);
+    // Two links, two families: the variables list the synthetic agent's interfaces and
+    // families (and what older rows lack), and the panel lists the site and test whose
+    // IPv6 runs fail while its IPv4 runs work, not the test that works over both.
+    for var in [
+        "probes.json: $interface = [\"eth0\", \"not bound\", \"wwan0\"]",
+        "probes.json: $ip_family = [\"ipv4\", \"ipv6\", \"unknown\"]",
+    ] {
+        assert!(
+            report.iter().any(|l| l == var),
+            "{var} not in:\n{}",
+            report.join("\n")
+        );
+    }
+    let key = |t: &str| ("probes.json".to_string(), t.to_string());
+    let gap = &rows_of[&key("IPv6 fails while IPv4 works")];
+    let summary: Vec<(String, String, i64, f64, i64, f64, String)> = gap
+        .iter()
+        .map(|r| {
+            (
+                r["site"].as_str().unwrap().to_string(),
+                r["test"].as_str().unwrap().to_string(),
+                r["ipv4_runs"].as_i64().unwrap(),
+                r["ipv4_success"].as_f64().unwrap(),
+                r["ipv6_runs"].as_i64().unwrap(),
+                r["ipv6_success"].as_f64().unwrap(),
+                r["ipv6_error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [(
+            "berlin".to_string(),
+            "web-dual".to_string(),
+            12,
+            1.0,
+            12,
+            0.0,
+            "unreachable".to_string()
+        )]
+    );
+    assert!(ran.contains(&key("Failure ratio by site and IP family (Prometheus)")));
+    // Every result panel splits by family: the per-agent series name it.
+    let success = &rows_of[&key("Success ratio per agent")];
+    for series in [
+        "synthetic-berlin-1 / web-dual / wwan0 / ipv6",
+        "synthetic-berlin-1 / dns-dual / eth0 / ipv4",
+    ] {
+        assert!(
+            success.iter().any(|r| r["metric"] == series),
+            "no series {series}"
+        );
+    }
+    let by_family = wait_for(
+        Duration::from_secs(30),
+        "berlin's IPv6 failure ratio",
+        || {
+            value("edgeprobe:results_failure_ratio_by_family:rate15m{site=\"berlin\",ip_family=\"ipv6\"}")
+        },
+    );
+    assert!(by_family > 0.0, "berlin IPv6 failure ratio {by_family}");
     for a in &mut agents {
         a.stop();
     }

@@ -133,7 +133,7 @@ fn metrics_pass_promtool_with_results_of_every_kind_seen() {
     let text = collector.metrics();
     agent.stop();
     for series in [
-        "edgeprobe_results_total{kind=\"http\",outcome=\"success\",site=\"lab\",test=\"web\"}",
+        "edgeprobe_results_total{ip_family=\"ipv4\",kind=\"http\",outcome=\"success\",site=\"lab\",test=\"web\"}",
         "edgeprobe_latency_seconds_count{kind=\"tcp\",site=\"lab\",test=\"port\"}",
         "edgeprobe_http_responses_total{code=\"2xx\",site=\"lab\",test=\"web\"}",
         "edgeprobe_agent_last_seen_timestamp_seconds{agent=\"metrics\"}",

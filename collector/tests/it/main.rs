@@ -13,6 +13,7 @@ mod failover;
 mod fleet;
 mod fleet_cli;
 mod fleet_push;
+mod links;
 mod manpages;
 mod migrate_log;
 mod never_stall;

@@ -227,7 +227,7 @@ fn responsiveness_results_land_exactly_once_and_bad_ones_are_quarantined() {
     assert_eq!(
         metric(
             &m,
-            "edgeprobe_results_total{kind=\"responsiveness\",outcome=\"failure\",site=\"lab\",test=\"rpm\"}"
+            "edgeprobe_results_total{ip_family=\"\",kind=\"responsiveness\",outcome=\"failure\",site=\"lab\",test=\"rpm\"}"
         ),
         1.0
     );
