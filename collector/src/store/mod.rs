@@ -98,8 +98,12 @@ use writer::Writer;
 
 /// Rows per writer transaction at most.
 const MAX_ROWS: usize = 50_000;
-/// Jobs waiting for a writer at most (the backpressure bound).
-const QUEUE: usize = 256;
+/// Jobs waiting for a writer at most. The backpressure bound on memory is the ingest's
+/// in-flight budget (`ingest::MAX_IN_FLIGHT_UNITS`, one unit at least per batch, and one
+/// write job per stream at a time); this bound is as large so that it is not also the
+/// bound of a writer's group: 10,000 agents sending single results need groups of
+/// thousands of rows, and a queue of 256 jobs made groups of at most 256.
+const QUEUE: usize = 16_384;
 /// A writer's reconnect delays (jittered, `backoff`).
 const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
