@@ -57,9 +57,27 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ACK_STALL: Duration = Duration::from_secs(60);
 /// Batches accepted from one stream and not yet committed, at most.
 const STREAM_QUEUE: usize = 4;
-/// Batches accepted from all streams and not yet committed, at most. With one decoded
-/// batch per stream waiting for a share, memory stays within (this + streams) batches.
-pub const MAX_IN_FLIGHT_BATCHES: usize = 256;
+/// What batches accepted from all streams and not yet committed may hold, in units
+/// (`in_flight_units`): at most 262,144 results and 256 MiB of messages. With one decoded
+/// batch per stream waiting for a share, memory stays within this plus one batch per
+/// stream. Counted in units, not batches, so that a fleet sending small batches gets large
+/// transactions: with a bound of 256 batches, 10,000 agents sending one result a second
+/// were committed at most 256 at a time, and at about 15 ms a transaction on a loaded
+/// 2-core host that capped the ingest near 8,500 results/s (docs/BENCHMARKS.md).
+pub const MAX_IN_FLIGHT_UNITS: usize = 16_384;
+/// A unit of the in-flight budget: this many results or `UNIT_BYTES` of message,
+/// whichever a batch has more of; a batch takes at least one.
+const UNIT_RESULTS: usize = 16;
+const UNIT_BYTES: usize = 16 << 10;
+
+/// The share of the in-flight budget a batch of `results` results in a message of `bytes`
+/// takes.
+fn in_flight_units(results: usize, bytes: usize) -> u32 {
+    results
+        .div_ceil(UNIT_RESULTS)
+        .max(bytes.div_ceil(UNIT_BYTES))
+        .clamp(1, MAX_IN_FLIGHT_UNITS) as u32
+}
 /// A committer's retry delays while PostgreSQL is away (jittered, `backoff`).
 const RETRY_BASE: Duration = Duration::from_millis(100);
 const RETRY_CAP: Duration = Duration::from_secs(5);
@@ -393,6 +411,13 @@ impl Session {
                     None => break None,
                 },
             };
+            // A batch's share of the in-flight budget, from its wire form.
+            let units = match &msg.msg {
+                Some(pb::agent_message::Msg::Batch(b)) => {
+                    in_flight_units(b.results.len(), prost::Message::encoded_len(b))
+                }
+                _ => 0,
+            };
             match msg.msg {
                 Some(pb::agent_message::Msg::Batch(batch)) => match this.validate(batch) {
                     Ok(batch) if batch.len() == 0 => {}
@@ -400,7 +425,7 @@ impl Session {
                         // A place in this stream's queue first, then a share of the global
                         // bound: a stream whose queue is full (its agent reads no acks, so
                         // its committer waits) waits here holding no share, so it never
-                        // holds more than STREAM_QUEUE of the budget. The share is taken
+                        // holds more than the shares of STREAM_QUEUE batches. The share is taken
                         // after the read so an idle stream holds none: when the store is
                         // behind, streams wait here, stop reading, and HTTP/2 flow control
                         // pushes back to the agents.
@@ -415,7 +440,7 @@ impl Session {
                         let permit = tokio::select! {
                             _ = this.shutdown.cancelled() => break None,
                             status = this.closing() => break Some(status),
-                            p = this.in_flight.clone().acquire_owned() => match p {
+                            p = this.in_flight.clone().acquire_many_owned(units) => match p {
                                 Ok(p) => p,
                                 Err(_) => break None,
                             },
@@ -669,6 +694,27 @@ impl Burst {
 mod tests {
     use super::*;
     use crate::domain::Rejected;
+
+    #[test]
+    fn a_batch_takes_its_share_of_the_budget_by_results_or_bytes() {
+        // A fleet's single results take one unit each: a batch from each of 10,000
+        // agents fits in the budget at once (256 did, before).
+        assert_eq!(in_flight_units(1, 400), 1);
+        const { assert!(10_000 <= MAX_IN_FLIGHT_UNITS) };
+        // An empty batch still counts.
+        assert_eq!(in_flight_units(0, 0), 1);
+        assert_eq!(in_flight_units(1000, 400_000), 63);
+        assert_eq!(in_flight_units(10, 1 << 20), 64);
+        // The largest batch fits, so no stream waits for a share it can never get.
+        let largest = in_flight_units(
+            edgeprobe_proto::bounds::MAX_BATCH_RESULTS,
+            edgeprobe_proto::bounds::MAX_MESSAGE_BYTES,
+        );
+        assert_eq!(largest, 625);
+        // The budget bounds results and bytes as the doc says.
+        assert_eq!(MAX_IN_FLIGHT_UNITS * UNIT_RESULTS, 262_144);
+        assert_eq!(MAX_IN_FLIGHT_UNITS * UNIT_BYTES, 256 << 20);
+    }
 
     #[test]
     fn acks_name_every_quarantined_result_in_seq_order() {

@@ -222,7 +222,7 @@ async fn serve(
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         in_flight: Arc::new(tokio::sync::Semaphore::new(
-            crate::ingest::MAX_IN_FLIGHT_BATCHES,
+            crate::ingest::MAX_IN_FLIGHT_UNITS,
         )),
         hello_timeout,
         ack_stall: ack_stall(),

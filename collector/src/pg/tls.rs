@@ -182,10 +182,16 @@ impl Target {
     /// (`statement_timeout`, sent in the startup packet's `options`), unless the URL's
     /// `options` set a `statement_timeout` of their own.
     pub fn with_statement_timeout(&self, limit: Duration) -> Target {
+        self.with_setting("statement_timeout", &limit.as_millis().to_string())
+    }
+
+    /// The same target whose sessions start with the server setting `name = value` (sent
+    /// in the startup packet's `options`), unless the URL's `options` set `name` themselves.
+    pub fn with_setting(&self, name: &str, value: &str) -> Target {
         let mut t = self.clone();
         let options = t.config.get_options().unwrap_or("");
-        if !options.contains("statement_timeout") {
-            let ours = format!("-c statement_timeout={}", limit.as_millis());
+        if !options.contains(name) {
+            let ours = format!("-c {name}={value}");
             t.config.options(match options.trim() {
                 "" => ours,
                 theirs => format!("{theirs} {ours}"),
@@ -720,10 +726,11 @@ mod tests {
             "postgres://u:pw@10.0.0.1:5441,db2,[::1]:5443/edgeprobe?target_session_attrs=read-write&options=-c%20work_mem%3D4MB",
         )
         .unwrap()
-        .with_statement_timeout(Duration::from_secs(20));
+        .with_statement_timeout(Duration::from_secs(20))
+        .with_setting("enable_seqscan", "off");
         assert_eq!(
             t.config.get_options(),
-            Some("-c work_mem=4MB -c statement_timeout=20000")
+            Some("-c work_mem=4MB -c statement_timeout=20000 -c enable_seqscan=off")
         );
         let hosts = t.hosts();
         let names: Vec<&str> = hosts.iter().map(|(n, _)| n.as_str()).collect();
@@ -745,6 +752,10 @@ mod tests {
             .unwrap()
             .with_statement_timeout(Duration::from_secs(20));
         assert_eq!(t.config.get_options(), Some("-c statement_timeout=5s"));
+        let t = Target::parse("postgres://u@h/db?options=-c%20enable_seqscan%3Don")
+            .unwrap()
+            .with_setting("enable_seqscan", "off");
+        assert_eq!(t.config.get_options(), Some("-c enable_seqscan=on"));
     }
 
     #[test]

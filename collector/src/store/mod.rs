@@ -27,6 +27,14 @@
 //! - Backpressure: the queue is bounded; when Postgres is slow or down, writers stop
 //!   taking jobs, streams stop reading, agents keep buffering on disk.
 //! - Writers group jobs from many streams into one transaction (up to `MAX_ROWS` rows).
+//! - A writer's statements cost what its group touches, not the fleet: each joins the
+//!   group's agents (an array) to `agents` / `agent_incarnations` / `path_last`, tables
+//!   of one or a few rows per agent. The planner, costing index probes as disk reads,
+//!   scans such a table whole whenever it is small enough (10,000 agents: three scans
+//!   of 10,000 rows per transaction, about 6 ms of PostgreSQL CPU, for a group of 70
+//!   rows), so the writers' sessions run with `enable_seqscan = off` (unless the URL's
+//!   `options` set it): the primary keys are used and a group of n agents costs n
+//!   probes. The statements aggregate per agent before they join, never per row.
 //! - Failover (a multi-host URL with `target_session_attrs=read-write`, e.g. Patroni): a
 //!   writer whose connection closes, or whose server refuses a write as read-only (25006:
 //!   a demoted primary still answers), reconnects, and the URL picks the writable host.
@@ -90,8 +98,12 @@ use writer::Writer;
 
 /// Rows per writer transaction at most.
 const MAX_ROWS: usize = 50_000;
-/// Jobs waiting for a writer at most (the backpressure bound).
-const QUEUE: usize = 256;
+/// Jobs waiting for a writer at most. The backpressure bound on memory is the ingest's
+/// in-flight budget (`ingest::MAX_IN_FLIGHT_UNITS`, one unit at least per batch, and one
+/// write job per stream at a time); this bound is as large so that it is not also the
+/// bound of a writer's group: 10,000 agents sending single results need groups of
+/// thousands of rows, and a queue of 256 jobs made groups of at most 256.
+const QUEUE: usize = 16_384;
 /// A writer's reconnect delays (jittered, `backoff`).
 const RECONNECT_BASE: Duration = Duration::from_millis(200);
 const RECONNECT_CAP: Duration = Duration::from_secs(10);
@@ -167,7 +179,9 @@ impl Store {
         let rx = Arc::new(Mutex::new(rx));
         let ready = Arc::new(AtomicBool::new(false));
         let primary = Arc::new(std::sync::Mutex::new(None));
-        let writing = target.with_statement_timeout(WRITE_STATEMENT_TIMEOUT);
+        let writing = target
+            .with_statement_timeout(WRITE_STATEMENT_TIMEOUT)
+            .with_setting("enable_seqscan", "off");
         for id in 0..writers {
             let writer = Writer {
                 id,

@@ -220,16 +220,20 @@ pub(super) async fn raise_watermarks(
                FROM v
               WHERE i.agent_id = v.agent_id AND i.incarnation = v.incarnation
                 AND i.committed_seq < v.seq
+         ), per_agent AS (
+             SELECT agent_id, array_agg(incarnation) AS incarnations, array_agg(seq) AS seqs,
+                    sum(rejected)::int8 AS rejected
+               FROM v GROUP BY agent_id
          )
          UPDATE agents a
             SET committed_seq = greatest(a.committed_seq, coalesce(
-                    (SELECT max(v.seq) FROM v
-                      WHERE v.agent_id = a.agent_id AND v.incarnation = a.incarnation),
+                    (SELECT max(u.seq) FROM unnest(p.incarnations, p.seqs) AS u(incarnation, seq)
+                      WHERE u.incarnation = a.incarnation),
                     a.committed_seq)),
-                rejected = a.rejected
-                    + (SELECT sum(v.rejected) FROM v WHERE v.agent_id = a.agent_id)::int8,
+                rejected = a.rejected + p.rejected,
                 last_seen = now()
-          WHERE a.agent_id IN (SELECT agent_id FROM v)",
+           FROM per_agent p
+          WHERE a.agent_id = p.agent_id",
         &[&ids, &incarnations, &seqs, &rejected],
     )
     .await?;
