@@ -30,7 +30,8 @@ done
 
 if [ "$build" = 1 ]; then
     # The release profile strips (strip = true), so the packaged binaries carry no symbols.
-    cargo build --release --locked -p edgeprobe-agent -p edgeprobe-collector
+    # Without DT_RELR whatever the packager's shell says: the packages run on glibc 2.34.
+    env -u EDGEPROBE_PACK_RELOCS cargo build --release --locked -p edgeprobe-agent -p edgeprobe-collector
 fi
 bin="$CARGO_TARGET_DIR/release"
 for b in edgeprobe-agent edgeprobe-collector; do
