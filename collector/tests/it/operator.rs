@@ -520,8 +520,11 @@ fn results_filters_formats_and_streams_a_large_export() {
         "api export: {} bytes, collector peak rss grew {grown} bytes",
         body.len()
     );
+    // Streaming, the collector grew 7-12 MB here whatever the size (allocator pages kept by
+    // its worker threads; 7.4-12.1 MB in five runs, the most under CI's parallel tests); an
+    // export held in memory grows by at least its 48 MB.
     assert!(
-        grown < body.len() as u64 / 4,
+        grown < body.len() as u64 / 2,
         "the collector held the export: grew {grown} bytes for {}",
         body.len()
     );
