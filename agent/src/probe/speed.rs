@@ -14,8 +14,9 @@
 //!
 //! Loss under load (SPEC section 17): when the target's host reflects STAMP (UDP 862: up to
 //! five test packets after the idle latency, one reflection within 600 ms decides), a light
-//! STAMP stream (50 packets of 44 bytes per second, `stamp::loaded_stream`) runs through
-//! each direction: `download_loaded_loss_ratio` is its reverse loss during the download
+//! STAMP stream (`stamp::loaded_stream`, 50 packets of 44 bytes per second in the warm-up,
+//! then paced to 0.5 % of the warm-up's rate, 2 to 50 per second) runs through each
+//! direction: `download_loaded_loss_ratio` is its reverse loss during the download
 //! (the saturated direction is towards us), `upload_loaded_loss_ratio` its forward loss
 //! during the upload; both `None` against a target without a reflector (stock LibreSpeed).
 //!
@@ -69,6 +70,13 @@ const PING_WIRE_BITS: f64 = 8.0 * 800.0;
 /// Share of the link the loaded pings may take: they are traffic iperf3 does not send,
 /// 10 per second would be over 2 % of a 1 Mbit/s link.
 const PING_SHARE: f64 = 0.002;
+/// Wire bits of one loaded-loss STAMP packet (44 bytes, UDP, IPv6 and Ethernet headers with
+/// preamble and gap, rounded up); its reflection is as long the other way.
+const LOSS_STREAM_WIRE_BITS: f64 = 8.0 * 140.0;
+/// Share of the link the loaded-loss stream may take, each way.
+const LOSS_STREAM_SHARE: f64 = 0.005;
+/// Packets per second of the loaded-loss stream on the slowest links, whatever its share.
+const LOSS_STREAM_MIN_RATE: u32 = 2;
 /// One round trip longer than this is lost.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// `ckSize` of each download request, as LibreSpeed's client asks.
@@ -192,33 +200,19 @@ async fn measure(
     };
     let reflects = super::stamp::reflects(stamp_at, &spec.link).await;
     tracing::debug!(target = %spec.target, %stamp_at, reflects, "speed: STAMP reflector");
-    let loss_stream = || {
-        let stop = CancellationToken::new();
-        let stream = reflects.then(|| {
-            AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
-                stamp_at,
-                spec.link.clone(),
-                stop.clone(),
-            )))
-        });
-        (stop, stream)
-    };
     partial.publish(Fields::Speed(fields.clone()), "measuring the download");
 
     let plan = Plan {
         endpoint: endpoint.clone(),
         duration,
         warmup,
+        stamp: reflects.then(|| (stamp_at, spec.link.clone())),
     };
-    let (stop, stream) = loss_stream();
     let (down, error, back) = plan
         .direction(Direction::Download, down_streams, &layout, pinger)
         .await;
-    stop.cancel();
-    if let Some(mut stream) = stream {
-        // The saturated direction of a download is the way back.
-        fields.download_loaded_loss_ratio = (&mut stream.0).await.ok().and_then(|l| l.1);
-    }
+    // The saturated direction of a download is the way back.
+    fields.download_loaded_loss_ratio = down.loss.and_then(|l| l.1);
     pinger = back;
     fields.streams_failed += down.streams_failed;
     fields.bytes_downloaded = down.bytes;
@@ -229,15 +223,11 @@ async fn measure(
     }
     partial.publish(Fields::Speed(fields.clone()), "measuring the upload");
 
-    let (stop, stream) = loss_stream();
     let (up, error, _) = plan
         .direction(Direction::Upload, up_streams, &layout, pinger)
         .await;
-    stop.cancel();
-    if let Some(mut stream) = stream {
-        // The saturated direction of an upload is the way out.
-        fields.upload_loaded_loss_ratio = (&mut stream.0).await.ok().and_then(|l| l.0);
-    }
+    // The saturated direction of an upload is the way out.
+    fields.upload_loaded_loss_ratio = up.loss.and_then(|l| l.0);
     fields.streams_failed += up.streams_failed;
     fields.bytes_uploaded = up.bytes;
     fields.upload_bits_per_second = up.bits_per_second;
@@ -388,6 +378,8 @@ struct Plan {
     endpoint: Arc<Endpoint>,
     duration: Duration,
     warmup: Duration,
+    /// The target host's STAMP reflector, when it has one: the loaded-loss stream's peer.
+    stamp: Option<(std::net::SocketAddr, addr::Link)>,
 }
 
 #[derive(Default)]
@@ -396,6 +388,8 @@ struct DirectionResult {
     bytes: u64,
     loaded: Vec<Duration>,
     streams_failed: u32,
+    /// The loaded-loss stream's (forward, reverse) loss ratios; `None` without a reflector.
+    loss: Option<(Option<f64>, Option<f64>)>,
 }
 
 /// How a stream ended (streams run until aborted, so any end is a failure).
@@ -483,6 +477,18 @@ impl Plan {
         let mut error = None;
         let mut first_broken = None;
         let mut warm: Option<(Instant, u64)> = None;
+        // The loaded-loss stream: at its most until the warm-up ends (those seconds are not
+        // in the goodput), then paced to a share of the warm-up's rate.
+        let stop_loss = CancellationToken::new();
+        let (loss_rate, rate) = tokio::sync::watch::channel(super::stamp::LOADED_RATE);
+        let loss_stream = self.stamp.as_ref().map(|(at, link)| {
+            AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
+                *at,
+                link.clone(),
+                rate,
+                stop_loss.clone(),
+            )))
+        });
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         loop {
             tokio::select! {
@@ -513,7 +519,11 @@ impl Plan {
                     }
                 }
                 _ = sleep_until(warm_at), if warm.is_none() => {
-                    warm = Some((Instant::now(), meter.bytes()));
+                    let now = Instant::now();
+                    let bytes = meter.bytes();
+                    warm = Some((now, bytes));
+                    let warm_rate = bytes as f64 * 8.0 / secs(now - start).max(1e-3);
+                    let _ = loss_rate.send(loss_stream_rate(warm_rate));
                 }
                 _ = sleep_until(end_at) => {
                     let (warm_t, warm_bytes) = warm.unwrap_or((start, 0));
@@ -551,6 +561,10 @@ impl Plan {
             Err(_) => (Pinger::new(self.endpoint.clone()), Vec::new()),
         };
         result.loaded = loaded;
+        stop_loss.cancel();
+        if let Some(mut stream) = loss_stream {
+            result.loss = (&mut stream.0).await.ok();
+        }
         (result, error, pinger)
     }
 }
@@ -688,6 +702,15 @@ fn early_answer(path: &str, status: hyper::StatusCode, taken: u64) -> ProbeError
 
 /// Loaded round trips from the end of the warm-up until stopped, spaced so they take at
 /// most `PING_SHARE` of the rate seen during the warm-up; hands the pinger back.
+/// Packets per second of the loaded-loss stream for a link that carried `warmup_rate`
+/// bits/s in the warm-up: `LOSS_STREAM_SHARE` of it, between `LOSS_STREAM_MIN_RATE` and
+/// `stamp::LOADED_RATE`. At a fixed 50/s the stream took 3.4 % of a 1 Mbit/s link (86
+/// bytes a packet on the wire, each way) and the goodput read that much below iperf3's.
+fn loss_stream_rate(warmup_rate: f64) -> u32 {
+    let rate = LOSS_STREAM_SHARE * warmup_rate / LOSS_STREAM_WIRE_BITS;
+    (rate.floor() as u32).clamp(LOSS_STREAM_MIN_RATE, super::stamp::LOADED_RATE)
+}
+
 async fn loaded_pings(
     mut pinger: Pinger,
     empty: String,
