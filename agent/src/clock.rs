@@ -22,8 +22,10 @@
 //!   a real-time clock.
 //!
 //! Unsafe code: `kernel_synchronised` calls `libc::adjtimex` (read-only, `modes = 0`)
-//! because no dependency offers a safe wrapper for it (rustix has none); the only other
-//! unsafe code of the agent reads TCP_INFO in `probe/speed/conn.rs`, for the same reason.
+//! because no dependency offers a safe wrapper for it (rustix has none). The agent's other
+//! unsafe code is each marked `#[allow(unsafe_code)]` with its reason: TCP_INFO
+//! (`probe/speed/conn.rs`), the socket error queue (`probe/errqueue.rs`), the STAMP
+//! reflector's receive (`target/reflector.rs`) and `footprint.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -28,6 +28,7 @@ pub mod buffer;
 pub mod clock;
 pub mod config;
 pub mod fleet;
+pub mod footprint;
 pub mod probe;
 pub mod record;
 pub mod report;

@@ -184,6 +184,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // The relocation table was read once, before main; the service runs for months.
+            match edgeprobe_agent::footprint::release_relocation_table() {
+                Ok(bytes) => tracing::debug!(bytes, "relocation table released"),
+                Err(e) => tracing::debug!(error = %e, "relocation table kept"),
+            }
             let rt = runtime();
             let shutdown = shutdown_on_signals(&rt);
             match rt.block_on(run::run(config, path, shutdown)) {

@@ -7,6 +7,7 @@ mod chain;
 mod check;
 mod dns;
 mod fleet;
+mod footprint;
 mod http;
 mod icmp;
 mod link;
