@@ -106,6 +106,15 @@ enum Command {
     },
 }
 
+/// For the long-running commands (`run`, `serve-target`): the relocation table was read
+/// once, before main, and a service runs for months (`footprint`).
+fn release_relocation_table() {
+    match edgeprobe_agent::footprint::release_relocation_table() {
+        Ok(bytes) => tracing::debug!(bytes, "relocation table released"),
+        Err(e) => tracing::debug!(error = %e, "relocation table kept"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -153,6 +162,7 @@ fn main() -> ExitCode {
             stamp_burst,
             stamp_max_sessions,
         } => {
+            release_relocation_table();
             let rt = runtime();
             let shutdown = shutdown_on_signals(&rt);
             let tls = tls_cert
@@ -184,11 +194,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            // The relocation table was read once, before main; the service runs for months.
-            match edgeprobe_agent::footprint::release_relocation_table() {
-                Ok(bytes) => tracing::debug!(bytes, "relocation table released"),
-                Err(e) => tracing::debug!(error = %e, "relocation table kept"),
-            }
+            release_relocation_table();
             let rt = runtime();
             let shutdown = shutdown_on_signals(&rt);
             match rt.block_on(run::run(config, path, shutdown)) {
