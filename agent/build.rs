@@ -4,8 +4,8 @@
 //!   build with `EDGEPROBE_KEEP_SYMBOLS=1` differs from the shipped one only in its symbol
 //!   table: the same crate metadata, the same symbol names. `scripts/agent-link-order`
 //!   needs those names.
-//! - **Function order**: the release binary of x86_64-unknown-linux-gnu, which rustc links
-//!   with its own LLD, places the functions listed in `link-order.txt` (the ones the agent
+//! - **Function order**: the release binary of x86_64-unknown-linux-gnu, which rustc 1.90
+//!   and later links with its own LLD, places the functions listed in `link-order.txt` (the ones the agent
 //!   runs, found by `scripts/agent-link-order` under callgrind) first in `.text`, in that
 //!   order. Spread over 6 MB of text, the 2-3 MB the agent runs made the kernel map nearly
 //!   all of it (each fault maps the 64 KiB around it from the page cache, fault-around);
@@ -28,7 +28,8 @@ fn main() {
     if release && var("EDGEPROBE_KEEP_SYMBOLS") != "1" {
         println!("cargo:rustc-link-arg-bins=-Wl,--strip-all");
     }
-    if release && var("TARGET") == "x86_64-unknown-linux-gnu" {
+    if release && var("TARGET") == "x86_64-unknown-linux-gnu" && rustc_links_with_lld(&var("RUSTC"))
+    {
         let order = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join("link-order.txt");
         if order.exists() {
             println!(
@@ -41,4 +42,21 @@ fn main() {
     if var("EDGEPROBE_PACK_RELOCS") == "1" && linux_gnu {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
+}
+
+/// rustc links x86_64-unknown-linux-gnu with its own LLD from 1.90 on; before, with the
+/// system's linker (GNU ld), which has no `--symbol-ordering-file`.
+fn rustc_links_with_lld(rustc: &str) -> bool {
+    let Ok(out) = std::process::Command::new(rustc).arg("--version").output() else {
+        return false;
+    };
+    let version = String::from_utf8_lossy(&out.stdout);
+    let mut parts = version
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .split('.')
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (1, 90)
 }

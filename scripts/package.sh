@@ -29,7 +29,8 @@ for tool in cargo-deb cargo-generate-rpm; do
 done
 
 if [ "$build" = 1 ]; then
-    # The release profile strips (strip = true), so the packaged binaries carry no symbols.
+    # The collector is stripped by the release profile, the agent by its link
+    # (agent/build.rs), so the packaged binaries carry no symbols.
     # Without DT_RELR whatever the packager's shell says: the packages run on glibc 2.34.
     env -u EDGEPROBE_PACK_RELOCS cargo build --release --locked -p edgeprobe-agent -p edgeprobe-collector
 fi

@@ -2,20 +2,23 @@
 //!
 //! The dynamic loader reads the executable's relocation table (`.rela.dyn`, about 50,000
 //! entries of 24 bytes, 1.2 MB) once, before `main`, to relocate the binary, and nothing
-//! reads it again: lazy binding uses `.rela.plt`, `dlsym` the symbol tables. Its pages stay
-//! mapped, though, and count in the agent's RSS as long as it runs. `release_relocation_table`
-//! hands the whole pages of that table back to the kernel (`MADV_DONTNEED` on a clean,
-//! private file mapping drops the mapping, not data): were they read again, they would be
+//! reads it again. Its pages stay mapped, though, and count in the agent's RSS as long as
+//! it runs. `release_relocation_table` hands the whole pages of the relocation sections
+//! back to the kernel (`MADV_DONTNEED` on a clean, private file mapping drops the mapping,
+//! not data): were they read again (`.rela.plt` by lazy binding, say), they would be
 //! faulted in from the page cache unchanged. A binary built with packed relocations
-//! (DT_RELR, `EDGEPROBE_PACK_RELOCS=1`) has only a small table to release.
+//! (DT_RELR, `EDGEPROBE_PACK_RELOCS=1`) has only a small table, which rounds to no page.
 //!
-//! The addresses come from the executable file itself (`/proc/self/exe`: its program
-//! headers and the `SHT_RELA`/`SHT_REL` section headers) and from where `/proc/self/maps`
-//! says it is loaded. Anything unexpected (not a 64-bit little-endian ELF, no section
-//! headers, a file replaced on disk by an upgrade) releases nothing.
+//! The addresses come from the executable file itself (`/proc/self/exe`, the mapped inode
+//! even after an upgrade renamed a new file into place: its program headers and its
+//! `SHT_RELA`/`SHT_REL` section headers) and from where `/proc/self/maps` says it is
+//! loaded. Only sections that are allocated and lie wholly inside a read-only `PT_LOAD`
+//! segment are released, so no written page can lose its contents. Anything unexpected
+//! (not a 64-bit little-endian ELF, no section headers, values that overflow) releases
+//! nothing.
 //!
 //! Unsafe code: one `libc::madvise` call, on pages that lie wholly inside this process's
-//! own mapping of its relocation table.
+//! own read-only mapping of its relocation table.
 
 use std::fs::File;
 use std::io;
@@ -49,25 +52,45 @@ pub fn release_relocation_table() -> io::Result<usize> {
         return Ok(0);
     };
     let bias = mapped_at.wrapping_sub(first_vaddr);
+    // Read-only PT_LOAD segments (p_type 1 without PF_W), as [start, end) addresses.
+    let read_only: Vec<(u64, u64)> = phdrs
+        .chunks_exact(phentsize.into())
+        .filter(|p| u32_at(p, 0) == 1 && u32_at(p, 4) & 2 == 0)
+        .filter_map(|p| {
+            let vaddr = u64_at(p, 0x10);
+            Some((vaddr, vaddr.checked_add(u64_at(p, 0x28))?))
+        })
+        .collect();
     let shdrs = read_at(&exe, shoff, usize::from(shentsize) * usize::from(shnum))?;
     let mut released = 0;
     for s in shdrs.chunks_exact(shentsize.into()) {
-        // SHT_RELA (4) and SHT_REL (9): tables the loader read before `main`.
-        if !matches!(u32_at(s, 4), 4 | 9) {
+        // SHT_RELA (4) and SHT_REL (9), allocated (SHF_ALLOC): tables the loader read.
+        if !matches!(u32_at(s, 4), 4 | 9) || u64_at(s, 8) & 2 == 0 {
             continue;
         }
         let (addr, size) = (u64_at(s, 0x10), u64_at(s, 0x20));
-        let start = (bias.wrapping_add(addr) + page - 1) & !(page - 1);
-        let end = bias.wrapping_add(addr + size) & !(page - 1);
-        if addr == 0 || end <= start {
+        let Some(end) = addr.checked_add(size) else {
+            continue;
+        };
+        if addr == 0 || !read_only.iter().any(|&(lo, hi)| lo <= addr && end <= hi) {
+            continue;
+        }
+        let (Some(first), Some(last)) = (
+            bias.checked_add(addr).and_then(|a| a.checked_add(page - 1)),
+            bias.checked_add(end),
+        ) else {
+            continue;
+        };
+        let (start, end) = (first & !(page - 1), last & !(page - 1));
+        if end <= start {
             continue;
         }
         let len = (end - start) as usize;
-        // SAFETY: [start, end) is whole pages inside this executable's read-only mapping of
-        // its relocation table (file offset 0 mapped at `mapped_at`, sections at their
-        // addresses plus the same bias), which no Rust object refers to. MADV_DONTNEED on
-        // a clean private file mapping only unmaps the pages; a later read faults them in
-        // again from the file, unchanged.
+        // SAFETY: [start, end) is whole pages inside a read-only segment of this
+        // executable's mapping (file offset 0 mapped at `mapped_at`, sections at their
+        // addresses plus the same bias), holding a relocation table that no Rust object
+        // refers to. MADV_DONTNEED on a clean private file mapping only unmaps the pages; a
+        // later read faults them in again from the file, unchanged.
         let rc = unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) };
         if rc != 0 {
             return Err(io::Error::last_os_error());

@@ -16,12 +16,14 @@
 //! Around them: `run` wires and stops them in order, `report` renders outcomes and buffer
 //! counters for people, and `target` is the `serve-target` speed target.
 //!
-//! Unsafe code is denied except in five functions, each `#[allow(unsafe_code)]` with a
-//! SAFETY comment: `clock::kernel_time_status` (adjtimex), `bytes_acked` in
-//! `probe::speed::conn` (getsockopt TCP_INFO), `errqueue::enable` and `errqueue::read` in
-//! `probe::errqueue` (setsockopt of an int option: IP_RECVERR for the icmp and path
-//! probes, IP_RECVTTL / IPV6_RECVHOPLIMIT for the STAMP reflector; recvmsg MSG_ERRQUEUE),
-//! and `recv` in `target::reflector` (recvmsg for the reflector's received TTL).
+//! Unsafe code is denied except in seven functions, each `#[allow(unsafe_code)]` with a
+//! SAFETY comment: `clock::kernel_time_status` (adjtimex), `bytes_acked` and
+//! `delivery_rate` in `probe::speed::conn` (getsockopt TCP_INFO), `errqueue::enable` and
+//! `errqueue::read` in `probe::errqueue` (setsockopt of an int option: IP_RECVERR for the
+//! icmp and path probes, IP_RECVTTL / IPV6_RECVHOPLIMIT for the STAMP reflector; recvmsg
+//! MSG_ERRQUEUE), `recv` in `target::reflector` (recvmsg for the reflector's received
+//! TTL) and `footprint::release_relocation_table` (madvise of the relocation table's
+//! pages).
 #![deny(unsafe_code)]
 
 pub mod buffer;

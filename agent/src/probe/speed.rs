@@ -14,9 +14,8 @@
 //!
 //! Loss under load (SPEC section 17): when the target's host reflects STAMP (UDP 862: up to
 //! five test packets after the idle latency, one reflection within 600 ms decides), a light
-//! STAMP stream (`stamp::loaded_stream`, 50 packets of 44 bytes per second in the warm-up,
-//! then paced to 0.5 % of the warm-up's rate, 2 to 50 per second) runs through each
-//! direction: `download_loaded_loss_ratio` is its reverse loss during the download
+//! STAMP stream (`stamp::loaded_stream`: 44-byte packets paced to 0.5 % of the warm-up's
+//! rate, 2 to 50 per second) runs from the end of each direction's warm-up: `download_loaded_loss_ratio` is its reverse loss during the download
 //! (the saturated direction is towards us), `upload_loaded_loss_ratio` its forward loss
 //! during the upload; both `None` against a target without a reflector (stock LibreSpeed).
 //!
@@ -388,7 +387,8 @@ struct DirectionResult {
     bytes: u64,
     loaded: Vec<Duration>,
     streams_failed: u32,
-    /// The loaded-loss stream's (forward, reverse) loss ratios; `None` without a reflector.
+    /// The loaded-loss stream's (forward, reverse) loss ratios; `None` without a reflector
+    /// or when the direction ended before its warm-up did.
     loss: Option<(Option<f64>, Option<f64>)>,
 }
 
@@ -477,18 +477,10 @@ impl Plan {
         let mut error = None;
         let mut first_broken = None;
         let mut warm: Option<(Instant, u64)> = None;
-        // The loaded-loss stream: at its most until the warm-up ends (those seconds are not
-        // in the goodput), then paced to a share of the warm-up's rate.
+        // The loaded-loss stream: from the end of the warm-up, as the loaded pings, paced to
+        // a share of the warm-up's rate.
         let stop_loss = CancellationToken::new();
-        let (loss_rate, rate) = tokio::sync::watch::channel(super::stamp::LOADED_RATE);
-        let loss_stream = self.stamp.as_ref().map(|(at, link)| {
-            AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
-                *at,
-                link.clone(),
-                rate,
-                stop_loss.clone(),
-            )))
-        });
+        let mut loss_stream = None;
         let mut tick = tokio::time::interval(PROGRESS_TICK);
         loop {
             tokio::select! {
@@ -523,7 +515,14 @@ impl Plan {
                     let bytes = meter.bytes();
                     warm = Some((now, bytes));
                     let warm_rate = bytes as f64 * 8.0 / secs(now - start).max(1e-3);
-                    let _ = loss_rate.send(loss_stream_rate(warm_rate));
+                    loss_stream = self.stamp.as_ref().map(|(at, link)| {
+                        AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
+                            *at,
+                            link.clone(),
+                            loss_stream_rate(warm_rate),
+                            stop_loss.clone(),
+                        )))
+                    });
                 }
                 _ = sleep_until(end_at) => {
                     let (warm_t, warm_bytes) = warm.unwrap_or((start, 0));
@@ -700,17 +699,18 @@ fn early_answer(path: &str, status: hyper::StatusCode, taken: u64) -> ProbeError
     )
 }
 
-/// Loaded round trips from the end of the warm-up until stopped, spaced so they take at
-/// most `PING_SHARE` of the rate seen during the warm-up; hands the pinger back.
 /// Packets per second of the loaded-loss stream for a link that carried `warmup_rate`
 /// bits/s in the warm-up: `LOSS_STREAM_SHARE` of it, between `LOSS_STREAM_MIN_RATE` and
 /// `stamp::LOADED_RATE`. At a fixed 50/s the stream took 3.4 % of a 1 Mbit/s link (86
-/// bytes a packet on the wire, each way) and the goodput read that much below iperf3's.
+/// bytes a packet as tbf counts it: IPv4 and Ethernet headers, each way) and the goodput
+/// read that much below iperf3's.
 fn loss_stream_rate(warmup_rate: f64) -> u32 {
     let rate = LOSS_STREAM_SHARE * warmup_rate / LOSS_STREAM_WIRE_BITS;
     (rate.floor() as u32).clamp(LOSS_STREAM_MIN_RATE, super::stamp::LOADED_RATE)
 }
 
+/// Loaded round trips from the end of the warm-up until stopped, spaced so they take at
+/// most `PING_SHARE` of the rate seen during the warm-up; hands the pinger back.
 async fn loaded_pings(
     mut pinger: Pinger,
     empty: String,

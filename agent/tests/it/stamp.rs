@@ -417,14 +417,15 @@ fn speed_reports_loaded_loss_per_direction_only_with_a_reflector() {
     let _heavy = heavy_lock();
     let Some(ns) = Netns::pair(None) else { return };
     let target = our_reflector(&ns, &[]);
-    // STAMP only: 10 % lost on the way to the target, 20 % on the way back.
+    // STAMP only: 10 % lost on the way to the target, 20 % on the way back. The stream runs
+    // after the 2 s warm-up: 6 s of 50 packets/s per direction.
     drop_udp(&ns, 1, &["--dport", "862"], "0.10");
     drop_udp(&ns, 0, &["--sport", "862"], "0.20");
     let (v, code) = probe_in(
         Some(&ns.names[0]),
         "speed",
         &target.url(),
-        &["--duration", "4s", "--streams", "2"],
+        &["--duration", "8s", "--streams", "2"],
     );
     assert_eq!(code, 0, "{v}");
     let down = f64_of(&v, "download_loaded_loss_ratio");

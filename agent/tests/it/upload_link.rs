@@ -69,10 +69,12 @@ fn iperf3_reference(ns: &Netns, reverse: bool) -> f64 {
     iperf3_goodput(ns, &args)
 }
 
-/// Both directions within 5 % of iperf3 in every run, and within 3 % over 10 s with one
-/// stream. The STAMP loaded-loss stream at a fixed 50 packets/s took 3.4 % of this link:
-/// one stream's upload read 0.968-0.972 of iperf3 in every run, and the default three
-/// streams 0.938 once under CI's load.
+/// Both directions within 5 % of iperf3 in every run, and the STAMP loaded-loss stream,
+/// counted where it arrives, under 1 % of the link. At a fixed 50 packets/s it took 3.4 %
+/// (about 29 kbit/s of IP packets each way): one stream's upload read 0.962-0.972 of
+/// iperf3 in every run, and the default three streams 0.938 once under CI's load. One
+/// run's goodput is too noisy under CI's parallel tests to tell a 3 % bias (a one-stream
+/// 10 s download once read 0.953 with the stream paced), so the stream itself is measured.
 #[test]
 fn speed_on_a_1mbit_link_agrees_with_iperf3_both_ways() {
     let Some(ns) = shaped_pair("1mbit") else {
@@ -80,19 +82,41 @@ fn speed_on_a_1mbit_link_agrees_with_iperf3_both_ways() {
     };
     let _iperf = ns.spawn(1, "iperf3", &["-s", "-B", "10.78.0.2"]);
     let target = Target::start_in(Some(&ns.names[1]), "10.78.0.2:8080", 4);
+    // Counts the STAMP packets reaching the target's reflector (UDP 862).
+    ns.exec(
+        1,
+        "iptables",
+        &["-I", "INPUT", "-p", "udp", "--dport", "862"],
+    );
     // iperf3 before and after the probes, the better of the two: under CI's parallel
     // tests one iperf3 run read 0.920 Mbit/s where the link carries 0.957.
     let mut up_ref = iperf3_reference(&ns, false);
     let mut down_ref = iperf3_reference(&ns, true);
     let mut readings = Vec::new();
+    let mut stamp_worst: f64 = 0.0;
     for args in [
         &["--duration", "4s", "--streams", "1"][..],
         &["--duration", "4s"][..],
         &["--duration", "10s", "--streams", "1"][..],
         &[][..],
     ] {
+        ns.exec(1, "iptables", &["-Z", "INPUT"]);
+        let started = std::time::Instant::now();
         let (v, code) = probe_in(Some(&ns.names[0]), "speed", &target.url(), args);
+        let took = started.elapsed().as_secs_f64();
         assert_eq!(code, 0, "{args:?}: {v}");
+        let counters = ns.exec(1, "iptables", &["-nvxL", "INPUT"]);
+        let stamp_bytes: f64 = counters
+            .lines()
+            .find(|l| l.contains("dpt:862"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or_else(|| panic!("no STAMP counter in:\n{counters}"));
+        let stamp_bits_per_second = stamp_bytes * 8.0 / took;
+        eprintln!(
+            "STAMP {args:?}: {stamp_bytes} bytes in {took:.1} s, {:.2} kbit/s",
+            stamp_bits_per_second / 1e3
+        );
+        stamp_worst = stamp_worst.max(stamp_bits_per_second);
         assert!(
             v["upload_loaded_loss_ratio"].is_number(),
             "the loaded-loss stream ran: {v}"
@@ -108,7 +132,6 @@ fn speed_on_a_1mbit_link_agrees_with_iperf3_both_ways() {
         );
     }
     let mut worst: f64 = 0.0;
-    let mut worst_one_stream: f64 = 0.0;
     for (args, v) in &readings {
         for (direction, reference) in [("upload", up_ref), ("download", down_ref)] {
             let rate = f64_of(v, &format!("{direction}_bits_per_second"));
@@ -119,9 +142,6 @@ fn speed_on_a_1mbit_link_agrees_with_iperf3_both_ways() {
                 reference / 1e6
             );
             worst = worst.max((ratio - 1.0).abs());
-            if *args == ["--duration", "10s", "--streams", "1"] {
-                worst_one_stream = worst_one_stream.max((ratio - 1.0).abs());
-            }
         }
     }
     assert!(
@@ -130,8 +150,9 @@ fn speed_on_a_1mbit_link_agrees_with_iperf3_both_ways() {
         worst * 100.0
     );
     assert!(
-        worst_one_stream <= 0.03,
-        "a 10 s one-stream reading is {:.1} % off iperf3",
-        worst_one_stream * 100.0
+        stamp_worst <= 0.01 * up_ref,
+        "the loaded-loss stream took {:.2} kbit/s of a {:.2} Mbit/s link",
+        stamp_worst / 1e3,
+        up_ref / 1e6
     );
 }

@@ -162,32 +162,28 @@ pub async fn reflects(dest: SocketAddr, link: &addr::Link) -> bool {
     session.received > 0
 }
 
-/// A light stream of 44-byte packets to the reflector at `dest` until `stop`, then
-/// `LOADED_WAIT` for late reflections: the forward and reverse loss ratios of the stream
-/// (`None` when it could not run). It sends `*rate` packets per second (1 to
-/// `LOADED_RATE`), read before each packet, so the caller can slow it down on the way.
+/// A light stream (`rate` packets of 44 bytes per second, 1 to `LOADED_RATE`) to the
+/// reflector at `dest` until `stop`, then `LOADED_WAIT` for late reflections: the forward
+/// and reverse loss ratios of the stream (`None` when it could not run).
 pub async fn loaded_stream(
     dest: SocketAddr,
     link: addr::Link,
-    rate: tokio::sync::watch::Receiver<u32>,
+    rate: u32,
     stop: tokio_util::sync::CancellationToken,
 ) -> (Option<f64>, Option<f64>) {
     let Ok(mut session) = Session::open(dest, 0, packet::BASE_LEN, &link) else {
         return (None, None);
     };
-    let mut next = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.clamp(1, LOADED_RATE));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let due = tokio::select! {
             () = stop.cancelled() => break,
-            () = tokio::time::sleep_until(next) => true,
+            _ = tick.tick() => true,
             () = session.receive() => false,
         };
-        if due {
-            if session.send().await.is_err() {
-                return (None, None);
-            }
-            let gap = Duration::from_secs(1) / (*rate.borrow()).clamp(1, LOADED_RATE);
-            next = (next + gap).max(tokio::time::Instant::now());
+        if due && session.send().await.is_err() {
+            return (None, None);
         }
     }
     let until = tokio::time::Instant::now() + LOADED_WAIT;
