@@ -22,10 +22,8 @@
 //!   a real-time clock.
 //!
 //! Unsafe code: `kernel_synchronised` calls `libc::adjtimex` (read-only, `modes = 0`)
-//! because no dependency offers a safe wrapper for it (rustix has none). The agent's other
-//! unsafe code is each marked `#[allow(unsafe_code)]` with its reason: TCP_INFO
-//! (`probe/speed/conn.rs`), the socket error queue (`probe/errqueue.rs`), the STAMP
-//! reflector's receive (`target/reflector.rs`) and `footprint.rs`.
+//! because no dependency offers a safe wrapper for it (rustix has none). The crate root
+//! (`lib.rs`) lists the agent's other unsafe code.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

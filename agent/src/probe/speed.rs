@@ -15,8 +15,9 @@
 //! Loss under load (SPEC section 17): when the target's host reflects STAMP (UDP 862: up to
 //! five test packets after the idle latency, one reflection within 600 ms decides), a light
 //! STAMP stream (`stamp::loaded_stream`: 44-byte packets paced to 0.5 % of the warm-up's
-//! rate, 2 to 50 per second) runs from the end of each direction's warm-up: `download_loaded_loss_ratio` is its reverse loss during the download
-//! (the saturated direction is towards us), `upload_loaded_loss_ratio` its forward loss
+//! rate, 2 to 50 per second) runs from the end of each direction's warm-up:
+//! `download_loaded_loss_ratio` is its reverse loss during the download (the saturated
+//! direction is towards us), `upload_loaded_loss_ratio` its forward loss
 //! during the upload; both `None` against a target without a reflector (stock LibreSpeed).
 //!
 //! Invariants: every stream and connection of a direction is gone before the next
@@ -514,7 +515,7 @@ impl Plan {
                     let now = Instant::now();
                     let bytes = meter.bytes();
                     warm = Some((now, bytes));
-                    let warm_rate = bytes as f64 * 8.0 / secs(now - start).max(1e-3);
+                    let warm_rate = bits_per_second(bytes, now - start);
                     loss_stream = self.stamp.as_ref().map(|(at, link)| {
                         AbortOnDrop(tokio::spawn(super::stamp::loaded_stream(
                             *at,
@@ -538,13 +539,13 @@ impl Plan {
                     break;
                 }
                 _ = tick.tick(), if PROGRESS.load(Ordering::Relaxed) => {
-                    let elapsed = secs(start.elapsed());
-                    let rate = meter.bytes() as f64 * 8.0 / elapsed.max(1e-3);
+                    let elapsed = start.elapsed();
+                    let rate = bits_per_second(meter.bytes(), elapsed);
                     progress(format_args!(
                         "{:<8} {:>9.2} Mbit/s  {:>4.1}/{:.0} s",
                         direction.name(),
                         rate / 1e6,
-                        elapsed,
+                        secs(elapsed),
                         secs(self.duration),
                     ));
                 }
@@ -699,6 +700,13 @@ fn early_answer(path: &str, status: hyper::StatusCode, taken: u64) -> ProbeError
     )
 }
 
+/// `bytes` over `elapsed` in bits/s (a millisecond at least, so a rate read at the very
+/// start is not infinite): the warm-up's rate the loaded pings and the loss stream are
+/// paced by, and the progress line's.
+fn bits_per_second(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 * 8.0 / secs(elapsed).max(1e-3)
+}
+
 /// Packets per second of the loaded-loss stream for a link that carried `warmup_rate`
 /// bits/s in the warm-up: `LOSS_STREAM_SHARE` of it, between `LOSS_STREAM_MIN_RATE` and
 /// `stamp::LOADED_RATE`. At a fixed 50/s the stream took 3.4 % of a 1 Mbit/s link (86
@@ -723,7 +731,7 @@ async fn loaded_pings(
         _ = stop.cancelled() => return (pinger, samples),
         _ = sleep_until(warm_at) => {}
     }
-    let warmup_rate = meter.bytes() as f64 * 8.0 / secs(warm_at - start).max(1e-3);
+    let warmup_rate = bits_per_second(meter.bytes(), warm_at - start);
     let interval = Duration::from_secs_f64(PING_WIRE_BITS / (PING_SHARE * warmup_rate.max(1.0)))
         .clamp(LOADED_PING_INTERVAL, LOADED_PING_MAX_INTERVAL);
     loop {
